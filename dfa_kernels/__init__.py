@@ -1,0 +1,12 @@
+"""dfa_kernels: fast Direct Feedback Alignment for PyTorch.
+
+The output error is sent to every hidden layer at once through fixed random matrices that are a
+hash function of (seed, i, j), computed by fused CPU, CUDA and Triton kernels.
+"""
+from .feedback import DISTRIBUTIONS, LAYOUTS, FeedbackSpec
+from .nn import DFA, DFAModel, FeedbackPoint, convert
+from .ops import available_backends, build_info, project
+
+__version__ = "0.1.0"
+__all__ = ["DFA", "DFAModel", "DISTRIBUTIONS", "FeedbackPoint", "FeedbackSpec", "LAYOUTS",
+           "available_backends", "build_info", "convert", "project", "__version__"]

@@ -1,0 +1,121 @@
+"""The `dfa-kernels` command: info, demo, bench, train, compare."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _info(args) -> None:
+    from . import build_info
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def _demo(args) -> None:
+    from .demo import main
+    main(epochs=args.epochs, progress=not args.no_progress)
+
+
+def _bench(args) -> None:
+    from .bench import projection, step
+    out = Path(args.out)
+    device = args.device
+    results = {}
+    if args.suite in ("all", "projection"):
+        results["projection"] = projection.main(["--device", device, "--out", str(out / f"projection_{device}.json")]
+                                                + (["--quick"] if args.quick else []))
+    if args.suite in ("all", "step"):
+        results["step"] = step.main(["--device", device, "--out", str(out / f"step_{device}.json")]
+                                    + (["--repeats", "3"] if args.quick else []))
+    print(f"results written under {out}/")
+
+
+def _train(args) -> None:
+    from . import tasks
+    if args.list:
+        for name, task in sorted(tasks.all_tasks().items()):
+            print(f"{name:<18} {task.family:<12} {task.description}")
+        return
+    if not args.task:
+        sys.exit("dfa-kernels train: name a TASK (dfa-kernels train --list shows them)")
+    from .training import run_task
+    run_task(tasks.get(args.task), tasks.TrainConfig(
+        task=args.task, mode=args.mode, placement=args.placement, preset=args.preset, device=args.device,
+        epochs=args.epochs, lr=args.lr, seed=args.seed, data=args.data, out=Path(args.out),
+        progress=not args.no_progress))
+
+
+def _compare(args) -> None:
+    from . import tasks
+    from .training import compare_task
+    compare_task(tasks.get(args.task), preset=args.preset, device=args.device, epochs=args.epochs,
+                 seed=args.seed, data=args.data, out=Path(args.out), placement=args.placement,
+                 progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfa-kernels", description="Fast Direct Feedback Alignment for PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="versions, compiled kernels and backends per device")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_info)
+
+    s = sub.add_parser("demo", help="BP vs DFA vs shallow on scikit-learn's digits (about a minute on a CPU)")
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("bench", help="projection and training-step microbenchmarks")
+    s.add_argument("suite", nargs="?", default="all", choices=["all", "projection", "step"])
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", default="benchmarks/results")
+    s.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    s.set_defaults(func=_bench)
+
+    def add_run_options(s):
+        s.add_argument("--preset", default="cpu", choices=["cpu", "full"])
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--epochs", type=int, default=None)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--placement", default="macro", choices=["macro", "micro"])
+        s.add_argument("--data", default=None, help="your own files in the paper's format (see the task)")
+        s.add_argument("--out", default="runs")
+        s.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("train", help="train one zoo task in one mode")
+    s.add_argument("task", nargs="?")
+    s.add_argument("--list", action="store_true", help="list the tasks")
+    s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"])
+    s.add_argument("--lr", type=float, default=None)
+    add_run_options(s)
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("compare", help="BP vs DFA vs shallow on one task, beside the paper's numbers")
+    s.add_argument("task")
+    add_run_options(s)
+    s.set_defaults(func=_compare)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "x") is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    args.func(args)
+    if args.command not in ("info",):
+        print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

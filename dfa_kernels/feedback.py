@@ -1,0 +1,88 @@
+"""The feedback spec: everything that defines the fixed random matrix B, and nothing of B itself.
+
+B is a pure function of (seed, i, j) (see ``csrc/include/dfa_kernels/hash.h``), so a spec is a few
+integers: it is what a checkpoint stores, and every rank of a distributed job rebuilds the same B.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+DISTRIBUTIONS = ("uniform", "gaussian", "rademacher", "sparse")
+LAYOUTS = ("independent", "shared")
+SEED_LIMIT = 2**32
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackSpec:
+    """B: [out_features, total_width], one column slice (or prefix, in the shared layout) per point.
+
+    ``layout="independent"``: D = sum(widths), point l reads columns offsets[l] : offsets[l] + d_l.
+    ``layout="shared"`` (TinyDFA's): D = max(widths), every point reads the first d_l columns.
+    ``distribution="sparse"``: entries are +-1 with probability ``density``, else 0.
+    """
+
+    out_features: int
+    widths: tuple[int, ...]
+    seed: int = 0
+    distribution: str = "uniform"
+    layout: str = "independent"
+    density: float = 0.1
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if not isinstance(self.out_features, int) or self.out_features < 1:
+            raise ValueError(f"out_features must be a positive int; got {self.out_features!r}")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be a non-empty list of positive ints; got {list(self.widths)}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**32); got {self.seed!r}")
+        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("layout", self.layout, LAYOUTS)
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1]; got {self.density!r}")
+
+    @property
+    def total_width(self) -> int:
+        return sum(self.widths) if self.layout == "independent" else max(self.widths)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        if self.layout == "shared":
+            return (0,) * len(self.widths)
+        return tuple(sum(self.widths[:l]) for l in range(len(self.widths)))
+
+    def matrix(self, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto") -> torch.Tensor:
+        """B [out_features, total_width], unscaled."""
+        from . import ops
+
+        return ops.feedback_matrix(self, dtype=dtype, device=device, backend=backend)
+
+    def point_matrix(self, index: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+        """B_l [out_features, widths[index]], unscaled."""
+        off, width = self.offsets[index], self.widths[index]
+        return self.matrix(dtype, device)[:, off:off + width]
+
+    def scales(self, scale="auto") -> list[float]:
+        """Per-point multipliers: 'auto' is 1/sqrt(d_l) (independent) or 1/sqrt(max d) (shared, TinyDFA)."""
+        if scale == "auto":
+            if self.layout == "shared":
+                return [1.0 / math.sqrt(self.total_width)] * len(self.widths)
+            return [1.0 / math.sqrt(w) for w in self.widths]
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale):
+            return [float(scale)] * len(self.widths)
+        raise ValueError(f"scale must be 'auto' or a finite number; got {scale!r}")
+
+    def state(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "FeedbackSpec":
+        return cls(**state)

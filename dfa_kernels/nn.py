@@ -1,0 +1,278 @@
+"""DFA training without backprop: feedback points, the DFA output op, model conversion.
+
+In a model's forward, ``h = dfa.point(h)`` records a hidden tensor and hands ``h.detach()`` to
+the next layer, so no gradient (and no input-gradient GEMM) flows between points; ``y = dfa(y)``
+wraps the output in one autograd op whose backward takes the error ``e = dL/dy``, launches one
+projection ``F = e @ B`` and returns each point its slice of ``F`` as the point's gradient. The
+autograd engine then computes every layer's weight gradient from those slices, in the same pass.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .feedback import DISTRIBUTIONS, LAYOUTS, FeedbackSpec
+
+MODES = ("dfa", "bp", "shallow")
+# Module types after which `convert` inserts a feedback point by default.
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
+               nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+               nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.GLU)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one backward needs: constants only, so torch.compile can trace it."""
+    spec: FeedbackSpec
+    scales: tuple[float, ...]
+    storage: str
+    backend: str
+    batch_dims: int
+    check_finite: bool
+
+
+class _DFAOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, plan, *points):
+        ctx.plan = plan
+        ctx.point_shapes = [p.shape for p in points]
+        ctx.point_dtypes = [p.dtype for p in points]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        plan = ctx.plan
+        spec = plan.spec
+        e = grad_y.reshape(-1, spec.out_features).contiguous()
+        if plan.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(e).all()):
+            raise FloatingPointError(
+                "DFA: the output error e = dL/dy contains NaN or Inf; no feedback was sent and no "
+                "hidden layer received a gradient this step (check the loss; DFA(check_finite=False) "
+                "skips this check)")
+        if len(set(plan.scales)) == 1:
+            F = ops.project(e, spec, plan.storage, plan.backend, scale=plan.scales[0])
+        else:
+            F = ops.project(e, spec, plan.storage, plan.backend, col_scale=_col_scale(plan, e.device))
+        grads = [F[:, off:off + w].reshape(shape).to(dtype)
+                 for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.point_shapes, ctx.point_dtypes)]
+        return (grad_y, None, *grads)
+
+
+_COL_SCALES: dict = {}
+
+
+def _col_scale(plan: _Plan, device) -> torch.Tensor:
+    """[D] per-column multipliers (independent layout, one scale per point), cached per device."""
+    def build():  # from Python constants: static shapes under torch.compile
+        per_column = [s for s, w in zip(plan.scales, plan.spec.widths) for _ in range(w)]
+        return torch.tensor(per_column, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling():
+        return build()
+    key = (plan.scales, plan.spec.widths, str(device))
+    if key not in _COL_SCALES:
+        _COL_SCALES[key] = build()
+    return _COL_SCALES[key]
+
+
+class DFA(nn.Module):
+    """Direct Feedback Alignment for one network: ``h = dfa.point(h)`` in forward, ``y = dfa(y)`` at the end.
+
+    mode: "dfa" (points learn from e @ B_l), "bp" (exact gradients through the same model, for
+      baselines and alignment) or "shallow" (only layers after the last point learn). Settable live.
+    seed, distribution, layout, density: the feedback matrix (see :class:`FeedbackSpec`).
+    scale: "auto" (1/sqrt(d_l) per point, or 1/sqrt(max d) in the shared layout) or a number.
+    storage: "virtual" | "materialized" | "auto";  backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
+    batch_dims: leading dims of y that index rows of the error (default: all but y's last); every
+      point must start with the same dims; its width is the product of the rest.
+    check_finite: raise FloatingPointError when the error holds NaN/Inf (skipped under torch.compile).
+
+    The widths of the points are fixed by the first forward pass; the spec (not B) is saved in
+    ``state_dict``.
+    """
+
+    def __init__(self, mode: str = "dfa", seed: int = 0, distribution: str = "uniform",
+                 layout: str = "independent", scale="auto", storage: str = "auto", backend: str = "auto",
+                 density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True):
+        super().__init__()
+        self.mode = mode
+        # validate the matrix options now rather than at the first forward
+        FeedbackSpec(1, (1,), seed, distribution, layout, density).scales(scale)
+        ops.resolve_storage(storage, FeedbackSpec(1, (1,)))
+        if backend != "auto" and backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {ops.BACKENDS}; got {backend!r}")
+        if batch_dims is not None and (not isinstance(batch_dims, int) or batch_dims < 1):
+            raise ValueError(f"batch_dims must be None or a positive int; got {batch_dims!r}")
+        self.seed, self.distribution, self.layout, self.density = seed, distribution, layout, density
+        self.scale, self.storage, self.backend = scale, storage, backend
+        self.batch_dims, self.check_finite = batch_dims, check_finite
+        self.spec: FeedbackSpec | None = None
+        self._points: list[torch.Tensor] = []
+
+    @classmethod
+    def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs) -> "DFA":
+        """TinyDFA's semantics: one shared uniform [-1, 1) matrix, the output flattened per sample,
+        point l reads the first d_l columns, everything divided by sqrt(max d_l)."""
+        return cls(mode=mode, seed=seed, distribution="uniform", layout="shared", scale="auto",
+                   batch_dims=1, **kwargs)
+
+    # ------------------------------------------------------------ mode
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {value!r}")
+        self._mode = value
+
+    # ------------------------------------------------------------ forward
+    def point(self, h: torch.Tensor) -> torch.Tensor:
+        """Record a feedback point; returns h (mode "bp") or h.detach() (modes "dfa", "shallow")."""
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"dfa.point(h) expects a torch.Tensor; got {type(h).__name__}")
+        self._points.append(h)
+        return h if self._mode == "bp" else h.detach()
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        points, self._points = self._points, []
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"dfa(y) expects the output tensor; got {type(y).__name__}")
+        if not points:
+            raise RuntimeError("dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
+                               "on hidden tensors during the same forward pass")
+        spec = self._spec_for(y, points)
+        if self._mode != "dfa" or not torch.is_grad_enabled():
+            return y
+        plan = _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend,
+                     self._batch_dims(y), self.check_finite)
+        return _DFAOutput.apply(y, plan, *points)
+
+    def _batch_dims(self, y: torch.Tensor) -> int:
+        if self.batch_dims is not None:
+            if y.dim() <= self.batch_dims:
+                raise ValueError(f"dfa(y): y of shape {tuple(y.shape)} has no feature dim after "
+                                 f"batch_dims={self.batch_dims}")
+            return self.batch_dims
+        if y.dim() < 2:
+            raise ValueError(f"dfa(y) expects y of shape [*batch, out_features] (at least 2-D); got "
+                             f"{tuple(y.shape)} (use y.unsqueeze(-1) for one output per row)")
+        return y.dim() - 1
+
+    def _spec_for(self, y: torch.Tensor, points: list[torch.Tensor]) -> FeedbackSpec:
+        nb = self._batch_dims(y)
+        batch = tuple(y.shape[:nb])
+        out_features = math.prod(y.shape[nb:])
+        widths = []
+        for index, p in enumerate(points):
+            if tuple(p.shape[:nb]) != batch or p.dim() == nb:
+                raise ValueError(
+                    f"feedback point #{index} has shape {tuple(p.shape)}, but the output y has batch dims "
+                    f"{batch} (y: {tuple(y.shape)}): a point must start with the output's batch dims and "
+                    f"have at least one more (its width); points with other row counts are not supported")
+            widths.append(math.prod(p.shape[nb:]))
+        if self.spec is None:
+            self.spec = FeedbackSpec(out_features, tuple(widths), self.seed, self.distribution, self.layout,
+                                     self.density)
+        elif self.spec.widths != tuple(widths) or self.spec.out_features != out_features:
+            raise ValueError(
+                f"this DFA was built for out_features={self.spec.out_features} and point widths "
+                f"{list(self.spec.widths)}, but this forward pass has out_features={out_features} and widths "
+                f"{widths}: the feedback matrix is fixed after the first step (call dfa.reset() to rebuild it)")
+        return self.spec
+
+    # ------------------------------------------------------------ inspection and state
+    def reset(self) -> None:
+        """Forget the widths (the next forward pass fixes them again)."""
+        self.spec, self._points = None, []
+
+    def resolved_backend(self, device) -> str:
+        """The projection backend this module runs on `device` (what 'auto' picks)."""
+        return ops.resolve_backend(self.backend, device)
+
+    def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:
+        """Effective [out_features, d_l] matrix of each point, scale applied, in point order."""
+        if self.spec is None:
+            raise RuntimeError("feedback_matrices() needs the point widths: run one forward pass first")
+        B = self.spec.matrix(torch.float32, device)
+        return [(B[:, off:off + w] * s).to(dtype)
+                for off, w, s in zip(self.spec.offsets, self.spec.widths, self.spec.scales(self.scale))]
+
+    def get_extra_state(self) -> dict:
+        return {"spec": None if self.spec is None else self.spec.state(), "scale": self.scale,
+                "batch_dims": self.batch_dims}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.spec = None if state["spec"] is None else FeedbackSpec.from_state(state["spec"])
+        self.scale, self.batch_dims = state["scale"], state["batch_dims"]
+        if self.spec is not None:
+            self.seed, self.distribution = self.spec.seed, self.spec.distribution
+            self.layout, self.density = self.spec.layout, self.spec.density
+
+    def extra_repr(self) -> str:
+        return (f"mode={self._mode!r}, seed={self.seed}, distribution={self.distribution!r}, "
+                f"layout={self.layout!r}, scale={self.scale!r}, storage={self.storage!r}, "
+                f"backend={self.backend!r}, widths={None if self.spec is None else list(self.spec.widths)}")
+
+
+class FeedbackPoint(nn.Module):
+    """Runs `module`, then records its output as a feedback point of `dfa` (added by `convert`)."""
+
+    def __init__(self, module: nn.Module, dfa: DFA):
+        super().__init__()
+        self.module = module
+        self.__dict__["dfa"] = dfa  # a reference, not a submodule: the DFA's state is saved once
+
+    def forward(self, *args, **kwargs):
+        return self.dfa.point(self.module(*args, **kwargs))
+
+
+class DFAModel(nn.Module):
+    """A converted model: runs `model` and wraps its output with `dfa`."""
+
+    def __init__(self, model: nn.Module, dfa: DFA):
+        super().__init__()
+        self.model = model
+        self.dfa = dfa
+
+    def forward(self, *args, **kwargs):
+        return self.dfa(self.model(*args, **kwargs))
+
+
+def convert(model: nn.Module, mode: str = "dfa", after: tuple[type, ...] | None = None,
+            inplace: bool = False, **dfa_kwargs) -> DFAModel:
+    """Insert feedback points into an existing model and wrap its output, without touching forward.
+
+    A point goes after every module whose type is in `after` (default: the activation modules in
+    ``ACTIVATIONS``). Functional activations (``F.relu`` in forward) are invisible here: name the
+    module types to use instead. The returned model's forward output equals the original's;
+    ``converted.dfa`` is the :class:`DFA` (switch ``converted.dfa.mode`` live).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module; got {type(model).__name__}")
+    after = ACTIVATIONS if after is None else tuple(after)
+    if not after or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in after):
+        raise TypeError(f"after must be a non-empty tuple of nn.Module subclasses; got {after!r}")
+    model = model if inplace else copy.deepcopy(model)
+    dfa = DFA(mode=mode, **dfa_kwargs)
+    wrapped = 0
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal wrapped
+        for name, child in parent.named_children():
+            if isinstance(child, after):
+                setattr(parent, name, FeedbackPoint(child, dfa))
+                wrapped += 1
+            else:
+                visit(child)
+
+    visit(model)
+    if wrapped == 0:
+        raise ValueError(f"convert found no module of types {[t.__name__ for t in after]} in the model: "
+                         "pass after=(ModuleType, ...) naming the modules to put feedback points after")
+    return DFAModel(model, dfa)

@@ -1,0 +1,276 @@
+"""The projection ops: registration (fake kernels, autograd, Triton ops), backend choice, wrappers.
+
+Schemas are defined once, in ``csrc/ops.cpp``. The C++ library registers the CPU and CUDA kernels
+for them; the Triton backend registers the same schemas under ``triton_<name>`` (one op per
+backend, so a call names its backend and ``torch.compile`` sees which kernel runs); the ``torch``
+backend is the plain-PyTorch reference, traceable as is.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import logging
+import os
+
+import torch
+
+from . import reference
+from .feedback import FeedbackSpec
+
+log = logging.getLogger("dfa_kernels")
+
+try:  # loading the compiled library registers torch.ops.dfa_kernels.*
+    from . import _C
+    _C_ERROR = None
+except ImportError as err:  # visible in build_info() and in the error of any backend that needs it
+    _C, _C_ERROR = None, f"{type(err).__name__}: {err}"
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+STORAGES = ("virtual", "materialized", "auto")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# storage="auto" materializes B (and caches it) while it is at most this big; above, B stays virtual.
+MATERIALIZE_LIMIT_BYTES = 64 << 20
+_OPS = ("project", "project_materialized", "feedback_matrix")
+
+
+# ---------------------------------------------------------------- registration
+def _fake_project(e, seed, distribution, density, width, scale, col_scale, out_dtype):
+    return e.new_empty((e.shape[0], width), dtype=out_dtype or e.dtype)
+
+
+def _fake_project_materialized(e, B, scale, col_scale, out_dtype):
+    return e.new_empty((e.shape[0], B.shape[1]), dtype=out_dtype or e.dtype)
+
+
+def _fake_feedback_matrix(seed, distribution, density, rows, cols, dtype, device):
+    return torch.empty((rows, cols), dtype=dtype, device=device)
+
+
+def _setup_project(ctx, inputs, output):
+    e, seed, distribution, density, width, scale, col_scale, _ = inputs
+    ctx.spec_args = (seed, distribution, density, e.shape[1], width)
+    ctx.scale, ctx.e_dtype = scale, e.dtype
+    ctx.save_for_backward(col_scale)
+
+
+def _backward_project(ctx, grad):
+    # dF/de: grad @ B^T. B is materialized for this (tests, gradient checks); DFA never needs it.
+    (col_scale,) = ctx.saved_tensors
+    seed, distribution, density, rows, cols = ctx.spec_args
+    B = reference.feedback_matrix(seed, distribution, rows, cols, density, device=grad.device)
+    g = _scaled(grad, ctx.scale, col_scale)
+    return (g @ B.T).to(ctx.e_dtype), None, None, None, None, None, None, None
+
+
+def _setup_project_materialized(ctx, inputs, output):
+    e, B, scale, col_scale, _ = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(e, B, col_scale)
+
+
+def _backward_project_materialized(ctx, grad):
+    e, B, col_scale = ctx.saved_tensors
+    g = _scaled(grad, ctx.scale, col_scale)
+    grad_e = (g @ B.float().T).to(e.dtype) if ctx.needs_input_grad[0] else None
+    grad_B = (e.float().T @ g).to(B.dtype) if ctx.needs_input_grad[1] else None
+    return grad_e, grad_B, None, None, None
+
+
+def _scaled(grad, scale, col_scale):
+    g = grad.float() * scale
+    return g * col_scale if col_scale is not None else g
+
+
+def _triton_impl(name):
+    def impl(*args):
+        from . import triton as dk_triton  # imported on first use: triton is heavy to import
+        return getattr(dk_triton, name)(*args)
+    return impl
+
+
+def _register() -> None:
+    lib = torch.library.Library("dfa_kernels", "FRAGMENT")
+    _register.lib = lib  # keep the fragment alive
+    fakes = {"project": _fake_project, "project_materialized": _fake_project_materialized,
+             "feedback_matrix": _fake_feedback_matrix}
+    autograd = {"project": (_backward_project, _setup_project),
+                "project_materialized": (_backward_project_materialized, _setup_project_materialized)}
+    for name in _OPS:
+        schema = str(getattr(torch.ops.dfa_kernels, name).default._schema)
+        signature = schema[schema.index("("):]
+        lib.define(f"triton_{name}{signature}")
+        lib.impl(f"triton_{name}", _triton_impl(name), "CompositeExplicitAutograd")
+        for op in (name, f"triton_{name}"):
+            torch.library.register_fake(f"dfa_kernels::{op}", fakes[name])
+            if name in autograd:
+                backward, setup = autograd[name]
+                torch.library.register_autograd(f"dfa_kernels::{op}", backward, setup_context=setup)
+
+
+if _C is not None:
+    _register()
+
+
+# ---------------------------------------------------------------- backends
+def _triton_available(device_type: str) -> bool:
+    try:
+        from . import triton as dk_triton
+    except ImportError:
+        return False
+    return dk_triton.is_available(device_type)
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends that can run on `device`, fastest first ('auto' takes the first)."""
+    device = torch.device(device)
+    found = []
+    if _C is not None and device.type == "cpu":
+        found.append("cpu")
+    if _C is not None and device.type == "cuda" and _C.build_config()["cuda_compiled"]:
+        found.append("cuda")
+    if _C is not None and device.type in ("cpu", "cuda") and _triton_available(device.type):  # needs the schemas
+        found.append("triton")
+    return found + ["torch"]
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The backend a call with `backend` runs on `device`; raises if it cannot run there."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    available = available_backends(device)
+    if backend == "auto":
+        chosen = available[0]
+        log.debug("dfa_kernels: backend='auto' on %s -> %r (available: %s)", device, chosen, available)
+        return chosen
+    if backend not in available:
+        why = f" (compiled library not loaded: {_C_ERROR})" if _C is None and backend in ("cpu", "cuda") else ""
+        raise RuntimeError(f"backend {backend!r} is not available on device {torch.device(device)}{why}; "
+                           f"available there: {available}")
+    return backend
+
+
+def _op(backend: str, name: str):
+    return getattr(torch.ops.dfa_kernels, f"triton_{name}" if backend == "triton" else name)
+
+
+# ---------------------------------------------------------------- public functions
+def check_error_tensor(e, out_features: int, name: str = "e") -> None:
+    if not isinstance(e, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(e).__name__}")
+    if e.dim() != 2 or e.shape[1] != out_features:
+        raise ValueError(f"{name} must have shape [N, out_features={out_features}]; got {tuple(e.shape)}")
+    if e.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16; got {e.dtype}")
+    if not e.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call {name}.contiguous() first")
+
+
+def _check_col_scale(col_scale, width: int, device) -> None:
+    if col_scale is None:
+        return
+    if not isinstance(col_scale, torch.Tensor) or col_scale.shape != (width,) or col_scale.dtype != torch.float32:
+        raise ValueError(f"col_scale must be a float32 tensor of shape [{width}]; got "
+                         f"{getattr(col_scale, 'dtype', type(col_scale))} {tuple(getattr(col_scale, 'shape', ()))}")
+    if col_scale.device != device:
+        raise ValueError(f"col_scale is on {col_scale.device} but e is on {device}")
+
+
+def resolve_storage(storage: str, spec: FeedbackSpec) -> str:
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGES))}; got {storage!r}")
+    if storage == "auto":
+        fits = spec.out_features * spec.total_width * 4 <= MATERIALIZE_LIMIT_BYTES
+        return "materialized" if fits else "virtual"
+    return storage
+
+
+def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device="cpu",
+                    backend: str = "auto") -> torch.Tensor:
+    """Materialize B [out_features, total_width] of `spec` (unscaled)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    backend = resolve_backend(backend, device)
+    if backend == "torch":
+        return reference.feedback_matrix(spec.seed, spec.distribution, spec.out_features, spec.total_width,
+                                         spec.density, dtype, device)
+    return _op(backend, "feedback_matrix")(spec.seed, spec.distribution, spec.density, spec.out_features,
+                                           spec.total_width, dtype, device)
+
+
+_MATRIX_CACHE: collections.OrderedDict = collections.OrderedDict()
+_MATRIX_CACHE_SIZE = 8
+
+
+def cached_matrix(spec: FeedbackSpec, device, backend: str) -> torch.Tensor:
+    """fp32 B of `spec` on `device`, built once (least recently used of 8 evicted)."""
+    key = (spec.seed, spec.distribution, spec.density, spec.out_features, spec.total_width, str(device))
+    if torch.compiler.is_compiling():  # a traced graph builds B itself instead of reading a cache
+        return feedback_matrix(spec, torch.float32, device, backend)
+    if key in _MATRIX_CACHE:
+        _MATRIX_CACHE.move_to_end(key)
+        return _MATRIX_CACHE[key]
+    B = feedback_matrix(spec, torch.float32, device, backend)
+    _MATRIX_CACHE[key] = B
+    while len(_MATRIX_CACHE) > _MATRIX_CACHE_SIZE:
+        _MATRIX_CACHE.popitem(last=False)
+    return B
+
+
+def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backend: str = "auto", *,
+            scale: float = 1.0, col_scale: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F = scale * (e @ B) [* col_scale]: e [N, out_features] -> F [N, spec.total_width].
+
+    storage="virtual" generates B in tiles inside the kernel (zero bytes of B); "materialized"
+    builds B once per (spec, device) and caches it; "auto" materializes while B is <= 64 MiB.
+    Accumulates in fp32; returns out_dtype (default e.dtype). NaN/Inf in e propagate exactly as
+    they do through ``e @ B`` (the DFA module checks its error before projecting).
+    """
+    check_error_tensor(e, spec.out_features)
+    width = spec.total_width
+    _check_col_scale(col_scale, width, e.device)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
+    backend = resolve_backend(backend, e.device)
+    if resolve_storage(storage, spec) == "virtual":
+        args = (e, spec.seed, spec.distribution, spec.density, width, float(scale), col_scale, out_dtype)
+        if backend == "torch":
+            return reference.project(*args)
+        return _op(backend, "project")(*args)
+    B = cached_matrix(spec, e.device, backend)
+    if backend == "torch":
+        return reference.project_materialized(e, B, float(scale), col_scale, out_dtype)
+    return _op(backend, "project_materialized")(e, B, float(scale), col_scale, out_dtype)
+
+
+# ---------------------------------------------------------------- build information
+def _version(dist: str):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_info() -> dict:
+    """Versions, what was compiled, and the backends available on each device."""
+    config = _C.build_config() if _C is not None else {}
+    devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
+    return {
+        "dfa_kernels": _version("dfa-kernels"),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "extension_loaded": _C is not None,
+        "extension_error": _C_ERROR,
+        "cuda_compiled": bool(config.get("cuda_compiled", False)),
+        "cuda_archs": list(config.get("cuda_archs", [])),
+        "built_against_torch": config.get("torch_version_built"),
+        "openmp": config.get("openmp"),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "backends": {d: available_backends(d) for d in devices},
+    }

@@ -1,0 +1,97 @@
+"""Plain-PyTorch references, shared by tests and benchmarks.
+
+The hash transcribes ``csrc/include/dfa_kernels/hash.h`` on int64 tensors (torch has no wrapping
+uint32 multiply), masking to 32 bits after every step. Slow, obviously correct, device-agnostic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+DISTRIBUTIONS = ("uniform", "gaussian", "rademacher", "sparse")
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 without int64 overflow: split c into 16-bit halves.
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seed_key(seed: int) -> torch.Tensor:
+    return mix32(torch.tensor((seed & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
+
+
+def row_key(skey: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    return mix32((skey + _mul32(i, 0x9E3779B9)) & MASK32)
+
+
+def col_key(j: torch.Tensor) -> torch.Tensor:
+    return mix32((_mul32(j, 0x85EBCA6B) + 0x632BE5AB) & MASK32)
+
+
+def hash_ij(seed: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """hash(seed, i, j) as int64 values in [0, 2^32), broadcasting i against j."""
+    return mix32(row_key(seed_key(seed).to(i.device), i) ^ col_key(j))
+
+
+def sparse_threshold(density: float) -> int:
+    return min(max(int(math.floor(density * 16777216.0 + 0.5)), 0), 16777216)
+
+
+def values_from_hash(h: torch.Tensor, distribution: str, j: torch.Tensor, density: float) -> torch.Tensor:
+    """Map hash words to fp32 feedback values (see hash.h for the formulas)."""
+    if distribution == "uniform":
+        return (h >> 8).to(torch.float32) * 2.0**-23 - 1.0
+    if distribution == "rademacher":
+        bit = (h >> (j & 31)) & 1
+        return bit.to(torch.float32) * 2.0 - 1.0
+    if distribution == "sparse":
+        keep = (h >> 8) < sparse_threshold(density)
+        sign = (h & 1).to(torch.float32) * 2.0 - 1.0
+        return torch.where(keep, sign, torch.zeros_like(sign))
+    if distribution == "gaussian":
+        u1 = ((h >> 8) + 1).to(torch.float32) * 2.0**-24
+        u2 = (mix32(h ^ 0x68E31DA4) >> 8).to(torch.float32) * 2.0**-24
+        return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+def feedback_matrix(seed: int, distribution: str, rows: int, cols: int, density: float = 0.1,
+                    dtype: torch.dtype = torch.float32, device="cpu", col_offset: int = 0) -> torch.Tensor:
+    """B[i, j] for i < rows, col_offset <= j < col_offset + cols, as a dense tensor."""
+    device = torch.device(device)
+    i = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
+    j = torch.arange(col_offset, col_offset + cols, dtype=torch.int64, device=device)[None, :]
+    word_j = j >> 5 if distribution == "rademacher" else j
+    return values_from_hash(hash_ij(seed, i, word_j), distribution, j, density).to(dtype)
+
+
+def project(e: torch.Tensor, seed: int, distribution: str, density: float, width: int,
+            scale: float = 1.0, col_scale: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F = scale * (e @ B) [* col_scale], accumulated in fp32, returned in out_dtype (default e's).
+
+    Same argument order as the ``dfa_kernels::project`` op.
+    """
+    B = feedback_matrix(seed, distribution, e.shape[1], width, density, device=e.device)
+    return project_materialized(e, B, scale, col_scale, out_dtype)
+
+
+def project_materialized(e: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
+                         col_scale: torch.Tensor | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    F = (e.to(torch.float32) @ B.to(torch.float32)) * scale
+    if col_scale is not None:
+        F = F * col_scale.to(torch.float32)
+    return F.to(out_dtype or e.dtype)

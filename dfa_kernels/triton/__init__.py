@@ -1,0 +1,30 @@
+"""Triton backend: virtual-B feedback projection, materialized projection, and B itself.
+
+Importing this package never fails for lack of Triton; ``is_available`` then answers False and
+the kernel entry points are absent.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    _HAVE_TRITON = False
+else:
+    _HAVE_TRITON = True
+    from .project import INTERPRET, feedback_matrix, project, project_materialized
+
+__all__ = ["is_available", "project", "project_materialized", "feedback_matrix"]
+
+
+def is_available(device_type: str) -> bool:
+    """Whether the Triton kernels run on tensors of ``device_type``: "cuda" when compiled for a
+    present GPU, "cpu" when triton was imported under TRITON_INTERPRET=1."""
+    if not _HAVE_TRITON:
+        return False
+    if device_type == "cuda":
+        return not INTERPRET and torch.cuda.is_available()
+    if device_type == "cpu":
+        return INTERPRET
+    return False
