@@ -1,0 +1,314 @@
+// CPU implementations: the virtual projection (B generated block by block, never stored), the
+// materialized projection and feedback_matrix.
+//
+// Virtual projection: the output F [N, W] is split into column blocks (and, when there are fewer
+// column blocks than threads, row blocks); at::parallel_for runs one task per block. A task walks
+// out_features in chunks of bk rows, generates the B block [bk, bn] into a thread-local buffer
+// (256 KiB, cache-resident) and accumulates F_block += e[:, chunk] @ B_block with a BLAS call, then
+// applies scale, col_scale and the output cast to its block while it is still in cache.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "dfa_kernels/checks.h"
+#include "dfa_kernels/hash.h"
+#include "dfa_kernels/ops.h"
+
+// The generator loops vectorize well with AVX2 (32-bit multiplies); the default x86-64 target
+// (SSE2) lacks them. GCC builds an AVX2 clone and picks it at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DFA_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define DFA_MULTIVERSION
+#endif
+
+namespace dfa_kernels {
+namespace {
+
+constexpr int64_t kBlockEntries = 256 * 256;  // B block size: 256 KiB of fp32
+constexpr int64_t kMaxBlockCols = 256;
+constexpr int64_t kMinBlockCols = 32;  // multiple of 32: rademacher blocks start on a hash word
+constexpr int64_t kMinBlockRows = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Column keys for columns [j0, j0 + cols): one per column, or for rademacher one per 32-column
+// hash word, starting with the word of column j0.
+void column_keys(Distribution dist, int64_t j0, int64_t cols, std::vector<uint32_t>& keys) {
+  keys.clear();
+  if (dist == Distribution::Rademacher) {
+    for (int64_t w = j0 >> 5; w <= (j0 + cols - 1) >> 5; ++w) {
+      keys.push_back(col_key(static_cast<uint32_t>(w)));
+    }
+  } else {
+    for (int64_t j = j0; j < j0 + cols; ++j) keys.push_back(col_key(static_cast<uint32_t>(j)));
+  }
+}
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+// Gaussian entries without libm calls, so the generator loop vectorizes (about 10x faster than
+// gaussian_value's logf/cosf). Same formula and fp32 inputs as hash.h; the log and cos below are
+// within 2.1e-7 (relative) and 7.8e-8 (absolute) of the exact functions over all 2^24 inputs each,
+// so entries stay within 2% of hash.h's gaussian tolerance of the libm version. Selects are done
+// on integers: a conditional float operation would block vectorization under -ftrapping-math.
+//
+// ln(u) for normal u > 0: u = m 2^e with m in [sqrt(1/2), sqrt(2)), ln(m) = 2 atanh((m-1)/(m+1)).
+inline float log_unit(float u) {
+  const uint32_t bits = float_to_bits(u);
+  uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;   // m in [1, 2)
+  const uint32_t halve = mbits > 0x3fb504f3u ? 1u : 0u;  // m > sqrt(2): use m / 2
+  mbits -= halve << 23;
+  const int32_t e = static_cast<int32_t>(bits >> 23) - 127 + static_cast<int32_t>(halve);
+  const float f = bits_to_float(mbits) - 1.0f;
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  const float atanh_s = s * (1.0f + z * (0.33333334f + z * (0.2f + z * (0.14285715f + z * 0.11111111f))));
+  return static_cast<float>(e) * 0.693147182f + 2.0f * atanh_s;
+}
+
+// cos(x) for 0 <= x < 8: x = q pi/2 + r with |r| <= pi/4 (pi/2 in three parts), Cephes polynomials.
+inline float cos_small(float x) {
+  const int32_t q = static_cast<int32_t>(x * 0.636619772f + 0.5f);
+  const float qf = static_cast<float>(q);
+  float r = x - qf * 1.5703125f;
+  r -= qf * 4.83751296997e-4f;
+  r -= qf * 7.54978995489e-8f;
+  const float z = r * r;
+  const float cos_r =
+      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
+  const float sin_r = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  // cos(r + q pi/2) = cos r, -sin r, -cos r, sin r for q mod 4 = 0, 1, 2, 3.
+  const uint32_t odd = 0u - static_cast<uint32_t>(q & 1);
+  const uint32_t v = (float_to_bits(cos_r) & ~odd) | (float_to_bits(sin_r) & odd);
+  return bits_to_float(v ^ ((static_cast<uint32_t>(q + 1) & 2u) << 30));
+}
+
+inline float gaussian_value_cpu(uint32_t h) {
+  const float u1 = static_cast<float>((h >> 8) + 1u) * 5.9604644775390625e-08f;  // 2^-24
+  const float u2 = static_cast<float>(mix32(h ^ 0x68e31da4u) >> 8) * 5.9604644775390625e-08f;
+  return std::sqrt(-2.0f * log_unit(u1)) * cos_small(6.283185307179586f * u2);
+}
+
+// dst[c] = B[i, j0 + c] for c < cols, given rkey = row_key(seed_key, i) and the column keys above.
+DFA_MULTIVERSION void generate_row(const FeedbackSpec& spec, uint32_t rkey, int64_t j0, int64_t cols,
+                                   const uint32_t* ckeys, float* dst) {
+  switch (spec.dist) {
+    case Distribution::Uniform:
+      for (int64_t c = 0; c < cols; ++c) dst[c] = uniform_value(hash_from_keys(rkey, ckeys[c]));
+      break;
+    case Distribution::Sparse:
+      for (int64_t c = 0; c < cols; ++c)
+        dst[c] = sparse_value(hash_from_keys(rkey, ckeys[c]), spec.threshold);
+      break;
+    case Distribution::Gaussian:
+      for (int64_t c = 0; c < cols; ++c) dst[c] = gaussian_value_cpu(hash_from_keys(rkey, ckeys[c]));
+      break;
+    case Distribution::Rademacher: {
+      // One hash word gives 32 entries: bit (j & 31) of word j >> 5. The arithmetic form of
+      // rademacher_value (+-1 from the bit) vectorizes better than a select.
+      int64_t c = 0;
+      for (int64_t w = 0; c < cols; ++w) {
+        const uint32_t h = hash_from_keys(rkey, ckeys[w]);
+        const int64_t bit0 = (j0 + c) & 31;
+        const int64_t n = std::min<int64_t>(32 - bit0, cols - c);
+        for (int64_t b = 0; b < n; ++b)
+          dst[c + b] = static_cast<float>(static_cast<int32_t>((h >> (bit0 + b)) & 1u) * 2 - 1);
+        c += n;
+      }
+      break;
+    }
+  }
+}
+
+// out[r, c] = cast((acc[r, c] * scale) * col_scale[c]) for an [rows, cols] block; both pointers
+// point at the block's first element of [*, ld] row-major matrices. acc and out may alias.
+template <typename OutT>
+void epilogue_block(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols, float scale,
+                    const float* col_scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = acc + r * ld;
+    OutT* o = out + r * ld;
+    if (col_scale != nullptr) {
+      for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<OutT>((a[c] * scale) * col_scale[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<OutT>(a[c] * scale);
+    }
+  }
+}
+
+// Applies the epilogue to the block [r0, r0 + rows) x [j0, j0 + cols) of the fp32 accumulator,
+// writing into `out` (which may be `acc` itself when the output is fp32).
+void finish_block(const at::Tensor& acc, const at::Tensor& out, int64_t r0, int64_t rows, int64_t j0,
+                  int64_t cols, float scale, const float* col_scale) {
+  if (out.scalar_type() == at::kFloat && scale == 1.0f && col_scale == nullptr &&
+      out.is_same(acc)) {
+    return;
+  }
+  const int64_t ld = acc.size(1);
+  const float* a = acc.const_data_ptr<float>() + r0 * ld + j0;
+  const float* cs = col_scale != nullptr ? col_scale + j0 : nullptr;
+  const int64_t offset = r0 * ld + j0;
+  switch (out.scalar_type()) {  // the dtypes check_project_args allows
+    case at::kFloat:
+      epilogue_block(a, out.mutable_data_ptr<float>() + offset, ld, rows, cols, scale, cs);
+      break;
+    case at::kHalf:
+      epilogue_block(a, out.mutable_data_ptr<at::Half>() + offset, ld, rows, cols, scale, cs);
+      break;
+    default:
+      epilogue_block(a, out.mutable_data_ptr<at::BFloat16>() + offset, ld, rows, cols, scale, cs);
+      break;
+  }
+}
+
+const float* col_scale_ptr(const std::optional<at::Tensor>& col_scale, at::Tensor& holder) {
+  if (!col_scale.has_value()) return nullptr;
+  holder = col_scale->contiguous();
+  return holder.const_data_ptr<float>();
+}
+
+// Block shapes for the virtual projection.
+struct Plan {
+  int64_t bn, bk;                       // B block: bk rows (out_features) x bn columns
+  int64_t col_blocks, row_blocks, rows_per_block;
+};
+
+Plan plan_blocks(int64_t N, int64_t K, int64_t W) {
+  const int64_t threads = at::get_num_threads();
+  Plan p{};
+  // Narrow the column blocks until every thread has one (down to 32 columns).
+  p.bn = kMaxBlockCols;
+  while (p.bn > kMinBlockCols && ceil_div(W, p.bn) < threads) p.bn /= 2;
+  p.bn = std::min(p.bn, W);
+  p.col_blocks = ceil_div(W, p.bn);
+  // Still too few: split the rows too; each row block regenerates its B blocks, which is cheap
+  // next to a GEMM with at least kMinBlockRows rows.
+  p.row_blocks = 1;
+  if (p.col_blocks < threads) {
+    p.row_blocks = std::max<int64_t>(
+        1, std::min(ceil_div(threads, p.col_blocks), N / kMinBlockRows));
+  }
+  p.rows_per_block = ceil_div(N, p.row_blocks);
+  p.row_blocks = ceil_div(N, p.rows_per_block);
+  p.bk = std::min(K, kBlockEntries / p.bn);
+  return p;
+}
+
+at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distribution, double density,
+                       int64_t width, double scale, const std::optional<at::Tensor>& col_scale,
+                       std::optional<at::ScalarType> out_dtype) {
+  const FeedbackSpec spec = parse_feedback_spec(seed, distribution, density);
+  const at::ScalarType out_type = check_project_args("project", e, width, col_scale, out_dtype);
+  const int64_t N = e.size(0), K = e.size(1), W = width;
+  if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
+
+  const at::Tensor e32 = e.to(at::kFloat);
+  const at::Tensor acc = at::empty({N, W}, e.options().dtype(at::kFloat));
+  const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
+  at::Tensor cs_holder;
+  const float* cs = col_scale_ptr(col_scale, cs_holder);
+  const float scale_f = static_cast<float>(scale);
+  const uint32_t skey = seed_key(spec.seed);
+  const Plan plan = plan_blocks(N, K, W);
+
+  at::parallel_for(0, plan.col_blocks * plan.row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bbuf(plan.bk * plan.bn);
+    std::vector<uint32_t> ckeys;
+    for (int64_t task = begin; task < end; ++task) {
+      // Consecutive tasks share a row block, so each thread reuses its rows of e.
+      const int64_t j0 = (task % plan.col_blocks) * plan.bn;
+      const int64_t r0 = (task / plan.col_blocks) * plan.rows_per_block;
+      const int64_t jn = std::min(plan.bn, W - j0);
+      const int64_t rn = std::min(plan.rows_per_block, N - r0);
+      column_keys(spec.dist, j0, jn, ckeys);
+      at::Tensor acc_block = acc.narrow(0, r0, rn).narrow(1, j0, jn);
+      for (int64_t k0 = 0; k0 < K; k0 += plan.bk) {
+        const int64_t kn = std::min(plan.bk, K - k0);
+        for (int64_t r = 0; r < kn; ++r) {
+          generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), j0, jn, ckeys.data(),
+                       bbuf.data() + r * jn);
+        }
+        const at::Tensor b_block = at::from_blob(bbuf.data(), {kn, jn}, at::kFloat);
+        const at::Tensor e_block = e32.narrow(0, r0, rn).narrow(1, k0, kn);
+        if (k0 == 0) {
+          at::mm_out(acc_block, e_block, b_block);
+        } else {
+          acc_block.addmm_(e_block, b_block);
+        }
+      }
+      finish_block(acc, out, r0, rn, j0, jn, scale_f, cs);
+    }
+  });
+  return out;
+}
+
+at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, double scale,
+                                    const std::optional<at::Tensor>& col_scale,
+                                    std::optional<at::ScalarType> out_dtype) {
+  check_materialized_B("project_materialized", e, B);
+  const at::ScalarType out_type =
+      check_project_args("project_materialized", e, B.size(1), col_scale, out_dtype);
+  const int64_t N = e.size(0), K = e.size(1), W = B.size(1);
+  if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
+
+  const at::Tensor acc = at::mm(e.to(at::kFloat), B.to(at::kFloat));
+  const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
+  at::Tensor cs_holder;
+  const float* cs = col_scale_ptr(col_scale, cs_holder);
+  const float scale_f = static_cast<float>(scale);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / W), [&](int64_t begin, int64_t end) {
+    finish_block(acc, out, begin, end - begin, 0, W, scale_f, cs);
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor feedback_matrix_cpu(const FeedbackSpec& spec, int64_t rows, int64_t cols,
+                               at::ScalarType dtype) {
+  at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(dtype));
+  if (out.numel() == 0) return out;
+  std::vector<uint32_t> ckeys;
+  column_keys(spec.dist, 0, cols, ckeys);
+  const uint32_t skey = seed_key(spec.seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "feedback_matrix_cpu", [&] {
+    scalar_t* base = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / cols), [&](int64_t begin, int64_t end) {
+      // Non-fp32 rows are generated in fp32 (exact values), then cast.
+      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : cols);
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* dst = base + i * cols;
+        float* gen = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dst) : row.data();
+        generate_row(spec, row_key(skey, static_cast<uint32_t>(i)), 0, cols, ckeys.data(), gen);
+        if (!std::is_same_v<scalar_t, float>) {
+          for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<scalar_t>(row[c]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace dfa_kernels
+
+TORCH_LIBRARY_IMPL(dfa_kernels, CPU, m) {
+  m.impl("project", &dfa_kernels::project_cpu);
+  m.impl("project_materialized", &dfa_kernels::project_materialized_cpu);
+}

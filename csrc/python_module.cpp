@@ -1,0 +1,65 @@
+// dfa_kernels._C: importing it loads this library, whose static initializers register the ops
+// (torch.ops.dfa_kernels.*). It also reports how the library was built. Only setup.py builds it.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <string>
+
+#include "dfa_kernels/ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+#ifdef DFA_CUDA_COMPILED
+// setup.py passes the arch list as bare tokens (e.g. -DDFA_CUDA_ARCHS=8.0,9.0): no shell quoting
+// needed. Stringize and split them here.
+#define DFA_STRINGIZE_(...) #__VA_ARGS__
+#define DFA_STRINGIZE(...) DFA_STRINGIZE_(__VA_ARGS__)
+#ifndef DFA_CUDA_ARCHS
+#define DFA_CUDA_ARCHS
+#endif
+
+py::list cuda_archs() {
+  const std::string s = DFA_STRINGIZE(DFA_CUDA_ARCHS);
+  py::list out;
+  size_t start = 0;
+  while (start < s.size()) {
+    const size_t end = std::min(s.find(',', start), s.size());
+    if (end > start) out.append(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+#endif
+
+py::dict build_config() {
+  py::dict d;
+#ifdef DFA_CUDA_COMPILED
+  d["cuda_compiled"] = true;
+  d["cuda_archs"] = cuda_archs();
+  const int v = dfa_kernels::cuda_runtime_version_built();
+  d["cuda_version_built"] = std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_archs"] = py::list();
+  d["cuda_version_built"] = py::none();
+#endif
+  d["torch_version_built"] = TORCH_VERSION;
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dfa_kernels compiled ops (registered under torch.ops.dfa_kernels)";
+  m.def("build_config", &build_config,
+        "How this library was built: cuda_compiled, cuda_archs, torch_version_built, "
+        "cuda_version_built, openmp.");
+}
