@@ -184,4 +184,5 @@ def test_task_runs_and_reports(tmp_path):
     assert set(res.final) >= {"val_loss", "val_ppl", "test_loss"} and math.isfinite(res.final["test_loss"])
     assert res.final["val_ppl"] == pytest.approx(math.exp(res.final["val_loss"]))
     assert res.backend in ("cpu", "torch") and res.config["feedback_points"] == 3 * res.config["layers"]
-    assert res.config["placement"] == "micro" and res.config["data"]["source"] == str(tmp_path)
+    assert res.config["placement"] == "micro" and res.config["error_at"] == "hidden"
+    assert res.config["data"]["source"] == str(tmp_path)
