@@ -21,6 +21,16 @@ def backend_device_pairs():
     return [(b, d) for d in DEVICES for b in dk.available_backends(d)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module of tiny models: on a busy 2-core machine the thread pool's
+    barriers made them up to 10x slower; the setting is restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

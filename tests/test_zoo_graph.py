@@ -31,14 +31,7 @@ needs_cora = pytest.mark.skipif(not _has_graphdatascience(),
                                 reason="graphdatascience not installed: pip install --no-deps -r requirements/data.txt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny graphs gain nothing from threads, and on a busy CPU the thread pool's barriers cost
-    10x; restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------ models

@@ -20,12 +20,7 @@ HEADS = {"coarse.sigma.weight", "coarse.sigma.bias", "coarse.rgb.weight", "coars
          "fine.sigma.weight", "fine.sigma.bias", "fine.rgb.weight", "fine.rgb.bias"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():          # tiny models: extra threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rays(n=32, seed=0):

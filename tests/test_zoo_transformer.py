@@ -21,13 +21,7 @@ CASES = [(mode, placement, error_at) for mode in ("bp", "dfa", "shallow")
          for placement in ("macro", "micro") for error_at in ("hidden", "logits")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: these tiny models run several times faster than with contended threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
