@@ -32,7 +32,6 @@ class _Plan:
     scales: tuple[float, ...]
     storage: str
     backend: str
-    batch_dims: int
     check_finite: bool
 
 
@@ -149,8 +148,7 @@ class DFA(nn.Module):
         spec = self._spec_for(y, points)
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return y
-        plan = _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend,
-                     self._batch_dims(y), self.check_finite)
+        plan = _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite)
         return _DFAOutput.apply(y, plan, *points)
 
     def _batch_dims(self, y: torch.Tensor) -> int:
