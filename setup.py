@@ -77,7 +77,8 @@ os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-sources = ["csrc/ops.cpp", "csrc/cpu/project.cpp", "csrc/python_module.cpp"]
+# Every C++ file of csrc/ and csrc/cpu/, and (CUDA builds) every .cu file of csrc/cuda/.
+sources = sorted(str(p.relative_to(ROOT)) for d in ("csrc", "csrc/cpu") for p in (ROOT / d).glob("*.cpp"))
 define_macros = []
 # -g0: Python's own CFLAGS carry -g. -fno-math-errno: lets the CPU generator loops vectorize sqrt.
 cxx_flags = ["-O3", "-g0", "-fno-math-errno"]
@@ -90,7 +91,7 @@ if openmp:
     extra_link_args.append("-fopenmp")
 
 if with_cuda:
-    sources.append("csrc/cuda/project.cu")
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     archs = [a for a in re.split(r"[;,\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
     nvcc_flags.append(f"--threads={max(1, min(len(archs), os.cpu_count() or 1))}")  # archs in parallel
     define_macros.append(("DFA_CUDA_COMPILED", None))

@@ -41,6 +41,16 @@ TORCH_LIBRARY(dfa_kernels, m) {
   // The same product with a given B [out_features, width].
   m.def("project_materialized(Tensor e, Tensor B, float scale, Tensor? col_scale, "
         "ScalarType? out_dtype) -> Tensor");
+  // One launch for every feedback point l: out[l] [N, widths[l]] =
+  //   (scales[l] * (e @ B[:, offsets[l] : offsets[l] + widths[l]])) * f_l'(act_inputs[l]),
+  // the activation derivative f_l' (activations[l]: none, relu, gelu, tanh, sigmoid, silu) applied
+  // in the epilogue to the point's pre-activation [N, widths[l]]. B is generated (B = None) or read.
+  m.def("project_points(Tensor e, Tensor? B, int seed, str distribution, float density, int[] offsets, "
+        "int[] widths, float[] scales, Tensor?[] act_inputs, str[] activations, ScalarType? out_dtype) "
+        "-> Tensor[]");
+  // out[l] = grads[l]^T @ inputs[l] for every l in one launch: the weight gradients of all DFA
+  // layers, which do not depend on each other. grads[l] [N_l, out_l], inputs[l] [N_l, in_l].
+  m.def("grouped_weight_grad(Tensor[] grads, Tensor[] inputs, ScalarType? out_dtype) -> Tensor[]");
   // B [rows, cols] written out.
   m.def("feedback_matrix(int seed, str distribution, float density, int rows, int cols, "
         "ScalarType dtype, Device device) -> Tensor");

@@ -30,7 +30,8 @@ STORAGES = ("virtual", "materialized", "auto")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # storage="auto" materializes B (and caches it) while it is at most this big; above, B stays virtual.
 MATERIALIZE_LIMIT_BYTES = 64 << 20
-_OPS = ("project", "project_materialized", "feedback_matrix")
+_OPS = ("project", "project_materialized", "project_points", "grouped_weight_grad", "feedback_matrix")
+ACTIVATIONS = reference.ACTIVATIONS
 
 
 # ---------------------------------------------------------------- registration
@@ -40,6 +41,16 @@ def _fake_project(e, seed, distribution, density, width, scale, col_scale, out_d
 
 def _fake_project_materialized(e, B, scale, col_scale, out_dtype):
     return e.new_empty((e.shape[0], B.shape[1]), dtype=out_dtype or e.dtype)
+
+
+def _fake_project_points(e, B, seed, distribution, density, offsets, widths, scales, act_inputs, activations,
+                         out_dtype):
+    return [e.new_empty((e.shape[0], w), dtype=out_dtype or e.dtype) for w in widths]
+
+
+def _fake_grouped_weight_grad(grads, inputs, out_dtype):
+    default = grads[0].dtype if len(grads) else torch.float32
+    return [g.new_empty((g.shape[1], x.shape[1]), dtype=out_dtype or default) for g, x in zip(grads, inputs)]
 
 
 def _fake_feedback_matrix(seed, distribution, density, rows, cols, dtype, device):
@@ -76,6 +87,48 @@ def _backward_project_materialized(ctx, grad):
     return grad_e, grad_B, None, None, None
 
 
+def _setup_project_points(ctx, inputs, output):
+    e, B, *spec_args, act_inputs, activations, out_dtype = inputs
+    ctx.spec_args, ctx.activations = spec_args, activations
+    ctx.save_for_backward(e, B, *act_inputs)
+
+
+def _backward_project_points(ctx, grads):
+    # Through the differentiable reference: gradient checks and tests only (DFA never needs it).
+    e, B, *act_inputs = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    with torch.enable_grad():
+        e_ = e.detach().requires_grad_(needs[0])
+        B_ = None if B is None else B.detach().requires_grad_(needs[1])
+        # torch.library sees act_inputs as tensors only when none is None; otherwise as a constant.
+        need_acts = needs[8] if isinstance(needs[8], (list, tuple)) else [False] * len(act_inputs)
+        acts = [None if a is None else a.detach().requires_grad_(n) for a, n in zip(act_inputs, need_acts)]
+        outs = reference.project_points(e_, B_, *ctx.spec_args, acts, ctx.activations, e.dtype)
+        wrt = [t for t in (e_, B_, *acts) if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                     if pairs and wrt else [None] * len(wrt))
+    got = {id(t): next(found) for t in wrt}
+    grad_e = got.get(id(e_))
+    grad_B = None if B_ is None else got.get(id(B_))
+    grad_acts = [got.get(id(a)) for a in acts] if isinstance(needs[8], (list, tuple)) else None
+    return grad_e, grad_B, None, None, None, None, None, None, grad_acts, None, None
+
+
+def _setup_grouped_weight_grad(ctx, inputs, output):
+    grads, xs, _ = inputs
+    ctx.save_for_backward(*grads, *xs)
+    ctx.n = len(grads)
+
+
+def _backward_grouped_weight_grad(ctx, douts):
+    saved = ctx.saved_tensors
+    grads, xs = saved[:ctx.n], saved[ctx.n:]
+    d_grads = [(x.float() @ d.float().T).to(g.dtype) for g, x, d in zip(grads, xs, douts)]
+    d_xs = [(g.float() @ d.float()).to(x.dtype) for g, x, d in zip(grads, xs, douts)]
+    return d_grads, d_xs, None
+
+
 def _scaled(grad, scale, col_scale):
     g = grad.float() * scale
     return g * col_scale if col_scale is not None else g
@@ -92,9 +145,12 @@ def _register() -> None:
     lib = torch.library.Library("dfa_kernels", "FRAGMENT")
     _register.lib = lib  # keep the fragment alive
     fakes = {"project": _fake_project, "project_materialized": _fake_project_materialized,
+             "project_points": _fake_project_points, "grouped_weight_grad": _fake_grouped_weight_grad,
              "feedback_matrix": _fake_feedback_matrix}
     autograd = {"project": (_backward_project, _setup_project),
-                "project_materialized": (_backward_project_materialized, _setup_project_materialized)}
+                "project_materialized": (_backward_project_materialized, _setup_project_materialized),
+                "project_points": (_backward_project_points, _setup_project_points),
+                "grouped_weight_grad": (_backward_grouped_weight_grad, _setup_grouped_weight_grad)}
     for name in _OPS:
         schema = str(getattr(torch.ops.dfa_kernels, name).default._schema)
         signature = schema[schema.index("("):]
@@ -244,6 +300,77 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
     if backend == "torch":
         return reference.project_materialized(e, B, float(scale), col_scale, out_dtype)
     return _op(backend, "project_materialized")(e, B, float(scale), col_scale, out_dtype)
+
+
+def _check_points(spec: FeedbackSpec, N: int, scales, act_inputs, activations, device):
+    count = len(spec.widths)
+    scales = [float(x) for x in scales]
+    act_inputs = [None] * count if act_inputs is None else list(act_inputs)
+    activations = ["none"] * count if activations is None else list(activations)
+    if not len(scales) == len(act_inputs) == len(activations) == count:
+        raise ValueError(f"scales, act_inputs and activations need one entry per point ({count}); got "
+                         f"{len(scales)}, {len(act_inputs)} and {len(activations)}")
+    for l, (a, act, w) in enumerate(zip(act_inputs, activations, spec.widths)):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activations[{l}] must be one of {ACTIVATIONS}; got {act!r}")
+        if (act == "none") != (a is None):
+            raise ValueError(f"act_inputs[{l}] must be the pre-activation [N, {w}] when activations[{l}] is "
+                             f"not 'none', and None when it is; got activation {act!r} with "
+                             f"{'None' if a is None else tuple(a.shape)}")
+        if a is not None and (a.shape != (N, w) or a.device != device or a.dtype not in FLOAT_DTYPES):
+            raise ValueError(f"act_inputs[{l}] must be a float tensor of shape [N, {w}] = [{N}, {w}] on {device}; "
+                             f"got {a.dtype} {tuple(a.shape)} on {a.device}")
+    return scales, [None if a is None else a.contiguous() for a in act_inputs], activations
+
+
+def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backend: str = "auto", *,
+                   scales=None, act_inputs=None, activations=None,
+                   out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Every point's gradient in one launch: out[l] = (scales[l] * (e @ B_l)) * f_l'(act_inputs[l]).
+
+    B_l is point l's column block of B (``spec.offsets``/``spec.widths``); scales default to
+    ``spec.scales()``. A point with activation "none" (the default) gets the plain projection; one
+    with "relu", "gelu", "tanh", "sigmoid" or "silu" passes its pre-activation [N, d_l] and
+    receives grad(pre-activation) directly: the fused epilogue.
+    """
+    check_error_tensor(e, spec.out_features)
+    scales, act_inputs, activations = _check_points(spec, e.shape[0], spec.scales() if scales is None else scales,
+                                                    act_inputs, activations, e.device)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
+    backend = resolve_backend(backend, e.device)
+    B = cached_matrix(spec, e.device, backend) if resolve_storage(storage, spec) == "materialized" else None
+    args = (e, B, spec.seed, spec.distribution, spec.density, list(spec.offsets), list(spec.widths), scales,
+            act_inputs, activations, out_dtype)
+    if backend == "torch":
+        return reference.project_points(*args)
+    return _op(backend, "project_points")(*args)
+
+
+def grouped_weight_grad(grads, inputs, backend: str = "auto", out_dtype: torch.dtype | None = None
+                        ) -> list[torch.Tensor]:
+    """Weight gradients of independent linear layers in one launch: out[l] = grads[l]^T @ inputs[l].
+
+    grads[l]: [N_l, out_l] (the layer's output gradient), inputs[l]: [N_l, in_l]; accumulated in
+    fp32, returned in out_dtype (default grads[0].dtype).
+    """
+    grads, inputs = list(grads), list(inputs)
+    if len(grads) != len(inputs):
+        raise ValueError(f"grads and inputs need one tensor per layer; got {len(grads)} and {len(inputs)}")
+    if not grads:
+        return []
+    device = grads[0].device
+    for l, (g, x) in enumerate(zip(grads, inputs)):
+        if g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]:
+            raise ValueError(f"grads[{l}] must be [N, out] and inputs[{l}] [N, in] with the same N; got "
+                             f"{tuple(g.shape)} and {tuple(x.shape)}")
+        if g.dtype not in FLOAT_DTYPES or g.dtype != x.dtype or g.device != device or x.device != device:
+            raise ValueError(f"grads[{l}] and inputs[{l}] must share one float dtype and the device {device}; got "
+                             f"{g.dtype} on {g.device} and {x.dtype} on {x.device}")
+    backend = resolve_backend(backend, device)
+    if backend == "torch":
+        return reference.grouped_weight_grad(grads, inputs, out_dtype)
+    return _op(backend, "grouped_weight_grad")(grads, inputs, out_dtype)
 
 
 # ---------------------------------------------------------------- build information

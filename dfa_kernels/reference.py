@@ -95,3 +95,59 @@ def project_materialized(e: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
     if col_scale is not None:
         F = F * col_scale.to(torch.float32)
     return F.to(out_dtype or e.dtype)
+
+
+ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid", "silu")
+
+
+def activation(a: torch.Tensor, name: str) -> torch.Tensor:
+    """f(a) for the activations the fused epilogue knows (gelu: the exact, erf form)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
+    fns = {"none": lambda x: x, "relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh,
+           "sigmoid": torch.sigmoid, "silu": torch.nn.functional.silu}
+    return fns[name](a)
+
+
+def activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
+    """f'(a) in fp32, the formulas of csrc/include/dfa_kernels/activation.h."""
+    a = a.to(torch.float32)
+    if name == "none":
+        return torch.ones_like(a)
+    if name == "relu":
+        return (a > 0).to(torch.float32)
+    if name == "gelu":
+        return 0.5 * (1.0 + torch.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * torch.exp(-0.5 * a * a)
+    if name == "tanh":
+        return 1.0 - torch.tanh(a) ** 2
+    if name == "sigmoid":
+        s = torch.sigmoid(a)
+        return s * (1.0 - s)
+    if name == "silu":
+        s = torch.sigmoid(a)
+        return s * (1.0 + a * (1.0 - s))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
+
+
+def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribution: str, density: float,
+                   offsets, widths, scales, act_inputs, activations,
+                   out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """out[l] = (scales[l] * (e @ B[:, offsets[l]:offsets[l] + widths[l]])) * f_l'(act_inputs[l]).
+
+    Same argument order as the ``dfa_kernels::project_points`` op; B None generates it.
+    """
+    outs = []
+    for off, w, s, a, act in zip(offsets, widths, scales, act_inputs, activations):
+        Bl = (feedback_matrix(seed, distribution, e.shape[1], w, density, device=e.device, col_offset=off)
+              if B is None else B[:, off:off + w])
+        F = (e.to(torch.float32) @ Bl.to(torch.float32)) * s
+        if act != "none":
+            F = F * activation_grad(a, act)
+        outs.append(F.to(out_dtype or e.dtype))
+    return outs
+
+
+def grouped_weight_grad(grads, inputs, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """out[l] = grads[l]^T @ inputs[l], accumulated in fp32 (the ``dfa_kernels::grouped_weight_grad`` op)."""
+    default = grads[0].dtype if len(grads) else torch.float32
+    return [(g.to(torch.float32).T @ x.to(torch.float32)).to(out_dtype or default) for g, x in zip(grads, inputs)]

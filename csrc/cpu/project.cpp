@@ -1,5 +1,6 @@
 // CPU implementations: the virtual projection (B generated block by block, never stored), the
-// materialized projection and feedback_matrix.
+// materialized projection, the per-point projection with the fused activation-derivative epilogue
+// (project_points) and feedback_matrix.
 //
 // Virtual projection: the output F [N, W] is split into column blocks (and, when there are fewer
 // column blocks than threads, row blocks); at::parallel_for runs one task per block. A task walks
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "dfa_kernels/activation.h"
 #include "dfa_kernels/checks.h"
 #include "dfa_kernels/hash.h"
 #include "dfa_kernels/ops.h"
@@ -219,7 +221,7 @@ at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distr
   const int64_t N = e.size(0), K = e.size(1), W = width;
   if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
 
-  const at::Tensor e32 = e.to(at::kFloat);
+  const at::Tensor e32 = e.detach().to(at::kFloat);  // detached: the BLAS calls below use out=
   const at::Tensor acc = at::empty({N, W}, e.options().dtype(at::kFloat));
   const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   at::Tensor cs_holder;
@@ -279,6 +281,119 @@ at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, do
   return out;
 }
 
+// ---------------------------------------------------------------- project_points
+// out[r, c] = cast(acc[r, c] * scale * f'(a[r, c])) for one [rows, cols] block of a point; acc is a
+// [rows, ld_acc] buffer, out and a are the point's [N, width] tensors at (r0, c0).
+template <typename OutT, typename ActT>
+void points_epilogue(const float* acc, int64_t ld_acc, OutT* out, const ActT* a, int64_t ld, int64_t rows,
+                     int64_t cols, float scale, Activation act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = acc + r * ld_acc;
+    OutT* dst = out + r * ld;
+    if (act == Activation::None) {
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<OutT>(src[c] * scale);
+    } else {
+      const ActT* pre = a + r * ld;
+      for (int64_t c = 0; c < cols; ++c)
+        dst[c] = static_cast<OutT>((src[c] * scale) * activation_grad(act, static_cast<float>(pre[c])));
+    }
+  }
+}
+
+void finish_point_block(const float* acc, int64_t ld_acc, const at::Tensor& out, const PointArgs& p, int64_t r0,
+                        int64_t rows, int64_t c0, int64_t cols) {
+  const int64_t ld = out.size(1), offset = r0 * ld + c0;
+  const at::ScalarType act_type = p.act_input.defined() ? p.act_input.scalar_type() : at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "project_points_out", [&] {
+    using OutT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act_type, "project_points_act", [&] {
+      const scalar_t* a = p.act_input.defined() ? p.act_input.const_data_ptr<scalar_t>() + offset : nullptr;
+      points_epilogue(acc, ld_acc, out.mutable_data_ptr<OutT>() + offset, a, ld, rows, cols, p.scale, p.act);
+    });
+  });
+}
+
+std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optional<at::Tensor>& B, int64_t seed,
+                                           c10::string_view distribution, double density, at::IntArrayRef offsets,
+                                           at::IntArrayRef widths, at::ArrayRef<double> scales,
+                                           const c10::List<std::optional<at::Tensor>>& act_inputs,
+                                           const std::vector<std::string>& activations,
+                                           std::optional<at::ScalarType> out_dtype) {
+  const FeedbackSpec spec = parse_feedback_spec(seed, distribution, density);
+  at::ScalarType out_type;
+  const std::vector<PointArgs> points =
+      check_project_points_args(e, B, offsets, widths, scales, act_inputs, activations, out_dtype, &out_type);
+  const int64_t N = e.size(0), K = e.size(1);
+  std::vector<at::Tensor> outs;
+  for (const PointArgs& p : points) {
+    outs.push_back(K == 0 ? at::zeros({N, p.width}, e.options().dtype(out_type))
+                          : at::empty({N, p.width}, e.options().dtype(out_type)));
+  }
+  if (N == 0 || K == 0) return outs;
+  const at::Tensor e32 = e.detach().to(at::kFloat);  // detached: the BLAS calls below use out=
+
+  if (B.has_value()) {  // one GEMM per point, then the epilogue by row blocks while threads are warm
+    const at::Tensor B32 = B->detach().to(at::kFloat);
+    for (size_t l = 0; l < points.size(); ++l) {
+      const PointArgs& p = points[l];
+      if (p.width == 0) continue;
+      const at::Tensor acc = at::mm(e32, B32.narrow(1, p.offset, p.width));
+      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / p.width), [&](int64_t begin, int64_t end) {
+        finish_point_block(acc.const_data_ptr<float>() + begin * p.width, p.width, outs[l], p, begin,
+                           end - begin, 0, p.width);
+      });
+    }
+    return outs;
+  }
+
+  // Virtual B: every point's column (and row) blocks form one task list, so narrow points share
+  // the threads. Each task generates its B blocks, accumulates into a thread-local buffer and runs
+  // the epilogue on it while it is in cache.
+  struct Task { size_t point; int64_t j0, jn, r0, rn; int64_t bk; };
+  std::vector<Task> tasks;
+  for (size_t l = 0; l < points.size(); ++l) {
+    if (points[l].width == 0) continue;
+    const Plan plan = plan_blocks(N, K, points[l].width);
+    for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
+      for (int64_t cb = 0; cb < plan.col_blocks; ++cb) {
+        const int64_t j0 = cb * plan.bn, r0 = rb * plan.rows_per_block;
+        tasks.push_back({l, j0, std::min(plan.bn, points[l].width - j0), r0,
+                         std::min(plan.rows_per_block, N - r0), plan.bk});
+      }
+    }
+  }
+  const uint32_t skey = seed_key(spec.seed);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bbuf, abuf;
+    std::vector<uint32_t> ckeys;
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = tasks[t];
+      const PointArgs& p = points[task.point];
+      const int64_t col0 = p.offset + task.j0;  // column of B
+      column_keys(spec.dist, col0, task.jn, ckeys);
+      bbuf.resize(task.bk * task.jn);
+      abuf.resize(task.rn * task.jn);
+      const at::Tensor acc = at::from_blob(abuf.data(), {task.rn, task.jn}, at::kFloat);
+      for (int64_t k0 = 0; k0 < K; k0 += task.bk) {
+        const int64_t kn = std::min(task.bk, K - k0);
+        for (int64_t r = 0; r < kn; ++r) {
+          generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), col0, task.jn, ckeys.data(),
+                       bbuf.data() + r * task.jn);
+        }
+        const at::Tensor b_block = at::from_blob(bbuf.data(), {kn, task.jn}, at::kFloat);
+        const at::Tensor e_block = e32.narrow(0, task.r0, task.rn).narrow(1, k0, kn);
+        if (k0 == 0) {
+          at::mm_out(const_cast<at::Tensor&>(acc), e_block, b_block);
+        } else {
+          const_cast<at::Tensor&>(acc).addmm_(e_block, b_block);
+        }
+      }
+      finish_point_block(abuf.data(), task.jn, outs[task.point], p, task.r0, task.rn, task.j0, task.jn);
+    }
+  });
+  return outs;
+}
+
 }  // namespace
 
 at::Tensor feedback_matrix_cpu(const FeedbackSpec& spec, int64_t rows, int64_t cols,
@@ -311,4 +426,5 @@ at::Tensor feedback_matrix_cpu(const FeedbackSpec& spec, int64_t rows, int64_t c
 TORCH_LIBRARY_IMPL(dfa_kernels, CPU, m) {
   m.impl("project", &dfa_kernels::project_cpu);
   m.impl("project_materialized", &dfa_kernels::project_materialized_cpu);
+  m.impl("project_points", &dfa_kernels::project_points_cpu);
 }

@@ -2,13 +2,17 @@
 // rejects the same inputs with the same messages.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
+#include "dfa_kernels/activation.h"
 #include "dfa_kernels/hash.h"
 
 namespace dfa_kernels {
@@ -86,6 +90,91 @@ inline void check_materialized_B(const char* op, const at::Tensor& e, const at::
   TORCH_CHECK(e.dim() != 2 || B.size(0) == e.size(1), op,
               ": B.size(0) must equal e.size(1) (out_features = ", e.dim() == 2 ? e.size(1) : -1,
               "), got B of shape ", B.sizes());
+}
+
+// One feedback point of project_points, validated: columns [offset, offset + width) of B, its
+// scale, and its activation with the pre-activation [N, width] (act_input undefined for none).
+struct PointArgs {
+  int64_t offset, width;
+  float scale;
+  Activation act;
+  at::Tensor act_input;
+};
+
+// Checks every argument of project_points (all backends) and returns the points and the output
+// dtype. B, when given, must cover every point's columns.
+inline std::vector<PointArgs> check_project_points_args(
+    const at::Tensor& e, const std::optional<at::Tensor>& B, at::IntArrayRef offsets,
+    at::IntArrayRef widths, at::ArrayRef<double> scales,
+    const c10::List<std::optional<at::Tensor>>& act_inputs, const std::vector<std::string>& activations,
+    std::optional<at::ScalarType> out_dtype, at::ScalarType* out_type) {
+  const char* op = "project_points";
+  *out_type = check_project_args(op, e, 0, std::nullopt, out_dtype);
+  const size_t n = offsets.size();
+  TORCH_CHECK(widths.size() == n && scales.size() == n && act_inputs.size() == n &&
+                  activations.size() == n,
+              op, ": offsets, widths, scales, act_inputs and activations must have one entry per point; "
+              "got ", n, ", ", widths.size(), ", ", scales.size(), ", ", act_inputs.size(), " and ",
+              activations.size());
+  if (B.has_value()) check_materialized_B(op, e, *B);
+  std::vector<PointArgs> points;
+  points.reserve(n);
+  for (size_t l = 0; l < n; ++l) {
+    PointArgs p{offsets[l], widths[l], static_cast<float>(scales[l]), parse_activation(activations[l]),
+                at::Tensor()};
+    TORCH_CHECK(p.offset >= 0 && p.width >= 0 && p.offset + p.width <= kMaxIndexCount, op,
+                ": point ", l, " needs offsets[", l, "] >= 0, widths[", l, "] >= 0 and columns below 2^32; "
+                "got offset ", p.offset, ", width ", p.width);
+    if (B.has_value()) {
+      TORCH_CHECK(p.offset + p.width <= B->size(1), op, ": point ", l, " reads columns [", p.offset, ", ",
+                  p.offset + p.width, ") but B has ", B->size(1), " columns");
+    }
+    const std::optional<at::Tensor> a = act_inputs.get(l);
+    if (p.act == Activation::None) {
+      TORCH_CHECK(!a.has_value(), op, ": act_inputs[", l, "] must be None when activations[", l,
+                  "] is \"none\"");
+    } else {
+      TORCH_CHECK(a.has_value(), op, ": act_inputs[", l, "] (the pre-activation [N, ", p.width,
+                  "]) is required for activation \"", std::string(activations[l]), "\"");
+      TORCH_CHECK(a->dim() == 2 && a->size(0) == e.size(0) && a->size(1) == p.width, op, ": act_inputs[",
+                  l, "] must have shape [N, widths[", l, "]] = [", e.size(0), ", ", p.width, "], got ",
+                  a->sizes());
+      TORCH_CHECK(is_supported_activation_dtype(a->scalar_type()), op, ": act_inputs[", l,
+                  "] must be float32, float16 or bfloat16, got ", a->scalar_type());
+      TORCH_CHECK(a->device() == e.device(), op, ": act_inputs[", l, "] must be on e's device (",
+                  e.device(), "), got ", a->device());
+      TORCH_CHECK(a->is_contiguous(), op, ": act_inputs[", l, "] must be contiguous");
+      p.act_input = *a;
+    }
+    points.push_back(std::move(p));
+  }
+  return points;
+}
+
+// Checks grouped_weight_grad's lists and returns the output dtype.
+inline at::ScalarType check_grouped_weight_grad_args(at::TensorList grads, at::TensorList inputs,
+                                                     std::optional<at::ScalarType> out_dtype) {
+  const char* op = "grouped_weight_grad";
+  TORCH_CHECK(grads.size() == inputs.size(), op, ": grads and inputs must have one tensor per layer; got ",
+              grads.size(), " and ", inputs.size());
+  for (size_t l = 0; l < grads.size(); ++l) {
+    const at::Tensor& g = grads[l];
+    const at::Tensor& x = inputs[l];
+    TORCH_CHECK(g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0), op, ": grads[", l,
+                "] must be [N, out] and inputs[", l, "] [N, in] with the same N; got ", g.sizes(), " and ",
+                x.sizes());
+    TORCH_CHECK(is_supported_activation_dtype(g.scalar_type()) && g.scalar_type() == x.scalar_type(), op,
+                ": grads[", l, "] and inputs[", l, "] must share one dtype of float32, float16, bfloat16; got ",
+                g.scalar_type(), " and ", x.scalar_type());
+    TORCH_CHECK(g.device() == grads[0].device() && x.device() == grads[0].device(), op,
+                ": every tensor must be on one device (", grads[0].device(), "); grads[", l, "] is on ",
+                g.device(), " and inputs[", l, "] on ", x.device());
+  }
+  const at::ScalarType out =
+      out_dtype.value_or(grads.empty() ? at::kFloat : grads[0].scalar_type());
+  TORCH_CHECK(is_supported_activation_dtype(out), op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", out);
+  return out;
 }
 
 inline void check_feedback_matrix_args(int64_t rows, int64_t cols, at::ScalarType dtype) {
