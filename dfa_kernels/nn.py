@@ -5,6 +5,12 @@ the next layer, so no gradient (and no input-gradient GEMM) flows between points
 wraps the output in one autograd op whose backward takes the error ``e = dL/dy``, launches one
 projection ``F = e @ B`` and returns each point its slice of ``F`` as the point's gradient. The
 autograd engine then computes every layer's weight gradient from those slices, in the same pass.
+
+Two fused forms do more of the backward inside that one op:
+- ``h = dfa.point(a, activation="relu")`` records the pre-activation: the projection applies
+  relu'(a) in its epilogue, so the point's gradient (w.r.t. ``a``) comes out of one kernel.
+- ``h = dfa.linear(x, layer, activation="relu")`` also owns the layer: the backward computes the
+  weight gradients of every such layer in one grouped launch (none depends on another).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, reference
 from .feedback import DISTRIBUTIONS, LAYOUTS, FeedbackSpec
 
 MODES = ("dfa", "bp", "shallow")
@@ -25,22 +31,51 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.C
                nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.GLU)
 
 
+ACTIVATION_NAMES = ops.ACTIVATIONS[1:]  # what dfa.point(..., activation=) and dfa.linear accept
+
+
+@dataclasses.dataclass
+class _Record:
+    """One feedback point of a forward pass. `tensor` gets the point's gradient: h itself, or the
+    pre-activation a for a fused point. Linear points also hold the layer's input and parameters."""
+    tensor: torch.Tensor
+    activation: str = "none"
+    layer_input: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The tensors the DFA output op takes for this point (their order is the plan's)."""
+        if self.weight is None:
+            return [self.tensor]
+        return [self.tensor, self.layer_input, self.weight] + ([] if self.bias is None else [self.bias])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What one backward needs: constants only, so torch.compile can trace it."""
+    """What one backward needs: constants only, so torch.compile can trace it. `kinds[l]` is
+    "point" or "linear", or "linear+bias"; `activations[l]` is "none" for a plain point."""
     spec: FeedbackSpec
     scales: tuple[float, ...]
     storage: str
     backend: str
     check_finite: bool
+    kinds: tuple[str, ...]
+    activations: tuple[str, ...]
+
+    @property
+    def fused(self) -> bool:
+        return any(a != "none" for a in self.activations) or any(k != "point" for k in self.kinds)
 
 
 class _DFAOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, plan, *points):
+    def forward(ctx, y, plan, *tensors):
         ctx.plan = plan
-        ctx.point_shapes = [p.shape for p in points]
-        ctx.point_dtypes = [p.dtype for p in points]
+        ctx.shapes = [t.shape for t in tensors]
+        ctx.dtypes = [t.dtype for t in tensors]
+        if plan.fused:  # the pre-activations and the linear layers' inputs and weights
+            ctx.save_for_backward(*tensors)
         return y.view_as(y)
 
     @staticmethod
@@ -53,13 +88,57 @@ class _DFAOutput(torch.autograd.Function):
                 "DFA: the output error e = dL/dy contains NaN or Inf; no feedback was sent and no "
                 "hidden layer received a gradient this step (check the loss; DFA(check_finite=False) "
                 "skips this check)")
+        if plan.fused:
+            return (grad_y, None, *_fused_backward(ctx, e))
         if len(set(plan.scales)) == 1:
             F = ops.project(e, spec, plan.storage, plan.backend, scale=plan.scales[0])
         else:
             F = ops.project(e, spec, plan.storage, plan.backend, col_scale=_col_scale(plan, e.device))
         grads = [F[:, off:off + w].reshape(shape).to(dtype)
-                 for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.point_shapes, ctx.point_dtypes)]
+                 for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)]
         return (grad_y, None, *grads)
+
+
+def _fused_backward(ctx, e: torch.Tensor) -> list:
+    """Gradients of every input tensor of the op: one project_points launch (activation
+    derivatives in its epilogue), then one grouped weight-gradient launch for the linear points."""
+    plan, tensors = ctx.plan, ctx.saved_tensors
+    N = e.shape[0]
+    starts, i = [], 0
+    for kind in plan.kinds:
+        starts.append(i)
+        i += {"point": 1, "linear": 3, "linear+bias": 4}[kind]
+    act_inputs = [None if act == "none" else tensors[s].reshape(N, w)
+                  for s, act, w in zip(starts, plan.activations, plan.spec.widths)]
+    outs = ops.project_points(e, plan.spec, plan.storage, plan.backend, scales=plan.scales,
+                              act_inputs=act_inputs, activations=list(plan.activations))
+    grads: list = [None] * len(tensors)
+    linear = [(l, s) for l, (s, kind) in enumerate(zip(starts, plan.kinds)) if kind != "point"]
+    for l, (s, kind) in enumerate(zip(starts, plan.kinds)):
+        if kind == "point":
+            grads[s] = outs[l].reshape(ctx.shapes[s]).to(ctx.dtypes[s])
+    if linear:
+        deltas, xs = [], []
+        for l, s in linear:
+            x = tensors[s + 1]
+            deltas.append(outs[l].to(x.dtype))
+            xs.append(x.reshape(N, -1))
+        weight_dtype = tensors[linear[0][1] + 2].dtype
+        weight_grads = ops.grouped_weight_grad(deltas, xs, plan.backend, out_dtype=weight_dtype)
+        for (l, s), delta, grad_w in zip(linear, deltas, weight_grads):
+            x, w = tensors[s + 1], tensors[s + 2]
+            grads[s + 2] = grad_w.to(w.dtype)
+            if plan.kinds[l] == "linear+bias":
+                grads[s + 3] = delta.sum(0, dtype=torch.float32).to(tensors[s + 3].dtype)
+            if ctx.needs_input_grad[2 + s + 1]:  # the layer's input comes from a trained layer (embeddings)
+                grads[s + 1] = (delta @ w.to(delta.dtype)).reshape(ctx.shapes[s + 1]).to(x.dtype)
+    return grads
+
+
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATION_NAMES))} (or None); "
+                         f"got {activation!r}")
 
 
 _COL_SCALES: dict = {}
@@ -110,7 +189,7 @@ class DFA(nn.Module):
         self.scale, self.storage, self.backend = scale, storage, backend
         self.batch_dims, self.check_finite = batch_dims, check_finite
         self.spec: FeedbackSpec | None = None
-        self._points: list[torch.Tensor] = []
+        self._points: list[_Record] = []
 
     @classmethod
     def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs) -> "DFA":
@@ -131,12 +210,51 @@ class DFA(nn.Module):
         self._mode = value
 
     # ------------------------------------------------------------ forward
-    def point(self, h: torch.Tensor) -> torch.Tensor:
-        """Record a feedback point; returns h (mode "bp") or h.detach() (modes "dfa", "shallow")."""
+    def point(self, h: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """Record a feedback point; returns h (mode "bp") or h.detach() (modes "dfa", "shallow").
+
+        With ``activation`` ("relu", "gelu", "tanh", "sigmoid", "silu"), `h` is the pre-activation
+        a and the point is f(a): returns f(a) (detached outside mode "bp"), and in mode "dfa" the
+        projection applies f'(a) itself (fused epilogue), so a's gradient comes out of one kernel.
+        """
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"dfa.point(h) expects a torch.Tensor; got {type(h).__name__}")
-        self._points.append(h)
-        return h if self._mode == "bp" else h.detach()
+        if activation is None:
+            self._points.append(_Record(h))
+            return h if self._mode == "bp" else h.detach()
+        _check_activation(activation)
+        self._points.append(_Record(h, activation))
+        out = reference.activation(h, activation)
+        return out if self._mode == "bp" else out.detach()
+
+    def linear(self, x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
+        """``f(layer(x))`` as a feedback point whose layer is trained inside the DFA backward.
+
+        In mode "dfa" the layer runs without an autograd graph; the backward of ``dfa(y)`` computes
+        delta = (e @ B_l) * f'(a) for every point in one launch, then the weight gradients
+        delta^T x of every linear point in one grouped launch, and the bias gradients. x gets the
+        gradient delta @ W only when it requires one (e.g. x comes from an embedding). In mode "bp"
+        this is exactly ``f(layer(x))``.
+        """
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"dfa.linear(x, layer) expects layer to be an nn.Linear; got {type(layer).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"dfa.linear(x, layer) expects x to be a torch.Tensor; got {type(x).__name__}")
+        activation = "none" if activation is None else activation
+        if activation != "none":
+            _check_activation(activation)
+        if self._mode == "bp" or not torch.is_grad_enabled():
+            a = layer(x)
+            self._points.append(_Record(a, activation))
+            return a if activation == "none" else reference.activation(a, activation)
+        with torch.no_grad():
+            a = layer(x)
+            out = a if activation == "none" else reference.activation(a, activation)
+        if self._mode == "dfa":
+            self._points.append(_Record(a, activation, x, layer.weight, layer.bias))
+        else:  # shallow: the layer does not learn
+            self._points.append(_Record(a, activation))
+        return out
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         points, self._points = self._points, []
@@ -145,11 +263,14 @@ class DFA(nn.Module):
         if not points:
             raise RuntimeError("dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
                                "on hidden tensors during the same forward pass")
-        spec = self._spec_for(y, points)
+        spec = self._spec_for(y, [r.tensor for r in points])
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return y
-        plan = _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite)
-        return _DFAOutput.apply(y, plan, *points)
+        kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
+                      for r in points)
+        plan = _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
+                     kinds, tuple(r.activation for r in points))
+        return _DFAOutput.apply(y, plan, *[t for r in points for t in r.inputs()])
 
     def _batch_dims(self, y: torch.Tensor) -> int:
         if self.batch_dims is not None:
@@ -191,7 +312,10 @@ class DFA(nn.Module):
 
     def resolved_backend(self, device) -> str:
         """The projection backend this module runs on `device` (what 'auto' picks)."""
-        return ops.resolve_backend(self.backend, device)
+        if self.spec is None:
+            return ops.resolve_backend(self.backend, device)
+        storage = ops.resolve_storage(self.storage, self.spec)
+        return ops.resolve_backend(self.backend, device, "project", storage, self.spec.out_features)
 
     def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:
         """Effective [out_features, d_l] matrix of each point, scale applied, in point order."""

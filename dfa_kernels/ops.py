@@ -8,9 +8,13 @@ backend is the plain-PyTorch reference, traceable as is.
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.metadata
+import json
 import logging
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -189,14 +193,52 @@ def available_backends(device="cpu") -> list[str]:
     return found + ["torch"]
 
 
-def resolve_backend(backend: str, device) -> str:
-    """The backend a call with `backend` runs on `device`; raises if it cannot run there."""
+# backend="auto" reads the fastest backend per (op, storage, shape class) from a table that
+# benchmarks/bench_projection.py measured on the same device model; without one, the first of
+# available_backends() (compiled kernels before Triton before torch).
+BACKEND_TABLES = Path(__file__).parent / "backend_tables"
+
+
+def device_slug(device) -> str:
+    """The name of a device model as a file name: "cpu", or e.g. "nvidia_h100_80gb_hbm3"."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
+
+
+def shape_class(out_features: int) -> str:
+    """The projection's regime: an outer product (memory bound), a mid-size GEMM, or a wide one."""
+    return "narrow" if out_features <= 16 else ("medium" if out_features <= 1024 else "wide")
+
+
+@functools.lru_cache(maxsize=None)
+def backend_table(slug: str) -> dict:
+    """{"op|storage|shape_class": backend} measured on device model `slug` ({} if never measured)."""
+    path = BACKEND_TABLES / f"{slug}.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("choices", {}))
+
+
+def resolve_backend(backend: str, device, op: str | None = None, storage: str | None = None,
+                    out_features: int | None = None) -> str:
+    """The backend a call with `backend` runs on `device`; raises if it cannot run there.
+
+    "auto" takes the measured choice for (op, storage, out_features) when the device's table has
+    one that is available here, else the first available backend; the choice is logged (debug).
+    """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     available = available_backends(device)
     if backend == "auto":
-        chosen = available[0]
-        log.debug("dfa_kernels: backend='auto' on %s -> %r (available: %s)", device, chosen, available)
+        chosen, why = available[0], "first available"
+        if op is not None and not torch.compiler.is_compiling():
+            key = f"{op}|{storage}|{shape_class(out_features)}"
+            measured = backend_table(device_slug(device)).get(key)
+            if measured in available:
+                chosen, why = measured, f"measured fastest for {key}"
+        log.debug("dfa_kernels: backend='auto' on %s -> %r (%s; available: %s)", device, chosen, why, available)
         return chosen
     if backend not in available:
         why = f" (compiled library not loaded: {_C_ERROR})" if _C is None and backend in ("cpu", "cuda") else ""
@@ -290,8 +332,9 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
     _check_col_scale(col_scale, width, e.device)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
-    backend = resolve_backend(backend, e.device)
-    if resolve_storage(storage, spec) == "virtual":
+    storage = resolve_storage(storage, spec)
+    backend = resolve_backend(backend, e.device, "project", storage, spec.out_features)
+    if storage == "virtual":
         args = (e, spec.seed, spec.distribution, spec.density, width, float(scale), col_scale, out_dtype)
         if backend == "torch":
             return reference.project(*args)
@@ -338,8 +381,9 @@ def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual"
                                                     act_inputs, activations, e.device)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
-    backend = resolve_backend(backend, e.device)
-    B = cached_matrix(spec, e.device, backend) if resolve_storage(storage, spec) == "materialized" else None
+    storage = resolve_storage(storage, spec)
+    backend = resolve_backend(backend, e.device, "project_points", storage, spec.out_features)
+    B = cached_matrix(spec, e.device, backend) if storage == "materialized" else None
     args = (e, B, spec.seed, spec.distribution, spec.density, list(spec.offsets), list(spec.widths), scales,
             act_inputs, activations, out_dtype)
     if backend == "torch":
@@ -400,4 +444,7 @@ def build_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "backends": {d: available_backends(d) for d in devices},
+        # the measured table backend="auto" reads on each device (None: first available backend)
+        "backend_tables": {d: (f"{device_slug(d)}.json" if backend_table(device_slug(d)) else None)
+                           for d in devices},
     }
