@@ -61,7 +61,7 @@ def test_shapes_points_and_gradients(pydoc, mode, placement, error_at):
 @pytest.mark.parametrize("error_at", ["hidden", "logits"])
 def test_point_gradients_are_the_projected_error(pydoc, error_at):
     """In mode dfa, point l receives e @ B_l, e being the gradient at the DFA output."""
-    model = tiny("dfa", "micro", error_at)
+    model = tiny("dfa", "micro", error_at, fused=False)  # every point through dfa.point, to hook it
     grads, err = [], {}
     record = model.dfa.point
 
@@ -86,6 +86,21 @@ def test_point_gradients_are_the_projected_error(pydoc, error_at):
     assert len(received) == 6
     for g, B in zip(received, model.dfa.feedback_matrices()):
         torch.testing.assert_close(g.reshape(64, -1), e @ B, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["dfa", "bp", "shallow"])
+def test_fused_ffn_point_gives_the_same_gradients(pydoc, mode):
+    """fused=True (dfa.linear on fc1 + GELU) and fused=False (a point after the GELU) are the same maths."""
+    grads = []
+    for fused in (False, True):
+        model = tiny(mode, "micro", fused=fused)
+        step_loss(model, pydoc.splits["train"])[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        if g is None:
+            assert grads[1][name] is None, name
+        else:
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def step_targets(tokens, n=4, T=16):

@@ -5,7 +5,9 @@ points (``h = self.dfa.point(h)``) sit, per block:
 
 - ``placement="macro"``: after the block (``layers`` points);
 - ``placement="micro"``: after attention (+ its residual, and its LN in post-LN), after the FFN's
-  hidden activation, and after the block (``3 * layers`` points).
+  hidden activation, and after the block (``3 * layers`` points). With ``fused=True`` (default)
+  the FFN point is ``dfa.linear(x, fc1, "gelu")``: GELU's derivative is applied inside the
+  projection and every block's fc1 weight gradient comes from one grouped launch.
 
 The DFA error is taken, by default (``error_at="hidden"``), at the final hidden state just before
 the vocabulary projection: the final LayerNorm and the head sit after the last point and learn
@@ -28,7 +30,8 @@ import dfa_kernels as dk
 class Block(nn.Module):
     """One Transformer block: causal self-attention then a GELU MLP, each with a residual.
 
-    ``point(h)`` marks the inner (micro) feedback points; it is the identity for macro placement.
+    ``dfa`` (micro placement only) receives the inner feedback points; ``fused`` writes the FFN
+    point as ``dfa.linear(x, fc1, "gelu")`` instead of ``dfa.point(gelu(fc1(x)))`` (same maths).
     """
 
     def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, pre_ln: bool = True):
@@ -48,14 +51,19 @@ class Block(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.drop(self.proj(a.transpose(1, 2).reshape(B, T, C)))
 
-    def forward(self, x, point=lambda h: h):
+    def forward(self, x, dfa: dk.DFA | None = None, fused: bool = False):
+        point = dfa.point if dfa is not None else (lambda h: h)
+
+        def ffn_hidden(x):
+            if dfa is not None and fused:
+                return dfa.linear(x, self.fc1, "gelu")
+            return point(F.gelu(self.fc1(x)))
+
         if self.pre_ln:                                     # GPT-2 style
             x = point(x + self.attention(self.ln1(x)))
-            h = point(F.gelu(self.fc1(self.ln2(x))))
-            return x + self.drop(self.fc2(h))
+            return x + self.drop(self.fc2(ffn_hidden(self.ln2(x))))
         x = point(self.ln1(x + self.attention(x)))          # original (post-LN) Transformer
-        h = point(F.gelu(self.fc1(x)))
-        return self.ln2(x + self.drop(self.fc2(h)))
+        return self.ln2(x + self.drop(self.fc2(ffn_hidden(x))))
 
 
 class TransformerLM(nn.Module):
@@ -63,13 +71,14 @@ class TransformerLM(nn.Module):
 
     def __init__(self, vocab_size: int, context: int = 128, layers: int = 4, d_model: int = 128,
                  heads: int = 4, d_ff: int | None = None, dropout: float = 0.0, pre_ln: bool = True,
-                 placement: str = "macro", error_at: str = "hidden", mode: str = "dfa", **dfa_kwargs):
+                 placement: str = "macro", error_at: str = "hidden", mode: str = "dfa", fused: bool = True,
+                 **dfa_kwargs):
         super().__init__()
         if placement not in ("macro", "micro"):
             raise ValueError(f"placement must be 'macro' or 'micro'; got {placement!r}")
         if error_at not in ("hidden", "logits"):
             raise ValueError(f"error_at must be 'hidden' or 'logits'; got {error_at!r}")
-        self.context, self.placement, self.error_at = context, placement, error_at
+        self.context, self.placement, self.error_at, self.fused = context, placement, error_at, fused
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
@@ -99,9 +108,9 @@ class TransformerLM(nn.Module):
         if T > self.context:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.context}")
         x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
-        inner = self.dfa.point if self.placement == "micro" else (lambda h: h)
+        inner = self.dfa if self.placement == "micro" else None
         for block in self.blocks:
-            x = self.dfa.point(block(x, inner))
+            x = self.dfa.point(block(x, inner, self.fused))
         h = self.ln_f(x)
         if self.error_at == "hidden":
             return self.head(self.dfa(h))                   # error e = dL/dh: [B, T, d_model]
