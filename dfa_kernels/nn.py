@@ -19,6 +19,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
@@ -230,6 +231,8 @@ class DFA(nn.Module):
     def linear(self, x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
         """``f(layer(x))`` as a feedback point whose layer is trained inside the DFA backward.
 
+        The layer is used through ``layer.weight`` and ``layer.bias`` (``F.linear``).
+
         In mode "dfa" the layer runs without an autograd graph; the backward of ``dfa(y)`` computes
         delta = (e @ B_l) * f'(a) for every point in one launch, then the weight gradients
         delta^T x of every linear point in one grouped launch, and the bias gradients. x gets the
@@ -244,11 +247,11 @@ class DFA(nn.Module):
         if activation != "none":
             _check_activation(activation)
         if self._mode == "bp" or not torch.is_grad_enabled():
-            a = layer(x)
+            a = F.linear(x, layer.weight, layer.bias)
             self._points.append(_Record(a, activation))
             return a if activation == "none" else reference.activation(a, activation)
         with torch.no_grad():
-            a = layer(x)
+            a = F.linear(x, layer.weight, layer.bias)
             out = a if activation == "none" else reference.activation(a, activation)
         if self._mode == "dfa":
             self._points.append(_Record(a, activation, x, layer.weight, layer.bias))
@@ -354,6 +357,35 @@ class FeedbackPoint(nn.Module):
         return self.dfa.point(self.module(*args, **kwargs))
 
 
+# Activation modules `convert(fuse=True)` folds into the linear layer before them.
+FUSABLE = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
+
+
+def _fused_name(module: nn.Module) -> str | None:
+    name = FUSABLE.get(type(module))
+    if isinstance(module, nn.GELU) and module.approximate != "none":
+        return None  # the fused epilogue implements the exact (erf) GELU
+    return name
+
+
+class DFALinear(nn.Linear):
+    """A linear layer + activation run as ``dfa.linear(x, self, activation)`` (added by
+    ``convert(fuse=True)``). It shares the original layer's parameters, under the same names."""
+
+    def __init__(self, linear: nn.Linear, activation: str, dfa: DFA):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.activation = activation
+        self.__dict__["dfa"] = dfa  # a reference, not a submodule
+
+    def forward(self, x):
+        return self.dfa.linear(x, self, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
 class DFAModel(nn.Module):
     """A converted model: runs `model` and wraps its output with `dfa`."""
 
@@ -367,13 +399,18 @@ class DFAModel(nn.Module):
 
 
 def convert(model: nn.Module, mode: str = "dfa", after: tuple[type, ...] | None = None,
-            inplace: bool = False, **dfa_kwargs) -> DFAModel:
+            inplace: bool = False, fuse: bool = False, **dfa_kwargs) -> DFAModel:
     """Insert feedback points into an existing model and wrap its output, without touching forward.
 
     A point goes after every module whose type is in `after` (default: the activation modules in
     ``ACTIVATIONS``). Functional activations (``F.relu`` in forward) are invisible here: name the
     module types to use instead. The returned model's forward output equals the original's;
     ``converted.dfa`` is the :class:`DFA` (switch ``converted.dfa.mode`` live).
+
+    ``fuse=True``: inside an ``nn.Sequential``, an ``nn.Linear`` directly followed by a ReLU, GELU
+    (exact), Tanh, Sigmoid or SiLU module becomes one :class:`DFALinear` point (the activation
+    becomes ``nn.Identity``): activation derivative in the projection, weight gradients grouped.
+    Parameter names are unchanged, so state dicts load either way.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module; got {type(model).__name__}")
@@ -386,8 +423,20 @@ def convert(model: nn.Module, mode: str = "dfa", after: tuple[type, ...] | None 
 
     def visit(parent: nn.Module) -> None:
         nonlocal wrapped
-        for name, child in parent.named_children():
-            if isinstance(child, after):
+        children = list(parent.named_children())
+        skip = False
+        for (name, child), (next_name, following) in zip(children, children[1:] + [(None, None)]):
+            if skip:  # the activation just folded into the DFALinear before it
+                skip = False
+                continue
+            fused = _fused_name(following) if following is not None else None
+            if fuse and isinstance(parent, nn.Sequential) and type(child) is nn.Linear and fused \
+                    and isinstance(following, after):
+                setattr(parent, name, DFALinear(child, fused, dfa))
+                setattr(parent, next_name, nn.Identity())
+                wrapped += 1
+                skip = True
+            elif isinstance(child, after):
                 setattr(parent, name, FeedbackPoint(child, dfa))
                 wrapped += 1
             else:
