@@ -100,24 +100,39 @@ class _DFAOutput(torch.autograd.Function):
         return (grad_y, None, *grads)
 
 
-def _fused_backward(ctx, e: torch.Tensor) -> list:
-    """Gradients of every input tensor of the op: one project_points launch (activation
-    derivatives in its epilogue), then one grouped weight-gradient launch for the linear points."""
-    plan, tensors = ctx.plan, ctx.saved_tensors
-    N = e.shape[0]
+def _starts(plan: _Plan) -> list[int]:
+    """Index of each point's first tensor among the op's inputs (see _Record.inputs)."""
     starts, i = [], 0
     for kind in plan.kinds:
         starts.append(i)
         i += {"point": 1, "linear": 3, "linear+bias": 4}[kind]
-    act_inputs = [None if act == "none" else tensors[s].reshape(N, w)
-                  for s, act, w in zip(starts, plan.activations, plan.spec.widths)]
+    return starts
+
+
+def _act_inputs(plan: _Plan, tensors, N: int) -> list:
+    """The pre-activations [N, d_l] the fused epilogue reads (None for plain points)."""
+    return [None if act == "none" else tensors[s].reshape(N, w)
+            for s, act, w in zip(_starts(plan), plan.activations, plan.spec.widths)]
+
+
+def _fused_backward(ctx, e: torch.Tensor) -> list:
+    """Gradients of every input tensor of the op: one project_points launch (activation
+    derivatives in its epilogue), then one grouped weight-gradient launch for the linear points."""
+    plan, tensors = ctx.plan, ctx.saved_tensors
     outs = ops.project_points(e, plan.spec, plan.storage, plan.backend, scales=plan.scales,
-                              act_inputs=act_inputs, activations=list(plan.activations))
+                              act_inputs=_act_inputs(plan, tensors, e.shape[0]), activations=list(plan.activations))
+    return _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[2:], outs)
+
+
+def _input_grads(plan: _Plan, tensors, shapes, dtypes, needs_grad, outs) -> list:
+    """The gradients of the points' input tensors from each point's delta outs[l] [N, d_l]."""
+    N = outs[0].shape[0]
+    starts = _starts(plan)
     grads: list = [None] * len(tensors)
     linear = [(l, s) for l, (s, kind) in enumerate(zip(starts, plan.kinds)) if kind != "point"]
     for l, (s, kind) in enumerate(zip(starts, plan.kinds)):
         if kind == "point":
-            grads[s] = outs[l].reshape(ctx.shapes[s]).to(ctx.dtypes[s])
+            grads[s] = outs[l].reshape(shapes[s]).to(dtypes[s])
     if linear:
         deltas, xs = [], []
         for l, s in linear:
@@ -131,9 +146,51 @@ def _fused_backward(ctx, e: torch.Tensor) -> list:
             grads[s + 2] = grad_w.to(w.dtype)
             if plan.kinds[l] == "linear+bias":
                 grads[s + 3] = delta.sum(0, dtype=torch.float32).to(tensors[s + 3].dtype)
-            if ctx.needs_input_grad[2 + s + 1]:  # the layer's input comes from a trained layer (embeddings)
-                grads[s + 1] = (delta @ w.to(delta.dtype)).reshape(ctx.shapes[s + 1]).to(x.dtype)
+            if needs_grad[s + 1]:  # the layer's input comes from a trained layer (embeddings)
+                grads[s + 1] = (delta @ w.to(delta.dtype)).reshape(shapes[s + 1]).to(x.dtype)
     return grads
+
+
+class _DFALinearCrossEntropy(torch.autograd.Function):
+    """Loss = cross_entropy(hidden @ W^T + b, target), never holding [N, vocab]: for each row chunk
+    the logit gradient e_c (the DFA error) is projected to every point's rows at once, so the whole
+    backward is done in forward (like fused linear-cross-entropy kernels) and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, plan, ignore_index, *tensors):
+        from . import lm_head
+
+        N = hidden.shape[0]
+        act_inputs = _act_inputs(plan, tensors, N)
+        outs = [torch.empty(N, w, dtype=torch.float32, device=hidden.device) for w in plan.spec.widths]
+
+        def project_chunk(start, stop, e_chunk):
+            rows = [None if a is None else a[start:stop] for a in act_inputs]
+            chunk = ops.project_points(e_chunk, plan.spec, plan.storage, plan.backend, scales=plan.scales,
+                                       act_inputs=rows, activations=list(plan.activations),
+                                       out_dtype=torch.float32)
+            for out, c in zip(outs, chunk):
+                out[start:stop] = c
+
+        loss, grad_hidden, grad_weight, grad_bias = lm_head.chunked_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=ignore_index, on_chunk=project_chunk, backend=plan.backend)
+        if plan.check_finite and not bool(torch.isfinite(loss)):
+            raise FloatingPointError("DFA: the loss is NaN or Inf; no feedback will be sent this step "
+                                     "(DFA(check_finite=False) skips this check)")
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.shapes, ctx.dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, *tensors, *outs)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias, *rest = ctx.saved_tensors
+        count = len(ctx.shapes)
+        tensors, outs = rest[:count], rest[count:]
+        grads = _input_grads(ctx.plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[6:],
+                             [o * grad_loss for o in outs])
+        return (grad_hidden * grad_loss, grad_weight * grad_loss,
+                grad_bias * grad_loss if ctx.has_bias else None, None, None, None, *grads)
 
 
 def _check_activation(activation) -> None:
@@ -269,11 +326,45 @@ class DFA(nn.Module):
         spec = self._spec_for(y, [r.tensor for r in points])
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return y
+        return _DFAOutput.apply(y, self._plan(spec, points), *[t for r in points for t in r.inputs()])
+
+    def linear_cross_entropy(self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor,
+                             ignore_index: int = -100) -> torch.Tensor:
+        """``F.cross_entropy(head(hidden), target)`` as the DFA output, without the [N, vocab] logits.
+
+        Replaces ``dfa(head(hidden))`` + the loss when the error is taken after the vocabulary
+        head: row chunk by row chunk, the logits, the loss, its gradient e (the DFA error) and
+        e's projection to every point are computed and the chunk is dropped; the head and
+        `hidden` get their exact gradients. hidden: [*batch, d]; target: [*batch] class indices.
+        """
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear; got {type(head).__name__}")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[-1] != head.in_features:
+            raise ValueError(f"hidden must have shape [*batch, head.in_features={head.in_features}]; got "
+                             f"{tuple(getattr(hidden, 'shape', ()))}")
+        if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's batch dims); got "
+                             f"{tuple(getattr(target, 'shape', ()))}")
+        from . import lm_head
+
+        points, self._points = self._points, []
+        if not points:
+            raise RuntimeError("dfa.linear_cross_entropy was called with no feedback point recorded")
+        logits_shape = torch.empty(*hidden.shape[:-1], head.out_features, device="meta")
+        spec = self._spec_for(logits_shape, [r.tensor for r in points])
+        h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+        if self._mode != "dfa" or not torch.is_grad_enabled():
+            return lm_head.linear_cross_entropy(h2, head.weight, t1, head.bias, ignore_index=ignore_index,
+                                                backend=self.backend)
+        plan = self._plan(spec, points)
+        return _DFALinearCrossEntropy.apply(h2, head.weight, head.bias, t1, plan, ignore_index,
+                                            *[t for r in points for t in r.inputs()])
+
+    def _plan(self, spec: FeedbackSpec, points: list[_Record]) -> _Plan:
         kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
                       for r in points)
-        plan = _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
+        return _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
                      kinds, tuple(r.activation for r in points))
-        return _DFAOutput.apply(y, plan, *[t for r in points for t in r.inputs()])
 
     def _batch_dims(self, y: torch.Tensor) -> int:
         if self.batch_dims is not None:
