@@ -1,19 +1,14 @@
-// CUDA implementations: the virtual projection (B generated tile by tile in shared memory, never
-// stored), the materialized projection (cuBLAS + epilogue) and feedback_matrix.
+// CUDA implementations: the virtual projection (B generated tile by tile on chip, never stored), the
+// materialized projection and feedback_matrix.
 //
-// Virtual projection: a tiled SIMT GEMM F[N, W] = e[N, K] @ B[K, W], fp32 accumulate.
-//   * A 256-thread block computes a [BM, 128] tile of F, BM = 16 * TM (TM = 1, 4 or 8 by N, so a
-//     small N does not pay for 128-row tiles). Thread (tx, ty) = (tid % 16, tid / 16) owns rows
-//     ty * TM + [0, TM) and columns tx * 4 + [0, 4) and 64 + tx * 4 + [0, 4): float4 shared reads
-//     of B are conflict-free and float4 stores of F are coalesced.
-//   * Each K step (BK = 8 rows of B) a thread generates 4 entries of the B tile in one row: one
-//     row key per step, and the 4 column keys stay in registers for the whole block, so an entry
-//     costs one mix32. The e tile is converted to fp32 on load (fp32/fp16/bf16 inputs).
-//   * Double-buffered shared tiles: the next e tile is fetched into registers before the FMAs of
-//     the current one, and the next B tile is generated after them; one barrier per step.
-//   * When the tile grid cannot fill the GPU (small N and width), K is split over gridDim.z into
-//     an fp32 workspace [splits, N, W] that a second kernel sums in a fixed order (deterministic).
-//   * Epilogue: (acc * scale) * col_scale[j], cast to the output dtype.
+// Virtual projection F[N, W] = scale * (e @ B) * col_scale, one of three kernels by shape:
+//   * out_features K <= 16: the narrow kernel (an outer product, bound by writing F);
+//   * fp16/bf16 e on sm_80+ with enough 128 x 128 tiles to fill the GPU: tensor cores (WMMA);
+//   * otherwise the SIMT GEMM tile of cuda_common.cuh (fp32 FMAs, any dtype). Consecutive blocks
+//     share a row block, so its e tiles are reused from L2. When the tile grid cannot fill the GPU
+//     (small N and width, long K), K is split over gridDim.z into an fp32 workspace [splits, N, W]
+//     that a second kernel sums in a fixed order (deterministic).
+// Materialized projection: the narrow kernel reading B for K <= 16, else cuBLAS (fp32) + epilogue.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,51 +16,22 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "dfa_kernels/checks.h"
+#include "dfa_kernels/cuda_common.cuh"
 #include "dfa_kernels/hash.h"
 #include "dfa_kernels/ops.h"
 
 namespace dfa_kernels {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kBN = 128;
-constexpr int kBK = 8;
-constexpr int kPadA = 4;  // keeps the transposed e-tile stores conflict-free and rows 16-byte aligned
-constexpr int kMaxSplits = 64;
-constexpr int64_t kMinKTilesPerSplit = 32;  // each split covers >= 256 rows of B
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Activation/output dtypes are a runtime switch, not a template parameter: the branch is uniform
-// and costs little next to the FMAs, while each instantiation of the GEMM kernel costs minutes of
-// compile time.
-enum class FpKind : int { F32 = 0, F16 = 1, BF16 = 2 };
-
-FpKind fp_kind(at::ScalarType t) {
-  return t == at::kFloat ? FpKind::F32 : (t == at::kHalf ? FpKind::F16 : FpKind::BF16);
-}
-
-__device__ __forceinline__ float load_fp(const void* src, int64_t idx, FpKind kind) {
-  switch (kind) {
-    case FpKind::F32: return static_cast<const float*>(src)[idx];
-    case FpKind::F16: return static_cast<float>(static_cast<const c10::Half*>(src)[idx]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(src)[idx]);
-  }
-}
-
-__device__ __forceinline__ void store_fp(void* dst, int64_t idx, float v, FpKind kind) {
-  switch (kind) {
-    case FpKind::F32: static_cast<float*>(dst)[idx] = v; break;
-    case FpKind::F16: static_cast<c10::Half*>(dst)[idx] = c10::Half(v); break;
-    default: static_cast<c10::BFloat16*>(dst)[idx] = c10::BFloat16(v); break;
-  }
-}
 
 struct ProjectParams {
   const void* e;           // [N, K] row-major, in_kind
@@ -73,158 +39,41 @@ struct ProjectParams {
   float* partial;          // split-K: [gridDim.z, N, W] raw fp32 sums, else nullptr
   const float* col_scale;  // [W] or nullptr
   int64_t N, K, W;
-  int64_t k_per_split;     // multiple of kBK
+  int64_t k_per_split;     // multiple of kSimtBK
   int64_t col_blocks;
   float scale;
   uint32_t skey, threshold;
   Distribution dist;
   FpKind in_kind, out_kind;
+  bool e_vec16;            // tensor-core path: rows of e start 16-byte aligned (16-byte loads)
 };
 
 template <int TM>
-__global__ void __launch_bounds__(kThreads, 2) project_virtual_kernel(const ProjectParams p) {
-  constexpr int BM = 16 * TM;
-  constexpr int kALoads = (BM * kBK + kThreads - 1) / kThreads;  // e-tile elements per thread
-  __shared__ __align__(16) float As[2][kBK][BM + kPadA];  // e tile, transposed: [k][row]
-  __shared__ __align__(16) float Bs[2][kBK][kBN];
-
-  const int tid = threadIdx.x;
-  const int tx = tid % 16, ty = tid / 16;
-  // Consecutive blocks share a row block, so its e tiles are reused from L2.
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.col_blocks) * BM;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x % p.col_blocks) * kBN;
+__global__ void __launch_bounds__(kSimtThreads, 2) project_virtual_kernel(const ProjectParams p) {
+  __shared__ SimtSmem<TM> sm;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.col_blocks) * SimtSmem<TM>::BM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x % p.col_blocks) * kSimtBN;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
   const int64_t k_end = std::min(p.K, k_begin + p.k_per_split);
-  const int64_t num_tiles = ceil_div(k_end - k_begin, kBK);
-
-  // B-tile generation: this thread writes row tid / 32 of the tile, columns j0 + 32 q; only the
-  // column keys live in registers (j and its bound check are recomputed, to save registers).
-  const int b_row = tid / 32;
-  const int64_t j0 = col0 + tid % 32;
-  uint32_t ckey[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) ckey[q] = col_key_for(p.dist, static_cast<uint32_t>(j0 + 32 * q));
-  auto generate_b = [&](int buf, int64_t k0) {
-    const int64_t k = k0 + b_row;
-    const uint32_t rkey = row_key(p.skey, static_cast<uint32_t>(k));
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t j = j0 + 32 * q;
-      float v = 0.0f;
-      if (k < k_end && j < p.W) {
-        v = value_from_keys(p.dist, rkey, ckey[q], static_cast<uint32_t>(j), p.threshold);
-      }
-      Bs[buf][b_row][tid % 32 + 32 * q] = v;
-    }
-  };
-
-  // e-tile loads: element idx = tid + l * kThreads is (row idx / kBK, k idx % kBK), so a warp
-  // reads 4 rows x 8 consecutive k.
-  float a_reg[kALoads];
-  auto load_a = [&](int64_t k0) {
-#pragma unroll
-    for (int l = 0; l < kALoads; ++l) {
-      const int idx = tid + l * kThreads;
-      const int64_t r = row0 + idx / kBK;
-      const int64_t k = k0 + idx % kBK;
-      a_reg[l] = (idx < BM * kBK && r < p.N && k < k_end) ? load_fp(p.e, r * p.K + k, p.in_kind) : 0.0f;
-    }
-  };
-  auto store_a = [&](int buf) {
-#pragma unroll
-    for (int l = 0; l < kALoads; ++l) {
-      const int idx = tid + l * kThreads;
-      if (idx < BM * kBK) As[buf][idx % kBK][idx / kBK] = a_reg[l];
-    }
-  };
-
+  GeneratedB<32> bsrc{p.dist, p.skey, p.threshold, 0, {}};
   float acc[TM][8];
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-  }
+  simt_gemm_tile<TM>(sm, p.e, p.in_kind, p.N, p.K, row0, col0, p.W, k_begin, k_end, bsrc, acc);
 
-  if (num_tiles > 0) {
-    load_a(k_begin);
-    store_a(0);
-    generate_b(0, k_begin);
-    __syncthreads();
-  }
-  for (int64_t t = 0; t < num_tiles; ++t) {
-    const int cur = static_cast<int>(t & 1);
-    const bool has_next = t + 1 < num_tiles;
-    const int64_t k_next = k_begin + (t + 1) * kBK;
-    if (has_next) load_a(k_next);  // in flight during the FMAs below
+  const bool vec = (p.W % 4) == 0;  // 4-wide stores stay aligned
+  if (p.partial != nullptr) {
+    float* partial = p.partial + static_cast<int64_t>(blockIdx.z) * p.N * p.W;
+    simt_tile_epilogue<TM>(acc, row0, col0, p.N, p.W, [&](int64_t r, int64_t c, float (&v)[4], int n) {
+      store4(partial, r * p.W + c, v, n, vec && n == 4, FpKind::F32);
+    });
+  } else {
+    simt_tile_epilogue<TM>(acc, row0, col0, p.N, p.W, [&](int64_t r, int64_t c, float (&v)[4], int n) {
 #pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float a[TM];
-      if constexpr (TM % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < TM; i += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(&As[cur][kk][ty * TM + i]);
-          a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < TM; ++i) a[i] = As[cur][kk][ty * TM + i];
+      for (int q = 0; q < 4; ++q) {
+        v[q] *= p.scale;
+        if (p.col_scale != nullptr && q < n) v[q] *= p.col_scale[c + q];
       }
-      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
-      const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-      }
-    }
-    if (has_next) {
-      // The other buffer was last read before the previous barrier, so it is free.
-      store_a(cur ^ 1);
-      generate_b(cur ^ 1, k_next);
-    }
-    __syncthreads();
-  }
-
-  // Epilogue. Loops are fully unrolled with guards (no early exits) so acc stays in registers.
-  const bool vec4 = (p.W % 4) == 0;  // float4 stores stay aligned
-  float* partial = p.partial != nullptr ? p.partial + static_cast<int64_t>(blockIdx.z) * p.N * p.W : nullptr;
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int64_t r = row0 + ty * TM + i;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t c = col0 + h * 64 + tx * 4;
-      if (r >= p.N || c >= p.W) continue;
-      const int64_t base = r * p.W + c;
-      const bool full = vec4 && c + 4 <= p.W;
-      float v[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = acc[i][4 * h + q];
-      if (partial == nullptr) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          v[q] *= p.scale;
-          if (p.col_scale != nullptr && c + q < p.W) v[q] *= p.col_scale[c + q];
-        }
-      }
-      // fp32 destination (split-K partial or fp32 output): float4 stores when aligned.
-      float* dst32 = partial != nullptr ? partial
-                                        : (p.out_kind == FpKind::F32 ? static_cast<float*>(p.out) : nullptr);
-      if (dst32 != nullptr && full) {
-        *reinterpret_cast<float4*>(dst32 + base) = make_float4(v[0], v[1], v[2], v[3]);
-      } else {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          if (c + q >= p.W) break;
-          if (dst32 != nullptr) {
-            dst32[base + q] = v[q];
-          } else {
-            store_fp(p.out, base + q, v[q], p.out_kind);
-          }
-        }
-      }
-    }
+      store4(p.out, r * p.W + c, v, n, vec && n == 4, p.out_kind);
+    });
   }
 }
 
@@ -253,11 +102,313 @@ void launch_epilogue(const at::Tensor& partial, int splits, const at::Tensor& ou
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------- tensor-core path (fp16/bf16 e)
+// F = e @ B with WMMA 16x16x16 (fp32 accumulate), B generated into shared memory in e's dtype:
+// exact for rademacher and sparse (+-1, 0); uniform and gaussian entries are rounded to fp16/bf16
+// (relative error <= 2^-11 / 2^-8 per entry; the tests' tolerance is sqrt(K) * rms(e) * 4 eps).
+//   * A 256-thread block computes a [128, 128] tile; warp w owns rows (w / 4) * 64 + [0, 64) and
+//     columns (w % 4) * 32 + [0, 32): 4 x 2 accumulator fragments.
+//   * K steps of 32. Thread tid loads 16 consecutive k of e row tid / 2 (two 16-byte loads when K
+//     is a multiple of 8) and generates 16 consecutive columns of B row tid / 8: their 16 column
+//     keys stay in registers, and for rademacher the 16 entries are 16 bits of one hash word.
+//   * Double-buffered: the next e values are loaded before the MMAs of the current step and the
+//     next B values are generated after them (ALU work overlapping the tensor cores).
+//   * Epilogue: each warp stages one 16x16 fragment at a time in shared memory (aliasing the tiles)
+//     and writes it with scale, col_scale and the output cast.
+constexpr int kTcBM = 128, kTcBN = 128, kTcBK = 32;
+constexpr int kTcLdA = kTcBK + 8;  // 16-bit entries; the 16-byte row pad breaks bank conflicts
+constexpr int kTcLdB = kTcBN + 8;
+constexpr int kTcLdC = 16 + 4;     // fp32 entries
+
+// 16-bit tiles as raw bits (__half has constructors, which a __shared__ union cannot hold). Every
+// fragment pointer is 32-byte aligned: rows of A/B tiles are 80 / 272 bytes, fragments start at
+// multiples of 16 rows and 16 columns.
+struct __align__(32) TcSmem {
+  union {
+    struct {
+      uint16_t A[2][kTcBM][kTcLdA];
+      uint16_t B[2][kTcBK][kTcLdB];
+    } tiles;
+    float C[kSimtThreads / 32][16][kTcLdC];
+  };
+};
+
+template <typename T>
+__device__ __forceinline__ uint16_t to_bits(float v);
+template <>
+__device__ __forceinline__ uint16_t to_bits<__half>(float v) { return __half_as_ushort(__float2half_rn(v)); }
+template <>
+__device__ __forceinline__ uint16_t to_bits<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+__device__ __forceinline__ uint4 pack16(const uint16_t (&v)[8]) {
+  return make_uint4(v[0] | (uint32_t{v[1]} << 16), v[2] | (uint32_t{v[3]} << 16), v[4] | (uint32_t{v[5]} << 16),
+                    v[6] | (uint32_t{v[7]} << 16));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSimtThreads) project_tc_kernel(const ProjectParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  __shared__ TcSmem sm;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.col_blocks) * kTcBM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x % p.col_blocks) * kTcBN;
+
+  const int a_row = tid / 2, a_k = (tid % 2) * 16;
+  const int64_t ar = row0 + a_row;
+  const uint16_t* e_row = static_cast<const uint16_t*>(p.e) + ar * p.K;
+  uint4 a_reg[2];
+  auto fetch_a = [&](int64_t k0) {
+    const int64_t k = k0 + a_k;
+    if (p.e_vec16 && ar < p.N && k + 16 <= p.K) {
+      a_reg[0] = *reinterpret_cast<const uint4*>(e_row + k);
+      a_reg[1] = *reinterpret_cast<const uint4*>(e_row + k + 8);
+    } else {
+      uint16_t v[2][8];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i / 8][i % 8] = (ar < p.N && k + i < p.K) ? e_row[k + i] : uint16_t{0};
+      a_reg[0] = pack16(v[0]);
+      a_reg[1] = pack16(v[1]);
+    }
+  };
+
+  const int b_row = tid / 8, b_col = (tid % 8) * 16;
+  const int64_t j0 = col0 + b_col;  // a multiple of 16: rademacher's 16 entries share one hash word
+  const bool rademacher = p.dist == Distribution::Rademacher;
+  uint32_t ckey[16];
+#pragma unroll
+  for (int q = 0; q < 16; ++q) ckey[q] = col_key_for(p.dist, static_cast<uint32_t>(j0 + q));
+  uint4 b_reg[2];
+  auto gen_b = [&](int64_t k0) {
+    const int64_t k = k0 + b_row;
+    uint16_t v[2][8];
+    if (k < p.K) {
+      const uint32_t rkey = row_key(p.skey, static_cast<uint32_t>(k));
+      if (rademacher) {
+        constexpr uint16_t one = std::is_same_v<T, __half> ? 0x3c00 : 0x3f80;  // +1.0; sign bit 15
+        const uint32_t w = hash_from_keys(rkey, ckey[0]) >> (j0 & 31);
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+          v[q / 8][q % 8] = j0 + q < p.W ? static_cast<uint16_t>(one | ((~w >> q & 1u) << 15)) : uint16_t{0};
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+          const int64_t j = j0 + q;
+          v[q / 8][q % 8] = to_bits<T>(
+              j < p.W ? value_from_keys(p.dist, rkey, ckey[q], static_cast<uint32_t>(j), p.threshold) : 0.0f);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < 16; ++q) v[q / 8][q % 8] = 0;
+    }
+    b_reg[0] = pack16(v[0]);
+    b_reg[1] = pack16(v[1]);
+  };
+  auto store = [&](int buf) {
+    *reinterpret_cast<uint4*>(&sm.tiles.A[buf][a_row][a_k]) = a_reg[0];
+    *reinterpret_cast<uint4*>(&sm.tiles.A[buf][a_row][a_k + 8]) = a_reg[1];
+    *reinterpret_cast<uint4*>(&sm.tiles.B[buf][b_row][b_col]) = b_reg[0];
+    *reinterpret_cast<uint4*>(&sm.tiles.B[buf][b_row][b_col + 8]) = b_reg[1];
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  const int64_t num_tiles = ceil_div(p.K, kTcBK);
+  fetch_a(0);
+  gen_b(0);
+  store(0);
+  __syncthreads();
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    const bool has_next = t + 1 < num_tiles;
+    if (has_next) fetch_a((t + 1) * kTcBK);
+#pragma unroll
+    for (int kk = 0; kk < kTcBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        wmma::load_matrix_sync(af[i], reinterpret_cast<const T*>(&sm.tiles.A[cur][wm * 64 + i * 16][kk]), kTcLdA);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(bf[j], reinterpret_cast<const T*>(&sm.tiles.B[cur][kk][wn * 32 + j * 16]), kTcLdB);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+      }
+    }
+    if (has_next) {
+      gen_b((t + 1) * kTcBK);
+      store(cur ^ 1);  // last read before the previous barrier
+    }
+    __syncthreads();
+  }
+
+  // The loop ended with a barrier, so the staging buffer may overwrite the tiles.
+  float* stage = &sm.C[warp][0][0];
+  const int r = lane / 2, cc = (lane % 2) * 8;
+  const bool vec = (p.W % 4) == 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);
+      __syncwarp();
+      const int64_t gr = row0 + wm * 64 + i * 16 + r;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = col0 + wn * 32 + j * 16 + cc + 4 * h;
+        if (gr < p.N && c < p.W) {
+          const int n = static_cast<int>(std::min<int64_t>(4, p.W - c));
+          float v[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            v[q] = stage[r * kTcLdC + cc + 4 * h + q] * p.scale;
+            if (p.col_scale != nullptr && q < n) v[q] *= p.col_scale[c + q];
+          }
+          store4(p.out, gr * p.W + c, v, n, vec && n == 4, p.out_kind);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#else
+  __trap();  // the host dispatches here only on sm_80+
+#endif
+}
+
+// ---------------------------------------------------------------- narrow out_features (K <= 16)
+// F = e @ B with K <= 16 (recommender K = 1, NeRF 4, graph classes) is an outer product whose cost
+// is writing F. A 256-thread block owns rows [row0, row0 + rows_per_block) x 128 columns: lane l of
+// every warp holds B[0:K, c : c + 4] (c = col0 + 4 l) in registers, generated or loaded once per
+// block; e's rows are staged in shared memory as fp32 (zero-padded to a multiple of 4 columns, read
+// as broadcast float4s); warp w computes rows w, w + 8, ..., each a 128-column segment of one row
+// written with 16-byte (fp32) or 8-byte (fp16/bf16) stores, fully coalesced.
+constexpr int kNarrowMaxK = 16;
+constexpr int kNarrowThreads = 256;
+constexpr int kNarrowBN = 128;
+constexpr int kNarrowMaxRows = 256;  // rows per block: e tile <= 256 x 16 fp32 = 16 KiB of shared memory
+
+struct NarrowParams {
+  const void* e;           // [N, K] row-major
+  void* out;               // [N, W]
+  const float* col_scale;  // [W] or nullptr
+  int64_t N, K, W, rows_per_block, col_blocks;
+  float scale;
+  FpKind e_kind, out_kind;
+};
+
+// KMAX: K rounded up to 4, 8 or 16, so that K = 1..4 keeps 16 registers of B, not 64.
+template <int KMAX, class BSource>
+__global__ void __launch_bounds__(kNarrowThreads) project_narrow_kernel(const NarrowParams p, BSource bsrc) {
+  extern __shared__ float4 es4[];  // e tile [rows_per_block][ldk / 4]
+  float* es = reinterpret_cast<float*>(es4);
+  const int K = static_cast<int>(p.K);
+  const int ldk = (K + 3) & ~3;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.col_blocks) * p.rows_per_block;
+  const int64_t c = static_cast<int64_t>(blockIdx.x % p.col_blocks) * kNarrowBN + (threadIdx.x % 32) * 4;
+  const int64_t rows = std::min(p.rows_per_block, p.N - row0);
+
+  // e is contiguous, so the tile's rows are one run of rows * K entries: coalesced loads.
+  for (int64_t idx = threadIdx.x; idx < rows * ldk; idx += kNarrowThreads) {
+    const int64_t r = idx / ldk;
+    const int k = static_cast<int>(idx % ldk);
+    es[idx] = k < K ? load_fp(p.e, (row0 + r) * K + k, p.e_kind) : 0.0f;
+  }
+  float b[KMAX][4];
+  bsrc.init(c);
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) {
+    if (k < K) {
+      bsrc.fetch(b[k], k, c, p.W);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) b[k][q] = 0.0f;  // meets e's zero padding: no NaN from 0 * garbage
+    }
+  }
+  float cs[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) cs[q] = (p.col_scale != nullptr && c + q < p.W) ? p.col_scale[c + q] : 1.0f;
+  __syncthreads();
+  if (c >= p.W) return;
+
+  const int n = static_cast<int>(std::min<int64_t>(4, p.W - c));
+  const bool vec = (p.W % 4) == 0;  // then n == 4 and the stores are aligned
+  for (int64_t r = threadIdx.x / 32; r < rows; r += kNarrowThreads / 32) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int k4 = 0; k4 < KMAX; k4 += 4) {
+      if (k4 < ldk) {
+        const float4 a = es4[(r * ldk + k4) / 4];  // same address across the warp: a broadcast
+        const float av[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[q] = fmaf(av[kk], b[k4 + kk][q], acc[q]);
+        }
+      }
+    }
+    float v[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = (acc[q] * p.scale) * cs[q];
+    store4(p.out, (row0 + r) * p.W + c, v, n, vec, p.out_kind);
+  }
+}
+
+// Launches the narrow kernel for K <= kNarrowMaxK; rows per block shrink until the grid has
+// about 4 blocks per SM (a small N x W still fills the GPU), but stay >= 32 so the B block is
+// reused by at least 4 rows per warp.
+template <class BSource>
+void launch_narrow(NarrowParams p, const BSource& bsrc, cudaStream_t stream) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.col_blocks = ceil_div(p.W, kNarrowBN);
+  const int64_t want_row_blocks = ceil_div(4 * sms, p.col_blocks);
+  p.rows_per_block = std::clamp<int64_t>(ceil_div(ceil_div(p.N, want_row_blocks), 8) * 8, 32, kNarrowMaxRows);
+  const int64_t blocks = ceil_div(p.N, p.rows_per_block) * p.col_blocks;
+  TORCH_CHECK(blocks <= INT32_MAX, "project: output too large for one launch (", p.N, " x ", p.W, ")");
+  const size_t smem = static_cast<size_t>(p.rows_per_block) * ((p.K + 3) & ~int64_t{3}) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (p.K <= 4) {
+    project_narrow_kernel<4><<<grid, kNarrowThreads, smem, stream>>>(p, bsrc);
+  } else if (p.K <= 8) {
+    project_narrow_kernel<8><<<grid, kNarrowThreads, smem, stream>>>(p, bsrc);
+  } else {
+    project_narrow_kernel<16><<<grid, kNarrowThreads, smem, stream>>>(p, bsrc);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+NarrowParams narrow_params(const at::Tensor& e, const at::Tensor& out, const float* col_scale, float scale) {
+  NarrowParams p{};
+  p.e = e.const_data_ptr();
+  p.out = out.data_ptr();
+  p.col_scale = col_scale;
+  p.N = e.size(0);
+  p.K = e.size(1);
+  p.W = out.size(1);
+  p.scale = scale;
+  p.e_kind = fp_kind(e.scalar_type());
+  p.out_kind = fp_kind(out.scalar_type());
+  return p;
+}
+
 void launch_project(const ProjectParams& p, int tm, dim3 grid, cudaStream_t stream) {
   switch (tm) {
-    case 1: project_virtual_kernel<1><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: project_virtual_kernel<4><<<grid, kThreads, 0, stream>>>(p); break;
-    default: project_virtual_kernel<8><<<grid, kThreads, 0, stream>>>(p); break;
+    case 1: project_virtual_kernel<1><<<grid, kSimtThreads, 0, stream>>>(p); break;
+    case 4: project_virtual_kernel<4><<<grid, kSimtThreads, 0, stream>>>(p); break;
+    default: project_virtual_kernel<8><<<grid, kSimtThreads, 0, stream>>>(p); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -280,6 +431,12 @@ at::Tensor project_cuda(const at::Tensor& e, int64_t seed, c10::string_view dist
   if (K == 0) return out.zero_();
 
   at::Tensor cs_holder;
+  if (K <= kNarrowMaxK) {
+    launch_narrow(narrow_params(e, out, col_scale_ptr(col_scale, cs_holder), static_cast<float>(scale)),
+                  GeneratedB<1>{spec.dist, seed_key(spec.seed), spec.threshold, 0, {}},
+                  at::cuda::getCurrentCUDAStream());
+    return out;
+  }
   ProjectParams p{};
   p.e = e.const_data_ptr();
   p.out = out.data_ptr();
@@ -294,27 +451,37 @@ at::Tensor project_cuda(const at::Tensor& e, int64_t seed, c10::string_view dist
   p.in_kind = fp_kind(e.scalar_type());
   p.out_kind = fp_kind(out_type);
 
-  const int tm = N <= 16 ? 1 : (N <= 64 ? 4 : 8);
-  p.col_blocks = ceil_div(W, kBN);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t sms = props->multiProcessorCount;
+  // Tensor cores for 16-bit e on sm_80+ when the 128 x 128 tiles fill the GPU; otherwise the SIMT
+  // kernel, which can also split K.
+  const int64_t tc_tiles = ceil_div(N, kTcBM) * ceil_div(W, kTcBN);
+  if (p.in_kind != FpKind::F32 && props->major >= 8 && tc_tiles >= sms) {
+    TORCH_CHECK(tc_tiles <= INT32_MAX, "project: output too large for one launch (", N, " x ", W, ")");
+    p.col_blocks = ceil_div(W, kTcBN);
+    p.e_vec16 = K % 8 == 0 && reinterpret_cast<uintptr_t>(p.e) % 16 == 0;
+    if (p.in_kind == FpKind::F16) {
+      project_tc_kernel<__half><<<static_cast<unsigned>(tc_tiles), kSimtThreads, 0, stream>>>(p);
+    } else {
+      project_tc_kernel<__nv_bfloat16><<<static_cast<unsigned>(tc_tiles), kSimtThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+
+  const int tm = simt_tm(N);
+  p.col_blocks = ceil_div(W, kSimtBN);
   const int64_t tiles = ceil_div(N, 16 * tm) * p.col_blocks;
   TORCH_CHECK(tiles <= INT32_MAX, "project: output too large for one launch (", N, " x ", W, ")");
-  // Split K when the tiles alone leave SMs idle (small N and width, long K).
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t k_tiles = ceil_div(K, kBK);
   int64_t splits = 1;
-  if (tiles < sms) {
-    splits = std::max<int64_t>(
-        1, std::min<int64_t>({ceil_div(2 * sms, tiles), k_tiles / kMinKTilesPerSplit, kMaxSplits}));
-  }
-  p.k_per_split = ceil_div(k_tiles, splits) * kBK;
-  splits = ceil_div(K, p.k_per_split);  // every split non-empty
+  p.k_per_split = plan_split_k(tiles, K, sms, &splits);
   at::Tensor partial;
   if (splits > 1) {
     partial = at::empty({splits, N, W}, e.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
   }
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(splits));
   launch_project(p, tm, grid, stream);
   if (splits > 1) launch_epilogue(partial, static_cast<int>(splits), out, p.scale, p.col_scale, stream);
@@ -331,10 +498,19 @@ at::Tensor project_materialized_cuda(const at::Tensor& e, const at::Tensor& B, d
   const int64_t N = e.size(0), K = e.size(1), W = B.size(1);
   if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
 
+  at::Tensor cs_holder;
+  if (K <= kNarrowMaxK) {  // one pass writing the output, instead of a GEMM, an epilogue and a cast
+    const at::Tensor Bc =
+        is_supported_activation_dtype(B.scalar_type()) ? B.contiguous() : B.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({N, W}, e.options().dtype(out_type));
+    launch_narrow(narrow_params(e, out, col_scale_ptr(col_scale, cs_holder), static_cast<float>(scale)),
+                  StoredB<1>{Bc.const_data_ptr(), W, 0, fp_kind(Bc.scalar_type())},
+                  at::cuda::getCurrentCUDAStream());
+    return out;
+  }
   const at::Tensor acc = at::mm(e.to(at::kFloat), B.to(at::kFloat));  // cuBLAS, fp32
   if (out_type == at::kFloat && scale == 1.0 && !col_scale.has_value()) return acc;
   at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
-  at::Tensor cs_holder;
   launch_epilogue(acc, 1, out, static_cast<float>(scale), col_scale_ptr(col_scale, cs_holder),
                   at::cuda::getCurrentCUDAStream());
   return out;
