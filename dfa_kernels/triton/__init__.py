@@ -1,4 +1,5 @@
-"""Triton backend: virtual-B feedback projection, materialized projection, and B itself.
+"""Triton backend: the feedback projections (virtual and materialized B, per point with the fused
+activation derivative), the grouped weight gradient, and B itself.
 
 Importing this package never fails for lack of Triton; ``is_available`` then answers False and
 the kernel entry points are absent.
@@ -13,9 +14,12 @@ except ImportError:
     _HAVE_TRITON = False
 else:
     _HAVE_TRITON = True
+    from .grouped_gemm import grouped_weight_grad
     from .project import INTERPRET, feedback_matrix, project, project_materialized
+    from .project_points import project_points
 
-__all__ = ["is_available", "project", "project_materialized", "feedback_matrix"]
+__all__ = ["is_available", "project", "project_materialized", "project_points", "grouped_weight_grad",
+           "feedback_matrix"]
 
 
 def is_available(device_type: str) -> bool:
