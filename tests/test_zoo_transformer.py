@@ -195,3 +195,22 @@ def test_task_runs_and_reports(tmp_path):
     assert res.backend in ("cpu", "torch") and res.config["feedback_points"] == 3 * res.config["layers"]
     assert res.config["placement"] == "micro" and res.config["error_at"] == "hidden"
     assert res.config["data"]["source"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["dfa", "bp", "shallow"])
+def test_fused_head_loss_matches_logits_loss(pydoc, mode):
+    """model.loss with error_at="logits" (no logits held) gives the gradients of the plain path."""
+    model = tiny(mode, "micro", "logits")
+    logits, loss = step_loss(model, pydoc.splits["train"])
+    loss.backward()
+    want = {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    w = torch.stack([pydoc.splits["train"][i * 16: i * 16 + 17] for i in range(4)])
+    fused_loss = model.loss(w[:, :-1], w[:, 1:])
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
+    fused_loss.backward()
+    for name, p in model.named_parameters():
+        if want[name] is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -12,7 +12,9 @@ points (``h = self.dfa.point(h)``) sit, per block:
 The DFA error is taken, by default (``error_at="hidden"``), at the final hidden state just before
 the vocabulary projection: the final LayerNorm and the head sit after the last point and learn
 exactly, and the error is ``d_model`` wide. ``error_at="logits"`` takes it after the head instead
-(a vocabulary-wide error, as in plain DFA); the same layers learn exactly. In ``mode="shallow"``
+(a vocabulary-wide error, as in plain DFA); the same layers learn exactly. ``model.loss(idx,
+targets)`` then never materialises the [B, T, vocab] logits: the loss, its gradient and the
+gradient's projection to every point run chunk by chunk (``dfa.linear_cross_entropy``). In ``mode="shallow"``
 only those (final LN + head) learn; ``mode="bp"`` is ordinary backprop through the same model.
 The head is not tied to the token embedding, so that shallow mode really freezes the embedding.
 """
@@ -103,7 +105,8 @@ class TransformerLM(nn.Module):
     def num_points(self) -> int:
         return len(self.blocks) * (3 if self.placement == "micro" else 1)
 
-    def forward(self, idx):
+    def hidden(self, idx):
+        """The final hidden state [B, T, d_model] (after the final LN), every point recorded."""
         T = idx.shape[1]
         if T > self.context:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.context}")
@@ -111,7 +114,17 @@ class TransformerLM(nn.Module):
         inner = self.dfa if self.placement == "micro" else None
         for block in self.blocks:
             x = self.dfa.point(block(x, inner, self.fused))
-        h = self.ln_f(x)
+        return self.ln_f(x)
+
+    def loss(self, idx, targets):
+        """Mean next-token cross-entropy; with ``error_at="logits"`` through the fused head (no
+        [B, T, vocab] logits are held)."""
+        if self.error_at == "logits":
+            return self.dfa.linear_cross_entropy(self.hidden(idx), self.head, targets)
+        return F.cross_entropy(self(idx).float().flatten(0, 1), targets.flatten())
+
+    def forward(self, idx):
+        h = self.hidden(idx)
         if self.error_at == "hidden":
             return self.head(self.dfa(h))                   # error e = dL/dh: [B, T, d_model]
         return self.dfa(self.head(h))                       # error e = dL/dlogits: [B, T, vocab]

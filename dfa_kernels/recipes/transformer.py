@@ -25,7 +25,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..models.transformer import TransformerLM
 from ..tasks import Task, TrainConfig, TrainResult, register
@@ -107,8 +106,7 @@ def batches(tokens: torch.Tensor, context: int, batch_size: int, generator: torc
 
 def loss_fn(model, x, y, autocast: bool = False):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return model.loss(x, y)
 
 
 @torch.no_grad()
