@@ -1,8 +1,16 @@
-"""Training-step benchmark: an MLP trained by BP, by our DFA, and by a TinyDFA-style DFA, interleaved.
+"""Training-step benchmark: BP vs our DFA (plain points, and the fused forms) vs a TinyDFA-style DFA.
 
-The TinyDFA-style baseline follows TinyDFA's published design: hidden activations are detached
-into leaves with requires_grad=True (so autograd still computes every input gradient), a dense
-stored B projects the error, and a Python loop calls .backward() once per layer.
+Workloads: an MLP (depth x width), a recommender (DCN, out_features 1) and a causal Transformer LM
+(micro and macro placements; bf16 autocast on a GPU). Every variant of a workload starts from the
+same weights and is timed interleaved with the others (alternating order), median of repeats.
+
+- ``bp``: backprop through the same model (DFA mode "bp").
+- ``dfa``: ours, a plain point after each activation (``dfa.point(h)``): the unfused path.
+- ``dfa_fused``: ours, ``dfa.linear(x, layer, act)`` where the model has linear+activation points
+  (activation derivative in the projection epilogue, grouped weight gradients).
+- ``tinydfa_style``: TinyDFA's published design, written here: points detached into leaves that
+  still require grad (so autograd computes every input gradient), a dense stored B, and a Python
+  loop of ``.backward()`` calls, one per point.
 """
 from __future__ import annotations
 
@@ -15,131 +23,193 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .. import DFA
+from .. import DFA, FeedbackSpec
 from .common import environment, time_ms, write_results
 
 
+class TinyDFAStyle(nn.Module):
+    """A stand-in for a model's ``dfa``: same calls (``point``, ``__call__``), TinyDFA's mechanics.
+    After ``loss.backward()``, ``finish()`` sends e @ B_l to each point with its own ``.backward()``."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed, self.B, self._points, self._y = seed, None, [], None
+
+    def point(self, h, activation=None):
+        if activation is not None:
+            h = {"relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh}[activation](h)
+        self._points.append(h)
+        return h.detach().requires_grad_(True)
+
+    def forward(self, y):
+        y.retain_grad()
+        self._y = y
+        return y
+
+    def finish(self) -> None:
+        points, y, self._points, self._y = self._points, self._y, [], None
+        e = y.grad.reshape(-1, y.shape[-1])
+        if self.B is None:  # shared layout, as TinyDFA: one B of the widest point
+            width = max(p[0].numel() if y.dim() == 2 else p.shape[-1] for p in points)
+            self.B = FeedbackSpec(e.shape[1], (width,), self.seed).matrix(torch.float32, e.device) / math.sqrt(width)
+        F_all = e.float() @ self.B
+        for p in points:
+            w = p.reshape(e.shape[0], -1).shape[1]
+            p.backward(F_all[:, :w].reshape(p.shape).to(p.dtype))
+
+
+# ---------------------------------------------------------------- workloads
 class MLP(nn.Module):
-    def __init__(self, depth: int, width: int, classes: int, dfa: DFA | None):
+    def __init__(self, depth: int, width: int, classes: int, dfa: nn.Module, fused: bool):
         super().__init__()
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.head = nn.Linear(width, classes)
-        self.dfa = dfa
+        self.dfa, self.fused = dfa, fused
 
     def forward(self, x):
         for layer in self.hidden:
-            x = torch.relu(layer(x))
-            if self.dfa is not None:
-                x = self.dfa.point(x)
-        y = self.head(x)
-        return self.dfa(y) if self.dfa is not None else y
+            x = self.dfa.linear(x, layer, "relu") if self.fused else self.dfa.point(torch.relu(layer(x)))
+        return self.dfa(self.head(x))
 
 
-class TinyDFAStyle:
-    """DFA as TinyDFA runs it: detached leaves that still require grad, one .backward() per layer."""
-
-    def __init__(self, model: MLP, classes: int, width: int, device):
-        self.model = model
-        self.B = torch.rand(classes, width, device=device) * 2 - 1
-        self.norm = math.sqrt(width)
-
-    def loss_and_backward(self, x, target):
-        hs, h = [], x
-        for layer in self.model.hidden:
-            a = torch.relu(layer(h))
-            hs.append(a)
-            h = a.detach().requires_grad_(True)
-        y = self.model.head(h)
-        y.retain_grad()
-        loss = F.cross_entropy(y, target)
-        loss.backward()
-        rp = (y.grad @ self.B) / self.norm
-        for a in hs:
-            a.backward(rp[:, :a.shape[1]])
-        return loss
-
-
-def run(device="cpu", depth=8, width=1024, batch=256, classes=10, repeats=5, steps=3, dtype="float32",
-        out: Path | None = None, progress: bool = True) -> dict:
-    device = torch.device(device)
-    dt = getattr(torch, dtype)
-    torch.manual_seed(0)
-    x = torch.randn(batch, width, device=device, dtype=dt)
+def _mlp(device, dtype, size):
+    depth, width, batch, classes = {"cpu": (8, 1024, 256, 10), "gpu": (8, 4096, 4096, 10),
+                                    "tiny": (2, 32, 16, 4)}[size]
+    x = torch.randn(batch, width, device=device, dtype=dtype)
     target = torch.randint(0, classes, (batch,), device=device)
-    models = {
-        "bp": MLP(depth, width, classes, None),
-        "dfa": MLP(depth, width, classes, DFA(mode="dfa", seed=0)),
-        "dfa_virtual": MLP(depth, width, classes, DFA(mode="dfa", seed=0, storage="virtual")),
-        "tinydfa_style": MLP(depth, width, classes, None),
-    }
-    for m in models.values():
-        m.to(device=device, dtype=dt)
-    tiny = TinyDFAStyle(models["tinydfa_style"], classes, width, device)
-    optims = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
 
-    def step_fn(name):
-        model, opt = models[name], optims[name]
+    def build(variant):
+        dfa = TinyDFAStyle() if variant == "tinydfa_style" else DFA(mode="bp" if variant == "bp" else "dfa")
+        return MLP(depth, width, classes, dfa, fused=variant == "dfa_fused")
+
+    def loss(model):
+        return F.cross_entropy(model(x).float(), target)
+    return build, loss, {"depth": depth, "width": width, "batch": batch, "classes": classes}
+
+
+def _dcn(device, dtype, size):
+    from ..models.recsys import DCN
+    batch, fields, vocab, hidden = {"cpu": (1024, 39, 100_000, (1024, 1024)), "gpu": (8192, 39, 1_000_000, (1024, 1024)),
+                                    "tiny": (16, 5, 50, (16, 16))}[size]
+    idx = torch.randint(0, vocab, (batch, fields), device=device)
+    target = torch.randint(0, 2, (batch,), device=device).float()
+
+    def build(variant):
+        model = DCN(vocab, fields, hidden=hidden, mode="bp" if variant == "bp" else "dfa")
+        if variant == "tinydfa_style":
+            model.dfa = TinyDFAStyle()
+        return model
+
+    def loss(model):
+        return F.binary_cross_entropy_with_logits(model(idx, None).float().reshape(-1), target)
+    return build, loss, {"batch": batch, "fields": fields, "vocab": vocab, "mlp": list(hidden), "cross_layers": 6}
+
+
+def _lm(placement):
+    def workload(device, dtype, size):
+        from ..models.transformer import TransformerLM
+        layers, d, heads, T, batch, vocab = {"cpu": (4, 256, 4, 128, 8, 256), "gpu": (12, 768, 12, 1024, 8, 50257),
+                                             "tiny": (2, 32, 2, 16, 2, 64)}[size]
+        tokens = torch.randint(0, vocab, (batch, T + 1), device=device)
+
+        def build(variant):
+            model = TransformerLM(vocab, context=T, layers=layers, d_model=d, heads=heads, placement=placement,
+                                  mode="bp" if variant == "bp" else "dfa", fused=variant == "dfa_fused")
+            if variant == "tinydfa_style":
+                model.dfa = TinyDFAStyle()
+                model.fused = False
+            return model
+
+        def loss(model):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                return F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
+        return build, loss, {"layers": layers, "d_model": d, "heads": heads, "context": T, "batch": batch,
+                             "vocab": vocab, "placement": placement, "bf16_autocast": device.type == "cuda"}
+    return workload
+
+
+WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro")}
+VARIANTS = ("bp", "dfa", "dfa_fused", "tinydfa_style")
+# Workloads without linear+activation points run the fused variant the same as the plain one.
+FUSABLE = {"mlp", "lm_micro"}
+
+
+def run_workload(name: str, device, size: str, repeats: int, progress: bool = True) -> dict:
+    device = torch.device(device)
+    build, loss_fn, config = WORKLOADS[name](device, torch.float32, size)
+    variants = [v for v in VARIANTS if v != "dfa_fused" or name in FUSABLE]
+    models = {}
+    for v in variants:
+        torch.manual_seed(0)  # the same initial weights for every variant
+        models[v] = build(v).to(device)
+    optims = {v: torch.optim.SGD(m.parameters(), lr=1e-4) for v, m in models.items()}
+
+    def step_fn(v):
+        model, opt = models[v], optims[v]
 
         def step():
             opt.zero_grad(set_to_none=True)
-            if name == "tinydfa_style":
-                tiny.loss_and_backward(x, target)
-            else:
-                F.cross_entropy(model(x).float(), target).backward()
+            loss_fn(model).backward()
+            if v == "tinydfa_style":
+                model.dfa.finish()
             opt.step()
         return step
 
-    times = {k: [] for k in models}
-    peak_mem = {}
-    order = list(models)
-    for r in tqdm(range(repeats), desc="bench_step", disable=not progress):
-        for name in (order if r % 2 == 0 else order[::-1]):  # interleaved, alternating order
+    times = {v: [] for v in variants}
+    peak = {}
+    for r in tqdm(range(repeats), desc=f"bench_step {name}", disable=not progress):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times[name].append(time_ms(step_fn(name), device, warmup=2, repeats=steps, min_time_s=0.2))
+            times[v].append(time_ms(step_fn(v), device, warmup=2, repeats=3, min_time_s=0.2))
             if device.type == "cuda":
-                peak_mem[name] = torch.cuda.max_memory_allocated(device)
-    ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    result = {
-        "benchmark": "bench_step",
-        "environment": environment(device),
-        "config": {"depth": depth, "width": width, "batch": batch, "classes": classes, "dtype": dtype,
-                   "optimizer": "SGD", "repeats": repeats,
-                   "dfa_backend": models["dfa"].dfa.resolved_backend(device)},
-        "ms_per_step": ms,
-        "ratio_dfa_over_bp": ms["dfa"] / ms["bp"],
-        "ratio_dfa_virtual_over_bp": ms["dfa_virtual"] / ms["bp"],
-        "speedup_dfa_over_tinydfa_style": ms["tinydfa_style"] / ms["dfa"],
-        "peak_memory_bytes": peak_mem or None,
+                peak[v] = max(peak.get(v, 0), torch.cuda.max_memory_allocated(device))
+    ms = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    dfa_best = min(ms[v] for v in ("dfa", "dfa_fused") if v in ms)
+    return {
+        "config": config, "ms_per_step": ms,
+        "ratio_over_bp": {v: t / ms["bp"] for v, t in ms.items()},
+        "speedup_over_tinydfa_style": ms["tinydfa_style"] / dfa_best,
+        "peak_memory_bytes": peak or "not measured (CPU)",
+        "dfa_backend": models["dfa"].dfa.resolved_backend(device),
     }
-    if out is not None:
-        write_results(Path(out), result)
+
+
+def run(device="cpu", workloads=tuple(WORKLOADS), size=None, repeats=5, out: Path | None = None,
+        progress: bool = True) -> dict:
+    device = torch.device(device)
+    size = size or ("gpu" if device.type == "cuda" else "cpu")
+    result = {"benchmark": "bench_step", "environment": environment(device), "size": size, "repeats": repeats,
+              "optimizer": "SGD", "workloads": {}}
+    for name in workloads:
+        result["workloads"][name] = run_workload(name, device, size, repeats, progress)
+        if out is not None:  # after each workload, so a long run keeps what it measured
+            write_results(Path(out), result)
     return result
 
 
+def print_table(res: dict) -> None:
+    for name, w in res["workloads"].items():
+        print(f"{name} ({w['config']}), backend {w['dfa_backend']}")
+        for v, t in w["ms_per_step"].items():
+            mem = w["peak_memory_bytes"]
+            mem = f"{mem[v] / 2**20:9.0f} MiB" if isinstance(mem, dict) else ""
+            print(f"  {v:<16}{t:>10.2f} ms{w['ratio_over_bp'][v]:>8.3f}x BP{mem}")
+        print(f"  ours vs TinyDFA-style: {w['speedup_over_tinydfa_style']:.2f}x faster")
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--size", choices=["cpu", "gpu", "tiny"], default=None,
+                   help="problem sizes (default: gpu on CUDA, cpu otherwise; tiny for smoke tests)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    res = run(a.device, a.depth, a.width, a.batch, a.classes, a.repeats, dtype=a.dtype, out=a.out)
+    res = run(a.device, a.workloads, a.size, a.repeats, a.out)
     print_table(res)
     return res
-
-
-def print_table(res: dict) -> None:
-    ms = res["ms_per_step"]
-    print(f"{'step':<16}{'ms/step':>10}{'vs BP':>8}")
-    for name, t in ms.items():
-        print(f"{name:<16}{t:>10.2f}{t / ms['bp']:>8.2f}")
-    print(f"DFA / BP = {res['ratio_dfa_over_bp']:.3f}; DFA is {res['speedup_dfa_over_tinydfa_style']:.2f}x "
-          f"faster than the TinyDFA-style loop (backend {res['config']['dfa_backend']})")
 
 
 if __name__ == "__main__":
