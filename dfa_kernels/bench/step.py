@@ -10,12 +10,12 @@ same weights and is timed interleaved with the others (alternating order), media
   (activation derivative in the projection epilogue, grouped weight gradients).
 - ``tinydfa_style``: TinyDFA's published design, written here: points detached into leaves that
   still require grad (so autograd computes every input gradient), a dense stored B, and a Python
-  loop of ``.backward()`` calls, one per point.
+  loop of ``.backward()`` calls, one per point. It uses the same feedback as ``dfa`` (independent
+  layout, 1/sqrt(d_l) scales), so the two compute the same gradients and differ only in mechanics.
 """
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -49,13 +49,13 @@ class TinyDFAStyle(nn.Module):
     def finish(self) -> None:
         points, y, self._points, self._y = self._points, self._y, [], None
         e = y.grad.reshape(-1, y.shape[-1])
-        if self.B is None:  # shared layout, as TinyDFA: one B of the widest point
-            width = max(p[0].numel() if y.dim() == 2 else p.shape[-1] for p in points)
-            self.B = FeedbackSpec(e.shape[1], (width,), self.seed).matrix(torch.float32, e.device) / math.sqrt(width)
+        if self.B is None:  # stored once, dense: [out_features, sum of widths]
+            spec = FeedbackSpec(e.shape[1], [p.reshape(e.shape[0], -1).shape[1] for p in points], self.seed)
+            self.B = spec.matrix(torch.float32, e.device)
+            self.slices = [(o, w, s) for o, w, s in zip(spec.offsets, spec.widths, spec.scales())]
         F_all = e.float() @ self.B
-        for p in points:
-            w = p.reshape(e.shape[0], -1).shape[1]
-            p.backward(F_all[:, :w].reshape(p.shape).to(p.dtype))
+        for p, (off, w, scale) in zip(points, self.slices):
+            p.backward((F_all[:, off:off + w] * scale).reshape(p.shape).to(p.dtype))
 
 
 # ---------------------------------------------------------------- workloads
