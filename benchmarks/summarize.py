@@ -17,8 +17,8 @@ def step_table(res: dict) -> list[str]:
     lines = [f"Training step (`benchmarks/bench_step.py`, {env['device']}, torch {env['torch']}, git "
              f"{(env['git_sha'] or '?')[:9]}, {res['size']} sizes, median of {res['repeats']} interleaved repeats): "
              "ms per step and ratio to BP.", "",
-             "| workload | BP | DFA (ours) | DFA fused (ours) | TinyDFA-style | ours vs TinyDFA-style | peak memory DFA / BP |",
-             "|---|---|---|---|---|---|---|"]
+             "| workload | BP | DFA (ours) | DFA fused (ours) | DFA shared layout (ours) | TinyDFA-style | "
+             "ours vs TinyDFA-style | peak memory DFA / BP |", "|---|---|---|---|---|---|---|---|"]
     for name, w in res["workloads"].items():
         ms, ratio = w["ms_per_step"], w["ratio_over_bp"]
 
@@ -26,7 +26,8 @@ def step_table(res: dict) -> list[str]:
             return f"{ms[v]:.1f} ({ratio[v]:.2f}×)" if v in ms else "—"
         mem = w["peak_memory_bytes"]
         mem = f"{mem['dfa'] / mem['bp']:.2f}" if isinstance(mem, dict) else "not measured"
-        lines.append(f"| {name} | {ms['bp']:.1f} | {cell('dfa')} | {cell('dfa_fused')} | {cell('tinydfa_style')} | "
+        lines.append(f"| {name} | {ms['bp']:.1f} | {cell('dfa')} | {cell('dfa_fused')} | {cell('dfa_shared')} | "
+                     f"{cell('tinydfa_style')} | "
                      f"{w['speedup_over_tinydfa_style']:.2f}× | {mem} |")
     return lines
 

@@ -8,6 +8,8 @@ same weights and is timed interleaved with the others (alternating order), media
 - ``dfa``: ours, a plain point after each activation (``dfa.point(h)``): the unfused path.
 - ``dfa_fused``: ours, ``dfa.linear(x, layer, act)`` where the model has linear+activation points
   (activation derivative in the projection epilogue, grouped weight gradients).
+- ``dfa_shared``: ours with the shared layout (TinyDFA's: one B of the widest point's width,
+  every point reads its first columns), a cheaper projection when points are many and wide.
 - ``tinydfa_style``: TinyDFA's published design, written here: points detached into leaves that
   still require grad (so autograd computes every input gradient), a dense stored B, and a Python
   loop of ``.backward()`` calls, one per point. It uses the same feedback as ``dfa`` (independent
@@ -59,6 +61,10 @@ class TinyDFAStyle(nn.Module):
 
 
 # ---------------------------------------------------------------- workloads
+def _dfa(variant: str) -> DFA:
+    return DFA(mode="bp" if variant == "bp" else "dfa", layout="shared" if variant == "dfa_shared" else "independent")
+
+
 class MLP(nn.Module):
     def __init__(self, depth: int, width: int, classes: int, dfa: nn.Module, fused: bool):
         super().__init__()
@@ -79,7 +85,7 @@ def _mlp(device, dtype, size):
     target = torch.randint(0, classes, (batch,), device=device)
 
     def build(variant):
-        dfa = TinyDFAStyle() if variant == "tinydfa_style" else DFA(mode="bp" if variant == "bp" else "dfa")
+        dfa = TinyDFAStyle() if variant == "tinydfa_style" else _dfa(variant)
         return MLP(depth, width, classes, dfa, fused=variant == "dfa_fused")
 
     def loss(model):
@@ -95,9 +101,8 @@ def _dcn(device, dtype, size):
     target = torch.randint(0, 2, (batch,), device=device).float()
 
     def build(variant):
-        model = DCN(vocab, fields, hidden=hidden, mode="bp" if variant == "bp" else "dfa")
-        if variant == "tinydfa_style":
-            model.dfa = TinyDFAStyle()
+        model = DCN(vocab, fields, hidden=hidden)
+        model.dfa = TinyDFAStyle() if variant == "tinydfa_style" else _dfa(variant)
         return model
 
     def loss(model):
@@ -114,10 +119,8 @@ def _lm(placement):
 
         def build(variant):
             model = TransformerLM(vocab, context=T, layers=layers, d_model=d, heads=heads, placement=placement,
-                                  mode="bp" if variant == "bp" else "dfa", fused=variant == "dfa_fused")
-            if variant == "tinydfa_style":
-                model.dfa = TinyDFAStyle()
-                model.fused = False
+                                  fused=variant == "dfa_fused")
+            model.dfa = TinyDFAStyle() if variant == "tinydfa_style" else _dfa(variant)
             return model
 
         def loss(model):
@@ -129,7 +132,7 @@ def _lm(placement):
 
 
 WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro")}
-VARIANTS = ("bp", "dfa", "dfa_fused", "tinydfa_style")
+VARIANTS = ("bp", "dfa", "dfa_fused", "dfa_shared", "tinydfa_style")
 # Workloads without linear+activation points run the fused variant the same as the plain one.
 FUSABLE = {"mlp", "lm_micro"}
 
