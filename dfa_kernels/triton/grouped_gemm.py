@@ -24,6 +24,16 @@ _GPU_CONFIGS = [
 
 
 @triton.jit
+def group_of(pid, tiles, MAX_G: tl.constexpr):
+    """(group, its first tile) of program `pid`, tiles [MAX_G] holding each group's tile count
+    (0 past the last group): tiles are numbered group by group."""
+    ends = tl.cumsum(tiles, axis=0)
+    group = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(tl.arange(0, MAX_G) < group, tiles, 0), axis=0)
+    return group, first
+
+
+@triton.jit
 def _grouped_kernel(g_tab, x_tab, out_tab, n_tab, o_tab, i_tab, G,
                     IN_TYPE: tl.constexpr, OUT_TYPE: tl.constexpr, MAX_G: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -31,10 +41,7 @@ def _grouped_kernel(g_tab, x_tab, out_tab, n_tab, o_tab, i_tab, G,
     idx = tl.arange(0, MAX_G)
     outs = tl.load(o_tab + idx, mask=idx < G, other=0)
     ins = tl.load(i_tab + idx, mask=idx < G, other=0)
-    tiles = tl.cdiv(outs, BM) * tl.cdiv(ins, BN)
-    ends = tl.cumsum(tiles, axis=0)
-    layer = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    first = tl.sum(tl.where(idx < layer, tiles, 0), axis=0)
+    layer, first = group_of(pid, tl.cdiv(outs, BM) * tl.cdiv(ins, BN), MAX_G)
     N = tl.load(n_tab + layer)
     O = tl.load(o_tab + layer)
     I = tl.load(i_tab + layer)

@@ -24,6 +24,49 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@triton.jit
+def accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
+                    skey, threshold, VIRTUAL: tl.constexpr, DIST: tl.constexpr, ALIGNED: tl.constexpr,
+                    LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """fp32 [BM, BN] tile of e[offs_m, :] @ B[:, col0 + offs_n]; offs_n = pid_n * BN + arange(BN),
+    n_mask the columns that exist (stored B is read only there).
+    Virtual B is generated from the hash; ALIGNED (rademacher) says col0 is a multiple of 32, so
+    the tile starts on a hash word and takes 32 entries per word."""
+    offs_k = tl.arange(0, BK)
+    m_mask = offs_m < N
+    e_ptrs = e_ptr + offs_m[:, None].to(tl.int64) * stride_em + offs_k[None, :] * stride_ek
+    j = (col0 + offs_n).to(tl.uint32)  # the columns of B
+    if VIRTUAL:
+        skey_u = skey.to(tl.uint32)
+        # Column keys depend only on this program's columns: hoisted out of the K loop.
+        if DIST == RADEMACHER and ALIGNED:
+            ckey = col_key(((col0 // 32) + pid_n * (BN // 32) + tl.arange(0, BN // 32)).to(tl.uint32))
+        elif DIST == RADEMACHER:
+            ckey = col_key(j >> 5)
+        else:
+            ckey = col_key(j)
+    else:
+        b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + (col0 + offs_n)[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_mask = offs_k < K - k0
+        a = tl.load(e_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if VIRTUAL:
+            # Rows past K are left unmasked: they meet zero columns of `a` and B is finite.
+            rkey = row_key(skey_u, (k0 + offs_k).to(tl.uint32))
+            if DIST == RADEMACHER and ALIGNED:
+                b = rademacher_tile(rkey, ckey, BK, BN)
+            else:
+                b = value_from_keys(rkey[:, None], ckey[None, :], j[None, :], threshold, DIST, LIBDEVICE)
+        else:
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_ptrs += BK * stride_bk
+        acc = tl.dot(a, b.to(e_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
+        e_ptrs += BK * stride_ek
+    return acc
+
+
 @triton.jit(do_not_specialize=["skey", "threshold"])
 def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
                     stride_em, stride_ek, stride_bk, stride_bn, stride_om,
@@ -39,36 +82,12 @@ def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
     pid_n = tl.program_id(0) % num_n
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
     m_mask = offs_m < N
     n_mask = offs_n < W
-    e_ptrs = e_ptr + offs_m[:, None].to(tl.int64) * stride_em + offs_k[None, :] * stride_ek
-    if VIRTUAL:
-        skey_u = skey.to(tl.uint32)
-        # Column keys depend only on this program's columns: hoisted out of the K loop.
-        if DIST == RADEMACHER:
-            # BN is a multiple of 32, so the tile's columns start on a hash-word boundary.
-            ckey = col_key((pid_n * (BN // 32) + tl.arange(0, BN // 32)).to(tl.uint32))
-        else:
-            ckey = col_key(offs_n.to(tl.uint32))
-    else:
-        b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_mask = offs_k < K - k0
-        a = tl.load(e_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if VIRTUAL:
-            # Rows past K are left unmasked: they meet zero columns of `a` and B is finite.
-            rkey = row_key(skey_u, (k0 + offs_k).to(tl.uint32))
-            if DIST == RADEMACHER:
-                b = rademacher_tile(rkey, ckey, BK, BN)
-            else:
-                b = value_from_keys(rkey[:, None], ckey[None, :], offs_n[None, :], threshold, DIST, LIBDEVICE)
-        else:
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            b_ptrs += BK * stride_bk
-        acc = tl.dot(a, b.to(e_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
-        e_ptrs += BK * stride_ek
+    # BN is a multiple of 32 and the columns start at 0: rademacher tiles are word aligned.
+    acc = accumulate_tile(e_ptr, b_ptr, N, K, 0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk,
+                          stride_bn,
+                          skey, threshold, VIRTUAL, DIST, True, LIBDEVICE, INPUT_PRECISION, BM, BN, BK)
     acc = acc * scale
     if HAS_COL_SCALE:
         acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]

@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .hash import RADEMACHER, as_int32, col_key, rademacher_tile, row_key, seed_key_host, value_from_keys
+from .grouped_gemm import group_of
+from .hash import as_int32, seed_key_host
 from .project import (_FLOAT_DTYPES, _GPU_CONFIGS, _INTERPRET_META, INTERPRET, _check_distribution, _check_float_tensor,
-                      _check_int, _fp32_dot_precision, _sparse_threshold)
+                      _check_int, _fp32_dot_precision, _sparse_threshold, accumulate_tile)
 
 # Activation codes, equal to the C++ enum dfa_kernels::Activation (activation.h).
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
@@ -57,10 +58,7 @@ def _points_kernel(e_ptr, b_ptr, out_tab, act_tab, off_tab, width_tab, scale_tab
     pid = tl.program_id(0)
     idx = tl.arange(0, MAX_P)
     widths = tl.load(width_tab + idx, mask=idx < P, other=0)
-    tiles = tl.cdiv(N, BM) * tl.cdiv(widths, BN)
-    ends = tl.cumsum(tiles, axis=0)
-    point = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    first = tl.sum(tl.where(idx < point, tiles, 0), axis=0)
+    point, first = group_of(pid, tl.cdiv(N, BM) * tl.cdiv(widths, BN), MAX_P)
     W = tl.load(width_tab + point)
     col0 = tl.load(off_tab + point)
     scale = tl.load(scale_tab + point)
@@ -72,38 +70,10 @@ def _points_kernel(e_ptr, b_ptr, out_tab, act_tab, off_tab, width_tab, scale_tab
     pid_n = local % num_n
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
     m_mask = offs_m < N
     n_mask = offs_n < W
-    e_ptrs = e_ptr + offs_m[:, None].to(tl.int64) * stride_em + offs_k[None, :] * stride_ek
-    j = (col0 + offs_n).to(tl.uint32)  # the columns of B
-    if VIRTUAL:
-        skey_u = skey.to(tl.uint32)
-        if DIST == RADEMACHER and ALIGNED:
-            # col0 and BN are multiples of 32: the tile's columns start on a hash-word boundary.
-            ckey = col_key(((col0 // 32) + pid_n * (BN // 32) + tl.arange(0, BN // 32)).to(tl.uint32))
-        elif DIST == RADEMACHER:
-            ckey = col_key(j >> 5)
-        else:
-            ckey = col_key(j)
-    else:
-        b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + (col0 + offs_n)[None, :].to(tl.int64) * stride_bn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_mask = offs_k < K - k0
-        a = tl.load(e_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if VIRTUAL:
-            # Rows past K meet zero columns of `a`, and B is finite: no mask needed.
-            rkey = row_key(skey_u, (k0 + offs_k).to(tl.uint32))
-            if DIST == RADEMACHER and ALIGNED:
-                b = rademacher_tile(rkey, ckey, BK, BN)
-            else:
-                b = value_from_keys(rkey[:, None], ckey[None, :], j[None, :], threshold, DIST, LIBDEVICE)
-        else:
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            b_ptrs += BK * stride_bk
-        acc = tl.dot(a, b.to(e_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
-        e_ptrs += BK * stride_ek
+    acc = accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk,
+                          stride_bn, skey, threshold, VIRTUAL, DIST, ALIGNED, LIBDEVICE, INPUT_PRECISION, BM, BN, BK)
     acc = acc * scale
     mask = m_mask[:, None] & n_mask[None, :]
     rows = offs_m[:, None].to(tl.int64) * W + offs_n[None, :]  # outputs and pre-activations are [N, W]
