@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -343,17 +344,26 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
   if (N == 0 || K == 0) return outs;
   const at::Tensor e32 = e.detach().to(at::kFloat);  // detached: the BLAS calls below use out=
 
-  if (B.has_value()) {  // one GEMM per point, then the epilogue by row blocks while threads are warm
-    const at::Tensor B32 = B->detach().to(at::kFloat);
-    for (size_t l = 0; l < points.size(); ++l) {
-      const PointArgs& p = points[l];
+  if (B.has_value()) {
+    // One GEMM over the span of columns the points read (the independent layout's points are
+    // adjacent, the shared layout's overlap), then every point's epilogue, by row blocks.
+    int64_t lo = INT64_MAX, hi = 0;
+    for (const PointArgs& p : points) {
       if (p.width == 0) continue;
-      const at::Tensor acc = at::mm(e32, B32.narrow(1, p.offset, p.width));
-      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / p.width), [&](int64_t begin, int64_t end) {
-        finish_point_block(acc.const_data_ptr<float>() + begin * p.width, p.width, outs[l], p, begin,
-                           end - begin, 0, p.width);
-      });
+      lo = std::min(lo, p.offset);
+      hi = std::max(hi, p.offset + p.width);
     }
+    if (hi == 0) return outs;
+    const at::Tensor acc = at::mm(e32, B->detach().to(at::kFloat).narrow(1, lo, hi - lo));
+    const int64_t span = hi - lo;
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / span), [&](int64_t begin, int64_t end) {
+      for (size_t l = 0; l < points.size(); ++l) {
+        const PointArgs& p = points[l];
+        if (p.width == 0) continue;
+        finish_point_block(acc.const_data_ptr<float>() + begin * span + (p.offset - lo), span, outs[l], p, begin,
+                           end - begin, 0, p.width);
+      }
+    });
     return outs;
   }
 
