@@ -148,8 +148,11 @@ def test_project_all_distributions(distribution, dtype):
 
 
 # (N, K, W, distribution, dtype, scale, with col_scale, out_dtype): every N in {1, 7, 1000},
-# K in {1, 3, 10, 50257} and W in {1, 17, 128, 4096}, with large sizes only next to small ones.
+# K in {1, 3, 10, 50257} (the narrow kernel up to K = 16, the tiled GEMM above) and W in
+# {1, 17, 128, 4096}, with large sizes only next to small ones.
 PROJECT_CASES = [
+    (33, 17, 100, "uniform", torch.float32, 1.0, True, None),
+    (7, 40, 65, "rademacher", torch.float16, 0.5, False, torch.float32),
     (1, 1, 1, "uniform", torch.float32, 1.0, False, None),
     (7, 3, 17, "gaussian", torch.float32, 0.5, True, None),
     (7, 10, 128, "rademacher", torch.float16, 1.0, False, None),
@@ -187,6 +190,7 @@ def test_project_bf16_large_cuda(distribution):
 # (N, K, W, e dtype, B dtype, transposed B storage, scale, with col_scale, out_dtype)
 MATERIALIZED_CASES = [
     (7, 10, 17, torch.float32, torch.float32, False, 1.0, False, None),
+    (9, 20, 70, torch.float32, torch.float16, True, 1.0, True, None),
     (1000, 3, 128, torch.float16, torch.float16, False, 0.5, True, None),
     (7, 10, 17, torch.float32, torch.float32, True, 1.0, True, torch.float16),
     (1, 50257, 17, torch.float32, torch.float32, False, 1.0, False, None),

@@ -95,6 +95,42 @@ def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit(do_not_specialize=["skey", "threshold"])
+def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
+                   stride_em, stride_ek, stride_bk, stride_bn, stride_om,
+                   skey, threshold, scale, n_bucket,
+                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+                   LIBDEVICE: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """out_features K <= KP <= 16: an outer product, bound by the output write. Each program makes
+    the K rows of its B block once (no tl.dot, whose 16-row minimum would generate 16x the
+    entries for K = 1) and adds K rank-1 updates of its [BM, BN] tile."""
+    num_n = tl.cdiv(W, BN)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < N
+    n_mask = offs_n < W
+    j = offs_n.to(tl.uint32)
+    if VIRTUAL:
+        ckey = col_key_for(j, DIST)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in tl.static_range(KP):
+        if k < K:
+            a = tl.load(e_ptr + offs_m.to(tl.int64) * stride_em + k * stride_ek, mask=m_mask, other=0.0)
+            if VIRTUAL:
+                b = value_from_keys(row_key(skey.to(tl.uint32), tl.full((), k, tl.uint32)), ckey, j, threshold,
+                                    DIST, LIBDEVICE)
+            else:
+                b = tl.load(b_ptr + k * stride_bk + offs_n.to(tl.int64) * stride_bn, mask=n_mask, other=0.0)
+            acc += a.to(tl.float32)[:, None] * b.to(e_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    acc = acc * scale
+    if HAS_COL_SCALE:
+        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
 @triton.jit(do_not_specialize=["skey", "threshold", "col_offset"])
 def _feedback_kernel(out_ptr, R, C, stride_r, skey, threshold, col_offset,
                      DIST: tl.constexpr, LIBDEVICE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
@@ -140,9 +176,18 @@ def _prune_configs(configs, named_args, **kwargs):
             if fits(N, c.kwargs["BM"]) and fits(W, c.kwargs["BN"]) and fits(K, c.kwargs["BK"])]
 
 
+# Memory-bound tiles for the narrow kernel: wide in columns for long coalesced stores.
+_NARROW_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
+                   for bm, bn, w in [(32, 256, 4), (64, 256, 8), (16, 512, 4), (64, 128, 4), (128, 128, 8)]]
+_NARROW_INTERPRET_META = {"BM": 32, "BN": 64}
+NARROW_MAX_K = 16
+
 if INTERPRET:
     _project_launch = _project_kernel
+    _narrow_launch = _narrow_kernel
 else:
+    _narrow_launch = triton.autotune(
+        configs=_NARROW_CONFIGS, key=["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE"])(_narrow_kernel)
     _project_launch = triton.autotune(
         configs=_GPU_CONFIGS,
         key=["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE", "INPUT_PRECISION"],
@@ -231,8 +276,15 @@ def _launch(e: torch.Tensor, B: torch.Tensor | None, width: int, skey: int, thre
     args = (e, e if B is None else B, out if col_scale is None else col_scale, out, N, K, width,
             e.stride(0), e.stride(1), 0 if B is None else B.stride(0), 0 if B is None else B.stride(1),
             out.stride(0), skey, threshold, float(scale), triton.next_power_of_2(N))
-    consts = dict(VIRTUAL=B is None, DIST=dist, HAS_COL_SCALE=col_scale is not None,
-                  LIBDEVICE=not INTERPRET, INPUT_PRECISION=_fp32_dot_precision())
+    consts = dict(VIRTUAL=B is None, DIST=dist, HAS_COL_SCALE=col_scale is not None, LIBDEVICE=not INTERPRET)
+    if K <= NARROW_MAX_K:
+        consts["KP"] = triton.next_power_of_2(K)
+        if INTERPRET:
+            _narrow_launch[_grid(N, width, _NARROW_INTERPRET_META)](*args, **consts, **_NARROW_INTERPRET_META)
+        else:
+            _narrow_launch[lambda meta: _grid(N, width, meta)](*args, **consts)
+        return out
+    consts["INPUT_PRECISION"] = _fp32_dot_precision()
     if INTERPRET:
         meta = _INTERPRET_META
         _project_launch[_grid(N, width, meta)](*args, **consts, **meta)
