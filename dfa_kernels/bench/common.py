@@ -56,14 +56,17 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_ti
 
 
 def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    """HEAD of the checkout the benchmark runs from (the working directory, else this package's
+    own folder when it is an editable install), "-dirty" when tracked files changed; None outside git."""
+    for where in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=where)
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=where).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            continue
         return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return None
 
 
 def environment(device: torch.device) -> dict:
