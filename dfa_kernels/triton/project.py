@@ -25,6 +25,27 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def tile_of_program(N, W, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's [BM, BN] tile of an [N, W] output: 1-D grid, row-major over tiles (no 65535
+    limit on either side), so neighbouring programs share the rows of e they read."""
+    num_n = tl.cdiv(W, BN)
+    pid_n = tl.program_id(0) % num_n
+    offs_m = (tl.program_id(0) // num_n) * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return pid_n, offs_m, offs_n, offs_m < N, offs_n < W
+
+
+@triton.jit
+def store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE: tl.constexpr):
+    """out = (acc * scale) * col_scale, cast to out's dtype."""
+    acc = acc * scale
+    if HAS_COL_SCALE:
+        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
                     skey, threshold, VIRTUAL: tl.constexpr, DIST: tl.constexpr, ALIGNED: tl.constexpr,
                     LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -75,24 +96,11 @@ def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
                     LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # n_bucket is only an autotuning key (N rounded up to a power of two).
-    # 1-D grid, row-major over tiles (no 65535 limit on either side); neighbouring programs
-    # share the rows of e they read.
-    num_n = tl.cdiv(W, BN)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask = offs_m < N
-    n_mask = offs_n < W
+    pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, W, BM, BN)
     # BN is a multiple of 32 and the columns start at 0: rademacher tiles are word aligned.
     acc = accumulate_tile(e_ptr, b_ptr, N, K, 0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk,
-                          stride_bn,
-                          skey, threshold, VIRTUAL, DIST, True, LIBDEVICE, INPUT_PRECISION, BM, BN, BK)
-    acc = acc * scale
-    if HAS_COL_SCALE:
-        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+                          stride_bn, skey, threshold, VIRTUAL, DIST, True, LIBDEVICE, INPUT_PRECISION, BM, BN, BK)
+    store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 
 @triton.jit(do_not_specialize=["skey", "threshold"])
@@ -104,13 +112,7 @@ def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
     """out_features K <= KP <= 16: an outer product, bound by the output write. Each program makes
     the K rows of its B block once (no tl.dot, whose 16-row minimum would generate 16x the
     entries for K = 1) and adds K rank-1 updates of its [BM, BN] tile."""
-    num_n = tl.cdiv(W, BN)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask = offs_m < N
-    n_mask = offs_n < W
+    pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, W, BM, BN)
     j = offs_n.to(tl.uint32)
     if VIRTUAL:
         ckey = col_key_for(j, DIST)
@@ -124,11 +126,7 @@ def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
             else:
                 b = tl.load(b_ptr + k * stride_bk + offs_n.to(tl.int64) * stride_bn, mask=n_mask, other=0.0)
             acc += a.to(tl.float32)[:, None] * b.to(e_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    acc = acc * scale
-    if HAS_COL_SCALE:
-        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 
 @triton.jit(do_not_specialize=["skey", "threshold", "col_offset"])
