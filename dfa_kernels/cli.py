@@ -25,17 +25,11 @@ def _demo(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import projection, step
-    out = Path(args.out)
-    device = args.device
-    results = {}
-    if args.suite in ("all", "projection"):
-        results["projection"] = projection.main(["--device", device, "--out", str(out / f"projection_{device}.json")]
-                                                + (["--quick"] if args.quick else []))
-    if args.suite in ("all", "step"):
-        results["step"] = step.main(["--device", device, "--out", str(out / f"step_{device}.json")]
-                                    + (["--repeats", "3"] if args.quick else []))
-    print(f"results written under {out}/")
+    from .bench.suite import run_suite
+    # --time-budget: none given -> the device's default (-1), 0 -> no limit (None)
+    budget = -1.0 if args.time_budget is None else (None if args.time_budget == 0 else args.time_budget)
+    run_suite(args.device, Path(args.out), args.suite, quick=args.quick, tiny=args.tiny, time_budget_s=budget,
+              progress=not args.no_progress)
 
 
 def _train(args) -> None:
@@ -74,11 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_demo)
 
-    s = sub.add_parser("bench", help="projection and training-step microbenchmarks")
+    s = sub.add_parser("bench", help="projection and training-step benchmarks, plots, README summary",
+                       description="Projection microbenchmark (writes the backend table backend='auto' reads), "
+                                   "then training steps (DFA vs BP vs TinyDFA-style), then plots; results JSON "
+                                   "and plots under --out. A full run from a checkout also updates "
+                                   "benchmarks/results/, benchmarks/plots/ and README.md's summary block.")
     s.add_argument("suite", nargs="?", default="all", choices=["all", "projection", "step"])
-    s.add_argument("--device", default=None)
-    s.add_argument("--out", default="benchmarks/results")
-    s.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--out", default="benchmarks/results", help="folder for the results JSON and plots")
+    s.add_argument("--quick", action="store_true",
+                   help="fewer shapes and repeats (files named *_quick; nothing outside --out changes)")
+    s.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole suite; later measurements are skipped and listed "
+                        "(default: 390 on a GPU, none on a CPU; 0: no limit)")
+    s.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test sizes
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_bench)
 
     def add_run_options(s):

@@ -1,16 +1,35 @@
-"""Smoke tests of the benchmark suite: it runs at tiny sizes and writes complete results."""
+"""Smoke tests of the benchmark suite: it runs at tiny sizes and writes complete results; the
+summary script rewrites only README's marked block."""
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from dfa_kernels import ops
-from dfa_kernels.bench import projection, step
+import dfa_kernels as dk
+from dfa_kernels import cli, ops
+from dfa_kernels.bench import common, projection, step, summary
+from dfa_kernels.bench.suite import run_suite
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """Backend tables go to a temporary folder, never into the package."""
+    monkeypatch.setattr(ops, "BACKEND_TABLES", tmp_path / "tables")
+    monkeypatch.setattr(projection, "BACKEND_TABLES", tmp_path / "tables")
+    ops.backend_table.cache_clear()
+    yield tmp_path / "tables"
+    ops.backend_table.cache_clear()
 
 
 def test_step_suite_tiny(tmp_path):
@@ -22,14 +41,29 @@ def test_step_suite_tiny(tmp_path):
         expected = set(step.VARIANTS) if name in step.FUSABLE else set(step.VARIANTS) - {"dfa_fused"}
         assert set(w["ms_per_step"]) == expected and all(t > 0 for t in w["ms_per_step"].values())
         assert w["ratio_over_bp"]["bp"] == 1.0
+        assert w["ours"]["variant"] in step.OURS
+        assert w["peak_memory_bytes"] == "not measured (CPU)"
+    assert "synthetic" in saved["workloads"]["gcn"]["config"]["data"]
     assert saved["environment"]["git_sha"] and res["size"] == "tiny"
+    assert saved["targets"] == []  # targets are about the full sizes
+
+
+def test_step_targets():
+    w = {"ours": {"variant": "dfa", "ratio_over_bp": 0.7}, "speedup_over_tinydfa_style": 1.6,
+         "peak_memory_bytes": {"bp": 10, "dfa": 9}}
+    found = step.targets({"lm_micro": w, "lm_macro": w}, "cuda", "gpu")
+    assert {t["name"] for t in found} >= {"lm_micro: DFA step / BP step", "lm_macro: TinyDFA-style step / DFA step",
+                                          "lm_micro: DFA peak memory / BP peak memory"}
+    assert all(t["met"] for t in found)
+    cpu = step.targets({"mlp": {**w, "ours": {"variant": "dfa", "ratio_over_bp": 0.8}}}, "cpu", "cpu")
+    assert [(t["name"], t["met"]) for t in cpu] == [("mlp: DFA step / BP step", False)]
 
 
 def test_tinydfa_style_gives_our_gradients():
     """The baseline is the same DFA (same B, same scales): only the mechanics differ."""
     x, target = torch.randn(8, 32), torch.randint(0, 4, (8,))
     grads = []
-    for dfa in (step.TinyDFAStyle(seed=0), __import__("dfa_kernels").DFA(seed=0)):
+    for dfa in (step.TinyDFAStyle(seed=0), dk.DFA(seed=0)):
         torch.manual_seed(0)
         model = step.MLP(2, 32, 4, dfa, fused=False)
         torch.nn.functional.cross_entropy(model(x), target).backward()
@@ -40,19 +74,119 @@ def test_tinydfa_style_gives_our_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_projection_rows_and_backend_table(tmp_path, monkeypatch):
-    monkeypatch.setitem(projection.SHAPES, "cpu", {"graph": (64, 7, 96), "lm512": (32, 40, 64)})
-    monkeypatch.setitem(projection.SWEEP, "cpu", {"graph": (16, 32)})
-    monkeypatch.setitem(projection.POINTS, "cpu", (16, 8, (24, 9)))
-    res = projection.run("cpu", "float32", out=tmp_path / "p.json", progress=False)
+@pytest.mark.parametrize("name", ["dcn", "gcn"])
+def test_fused_variants_match_bp_forward(name):
+    """The fused DCN/GCN forwards compute the same outputs as the models' own (in eval mode)."""
+    build, _, _ = step.WORKLOADS[name](torch.device("cpu"), torch.float32, "tiny")
+    torch.manual_seed(0)
+    plain = build("bp").eval()
+    torch.manual_seed(0)
+    fused = build("dfa_fused").eval()
+    fused.dfa.mode = "bp"
+    if name == "dcn":
+        args = (torch.randint(0, 50, (4, 5)), None)
+    else:
+        x, edge_index, *_ = step._cora_like("tiny")
+        args = (x, edge_index)
+    torch.testing.assert_close(plain(*args), fused(*args))
+
+
+def test_projection_rows_and_backend_table(tmp_path, tables):
+    res = projection.run("cpu", "float32", out=tmp_path / "p.json", progress=False, size="tiny", write_table=True)
     rows = res["rows"]
     assert {r["op"] for r in rows} == {"project", "project_points"}
-    assert [r["N"] for r in rows if r["sweep"] and r["impl"] == "torch.mm"] == [16, 32]
+    assert [r["N"] for r in rows if r["sweep"] and r["impl"] == "torch.mm" and r["shape"] == "recsys"] == [16, 64]
     assert all(r["ms"] > 0 for r in rows)
     assert {r["bound"] for r in rows} == {"memory", "compute"}
-    monkeypatch.setattr(ops, "BACKEND_TABLES", tmp_path / "tables")
-    monkeypatch.setattr(projection, "BACKEND_TABLES", tmp_path / "tables")
-    path = projection.write_backend_table(rows, torch.device("cpu"), res["environment"])
-    table = json.loads(path.read_text())
-    assert table["choices"]["project|virtual|narrow"] in ("cpu", "torch")
-    assert set(table["choices"]) >= {"project|materialized|medium", "project_points|virtual|narrow"}
+    assert {r["shape"] for r in rows if r["op"] == "project_points"} == {"points_narrow", "points_medium", "points_wide"}
+    assert json.loads((tmp_path / "p.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    table = json.loads((tables / "cpu.json").read_text())
+    assert set(table) >= {"device", "git_sha", "date", "choices", "times_ms"}
+    assert set(table["choices"]) == {f"{op}|{s}|{c}" for op in ("project", "project_points")
+                                     for s in ("virtual", "materialized") for c in ("narrow", "medium", "wide")}
+    assert set(table["choices"].values()) <= {"cpu", "torch"}
+    for key, choice in table["choices"].items():
+        assert choice in table["times_ms"][key]
+    assert ops.backend_table("cpu") == table["choices"]  # what backend="auto" reads
+
+
+def test_projection_deadline_skips(tmp_path):
+    res = projection.run("cpu", "float32", progress=False, size="tiny", write_table=False, time_budget_s=0.0)
+    assert res["rows"] == [] and res["skipped"]
+
+
+def test_device_peaks_match_names(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert common.device_peak(torch.device("cuda"))["gbps"] == 3350.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert common.device_peak(torch.device("cuda"))["gbps"] == 2000.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    peak = common.device_peak(torch.device("cuda"))
+    assert peak["gbps"] == 4800.0 and set(peak["tflops"]) == {"fp32", "tf32", "bf16", "fp16"}
+    assert common.device_peak(torch.device("cpu")) is None
+    rows = [{"op": "project", "sweep": False, "dtype": "bfloat16", "impl": "cuda", "storage": "virtual",
+             "distribution": "uniform", "shape": "recsys", "bound": "memory", "gbps": 3000.0, "tflops": 1.0}]
+    projection._add_peaks(rows, peak)
+    (t,) = projection.targets(rows, peak, "bfloat16")
+    assert t["met"] is False and round(t["value"]) == 62
+
+
+def test_cli_bench_tiny_writes_json_and_plots(tmp_path, tables, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkout here: nothing is mirrored
+    cli.main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), "--no-progress"])
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["projection_cpu_tiny.json", "projection_cpu_tiny.png", "step_cpu_tiny.json", "step_cpu_tiny.png"]
+    for name in names:
+        if name.endswith(".json"):
+            assert json.loads((tmp_path / "out" / name).read_text())["environment"]["device_type"] == "cpu"
+    assert not tables.exists()  # tiny runs write no backend table
+
+
+def _fake_checkout(tmp_path) -> Path:
+    root = tmp_path / "repo"
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / "README.md", root / "README.md")
+    for name in ("step_cpu.json", "projection_cpu.json"):
+        if (ROOT / "benchmarks" / "results" / name).exists():
+            shutil.copy(ROOT / "benchmarks" / "results" / name, root / "benchmarks" / "results" / name)
+    return root
+
+
+def test_summarize_rewrites_only_the_marked_block(tmp_path):
+    root = _fake_checkout(tmp_path)
+    res = step.run("cpu", size="tiny", repeats=1, progress=False, workloads=["mlp"])
+    (root / "benchmarks" / "results" / "step_cuda.json").write_text(json.dumps(res))
+    (root / "benchmarks" / "results" / "step_cuda_quick.json").write_text(json.dumps(res))  # left out
+    before = (root / "README.md").read_text()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root)], check=True,
+                   capture_output=True)
+    after = (root / "README.md").read_text()
+    head, tail = before.split(summary.START)[0], before.split(summary.END)[1]
+    assert after.startswith(head + summary.START + "\n") and after.endswith(summary.END + tail)
+    block = after[len(head) + len(summary.START):-len(summary.END + tail)]
+    assert "| mlp |" in block and "![step_cuda](benchmarks/plots/step_cuda.png)" in block
+    assert block.count("Training step") == 1 + (root / "benchmarks" / "results" / "step_cpu.json").exists()
+    assert (root / "benchmarks" / "plots" / "step_cuda.png").exists()
+    # idempotent
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root), "--no-plots"],
+                   check=True, capture_output=True)
+    assert (root / "README.md").read_text() == after
+
+
+def test_rewrite_refuses_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="bench-summary"):
+        summary.rewrite_readme(readme, "x\n")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_suite_mirrors_into_a_checkout(tmp_path, tables):
+    root = _fake_checkout(tmp_path)
+    before = (root / "README.md").read_text()
+    res = run_suite("cpu", tmp_path / "out", "step", tiny=True, progress=False, checkout=root, mirror=True)
+    assert (root / "benchmarks" / "results" / "step_cpu_tiny.json").exists()
+    assert [Path(f).name for f in res["files"]] == ["step_cpu_tiny.json", "step_cpu_tiny.png"]
+    after = (root / "README.md").read_text()
+    assert after.split(summary.START)[0] == before.split(summary.START)[0]
+    assert "step_cpu_tiny" not in after  # smoke-test results stay out of the summary

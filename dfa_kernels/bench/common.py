@@ -11,23 +11,60 @@ from pathlib import Path
 
 import torch
 
-# Dense peaks (no sparsity) from the vendors' data sheets: TFLOP/s by dtype, HBM GB/s.
-DEVICE_PEAKS = {
-    "H100 80GB HBM3": {"tflops": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tf32": 494.0}, "gbps": 3350.0},
-    "H100": {"tflops": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tf32": 494.0}, "gbps": 3350.0},
-    "H200": {"tflops": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tf32": 494.0}, "gbps": 4800.0},
-    "A100": {"tflops": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tf32": 156.0}, "gbps": 2039.0},
-}
+try:  # the progress bars are optional: a bare GPU machine may lack tqdm
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    class tqdm:  # noqa: N801 - the same name and the calls the benchmarks use
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+# Dense peaks (no sparsity) from the vendors' data sheets: TFLOP/s by dtype ("fp32": the CUDA cores;
+# "tf32"/"bf16"/"fp16": the tensor cores), HBM GB/s. Matched against torch.cuda.get_device_name in
+# order, so the more specific names come first ("H100 PCIe" before the SXM part's plain "H100").
+DEVICE_PEAKS = [
+    ("H200 NVL", {"tflops": {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}, "gbps": 4800.0}),
+    ("H200", {"tflops": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, "gbps": 4800.0}),
+    ("H100 NVL", {"tflops": {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}, "gbps": 3900.0}),
+    ("H100 PCIe", {"tflops": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}, "gbps": 2000.0}),
+    ("H100", {"tflops": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, "gbps": 3350.0}),  # SXM5
+    ("A100-SXM4-80GB", {"tflops": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, "gbps": 2039.0}),
+    ("A100 80GB PCIe", {"tflops": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, "gbps": 1935.0}),
+    ("A100", {"tflops": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, "gbps": 1555.0}),  # 40GB
+]
+# The tensor-core peak a compute-bound projection of each input dtype is measured against (fp32
+# inputs: TF32, the tensor cores' fp32 path; fp32 rows also report the CUDA cores' "fp32" share).
+DTYPE_KEYS = {"float32": "tf32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def device_peak(device: torch.device) -> dict | None:
+    """{"name", "tflops": {dtype key: TFLOP/s}, "gbps"} of a known GPU; None on a CPU or an unknown GPU."""
+    device = torch.device(device)
     if device.type != "cuda":
         return None  # CPU peaks are not published for this machine: report achieved rates only
     name = torch.cuda.get_device_name(device)
-    for key, peak in DEVICE_PEAKS.items():
+    for key, peak in DEVICE_PEAKS:
         if key in name:
-            return peak
+            return {"name": key, **peak}
     return None
+
+
+class Deadline:
+    """A wall-clock budget shared by the parts of a suite (None: no limit)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.perf_counter()
+
+    def passed(self, reserve: float = 0.0) -> bool:
+        return self.left() <= reserve
 
 
 def sync(device: torch.device) -> None:

@@ -1,32 +1,46 @@
 """Training-step benchmark: BP vs our DFA (plain points, and the fused forms) vs a TinyDFA-style DFA.
 
-Workloads: an MLP (depth x width), a recommender (DCN, out_features 1) and a causal Transformer LM
-(micro and macro placements; bf16 autocast on a GPU). Every variant of a workload starts from the
-same weights and is timed interleaved with the others (alternating order), median of repeats.
+Workloads: an MLP (depth x width), a recommender (DCN on synthetic Criteo-shaped input: 39 fields,
+out_features 1), GCN on Cora (the real Cora from graphdatascience when installed, else a synthetic
+graph of Cora's size; the result says which) and a causal Transformer LM (micro and macro
+placements; 12 layers, d_model 768, bf16 autocast on a GPU, a small config on a CPU). Every
+variant of a workload starts from the same weights and is timed interleaved with the others
+(alternating order), median of repeats, each repeat a CUDA-synchronised batch after warmup. On a
+GPU the peak memory of each variant is measured alone (only its model on the device; parameters,
+gradients, activations and any stored B counted).
 
 - ``bp``: backprop through the same model (DFA mode "bp").
-- ``dfa``: ours, a plain point after each activation (``dfa.point(h)``): the unfused path.
-- ``dfa_fused``: ours, ``dfa.linear(x, layer, act)`` where the model has linear+activation points
-  (activation derivative in the projection epilogue, grouped weight gradients).
+- ``dfa``: ours unfused: a plain point after each activation (``dfa.point(h)``).
+- ``dfa_fused``: ours fused: ``dfa.linear(x, layer, act)`` where a linear layer feeds the
+  activation (MLP, the LM's FFN), ``dfa.point(a, activation=act)`` on the pre-activation
+  elsewhere (DCN's MLP blocks, GCN's first layer): the activation derivative applied in the
+  projection's epilogue, the linear layers' weight gradients in one grouped launch. The LM in
+  macro placement has no activation at its points, so it has no fused variant.
 - ``dfa_shared``: ours with the shared layout (TinyDFA's: one B of the widest point's width,
   every point reads its first columns), a cheaper projection when points are many and wide.
 - ``tinydfa_style``: TinyDFA's published design, written here: points detached into leaves that
   still require grad (so autograd computes every input gradient), a dense stored B, and a Python
   loop of ``.backward()`` calls, one per point. It uses the same feedback as ``dfa`` (independent
   layout, 1/sqrt(d_l) scales), so the two compute the same gradients and differ only in mechanics.
+
+"DFA (ours)" in the targets is the faster of ``dfa`` and ``dfa_fused`` (same feedback as
+``tinydfa_style``; ``dfa_shared`` is reported beside them but changes the feedback matrix).
+Targets (met or not): GPU: LM micro DFA step <= 0.75x BP, macro <= 0.95x, DFA >= 1.5x faster than
+TinyDFA-style, DFA peak memory <= BP; CPU: the MLP's DFA step <= 0.72x BP.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from .. import DFA, FeedbackSpec
-from .common import environment, time_ms, write_results
+from .. import DFA, FeedbackSpec, ops
+from .common import tqdm, Deadline, environment, time_ms, write_results
 
 
 class TinyDFAStyle(nn.Module):
@@ -93,21 +107,106 @@ def _mlp(device, dtype, size):
     return build, loss, {"depth": depth, "width": width, "batch": batch, "classes": classes}
 
 
+def _fused_dcn_forward(self, idx, bag):
+    """DCN's forward with its MLP blocks (Linear -> BatchNorm -> ReLU) as fused points on the
+    pre-activation (the block's BatchNorm sits between the linear layer and the ReLU, so
+    ``dfa.linear`` does not apply); the cross layers have no activation and stay plain points."""
+
+    x0 = self.dfa.point(self.embed(idx, bag)).flatten(1)
+    x = x0
+    for layer in self.cross[:-1]:
+        x = self.dfa.point(layer(x0, x))
+    h = x0
+    for lin, bn, _, drop in self.mlp[:-1]:
+        h = drop(self.dfa.point(bn(lin(h)), activation="relu"))
+    stack = self.dfa.point(torch.cat([self.cross[-1](x0, x), self.mlp[-1](h)], 1))
+    return self.dfa(self.out(stack))
+
+
+
+
 def _dcn(device, dtype, size):
     from ..models.recsys import DCN
     batch, fields, vocab, hidden = {"cpu": (1024, 39, 100_000, (1024, 1024)), "gpu": (8192, 39, 1_000_000, (1024, 1024)),
                                     "tiny": (16, 5, 50, (16, 16))}[size]
-    idx = torch.randint(0, vocab, (batch, fields), device=device)
-    target = torch.randint(0, 2, (batch,), device=device).float()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, vocab, (batch, fields), generator=g).to(device)
+    target = torch.randint(0, 2, (batch,), generator=g).float().to(device)
 
     def build(variant):
         model = DCN(vocab, fields, hidden=hidden)
         model.dfa = TinyDFAStyle() if variant == "tinydfa_style" else _dfa(variant)
+        if variant == "dfa_fused":
+            model.forward = _fused_dcn_forward.__get__(model)
         return model
 
     def loss(model):
         return F.binary_cross_entropy_with_logits(model(idx, None).float().reshape(-1), target)
-    return build, loss, {"batch": batch, "fields": fields, "vocab": vocab, "mlp": list(hidden), "cross_layers": 6}
+    return build, loss, {"model": "DCN", "batch": batch, "fields": fields, "vocab": vocab, "mlp": list(hidden),
+                         "cross_layers": 6, "embed_dim": 16,
+                         "data": f"synthetic Criteo-shaped input ({fields} one-valued fields, uniform ids, random labels)"}
+
+
+def _cora_like(size):
+    """(x, edge_index, y, train_mask, description): the real Cora (graphdatascience's parquet
+    files, row-normalised features, the zoo's random split) when installed, else a synthetic graph
+    of Cora's size (2708 nodes, 1433 binary features ~18 per node, 5278 undirected edges, 7
+    classes, 140 training nodes); "tiny": a small synthetic graph."""
+    if size != "tiny":
+        try:
+            import torch_geometric.transforms as T
+
+            from ..data.cora import load_cora
+            data = T.NormalizeFeatures()(load_cora(split_seed=0))
+            return data.x, data.edge_index, data.y, data.train_mask, "cora (graphdatascience parquet, random split)"
+        except Exception as err:  # noqa: BLE001 - not installed, or unreadable: the synthetic graph, saying why
+            why = f"{type(err).__name__}: {err}".splitlines()[0]
+    else:
+        why = "tiny size"
+    nodes, feats, words, edges, classes, train = (2708, 1433, 18, 5278, 7, 140) if size != "tiny" else (60, 40, 5, 120, 3, 12)
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(nodes, feats)
+    x.scatter_(1, torch.randint(0, feats, (nodes, words), generator=g), 1.0)
+    x = x / x.sum(1, keepdim=True)
+    src, dst = torch.randint(0, nodes, (2, edges), generator=g)
+    keep = src != dst
+    edge_index = torch.cat([torch.stack([src[keep], dst[keep]]), torch.stack([dst[keep], src[keep]])], 1)
+    y = torch.randint(0, classes, (nodes,), generator=g)
+    train_mask = torch.zeros(nodes, dtype=torch.bool)
+    train_mask[torch.randperm(nodes, generator=g)[:train]] = True
+    what = "a small synthetic graph" if size == "tiny" else "synthetic graph of Cora's size"
+    return x, edge_index, y, train_mask, (f"{what} ({nodes} nodes, {feats} features, {edges} undirected edges, "
+                                          f"{classes} classes; real Cora not used: {why})")
+
+
+def _fused_gcn_forward(self, x, edge_index, edge_attr=None):
+    """GCN with its hidden point fused on the pre-activation: ``dfa.point(conv1(x), "relu")``. The
+    dropout after the ReLU then acts on the point's (detached) output: in DFA mode the feedback no
+    longer passes through the dropout mask (the plain GCN's point sits after the dropout)."""
+    from ..models.graph import feature_dropout
+    x = feature_dropout(x, self.dropout, self.training)
+    h = F.dropout(self.dfa.point(self.conv1(x, edge_index), activation="relu"), self.dropout, self.training)
+    return F.log_softmax(self.dfa(self.conv2(h, edge_index)), dim=-1)
+
+
+def _gcn(device, dtype, size):
+    from ..models.graph import GCN
+    x, edge_index, y, train_mask, source = _cora_like(size)
+    x, edge_index, y, train_mask = x.to(device), edge_index.to(device), y.to(device), train_mask.to(device)
+    classes, hidden = int(y.max()) + 1, 16
+
+    def build(variant):
+        dfa = TinyDFAStyle() if variant == "tinydfa_style" else _dfa(variant)
+        model = GCN(x.shape[1], classes, hidden=hidden, dropout=0.5, dfa=dfa)
+        if variant == "dfa_fused":
+            model.forward = _fused_gcn_forward.__get__(model)
+        return model
+
+    def loss(model):
+        return F.nll_loss(model(x, edge_index)[train_mask], y[train_mask])
+    return build, loss, {"model": "GCN (2 layers, PyG GCNConv)", "nodes": x.shape[0], "features": x.shape[1],
+                         "edges": edge_index.shape[1], "classes": classes, "hidden": hidden, "full_batch": True,
+                         "data": source}
 
 
 def _lm(placement):
@@ -115,7 +214,8 @@ def _lm(placement):
         from ..models.transformer import TransformerLM
         layers, d, heads, T, batch, vocab = {"cpu": (4, 256, 4, 128, 8, 256), "gpu": (12, 768, 12, 1024, 8, 50257),
                                              "tiny": (2, 32, 2, 16, 2, 64)}[size]
-        tokens = torch.randint(0, vocab, (batch, T + 1), device=device)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, vocab, (batch, T + 1), generator=g).to(device)
 
         def build(variant):
             model = TransformerLM(vocab, context=T, layers=layers, d_model=d, heads=heads, placement=placement,
@@ -126,91 +226,244 @@ def _lm(placement):
         def loss(model):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 return F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
-        return build, loss, {"layers": layers, "d_model": d, "heads": heads, "context": T, "batch": batch,
-                             "vocab": vocab, "placement": placement, "bf16_autocast": device.type == "cuda"}
+        return build, loss, {"model": "TransformerLM (pre-LN, GELU FFN 4x, untied head)", "layers": layers,
+                             "d_model": d, "heads": heads, "context": T, "batch": batch, "vocab": vocab,
+                             "placement": placement, "error_at": "hidden", "points": layers * (3 if placement == "micro" else 1),
+                             "bf16_autocast": device.type == "cuda", "data": "random tokens"}
     return workload
 
 
-WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro")}
+WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "gcn": _gcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro")}
 VARIANTS = ("bp", "dfa", "dfa_fused", "dfa_shared", "tinydfa_style")
-# Workloads without linear+activation points run the fused variant the same as the plain one.
-FUSABLE = {"mlp", "lm_micro"}
+OURS = ("dfa", "dfa_fused")  # same feedback as tinydfa_style; "DFA (ours)" is the faster of the two
+# Workloads with activations at their points; the others have no fused variant.
+FUSABLE = {"mlp", "dcn", "gcn", "lm_micro"}
+# (workload, device type) -> the step-time ratio DFA/BP to reach
+RATIO_TARGETS = {("lm_micro", "cuda"): 0.75, ("lm_macro", "cuda"): 0.95, ("mlp", "cpu"): 0.72}
+TINYDFA_TARGET = 1.5  # GPU: ours at least this much faster than TinyDFA-style
+# timing per repeat: time_ms(warmup, repeats, min_time_s); "tiny" sizes (smoke tests): one step each
+TIMING = dict(warmup=2, repeats=3, min_time_s=0.2)
+TIMING_TINY = dict(warmup=1, repeats=1, min_time_s=0.0)
+TIMING_QUICK = dict(warmup=1, repeats=2, min_time_s=0.1)
+# the workloads with targets first (a time budget skips the last ones)
+ORDER = {"cuda": ("lm_micro", "lm_macro", "mlp", "dcn", "gcn"), "cpu": ("mlp", "dcn", "gcn", "lm_micro", "lm_macro")}
 
 
-def run_workload(name: str, device, size: str, repeats: int, progress: bool = True) -> dict:
+def _step_fn(model, loss_fn, variant):
+    """One training step (SGD) of `model` as a closure."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+        if variant == "tinydfa_style":
+            model.dfa.finish()
+        opt.step()
+    return step
+
+
+def _clear_caches() -> None:
+    """Drop the stored B matrices of earlier variants (so each variant's peak counts its own)."""
+    ops._MATRIX_CACHE.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _peak_memory(build, loss_fn, variant, device) -> int:
+    """Peak bytes allocated by one training step of `variant` with only its model on the device
+    (parameters, gradients, activations, stored B), after two warmup steps."""
+    _clear_caches()
+    base = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = build(variant).to(device)
+    step = _step_fn(model, loss_fn, variant)
+    step()
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del model, step
+    _clear_caches()
+    return peak
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def run_workload(name: str, device, size: str, repeats: int, progress: bool = True,
+                 deadline: Deadline | None = None, timing: dict | None = None) -> dict:
+    """Time every variant of workload `name`. A variant other than BP that raises is dropped and
+    reported under "failed_variants" (its traceback printed), so one broken path does not cost the
+    others' numbers."""
     device = torch.device(device)
+    timing = timing or (TIMING_TINY if size == "tiny" else TIMING)
+    deadline = deadline or Deadline(None)
     build, loss_fn, config = WORKLOADS[name](device, torch.float32, size)
     variants = [v for v in VARIANTS if v != "dfa_fused" or name in FUSABLE]
+    failed: dict[str, str] = {}
+
+    def attempt(v, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - reported, and the run goes on
+            if v == "bp":
+                raise
+            traceback.print_exc()
+            failed[v] = _error(err)
+            variants.remove(v)
+            if device.type == "cuda":
+                _clear_caches()
+            return None
+
+    peak = {}
+    if device.type == "cuda":  # alone on the device, before the timed models are built
+        for v in list(variants):
+            value = attempt(v, _peak_memory, build, loss_fn, v, device)
+            if value is not None:
+                peak[v] = value
     models = {}
     for v in variants:
         torch.manual_seed(0)  # the same initial weights for every variant
         models[v] = build(v).to(device)
-    optims = {v: torch.optim.SGD(m.parameters(), lr=1e-4) for v, m in models.items()}
-
-    def step_fn(v):
-        model, opt = models[v], optims[v]
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model).backward()
-            if v == "tinydfa_style":
-                model.dfa.finish()
-            opt.step()
-        return step
+    steps = {v: _step_fn(m, loss_fn, v) for v, m in models.items()}
 
     times = {v: [] for v in variants}
-    peak = {}
-    for r in tqdm(range(repeats), desc=f"bench_step {name}", disable=not progress):
-        for v in (variants if r % 2 == 0 else variants[::-1]):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times[v].append(time_ms(step_fn(v), device, warmup=2, repeats=3, min_time_s=0.2))
-            if device.type == "cuda":
-                peak[v] = max(peak.get(v, 0), torch.cuda.max_memory_allocated(device))
+    for r in tqdm(range(repeats), desc=f"bench_step {name}", disable=not progress, leave=False):
+        if r >= 1 and deadline.passed():
+            break
+        for v in (list(variants) if r % 2 == 0 else variants[::-1]):
+            t = attempt(v, time_ms, steps[v], device, **timing)
+            if t is None:
+                times.pop(v, None)
+                models.pop(v, None)
+                steps.pop(v, None)
+            else:
+                times[v].append(t)
     ms = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
-    dfa_best = min(ms[v] for v in ("dfa", "dfa_fused") if v in ms)
-    return {
-        "config": config, "ms_per_step": ms,
+    ours = min((v for v in OURS if v in ms), key=ms.get, default=None)
+    backends = {}
+    if "dfa" in models:
+        backends["project"] = models["dfa"].dfa.resolved_backend(device)
+    spec = next((models[v].dfa.spec for v in OURS if v in models), None)
+    if "dfa_fused" in models and spec is not None:
+        backends["project_points"] = ops.resolve_backend("auto", device, "project_points",
+                                                         ops.resolve_storage("auto", spec), spec.out_features)
+    result = {
+        "config": config, "repeats_done": len(times["bp"]), "ms_per_step": ms,
+        "ms_samples": times,
         "ratio_over_bp": {v: t / ms["bp"] for v, t in ms.items()},
-        "speedup_over_tinydfa_style": ms["tinydfa_style"] / dfa_best,
-        "peak_memory_bytes": peak or "not measured (CPU)",
-        "dfa_backend": models["dfa"].dfa.resolved_backend(device),
+        "ours": None if ours is None else {"variant": ours, "ms": ms[ours], "ratio_over_bp": ms[ours] / ms["bp"]},
+        "speedup_over_tinydfa_style": (ms["tinydfa_style"] / ms[ours]
+                                       if ours is not None and "tinydfa_style" in ms else None),
+        "peak_memory_bytes": {v: b for v, b in peak.items() if v in ms} or "not measured (CPU)",
+        "dfa_backend": backends.get("project"), "dfa_backends": backends,
+        "dfa_storage": ops.resolve_storage("auto", spec) if spec is not None else None,
+        "feedback_width": spec.total_width if spec is not None else None,
+        "failed_variants": failed,
     }
+    if peak:
+        result["peak_memory_ratio_over_bp"] = {v: b / peak["bp"] for v, b in result["peak_memory_bytes"].items()}
+    del models, steps
+    if device.type == "cuda":
+        _clear_caches()
+    return result
 
 
-def run(device="cpu", workloads=tuple(WORKLOADS), size=None, repeats=5, out: Path | None = None,
-        progress: bool = True) -> dict:
+def targets(workloads: dict, device_type: str, size: str | None = None) -> list[dict]:
+    """The step targets for this device type, met or not, from the measured workloads (none at
+    sizes other than the device's own: the targets are about the full-size workloads)."""
+    found = []
+    if size is not None and size != ("gpu" if device_type == "cuda" else "cpu"):
+        return found
+    for (name, kind), bar in RATIO_TARGETS.items():
+        if kind == device_type and name in workloads and workloads[name]["ours"] is not None:
+            o = workloads[name]["ours"]
+            found.append({"name": f"{name}: DFA step / BP step", "value": o["ratio_over_bp"], "target": f"<= {bar}",
+                          "variant": o["variant"], "met": o["ratio_over_bp"] <= bar})
+    if device_type != "cuda":
+        return found
+    for name, w in workloads.items():
+        if w["speedup_over_tinydfa_style"] is None:
+            continue
+        found.append({"name": f"{name}: TinyDFA-style step / DFA step", "value": w["speedup_over_tinydfa_style"],
+                      "target": f">= {TINYDFA_TARGET}", "variant": w["ours"]["variant"],
+                      "met": w["speedup_over_tinydfa_style"] >= TINYDFA_TARGET})
+    for name, w in workloads.items():
+        mem = w["peak_memory_bytes"]
+        if isinstance(mem, dict) and w["ours"] is not None:
+            v = w["ours"]["variant"]
+            found.append({"name": f"{name}: DFA peak memory / BP peak memory", "value": mem[v] / mem["bp"],
+                          "target": "<= 1", "variant": v, "met": mem[v] <= mem["bp"]})
+    return found
+
+
+def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = None,
+        progress: bool = True, time_budget_s: float | None = None, timing: dict | None = None) -> dict:
+    """Measure `workloads` in order (default: the ones with targets on this device first); a
+    workload not started before the time budget ran out is listed under "skipped" (one that
+    started finishes its current repeat and reports what it has)."""
     device = torch.device(device)
     size = size or ("gpu" if device.type == "cuda" else "cpu")
+    workloads = workloads or ORDER[device.type]
+    timing = timing or (TIMING_TINY if size == "tiny" else TIMING)
+    deadline = Deadline(time_budget_s)
     result = {"benchmark": "bench_step", "environment": environment(device), "size": size, "repeats": repeats,
-              "optimizer": "SGD", "workloads": {}}
-    for name in workloads:
-        result["workloads"][name] = run_workload(name, device, size, repeats, progress)
+              "timing": timing, "optimizer": "SGD (lr 1e-4)", "workloads": {}, "skipped": {}, "targets": []}
+    for name in tqdm(list(workloads), desc="bench_step", disable=not progress):
+        if deadline.passed():
+            result["skipped"][name] = "time budget spent"
+            continue
+        try:
+            result["workloads"][name] = run_workload(name, device, size, repeats, progress, deadline, timing)
+        except ImportError as err:  # e.g. GCN without torch_geometric
+            result["skipped"][name] = _error(err)
+        except Exception as err:  # noqa: BLE001 - reported; the other workloads still run
+            traceback.print_exc()
+            result["skipped"][name] = f"failed: {_error(err)}"
+            if device.type == "cuda":
+                _clear_caches()
+        result["targets"] = targets(result["workloads"], device.type, size)
         if out is not None:  # after each workload, so a long run keeps what it measured
             write_results(Path(out), result)
+    if out is not None:
+        write_results(Path(out), result)
     return result
 
 
 def print_table(res: dict) -> None:
     for name, w in res["workloads"].items():
-        print(f"{name} ({w['config']}), backend {w['dfa_backend']}")
+        print(f"{name} ({w['config']}), backends {w['dfa_backends']}, {w['repeats_done']} repeats")
+        mem = w["peak_memory_bytes"]
         for v, t in w["ms_per_step"].items():
-            mem = w["peak_memory_bytes"]
-            mem = f"{mem[v] / 2**20:9.0f} MiB" if isinstance(mem, dict) else ""
-            print(f"  {v:<16}{t:>10.2f} ms{w['ratio_over_bp'][v]:>8.3f}x BP{mem}")
-        print(f"  ours vs TinyDFA-style: {w['speedup_over_tinydfa_style']:.2f}x faster")
+            m = f"{mem[v] / 2**20:9.0f} MiB peak" if isinstance(mem, dict) else ""
+            print(f"  {v:<16}{t:>10.2f} ms{w['ratio_over_bp'][v]:>8.3f}x BP  {m}")
+        if w["speedup_over_tinydfa_style"] is not None:
+            print(f"  ours ({w['ours']['variant']}) vs TinyDFA-style: {w['speedup_over_tinydfa_style']:.2f}x faster")
+        for v, why in w.get("failed_variants", {}).items():
+            print(f"  {v:<16}failed: {why}")
+    for name, why in res["skipped"].items():
+        print(f"{name}: skipped ({why})")
+    for t in res["targets"]:
+        print(f"target {t['name']}: {t['value']:.3f} ({t['variant']}), {t['target']}: {'met' if t['met'] else 'NOT met'}")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", default=None, choices=list(WORKLOADS),
+                   help="default: all, those with targets on the device first")
     p.add_argument("--size", choices=["cpu", "gpu", "tiny"], default=None,
                    help="problem sizes (default: gpu on CUDA, cpu otherwise; tiny for smoke tests)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; later workloads are skipped")
+    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    res = run(a.device, a.workloads, a.size, a.repeats, a.out)
+    res = run(a.device, a.workloads, a.size, a.repeats, a.out, progress=not a.no_progress,
+              time_budget_s=a.time_budget)
     print_table(res)
     return res
 
