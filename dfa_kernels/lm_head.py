@@ -86,6 +86,12 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     With every row ignored the loss is NaN, as F.cross_entropy's.
     """
     _check(hidden, weight, target, bias, ignore_index)
+    # The precision is chosen below; an enclosing autocast would recast the out= products.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, backend)
+
+
+def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, backend):
     N, V = hidden.shape[0], weight.shape[0]
     chunk = default_chunk_rows(N, V, hidden.device) if chunk_rows is None else int(chunk_rows)
     if chunk < 1:

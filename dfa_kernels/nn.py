@@ -63,6 +63,7 @@ class _Plan:
     check_finite: bool
     kinds: tuple[str, ...]
     activations: tuple[str, ...]
+    error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
 
     @property
     def fused(self) -> bool:
@@ -89,15 +90,25 @@ class _DFAOutput(torch.autograd.Function):
                 "DFA: the output error e = dL/dy contains NaN or Inf; no feedback was sent and no "
                 "hidden layer received a gradient this step (check the loss; DFA(check_finite=False) "
                 "skips this check)")
+        if plan.error_dtype is not None:
+            e = e.to(plan.error_dtype)
         if plan.fused:
             return (grad_y, None, *_fused_backward(ctx, e))
+        out_dtype = _common_dtype(ctx.dtypes)  # written by the projection: no cast pass after it
         if len(set(plan.scales)) == 1:
-            F = ops.project(e, spec, plan.storage, plan.backend, scale=plan.scales[0])
+            F = ops.project(e, spec, plan.storage, plan.backend, scale=plan.scales[0], out_dtype=out_dtype)
         else:
-            F = ops.project(e, spec, plan.storage, plan.backend, col_scale=_col_scale(plan, e.device))
+            F = ops.project(e, spec, plan.storage, plan.backend, col_scale=_col_scale(plan, e.device),
+                            out_dtype=out_dtype)
         grads = [F[:, off:off + w].reshape(shape).to(dtype)
                  for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)]
         return (grad_y, None, *grads)
+
+
+def _common_dtype(dtypes) -> torch.dtype | None:
+    """The points' dtype when they share one (the projection's output dtype), else None."""
+    dtypes = set(dtypes)
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _starts(plan: _Plan) -> list[int]:
@@ -119,8 +130,10 @@ def _fused_backward(ctx, e: torch.Tensor) -> list:
     """Gradients of every input tensor of the op: one project_points launch (activation
     derivatives in its epilogue), then one grouped weight-gradient launch for the linear points."""
     plan, tensors = ctx.plan, ctx.saved_tensors
+    out_dtype = _common_dtype(ctx.dtypes[s] for s in _starts(plan))  # the points' (pre-activations') dtype
     outs = ops.project_points(e, plan.spec, plan.storage, plan.backend, scales=plan.scales,
-                              act_inputs=_act_inputs(plan, tensors, e.shape[0]), activations=list(plan.activations))
+                              act_inputs=_act_inputs(plan, tensors, e.shape[0]), activations=list(plan.activations),
+                              out_dtype=out_dtype)
     return _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[2:], outs)
 
 
@@ -162,13 +175,15 @@ class _DFALinearCrossEntropy(torch.autograd.Function):
 
         N = hidden.shape[0]
         act_inputs = _act_inputs(plan, tensors, N)
-        outs = [torch.empty(N, w, dtype=torch.float32, device=hidden.device) for w in plan.spec.widths]
+        out_dtype = _common_dtype(tensors[s].dtype for s in _starts(plan)) or torch.float32
+        outs = [torch.empty(N, w, dtype=out_dtype, device=hidden.device) for w in plan.spec.widths]
 
         def project_chunk(start, stop, e_chunk):
             rows = [None if a is None else a[start:stop] for a in act_inputs]
+            if plan.error_dtype is not None:
+                e_chunk = e_chunk.to(plan.error_dtype)
             chunk = ops.project_points(e_chunk, plan.spec, plan.storage, plan.backend, scales=plan.scales,
-                                       act_inputs=rows, activations=list(plan.activations),
-                                       out_dtype=torch.float32)
+                                       act_inputs=rows, activations=list(plan.activations), out_dtype=out_dtype)
             for out, c in zip(outs, chunk):
                 out[start:stop] = c
 
@@ -226,6 +241,11 @@ class DFA(nn.Module):
     batch_dims: leading dims of y that index rows of the error (default: all but y's last); every
       point must start with the same dims; its width is the product of the rest.
     check_finite: raise FloatingPointError when the error holds NaN/Inf (skipped under torch.compile).
+    error_dtype: the dtype the error e is projected in. "auto": bfloat16 when the forward ran under
+      bf16 autocast (e is then fp32, as the final layers run in fp32, but the points are bf16: a
+      16-bit projection runs on tensor cores and writes bf16 directly), else e's own dtype.
+      None: always e's own dtype. Or torch.float32 / float16 / bfloat16 (float16 needs a loss
+      scaler, as for BP: an unscaled error underflows).
 
     The widths of the points are fixed by the first forward pass; the spec (not B) is saved in
     ``state_dict``.
@@ -233,7 +253,8 @@ class DFA(nn.Module):
 
     def __init__(self, mode: str = "dfa", seed: int = 0, distribution: str = "uniform",
                  layout: str = "independent", scale="auto", storage: str = "auto", backend: str = "auto",
-                 density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True):
+                 density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True,
+                 error_dtype="auto"):
         super().__init__()
         self.mode = mode
         # validate the matrix options now rather than at the first forward
@@ -245,7 +266,10 @@ class DFA(nn.Module):
             raise ValueError(f"batch_dims must be None or a positive int; got {batch_dims!r}")
         self.seed, self.distribution, self.layout, self.density = seed, distribution, layout, density
         self.scale, self.storage, self.backend = scale, storage, backend
-        self.batch_dims, self.check_finite = batch_dims, check_finite
+        if not (error_dtype is None or error_dtype == "auto" or error_dtype in ops.FLOAT_DTYPES):
+            raise ValueError(f"error_dtype must be 'auto', None or one of torch.float32, torch.float16, "
+                             f"torch.bfloat16; got {error_dtype!r}")
+        self.batch_dims, self.check_finite, self.error_dtype = batch_dims, check_finite, error_dtype
         self.spec: FeedbackSpec | None = None
         self._points: list[_Record] = []
 
@@ -326,7 +350,7 @@ class DFA(nn.Module):
         spec = self._spec_for(y, [r.tensor for r in points])
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return y
-        return _DFAOutput.apply(y, self._plan(spec, points), *[t for r in points for t in r.inputs()])
+        return _DFAOutput.apply(y, self._plan(spec, points, y.device.type), *[t for r in points for t in r.inputs()])
 
     def linear_cross_entropy(self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor,
                              ignore_index: int = -100) -> torch.Tensor:
@@ -356,15 +380,22 @@ class DFA(nn.Module):
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return lm_head.linear_cross_entropy(h2, head.weight, t1, head.bias, ignore_index=ignore_index,
                                                 backend=self.backend)
-        plan = self._plan(spec, points)
+        plan = self._plan(spec, points, hidden.device.type)
         return _DFALinearCrossEntropy.apply(h2, head.weight, head.bias, t1, plan, ignore_index,
                                             *[t for r in points for t in r.inputs()])
 
-    def _plan(self, spec: FeedbackSpec, points: list[_Record]) -> _Plan:
+    def _plan(self, spec: FeedbackSpec, points: list[_Record], device_type: str) -> _Plan:
         kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
                       for r in points)
         return _Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
-                     kinds, tuple(r.activation for r in points))
+                     kinds, tuple(r.activation for r in points), self._error_dtype(device_type))
+
+    def _error_dtype(self, device_type: str) -> torch.dtype | None:
+        if self.error_dtype != "auto":
+            return self.error_dtype
+        under_bf16 = (torch.is_autocast_enabled(device_type)
+                      and torch.get_autocast_dtype(device_type) == torch.bfloat16)
+        return torch.bfloat16 if under_bf16 else None
 
     def _batch_dims(self, y: torch.Tensor) -> int:
         if self.batch_dims is not None:
@@ -433,7 +464,7 @@ class DFA(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self._mode!r}, seed={self.seed}, distribution={self.distribution!r}, "
                 f"layout={self.layout!r}, scale={self.scale!r}, storage={self.storage!r}, "
-                f"backend={self.backend!r}, widths={None if self.spec is None else list(self.spec.widths)}")
+                f"backend={self.backend!r}, error_dtype={self.error_dtype!r}, widths={None if self.spec is None else list(self.spec.widths)}")
 
 
 class FeedbackPoint(nn.Module):

@@ -230,21 +230,29 @@ def resolve_backend(backend: str, device, op: str | None = None, storage: str | 
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    available = available_backends(device)
     if backend == "auto":
-        chosen, why = available[0], "first available"
-        if op is not None and not torch.compiler.is_compiling():
-            key = f"{op}|{storage}|{shape_class(out_features)}"
-            measured = backend_table(device_slug(device)).get(key)
-            if measured in available:
-                chosen, why = measured, f"measured fastest for {key}"
-        log.debug("dfa_kernels: backend='auto' on %s -> %r (%s; available: %s)", device, chosen, why, available)
-        return chosen
+        return _auto_backend(str(torch.device(device)), op, storage, out_features)
+    available = available_backends(device)
     if backend not in available:
         why = f" (compiled library not loaded: {_C_ERROR})" if _C is None and backend in ("cpu", "cuda") else ""
         raise RuntimeError(f"backend {backend!r} is not available on device {torch.device(device)}{why}; "
                            f"available there: {available}")
     return backend
+
+
+# Under torch.compile the choice is made once, at trace time, and is a constant of the graph
+# (the table is a file and the log a side effect: neither can be traced).
+@torch.compiler.assume_constant_result
+def _auto_backend(device: str, op: str | None, storage: str | None, out_features: int | None) -> str:
+    available = available_backends(device)
+    chosen, why = available[0], "first available"
+    if op is not None:
+        key = f"{op}|{storage}|{shape_class(out_features)}"
+        measured = backend_table(device_slug(device)).get(key)
+        if measured in available:
+            chosen, why = measured, f"measured fastest for {key}"
+    log.debug("dfa_kernels: backend='auto' on %s -> %r (%s; available: %s)", device, chosen, why, available)
+    return chosen
 
 
 def _op(backend: str, name: str):

@@ -47,6 +47,17 @@ def test_chunked_matches_torch(backend, N, V, d, chunk, with_bias):
     torch.testing.assert_close(torch.cat([g for _, _, g in chunks]), g_logits, atol=1e-6, rtol=1e-5)
 
 
+def test_under_autocast_matches_fp32_reference():
+    """An enclosing autocast does not recast the chunked products (the head chooses its precision)."""
+    h, W, t = torch.randn(40, 16).bfloat16(), torch.randn(100, 16) * 0.3, torch.randint(0, 100, (40,))
+    loss, (_, gh, gW) = _reference(h, W, None, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_h, got_W, _ = lm_head.chunked_linear_cross_entropy(h, W, t, chunk_rows=16)
+    torch.testing.assert_close(got, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_h, gh.bfloat16(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got_W, gW, atol=1e-5, rtol=1e-4)
+
+
 def test_chunk_buffer_is_bounded():
     # the rule: at most CHUNK_BYTES of fp32 logits per chunk, never N x V
     assert lm_head.default_chunk_rows(10**6, 50257, "cpu") * 50257 * 4 <= lm_head.CHUNK_BYTES["cpu"]

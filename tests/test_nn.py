@@ -255,3 +255,112 @@ def test_compiled_training_step_matches_eager(backend):
     compiled_loss(x, target).backward()
     for p in model.parameters():
         torch.testing.assert_close(p.grad, eager[id(p)], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------ the error's dtype under autocast
+class _AutocastMLP(nn.Module):
+    """Points under autocast (bf16), the head's output in fp32 as an LM's final layers; `fused`
+    uses dfa.linear and an activation point, else plain points."""
+
+    def __init__(self, dfa, fused):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+        self.dfa, self.fused = dfa, fused
+
+    def forward(self, x):
+        if self.fused:
+            h = self.dfa.linear(x, self.fc1, "relu")
+            h = self.dfa.point(self.fc2(h), activation="tanh")
+        else:
+            h = self.dfa.point(torch.relu(self.fc1(x)))
+            h = self.dfa.point(torch.tanh(self.fc2(h)))
+        return self.dfa(self.head(h).float())
+
+
+def _record_projections(monkeypatch):
+    """Patches the projection ops to record (op, e.dtype, output dtypes) of each call."""
+    calls = []
+    for name in ("project", "project_points"):
+        original = getattr(dk.ops, name)
+
+        def recording(e, *args, _original=original, _name=name, **kwargs):
+            out = _original(e, *args, **kwargs)
+            outs = out if isinstance(out, list) else [out]
+            calls.append((_name, e.dtype, {o.dtype for o in outs}))
+            return out
+        monkeypatch.setattr(dk.ops, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_error_is_projected_in_bf16_under_bf16_autocast(monkeypatch, fused):
+    x, target = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    grads = {}
+    for error_dtype in ("auto", None):
+        torch.manual_seed(0)
+        model = _AutocastMLP(dk.DFA(seed=3, error_dtype=error_dtype), fused)
+        calls = _record_projections(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model(x).float(), target)
+        loss.backward()
+        monkeypatch.undo()
+        (op, e_dtype, out_dtypes), = calls
+        assert op == ("project_points" if fused else "project")
+        # "auto": e (fp32 after the fp32 head) is cast to bf16; None: projected in fp32. Either way the
+        # projection writes the points' dtype (bf16 under autocast) itself.
+        assert e_dtype == (torch.bfloat16 if error_dtype == "auto" else torch.float32)
+        assert out_dtypes == {torch.bfloat16}
+        grads[error_dtype] = [p.grad.clone() for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads[error_dtype])
+    for g_bf16, g_fp32 in zip(grads["auto"], grads[None]):  # only e's rounding to bf16 differs
+        torch.testing.assert_close(g_bf16, g_fp32, atol=2e-2 * g_fp32.abs().max().item(), rtol=0)
+
+
+def test_error_dtype_outside_autocast_and_explicit(monkeypatch):
+    x, target = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for error_dtype, expected in (("auto", torch.float32), (None, torch.float32),
+                                  (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)):
+        model = MLP(dk.DFA(error_dtype=error_dtype))
+        calls = _record_projections(monkeypatch)
+        _loss(model(x), target).backward()
+        monkeypatch.undo()
+        assert [c[1] for c in calls] == [expected]
+        assert calls[0][2] == {torch.float32}  # fp32 points get fp32 gradients
+    with pytest.raises(ValueError, match="error_dtype must be 'auto', None or one of"):
+        dk.DFA(error_dtype=torch.float64)
+    with pytest.raises(ValueError, match="error_dtype"):
+        dk.DFA(error_dtype="bf16")
+
+
+def test_linear_cross_entropy_projects_bf16_chunks_under_autocast(monkeypatch):
+    torch.manual_seed(0)
+    dfa = dk.DFA(seed=1)
+    fc, head = nn.Linear(8, 16), nn.Linear(16, 50)
+    x, target = torch.randn(12, 8), torch.randint(0, 50, (12,))
+    calls = _record_projections(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = dfa.linear(x, fc, "gelu")
+        loss = dfa.linear_cross_entropy(h, head, target)
+    loss.backward()
+    assert calls and all(e_dtype == torch.bfloat16 and outs == {torch.bfloat16} for _, e_dtype, outs in calls)
+    assert fc.weight.grad is not None and torch.isfinite(fc.weight.grad).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_autocast_step_with_auto_backend_matches_eager(fused):
+    """backend="auto" is resolved at trace time (its table lookup and log are not traceable) and
+    the autocast state is read while tracing: fullgraph compiles and matches eager."""
+    torch.manual_seed(0)
+    model = _AutocastMLP(dk.DFA(seed=3), fused)
+    x, target = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def step(x, target):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _loss(model(x).float(), target)
+
+    step(x, target).backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch.compile(step, fullgraph=True)(x, target).backward()
+    for p, g in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.grad, g, atol=1e-2 * g.abs().max().item(), rtol=0)

@@ -26,7 +26,7 @@
 // The generator loops vectorize well with AVX2 (32-bit multiplies); the default x86-64 target
 // (SSE2) lacks them. GCC builds an AVX2 clone and picks it at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DFA_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define DFA_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DFA_MULTIVERSION
 #endif
