@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from . import flops, reference
 from .feedback import FeedbackSpec
 
 log = logging.getLogger("dfa_kernels")
@@ -165,6 +165,7 @@ def _register() -> None:
             if name in autograd:
                 backward, setup = autograd[name]
                 torch.library.register_autograd(f"dfa_kernels::{op}", backward, setup_context=setup)
+    flops.register()
 
 
 if _C is not None:

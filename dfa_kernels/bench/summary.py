@@ -33,7 +33,8 @@ def _targets(targets: list[dict]) -> list[str]:
     if not targets:
         return []
     return ["", "Targets: " + "; ".join(
-        f"{t['name']} = {t['value']:.2f} ({t.get('variant') or t.get('backend')}), {t['target']}: "
+        f"{t['name']} = {t['value']:.2f} ({t.get('variant') or t.get('backend')}"
+        + (f", FLOP ratio {t['flop_ratio']:.2f}" if t.get("flop_ratio") is not None else "") + f"), {t['target']}: "
         f"**{'met' if t['met'] else 'not met'}**" for t in targets) + "."]
 
 
@@ -43,7 +44,7 @@ def step_table(res: dict) -> list[str]:
              f"{res['repeats']} interleaved repeats" + (f" of {timing['repeats']} batches" if timing else "")
              + "): ms per step and ratio to BP; peak memory on a GPU with each variant alone on the device.", "",
              "| workload | BP | DFA unfused (ours) | DFA fused (ours) | DFA shared layout (ours) | TinyDFA-style | "
-             "ours vs TinyDFA-style | peak memory DFA / BP |", "|---|---|---|---|---|---|---|---|"]
+             "ours vs TinyDFA-style | FLOPs ours / BP | peak memory DFA / BP |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, w in res["workloads"].items():
         ms, ratio = w["ms_per_step"], w["ratio_over_bp"]
@@ -58,15 +59,24 @@ def step_table(res: dict) -> list[str]:
         mem = (f"{mem[ours] / mem['bp']:.2f} ({mem[ours] / 2**30:.2f} / {mem['bp'] / 2**30:.2f} GiB)"
                if isinstance(mem, dict) and ours in mem else "not measured")
         speedup = w.get("speedup_over_tinydfa_style")
+        flop_ratio = w.get("flops", {}).get("flop_ratio_over_bp", {}).get(ours)
         lines.append(f"| {name} | {ms['bp']:.1f} | {cell('dfa')} | {cell('dfa_fused')} | {cell('dfa_shared')} | "
-                     f"{cell('tinydfa_style')} | {'—' if speedup is None else f'{speedup:.2f}×'} | {mem} |")
+                     f"{cell('tinydfa_style')} | {'—' if speedup is None else f'{speedup:.2f}×'} | "
+                     f"{'—' if flop_ratio is None else f'{flop_ratio:.2f}'} | {mem} |")
         for v, why in w.get("failed_variants", {}).items():
             notes.append(f"{name} {v} failed ({why})")
         data = w.get("config", {}).get("data")
         if data and name in ("gcn", "dcn"):
             notes.append(f"{name}: {data}")
-    lines += ["", "Bold: \"DFA (ours)\", the faster of unfused and fused (same feedback as TinyDFA-style)."
+    lines += ["", "Bold: \"DFA (ours)\", the faster of unfused and fused (same feedback as TinyDFA-style). "
+              "FLOPs (matmuls, attention and our ops, by `torch.utils.flop_counter`): the time ratio a "
+              "compute-bound device reaches at best."
               + (" " + "; ".join(notes) + "." if notes else "")]
+    gpu_flops = res.get("flops_at_gpu_size", {})
+    if gpu_flops:
+        lines.append("FLOPs / BP at the GPU sizes (the GPU step targets' compute bound): " + "; ".join(
+            f"{name} " + ", ".join(f"{v} {r:.2f}" for v, r in f["flop_ratio_over_bp"].items() if v != "bp")
+            for name, f in gpu_flops.items()) + ".")
     if res.get("skipped"):
         lines.append("Skipped: " + "; ".join(f"{k} ({v})" for k, v in res["skipped"].items()) + ".")
     return lines + _targets(res.get("targets", []))
