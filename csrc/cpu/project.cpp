@@ -283,46 +283,49 @@ at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, do
 }
 
 // ---------------------------------------------------------------- project_points
-// out[r, c] = cast(acc[r, c] * scale * f'(a[r, c])) for one [rows, cols] block of a point; acc is a
-// [rows, ld_acc] buffer, out and a are the point's [N, width] tensors at (r0, c0). The activation
-// is a template parameter so each inner loop is branch-free (and vectorizes for relu).
-template <Activation Act, typename OutT, typename ActT>
-void points_epilogue(const float* acc, int64_t ld_acc, OutT* out, const ActT* a, int64_t ld, int64_t rows,
-                     int64_t cols, float scale) {
+// out[r0:r0+rows, c0:c0+cols] = cast(f'(a) * acc * scale) for one block of a point, while the
+// fp32 accumulator block (row stride ld_acc; read only: the shared layout's points overlap) is in
+// cache. f'(a) is applied by ATen's own activation-backward kernels (vectorized for the CPU at hand;
+// autograd's formulas: relu, the exact (erf) GELU, tanh, sigmoid, SiLU).
+// The common case in one pass: relu, fp32 pre-activation and output. relu'(a) = [a > 0] from a's
+// bits (positive, not NaN), selected on integers so the loop vectorizes (see gaussian_value_cpu).
+DFA_MULTIVERSION void relu_block_f32(const float* acc, int64_t ld_acc, float* out, const float* a, int64_t ld,
+                                     int64_t rows, int64_t cols, float scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = acc + r * ld_acc;
-    OutT* dst = out + r * ld;
-    if constexpr (Act == Activation::None) {
-      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<OutT>(src[c] * scale);
-    } else {
-      const ActT* pre = a + r * ld;
-      for (int64_t c = 0; c < cols; ++c)
-        dst[c] = static_cast<OutT>((src[c] * scale) * activation_grad(Act, static_cast<float>(pre[c])));
+    const float* pre = a + r * ld;
+    float* dst = out + r * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint32_t bits = float_to_bits(pre[c]);
+      const uint32_t one = (static_cast<int32_t>(bits) > 0 && bits <= 0x7f800000u) ? 0x3f800000u : 0u;
+      dst[c] = (src[c] * scale) * bits_to_float(one);
     }
   }
 }
 
 void finish_point_block(const float* acc, int64_t ld_acc, const at::Tensor& out, const PointArgs& p, int64_t r0,
                         int64_t rows, int64_t c0, int64_t cols) {
-  const int64_t ld = out.size(1), offset = r0 * ld + c0;
-  const at::ScalarType act_type = p.act_input.defined() ? p.act_input.scalar_type() : at::kFloat;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "project_points_out", [&] {
-    using OutT = scalar_t;
-    OutT* dst = out.mutable_data_ptr<OutT>() + offset;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act_type, "project_points_act", [&] {
-      const scalar_t* a = p.act_input.defined() ? p.act_input.const_data_ptr<scalar_t>() + offset : nullptr;
-      switch (p.act) {
-        case Activation::Relu: points_epilogue<Activation::Relu>(acc, ld_acc, dst, a, ld, rows, cols, p.scale); break;
-        case Activation::Gelu: points_epilogue<Activation::Gelu>(acc, ld_acc, dst, a, ld, rows, cols, p.scale); break;
-        case Activation::Tanh: points_epilogue<Activation::Tanh>(acc, ld_acc, dst, a, ld, rows, cols, p.scale); break;
-        case Activation::Sigmoid:
-          points_epilogue<Activation::Sigmoid>(acc, ld_acc, dst, a, ld, rows, cols, p.scale);
-          break;
-        case Activation::Silu: points_epilogue<Activation::Silu>(acc, ld_acc, dst, a, ld, rows, cols, p.scale); break;
-        default: points_epilogue<Activation::None>(acc, ld_acc, dst, a, ld, rows, cols, p.scale); break;
-      }
-    });
-  });
+  if (p.act == Activation::Relu && out.scalar_type() == at::kFloat && p.act_input.scalar_type() == at::kFloat) {
+    const int64_t ld = out.size(1), offset = r0 * ld + c0;
+    relu_block_f32(acc, ld_acc, out.mutable_data_ptr<float>() + offset, p.act_input.const_data_ptr<float>() + offset,
+                   ld, rows, cols, p.scale);
+    return;
+  }
+  const at::Tensor g = at::from_blob(const_cast<float*>(acc), {rows, cols}, {ld_acc, 1},
+                                     at::TensorOptions().dtype(at::kFloat));
+  at::Tensor dst = out.narrow(0, r0, rows).narrow(1, c0, cols);
+  at::Tensor grad = g;
+  if (p.act != Activation::None) {
+    const at::Tensor a = p.act_input.narrow(0, r0, rows).narrow(1, c0, cols).to(at::kFloat);
+    switch (p.act) {
+      case Activation::Relu: grad = at::threshold_backward(g, a, 0); break;
+      case Activation::Gelu: grad = at::gelu_backward(g, a, "none"); break;
+      case Activation::Tanh: grad = at::tanh_backward(g, at::tanh(a)); break;
+      case Activation::Sigmoid: grad = at::sigmoid_backward(g, at::sigmoid(a)); break;
+      default: grad = at::silu_backward(g, a); break;
+    }
+  }
+  at::mul_out(dst, grad, at::scalar_tensor(p.scale, at::kFloat));  // fp32, cast once into the output
 }
 
 std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optional<at::Tensor>& B, int64_t seed,
@@ -333,8 +336,13 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
                                            std::optional<at::ScalarType> out_dtype) {
   const FeedbackSpec spec = parse_feedback_spec(seed, distribution, density);
   at::ScalarType out_type;
-  const std::vector<PointArgs> points =
+  std::vector<PointArgs> points =
       check_project_points_args(e, B, offsets, widths, scales, act_inputs, activations, out_dtype, &out_type);
+  // Detached: the epilogue's ATen calls write with out= from the thread pool, whose threads do not
+  // inherit the caller's grad mode.
+  for (PointArgs& p : points) {
+    if (p.act_input.defined()) p.act_input = p.act_input.detach();
+  }
   const int64_t N = e.size(0), K = e.size(1);
   std::vector<at::Tensor> outs;
   for (const PointArgs& p : points) {

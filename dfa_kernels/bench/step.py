@@ -23,6 +23,10 @@ gradients, activations and any stored B counted).
   loop of ``.backward()`` calls, one per point. It uses the same feedback as ``dfa`` (independent
   layout, 1/sqrt(d_l) scales), so the two compute the same gradients and differ only in mechanics.
 
+Each variant's FLOPs per step are counted too (``count_flops``): DFA skips input gradients but adds
+the projection, and the FLOP ratio DFA/BP is the best step-time ratio a compute-bound device can
+reach, whatever the kernels. A CPU run also counts the GPU-size LM workloads (on fake tensors).
+
 "DFA (ours)" in the targets is the faster of ``dfa`` and ``dfa_fused`` (same feedback as
 ``tinydfa_style``; ``dfa_shared`` is reported beside them but changes the feedback matrix).
 Targets (met or not): GPU: LM micro DFA step <= 0.75x BP, macro <= 0.95x, DFA >= 1.5x faster than
