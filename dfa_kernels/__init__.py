@@ -5,8 +5,8 @@ hash function of (seed, i, j), computed by fused CPU, CUDA and Triton kernels.
 """
 from .feedback import DISTRIBUTIONS, LAYOUTS, FeedbackSpec
 from .nn import DFA, DFAModel, FeedbackPoint, convert
-from .ops import available_backends, build_info, project
+from .ops import available_backends, build_info, clear_matrix_cache, project
 
 __version__ = "0.1.0"
 __all__ = ["DFA", "DFAModel", "DISTRIBUTIONS", "FeedbackPoint", "FeedbackSpec", "LAYOUTS",
-           "available_backends", "build_info", "convert", "project", "__version__"]
+           "available_backends", "build_info", "clear_matrix_cache", "convert", "project", "__version__"]

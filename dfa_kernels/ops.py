@@ -241,12 +241,21 @@ def resolve_backend(backend: str, device, op: str | None = None, storage: str | 
     return backend
 
 
+# Without a measured table: the first available backend, except for these (device type, op),
+# which prefer the listed backends when available. CUDA's project_points is a SIMT tile; Triton's
+# runs on tensor cores.
+UNMEASURED_PREFERENCE = {("cuda", "project_points"): ("triton",)}
+
+
 # Under torch.compile the choice is made once, at trace time, and is a constant of the graph
 # (the table is a file and the log a side effect: neither can be traced).
 @torch.compiler.assume_constant_result
 def _auto_backend(device: str, op: str | None, storage: str | None, out_features: int | None) -> str:
     available = available_backends(device)
     chosen, why = available[0], "first available"
+    preferred = [b for b in UNMEASURED_PREFERENCE.get((torch.device(device).type, op), ()) if b in available]
+    if preferred:
+        chosen, why = preferred[0], "preferred without a measurement"
     if op is not None:
         key = f"{op}|{storage}|{shape_class(out_features)}"
         measured = backend_table(device_slug(device)).get(key)
@@ -324,6 +333,14 @@ def cached_matrix(spec: FeedbackSpec, device, backend: str) -> torch.Tensor:
     while len(_MATRIX_CACHE) > _MATRIX_CACHE_SIZE:
         _MATRIX_CACHE.popitem(last=False)
     return B
+
+
+def clear_matrix_cache() -> int:
+    """Drop the stored B matrices that storage="materialized" (or "auto") built; returns how many.
+    The cache keeps the 8 most recently used (up to 64 MiB each under "auto")."""
+    count = len(_MATRIX_CACHE)
+    _MATRIX_CACHE.clear()
+    return count
 
 
 def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backend: str = "auto", *,

@@ -233,6 +233,17 @@ def test_auto_backend_reads_the_measured_table(monkeypatch, tmp_path):
         ops.backend_table.cache_clear()
 
 
+def test_auto_backend_without_a_table_prefers_tensor_cores_for_project_points(monkeypatch):
+    """On a GPU with no measured table, project_points goes to Triton (tensor cores) rather than
+    CUDA's SIMT tile; the other ops take the first available backend. (Simulated: no GPU needed.)"""
+    monkeypatch.setattr(ops, "device_slug", lambda device: "unmeasured_gpu")
+    for available, points_backend in ((["cuda", "triton", "torch"], "triton"), (["cuda", "torch"], "cuda")):
+        monkeypatch.setattr(ops, "available_backends", lambda device, found=available: list(found))
+        assert ops.resolve_backend("auto", "cuda", "project_points", "virtual", 768) == points_backend
+        assert ops.resolve_backend("auto", "cuda", "project", "virtual", 768) == "cuda"
+        assert ops.resolve_backend("auto", "cuda", "grouped_weight_grad") == "cuda"
+
+
 def test_convert_fuse_folds_linear_and_activation():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.GELU(approximate="tanh"),

@@ -181,3 +181,13 @@ def test_empty_and_non_finite():
     F = dk.project(e, SPEC, backend=dk.available_backends("cpu")[0])
     # Like e @ B: a NaN in row 1 of e poisons exactly row 1 of F (dense B has no zero entries).
     assert torch.isnan(F[1]).all() and torch.isfinite(F[[0, 2]]).all()
+
+
+def test_materialized_matrices_are_cached_and_can_be_dropped():
+    dk.clear_matrix_cache()
+    spec = dk.FeedbackSpec(3, [8, 4], seed=11)
+    e = torch.randn(5, 3)
+    first = dk.project(e, spec, storage="materialized", backend="torch")
+    assert dk.ops.cached_matrix(spec, e.device, "torch") is dk.ops.cached_matrix(spec, e.device, "torch")
+    assert dk.clear_matrix_cache() == 1 and dk.clear_matrix_cache() == 0
+    torch.testing.assert_close(dk.project(e, spec, storage="materialized", backend="torch"), first)

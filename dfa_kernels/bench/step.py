@@ -271,7 +271,7 @@ def _step_fn(model, loss_fn, variant):
 
 def _clear_caches() -> None:
     """Drop the stored B matrices of earlier variants (so each variant's peak counts its own)."""
-    ops._MATRIX_CACHE.clear()
+    ops.clear_matrix_cache()
     gc.collect()
     torch.cuda.empty_cache()
 
