@@ -241,7 +241,7 @@ def test_auto_backend_without_a_table_prefers_tensor_cores_for_project_points(mo
         monkeypatch.setattr(ops, "available_backends", lambda device, found=available: list(found))
         assert ops.resolve_backend("auto", "cuda", "project_points", "virtual", 768) == points_backend
         assert ops.resolve_backend("auto", "cuda", "project", "virtual", 768) == "cuda"
-        assert ops.resolve_backend("auto", "cuda", "grouped_weight_grad") == "cuda"
+        assert ops.resolve_backend("auto", "cuda") == "cuda"
 
 
 def test_convert_fuse_folds_linear_and_activation():
