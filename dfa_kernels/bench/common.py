@@ -72,8 +72,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def statistic(device: torch.device) -> str:
+    """How samples are summarised: the minimum on a CPU (a shared VM's neighbours only ever add
+    time, in bursts of milliseconds), the median on a GPU."""
+    return "min" if torch.device(device).type == "cpu" else "median"
+
+
+def summarise(samples, device: torch.device) -> float:
+    return min(samples) if statistic(device) == "min" else statistics.median(samples)
+
+
 def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_time_s: float = 0.05) -> float:
-    """Median wall time of fn() in ms; each sample runs fn enough times to last min_time_s."""
+    """Wall time of fn() in ms (see `statistic`); each sample runs fn enough times to last min_time_s."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -89,7 +99,7 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_ti
             fn()
         sync(device)
         samples.append((time.perf_counter() - start) / inner * 1e3)
-    return statistics.median(samples)
+    return summarise(samples, device)
 
 
 def git_sha() -> str | None:

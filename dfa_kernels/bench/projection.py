@@ -29,7 +29,7 @@ import torch
 
 from .. import FeedbackSpec, available_backends, ops, project, reference
 from ..ops import BACKEND_TABLES, cached_matrix, device_slug, project_points, shape_class
-from .common import tqdm, DTYPE_KEYS, Deadline, device_peak, environment, time_ms, write_results
+from .common import tqdm, DTYPE_KEYS, Deadline, device_peak, environment, statistic, time_ms, write_results
 
 # name -> (N, out_features, D) per device type
 SHAPES = {
@@ -63,7 +63,7 @@ DEFAULT_DTYPES = {"cuda": ("bfloat16", "float32"), "cpu": ("float32",)}
 # dtype: a memory-bound projection with virtual B at >= 85% of HBM bandwidth; a compute-bound one
 # with virtual B at >= 0.9x cuBLAS for Rademacher B (32 entries per hash) and >= 0.7x for uniform B.
 TARGETS = {"narrow_pct_hbm": 85.0, "virtual_vs_mm": {"rademacher": 0.9, "uniform": 0.7}}
-# GPU timing: batches of >= 30 ms, median of 7 (CPU: 50 ms, median of 10; the machine is noisier)
+# GPU timing: batches of >= 30 ms, median of 7 (CPU: 50 ms, minimum of 10; see common.statistic)
 TIMING = {"cuda": dict(warmup=3, repeats=7, min_time_s=0.03), "cpu": dict(warmup=3, repeats=10, min_time_s=0.05),
           "tiny": dict(warmup=1, repeats=1, min_time_s=0.0)}
 
@@ -251,7 +251,7 @@ def run(device="cpu", dtype: str | None = None, quick=False, out: Path | None = 
     env = environment(device)
     peak = device_peak(device)
     result = {"benchmark": "bench_projection", "environment": env, "dtype": names[0], "dtypes": names,
-              "quick": quick, "size": size, "peak": peak, "timing": state.timing, "backends": state.backends,
+              "quick": quick, "size": size, "peak": peak, "timing": state.timing, "statistic": statistic(state.device), "backends": state.backends,
               "note": "ratio_vs_mm > 1: faster than (torch.mm(e, B) * scale).to(dtype) on a stored B of e's dtype; "
                       "ratio_vs_unfused > 1: project_points faster than project + slicing + activation backward",
               "rows": state.rows, "skipped": state.skipped, "failed": state.failed}

@@ -5,9 +5,9 @@ out_features 1), GCN on Cora (the real Cora from graphdatascience when installed
 graph of Cora's size; the result says which) and a causal Transformer LM (micro and macro
 placements; 12 layers, d_model 768, bf16 autocast on a GPU, a small config on a CPU). Every
 variant of a workload starts from the same weights and is timed interleaved with the others
-(alternating order), median of repeats, each repeat a CUDA-synchronised batch after warmup. On a
-GPU the peak memory of each variant is measured alone (only its model on the device; parameters,
-gradients, activations and any stored B counted).
+(alternating order), median of repeats (minimum on a CPU: see common.statistic), each repeat a
+CUDA-synchronised batch after warmup. On a GPU the peak memory of each variant is measured alone
+(only its model on the device; parameters, gradients, activations and any stored B counted).
 
 - ``bp``: backprop through the same model (DFA mode "bp").
 - ``dfa``: ours unfused: a plain point after each activation (``dfa.point(h)``).
@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import DFA, FeedbackSpec, ops
-from .common import tqdm, Deadline, environment, time_ms, write_results
+from .common import tqdm, Deadline, environment, statistic, summarise, time_ms, write_results
 
 
 class TinyDFAStyle(nn.Module):
@@ -376,7 +376,7 @@ def run_workload(name: str, device, size: str, repeats: int, progress: bool = Tr
                 steps.pop(v, None)
             else:
                 times[v].append(t)
-    ms = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    ms = {v: summarise(t, device) for v, t in times.items()}
     ours = min((v for v in OURS if v in ms), key=ms.get, default=None)
     backends = {}
     if "dfa" in models:
@@ -448,7 +448,7 @@ def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = N
     timing = timing or (TIMING_TINY if size == "tiny" else TIMING)
     deadline = Deadline(time_budget_s)
     result = {"benchmark": "bench_step", "environment": environment(device), "size": size, "repeats": repeats,
-              "timing": timing, "optimizer": "SGD (lr 1e-4)", "workloads": {}, "skipped": {}, "targets": []}
+              "timing": timing, "statistic": statistic(device), "optimizer": "SGD (lr 1e-4)", "workloads": {}, "skipped": {}, "targets": []}
     for name in tqdm(list(workloads), desc="bench_step", disable=not progress):
         if deadline.passed():
             result["skipped"][name] = "time budget spent"

@@ -40,7 +40,7 @@ def _targets(targets: list[dict]) -> list[str]:
 
 def step_table(res: dict) -> list[str]:
     timing = res.get("timing", {})
-    lines = [f"Training step (`benchmarks/bench_step.py`, {_env_line(res)}, {res['size']} sizes, median of "
+    lines = [f"Training step (`benchmarks/bench_step.py`, {_env_line(res)}, {res['size']} sizes, {'minimum' if res.get('statistic') == 'min' else 'median'} of "
              f"{res['repeats']} interleaved repeats" + (f" of {timing['repeats']} batches" if timing else "")
              + "): ms per step and ratio to BP; peak memory on a GPU with each variant alone on the device.", "",
              "| workload | BP | DFA unfused (ours) | DFA fused (ours) | DFA shared layout (ours) | TinyDFA-style | "
