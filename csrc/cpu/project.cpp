@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -352,32 +351,12 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
   if (N == 0 || K == 0) return outs;
   const at::Tensor e32 = e.detach().to(at::kFloat);  // detached: the BLAS calls below use out=
 
-  if (B.has_value()) {
-    // One GEMM over the span of columns the points read (the independent layout's points are
-    // adjacent, the shared layout's overlap), then every point's epilogue, by row blocks.
-    int64_t lo = INT64_MAX, hi = 0;
-    for (const PointArgs& p : points) {
-      if (p.width == 0) continue;
-      lo = std::min(lo, p.offset);
-      hi = std::max(hi, p.offset + p.width);
-    }
-    if (hi == 0) return outs;
-    const at::Tensor acc = at::mm(e32, B->detach().to(at::kFloat).narrow(1, lo, hi - lo));
-    const int64_t span = hi - lo;
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / span), [&](int64_t begin, int64_t end) {
-      for (size_t l = 0; l < points.size(); ++l) {
-        const PointArgs& p = points[l];
-        if (p.width == 0) continue;
-        finish_point_block(acc.const_data_ptr<float>() + begin * span + (p.offset - lo), span, outs[l], p, begin,
-                           end - begin, 0, p.width);
-      }
-    });
-    return outs;
-  }
-
-  // Virtual B: every point's column (and row) blocks form one task list, so narrow points share
-  // the threads. Each task generates its B blocks, accumulates into a thread-local buffer and runs
-  // the epilogue on it while it is in cache.
+  // Every point's column (and row) blocks form one task list, so narrow points share the threads.
+  // Each task accumulates its block of e @ B_l into a thread-local buffer, B's blocks generated
+  // (virtual) or read in place (stored), and runs the point's epilogue on it while it is in cache.
+  // (One GEMM over all columns then an epilogue pass was 3x slower for out_features 1: BLAS makes a
+  // poor outer product, and the [N, D] result leaves the cache before the epilogue reads it.)
+  const at::Tensor B32 = B.has_value() ? B->detach().to(at::kFloat) : at::Tensor();
   struct Task { size_t point; int64_t j0, jn, r0, rn; int64_t bk; };
   std::vector<Task> tasks;
   for (size_t l = 0; l < points.size(); ++l) {
@@ -399,17 +378,24 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
       const Task& task = tasks[t];
       const PointArgs& p = points[task.point];
       const int64_t col0 = p.offset + task.j0;  // column of B
-      column_keys(spec.dist, col0, task.jn, ckeys);
-      bbuf.resize(task.bk * task.jn);
+      if (!B32.defined()) {
+        column_keys(spec.dist, col0, task.jn, ckeys);
+        bbuf.resize(task.bk * task.jn);
+      }
       abuf.resize(task.rn * task.jn);
       const at::Tensor acc = at::from_blob(abuf.data(), {task.rn, task.jn}, at::kFloat);
       for (int64_t k0 = 0; k0 < K; k0 += task.bk) {
         const int64_t kn = std::min(task.bk, K - k0);
-        for (int64_t r = 0; r < kn; ++r) {
-          generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), col0, task.jn, ckeys.data(),
-                       bbuf.data() + r * task.jn);
+        at::Tensor b_block;
+        if (B32.defined()) {
+          b_block = B32.narrow(0, k0, kn).narrow(1, col0, task.jn);
+        } else {
+          for (int64_t r = 0; r < kn; ++r) {
+            generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), col0, task.jn, ckeys.data(),
+                         bbuf.data() + r * task.jn);
+          }
+          b_block = at::from_blob(bbuf.data(), {kn, task.jn}, at::kFloat);
         }
-        const at::Tensor b_block = at::from_blob(bbuf.data(), {kn, task.jn}, at::kFloat);
         const at::Tensor e_block = e32.narrow(0, task.r0, task.rn).narrow(1, k0, kn);
         if (k0 == 0) {
           at::mm_out(const_cast<at::Tensor&>(acc), e_block, b_block);
