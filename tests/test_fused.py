@@ -130,6 +130,7 @@ POINT_CASES = [  # (N, out_features, widths, activations)
     (1, 1, (1,), ("gelu",)),
     (7, 4, (33, 2, 64), ("tanh", "none", "silu")),
     (67, 17, (40, 31), ("sigmoid", "relu")),
+    (1001, 16, (200, 70), ("relu", "gelu")),  # CPU outer product: row chunks, odd last row, column tails
 ]
 
 

@@ -46,6 +46,22 @@ def test_project_matches_reference(backend, device, dtype, shape, distribution, 
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("out_features", [1, 2, 16, 17])  # around the CPU's outer-product limit (16)
+@pytest.mark.parametrize("storage", ["virtual", "materialized"])
+def test_narrow_error_row_chunks_and_column_tails(backend, device, out_features, storage):
+    # 1001 rows: several cache-sized row chunks and an odd last row; 200 columns: whole 64-column
+    # register tiles and a tail, at a block offset (the second point).
+    spec = dk.FeedbackSpec(out_features, [37, 200], seed=21)
+    e = torch.randn(1001, out_features, device=device)
+    col_scale = torch.rand(spec.total_width, device=device) + 0.5
+    B = spec.matrix(device=device, backend="torch")
+    got = dk.project(e, spec, storage, backend, scale=0.5)
+    _assert_close_to_reference(got, e, B, torch.float32, 0.5)
+    got = dk.project(e, spec, storage, backend, scale=0.5, col_scale=col_scale, out_dtype=torch.float16)
+    _assert_close_to_reference(got, e, B, torch.float16, 0.5, col_scale)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
 @pytest.mark.parametrize("layout", dk.LAYOUTS)
 def test_layouts_scale_col_scale_and_out_dtype(backend, device, layout):
     spec = dk.FeedbackSpec(10, [5, 33, 17], seed=11, layout=layout)

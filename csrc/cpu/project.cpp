@@ -213,25 +213,122 @@ Plan plan_blocks(int64_t N, int64_t K, int64_t W) {
   return p;
 }
 
-at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distribution, double density,
-                       int64_t width, double scale, const std::optional<at::Tensor>& col_scale,
-                       std::optional<at::ScalarType> out_dtype) {
-  const FeedbackSpec spec = parse_feedback_spec(seed, distribution, density);
-  const at::ScalarType out_type = check_project_args("project", e, width, col_scale, out_dtype);
-  const int64_t N = e.size(0), K = e.size(1), W = width;
-  if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
+// B's rows k0..k0+kn of columns [j0, j0 + jn): a view of B32 when B is stored, else generated
+// into bbuf from the spec (ckeys: column_keys(spec.dist, j0, jn)).
+at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_t skey, int64_t j0, int64_t jn,
+                        int64_t k0, int64_t kn, const std::vector<uint32_t>& ckeys, std::vector<float>& bbuf) {
+  if (B32.defined()) return B32.narrow(0, k0, kn).narrow(1, j0, jn);
+  bbuf.resize(kn * jn);
+  for (int64_t r = 0; r < kn; ++r) {
+    generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), j0, jn, ckeys.data(), bbuf.data() + r * jn);
+  }
+  return at::from_blob(bbuf.data(), {kn, jn}, at::kFloat);
+}
 
-  const at::Tensor e32 = e.detach().to(at::kFloat);  // detached: the BLAS calls below use out=
+// Produces one task's block e32[r0:r0+rn, :] @ B[:, block columns] ([rn, jn]) and post-processes
+// it: b_rows(k0, kn) gives B's rows k0..k0+kn of the block's columns, acc_rows(rc, rcn) the fp32
+// [rcn, jn] tensor that receives block rows rc..rc+rcn, finish(rc, rcn) runs the epilogue on them.
+// When B's block fits in one k-step (out_features <= bk: the narrow, memory-bound shapes), rows go in
+// chunks of kChunkEntries / jn so that each chunk's epilogue reads it from cache and the output
+// crosses memory once; otherwise the k-steps accumulate over all rows and the epilogue runs once.
+constexpr int64_t kChunkEntries = 64 * 1024;  // 256 KiB of fp32: L2-resident
+
+// acc[r, c] = sum_k e[r, k] b[k, c] for a narrow e ([rows, K], contiguous; K <= kNarrowK): an outer
+// product, which BLAS runs poorly. A tile of two rows by 64 columns stays in registers across the
+// k loop (eight independent FMA chains of 16 floats; GCC's vector extension lowers them to the
+// clone's register width), so each output row is written once.
+constexpr int64_t kNarrowK = 16;
+typedef float Vec16 __attribute__((vector_size(64)));
+constexpr int64_t kVec = 16, kTileVecs = 4, kNarrowTile = kVec * kTileVecs;
+
+DFA_MULTIVERSION void narrow_product(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
+                                     int64_t rows, int64_t K, int64_t cols) {
+  const int64_t full = cols - cols % kNarrowTile;
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t r1 = std::min(r + 1, rows - 1);  // an odd last row is computed twice
+    const float* e0 = e + r * K;
+    const float* e1 = e + r1 * K;
+    for (int64_t c0 = 0; c0 < full; c0 += kNarrowTile) {
+      Vec16 t0[kTileVecs], t1[kTileVecs];
+      for (int64_t v = 0; v < kTileVecs; ++v) {
+        Vec16 bv;  // unaligned loads and stores through memcpy
+        std::memcpy(&bv, b + c0 + v * kVec, sizeof bv);
+        t0[v] = e0[0] * bv;
+        t1[v] = e1[0] * bv;
+      }
+      for (int64_t k = 1; k < K; ++k) {
+        const float a0 = e0[k], a1 = e1[k];
+        for (int64_t v = 0; v < kTileVecs; ++v) {
+          Vec16 bv;
+          std::memcpy(&bv, b + k * ldb + c0 + v * kVec, sizeof bv);
+          t0[v] += a0 * bv;
+          t1[v] += a1 * bv;
+        }
+      }
+      for (int64_t v = 0; v < kTileVecs; ++v) {
+        std::memcpy(acc + r * ld_acc + c0 + v * kVec, &t0[v], sizeof t0[v]);
+        std::memcpy(acc + r1 * ld_acc + c0 + v * kVec, &t1[v], sizeof t1[v]);
+      }
+    }
+    for (int64_t rr = r; rr <= r1; ++rr) {
+      for (int64_t c = full; c < cols; ++c) {
+        float t = e[rr * K] * b[c];
+        for (int64_t k = 1; k < K; ++k) t += e[rr * K + k] * b[k * ldb + c];
+        acc[rr * ld_acc + c] = t;
+      }
+    }
+  }
+}
+
+template <typename BRows, typename AccRows, typename Finish>
+void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, int64_t bk, BRows&& b_rows,
+                   AccRows&& acc_rows, Finish&& finish) {
+  const int64_t K = e32.size(1);
+  if (K <= bk) {
+    const at::Tensor b = b_rows(0, K);
+    const int64_t chunk = std::max<int64_t>(1, kChunkEntries / jn);
+    for (int64_t rc = 0; rc < rn; rc += chunk) {
+      const int64_t rcn = std::min(chunk, rn - rc);
+      at::Tensor acc = acc_rows(rc, rcn);
+      if (K <= kNarrowK) {
+        narrow_product(e32.const_data_ptr<float>() + (r0 + rc) * K, b.const_data_ptr<float>(), b.stride(0),
+                       acc.mutable_data_ptr<float>(), acc.stride(0), rcn, K, jn);
+      } else {
+        at::mm_out(acc, e32.narrow(0, r0 + rc, rcn), b);
+      }
+      finish(rc, rcn);
+    }
+    return;
+  }
+  at::Tensor acc = acc_rows(0, rn);
+  for (int64_t k0 = 0; k0 < K; k0 += bk) {
+    const int64_t kn = std::min(bk, K - k0);
+    const at::Tensor b = b_rows(k0, kn);
+    const at::Tensor e_block = e32.narrow(0, r0, rn).narrow(1, k0, kn);
+    if (k0 == 0) {
+      at::mm_out(acc, e_block, b);
+    } else {
+      acc.addmm_(e_block, b);
+    }
+  }
+  finish(0, rn);
+}
+
+// F = cast(scale * (e @ B) * col_scale) block by block (see the top of this file); B generated from
+// the spec when B32 is undefined, else its blocks are read in place.
+at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const FeedbackSpec& spec, int64_t W,
+                         at::ScalarType out_type, const float* cs, float scale) {
+  const int64_t N = e.size(0), K = e.size(1);
+  // scale goes into e ([N, K], small next to the output), so an fp32 output without col_scale needs
+  // no epilogue pass. Detached: the BLAS calls below use out=.
+  const at::Tensor e32 = (scale == 1.0f ? e.detach().to(at::kFloat) : e.detach().to(at::kFloat) * scale).contiguous();
   const at::Tensor acc = at::empty({N, W}, e.options().dtype(at::kFloat));
   const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
-  at::Tensor cs_holder;
-  const float* cs = col_scale_ptr(col_scale, cs_holder);
-  const float scale_f = static_cast<float>(scale);
   const uint32_t skey = seed_key(spec.seed);
   const Plan plan = plan_blocks(N, K, W);
 
   at::parallel_for(0, plan.col_blocks * plan.row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bbuf(plan.bk * plan.bn);
+    std::vector<float> bbuf;
     std::vector<uint32_t> ckeys;
     for (int64_t task = begin; task < end; ++task) {
       // Consecutive tasks share a row block, so each thread reuses its rows of e.
@@ -239,26 +336,27 @@ at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distr
       const int64_t r0 = (task / plan.col_blocks) * plan.rows_per_block;
       const int64_t jn = std::min(plan.bn, W - j0);
       const int64_t rn = std::min(plan.rows_per_block, N - r0);
-      column_keys(spec.dist, j0, jn, ckeys);
-      at::Tensor acc_block = acc.narrow(0, r0, rn).narrow(1, j0, jn);
-      for (int64_t k0 = 0; k0 < K; k0 += plan.bk) {
-        const int64_t kn = std::min(plan.bk, K - k0);
-        for (int64_t r = 0; r < kn; ++r) {
-          generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), j0, jn, ckeys.data(),
-                       bbuf.data() + r * jn);
-        }
-        const at::Tensor b_block = at::from_blob(bbuf.data(), {kn, jn}, at::kFloat);
-        const at::Tensor e_block = e32.narrow(0, r0, rn).narrow(1, k0, kn);
-        if (k0 == 0) {
-          at::mm_out(acc_block, e_block, b_block);
-        } else {
-          acc_block.addmm_(e_block, b_block);
-        }
-      }
-      finish_block(acc, out, r0, rn, j0, jn, scale_f, cs);
+      if (!B32.defined()) column_keys(spec.dist, j0, jn, ckeys);
+      block_product(
+          e32, r0, rn, jn, plan.bk,
+          [&](int64_t k0, int64_t kn) { return b_block_rows(B32, spec, skey, j0, jn, k0, kn, ckeys, bbuf); },
+          [&](int64_t rc, int64_t rcn) { return acc.narrow(0, r0 + rc, rcn).narrow(1, j0, jn); },
+          [&](int64_t rc, int64_t rcn) { finish_block(acc, out, r0 + rc, rcn, j0, jn, 1.0f, cs); });
     }
   });
   return out;
+}
+
+at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distribution, double density,
+                       int64_t width, double scale, const std::optional<at::Tensor>& col_scale,
+                       std::optional<at::ScalarType> out_dtype) {
+  const FeedbackSpec spec = parse_feedback_spec(seed, distribution, density);
+  const at::ScalarType out_type = check_project_args("project", e, width, col_scale, out_dtype);
+  const int64_t N = e.size(0), K = e.size(1), W = width;
+  if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
+  at::Tensor cs_holder;
+  return tiled_project(e, at::Tensor(), spec, W, out_type, col_scale_ptr(col_scale, cs_holder),
+                       static_cast<float>(scale));
 }
 
 at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, double scale,
@@ -269,12 +367,16 @@ at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, do
       check_project_args("project_materialized", e, B.size(1), col_scale, out_dtype);
   const int64_t N = e.size(0), K = e.size(1), W = B.size(1);
   if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
-
-  const at::Tensor acc = at::mm(e.to(at::kFloat), B.to(at::kFloat));
-  const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   at::Tensor cs_holder;
   const float* cs = col_scale_ptr(col_scale, cs_holder);
   const float scale_f = static_cast<float>(scale);
+  // Narrow e (B's block fits one k-step): the tiled path, whose epilogue runs on cached chunks.
+  // Otherwise one BLAS GEMM, which blocks a large K better, then the epilogue.
+  if (K <= plan_blocks(N, K, W).bk) {
+    return tiled_project(e, B.detach().to(at::kFloat).contiguous(), FeedbackSpec{}, W, out_type, cs, scale_f);
+  }
+  const at::Tensor acc = at::mm(e.to(at::kFloat), B.to(at::kFloat));
+  const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / W), [&](int64_t begin, int64_t end) {
     finish_block(acc, out, begin, end - begin, 0, W, scale_f, cs);
   });
@@ -349,14 +451,14 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
                           : at::empty({N, p.width}, e.options().dtype(out_type)));
   }
   if (N == 0 || K == 0) return outs;
-  const at::Tensor e32 = e.detach().to(at::kFloat);  // detached: the BLAS calls below use out=
+  const at::Tensor e32 = e.detach().to(at::kFloat).contiguous();  // detached: the BLAS calls below use out=
 
   // Every point's column (and row) blocks form one task list, so narrow points share the threads.
   // Each task accumulates its block of e @ B_l into a thread-local buffer, B's blocks generated
   // (virtual) or read in place (stored), and runs the point's epilogue on it while it is in cache.
   // (One GEMM over all columns then an epilogue pass was 3x slower for out_features 1: BLAS makes a
   // poor outer product, and the [N, D] result leaves the cache before the epilogue reads it.)
-  const at::Tensor B32 = B.has_value() ? B->detach().to(at::kFloat) : at::Tensor();
+  const at::Tensor B32 = B.has_value() ? B->detach().to(at::kFloat).contiguous() : at::Tensor();
   struct Task { size_t point; int64_t j0, jn, r0, rn; int64_t bk; };
   std::vector<Task> tasks;
   for (size_t l = 0; l < points.size(); ++l) {
@@ -378,32 +480,19 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
       const Task& task = tasks[t];
       const PointArgs& p = points[task.point];
       const int64_t col0 = p.offset + task.j0;  // column of B
-      if (!B32.defined()) {
-        column_keys(spec.dist, col0, task.jn, ckeys);
-        bbuf.resize(task.bk * task.jn);
-      }
-      abuf.resize(task.rn * task.jn);
-      const at::Tensor acc = at::from_blob(abuf.data(), {task.rn, task.jn}, at::kFloat);
-      for (int64_t k0 = 0; k0 < K; k0 += task.bk) {
-        const int64_t kn = std::min(task.bk, K - k0);
-        at::Tensor b_block;
-        if (B32.defined()) {
-          b_block = B32.narrow(0, k0, kn).narrow(1, col0, task.jn);
-        } else {
-          for (int64_t r = 0; r < kn; ++r) {
-            generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), col0, task.jn, ckeys.data(),
-                         bbuf.data() + r * task.jn);
-          }
-          b_block = at::from_blob(bbuf.data(), {kn, task.jn}, at::kFloat);
-        }
-        const at::Tensor e_block = e32.narrow(0, task.r0, task.rn).narrow(1, k0, kn);
-        if (k0 == 0) {
-          at::mm_out(const_cast<at::Tensor&>(acc), e_block, b_block);
-        } else {
-          const_cast<at::Tensor&>(acc).addmm_(e_block, b_block);
-        }
-      }
-      finish_point_block(abuf.data(), task.jn, outs[task.point], p, task.r0, task.rn, task.j0, task.jn);
+      if (!B32.defined()) column_keys(spec.dist, col0, task.jn, ckeys);
+      block_product(
+          e32, task.r0, task.rn, task.jn, task.bk,
+          [&](int64_t k0, int64_t kn) {
+            return b_block_rows(B32, spec, skey, col0, task.jn, k0, kn, ckeys, bbuf);
+          },
+          [&](int64_t, int64_t rcn) {  // every chunk reuses the same thread-local rows
+            abuf.resize(rcn * task.jn);
+            return at::from_blob(abuf.data(), {rcn, task.jn}, at::kFloat);
+          },
+          [&](int64_t rc, int64_t rcn) {
+            finish_point_block(abuf.data(), task.jn, outs[task.point], p, task.r0 + rc, rcn, task.j0, task.jn);
+          });
     }
   });
   return outs;
