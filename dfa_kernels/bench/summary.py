@@ -33,8 +33,8 @@ def _targets(targets: list[dict]) -> list[str]:
     if not targets:
         return []
     return ["", "Targets: " + "; ".join(
-        f"{t['name']} = {t['value']:.2f} ({t.get('variant') or t.get('backend')}"
-        + (f", FLOP ratio {t['flop_ratio']:.2f}" if t.get("flop_ratio") is not None else "") + f"), {t['target']}: "
+        f"{t['name']} = {t['value']:.3f} ({t.get('variant') or t.get('backend')}"
+        + (f", FLOP ratio {t['flop_ratio']:.3f}" if t.get("flop_ratio") is not None else "") + f"), {t['target']}: "
         f"**{'met' if t['met'] else 'not met'}**" for t in targets) + "."]
 
 
