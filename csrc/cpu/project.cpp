@@ -6,7 +6,11 @@
 // column blocks than threads, row blocks); at::parallel_for runs one task per block. A task walks
 // out_features in chunks of bk rows, generates the B block [bk, bn] into a thread-local buffer
 // (256 KiB, cache-resident) and accumulates F_block += e[:, chunk] @ B_block with a BLAS call, then
-// applies scale, col_scale and the output cast to its block while it is still in cache.
+// applies col_scale and the output cast to its block while it is still in cache. When B's block is
+// a single chunk (out_features <= bk), the rows go in L2-sized chunks instead, each finished before
+// the next, and a narrow e (out_features <= 16) multiplies by a register-tiled outer product
+// rather than BLAS. The materialized projection takes the same path when B's block is a single
+// chunk, with B's blocks read in place.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -321,7 +325,9 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
   const int64_t N = e.size(0), K = e.size(1);
   // scale goes into e ([N, K], small next to the output), so an fp32 output without col_scale needs
   // no epilogue pass. Detached: the BLAS calls below use out=.
-  const at::Tensor e32 = (scale == 1.0f ? e.detach().to(at::kFloat) : e.detach().to(at::kFloat) * scale).contiguous();
+  at::Tensor e32 = e.detach().to(at::kFloat);
+  if (scale != 1.0f) e32 = e32 * scale;
+  e32 = e32.contiguous();
   const at::Tensor acc = at::empty({N, W}, e.options().dtype(at::kFloat));
   const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   const uint32_t skey = seed_key(spec.seed);
