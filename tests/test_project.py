@@ -49,8 +49,8 @@ def test_project_matches_reference(backend, device, dtype, shape, distribution, 
 @pytest.mark.parametrize("out_features", [1, 2, 16, 17])  # around the CPU's outer-product limit (16)
 @pytest.mark.parametrize("storage", ["virtual", "materialized"])
 def test_narrow_error_row_chunks_and_column_tails(backend, device, out_features, storage):
-    # 1001 rows: several cache-sized row chunks and an odd last row; 200 columns: whole 64-column
-    # register tiles and a tail, at a block offset (the second point).
+    # 1001 rows: several cache-sized row chunks and an odd last row; 237 columns: column blocks of
+    # whole 64-column register tiles plus a tail.
     spec = dk.FeedbackSpec(out_features, [37, 200], seed=21)
     e = torch.randn(1001, out_features, device=device)
     col_scale = torch.rand(spec.total_width, device=device) + 0.5

@@ -229,14 +229,6 @@ at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_
   return at::from_blob(bbuf.data(), {kn, jn}, at::kFloat);
 }
 
-// Produces one task's block e32[r0:r0+rn, :] @ B[:, block columns] ([rn, jn]) and post-processes
-// it: b_rows(k0, kn) gives B's rows k0..k0+kn of the block's columns, acc_rows(rc, rcn) the fp32
-// [rcn, jn] tensor that receives block rows rc..rc+rcn, finish(rc, rcn) runs the epilogue on them.
-// When B's block fits in one k-step (out_features <= bk: the narrow, memory-bound shapes), rows go in
-// chunks of kChunkEntries / jn so that each chunk's epilogue reads it from cache and the output
-// crosses memory once; otherwise the k-steps accumulate over all rows and the epilogue runs once.
-constexpr int64_t kChunkEntries = 64 * 1024;  // 256 KiB of fp32: L2-resident
-
 // acc[r, c] = sum_k e[r, k] b[k, c] for a narrow e ([rows, K], contiguous; K <= kNarrowK): an outer
 // product, which BLAS runs poorly. A tile of two rows by 64 columns stays in registers across the
 // k loop (eight independent FMA chains of 16 floats; GCC's vector extension lowers them to the
@@ -283,6 +275,14 @@ DFA_MULTIVERSION void narrow_product(const float* e, const float* b, int64_t ldb
     }
   }
 }
+
+// Produces one task's block e32[r0:r0+rn, :] @ B[:, block columns] ([rn, jn]) and post-processes
+// it: b_rows(k0, kn) gives B's rows k0..k0+kn of the block's columns, acc_rows(rc, rcn) the fp32
+// [rcn, jn] tensor that receives block rows rc..rc+rcn, finish(rc, rcn) runs the epilogue on them.
+// When B's block fits in one k-step (out_features <= bk: the narrow, memory-bound shapes), rows go in
+// chunks of kChunkEntries / jn so that each chunk's epilogue reads it from cache and the output
+// crosses memory once; otherwise the k-steps accumulate over all rows and the epilogue runs once.
+constexpr int64_t kChunkEntries = 64 * 1024;  // 256 KiB of fp32: L2-resident
 
 template <typename BRows, typename AccRows, typename Finish>
 void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, int64_t bk, BRows&& b_rows,
