@@ -43,7 +43,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import dfa_kernels
-    from dfa_kernels import tasks
+    from dfa_kernels.zoo import tasks
 
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     report.update({

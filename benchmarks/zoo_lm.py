@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dfa_kernels.recipes import transformer as R
-from dfa_kernels.tasks import TrainConfig, get
+from dfa_kernels.zoo.recipes import transformer as R
+from dfa_kernels.zoo.tasks import TrainConfig, get
 
 RUNS = [("bp", "macro"), ("dfa", "macro"), ("dfa", "micro"), ("shallow", "macro")]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from dfa_kernels.recipes import nerf as R
-from dfa_kernels.tasks import MODES, TrainConfig, get
+from dfa_kernels.zoo.recipes import nerf as R
+from dfa_kernels.zoo.tasks import MODES, TrainConfig, get
 
 HERE = Path(__file__).parent
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dfa_kernels.recipes import recsys as R
-from dfa_kernels.tasks import TrainConfig, get
+from dfa_kernels.zoo.recipes import recsys as R
+from dfa_kernels.zoo.tasks import TrainConfig, get
 
 BAR_MODELS = ("deepfm", "dcn", "afn")
 MODES = ("bp", "dfa", "shallow")

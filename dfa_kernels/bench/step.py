@@ -133,7 +133,7 @@ def _fused_dcn_forward(self, idx, bag):
 
 
 def _dcn(device, dtype, size):
-    from ..models.recsys import DCN
+    from ..zoo.models.recsys import DCN
     batch, fields, vocab, hidden = {"cpu": (1024, 39, 100_000, (1024, 1024)), "gpu": (8192, 39, 1_000_000, (1024, 1024)),
                                     "tiny": (16, 5, 50, (16, 16))}[size]
     g = torch.Generator().manual_seed(0)
@@ -163,7 +163,7 @@ def _cora_like(size):
         try:
             import torch_geometric.transforms as T
 
-            from ..data.cora import load_cora
+            from ..zoo.data.cora import load_cora
             data = T.NormalizeFeatures()(load_cora(split_seed=0))
             return data.x, data.edge_index, data.y, data.train_mask, "cora (graphdatascience parquet, random split)"
         except Exception as err:  # noqa: BLE001 - not installed, or unreadable: the synthetic graph, saying why
@@ -190,14 +190,14 @@ def _fused_gcn_forward(self, x, edge_index, edge_attr=None):
     """GCN with its hidden point fused on the pre-activation: ``dfa.point(conv1(x), "relu")``. The
     dropout after the ReLU then acts on the point's (detached) output: in DFA mode the feedback no
     longer passes through the dropout mask (the plain GCN's point sits after the dropout)."""
-    from ..models.graph import feature_dropout
+    from ..zoo.models.graph import feature_dropout
     x = feature_dropout(x, self.dropout, self.training)
     h = F.dropout(self.dfa.point(self.conv1(x, edge_index), activation="relu"), self.dropout, self.training)
     return F.log_softmax(self.dfa(self.conv2(h, edge_index)), dim=-1)
 
 
 def _gcn(device, dtype, size):
-    from ..models.graph import GCN
+    from ..zoo.models.graph import GCN
     x, edge_index, y, train_mask, source = _cora_like(size)
     x, edge_index, y, train_mask = x.to(device), edge_index.to(device), y.to(device), train_mask.to(device)
     classes, hidden = int(y.max()) + 1, 16
@@ -218,7 +218,7 @@ def _gcn(device, dtype, size):
 
 def _lm(placement):
     def workload(device, dtype, size):
-        from ..models.transformer import TransformerLM
+        from ..zoo.models.transformer import TransformerLM
         layers, d, heads, T, batch, vocab = {"cpu": (4, 256, 4, 128, 8, 256), "gpu": (12, 768, 12, 1024, 8, 50257),
                                              "tiny": (2, 32, 2, 16, 2, 64)}[size]
         g = torch.Generator().manual_seed(0)

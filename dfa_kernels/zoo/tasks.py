@@ -63,9 +63,9 @@ def register(task: Task) -> Task:
 def _load_recipes() -> None:
     for name in RECIPE_MODULES:
         try:
-            importlib.import_module(f"dfa_kernels.recipes.{name}")
+            importlib.import_module(f"dfa_kernels.zoo.recipes.{name}")
         except ModuleNotFoundError as err:
-            if err.name != f"dfa_kernels.recipes.{name}":
+            if err.name != f"dfa_kernels.zoo.recipes.{name}":
                 raise
 
 

@@ -1,0 +1,210 @@
+"""The autograd functions behind ``dfa(y)`` and ``dfa.linear_cross_entropy``: one backward for all points.
+
+``DFAOutput`` is the identity on the output y; its backward takes the error ``e = dL/dy``,
+launches one projection ``F = e @ B`` (or, for fused points, one ``project_points`` launch with the
+activation derivatives in its epilogue and one grouped weight-gradient launch) and returns each
+point's slice as that point's gradient. The autograd engine then computes every layer's weight
+gradients from those slices in the same pass: no hooks, no re-entrant ``.backward()``.
+``DFALinearCrossEntropy`` does the same with the error taken after a vocabulary head, chunk by
+chunk, without the [N, vocab] logits. A :class:`Plan` holds what a backward needs, as constants.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import ops
+from .feedback import FeedbackSpec
+
+
+
+@dataclasses.dataclass
+class Record:
+    """One feedback point of a forward pass. `tensor` gets the point's gradient: h itself, or the
+    pre-activation a for a fused point. Linear points also hold the layer's input and parameters."""
+    tensor: torch.Tensor
+    activation: str = "none"
+    layer_input: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The tensors the DFA output op takes for this point (their order is the plan's)."""
+        if self.weight is None:
+            return [self.tensor]
+        return [self.tensor, self.layer_input, self.weight] + ([] if self.bias is None else [self.bias])
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one backward needs: constants only, so torch.compile can trace it. `kinds[l]` is
+    "point" or "linear", or "linear+bias"; `activations[l]` is "none" for a plain point."""
+    spec: FeedbackSpec
+    scales: tuple[float, ...]
+    storage: str
+    backend: str
+    check_finite: bool
+    kinds: tuple[str, ...]
+    activations: tuple[str, ...]
+    error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
+
+    @property
+    def fused(self) -> bool:
+        return any(a != "none" for a in self.activations) or any(k != "point" for k in self.kinds)
+
+
+class DFAOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, plan, *tensors):
+        ctx.plan = plan
+        ctx.shapes = [t.shape for t in tensors]
+        ctx.dtypes = [t.dtype for t in tensors]
+        if plan.fused:  # the pre-activations and the linear layers' inputs and weights
+            ctx.save_for_backward(*tensors)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        plan = ctx.plan
+        spec = plan.spec
+        e = grad_y.reshape(-1, spec.out_features).contiguous()
+        if plan.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(e).all()):
+            raise FloatingPointError(
+                "DFA: the output error e = dL/dy contains NaN or Inf; no feedback was sent and no "
+                "hidden layer received a gradient this step (check the loss; DFA(check_finite=False) "
+                "skips this check)")
+        if plan.error_dtype is not None:
+            e = e.to(plan.error_dtype)
+        if plan.fused:
+            return (grad_y, None, *_fused_backward(ctx, e))
+        out_dtype = _common_dtype(ctx.dtypes)  # written by the projection: no cast pass after it
+        if len(set(plan.scales)) == 1:
+            F = ops.project(e, spec, plan.storage, plan.backend, scale=plan.scales[0], out_dtype=out_dtype)
+        else:
+            F = ops.project(e, spec, plan.storage, plan.backend, col_scale=column_scales(plan, e.device),
+                            out_dtype=out_dtype)
+        grads = [F[:, off:off + w].reshape(shape).to(dtype)
+                 for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)]
+        return (grad_y, None, *grads)
+
+
+def _common_dtype(dtypes) -> torch.dtype | None:
+    """The points' dtype when they share one (the projection's output dtype), else None."""
+    dtypes = set(dtypes)
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _starts(plan: Plan) -> list[int]:
+    """Index of each point's first tensor among the op's inputs (see Record.inputs)."""
+    starts, i = [], 0
+    for kind in plan.kinds:
+        starts.append(i)
+        i += {"point": 1, "linear": 3, "linear+bias": 4}[kind]
+    return starts
+
+
+def _act_inputs(plan: Plan, tensors, N: int) -> list:
+    """The pre-activations [N, d_l] the fused epilogue reads (None for plain points)."""
+    return [None if act == "none" else tensors[s].reshape(N, w)
+            for s, act, w in zip(_starts(plan), plan.activations, plan.spec.widths)]
+
+
+def _fused_backward(ctx, e: torch.Tensor) -> list:
+    """Gradients of every input tensor of the op: one project_points launch (activation
+    derivatives in its epilogue), then one grouped weight-gradient launch for the linear points."""
+    plan, tensors = ctx.plan, ctx.saved_tensors
+    out_dtype = _common_dtype(ctx.dtypes[s] for s in _starts(plan))  # the points' (pre-activations') dtype
+    outs = ops.project_points(e, plan.spec, plan.storage, plan.backend, scales=plan.scales,
+                              act_inputs=_act_inputs(plan, tensors, e.shape[0]), activations=list(plan.activations),
+                              out_dtype=out_dtype)
+    return _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[2:], outs)
+
+
+def _input_grads(plan: Plan, tensors, shapes, dtypes, needs_grad, outs) -> list:
+    """The gradients of the points' input tensors from each point's delta outs[l] [N, d_l]."""
+    N = outs[0].shape[0]
+    starts = _starts(plan)
+    grads: list = [None] * len(tensors)
+    linear = [(l, s) for l, (s, kind) in enumerate(zip(starts, plan.kinds)) if kind != "point"]
+    for l, (s, kind) in enumerate(zip(starts, plan.kinds)):
+        if kind == "point":
+            grads[s] = outs[l].reshape(shapes[s]).to(dtypes[s])
+    if linear:
+        deltas, xs = [], []
+        for l, s in linear:
+            x = tensors[s + 1]
+            deltas.append(outs[l].to(x.dtype))
+            xs.append(x.reshape(N, -1))
+        weight_dtype = tensors[linear[0][1] + 2].dtype
+        weight_grads = ops.grouped_weight_grad(deltas, xs, plan.backend, out_dtype=weight_dtype)
+        for (l, s), delta, grad_w in zip(linear, deltas, weight_grads):
+            x, w = tensors[s + 1], tensors[s + 2]
+            grads[s + 2] = grad_w.to(w.dtype)
+            if plan.kinds[l] == "linear+bias":
+                grads[s + 3] = delta.sum(0, dtype=torch.float32).to(tensors[s + 3].dtype)
+            if needs_grad[s + 1]:  # the layer's input comes from a trained layer (embeddings)
+                grads[s + 1] = (delta @ w.to(delta.dtype)).reshape(shapes[s + 1]).to(x.dtype)
+    return grads
+
+
+class DFALinearCrossEntropy(torch.autograd.Function):
+    """Loss = cross_entropy(hidden @ W^T + b, target), never holding [N, vocab]: for each row chunk
+    the logit gradient e_c (the DFA error) is projected to every point's rows at once, so the whole
+    backward is done in forward (like fused linear-cross-entropy kernels) and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, plan, ignore_index, *tensors):
+        from . import lm_head
+
+        N = hidden.shape[0]
+        act_inputs = _act_inputs(plan, tensors, N)
+        out_dtype = _common_dtype(tensors[s].dtype for s in _starts(plan)) or torch.float32
+        outs = [torch.empty(N, w, dtype=out_dtype, device=hidden.device) for w in plan.spec.widths]
+
+        def project_chunk(start, stop, e_chunk):
+            rows = [None if a is None else a[start:stop] for a in act_inputs]
+            if plan.error_dtype is not None:
+                e_chunk = e_chunk.to(plan.error_dtype)
+            chunk = ops.project_points(e_chunk, plan.spec, plan.storage, plan.backend, scales=plan.scales,
+                                       act_inputs=rows, activations=list(plan.activations), out_dtype=out_dtype)
+            for out, c in zip(outs, chunk):
+                out[start:stop] = c
+
+        loss, grad_hidden, grad_weight, grad_bias = lm_head.chunked_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=ignore_index, on_chunk=project_chunk, backend=plan.backend)
+        if plan.check_finite and not bool(torch.isfinite(loss)):
+            raise FloatingPointError("DFA: the loss is NaN or Inf; no feedback will be sent this step "
+                                     "(DFA(check_finite=False) skips this check)")
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.shapes, ctx.dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, *tensors, *outs)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias, *rest = ctx.saved_tensors
+        count = len(ctx.shapes)
+        tensors, outs = rest[:count], rest[count:]
+        grads = _input_grads(ctx.plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[6:],
+                             [o * grad_loss for o in outs])
+        return (grad_hidden * grad_loss, grad_weight * grad_loss,
+                grad_bias * grad_loss if ctx.has_bias else None, None, None, None, *grads)
+
+
+
+_COL_SCALES: dict = {}
+
+
+def column_scales(plan: Plan, device) -> torch.Tensor:
+    """[D] per-column multipliers (independent layout, one scale per point), cached per device."""
+    def build():  # from Python constants: static shapes under torch.compile
+        per_column = [s for s, w in zip(plan.scales, plan.spec.widths) for _ in range(w)]
+        return torch.tensor(per_column, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling():
+        return build()
+    key = (plan.scales, plan.spec.widths, str(device))
+    if key not in _COL_SCALES:
+        _COL_SCALES[key] = build()
+    return _COL_SCALES[key]
+
