@@ -1,7 +1,8 @@
-"""Rewrite the benchmark summary block of README.md from benchmarks/results/{step,projection}_*.json,
-and redraw benchmarks/plots/{step,projection}_*.png from the same files.
+"""Rewrite README.md's generated blocks: the benchmark summary from
+benchmarks/results/{step,projection}_*.json (and redraw benchmarks/plots/{step,projection}_*.png),
+and the zoo tables from benchmarks/results/zoo/*.json.
 
-    python benchmarks/summarize.py            # only the text between the bench-summary markers changes
+    python benchmarks/summarize.py            # only the text between the markers changes
     python benchmarks/summarize.py --no-plots
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from dfa_kernels.bench.summary import summarize
+from dfa_kernels.zoo.tables import write_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +22,5 @@ if __name__ == "__main__":
     a = p.parse_args()
     n = summarize(a.root, plots=not a.no_plots)
     print(f"{a.root / 'README.md'}: benchmark summary rewritten from {n} result files")
+    write_readme(a.root / "README.md", a.root / "benchmarks" / "results" / "zoo")
+    print(f"{a.root / 'README.md'}: zoo tables rewritten from {a.root / 'benchmarks' / 'results' / 'zoo'}")

@@ -9,5 +9,13 @@ from .nn import DFA
 from .ops import available_backends, build_info, clear_matrix_cache, project
 
 __version__ = "0.1.0"
-__all__ = ["DFA", "DFAModel", "DISTRIBUTIONS", "FeedbackPoint", "FeedbackSpec", "LAYOUTS",
+__all__ = ["DFA", "DFAModel", "DISTRIBUTIONS", "FeedbackPoint", "FeedbackSpec", "LAYOUTS", "alignment",
            "available_backends", "build_info", "clear_matrix_cache", "convert", "project", "__version__"]
+
+
+def __getattr__(name):
+    # dk.alignment lives with the studies, imported on first use (the core never imports them)
+    if name == "alignment":
+        from .studies.alignment import alignment
+        return alignment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

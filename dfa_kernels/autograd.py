@@ -36,6 +36,34 @@ class Record:
         return [self.tensor, self.layer_input, self.weight] + ([] if self.bias is None else [self.bias])
 
 
+@dataclasses.dataclass
+class Capture:
+    """What a DFA module recorded inside ``with dfa.capture() as cap`` (the last forward pass).
+
+    points: the forward's feedback points (:class:`Record`; ``tensor`` is h, or the pre-activation a
+      of a fused point); signals: after backward, the gradient each point's tensor received, shaped
+      like it (mode "dfa": the projected error, activation derivative included for fused points;
+      mode "bp": backprop's gradient; None where the point got none, e.g. mode "shallow");
+      error: e = dL/dy as [N, out_features] (None under ``linear_cross_entropy``, whose error only
+      ever exists chunk by chunk).
+    """
+    points: list[Record] = dataclasses.field(default_factory=list)
+    signals: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    error: torch.Tensor | None = None
+
+    def start(self, points: list[Record]) -> None:
+        self.points, self.signals, self.error = points, [None] * len(points), None
+
+
+def record_signals(plan: "Plan", error, outs, shapes) -> None:
+    """Hand the captured signals (each point's delta [N, d_l], reshaped like its tensor) to the plan's capture."""
+    if plan.capture is None:
+        return
+    starts = _starts(plan)
+    plan.capture.error = error
+    plan.capture.signals = [o.reshape(shapes[s]) for o, s in zip(outs, starts)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What one backward needs: constants only, so torch.compile can trace it. `kinds[l]` is
@@ -48,6 +76,8 @@ class Plan:
     kinds: tuple[str, ...]
     activations: tuple[str, ...]
     error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
+    # set while the DFA module captures (measurements, eager only): the backward fills it in
+    capture: "Capture | None" = dataclasses.field(default=None, compare=False)
 
     @property
     def fused(self) -> bool:
@@ -86,6 +116,7 @@ class DFAOutput(torch.autograd.Function):
                             out_dtype=out_dtype)
         grads = [F[:, off:off + w].reshape(shape).to(dtype)
                  for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)]
+        record_signals(plan, e, grads, ctx.shapes)
         return (grad_y, None, *grads)
 
 
@@ -118,6 +149,7 @@ def _fused_backward(ctx, e: torch.Tensor) -> list:
     outs = ops.project_points(e, plan.spec, plan.storage, plan.backend, scales=plan.scales,
                               act_inputs=_act_inputs(plan, tensors, e.shape[0]), activations=list(plan.activations),
                               out_dtype=out_dtype)
+    record_signals(plan, e, outs, ctx.shapes)
     return _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[2:], outs)
 
 
@@ -186,8 +218,9 @@ class DFALinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias, *rest = ctx.saved_tensors
         count = len(ctx.shapes)
         tensors, outs = rest[:count], rest[count:]
-        grads = _input_grads(ctx.plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[6:],
-                             [o * grad_loss for o in outs])
+        outs = [o * grad_loss for o in outs]
+        record_signals(ctx.plan, None, outs, ctx.shapes)
+        grads = _input_grads(ctx.plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[6:], outs)
         return (grad_hidden * grad_loss, grad_weight * grad_loss,
                 grad_bias * grad_loss if ctx.has_bias else None, None, None, None, *grads)
 

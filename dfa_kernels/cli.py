@@ -1,8 +1,9 @@
-"""The `dfa-kernels` command: info, demo, bench, train, compare."""
+"""The `dfa-kernels` command: info, demo, bench, train, compare, align, tsne, tune."""
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,16 @@ def _bench(args) -> None:
               progress=not args.no_progress)
 
 
+def _config(args, **overrides):
+    """The TrainConfig of a run subcommand's options."""
+    from .zoo import tasks
+    fields = dict(task=args.task, mode=getattr(args, "mode", "dfa"), placement=args.placement[0],
+                  preset=args.preset, device=args.device, epochs=args.epochs, lr=getattr(args, "lr", None),
+                  seed=args.seed, data=args.data, out=Path(args.out), progress=not args.no_progress,
+                  feedback=args.feedback[0], alignment_every=getattr(args, "alignment_every", None))
+    return tasks.TrainConfig(**{**fields, **overrides})
+
+
 def _train(args) -> None:
     from .zoo import tasks
     if args.list:
@@ -41,18 +52,31 @@ def _train(args) -> None:
     if not args.task:
         sys.exit("dfa-kernels train: name a TASK (dfa-kernels train --list shows them)")
     from .zoo.training import run_task
-    run_task(tasks.get(args.task), tasks.TrainConfig(
-        task=args.task, mode=args.mode, placement=args.placement, preset=args.preset, device=args.device,
-        epochs=args.epochs, lr=args.lr, seed=args.seed, data=args.data, out=Path(args.out),
-        progress=not args.no_progress))
+    run_task(tasks.get(args.task), _config(args))
 
 
 def _compare(args) -> None:
     from .zoo import tasks
     from .zoo.training import compare_task
-    compare_task(tasks.get(args.task), preset=args.preset, device=args.device, epochs=args.epochs,
-                 seed=args.seed, data=args.data, out=Path(args.out), placement=args.placement,
-                 progress=not args.no_progress)
+    compare_task(tasks.get(args.task), _config(args), seeds=args.seeds, modes=args.modes,
+                 feedbacks=args.feedback, placements=args.placement,
+                 json_path=Path(args.json) if args.json else None)
+
+
+def _align(args) -> None:
+    from .studies.alignment import run_study
+    run_study(args.task, _config(args, alignment_every=args.every), measurements=args.measurements)
+
+
+def _tsne(args) -> None:
+    from .studies.tsne import run_study
+    run_study(args.task, _config(args), max_points=args.max_points)
+
+
+def _tune(args) -> None:
+    from .zoo import tasks
+    from .zoo.tuning import tune
+    tune(tasks.get(args.task), _config(args), modes=args.modes, json_path=Path(args.json) if args.json else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,14 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_bench)
 
-    def add_run_options(s):
+    def add_run_options(s, several: bool = False):
+        """Options of every zoo run; with `several`, --feedback and --placement take lists."""
+        many = dict(nargs="+") if several else dict(nargs=1)
         s.add_argument("--preset", default="cpu", choices=["cpu", "full"])
         s.add_argument("--device", default="cpu")
-        s.add_argument("--epochs", type=int, default=None)
+        s.add_argument("--epochs", type=int, default=None, help="the most epochs (evaluation rounds)")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--placement", default="macro", choices=["macro", "micro"])
-        s.add_argument("--data", default=None, help="your own files in the paper's format (see the task)")
+        s.add_argument("--placement", default=["macro"], choices=["macro", "micro", "linear"], **many,
+                       help="Transformer feedback points (mode dfa)")
+        s.add_argument("--feedback", default=["paper"], choices=["paper", "ours"], **many,
+                       help="paper: one shared B, TinyDFA's (default); ours: one B per point")
+        s.add_argument("--data", default=None, help="another dataset or your own files (see the task)")
         s.add_argument("--out", default="runs")
+        s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("train", help="train one zoo task in one mode")
@@ -100,18 +130,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the tasks")
     s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"])
     s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--alignment-every", type=int, default=None, metavar="N",
+                   help="measure DFA's alignment with backprop every N steps (into metrics.json)")
     add_run_options(s)
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("compare", help="BP vs DFA vs shallow on one task, beside the paper's numbers")
+    s = sub.add_parser("compare", help="BP vs DFA vs shallow on one task over seeds, beside the paper's numbers",
+                       description="Trains every mode (DFA once per --feedback and, for Transformers, per "
+                                   "--placement) for every seed; writes OUT/TASK/compare.{json,txt,png}.")
     s.add_argument("task")
-    add_run_options(s)
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--modes", nargs="+", default=["bp", "dfa", "shallow"], choices=["bp", "dfa", "shallow"])
+    s.add_argument("--json", default=None, help="also write the report here")
+    add_run_options(s, several=True)
     s.set_defaults(func=_compare)
+
+    s = sub.add_parser("align", help="train a task with DFA, measuring its alignment with backprop",
+                       description="Writes OUT/TASK/alignment.json (every measurement: per point signal and "
+                                   "update cosines) and alignment.png (one line per point over training).")
+    s.add_argument("task")
+    s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"], help="the mode that trains")
+    s.add_argument("--every", type=int, default=None, metavar="N", help="steps between measurements")
+    s.add_argument("--measurements", type=int, default=20, help="with no --every: how many over training")
+    add_run_options(s)
+    s.set_defaults(func=_align)
+
+    s = sub.add_parser("tsne", help="t-SNE maps of BP, DFA and shallow representations of a task",
+                       description="Writes OUT/TASK/tsne.json (k-NN accuracy and silhouette of each map, "
+                                   "k-NN on the raw representation) and tsne.png (three panels).")
+    s.add_argument("task")
+    s.add_argument("--max-points", type=int, default=3000, help="subsample larger representations (stratified)")
+    add_run_options(s)
+    s.set_defaults(func=_tsne)
+
+    s = sub.add_parser("tune", help="the same learning-rate grid budget for every mode, on validation",
+                       description="Trains each mode once per candidate of the task's grid (seed 0, the "
+                                   "same number of candidates for every mode) and picks the best "
+                                   "validation metric; writes OUT/TASK/tuning.json.")
+    s.add_argument("task")
+    s.add_argument("--modes", nargs="+", default=["bp", "dfa", "shallow"], choices=["bp", "dfa", "shallow"])
+    s.add_argument("--json", default=None, help="also write the report here")
+    add_run_options(s)
+    s.set_defaults(func=_tune)
     return p
 
 
 def main(argv=None) -> None:
+    from . import provenance
+    argv = sys.argv[1:] if argv is None else list(argv)
+    provenance.CLI_COMMAND = shlex.join(["dfa-kernels", *argv])
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     if getattr(args, "device", "x") is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

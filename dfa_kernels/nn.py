@@ -17,6 +17,8 @@ Model conversion (points inserted into an existing model) lives in :mod:`dfa_ker
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -24,11 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .autograd import DFALinearCrossEntropy, DFAOutput, Plan, Record
+from .autograd import Capture, DFALinearCrossEntropy, DFAOutput, Plan, Record
 from .feedback import FeedbackSpec
 
 MODES = ("dfa", "bp", "shallow")
 ACTIVATION_NAMES = ops.ACTIVATIONS[1:]  # what dfa.point(..., activation=) and dfa.linear accept
+
+
+def _store(signals: list, index: int, grad: torch.Tensor) -> None:
+    signals[index] = grad
 
 
 def _check_activation(activation) -> None:
@@ -79,6 +85,7 @@ class DFA(nn.Module):
         self.batch_dims, self.check_finite, self.error_dtype = batch_dims, check_finite, error_dtype
         self.spec: FeedbackSpec | None = None
         self._points: list[Record] = []
+        self._capture: Capture | None = None
 
     @classmethod
     def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs) -> "DFA":
@@ -155,6 +162,8 @@ class DFA(nn.Module):
             raise RuntimeError("dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
                                "on hidden tensors during the same forward pass")
         spec = self._spec_for(y, [r.tensor for r in points])
+        if self._capture is not None:
+            self._start_capture(points, y)
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return y
         return DFAOutput.apply(y, self._plan(spec, points, y.device.type), *[t for r in points for t in r.inputs()])
@@ -184,6 +193,8 @@ class DFA(nn.Module):
         logits_shape = torch.empty(*hidden.shape[:-1], head.out_features, device="meta")
         spec = self._spec_for(logits_shape, [r.tensor for r in points])
         h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+        if self._capture is not None:
+            self._start_capture(points, None)
         if self._mode != "dfa" or not torch.is_grad_enabled():
             return lm_head.linear_cross_entropy(h2, head.weight, t1, head.bias, ignore_index=ignore_index,
                                                 backend=self.backend)
@@ -195,7 +206,7 @@ class DFA(nn.Module):
         kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
                       for r in points)
         return Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
-                     kinds, tuple(r.activation for r in points), self._error_dtype(device_type))
+                     kinds, tuple(r.activation for r in points), self._error_dtype(device_type), self._capture)
 
     def _error_dtype(self, device_type: str) -> torch.dtype | None:
         if self.error_dtype != "auto":
@@ -238,6 +249,35 @@ class DFA(nn.Module):
         return self.spec
 
     # ------------------------------------------------------------ inspection and state
+    @contextlib.contextmanager
+    def capture(self):
+        """``with dfa.capture() as cap:`` records what flows through the points (eager mode).
+
+        After a forward, ``cap.points`` holds its feedback points; after the backward,
+        ``cap.signals[l]`` the gradient point l's tensor received (the projected error in mode "dfa",
+        backprop's gradient in mode "bp", None in mode "shallow") and ``cap.error`` the output error
+        ``e = dL/dy`` [N, out_features]. The training step itself is unchanged: alignment
+        measurements and embedding studies read it (``dfa_kernels.studies``).
+        """
+        cap = Capture()
+        self._capture = cap
+        try:
+            yield cap
+        finally:
+            self._capture = None
+
+    def _start_capture(self, points: list[Record], y: torch.Tensor | None) -> None:
+        cap = self._capture
+        cap.start(points)
+        if self._mode != "bp" or not torch.is_grad_enabled():
+            return  # mode "dfa": the backward records (Plan.capture); "shallow": no point gets a signal
+        for index, record in enumerate(points):
+            if record.tensor.requires_grad:
+                record.tensor.register_hook(functools.partial(_store, cap.signals, index))
+        if y is not None and y.requires_grad:
+            width = self.spec.out_features
+            y.register_hook(lambda grad: setattr(cap, "error", grad.reshape(-1, width)))
+
     def reset(self) -> None:
         """Forget the widths (the next forward pass fixes them again)."""
         self.spec, self._points = None, []

@@ -311,14 +311,14 @@ def test_graph_tasks_registered():
         assert t.metric == ("test_auc" if name == "gae" else "test_acc")
 
 
-@needs_cora
 @pytest.mark.parametrize("task, mode", [("gcn-cora", "bp"), ("gcn-cora", "dfa"), ("spline-cora", "shallow"),
                                         ("gae-cora", "dfa")])
 def test_graph_task_runs(task, mode):
     from dfa_kernels.zoo import tasks
+    from dfa_kernels.zoo.training import train
     cfg = tasks.TrainConfig(task=task, mode=mode, epochs=3, progress=False)
-    result = tasks.get(task).run(cfg)
-    again = tasks.get(task).run(cfg)
+    result = train(tasks.get(task), cfg)
+    again = train(tasks.get(task), cfg)
     metric = tasks.get(task).metric
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
@@ -331,7 +331,18 @@ def test_graph_task_runs(task, mode):
 @needs_planetoid
 def test_graph_task_on_planetoid_files():
     from dfa_kernels.zoo import tasks
+    from dfa_kernels.zoo.training import train
     cfg = tasks.TrainConfig(task="gcn-cora", mode="dfa", epochs=2, progress=False,
                             data=f"{PLANETOID_DIR}:citeseer")
-    result = tasks.get("gcn-cora").run(cfg)
+    result = train(tasks.get("gcn-cora"), cfg)
     assert len(result.history) == 2 and "citeseer" in result.config["data"]
+
+
+def test_packaged_planetoid_files_are_the_public_split():
+    """Cora and CiteSeer ship with the package: the default gcn-cora data is Cora's public split."""
+    from dfa_kernels.zoo.recipes import graph as R
+    cora, citeseer = R.load_data(None), R.load_data("citeseer")
+    assert [int(m.sum()) for m in (cora.train_mask, cora.val_mask, cora.test_mask)] == [140, 500, 1000]
+    assert cora.x.shape == (2708, 1433) and citeseer.x.shape == (3327, 3703)
+    assert [int(m.sum()) for m in (citeseer.train_mask, citeseer.val_mask, citeseer.test_mask)] == [120, 500, 1000]
+    assert R.comparable(R.TrainConfig("gcn-cora")) and not R.comparable(R.TrainConfig("gcn-cora", data="citeseer"))

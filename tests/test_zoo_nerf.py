@@ -12,6 +12,7 @@ from dfa_kernels.zoo.data import nerf_scenes as S
 from dfa_kernels.zoo.models.nerf import NeRF, positional_encoding, render, sample_pdf
 from dfa_kernels.zoo.recipes import nerf as R
 from dfa_kernels.zoo.tasks import TrainConfig, get
+from dfa_kernels.zoo.training import train
 
 HAS_PYBULLET = importlib.util.find_spec("pybullet") is not None
 needs_pybullet = pytest.mark.skipif(not HAS_PYBULLET, reason=f"pybullet scenes need pybullet: {S.INSTALL}")
@@ -222,7 +223,7 @@ def tiny_preset(monkeypatch):
 
 def test_run_on_a_nerf_synthetic_folder(tmp_path, tiny_preset):
     S.write_blender(synthetic_scene(n=(4, 3, 3), size=12), tmp_path / "scene")
-    res = get("nerf").run(TrainConfig(task="nerf", mode="dfa", preset="tiny", data=str(tmp_path / "scene"),
+    res = train(get("nerf"), TrainConfig(task="nerf", mode="dfa", preset="tiny", data=str(tmp_path / "scene"),
                                       out=tmp_path / "out", progress=False))
     assert math.isfinite(res.final["test_psnr"]) and res.config["views"] == {"train": 4, "val": 1, "test": 2}
     assert res.config["near"] == 2.0 and len(res.artefacts) == 4
@@ -233,7 +234,7 @@ def test_run_end_to_end(tmp_path, monkeypatch, tiny_preset):
     monkeypatch.setenv("DFA_KERNELS_CACHE", str(tmp_path / "cache"))
     results = {}
     for mode in ("bp", "dfa", "shallow"):
-        res = get("nerf").run(TrainConfig(task="nerf", mode=mode, preset="tiny", out=tmp_path / mode,
+        res = train(get("nerf"), TrainConfig(task="nerf", mode=mode, preset="tiny", out=tmp_path / mode,
                                           progress=False))
         assert [h["epoch"] for h in res.history] == [1, 2]
         assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_psnr"]) for h in res.history)

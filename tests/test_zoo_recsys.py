@@ -13,6 +13,7 @@ from dfa_kernels.zoo.data import movielens
 from dfa_kernels.zoo.models.recsys import MODELS
 from dfa_kernels.zoo.recipes import recsys as R
 from dfa_kernels.zoo.tasks import TrainConfig, get
+from dfa_kernels.zoo.training import train
 
 HAS_ML = importlib.util.find_spec("recbole") is not None
 NO_ML = "MovieLens-100k needs recbole (data only): pip install --no-deps -r requirements/data.txt"
@@ -144,7 +145,7 @@ def test_task_on_criteo_file(tmp_path):
     write_criteo(path, n=400)
     task = get("deepfm-ml100k")
     assert task.family == "recsys" and task.paper["dfa"] == pytest.approx(0.7956)
-    res = task.run(TrainConfig(task="deepfm-ml100k", mode="dfa", epochs=2, data=str(path), progress=False))
+    res = train(task, TrainConfig(task="deepfm-ml100k", mode="dfa", epochs=2, data=str(path), progress=False))
     assert [h["epoch"] for h in res.history] == [1, 2]
     assert {"train_loss", "val_auc", "val_logloss"} <= set(res.history[0])
     assert 0 <= res.final["test_auc"] <= 1 and np.isfinite(res.final["test_logloss"])

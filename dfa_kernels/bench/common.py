@@ -5,11 +5,12 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from ..provenance import git_sha
 
 try:  # the progress bars are optional: a bare GPU machine may lack tqdm
     from tqdm import tqdm
@@ -100,20 +101,6 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_ti
         sync(device)
         samples.append((time.perf_counter() - start) / inner * 1e3)
     return summarise(samples, device)
-
-
-def git_sha() -> str | None:
-    """HEAD of the checkout the benchmark runs from (the working directory, else this package's
-    own folder when it is an editable install), "-dirty" when tracked files changed; None outside git."""
-    for where in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=where)
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, cwd=where).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            continue
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    return None
 
 
 def environment(device: torch.device) -> dict:

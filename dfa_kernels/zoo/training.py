@@ -1,12 +1,40 @@
-"""Running zoo tasks for the CLI: metrics.json, curve plots, and the BP/DFA/shallow comparison table."""
+"""Running zoo tasks for the CLI: one run (metrics.json, curves), and the BP / DFA / shallow comparison
+over seeds and feedback matrices (compare.json: every run, mean and std per variant, the paper's
+number only where it measures the same thing)."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
-from .tasks import MODES, Task, TrainConfig, TrainResult
+from ..provenance import provenance
+from .tasks import MODES, Task, TrainConfig, TrainResult, dfa_backend
+from .trainer import fit
+
+
+def train(task: Task, config: TrainConfig, run=None) -> TrainResult:
+    """Build the task's run (unless given), train it with the shared loop; the result holds the
+    selected model."""
+    run = task.build(config) if run is None else run
+    fitted = fit(run, progress=config.progress, alignment_every=config.alignment_every,
+                 desc=f"{task.name} [{variant_name(task, config)}]")
+    artefacts = []
+    if run.finish is not None and config.out is not None:
+        artefacts = run.finish(run.model, Path(config.out))
+    return TrainResult(history=fitted.history, final=fitted.final, backend=dfa_backend(run.model, config.device),
+                       config=dict(run.hyper_parameters), artefacts=artefacts, alignment=fitted.alignment,
+                       model=run.model, select=f"val_{run.select}")
+
+
+def variant_name(task: Task, config: TrainConfig) -> str:
+    """"bp", "shallow", "dfa" (the paper's feedback) or "dfa-ours"; Transformers add the placement."""
+    if config.mode != "dfa":
+        return config.mode
+    name = "dfa" + ("" if config.feedback == "paper" else f"-{config.feedback}")
+    return name + (f"-{config.placement}" if task.family == "transformer" else "")
 
 
 def _plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -14,7 +42,8 @@ def _plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for h in histories.values() for row in h for k in row if k != "epoch"})
+    keys = sorted({k for h in histories.values() for row in h for k in row
+                   if k not in ("epoch", "step", "seconds", "lr")})
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, history in histories.items():
@@ -30,39 +59,109 @@ def _plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> No
     plt.close(fig)
 
 
+def _jsonable(config: TrainConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def paper_number(task: Task, config: TrainConfig) -> float | None:
+    """The paper's number for this run's mode, only when the run measures the same thing."""
+    return task.paper.get(config.mode) if task.comparable(config) else None
+
+
 def run_task(task: Task, config: TrainConfig) -> TrainResult:
-    """Train `task` once; writes OUT/TASK/MODE/{metrics.json, curves.png}."""
-    run_dir = Path(config.out or "runs") / task.name / (
-        f"{config.mode}-{config.placement}" if task.family == "transformer" else config.mode)
+    """Train `task` once; writes OUT/TASK/VARIANT/{metrics.json, curves.png} (and alignment.{json,png}
+    with ``config.alignment_every``)."""
+    run_dir = Path(config.out or "runs") / task.name / variant_name(task, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, out=run_dir)
     start = time.perf_counter()
-    result = task.run(config)
+    result = train(task, config)
     wall = time.perf_counter() - start
-    metrics = {"task": task.name, "family": task.family, "mode": config.mode,
-               "config": {**{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
-                          **result.config},
-               "history": result.history, "final": result.final, "backend": result.backend,
-               "wall_time_s": wall, "paper": task.paper.get(config.mode), "artefacts": result.artefacts}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = {"task": task.name, "family": task.family, "mode": config.mode, "variant": variant_name(task, config),
+               "run_config": _jsonable(config), "config": result.config, "history": result.history,
+               "final": result.final, "backend": result.backend, "wall_time_s": round(wall, 1),
+               "paper": paper_number(task, config), "paper_setting": task.paper_setting,
+               "artefacts": result.artefacts, "provenance": provenance()}
+    if result.alignment:
+        from ..studies.alignment import plot_alignment
+        metrics["alignment"] = result.alignment
+        plot_alignment(result.alignment, run_dir / "alignment.png", f"{task.name}: DFA vs BP alignment")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     _plot_curves({config.mode: result.history}, run_dir / "curves.png", f"{task.name} ({config.mode})")
-    print(f"{task.name} [{config.mode}] {task.metric} = {result.final.get(task.metric)}  "
+    print(f"{task.name} [{variant_name(task, config)}] {task.metric} = {result.final.get(task.metric)}  "
           f"(backend {result.backend}, {wall:.1f} s) -> {run_dir}/metrics.json")
     return result
 
 
-def compare_task(task: Task, out: Path, progress: bool = True, **options) -> dict[str, TrainResult]:
-    """All three modes with their own tuned hyper-parameters; one table beside the paper's numbers."""
-    results = {mode: run_task(task, TrainConfig(task=task.name, mode=mode, out=out, progress=progress, **options))
-               for mode in MODES}
-    table = [f"{task.name}: {task.metric} ({'higher' if task.higher_is_better else 'lower'} is better)",
-             f"{'mode':<9}{'ours':>10}{'paper':>10}  backend"]
-    for mode, r in results.items():
-        paper = task.paper.get(mode)
-        table.append(f"{mode:<9}{r.final.get(task.metric, float('nan')):>10.4f}"
-                     f"{paper if paper is not None else float('nan'):>10.4f}  {r.backend}")
+def _summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return {"mean": statistics.mean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def compare_configs(task: Task, base: TrainConfig, seeds, modes=MODES, feedbacks=("paper",),
+                    placements=None) -> list[TrainConfig]:
+    """Every run of a comparison: each mode, each seed; DFA once per feedback (and placement)."""
+    placements = placements or [base.placement]
+    configs = []
+    for mode in modes:
+        for feedback in (feedbacks if mode == "dfa" else ("paper",)):
+            for placement in (placements if mode == "dfa" and task.family == "transformer" else [base.placement]):
+                for seed in seeds:
+                    configs.append(dataclasses.replace(base, mode=mode, feedback=feedback, placement=placement,
+                                                       seed=seed))
+    return configs
+
+
+def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=MODES, feedbacks=("paper",),
+                 placements=None, json_path: Path | None = None) -> dict:
+    """Train every run of :func:`compare_configs`; write OUT/TASK/compare.{json,txt,png} (and
+    `json_path`): each run's config, history and final metrics, mean and std per variant, the
+    paper's number beside ours only where it measures the same thing."""
+    out = Path(base.out or "runs")
+    runs = []
+    for config in compare_configs(task, base, seeds, modes, feedbacks, placements):
+        result = train(task, dataclasses.replace(config, out=out / task.name / variant_name(task, config)
+                                                 / f"seed{config.seed}"))
+        runs.append({"variant": variant_name(task, config), "mode": config.mode, "feedback": config.feedback,
+                     "placement": config.placement, "seed": config.seed, "final": result.final,
+                     "backend": result.backend, "config": result.config, "history": result.history,
+                     "alignment": result.alignment, "artefacts": result.artefacts})
+        print(f"{task.name} [{runs[-1]['variant']}] seed {config.seed}: {task.metric} = "
+              f"{result.final.get(task.metric):.4f}", flush=True)
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    summary = {v: {**_summary([r["final"].get(task.metric) for r in runs if r["variant"] == v]),
+                   "seeds": [r["seed"] for r in runs if r["variant"] == v],
+                   "paper": paper_number(task, dataclasses.replace(base, mode=v.split("-")[0]))}
+               for v in variants}
+    report = {"task": task.name, "family": task.family, "metric": task.metric,
+              "higher_is_better": task.higher_is_better, "data": base.data, "preset": base.preset,
+              "paper_setting": task.paper_setting, "paper_comparable": task.comparable(base),
+              "summary": summary, "runs": runs, "provenance": provenance()}
+    table = comparison_table(task, report)
     print("\n".join(table))
-    compare_dir = Path(out) / task.name
+    compare_dir = out / task.name
+    compare_dir.mkdir(parents=True, exist_ok=True)
     (compare_dir / "compare.txt").write_text("\n".join(table) + "\n")
-    _plot_curves({m: r.history for m, r in results.items()}, compare_dir / "compare.png", task.name)
-    return results
+    for path in {compare_dir / "compare.json", *([Path(json_path)] if json_path else [])}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+    _plot_curves({f"{r['variant']} s{r['seed']}": r["history"] for r in runs}, compare_dir / "compare.png", task.name)
+    return report
+
+
+def comparison_table(task: Task, report: dict) -> list[str]:
+    """Mean ± std per variant; the paper's number only where comparable, "not comparable" otherwise."""
+    lines = [f"{task.name}: {task.metric} ({'higher' if task.higher_is_better else 'lower'} is better), "
+             f"mean ± std over seeds",
+             f"{'variant':<18}{'ours':>18}{'paper':>16}  n"]
+    for variant, s in report["summary"].items():
+        ours = "—" if s["mean"] is None else f"{s['mean']:.4f}" + ("" if s["std"] is None else f" ± {s['std']:.4f}")
+        if not report["paper_comparable"]:
+            paper = "not comparable"
+        else:
+            paper = "—" if s["paper"] is None else f"{s['paper']:.4f}"
+        lines.append(f"{variant:<18}{ours:>18}{paper:>16}  {s['n']}")
+    if not report["paper_comparable"]:
+        lines.append(f"(the paper's numbers measure {task.paper_setting}: a different dataset, split or metric)")
+    return lines

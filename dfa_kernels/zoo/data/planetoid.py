@@ -1,8 +1,9 @@
 """Planetoid citation graphs (Cora, CiteSeer, PubMed) from the original ``ind.NAME.*`` files.
 
 The Planetoid release (Yang, Cohen & Salakhutdinov, ICML 2016) carries the *public* split used by
-GCN, GAT and the DFA-at-scale paper's graph table. Nothing is downloaded: point the loader (or
-``dfa-kernels train gcn-cora --data DIR:NAME``) at a folder holding
+GCN, GAT and the DFA-at-scale paper's graph table. Cora and CiteSeer ship with the package
+(``planetoid_files/``, :func:`load_packaged`); nothing is downloaded. For others (PubMed), point
+the loader (or ``dfa-kernels train gcn-cora --data DIR:NAME``) at a folder holding
 
     ind.NAME.x  ind.NAME.tx  ind.NAME.allx     pickled scipy CSR feature matrices
     ind.NAME.y  ind.NAME.ty  ind.NAME.ally     pickled numpy one-hot label arrays
@@ -30,6 +31,9 @@ import numpy as np
 import torch
 
 FILES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+# Cora and CiteSeer ship with the package (MIT-licensed Planetoid files, 1.6 MB; see the README there).
+PACKAGED_DIR = Path(__file__).parent / "planetoid_files"
+PACKAGED = ("cora", "citeseer")
 
 
 class _CSRState:
@@ -103,6 +107,14 @@ def parse_spec(spec: str) -> tuple[Path, str]:
                          f"name one as '{p}:NAME' (e.g. '{p}:citeseer')")
     raise FileNotFoundError(f"no Planetoid data at {spec!r}; expected 'DIR:NAME' with "
                             "DIR/ind.NAME.{x,tx,allx,y,ty,ally,graph,test.index}")
+
+
+def load_packaged(name: str):
+    """Cora or CiteSeer with the public split, from the files shipped in the package."""
+    if name not in PACKAGED:
+        raise ValueError(f"the package ships the Planetoid datasets {PACKAGED}; got {name!r} "
+                         "(read other Planetoid files with --data DIR:NAME)")
+    return load_planetoid(PACKAGED_DIR, name)
 
 
 def load_planetoid(folder: str | Path, name: str):

@@ -179,13 +179,17 @@ class DNA(nn.Module):
 
     A point after ``lin`` and after every conv. In DFA mode points return detached tensors, so the
     jumping-knowledge stack each conv attends over carries no gradient to earlier layers: every
-    layer learns only from its own feedback signal.
+    layer learns only from its own feedback signal. ``error_at``: the DFA output wraps the logits
+    ("logits") or, as in the DFA paper's code, the log-softmax ("log_softmax": the error is then
+    dL/dlog p = -onehot / N on the training nodes, whatever the prediction).
     """
 
     def __init__(self, in_channels, out_channels, hidden=128, num_layers=5, heads=8, groups=16,
-                 dropout=0.5, att_dropout=0.8, dfa=None):
+                 dropout=0.5, att_dropout=0.8, dfa=None, error_at: str = "logits"):
         super().__init__()
-        self.dropout, self.dfa = dropout, _dfa(dfa)
+        if error_at not in ("logits", "log_softmax"):
+            raise ValueError(f"error_at must be 'logits' or 'log_softmax'; got {error_at!r}")
+        self.dropout, self.dfa, self.error_at = dropout, _dfa(dfa), error_at
         self.lin1 = nn.Linear(in_channels, hidden)
         self.convs = nn.ModuleList(DNAConv(hidden, heads, groups, dropout=att_dropout, cached=True)
                                    for _ in range(num_layers))
@@ -198,6 +202,8 @@ class DNA(nn.Module):
             h = self.dfa.point(F.relu(conv(stack, edge_index)))
             stack = torch.cat([stack, h.unsqueeze(1)], dim=1)
         h = F.dropout(h, self.dropout, self.training)
+        if self.error_at == "log_softmax":
+            return self.dfa(F.log_softmax(self.lin2(h), dim=-1))
         return F.log_softmax(self.dfa(self.lin2(h)), dim=-1)
 
 

@@ -1,31 +1,34 @@
 """Graph tasks: GCN, GAT, ChebConv, SplineConv and DNA node classification on Cora, and a graph
 autoencoder (GAE) for link prediction.
 
-``dfa-kernels train gcn-cora --mode dfa`` trains full-batch on Cora (the LINQS release shipped in
-``graphdatascience``; PyG-style random split, 20 nodes per class / 500 / 1000, split seed 0).
+``dfa-kernels train gcn-cora --mode dfa`` trains full-batch on Cora with the public Planetoid split
+(140 / 500 / 1000 nodes: the split of the GCN and GAT papers and of the DFA paper's Table 3), from
+the Planetoid files shipped with the package. ``--data`` picks another graph:
 
-``--data DIR:NAME`` trains the same model on a Planetoid dataset with its *public* split (the one
-of the GCN/GAT papers and of the DFA paper's Table 3), read from
-``DIR/ind.NAME.{x,tx,allx,y,ty,ally,graph,test.index}``, e.g. ``--data ~/planetoid:citeseer``
-(``--data DIR/ind.citeseer`` and a ``DIR`` holding a single dataset work too).
+- ``citeseer``: CiteSeer's public split (also shipped);
+- ``cora-random``: the LINQS release of Cora in ``graphdatascience``, PyG-style random split (20
+  nodes per class / 500 / 1000, split seed 0);
+- ``DIR:NAME``: a user's own Planetoid files ``DIR/ind.NAME.{x,tx,allx,y,ty,ally,graph,test.index}``
+  (e.g. PubMed), with their public split.
 
-Adam, full batch, each mode with its own learning rate and weight decay; the reported test
-metric is the one at the best validation epoch. Presets: "cpu" (each run well under a minute on a
-2-core CPU; DNA narrower than the paper) and "full" (the paper's sizes).
+Adam, full batch, each mode with its own learning rate and weight decay (:data:`HP`, tuned on the
+Cora public split's validation nodes with the same grid size for every mode: ``dfa-kernels tune``);
+up to ``EPOCHS`` epochs, stopping after ``PATIENCE`` epochs without a better validation accuracy
+(AUC for GAE), the same rule for every mode; the test metric is that of the best validation epoch.
+Presets: "cpu" (DNA narrower than the paper) and "full" (the paper's sizes).
 """
 from __future__ import annotations
 
-import copy
 import functools
 import random
-import time
 
 import torch
 import torch.nn.functional as F
 
 import dfa_kernels as dk
 
-from ..tasks import Task, TrainConfig, TrainResult, register
+from ..tasks import Task, TrainConfig, register, set_feedback
+from ..trainer import FullBatch, Run, Sampled
 
 # Sizes per preset. Only DNA differs: PyG's DNAConv attends per edge with tiny batched matmuls,
 # ~3 s a step on a 2-core CPU at the paper's width, so the cpu preset keeps 5 layers but narrows.
@@ -42,22 +45,23 @@ PRESETS = {
         "gae": dict(out_channels=16),
     },
 }
-EPOCHS = {
-    "full": {"gcn": 200, "gat": 200, "cheb": 200, "spline": 200, "dna": 200, "gae": 400},
-    "cpu": {"gcn": 200, "gat": 200, "cheb": 100, "spline": 200, "dna": 100, "gae": 200},
-}
-# Adam (lr, weight decay of hidden layers, weight decay of the output layer) per model and mode.
-# bp: PyG's Cora examples (DNA, GAE: their lr). dfa: tuned on validation accuracy / AUC of the
-# Cora random split (cpu preset); DFA wants less weight decay on hidden layers (their feedback
-# signal is weaker than a gradient relative to the decay term). shallow: bp's values (only the
-# output layer learns).
+# The budget (epochs at most) and the early-stopping rule, the same for every mode.
+EPOCHS = {"full": 1000, "cpu": 300}
+PATIENCE = 50
+# Adam's weight decay of the output layer per model (PyG's Cora examples), the same in every mode.
+WD_OUT = {"gcn": 0.0, "gat": 5e-4, "cheb": 0.0, "spline": 5e-3, "dna": 0.0, "gae": 0.0}
+# The tuning grid of (lr, weight decay of the hidden layers), the same six candidates for every mode
+# (`dfa-kernels tune MODEL-cora`: Cora public split, validation accuracy / AUC, seed 0, cpu preset).
+LRS = (0.005, 0.01, 0.02)
+WEIGHT_DECAYS = {"dna": (5e-3, 5e-4), "gae": (0.0, 5e-5)}   # others: (5e-4, 5e-5)
+# The tuned (lr, weight decay of the hidden layers) per model and mode: the grid's best on validation.
 HP = {
-    "gcn": {"bp": (0.01, 5e-4, 0.0), "dfa": (0.01, 5e-5, 0.0), "shallow": (0.01, 5e-4, 0.0)},
-    "gat": {"bp": (0.005, 5e-4, 5e-4), "dfa": (0.01, 5e-5, 5e-4), "shallow": (0.005, 5e-4, 5e-4)},
-    "cheb": {"bp": (0.01, 5e-4, 0.0), "dfa": (0.01, 5e-5, 0.0), "shallow": (0.01, 5e-4, 0.0)},
-    "spline": {"bp": (0.01, 5e-4, 5e-3), "dfa": (0.01, 5e-4, 5e-3), "shallow": (0.01, 5e-4, 5e-3)},
-    "dna": {"bp": (0.01, 5e-3, 0.0), "dfa": (0.005, 5e-3, 5e-3), "shallow": (0.01, 5e-3, 0.0)},
-    "gae": {"bp": (0.01, 0.0, 0.0), "dfa": (0.02, 0.0, 0.0), "shallow": (0.01, 0.0, 0.0)},
+    "gcn": {"bp": (0.01, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
+    "gat": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.005, 5e-4)},
+    "cheb": {"bp": (0.01, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
+    "spline": {"bp": (0.01, 5e-4), "dfa": (0.01, 5e-4), "shallow": (0.01, 5e-4)},
+    "dna": {"bp": (0.01, 5e-3), "dfa": (0.005, 5e-3), "shallow": (0.01, 5e-3)},
+    "gae": {"bp": (0.01, 0.0), "dfa": (0.02, 0.0), "shallow": (0.01, 0.0)},
 }
 # Launay et al. 2020, "Direct Feedback Alignment Scales to Modern Deep Learning Tasks and
 # Architectures", Table 3 (Cora test accuracy as a fraction, GAE: test AUC).
@@ -79,16 +83,21 @@ DESCRIPTIONS = {
 }
 OUTPUT_LAYER = {"gcn": "conv2", "gat": "conv2", "cheb": "conv2", "spline": "conv2", "dna": "lin2",
                 "gae": "encoder.conv2"}
+PAPER_SETTING = "Cora, public Planetoid split: test accuracy (GAE: link-prediction test AUC)"
+DATASETS = ("cora", "citeseer", "cora-random")  # --data names (besides DIR:NAME)
 
 
 @functools.lru_cache(maxsize=4)
-def load_data(path: str | None = None):
-    """Cora with a random split (default) or a Planetoid dataset with its public split (``DIR:NAME``)."""
-    if path:
-        from ..data.planetoid import load_planetoid, parse_spec
-        return load_planetoid(*parse_spec(path))
-    from ..data.cora import load_cora
-    return load_cora(split_seed=0)
+def load_data(spec: str | None = None):
+    """The graph of ``--data`` (see the module docstring): a ``torch_geometric.data.Data`` with masks."""
+    from ..data import planetoid
+    spec = spec or "cora"
+    if spec in planetoid.PACKAGED:
+        return planetoid.load_packaged(spec)
+    if spec == "cora-random":
+        from ..data.cora import load_cora
+        return load_cora(split_seed=0)
+    return planetoid.load_planetoid(*planetoid.parse_spec(spec))
 
 
 def build_model(name: str, in_channels: int, out_channels: int, dfa, preset: str = "cpu", **overrides):
@@ -109,36 +118,32 @@ def optimizer(model, name: str, lr: float, wd: float, wd_out: float) -> torch.op
                              dict(params=output, weight_decay=wd_out)], lr=lr)
 
 
-def dfa_backend(dfa, device) -> str:
-    return dfa.resolved_backend(device) if dfa.mode == "dfa" else "-"
+def node_run(data) -> dict:
+    """The loss and evaluation of full-batch node classification on `data`'s masks (the batch is
+    the whole graph; the loss reads the training nodes)."""
 
+    def loss(model, d):
+        return F.nll_loss(model(d.x, d.edge_index, d.edge_attr)[d.train_mask], d.y[d.train_mask])
 
-def _bar(epochs: int, config: TrainConfig):
-    from tqdm.auto import tqdm
-    return tqdm(range(1, epochs + 1), disable=not config.progress, leave=False, desc=config.task)
-
-
-def fit_node(model, data, opt, epochs: int, config: TrainConfig):
-    """Full-batch training on the train mask; returns (history, test metrics at best val accuracy)."""
-    graph = (data.x, data.edge_index, data.edge_attr)
-    history = []
-    for epoch in (bar := _bar(epochs, config)):
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss = F.nll_loss(model(*graph)[data.train_mask], data.y[data.train_mask])
-        loss.backward()
-        opt.step()
+    @torch.no_grad()
+    def evaluate(model, split):
         model.eval()
-        with torch.no_grad():
-            pred = model(*graph).argmax(dim=-1)
-        acc = {k: (pred[m] == data.y[m]).float().mean().item()
-               for k, m in (("train", data.train_mask), ("val", data.val_mask), ("test", data.test_mask))}
-        history.append({"epoch": epoch, "train_loss": loss.item(), "train_acc": acc["train"],
-                        "val_acc": acc["val"], "test_acc": acc["test"]})
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{acc['val']:.3f}")
-    best_epoch = max(history, key=lambda h: h["val_acc"])
-    return history, {"test_acc": best_epoch["test_acc"], "val_acc": best_epoch["val_acc"],
-                     "best_epoch": best_epoch["epoch"]}
+        out = model(data.x, data.edge_index, data.edge_attr)
+        mask = data.val_mask if split == "val" else data.test_mask
+        return {"acc": (out[mask].argmax(-1) == data.y[mask]).float().mean().item(),
+                "loss": F.nll_loss(out[mask], data.y[mask]).item()}
+
+    @torch.no_grad()
+    def represent(model):
+        model.eval()
+        with model.dfa.capture() as cap:
+            model(data.x, data.edge_index, data.edge_attr)
+        classes = int(data.y.max()) + 1
+        return (cap.points[-1].tensor.flatten(1).cpu(), data.y.cpu(), [f"class {k}" for k in range(classes)],
+                "every node at the last hidden layer (the last feedback point), coloured by class")
+
+    return dict(batches=FullBatch(data), loss=loss, evaluate=evaluate, select="acc", probe=data,
+                represent=represent)
 
 
 def link_split(data, seed: int = 0):
@@ -156,37 +161,50 @@ def link_split(data, seed: int = 0):
         random.setstate(state)
 
 
-def fit_gae(model, splits, opt, epochs: int, config: TrainConfig):
-    """GAE on the training edges (fresh negatives each step); test AUC/AP at best val AUC."""
+def gae_run(splits, labels, seed: int) -> dict:
+    """The loss (fresh negative edges every step) and AUC/AP evaluation of the graph autoencoder.
+
+    The negatives are drawn by PyG's ``negative_sampling`` seeded from a generator owned by the
+    batch stream (part of its state, so resumable), not from the global RNGs."""
+    from torch_geometric.utils import negative_sampling
     train, val, test = splits
-    history, best, best_state = [], -1.0, None
+    pos = train.pos_edge_label_index
 
-    def score(d):
+    def draw(generator):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        state = random.getstate()              # negative_sampling draws from Python's `random` too
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return negative_sampling(train.edge_index, num_nodes=train.num_nodes, num_neg_samples=pos.size(1))
+        finally:
+            random.setstate(state)
+
+    def loss(model, neg):
+        return model.recon_loss(model.encode(train.x, train.edge_index), pos, neg)
+
+    @torch.no_grad()
+    def evaluate(model, split):
         model.eval()
-        with torch.no_grad():
-            z = model.encode(train.x, train.edge_index)
-        return model.test(z, d.pos_edge_label_index, d.neg_edge_label_index)
-
-    for epoch in (bar := _bar(epochs, config)):
-        model.train()
-        opt.zero_grad(set_to_none=True)
         z = model.encode(train.x, train.edge_index)
-        loss = model.recon_loss(z, train.pos_edge_label_index)
-        loss.backward()
-        opt.step()
-        auc, ap = score(val)
-        history.append({"epoch": epoch, "train_loss": loss.item(), "val_auc": auc, "val_ap": ap})
-        if auc > best:
-            best, best_state = auc, copy.deepcopy(model.state_dict())
-        bar.set_postfix(loss=f"{loss.item():.3f}", auc=f"{auc:.3f}")
-    model.load_state_dict(best_state)
-    auc, ap = score(test)
-    best_epoch = max(history, key=lambda h: h["val_auc"])
-    return history, {"test_auc": auc, "test_ap": ap, "val_auc": best_epoch["val_auc"],
-                     "best_epoch": best_epoch["epoch"]}
+        d = val if split == "val" else test
+        auc, ap = model.test(z, d.pos_edge_label_index, d.neg_edge_label_index)
+        return {"auc": auc, "ap": ap}
+
+    @torch.no_grad()
+    def represent(model):
+        model.eval()
+        z = model.encode(train.x, train.edge_index)
+        classes = int(labels.max()) + 1
+        return (z.cpu(), labels.cpu(), [f"class {k}" for k in range(classes)],
+                "every node's embedding z (the encoder's output), coloured by class")
+
+    return dict(batches=Sampled(draw, seed), loss=loss, evaluate=evaluate, select="auc",
+                probe=draw(torch.Generator().manual_seed(seed + 1)), represent=represent)
 
 
-def run_model(name: str, config: TrainConfig) -> TrainResult:
+def build(name: str, config: TrainConfig) -> Run:
     import torch_geometric.transforms as T
     device = torch.device(config.device)
     data = load_data(config.data).clone()
@@ -196,36 +214,60 @@ def run_model(name: str, config: TrainConfig) -> TrainResult:
         data = T.TargetIndegree(cat=False)(data)   # pseudo-coordinate: normalised in-degree of the target
     torch.manual_seed(config.seed)
     dfa = dk.DFA(mode=config.mode, seed=config.seed)
-    lr, wd, wd_out = HP[name][config.mode]
-    lr = config.lr or lr
-    epochs = config.epochs or EPOCHS[config.preset][name]
-    start = time.perf_counter()
+    lr, wd = HP[name][config.mode]
+    hp_in = config.hp or {}
+    lr, wd, wd_out = config.lr or hp_in.get("lr", lr), hp_in.get("weight_decay", wd), WD_OUT[name]
+    overrides = {"error_at": "log_softmax"} if name == "dna" and config.feedback == "paper" else {}
     if name == "gae":
         splits = [s.to(device) for s in link_split(data)]
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)          # recon_loss samples negatives with Python's `random`
         model = build_model(name, data.num_features, None, dfa, config.preset).to(device)
-        history, final = fit_gae(model, splits, optimizer(model, name, lr, wd, wd_out), epochs, config)
+        parts = gae_run(splits, data.y, config.seed)
     else:
         data = data.to(device)
-        model = build_model(name, data.num_features, int(data.y.max()) + 1, dfa, config.preset).to(device)
-        history, final = fit_node(model, data, optimizer(model, name, lr, wd, wd_out), epochs, config)
-    final["train_seconds"] = round(time.perf_counter() - start, 1)
-    hp = {"model": name, "mode": config.mode, "preset": config.preset, **PRESETS[config.preset][name],
+        model = build_model(name, data.num_features, int(data.y.max()) + 1, dfa, config.preset,
+                            **overrides).to(device)
+        parts = node_run(data)
+    set_feedback(model, config.feedback)
+    hp = {"model": name, "mode": config.mode, "preset": config.preset, **PRESETS[config.preset][name], **overrides,
           "optimizer": "Adam", "lr": lr, "weight_decay": wd, "weight_decay_output": wd_out,
-          "epochs": epochs, "seed": config.seed, "full_batch": True,
-          "data": (f"planetoid {config.data} (public split)" if config.data else
-                   "cora (graphdatascience parquet; random split 20/class, 500, 1000; split seed 0)"),
+          "epochs_max": config.epochs or EPOCHS[config.preset], "patience": PATIENCE, "seed": config.seed,
+          "full_batch": True, "feedback": config.feedback, "data": data_description(config.data),
           "selection": "best epoch on validation " + ("AUC" if name == "gae" else "accuracy"),
           "parameters": sum(p.numel() for p in model.parameters())}
     if name == "gae":
         hp["link_split"] = "RandomLinkSplit val 5%, test 10%, split seed 0"
-    return TrainResult(history=history, final=final, backend=dfa_backend(dfa, device), config=hp)
+    return Run(model=model, optimizer=optimizer(model, name, lr, wd, wd_out),
+               higher_is_better=True, epochs=config.epochs or EPOCHS[config.preset], steps_per_epoch=1,
+               patience=PATIENCE, hyper_parameters=hp, **parts)
+
+
+def data_description(spec: str | None) -> str:
+    spec = spec or "cora"
+    if spec == "cora-random":
+        return "cora (graphdatascience parquet; random split 20/class, 500, 1000; split seed 0)"
+    if spec in ("cora", "citeseer"):
+        return f"planetoid {spec} (files shipped with the package; public split)"
+    return f"planetoid {spec} (public split)"
+
+
+def comparable(config: TrainConfig) -> bool:
+    """The paper's Table 3 is Cora's public split: our default data."""
+    return (config.data or "cora") == "cora"
+
+
+def grid(name: str, config: TrainConfig) -> list[dict]:
+    return [dict(lr=lr, weight_decay=wd) for lr in LRS for wd in WEIGHT_DECAYS.get(name, (5e-4, 5e-5))]
+
+
+def tuned(name: str, config: TrainConfig) -> dict:
+    lr, wd = HP[name][config.mode]
+    return dict(lr=lr, weight_decay=wd)
 
 
 for _name in PRESETS["cpu"]:
     register(Task(
         name=f"{_name}-cora", family="graph",
-        description=DESCRIPTIONS[_name] + " on Cora; --data DIR:NAME for Planetoid files (public split)",
+        description=DESCRIPTIONS[_name] + " on Cora (public split); --data citeseer | cora-random | DIR:NAME",
         metric="test_auc" if _name == "gae" else "test_acc", higher_is_better=True,
-        run=functools.partial(run_model, _name), paper=PAPER[_name]))
+        build=functools.partial(build, _name), paper=PAPER[_name], paper_setting=PAPER_SETTING,
+        comparable=comparable, grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name)))

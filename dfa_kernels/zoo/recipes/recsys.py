@@ -3,22 +3,23 @@
 ``dfa-kernels train deepfm-ml100k --mode dfa`` trains on MovieLens-100k (label rating >= 4; each
 user's ratings in time order split 80/10/10, see ``dfa_kernels.data.movielens``); ``--data PATH``
 trains the same model on a Criteo TSV file instead (random 80/10/10; pass ``--epochs 1`` or 2 for
-the full 45M-row file). Adam with the mode's own tuned learning rate; the test metrics are those
-of the best epoch on validation AUC. Presets: "cpu" (the paper's depths with narrower layers:
-a run takes 10-120 s on one shared CPU thread) and "full" (the paper's sizes).
+the full 45M-row file). Adam with the mode's own tuned learning rate (:data:`LR`, tuned on validation
+AUC with the same grid size for every mode: ``dfa-kernels tune``); up to ``EPOCHS`` epochs,
+stopping after ``PATIENCE`` epochs without a better validation AUC (the paper's rule, patience 3),
+the same for every mode; the test metrics are those of the best epoch on validation AUC. Presets:
+"cpu" (the paper's depths with narrower layers) and "full" (the paper's sizes).
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
-import time
 
 import torch
 from torch import nn
 
 from ..models.recsys import MODELS
-from ..tasks import Task, TrainConfig, TrainResult, register
+from ..tasks import Task, TrainConfig, register, set_feedback
+from ..trainer import Run, Shuffled
 
 # Model sizes. "full" is the paper's; "cpu" keeps the structure (depths, heads, cross layers)
 # with narrower layers (MLPs 128 or 256 wide, AFN's logarithmic layer 150) so that a run takes
@@ -39,9 +40,14 @@ PRESETS = {
         "afn": dict(embed_dim=10, lnn=150, hidden=(128, 128, 128)),
     },
 }
-TRAIN = {"cpu": dict(epochs=8, batch_size=1024), "full": dict(epochs=8, batch_size=1024)}
-# Adam learning rates per model and mode: the best validation AUC of {3e-4, 1e-3, 3e-3} (FM:
-# {3e-3, 1e-2, 3e-2}) on MovieLens-100k, cpu preset, 8 epochs, seed 0.
+BATCH_SIZE = 1024
+EPOCHS = {"cpu": 30, "full": 30}   # the budget; early stopping usually ends a run well before
+PATIENCE = 3
+PROBE_ROWS = 512                   # the alignment measurement's batch (paper 1: 512 samples)
+# The tuning grid of Adam's learning rate, the same three candidates for every mode
+# (`dfa-kernels tune MODEL-ml100k`: validation AUC on MovieLens-100k, cpu preset, seed 0).
+LR_GRID = {"default": (3e-4, 1e-3, 3e-3), "fm": (3e-3, 1e-2, 3e-2)}
+# The tuned learning rates per model and mode: the grid's best on validation.
 LR = {
     "fm": {"bp": 1e-2, "dfa": 1e-2, "shallow": 1e-2},
     "deepfm": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-3},
@@ -51,6 +57,7 @@ LR = {
 }
 # The paper's Criteo test AUC (Launay et al. 2020, "Direct Feedback Alignment Scales to Modern
 # Deep Learning Tasks and Architectures").
+PAPER_SETTING = "Criteo (random 80/10/10 split): test AUC"
 PAPER = {
     "deepfm": {"bp": 0.7954, "dfa": 0.7956, "shallow": 0.7920},
     "dcn": {"bp": 0.8104, "dfa": 0.8009, "shallow": 0.7324},
@@ -83,78 +90,68 @@ def build_model(name: str, data, mode: str = "dfa", preset: str = "cpu", seed: i
 
 
 @torch.no_grad()
-def evaluate(model, split, batch_size: int = 8192) -> tuple[float, float]:
-    """(AUC, log loss) of the model on one split."""
+def evaluate(model, split, batch_size: int = 8192) -> dict:
+    """AUC and log loss of the model on one split (idx, bag, label)."""
     from sklearn.metrics import log_loss, roc_auc_score
     idx, bag, label = split
     model.eval()
     p = torch.cat([torch.sigmoid(model(i, g)[:, 0]) for i, g in
                    zip(idx.split(batch_size), bag.split(batch_size))]).double().cpu().numpy()
     y = label.cpu().numpy()
-    return float(roc_auc_score(y, p)), float(log_loss(y, p.clip(1e-7, 1 - 1e-7), labels=[0, 1]))
+    return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p.clip(1e-7, 1 - 1e-7), labels=[0, 1]))}
 
 
-def dfa_backend(model) -> str:
-    dfa = getattr(model, "dfa", None)
-    if dfa is None or dfa.mode == "bp":
-        return "-"
-    return dfa.resolved_backend(next(model.parameters()).device)
-
-
-def fit(model, data, lr: float, epochs: int, batch_size: int, seed: int = 0, progress: bool = False):
-    """Adam on BCE-with-logits; returns (history, test metrics of the best epoch on val AUC)."""
-    from tqdm.auto import tqdm
-    idx, bag, label = data.splits["train"]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=epochs * math.ceil(len(label) / batch_size), disable=not progress, leave=False)
-    history, best, best_state = [], -1.0, None
-    for epoch in range(1, epochs + 1):
-        model.train()
-        total, count = 0.0, 0
-        for b in torch.randperm(len(label), generator=gen).split(batch_size):
-            if len(b) < 2:
-                continue                                   # BatchNorm needs 2 rows
-            loss = nn.functional.binary_cross_entropy_with_logits(model(idx[b], bag[b])[:, 0], label[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(b), count + len(b)
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
-        val_auc, val_ll = evaluate(model, data.splits["val"])
-        history.append({"epoch": epoch, "train_loss": total / max(count, 1),
-                        "val_auc": val_auc, "val_logloss": val_ll})
-        if val_auc > best:
-            best, best_state = val_auc, copy.deepcopy(model.state_dict())
-    bar.close()
-    model.load_state_dict(best_state)
-    test_auc, test_ll = evaluate(model, data.splits["test"])
-    best_epoch = max(history, key=lambda h: h["val_auc"])["epoch"]
-    return history, {"test_auc": test_auc, "test_logloss": test_ll, "best_epoch": best_epoch}
-
-
-def run_model(name: str, config: TrainConfig) -> TrainResult:
+def build(name: str, config: TrainConfig) -> Run:
     data = load_data(config.data).to(config.device)
     torch.manual_seed(config.seed)
     mode = "bp" if name == "fm" else config.mode
     model = build_model(name, data, mode=mode, preset=config.preset, seed=config.seed).to(config.device)
-    train = TRAIN[config.preset]
-    epochs = config.epochs or train["epochs"]
-    lr = config.lr or LR[name][mode]
-    start = time.perf_counter()
-    history, final = fit(model, data, lr, epochs, train["batch_size"], config.seed, config.progress)
-    final["train_seconds"] = round(time.perf_counter() - start, 1)
+    set_feedback(model, config.feedback)
+    lr = config.lr or (config.hp or {}).get("lr", LR[name][mode])
+    idx, bag, label = data.splits["train"]
+    batches = Shuffled(len(label), BATCH_SIZE, seed=config.seed, min_size=2)   # BatchNorm needs 2 rows
+
+    def loss(model, rows):
+        return nn.functional.binary_cross_entropy_with_logits(model(idx[rows], bag[rows])[:, 0], label[rows])
+
     hp = {"model": name, "mode": mode, "preset": config.preset, **PRESETS[config.preset][name],
-          "optimizer": "Adam", "lr": lr, "epochs": epochs, "batch_size": train["batch_size"],
-          "seed": config.seed, "data": config.data or "movielens-100k (per-user temporal 80/10/10)",
-          "selection": "best epoch on val AUC",
+          "optimizer": "Adam", "lr": lr, "epochs_max": config.epochs or EPOCHS[config.preset],
+          "patience": PATIENCE, "batch_size": BATCH_SIZE, "seed": config.seed, "feedback": config.feedback,
+          "data": config.data or "movielens-100k (per-user temporal 80/10/10)", "selection": "best epoch on val AUC",
           "parameters": sum(p.numel() for p in model.parameters())}
     if name == "fm" and config.mode != "bp":
         hp["note"] = f"FM has no hidden layer: mode {config.mode!r} trains it exactly, like bp"
     if config.preset == "cpu":
         hp["preset_note"] = "cpu preset: paper's depths, narrower layers (see 'full' for the paper's sizes)"
-    return TrainResult(history=history, final=final, backend=dfa_backend(model), config=hp)
+    @torch.no_grad()
+    def represent(model, rows: int = 2000):
+        if not hasattr(model, "dfa"):
+            raise ValueError(f"{name} has no feedback point: no hidden layer to embed")
+        model.eval()
+        t_idx, t_bag, t_label = (t[:rows] for t in data.splits["test"])
+        with model.dfa.capture() as cap:
+            model(t_idx, t_bag)
+        return (cap.points[-1].tensor.flatten(1).cpu(), t_label.long().cpu(), ["no click", "click"],
+                f"the first {rows} test rows at the last hidden layer (the last feedback point), coloured by label")
+
+    return Run(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), batches=batches, loss=loss,
+               evaluate=lambda model, split: evaluate(model, data.splits[split]), select="auc",
+               higher_is_better=True, epochs=config.epochs or EPOCHS[config.preset], steps_per_epoch=len(batches),
+               patience=PATIENCE, probe=torch.arange(min(PROBE_ROWS, len(label))), hyper_parameters=hp,
+               represent=represent)
+
+
+def grid(name: str, config: TrainConfig) -> list[dict]:
+    return [dict(lr=lr) for lr in LR_GRID.get(name, LR_GRID["default"])]
+
+
+def tuned(name: str, config: TrainConfig) -> dict:
+    return dict(lr=LR[name]["bp" if name == "fm" else config.mode])
+
+
+def comparable(config: TrainConfig) -> bool:
+    """The paper's numbers are Criteo's: comparable only when --data is a Criteo file."""
+    return config.data is not None
 
 
 for _name in MODELS:
@@ -162,5 +159,6 @@ for _name in MODELS:
         name=f"{_name}-ml100k", family="recsys",
         description=DESCRIPTIONS[_name] + " on MovieLens-100k CTR (--data PATH: a Criteo TSV file); "
                     "paper numbers: Criteo test AUC",
-        metric="test_auc", higher_is_better=True,
-        run=functools.partial(run_model, _name), paper=PAPER.get(_name, {})))
+        metric="test_auc", higher_is_better=True, build=functools.partial(build, _name),
+        paper=PAPER.get(_name, {}), paper_setting=PAPER_SETTING, comparable=comparable,
+        grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name)))

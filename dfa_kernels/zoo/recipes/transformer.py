@@ -6,31 +6,32 @@ whole plays never seen in training); ``--data PATH`` trains it on a WikiText-sty
 (a directory with wiki.{train,valid,test}.tokens, or one text file). ``lm-pydoc`` is a small model
 on Python's documentation (always available, seconds to train).
 
-Training: a fixed number of steps of random windows; an "epoch" is ``steps_per_epoch`` steps
-followed by a validation pass. Adam (beta2 0.999, as in the paper), gradient clipping at 1, and
-either a warmup + cosine schedule (cpu presets: short runs) or the paper's plateau decay ("full").
+Training: a fixed number of steps of random windows, the same budget for every mode (the cosine
+schedule sets the run's length); an "epoch" is ``steps_per_epoch`` steps followed by a validation
+pass. Adam (beta2 0.999, as in the paper), gradient clipping at 1, and either a warmup + cosine
+schedule (cpu presets: short runs) or the paper's plateau decay ("full").
 The layers after the last feedback point (final LN + head: exact gradients in every mode) have
 their own learning rate, ``head_lr``; in mode dfa the hidden layers take a smaller one (DFA's
 updates are noisy until they align; the paper used 5e-5). ``--lr`` sets the hidden layers' rate
 (every layer's in bp and shallow). The DFA error is taken at the final hidden state (d_model
-wide); the error after the head (``error_at="logits"``) did about as well here (zoo_lm.json).
-Metrics are in nats per token (byte-level: per byte); perplexity is exp(loss). The final metrics
-are those of the last step's model. Presets: "cpu" (about 2 minutes per mode on one idle CPU
+wide); ``error_at="logits"`` takes it after the head (a vocabulary-wide error).
+Metrics are in nats per token (byte-level: per byte); perplexity is exp(loss). The model kept is
+the one with the best validation loss, and its test loss is the reported metric. Presets: "cpu" (about 2 minutes per mode on one idle CPU
 core) and "full" (a GPT-2-small-sized model as in the paper, bf16 autocast on CUDA).
 """
 from __future__ import annotations
 
 import functools
 import math
-import time
 
 import torch
 
 from ..models.transformer import TransformerLM
-from ..tasks import Task, TrainConfig, TrainResult, register
+from ..tasks import Task, TrainConfig, register, set_feedback
+from ..trainer import Run, Sampled
 
 # TransformerLM arguments per task and preset (the DFA error at the final hidden state, the
-# model's default; benchmarks/zoo_lm.py also measures error_at="logits").
+# model's default).
 MODEL = {
     "lm-shakespeare": {
         "cpu": dict(layers=4, d_model=128, heads=4, d_ff=512, context=128, dropout=0.0),
@@ -71,6 +72,8 @@ LR = {
 # Deep Learning Tasks and Architectures"); "dfa" is macro placement (micro: 93.3).
 PAPER = {"bp": 29.8, "dfa": 52.0, "shallow": 428.0}
 PAPER_MICRO = 93.3
+PAPER_SETTING = "WikiText-103 word-level test perplexity (DFA: macro placement; micro 93.3)"
+PROBE_TOKENS = 512   # the alignment measurement's batch (paper 1: 512 samples; here tokens)
 
 
 def lrs(task: str, preset: str, mode: str, placement: str, lr: float | None = None) -> tuple[float, float]:
@@ -95,13 +98,11 @@ def build_model(task: str, vocab_size: int, mode: str = "dfa", placement: str = 
                          **{**MODEL[task][preset], **overrides})
 
 
-def batches(tokens: torch.Tensor, context: int, batch_size: int, generator: torch.Generator):
-    """Endless random windows ``(x, y)`` of ``[batch_size, context]``, y = x shifted by one."""
-    offsets = torch.arange(context + 1)
-    while True:
-        start = torch.randint(0, len(tokens) - context - 1, (batch_size, 1), generator=generator)
-        w = tokens[start + offsets]
-        yield w[:, :-1], w[:, 1:]
+def windows(tokens: torch.Tensor, context: int, batch_size: int, generator: torch.Generator):
+    """Random windows ``(x, y)`` of ``[batch_size, context]``, y = x shifted by one."""
+    start = torch.randint(0, len(tokens) - context - 1, (batch_size, 1), generator=generator)
+    w = tokens[start + torch.arange(context + 1)]
+    return w[:, :-1], w[:, 1:]
 
 
 def loss_fn(model, x, y, autocast: bool = False):
@@ -130,94 +131,116 @@ def evaluate(model, tokens: torch.Tensor, max_tokens: int | None = None, batch_s
     return total / keep
 
 
-def fit(model, data, lr: float, epochs: int, steps_per_epoch: int, batch_size: int,
-        eval_tokens: int | None = None, schedule: str = "cosine", seed: int = 0,
-        progress: bool = False, device="cpu", head_lr: float | None = None):
-    """Adam on next-token cross-entropy; returns (history, final metrics of the last model).
+# The tuning grids (lr, head_lr), three candidates for every mode and placement (`dfa-kernels
+# tune`: validation loss, cpu preset, seed 0): bp and shallow train every layer at one rate; DFA's
+# hidden layers take a smaller rate than the exactly-trained final LN + head (head_lr 1e-2).
+LR_GRID = {"bp": [dict(lr=r, head_lr=r) for r in (1e-3, 3e-3, 1e-2)],
+           "shallow": [dict(lr=r, head_lr=r) for r in (3e-3, 1e-2, 3e-2)],
+           "dfa": [dict(lr=r, head_lr=1e-2) for r in (1e-4, 3e-4, 1e-3)]}
 
-    head_lr: learning rate of the layers after the last feedback point (final LN, head), which
-    learn from exact gradients in every mode (default: lr)."""
-    from tqdm.auto import tqdm
-    device = torch.device(device)
-    model.to(device).train()
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+def grid(task: str, config: TrainConfig) -> list[dict]:
+    return LR_GRID[config.mode]
+
+
+def tuned(task: str, config: TrainConfig) -> dict:
+    lr, head_lr = lrs(task, config.preset, config.mode, config.placement)
+    return dict(lr=lr, head_lr=head_lr)
+
+
+TOKEN_CLASSES = ("lowercase letter", "uppercase letter", "digit", "space or newline", "punctuation", "other")
+
+
+def token_class(text: str) -> int:
+    """Index in TOKEN_CLASSES of a decoded token (its first character)."""
+    c = text[:1]
+    checks = (str.islower, str.isupper, str.isdigit, str.isspace,
+              lambda ch: ch.isprintable() and not ch.isalnum() and ch != "\ufffd")  # U+FFFD: a partial UTF-8 byte
+    return next((k for k, check in enumerate(checks) if c and check(c)), len(TOKEN_CLASSES) - 1)
+
+
+def optimizer(model, lr: float, head_lr: float | None = None) -> torch.optim.Adam:
+    """Adam, the layers after the last feedback point (final LN, head: exact gradients in every
+    mode) at head_lr (default lr), the others at lr."""
     head = [p for m in (model.ln_f, model.head) for p in m.parameters()]
     body = [p for p in model.parameters() if all(p is not q for q in head)]
-    opt = torch.optim.Adam([{"params": body, "lr": lr}, {"params": head, "lr": head_lr or lr}],
-                           betas=(0.9, 0.999))
-    total_steps = epochs * steps_per_epoch
-    warmup = max(1, total_steps // 20)
-    if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
-    elif schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
-    else:
-        raise ValueError(f"schedule must be 'cosine' or 'plateau'; got {schedule!r}")
-    stream = batches(data.splits["train"], model.context, batch_size, torch.Generator().manual_seed(seed))
-    history = []
-    with tqdm(total=total_steps, disable=not progress, leave=False) as bar:
-        for epoch in range(1, epochs + 1):
-            total = 0.0
-            for _ in range(steps_per_epoch):
-                x, y = next(stream)
-                loss = loss_fn(model, x.to(device), y.to(device), autocast)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                if schedule == "cosine":
-                    sched.step()
-                total += loss.item()
-                bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            val = evaluate(model, data.splits["val"], eval_tokens, autocast=autocast)
-            if schedule == "plateau":
-                sched.step(val)
-            history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": val,
-                            "val_ppl": math.exp(val), "lr": opt.param_groups[0]["lr"]})
-    test = evaluate(model, data.splits["test"], eval_tokens, autocast=autocast)
-    val = history[-1]["val_loss"]
-    return history, {"val_loss": val, "val_ppl": math.exp(val), "test_loss": test, "test_ppl": math.exp(test)}
+    return torch.optim.Adam([{"params": body, "lr": lr}, {"params": head, "lr": head_lr or lr}], betas=(0.9, 0.999))
 
 
-def run_lm(task: str, config: TrainConfig, **model_overrides) -> TrainResult:
+def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     """One training run; `model_overrides` replace the preset's TransformerLM arguments."""
     if config.placement not in ("macro", "micro"):
         raise ValueError(f"placement must be 'macro' or 'micro'; got {config.placement!r}")
     data = load_data(task, config.data)
+    device = torch.device(config.device)
     torch.manual_seed(config.seed)
     placement = config.placement if config.mode == "dfa" else "macro"
     model = build_model(task, data.vocab_size, config.mode, placement, config.preset, config.seed,
-                        **model_overrides)
+                        **model_overrides).to(device)
+    set_feedback(model, config.feedback)
     train = dict(TRAIN[task][config.preset])
     if config.epochs:
         train["epochs"] = config.epochs
     lr, head_lr = lrs(task, config.preset, config.mode, placement, config.lr)
-    start = time.perf_counter()
-    history, final = fit(model, data, lr, **train, head_lr=head_lr, seed=config.seed,
-                         progress=config.progress, device=config.device)
-    final["train_seconds"] = round(time.perf_counter() - start, 1)
-    backend = "-" if config.mode == "bp" else model.dfa.resolved_backend(torch.device(config.device))
+    lr, head_lr = (config.hp or {}).get("lr", lr), (config.hp or {}).get("head_lr", head_lr)
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    opt = optimizer(model, lr, head_lr)
+    total_steps = train["epochs"] * train["steps_per_epoch"]
+    scheduler = plateau = None
+    if train["schedule"] == "cosine":
+        warmup = max(1, total_steps // 20)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+    else:
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    tokens = data.splits["train"]
+
+    def loss(model, batch):
+        x, y = batch
+        return loss_fn(model, x.to(device), y.to(device), autocast)
+
+    def evaluate_split(model, split):
+        value = evaluate(model, data.splits[split], train["eval_tokens"], autocast=autocast)
+        return {"loss": value, "ppl": math.exp(value)}
+
     hp = {"task": task, "mode": config.mode, "placement": placement, "error_at": model.error_at,
           "preset": config.preset, **MODEL[task][config.preset], **model_overrides, **train, "optimizer": "Adam",
           "betas": [0.9, 0.999], "lr": lr, "head_lr": head_lr, "grad_clip": 1.0, "seed": config.seed,
-          "feedback_points": model.num_points, "parameters": sum(p.numel() for p in model.parameters()),
-          "data": data.info, "loss_unit": f"nats per {'byte' if data.tokenizer == 'byte' else 'character'}",
-          "selection": "last model"}
+          "feedback": config.feedback, "feedback_points": model.num_points,
+          "parameters": sum(p.numel() for p in model.parameters()), "data": data.info,
+          "loss_unit": f"nats per {'byte' if data.tokenizer == 'byte' else 'character'}",
+          "selection": "best epoch on validation loss", "stopping": "fixed budget (the lr schedule's length)"}
     if config.mode != "dfa" and config.placement != "macro":
         hp["note"] = f"placement only applies to mode 'dfa'; mode {config.mode!r} ignores it"
-    return TrainResult(history=history, final=final, backend=backend, config=hp)
+    @torch.no_grad()
+    def represent(model, count: int = 64):
+        """The token embeddings of the `count` most frequent tokens of the training split."""
+        top = torch.bincount(tokens, minlength=data.vocab_size).argsort(descending=True)[:count]
+        names = [data.decode([int(t)]) for t in top]
+        labels = [token_class(name) for name in names]
+        return (model.tok.weight[top.to(model.tok.weight.device)].cpu(), labels, list(TOKEN_CLASSES),
+                f"the token embeddings of the {count} most frequent tokens, coloured by kind")
+
+    context, batch_size = model.context, train["batch_size"]
+    probe = windows(tokens, context, max(1, PROBE_TOKENS // context), torch.Generator().manual_seed(config.seed + 1))
+    return Run(model=model, optimizer=opt,
+               batches=Sampled(lambda g: windows(tokens, context, batch_size, g), config.seed),
+               loss=loss, evaluate=evaluate_split, select="loss", higher_is_better=False,
+               epochs=train["epochs"], steps_per_epoch=train["steps_per_epoch"], scheduler=scheduler,
+               plateau=plateau, clip_grad=1.0, probe=probe, hyper_parameters=hp, represent=represent)
 
 
 register(Task(
     name="lm-shakespeare", family="transformer",
     description="causal Transformer LM (byte-level) on Shakespeare, split by play; --placement macro|micro; "
                 "--data PATH: WikiText-style text. Paper: WikiText-103 perplexity (DFA micro: 93.3)",
-    metric="val_loss", higher_is_better=False,
-    run=functools.partial(run_lm, "lm-shakespeare"), paper=dict(PAPER)))
+    metric="test_loss", higher_is_better=False,
+    build=functools.partial(build_lm, "lm-shakespeare"), paper=dict(PAPER),
+    paper_setting=PAPER_SETTING, grid=functools.partial(grid, "lm-shakespeare"),
+    tuned=functools.partial(tuned, "lm-shakespeare")))
 register(Task(
     name="lm-pydoc", family="transformer",
     description="small causal Transformer LM (byte-level) on Python's pydoc topics (seconds; always available)",
-    metric="val_loss", higher_is_better=False,
-    run=functools.partial(run_lm, "lm-pydoc")))
+    metric="test_loss", higher_is_better=False,
+    build=functools.partial(build_lm, "lm-pydoc"), paper_setting=PAPER_SETTING,
+    grid=functools.partial(grid, "lm-pydoc"), tuned=functools.partial(tuned, "lm-pydoc")))
