@@ -116,3 +116,19 @@ def test_tune_runs_the_grid_on_validation(tmp_path, monkeypatch):
     assert report["modes"]["bp"]["best"] == best
     assert report["modes"]["bp"]["recipe_matches"] == (task.tuned(tasks.TrainConfig("lm-pydoc", mode="bp")) == best)
     assert (tmp_path / "lm-pydoc" / "tuning.json").is_file()
+
+
+def test_recipe_tables_hold_the_tuning_winners():
+    """Every tuned hyper-parameter in a recipe is the winner of its committed tuning report
+    (benchmarks/results/zoo/tuning/TASK.json, made by `dfa-kernels tune`)."""
+    from pathlib import Path
+    reports = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo" / "tuning").glob("*.json"))
+    assert reports, "no tuning report committed"
+    for path in reports:
+        report = json.loads(path.read_text())
+        task = tasks.get(report["task"])
+        for variant, result in report["modes"].items():
+            mode, placement = variant.split("-")[0], (variant.split("-")[-1] if "-" in variant else "macro")
+            config = tasks.TrainConfig(report["task"], mode=mode, placement=placement, preset=report["preset"])
+            assert task.tuned(config) == result["best"], (report["task"], variant, result["best"])
+            assert len(result["trials"]) == len(task.grid(config)), (report["task"], variant)

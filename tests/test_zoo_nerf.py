@@ -241,7 +241,7 @@ def test_run_end_to_end(tmp_path, monkeypatch, tiny_preset):
         assert math.isfinite(res.final["test_psnr"]) and res.config["lr"] == 5e-3
         assert res.backend == ("-" if mode == "bp" else res.backend) and res.backend
         assert len(res.artefacts) == 4 and all((tmp_path / mode / n).is_file() for n in ("test_001.png", "gt_001.png"))
-        results[mode] = res
+        results[mode] = {"final": res.final, "artefacts": res.artefacts}
     assert (tmp_path / "cache" / "nerf").is_dir()
     path = R.render_comparison(results, tmp_path / "compare.png")
     assert path.is_file() and path.stat().st_size > 1000

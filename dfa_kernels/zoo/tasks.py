@@ -71,6 +71,8 @@ class Task:
     # number for every mode) and the recipe's current choice among them (``dfa-kernels tune``)
     grid: Callable[[TrainConfig], list[dict]] | None = None
     tuned: Callable[[TrainConfig], dict] | None = None
+    # (label -> a compare report's run with its artefacts, path): a picture of a comparison (NeRF's renders)
+    figure: Callable[[dict, Path], Path] | None = None
 
 
 _TASKS: dict[str, Task] = {}

@@ -147,6 +147,10 @@ def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=MODES, feedbac
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")
     _plot_curves({f"{r['variant']} s{r['seed']}": r["history"] for r in runs}, compare_dir / "compare.png", task.name)
+    if task.figure is not None:   # the first seed of every variant, side by side
+        firsts = {r["variant"]: r for r in runs if r["seed"] == runs[0]["seed"]}
+        for path in {compare_dir / "figure.png", *([Path(json_path).with_suffix(".png")] if json_path else [])}:
+            task.figure(firsts, path)
     return report
 
 

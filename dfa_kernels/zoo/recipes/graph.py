@@ -56,12 +56,12 @@ LRS = (0.005, 0.01, 0.02)
 WEIGHT_DECAYS = {"dna": (5e-3, 5e-4), "gae": (0.0, 5e-5)}   # others: (5e-4, 5e-5)
 # The tuned (lr, weight decay of the hidden layers) per model and mode: the grid's best on validation.
 HP = {
-    "gcn": {"bp": (0.01, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
-    "gat": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.005, 5e-4)},
-    "cheb": {"bp": (0.01, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
-    "spline": {"bp": (0.01, 5e-4), "dfa": (0.01, 5e-4), "shallow": (0.01, 5e-4)},
-    "dna": {"bp": (0.01, 5e-3), "dfa": (0.005, 5e-3), "shallow": (0.01, 5e-3)},
-    "gae": {"bp": (0.01, 0.0), "dfa": (0.02, 0.0), "shallow": (0.01, 0.0)},
+    "gcn": {"bp": (0.02, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.02, 5e-4)},
+    "gat": {"bp": (0.01, 5e-5), "dfa": (0.005, 5e-4), "shallow": (0.02, 5e-4)},
+    "cheb": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.02, 5e-4)},
+    "spline": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
+    "dna": {"bp": (0.005, 5e-3), "dfa": (0.01, 5e-4), "shallow": (0.02, 5e-3)},
+    "gae": {"bp": (0.01, 0.0), "dfa": (0.01, 0.0), "shallow": (0.005, 0.0)},
 }
 # Launay et al. 2020, "Direct Feedback Alignment Scales to Modern Deep Learning Tasks and
 # Architectures", Table 3 (Cora test accuracy as a fraction, GAE: test AUC).

@@ -142,8 +142,8 @@ def build(config: TrainConfig) -> Run:
 
 
 def render_comparison(results: dict, path, view: int = 0) -> Path:
-    """One test view side by side: ground truth, then each mode's rendering (``results``: mode ->
-    TrainResult of runs that saved their images, i.e. had ``config.out``)."""
+    """One test view side by side: ground truth, then each run's rendering (``results``: label ->
+    a run's {"final", "artefacts"} — a compare report's runs — of runs that saved their images)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.image
@@ -151,13 +151,13 @@ def render_comparison(results: dict, path, view: int = 0) -> Path:
 
     def find(result, prefix):
         name = f"{prefix}_{view:03d}.png"
-        hits = [a for a in result.artefacts if Path(a).name == name]
+        hits = [a for a in result["artefacts"] if Path(a).name == name]
         if not hits:
             raise FileNotFoundError(f"no {name} among the run's artefacts: run the task with config.out set")
         return matplotlib.image.imread(hits[0])
 
     panels = [("ground truth", find(next(iter(results.values())), "gt"))]
-    panels += [(f"{mode}: {r.final['test_psnr']:.2f} dB", find(r, "test")) for mode, r in results.items()]
+    panels += [(f"{label}: {r['final']['test_psnr']:.2f} dB", find(r, "test")) for label, r in results.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
     for ax, (title, image) in zip(axes, panels):
         ax.imshow(image, interpolation="nearest")
@@ -185,4 +185,4 @@ register(Task(
     description="NeRF (coarse + fine, DFA per network) on the pybullet duck rendered offline; "
                 "--data SCENE|DIR: another pybullet scene or a NeRF-synthetic folder",
     metric="test_psnr", higher_is_better=True, build=build, paper=PAPER, paper_setting=PAPER_SETTING,
-    grid=grid, tuned=tuned))
+    grid=grid, tuned=tuned, figure=render_comparison))
