@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .autograd import DFALinearCrossEntropy, DFAOutput, Plan, Record
+from .autograd import DFALinearCrossEntropy, DFAOutput, NonFiniteMonitor, Plan, Record
 from .feedback import FeedbackSpec
 
 MODES = ("dfa", "bp", "shallow")
@@ -47,7 +47,10 @@ class DFA(nn.Module):
     storage: "virtual" | "materialized" | "auto";  backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
     batch_dims: leading dims of y that index rows of the error (default: all but y's last); every
       point must start with the same dims; its width is the product of the rest.
-    check_finite: raise FloatingPointError when the error holds NaN/Inf (skipped under torch.compile).
+    check_finite: a backward whose error holds NaN/Inf sends no feedback (every gradient from the
+      DFA output is zeroed, so no layer moves), and the next forward raises FloatingPointError.
+      Checked on the device, without a host-device sync (skipped under torch.compile); on a GPU
+      the error may come a few steps late. ``dfa.nonfinite_steps`` counts such steps.
     error_dtype: the dtype the error e is projected in. "auto": bfloat16 when the forward ran under
       bf16 autocast (e is then fp32, as the final layers run in fp32, but the points are bf16: a
       16-bit projection runs on tensor cores and writes bf16 directly), else e's own dtype.
@@ -79,6 +82,7 @@ class DFA(nn.Module):
         self.batch_dims, self.check_finite, self.error_dtype = batch_dims, check_finite, error_dtype
         self.spec: FeedbackSpec | None = None
         self._points: list[Record] = []
+        self._nonfinite = NonFiniteMonitor()
 
     @classmethod
     def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs) -> "DFA":
@@ -149,6 +153,7 @@ class DFA(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         points, self._points = self._points, []
+        self._check_nonfinite()
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"dfa(y) expects the output tensor; got {type(y).__name__}")
         if not points:
@@ -179,6 +184,7 @@ class DFA(nn.Module):
         from . import lm_head
 
         points, self._points = self._points, []
+        self._check_nonfinite()
         if not points:
             raise RuntimeError("dfa.linear_cross_entropy was called with no feedback point recorded")
         logits_shape = torch.empty(*hidden.shape[:-1], head.out_features, device="meta")
@@ -195,7 +201,17 @@ class DFA(nn.Module):
         kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
                       for r in points)
         return Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
-                     kinds, tuple(r.activation for r in points), self._error_dtype(device_type))
+                    kinds, tuple(r.activation for r in points), self._error_dtype(device_type), self._nonfinite)
+
+    def _check_nonfinite(self) -> None:
+        """Raise for the non-finite errors of earlier backwards that the host has seen (no sync)."""
+        if self.check_finite and not torch.compiler.is_compiling():
+            self._nonfinite.check()
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Backward passes whose error held NaN/Inf and sent no feedback (reading it syncs with the device)."""
+        return self._nonfinite.count()
 
     def _error_dtype(self, device_type: str) -> torch.dtype | None:
         if self.error_dtype != "auto":

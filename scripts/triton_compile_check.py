@@ -69,13 +69,14 @@ def variants():
     for dt, count in (("i64", 1), ("i64", 96), ("fp32", 7)):
         yield (f"device_table {dt} x{count}", tables._fill_kernel, {"dst_ptr": f"*{dt}", "values": (dt,) * count},
                {"COUNT": count}, ())
-    for dt in ("fp32", "bf16"):
-        ptrs = {t: "*i64" for t in ("g_tab", "x_tab", "out_tab")} | {t: "*i32" for t in ("n_tab", "o_tab", "i_tab")}
-        yield (f"grouped_weight_grad {dt}", grouped._grouped_kernel, ptrs,
-               {"IN_TYPE": FLOAT[dt], "OUT_TYPE": tl.float32, "MAX_G": 16,
+    for dt, split in itertools.product(("fp32", "bf16"), (False, True)):
+        ptrs = {"ptr_tab": "*i64", "shape_tab": "*i64", "ws_ptr": "*fp32"}
+        yield (f"grouped_weight_grad {dt} split={split}", grouped._grouped_kernel, ptrs,
+               {"IN_TYPE": FLOAT[dt], "OUT_TYPE": tl.float32, "MAX_G": 16, "SPLIT": split,
                 "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee", "BM": 128, "BN": 128, "BK": 32}, ())
     yield ("cross_entropy", cross_entropy._ce_kernel,
-           {"logits_ptr": "*fp32", "target_ptr": "*i64", "loss_ptr": "*fp32"}, {"BLOCK": 8192}, ("inv_count",))
+           {"logits_ptr": "*fp32", "target_ptr": "*i64", "loss_ptr": "*fp32", "inv_count_ptr": "*fp32"},
+           {"BLOCK": 8192}, ())
 
 
 def main() -> int:
