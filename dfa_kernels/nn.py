@@ -262,7 +262,7 @@ class DFA(nn.Module):
         """The projection backend this module runs on `device` (what 'auto' picks)."""
         if self.spec is None:
             return ops.resolve_backend(self.backend, device)
-        storage = ops.resolve_storage(self.storage, self.spec)
+        storage = ops.resolve_storage(self.storage, self.spec, device)
         return ops.resolve_backend(self.backend, device, "project", storage, self.spec.out_features)
 
     def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:
