@@ -69,10 +69,10 @@ def variants():
     for dt, count in (("i64", 1), ("i64", 96), ("fp32", 7)):
         yield (f"device_table {dt} x{count}", tables._fill_kernel, {"dst_ptr": f"*{dt}", "values": (dt,) * count},
                {"COUNT": count}, ())
-    for dt, split in itertools.product(("fp32", "bf16"), (False, True)):
+    for dt, split, hints in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
         ptrs = {"ptr_tab": "*i64", "shape_tab": "*i64", "ws_ptr": "*fp32"}
-        yield (f"grouped_weight_grad {dt} split={split}", grouped._grouped_kernel, ptrs,
-               {"IN_TYPE": FLOAT[dt], "OUT_TYPE": tl.float32, "MAX_G": 16, "SPLIT": split,
+        yield (f"grouped_weight_grad {dt} split={split} hints={hints}", grouped._grouped_kernel, ptrs,
+               {"IN_TYPE": FLOAT[dt], "OUT_TYPE": tl.float32, "MAX_G": 16, "SPLIT": split, "HINTS": hints,
                 "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee", "BM": 128, "BN": 128, "BK": 32}, ())
     yield ("cross_entropy", cross_entropy._ce_kernel,
            {"logits_ptr": "*fp32", "target_ptr": "*i64", "loss_ptr": "*fp32", "inv_count_ptr": "*fp32"},

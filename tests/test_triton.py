@@ -286,11 +286,12 @@ def test_grouped_weight_grad_split_over_rows():
     """The split-K path (rows split over the grid, summed from an fp32 workspace) gives the same
     result as one pass; uneven row counts and splits that get no rows of a short layer."""
     from dfa_kernels.triton.grouped_gemm import grouped_weight_grad
-    shapes = [(70, 5, 9), (3, 33, 17), (129, 16, 16)]  # (N, out, in)
-    grads = [torch.randn(n, o, device=DEVICE) for n, o, _ in shapes]
-    inputs = [torch.randn(n, i, device=DEVICE) for n, _, i in shapes]
-    want = reference.grouped_weight_grad(grads, inputs)
-    for splits in (1, 3):
-        got = grouped_weight_grad(grads, inputs, splits=splits)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    for shapes in ([(70, 5, 9), (3, 33, 17), (129, 16, 16)],  # (N, out, in)
+                   [(40, 16, 32), (9, 32, 16)]):  # every width a multiple of 16: the alignment hints
+        grads = [torch.randn(n, o, device=DEVICE) for n, o, _ in shapes]
+        inputs = [torch.randn(n, i, device=DEVICE) for n, _, i in shapes]
+        want = reference.grouped_weight_grad(grads, inputs)
+        for splits in (1, 3):
+            got = grouped_weight_grad(grads, inputs, splits=splits)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

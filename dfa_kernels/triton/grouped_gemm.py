@@ -44,7 +44,8 @@ def group_of(pid, tiles, MAX_G: tl.constexpr):
 def _grouped_kernel(ptr_tab, shape_tab, G, rows_per_split, ws_ptr, ws_stride,
                     n_bucket, o_bucket, i_bucket,
                     IN_TYPE: tl.constexpr, OUT_TYPE: tl.constexpr, MAX_G: tl.constexpr, SPLIT: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    HINTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # ptr_tab [3G]: grads, inputs, outputs; shape_tab [4G]: N, out, in, the layer's offset in a
     # workspace slice. *_bucket are only autotuning keys.
     pid = tl.program_id(0)
@@ -57,6 +58,11 @@ def _grouped_kernel(ptr_tab, shape_tab, G, rows_per_split, ws_ptr, ws_stride,
     I = tl.load(shape_tab + 2 * G + layer)
     g_ptr = tl.load(ptr_tab + layer).to(tl.pointer_type(IN_TYPE))       # grads[l]: [N, O] contiguous
     x_ptr = tl.load(ptr_tab + G + layer).to(tl.pointer_type(IN_TYPE))   # inputs[l]: [N, I] contiguous
+    if HINTS:  # pointers loaded from a table carry no alignment: every one is 16-byte aligned, O and I
+        g_ptr = tl.multiple_of(g_ptr, 16)  # multiples of 16 (vector loads and stores)
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        O = tl.multiple_of(O, 16)
+        I = tl.multiple_of(I, 16)
 
     local = pid - first
     num_n = tl.cdiv(I, BN)
@@ -82,6 +88,8 @@ def _grouped_kernel(ptr_tab, shape_tab, G, rows_per_split, ws_ptr, ws_stride,
         tl.store(ws + tile, acc, mask=mask)
     else:
         out_ptr = tl.load(ptr_tab + 2 * G + layer).to(tl.pointer_type(OUT_TYPE))
+        if HINTS:
+            out_ptr = tl.multiple_of(out_ptr, 16)
         tl.store(out_ptr + tile, acc.to(OUT_TYPE), mask=mask)
 
 
@@ -141,13 +149,15 @@ def grouped_weight_grad(grads, inputs, out_dtype=None, splits: int | None = None
         G = len(layers)
         shape_tab = cached_table([g.shape[0] for g in gs] + [o for o, _ in shapes] + [i for _, i in shapes]
                                  + ws_offsets, torch.int64, device)
-        ptr_tab = device_table([g.data_ptr() for g in gs] + [x.data_ptr() for x in xs]
-                               + [outs[l].data_ptr() for l in layers], torch.int64, device)
+        pointers = [g.data_ptr() for g in gs] + [x.data_ptr() for x in xs] + [outs[l].data_ptr() for l in layers]
+        ptr_tab = device_table(pointers, torch.int64, device)
+        hints = all(p % 16 == 0 for p in pointers) and all(o % 16 == 0 and i % 16 == 0 for o, i in shapes)
         args = (ptr_tab, shape_tab, G, math.ceil(N / split), ws if ws is not None else ptr_tab,
                 ws.stride(0) if ws is not None else 0, triton.next_power_of_2(N),
                 triton.next_power_of_2(max(o for o, _ in shapes)), triton.next_power_of_2(max(i for _, i in shapes)))
         consts = dict(IN_TYPE=_TL_DTYPES[dtype], OUT_TYPE=_TL_DTYPES[out_dtype],
-                      MAX_G=max(2, triton.next_power_of_2(G)), SPLIT=split > 1, INPUT_PRECISION=_fp32_dot_precision())
+                      MAX_G=max(2, triton.next_power_of_2(G)), SPLIT=split > 1, HINTS=hints,
+                      INPUT_PRECISION=_fp32_dot_precision())
 
         def grid(meta):
             return (sum(math.ceil(o / meta["BM"]) * math.ceil(i / meta["BN"]) for o, i in shapes), split)
