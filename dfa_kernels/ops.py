@@ -25,7 +25,6 @@ from .feedback import FeedbackSpec
 log = logging.getLogger("dfa_kernels")
 
 
-
 def _fallback_message(error: str) -> str:
     """What a failed load of the compiled library means for the user, and the fix."""
     if "undefined symbol" in error:
@@ -368,11 +367,14 @@ def resolve_storage(storage: str, spec: FeedbackSpec, device=None, op: str = "pr
         return storage
     if spec.out_features * spec.total_width * 4 > MATERIALIZE_LIMIT_BYTES:
         return "virtual"
-    if device is not None:
-        measured = backend_table(device_slug(device)).get(f"storage|{op}|{shape_class(spec.out_features)}")
-        if measured in ("virtual", "materialized"):
-            return measured
-    return "materialized"
+    measured = None if device is None else _measured_storage(str(torch.device(device)), op, spec.out_features)
+    return measured or "materialized"
+
+
+@torch.compiler.assume_constant_result  # a file read: a constant of a traced graph, as _auto_backend
+def _measured_storage(device: str, op: str, out_features: int) -> str | None:
+    measured = backend_table(device_slug(device)).get(f"storage|{op}|{shape_class(out_features)}")
+    return measured if measured in ("virtual", "materialized") else None
 
 
 def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device="cpu",

@@ -91,7 +91,7 @@ def test_cuda_backend_refused_with_the_arch_reason(monkeypatch):
     monkeypatch.setattr(ops, "_triton_available", lambda device_type: False)
     assert "cuda" not in ops.available_backends("cuda:0")
     with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on device cuda:0 \(the CUDA kernels "
-                                           r"were compiled for 8.0, 9.0\+PTX .* compute capability 7.5"):
+                                           r"were compiled for 8.0, 9.0\+PTX .*compute capability 7.5"):
         ops.resolve_backend("cuda", "cuda:0")
 
 
