@@ -7,7 +7,8 @@ The C++ CPU ops are always built; the CUDA ops too whenever torch is a CUDA buil
 
 Environment:
     DFA_KERNELS_FORCE_CPU=1   build the CPU ops only
-    TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0+PTX": A100, H100/H200, and PTX that
+                              the driver compiles for newer GPUs such as sm_100 and sm_120)
     CUDA_HOME                 CUDA toolkit (default: located from the nvcc on PATH)
     MAX_JOBS                  parallel compile jobs (default: number of CPUs, at most 4)
 """
@@ -24,6 +25,11 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
+# cubins for sm_80 (A100, and sm_86/sm_89 by minor-version compatibility) and sm_90 (H100/H200),
+# plus compute_90 PTX, which the driver compiles at load for any newer GPU (sm_100, sm_120): no
+# "no kernel image" there. Older GPUs (sm_75) need their own TORCH_CUDA_ARCH_LIST; the package
+# checks the GPU's arch against the compiled list at first use and says so (ops.cuda_arch_problem).
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def env_flag(name: str) -> bool:
@@ -70,7 +76,7 @@ cuda_home = None if force_cpu or torch.version.cuda is None else find_cuda_home(
 with_cuda = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
 if with_cuda:
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
 elif torch.version.cuda is not None and not force_cpu:
     print("dfa_kernels: nvcc not found (set CUDA_HOME); building the CPU ops only", file=sys.stderr)
 os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
@@ -95,6 +101,7 @@ if with_cuda:
     archs = [a for a in re.split(r"[;,\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
     nvcc_flags.append(f"--threads={max(1, min(len(archs), os.cpu_count() or 1))}")  # archs in parallel
     define_macros.append(("DFA_CUDA_COMPILED", None))
+    extra_link_args.append("-ldl")  # grouped_weight_grad.cu looks cuBLAS's grouped GEMM up at run time
     # Bare tokens (no quotes to survive the shell; python_module.cpp stringizes them), C++ only:
     # nvcc would read the commas as separate -D options.
     cxx_flags.append("-DDFA_CUDA_ARCHS=" + ",".join(archs))

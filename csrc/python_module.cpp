@@ -55,6 +55,15 @@ py::dict build_config() {
   return d;
 }
 
+// What the libraries loaded at run time allow (empty on a CPU-only build).
+py::dict runtime_info() {
+  py::dict d;
+#ifdef DFA_CUDA_COMPILED
+  d["grouped_gemm"] = dfa_kernels::grouped_gemm_status();
+#endif
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -62,4 +71,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_config", &build_config,
         "How this library was built: cuda_compiled, cuda_archs, torch_version_built, "
         "cuda_version_built, openmp.");
+  m.def("runtime_info", &runtime_info,
+        "What the loaded libraries allow: grouped_gemm (cuBLAS's grouped GEMM, or one GEMM per layer, and why).");
 }

@@ -18,6 +18,45 @@ from . import ops
 from .feedback import FeedbackSpec
 
 
+class NonFiniteMonitor:
+    """The non-finite check of a DFA module, without a host-device synchronisation.
+
+    A backward whose error holds NaN or Inf sends no feedback: every gradient that flows from the
+    DFA output is zeroed on the device (``torch.where``, the same kernels whatever the values),
+    so no parameter moves from that step, and a counter on the device goes up by one. The counter
+    is copied to host memory asynchronously after each backward; the module's next forward reads
+    that copy (no wait: on a GPU it may lag by the steps still queued) and raises
+    FloatingPointError when it has grown. ``count()`` reads the device counter itself (one sync).
+    """
+
+    def __init__(self):
+        self._count: torch.Tensor | None = None  # int32 [1] on the device of the last error
+        self._host: torch.Tensor | None = None   # its asynchronous copy in (pinned) host memory
+        self._reported = 0
+
+    def record(self, finite: torch.Tensor) -> None:
+        """Count one more non-finite step on the device when `finite` (a 0-dim bool tensor) is False."""
+        if self._count is None or self._count.device != finite.device:
+            self._count = torch.zeros(1, dtype=torch.int32, device=finite.device)
+            self._host = torch.zeros(1, dtype=torch.int32, pin_memory=finite.device.type == "cuda")
+        self._count.add_(torch.logical_not(finite).to(torch.int32))
+        self._host.copy_(self._count, non_blocking=True)
+
+    def count(self) -> int:
+        """Non-finite steps so far (waits for the device)."""
+        return 0 if self._count is None else int(self._count.item())
+
+    def check(self) -> None:
+        """Raise FloatingPointError if the host copy shows steps not reported yet (no sync)."""
+        seen = 0 if self._host is None else int(self._host.numpy()[0])  # host memory: no device read
+        if seen > self._reported:
+            new, self._reported = seen - self._reported, seen
+            raise FloatingPointError(
+                f"DFA: the output error e = dL/dy of {new} earlier training step(s) held NaN or Inf ({seen} so far): "
+                "those steps sent no feedback (every gradient from the DFA output was zeroed, so no layer "
+                "moved). Check the loss (divergence; float16 without a loss scaler). dfa.nonfinite_steps "
+                "counts such steps; DFA(check_finite=False) turns the check off.")
+
 
 @dataclasses.dataclass
 class Record:
@@ -76,8 +115,13 @@ class Plan:
     kinds: tuple[str, ...]
     activations: tuple[str, ...]
     error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
+    monitor: NonFiniteMonitor | None = dataclasses.field(default=None, compare=False, repr=False)
     # set while the DFA module captures (measurements, eager only): the backward fills it in
-    capture: "Capture | None" = dataclasses.field(default=None, compare=False)
+    capture: "Capture | None" = dataclasses.field(default=None, compare=False, repr=False)
+
+    def finite_check(self) -> bool:
+        """Whether this backward checks its error (on the device; skipped in compiled graphs)."""
+        return self.check_finite and self.monitor is not None and not torch.compiler.is_compiling()
 
     @property
     def fused(self) -> bool:
@@ -99,11 +143,11 @@ class DFAOutput(torch.autograd.Function):
         plan = ctx.plan
         spec = plan.spec
         e = grad_y.reshape(-1, spec.out_features).contiguous()
-        if plan.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(e).all()):
-            raise FloatingPointError(
-                "DFA: the output error e = dL/dy contains NaN or Inf; no feedback was sent and no "
-                "hidden layer received a gradient this step (check the loss; DFA(check_finite=False) "
-                "skips this check)")
+        if plan.finite_check():  # a non-finite error: zero feedback and a zero gradient for y
+            finite = torch.isfinite(e).all()
+            plan.monitor.record(finite)
+            e = torch.where(finite, e, 0.0)
+            grad_y = e.view(grad_y.shape)
         if plan.error_dtype is not None:
             e = e.to(plan.error_dtype)
         if plan.fused:
@@ -205,9 +249,10 @@ class DFALinearCrossEntropy(torch.autograd.Function):
 
         loss, grad_hidden, grad_weight, grad_bias = lm_head.chunked_linear_cross_entropy(
             hidden, weight, target, bias, ignore_index=ignore_index, on_chunk=project_chunk, backend=plan.backend)
-        if plan.check_finite and not bool(torch.isfinite(loss)):
-            raise FloatingPointError("DFA: the loss is NaN or Inf; no feedback will be sent this step "
-                                     "(DFA(check_finite=False) skips this check)")
+        ctx.finite = None
+        if plan.finite_check():  # a non-finite loss: every gradient of the step is zeroed in backward
+            ctx.finite = torch.isfinite(loss)
+            plan.monitor.record(ctx.finite)
         ctx.plan, ctx.has_bias = plan, bias is not None
         ctx.shapes, ctx.dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, *tensors, *outs)
@@ -218,11 +263,19 @@ class DFALinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias, *rest = ctx.saved_tensors
         count = len(ctx.shapes)
         tensors, outs = rest[:count], rest[count:]
-        outs = [o * grad_loss for o in outs]
+        if ctx.finite is not None:  # zero, not scale: a NaN times 0 stays NaN
+            grad_loss = torch.where(ctx.finite, grad_loss, 0.0)
+
+            def scaled(g):
+                return torch.where(ctx.finite, g * grad_loss, 0.0)
+        else:
+            def scaled(g):
+                return g * grad_loss
+        outs = [scaled(o) for o in outs]
         record_signals(ctx.plan, None, outs, ctx.shapes)
         grads = _input_grads(ctx.plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[6:], outs)
-        return (grad_hidden * grad_loss, grad_weight * grad_loss,
-                grad_bias * grad_loss if ctx.has_bias else None, None, None, None, *grads)
+        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias) if ctx.has_bias else None,
+                None, None, None, *grads)
 
 
 
@@ -231,9 +284,9 @@ _COL_SCALES: dict = {}
 
 def column_scales(plan: Plan, device) -> torch.Tensor:
     """[D] per-column multipliers (independent layout, one scale per point), cached per device."""
-    def build():  # from Python constants: static shapes under torch.compile
-        per_column = [s for s, w in zip(plan.scales, plan.spec.widths) for _ in range(w)]
-        return torch.tensor(per_column, dtype=torch.float32, device=device)
+    def build():  # filled on the device (no host copy), static shapes under torch.compile
+        return torch.cat([torch.full((w,), s, dtype=torch.float32, device=device)
+                          for s, w in zip(plan.scales, plan.spec.widths)])
     if torch.compiler.is_compiling():
         return build()
     key = (plan.scales, plan.spec.widths, str(device))

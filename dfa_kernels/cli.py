@@ -15,9 +15,12 @@ def _info(args) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
+    found = info.pop("warnings")
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
+    for line in found:  # every fallback in effect, with its fix
+        print(f"WARNING: {line}")
 
 
 def _demo(args) -> None:

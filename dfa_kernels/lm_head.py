@@ -56,14 +56,17 @@ def _check(hidden, weight, target, bias, ignore_index):
     for name, t in (("weight", weight), ("target", target), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    valid = target[target != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
-        raise ValueError(f"target holds class indices outside [0, vocab = {weight.shape[0]}) "
-                         f"(ignore_index={ignore_index} marks rows to skip)")
+    # Checked on the device (no sync): a RuntimeError on a CPU, a device-side assert on a GPU (as
+    # F.cross_entropy's own check).
+    in_range = ((target >= 0) & (target < weight.shape[0])) | (target == ignore_index)
+    torch._assert_async(in_range.all(), f"linear_cross_entropy: target holds class indices outside [0, vocab = "
+                                        f"{weight.shape[0]}) (ignore_index={ignore_index} marks rows to skip)")
 
 
-def _ce_grad_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, inv_count: float) -> torch.Tensor:
-    """Per-row losses; logits [C, V] fp32 is overwritten with the gradient (softmax - onehot) * inv_count."""
+def _ce_grad_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                   inv_count: torch.Tensor) -> torch.Tensor:
+    """Per-row losses; logits [C, V] fp32 is overwritten with the gradient (softmax - onehot) * inv_count
+    (a 0-dim fp32 tensor on logits' device)."""
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
     lse = torch.logsumexp(logits, dim=1)
@@ -99,8 +102,9 @@ def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, ba
     ce_backend = resolve_ce_backend(backend, hidden.device)
     log.debug("dfa_kernels: linear_cross_entropy on %s, %d rows per chunk, cross-entropy by %s",
               hidden.device, chunk, ce_backend)
-    count = int((target != ignore_index).sum())
-    inv_count = 1.0 / count if count else 0.0
+    # The number of counted rows stays on the device (reading it would be a sync).
+    count = (target != ignore_index).sum()
+    inv_count = 1.0 / count.clamp(min=1).to(torch.float32)
     # 16-bit products in their own dtype on a GPU (tensor cores, fp32 accumulation); fp32 elsewhere.
     compute = hidden.dtype if hidden.is_cuda else torch.float32
     w = weight.to(compute)
@@ -132,7 +136,7 @@ def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, ba
         grad_weight += gc.T @ h  # per chunk in the compute dtype (as autocast's BP), summed in fp32
         if grad_bias is not None:
             grad_bias += g.sum(0)
-    loss = loss * inv_count if count else torch.full((), float("nan"), device=hidden.device)
+    loss = torch.where(count > 0, loss * inv_count, float("nan"))
     return (loss, grad_hidden, grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
 

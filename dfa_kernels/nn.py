@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .autograd import Capture, DFALinearCrossEntropy, DFAOutput, Plan, Record
+from .autograd import Capture, DFALinearCrossEntropy, DFAOutput, NonFiniteMonitor, Plan, Record
 from .feedback import FeedbackSpec
 
 MODES = ("dfa", "bp", "shallow")
@@ -53,7 +53,10 @@ class DFA(nn.Module):
     storage: "virtual" | "materialized" | "auto";  backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
     batch_dims: leading dims of y that index rows of the error (default: all but y's last); every
       point must start with the same dims; its width is the product of the rest.
-    check_finite: raise FloatingPointError when the error holds NaN/Inf (skipped under torch.compile).
+    check_finite: a backward whose error holds NaN/Inf sends no feedback (every gradient from the
+      DFA output is zeroed, so no layer moves), and the next forward raises FloatingPointError.
+      Checked on the device, without a host-device sync (skipped under torch.compile); on a GPU
+      the error may come a few steps late. ``dfa.nonfinite_steps`` counts such steps.
     error_dtype: the dtype the error e is projected in. "auto": bfloat16 when the forward ran under
       bf16 autocast (e is then fp32, as the final layers run in fp32, but the points are bf16: a
       16-bit projection runs on tensor cores and writes bf16 directly), else e's own dtype.
@@ -85,6 +88,7 @@ class DFA(nn.Module):
         self.batch_dims, self.check_finite, self.error_dtype = batch_dims, check_finite, error_dtype
         self.spec: FeedbackSpec | None = None
         self._points: list[Record] = []
+        self._nonfinite = NonFiniteMonitor()
         self._capture: Capture | None = None
 
     @classmethod
@@ -156,6 +160,7 @@ class DFA(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         points, self._points = self._points, []
+        self._check_nonfinite()
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"dfa(y) expects the output tensor; got {type(y).__name__}")
         if not points:
@@ -188,6 +193,7 @@ class DFA(nn.Module):
         from . import lm_head
 
         points, self._points = self._points, []
+        self._check_nonfinite()
         if not points:
             raise RuntimeError("dfa.linear_cross_entropy was called with no feedback point recorded")
         logits_shape = torch.empty(*hidden.shape[:-1], head.out_features, device="meta")
@@ -206,7 +212,18 @@ class DFA(nn.Module):
         kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
                       for r in points)
         return Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
-                     kinds, tuple(r.activation for r in points), self._error_dtype(device_type), self._capture)
+                    kinds, tuple(r.activation for r in points), self._error_dtype(device_type), self._nonfinite,
+                    self._capture)
+
+    def _check_nonfinite(self) -> None:
+        """Raise for the non-finite errors of earlier backwards that the host has seen (no sync)."""
+        if self.check_finite and not torch.compiler.is_compiling():
+            self._nonfinite.check()
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Backward passes whose error held NaN/Inf and sent no feedback (reading it syncs with the device)."""
+        return self._nonfinite.count()
 
     def _error_dtype(self, device_type: str) -> torch.dtype | None:
         if self.error_dtype != "auto":
@@ -286,7 +303,7 @@ class DFA(nn.Module):
         """The projection backend this module runs on `device` (what 'auto' picks)."""
         if self.spec is None:
             return ops.resolve_backend(self.backend, device)
-        storage = ops.resolve_storage(self.storage, self.spec)
+        storage = ops.resolve_storage(self.storage, self.spec, device)
         return ops.resolve_backend(self.backend, device, "project", storage, self.spec.out_features)
 
     def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:

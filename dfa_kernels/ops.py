@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,11 +24,28 @@ from .feedback import FeedbackSpec
 
 log = logging.getLogger("dfa_kernels")
 
+
+def _fallback_message(error: str) -> str:
+    """What a failed load of the compiled library means for the user, and the fix."""
+    if "undefined symbol" in error:
+        why = f"it was built against another torch than the one running ({torch.__version__})"
+    elif "No module named" in error:
+        why = "it was not built (an install without the compile step?)"
+    else:
+        why = "see the error"
+    return (f"dfa_kernels: the compiled library dfa_kernels._C failed to load ({error}): {why}. The 'cpu' and "
+            "'cuda' backends (and the Triton ops' schemas) are unavailable, so backend='auto' runs the plain-PyTorch "
+            "'torch' backend, far slower. Fix: rebuild it against this torch: `pip install --no-build-isolation "
+            "-e .` in a checkout, or `pip install --no-build-isolation --force-reinstall --no-deps dfa-kernels`; "
+            "`dfa-kernels info` shows the build.")
+
+
 try:  # loading the compiled library registers torch.ops.dfa_kernels.*
     from . import _C
     _C_ERROR = None
-except ImportError as err:  # visible in build_info() and in the error of any backend that needs it
+except ImportError as err:  # warned once here; in build_info(), `dfa-kernels info` and backend errors
     _C, _C_ERROR = None, f"{type(err).__name__}: {err}"
+    warnings.warn(_fallback_message(_C_ERROR), RuntimeWarning, stacklevel=2)
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
 STORAGES = ("virtual", "materialized", "auto")
@@ -181,13 +199,58 @@ def _triton_available(device_type: str) -> bool:
     return dk_triton.is_available(device_type)
 
 
+def _parse_arch(arch: str) -> tuple[int, int, bool, bool]:
+    """"9.0+PTX" -> (9, 0, ptx, arch-specific): TORCH_CUDA_ARCH_LIST's tokens ("9.0a" is arch-specific)."""
+    ptx = arch.endswith("+PTX")
+    version = arch.removesuffix("+PTX")
+    specific = version[-1:].isalpha()
+    major, minor = version.rstrip("abf").split(".")
+    return int(major), int(minor), ptx, specific
+
+
+def cuda_arch_problem(capability: tuple[int, int], archs) -> str | None:
+    """None when kernels compiled for `archs` run on a GPU of compute `capability`, else why not.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y (sm_90a on sm_90 only); PTX for compute_XY is
+    compiled by the driver for any newer GPU."""
+    major, minor = capability
+    for arch in archs:
+        M, m, ptx, specific = _parse_arch(arch)
+        if (M, m) == (major, minor) or (M == major and m <= minor and not specific) or (ptx and (M, m) <= capability):
+            return None
+    return (f"the CUDA kernels were compiled for {', '.join(archs) or 'no architecture'} "
+            f"(TORCH_CUDA_ARCH_LIST at build time), which cannot run on this GPU (compute capability "
+            f"{major}.{minor}): rebuild them for it, `TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install "
+            f"--no-build-isolation -e .`. Until then backend='auto' runs Triton (or torch) on it")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_check(index: int) -> str | None:
+    """cuda_arch_problem for GPU `index`, checked at its first use, and warned once."""
+    problem = cuda_arch_problem(torch.cuda.get_device_capability(index), _C.build_config()["cuda_archs"])
+    if problem:
+        warnings.warn(f"dfa_kernels: {torch.cuda.get_device_name(index)}: {problem}", RuntimeWarning, stacklevel=3)
+    return problem
+
+
+def _cuda_unavailable(device: torch.device) -> str | None:
+    """Why the 'cuda' backend cannot run on `device` (None: it can)."""
+    if _C is None:
+        return f"compiled library not loaded: {_C_ERROR}"
+    if not _C.build_config()["cuda_compiled"]:
+        return "dfa_kernels was built without its CUDA kernels (no nvcc at build time, or DFA_KERNELS_FORCE_CPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return _cuda_arch_check(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def available_backends(device="cpu") -> list[str]:
     """Backends that can run on `device`, fastest first ('auto' takes the first)."""
     device = torch.device(device)
     found = []
     if _C is not None and device.type == "cpu":
         found.append("cpu")
-    if _C is not None and device.type == "cuda" and _C.build_config()["cuda_compiled"]:
+    if device.type == "cuda" and _cuda_unavailable(device) is None:
         found.append("cuda")
     if _C is not None and device.type in ("cpu", "cuda") and _triton_available(device.type):  # needs the schemas
         found.append("triton")
@@ -236,6 +299,8 @@ def resolve_backend(backend: str, device, op: str | None = None, storage: str | 
     available = available_backends(device)
     if backend not in available:
         why = f" (compiled library not loaded: {_C_ERROR})" if _C is None and backend in ("cpu", "cuda") else ""
+        if backend == "cuda" and torch.device(device).type == "cuda" and _C is not None:
+            why = f" ({_cuda_unavailable(torch.device(device))})"
         raise RuntimeError(f"backend {backend!r} is not available on device {torch.device(device)}{why}; "
                            f"available there: {available}")
     return backend
@@ -291,13 +356,25 @@ def _check_col_scale(col_scale, width: int, device) -> None:
         raise ValueError(f"col_scale is on {col_scale.device} but e is on {device}")
 
 
-def resolve_storage(storage: str, spec: FeedbackSpec) -> str:
+def resolve_storage(storage: str, spec: FeedbackSpec, device=None, op: str = "project") -> str:
+    """The storage a call with `storage` uses. "auto": virtual when B would exceed 64 MiB (fp32);
+    otherwise what the device's measured table found faster for (op, shape class) when it has it
+    (bench_projection writes "storage|<op>|<class>"), else materialized (a stored B in the error's
+    dtype: cuBLAS on the tensor cores for 16-bit errors)."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGES))}; got {storage!r}")
-    if storage == "auto":
-        fits = spec.out_features * spec.total_width * 4 <= MATERIALIZE_LIMIT_BYTES
-        return "materialized" if fits else "virtual"
-    return storage
+    if storage != "auto":
+        return storage
+    if spec.out_features * spec.total_width * 4 > MATERIALIZE_LIMIT_BYTES:
+        return "virtual"
+    measured = None if device is None else _measured_storage(str(torch.device(device)), op, spec.out_features)
+    return measured or "materialized"
+
+
+@torch.compiler.assume_constant_result  # a file read: a constant of a traced graph, as _auto_backend
+def _measured_storage(device: str, op: str, out_features: int) -> str | None:
+    measured = backend_table(device_slug(device)).get(f"storage|{op}|{shape_class(out_features)}")
+    return measured if measured in ("virtual", "materialized") else None
 
 
 def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device="cpu",
@@ -320,15 +397,24 @@ _MATRIX_CACHE: collections.OrderedDict = collections.OrderedDict()
 _MATRIX_CACHE_SIZE = 8
 
 
-def cached_matrix(spec: FeedbackSpec, device, backend: str) -> torch.Tensor:
-    """fp32 B of `spec` on `device`, built once (least recently used of 8 evicted)."""
-    key = (spec.seed, spec.distribution, spec.density, spec.out_features, spec.total_width, str(device))
+def stored_dtype(e: torch.Tensor, backend: str) -> torch.dtype:
+    """The dtype a stored B is kept in for errors like `e`: e's own 16-bit dtype for the GPU
+    kernels (cuBLAS / tl.dot on the tensor cores read it as is, half the bytes; B rounded to it, as
+    the virtual tensor-core paths do), fp32 otherwise (the CPU kernels and the reference)."""
+    if e.device.type == "cuda" and backend in ("cuda", "triton") and e.dtype in (torch.float16, torch.bfloat16):
+        return e.dtype
+    return torch.float32
+
+
+def cached_matrix(spec: FeedbackSpec, device, backend: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """B of `spec` on `device` in `dtype`, built once (least recently used of 8 evicted)."""
+    key = (spec.seed, spec.distribution, spec.density, spec.out_features, spec.total_width, str(device), dtype)
     if torch.compiler.is_compiling():  # a traced graph builds B itself instead of reading a cache
-        return feedback_matrix(spec, torch.float32, device, backend)
+        return feedback_matrix(spec, dtype, device, backend)
     if key in _MATRIX_CACHE:
         _MATRIX_CACHE.move_to_end(key)
         return _MATRIX_CACHE[key]
-    B = feedback_matrix(spec, torch.float32, device, backend)
+    B = feedback_matrix(spec, dtype, device, backend)
     _MATRIX_CACHE[key] = B
     while len(_MATRIX_CACHE) > _MATRIX_CACHE_SIZE:
         _MATRIX_CACHE.popitem(last=False)
@@ -348,8 +434,9 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F = scale * (e @ B) [* col_scale]: e [N, out_features] -> F [N, spec.total_width].
 
-    storage="virtual" generates B in tiles inside the kernel (zero bytes of B); "materialized"
-    builds B once per (spec, device) and caches it; "auto" materializes while B is <= 64 MiB.
+    storage="virtual" generates B in tiles inside the kernel (zero bytes of B; the torch backend in
+    bounded blocks); "materialized" builds B once per (spec, device, dtype) and caches it; "auto"
+    picks per device (see resolve_storage), virtual above 64 MiB.
     Accumulates in fp32; returns out_dtype (default e.dtype). NaN/Inf in e propagate exactly as
     they do through ``e @ B`` (the DFA module checks its error before projecting).
     """
@@ -358,14 +445,14 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
     _check_col_scale(col_scale, width, e.device)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
-    storage = resolve_storage(storage, spec)
+    storage = resolve_storage(storage, spec, e.device, "project")
     backend = resolve_backend(backend, e.device, "project", storage, spec.out_features)
     if storage == "virtual":
         args = (e, spec.seed, spec.distribution, spec.density, width, float(scale), col_scale, out_dtype)
         if backend == "torch":
             return reference.project(*args)
         return _op(backend, "project")(*args)
-    B = cached_matrix(spec, e.device, backend)
+    B = cached_matrix(spec, e.device, backend, stored_dtype(e, backend))
     if backend == "torch":
         return reference.project_materialized(e, B, float(scale), col_scale, out_dtype)
     return _op(backend, "project_materialized")(e, B, float(scale), col_scale, out_dtype)
@@ -407,9 +494,9 @@ def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual"
                                                     act_inputs, activations, e.device)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
-    storage = resolve_storage(storage, spec)
+    storage = resolve_storage(storage, spec, e.device, "project_points")
     backend = resolve_backend(backend, e.device, "project_points", storage, spec.out_features)
-    B = cached_matrix(spec, e.device, backend) if storage == "materialized" else None
+    B = cached_matrix(spec, e.device, backend, stored_dtype(e, backend)) if storage == "materialized" else None
     args = (e, B, spec.seed, spec.distribution, spec.density, list(spec.offsets), list(spec.widths), scales,
             act_inputs, activations, out_dtype)
     if backend == "torch":
@@ -452,9 +539,27 @@ def _version(dist: str):
 
 
 def build_info() -> dict:
-    """Versions, what was compiled, and the backends available on each device."""
+    """Versions, what was compiled, the backends available on each device, and `warnings`: every
+    fallback in effect (the compiled library not loaded, a GPU its kernels cannot run on, cuBLAS
+    without the grouped GEMM), with its fix."""
     config = _C.build_config() if _C is not None else {}
+    runtime = _C.runtime_info() if _C is not None and hasattr(_C, "runtime_info") else {}
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
+    found = []
+    if _C is None:
+        found.append(_fallback_message(_C_ERROR))
+    cuda_checks = {}
+    for d in devices[1:]:
+        problem = _cuda_unavailable(torch.device(d))
+        cuda_checks[d] = problem or "ok"
+        if problem and _C is not None:
+            found.append(f"{d} ({torch.cuda.get_device_name(d)}): the 'cuda' backend cannot run: {problem}")
+    grouped = runtime.get("grouped_gemm")
+    if grouped and grouped.startswith("unavailable") and torch.cuda.is_available():
+        found.append(f"grouped_weight_grad (cuda): {grouped} (update cuBLAS, e.g. the nvidia-cublas wheel, to >= 12.5)")
+    if torch.cuda.is_available() and not _triton_available("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        found.append("Triton is not importable: the 'triton' backend (project_points on tensor cores, the LM head's "
+                     "cross-entropy kernel) is unavailable; pip install triton")
     return {
         "dfa_kernels": _version("dfa-kernels"),
         "torch": torch.__version__,
@@ -468,9 +573,12 @@ def build_info() -> dict:
         "openmp": config.get("openmp"),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda_arch_check": cuda_checks,
+        "grouped_gemm": grouped,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "backends": {d: available_backends(d) for d in devices},
         # the measured table backend="auto" reads on each device (None: first available backend)
         "backend_tables": {d: (f"{device_slug(d)}.json" if backend_table(device_slug(d)) else None)
                            for d in devices},
+        "warnings": found,
     }

@@ -102,11 +102,18 @@ def test_projection_rows_and_backend_table(tmp_path, tables):
     assert json.loads((tmp_path / "p.json").read_text())["rows"] == json.loads(json.dumps(rows))
     table = json.loads((tables / "cpu.json").read_text())
     assert set(table) >= {"device", "git_sha", "date", "choices", "times_ms"}
-    assert set(table["choices"]) == {f"{op}|{s}|{c}" for op in ("project", "project_points")
-                                     for s in ("virtual", "materialized") for c in ("narrow", "medium", "wide")}
-    assert set(table["choices"].values()) <= {"cpu", "torch"}
-    for key, choice in table["choices"].items():
-        assert choice in table["times_ms"][key]
+    classes = ("narrow", "medium", "wide")
+    backend_keys = {f"{op}|{s}|{c}" for op in ("project", "project_points") for s in ("virtual", "materialized")
+                    for c in classes}
+    storage_keys = {f"storage|{op}|{c}" for op in ("project", "project_points") for c in classes}
+    assert set(table["choices"]) == backend_keys | storage_keys
+    for key in backend_keys:
+        assert table["choices"][key] in {"cpu", "torch"} and table["choices"][key] in table["times_ms"][key]
+    out_features = {"narrow": 4, "medium": 100, "wide": 2000}
+    for key in storage_keys:  # what storage="auto" reads
+        _, op, cls = key.split("|")
+        assert table["choices"][key] in {"virtual", "materialized"}
+        assert ops.resolve_storage("auto", dk.FeedbackSpec(out_features[cls], [8]), "cpu", op) == table["choices"][key]
     assert ops.backend_table("cpu") == table["choices"]  # what backend="auto" reads
 
 
@@ -190,3 +197,24 @@ def test_suite_mirrors_into_a_checkout(tmp_path, tables):
     after = (root / "README.md").read_text()
     assert after.split(summary.START)[0] == before.split(summary.START)[0]
     assert "step_cpu_tiny" not in after  # smoke-test results stay out of the summary
+
+
+def test_pytest_benchmark_runs_the_suite_cases(tmp_path):
+    """`pytest benchmarks/ --benchmark-only` runs the projection suite's own cases (the tiniest
+    here), each with its ratio to the torch baseline in extra_info; plain `pytest` collects tests/."""
+    pytest.importorskip("pytest_benchmark")
+    import tomllib
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+    out = tmp_path / "bench.json"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--dfa-device", "cpu",
+                           "--dfa-size", "tiny", "--dfa-quick", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-max-time=0.002", "--benchmark-min-rounds=1", "--benchmark-warmup=off",
+                           f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = json.loads(out.read_text())["benchmarks"]
+    want = projection.cases("tiny", projection._compiled_backends(torch.device("cpu")), [torch.float32], quick=True)
+    assert sorted(b["param"] for b in found) == sorted(c.id for c in want)
+    assert {c.op for c in want} == {"project", "project_points"} and {c.storage for c in want} == {"virtual", "materialized"}
+    for b in found:
+        assert b["extra_info"]["ratio_vs_baseline"] > 0 and b["extra_info"]["baseline_ms"] > 0

@@ -179,13 +179,37 @@ def test_bad_points_and_changing_widths():
         dfa.point([1.0])
 
 
-def test_non_finite_error_raises_and_leaves_hidden_grads_untouched():
+def test_non_finite_error_sends_no_feedback_and_the_next_forward_raises():
+    """Checked on the device (no sync): the step's gradients from the DFA output are all zero,
+    counted; the next forward raises FloatingPointError, once; the run can go on after it."""
     model = MLP(dk.DFA())
     x = torch.randn(8, 6)
-    y = model(x)
+    (model(x) * float("nan")).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    assert model.dfa.nonfinite_steps == 1
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf \(1 so far\)"):
+        model(x)
+    model.zero_grad()
+    model(x).sum().backward()  # reported once: the next steps run
+    assert model.layers[0].weight.grad.abs().sum() > 0 and model.dfa.nonfinite_steps == 1
+    unchecked = MLP(dk.DFA(check_finite=False))
+    (unchecked(x) * float("nan")).sum().backward()
+    assert torch.isnan(unchecked.layers[0].weight.grad).all()
+    unchecked(x)
+
+
+def test_non_finite_loss_of_the_fused_head():
+    dfa = dk.DFA()
+    layer, head = nn.Linear(6, 8), nn.Linear(8, 5)
+    h = dfa.point(torch.relu(layer(torch.randn(4, 6))))
+    loss = dfa.linear_cross_entropy(h * float("inf"), head, torch.randint(0, 5, (4,)))
+    loss.backward()
+    assert not torch.isfinite(loss)
+    assert not layer.weight.grad.any() and not head.weight.grad.any()
+    dfa.point(torch.relu(layer(torch.randn(4, 6))))
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
-        (y * float("nan")).sum().backward()
-    assert all(layer.weight.grad is None for layer in model.layers[:-1])
+        dfa.linear_cross_entropy(h, head, torch.randint(0, 5, (4,)))
 
 
 def test_state_dict_holds_the_spec_not_the_matrix():

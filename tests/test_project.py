@@ -207,3 +207,55 @@ def test_materialized_matrices_are_cached_and_can_be_dropped():
     assert dk.ops.cached_matrix(spec, e.device, "torch") is dk.ops.cached_matrix(spec, e.device, "torch")
     assert dk.clear_matrix_cache() == 1 and dk.clear_matrix_cache() == 0
     torch.testing.assert_close(dk.project(e, spec, storage="materialized", backend="torch"), first)
+
+
+def test_storage_auto_follows_the_measured_table(monkeypatch, tmp_path):
+    """storage="auto": virtual above 64 MiB; else the device's measured choice per op and shape
+    class when there is one; else materialized."""
+    (tmp_path / "cpu.json").write_text('{"choices": {"storage|project|medium": "virtual", '
+                                       '"storage|project_points|narrow": "materialized"}}')
+    monkeypatch.setattr(dk.ops, "BACKEND_TABLES", tmp_path)
+    dk.ops.backend_table.cache_clear()
+    try:
+        medium, narrow = dk.FeedbackSpec(100, [256]), dk.FeedbackSpec(4, [256])
+        assert dk.ops.resolve_storage("auto", medium, "cpu") == "virtual"
+        assert dk.ops.resolve_storage("auto", medium, "cpu", "project_points") == "materialized"  # not measured
+        assert dk.ops.resolve_storage("auto", narrow, "cpu", "project_points") == "materialized"
+        assert dk.ops.resolve_storage("auto", medium) == "materialized"  # no device: no table
+        assert dk.ops.resolve_storage("materialized", medium, "cpu") == "materialized"
+    finally:
+        dk.ops.backend_table.cache_clear()
+
+
+def test_stored_B_in_the_error_dtype_on_gpu_kernels_only():
+    e16 = torch.randn(2, 3, dtype=torch.bfloat16)
+    assert dk.ops.stored_dtype(e16, "cpu") == torch.float32  # the CPU kernels compute in fp32
+    assert dk.ops.stored_dtype(e16, "torch") == torch.float32
+    meta = torch.empty(2, 3, dtype=torch.bfloat16, device="meta")
+    assert dk.ops.stored_dtype(meta, "cuda") == torch.float32  # only CUDA tensors
+    if torch.cuda.is_available():
+        assert dk.ops.stored_dtype(e16.cuda(), "cuda") == torch.bfloat16
+
+
+def test_torch_backend_virtual_B_in_bounded_blocks(monkeypatch):
+    """The torch backend honours storage="virtual": B is generated block by block (never [K, D]
+    whole, nor its int64 hash temporaries), and the product equals the one with B materialized."""
+    from dfa_kernels import reference
+    monkeypatch.setattr(reference, "BLOCK_ENTRIES", 64 * 32)
+    largest = []
+    generate = reference.feedback_matrix
+
+    def recording(seed, distribution, rows, cols, *args, **kwargs):
+        largest.append(rows * cols)
+        return generate(seed, distribution, rows, cols, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "feedback_matrix", recording)
+    spec = dk.FeedbackSpec(100, [70, 130], seed=4, distribution="rademacher")
+    e = torch.randn(9, 100)
+    got = dk.project(e, spec, "virtual", "torch", scale=0.5)
+    want = (e @ generate(4, "rademacher", 100, 200)) * 0.5
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert max(largest) <= 64 * 32 and len(largest) > 1
+    points = dk.ops.project_points(e, spec, "virtual", "torch", scales=[1.0, 1.0])
+    torch.testing.assert_close(torch.cat(points, 1), want * 2, atol=1e-5, rtol=1e-5)
+    assert max(largest) <= 64 * 32

@@ -270,3 +270,28 @@ def test_is_available():
     assert dkt.is_available(DEVICE)
     assert not dkt.is_available("cpu" if DEVICE == "cuda" else "cuda")
     assert not dkt.is_available("mps")
+
+
+def test_device_tables_are_written_by_a_kernel():
+    """Per-launch tables go to the device as kernel arguments (no host copy), 256 values a launch."""
+    from dfa_kernels.triton.tables import cached_table, device_table
+    values = [2**40 + 3, -5, 1, 0] + list(range(300))
+    assert device_table(values, torch.int64, DEVICE).tolist() == values
+    scales = [0.5, -1.25, 3.0]
+    assert device_table(scales, torch.float32, DEVICE).tolist() == scales
+    assert cached_table(scales, torch.float32, DEVICE) is cached_table(scales, torch.float32, DEVICE)
+
+
+def test_grouped_weight_grad_split_over_rows():
+    """The split-K path (rows split over the grid, summed from an fp32 workspace) gives the same
+    result as one pass; uneven row counts and splits that get no rows of a short layer."""
+    from dfa_kernels.triton.grouped_gemm import grouped_weight_grad
+    for shapes in ([(70, 5, 9), (3, 33, 17), (129, 16, 16)],  # (N, out, in)
+                   [(40, 16, 32), (9, 32, 16)]):  # every width a multiple of 16: the alignment hints
+        grads = [torch.randn(n, o, device=DEVICE) for n, o, _ in shapes]
+        inputs = [torch.randn(n, i, device=DEVICE) for n, _, i in shapes]
+        want = reference.grouped_weight_grad(grads, inputs)
+        for splits in (1, 3):
+            got = grouped_weight_grad(grads, inputs, splits=splits)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

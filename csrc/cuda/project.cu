@@ -3,26 +3,33 @@
 //
 // Virtual projection F[N, W] = scale * (e @ B) * col_scale, one of three kernels by shape:
 //   * out_features K <= 16: the narrow kernel (an outer product, bound by writing F);
-//   * fp16/bf16 e on sm_80+ with enough 128 x 128 tiles to fill the GPU: tensor cores (WMMA);
+//   * fp16/bf16 e on sm_80+: tensor cores (WMMA); e is copied to a row stride that is a multiple of
+//     8 when K is not (GPT-2's 50257), so its rows load as 16-byte vectors;
 //   * otherwise the SIMT GEMM tile of cuda_common.cuh (fp32 FMAs, any dtype). Consecutive blocks
-//     share a row block, so its e tiles are reused from L2. When the tile grid cannot fill the GPU
-//     (small N and width, long K), K is split over gridDim.z into an fp32 workspace [splits, N, W]
-//     that a second kernel sums in a fixed order (deterministic).
-// Materialized projection: the narrow kernel reading B for K <= 16, else cuBLAS (fp32) + epilogue.
+//     share a row block, so its e tiles are reused from L2.
+//   Both GEMM kernels split K over gridDim.z when the tile grid cannot fill the GPU (small N and
+//   width, long K), into an fp32 workspace [splits, N, W] that a second kernel sums in a fixed
+//   order (deterministic).
+// Materialized projection: the narrow kernel reading B for K <= 16; else cuBLAS: for fp16/bf16 e
+// in e's dtype on the tensor cores (B stored in that dtype; fp32 accumulation, the scale applied by
+// cuBLAS), for fp32 e in fp32 (TF32 as torch's matmul setting says); then the epilogue if needed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 
 #include "dfa_kernels/checks.h"
@@ -39,7 +46,8 @@ struct ProjectParams {
   float* partial;          // split-K: [gridDim.z, N, W] raw fp32 sums, else nullptr
   const float* col_scale;  // [W] or nullptr
   int64_t N, K, W;
-  int64_t k_per_split;     // multiple of kSimtBK
+  int64_t lde;             // tensor-core path: row stride of e (K, or K padded to a multiple of 8)
+  int64_t k_per_split;     // multiple of the kernel's K step (kSimtBK, kTcBK)
   int64_t col_blocks;
   float scale;
   uint32_t skey, threshold;
@@ -156,14 +164,18 @@ __global__ void __launch_bounds__(kSimtThreads) project_tc_kernel(const ProjectP
   const int wm = warp / 4, wn = warp % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.col_blocks) * kTcBM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x % p.col_blocks) * kTcBN;
+  // Split-K: this block's rows of B, [k_begin, k_end); k_per_split is a multiple of kTcBK, so only
+  // the last split's last step reaches past K (masked by K below).
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
+  const int64_t k_end = std::min(p.K, k_begin + p.k_per_split);
 
   const int a_row = tid / 2, a_k = (tid % 2) * 16;
   const int64_t ar = row0 + a_row;
-  const uint16_t* e_row = static_cast<const uint16_t*>(p.e) + ar * p.K;
+  const uint16_t* e_row = static_cast<const uint16_t*>(p.e) + ar * p.lde;
   uint4 a_reg[2];
   auto fetch_a = [&](int64_t k0) {
     const int64_t k = k0 + a_k;
-    if (p.e_vec16 && ar < p.N && k + 16 <= p.K) {
+    if (p.e_vec16 && ar < p.N && k + 16 <= p.lde) {
       a_reg[0] = *reinterpret_cast<const uint4*>(e_row + k);
       a_reg[1] = *reinterpret_cast<const uint4*>(e_row + k + 8);
     } else {
@@ -222,15 +234,15 @@ __global__ void __launch_bounds__(kSimtThreads) project_tc_kernel(const ProjectP
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
-  const int64_t num_tiles = ceil_div(p.K, kTcBK);
-  fetch_a(0);
-  gen_b(0);
+  const int64_t num_tiles = ceil_div(k_end - k_begin, kTcBK);
+  fetch_a(k_begin);
+  gen_b(k_begin);
   store(0);
   __syncthreads();
   for (int64_t t = 0; t < num_tiles; ++t) {
     const int cur = static_cast<int>(t & 1);
     const bool has_next = t + 1 < num_tiles;
-    if (has_next) fetch_a((t + 1) * kTcBK);
+    if (has_next) fetch_a(k_begin + (t + 1) * kTcBK);
 #pragma unroll
     for (int kk = 0; kk < kTcBK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[4];
@@ -250,13 +262,15 @@ __global__ void __launch_bounds__(kSimtThreads) project_tc_kernel(const ProjectP
       }
     }
     if (has_next) {
-      gen_b((t + 1) * kTcBK);
+      gen_b(k_begin + (t + 1) * kTcBK);
       store(cur ^ 1);  // last read before the previous barrier
     }
     __syncthreads();
   }
 
-  // The loop ended with a barrier, so the staging buffer may overwrite the tiles.
+  // The loop ended with a barrier, so the staging buffer may overwrite the tiles. Split-K writes
+  // raw fp32 sums into its slice of the workspace; the reduction applies scale and col_scale.
+  float* partial = p.partial != nullptr ? p.partial + static_cast<int64_t>(blockIdx.z) * p.N * p.W : nullptr;
   float* stage = &sm.C[warp][0][0];
   const int r = lane / 2, cc = (lane % 2) * 8;
   const bool vec = (p.W % 4) == 0;
@@ -274,11 +288,17 @@ __global__ void __launch_bounds__(kSimtThreads) project_tc_kernel(const ProjectP
           const int n = static_cast<int>(std::min<int64_t>(4, p.W - c));
           float v[4];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            v[q] = stage[r * kTcLdC + cc + 4 * h + q] * p.scale;
-            if (p.col_scale != nullptr && q < n) v[q] *= p.col_scale[c + q];
+          for (int q = 0; q < 4; ++q) v[q] = stage[r * kTcLdC + cc + 4 * h + q];
+          if (partial != nullptr) {
+            store4(partial, gr * p.W + c, v, n, vec && n == 4, FpKind::F32);
+          } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              v[q] *= p.scale;
+              if (p.col_scale != nullptr && q < n) v[q] *= p.col_scale[c + q];
+            }
+            store4(p.out, gr * p.W + c, v, n, vec && n == 4, p.out_kind);
           }
-          store4(p.out, gr * p.W + c, v, n, vec && n == 4, p.out_kind);
         }
       }
       __syncwarp();
@@ -454,19 +474,36 @@ at::Tensor project_cuda(const at::Tensor& e, int64_t seed, c10::string_view dist
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const int64_t sms = props->multiProcessorCount;
-  // Tensor cores for 16-bit e on sm_80+ when the 128 x 128 tiles fill the GPU; otherwise the SIMT
-  // kernel, which can also split K.
-  const int64_t tc_tiles = ceil_div(N, kTcBM) * ceil_div(W, kTcBN);
-  if (p.in_kind != FpKind::F32 && props->major >= 8 && tc_tiles >= sms) {
+  // Tensor cores for 16-bit e on sm_80+ (split over K when the 128 x 128 tiles cannot fill the GPU);
+  // otherwise the SIMT kernel.
+  if (p.in_kind != FpKind::F32 && props->major >= 8) {
+    const int64_t tc_tiles = ceil_div(N, kTcBM) * ceil_div(W, kTcBN);
     TORCH_CHECK(tc_tiles <= INT32_MAX, "project: output too large for one launch (", N, " x ", W, ")");
+    at::Tensor e_padded;  // rows at a multiple of 8 entries (16 bytes): vector loads
+    p.lde = K;
+    if (K % 8 != 0) {
+      p.lde = ceil_div(K, 8) * 8;
+      e_padded = at::zeros({N, p.lde}, e.options());
+      e_padded.narrow(1, 0, K).copy_(e);
+      p.e = e_padded.const_data_ptr();
+    }
+    p.e_vec16 = reinterpret_cast<uintptr_t>(p.e) % 16 == 0;
     p.col_blocks = ceil_div(W, kTcBN);
-    p.e_vec16 = K % 8 == 0 && reinterpret_cast<uintptr_t>(p.e) % 16 == 0;
+    int64_t splits = 1;
+    p.k_per_split = plan_split_k(tc_tiles, K, sms, &splits, kTcBK);
+    at::Tensor partial;
+    if (splits > 1) {
+      partial = at::empty({splits, N, W}, e.options().dtype(at::kFloat));
+      p.partial = partial.data_ptr<float>();
+    }
+    const dim3 grid(static_cast<unsigned>(tc_tiles), 1, static_cast<unsigned>(splits));
     if (p.in_kind == FpKind::F16) {
-      project_tc_kernel<__half><<<static_cast<unsigned>(tc_tiles), kSimtThreads, 0, stream>>>(p);
+      project_tc_kernel<__half><<<grid, kSimtThreads, 0, stream>>>(p);
     } else {
-      project_tc_kernel<__nv_bfloat16><<<static_cast<unsigned>(tc_tiles), kSimtThreads, 0, stream>>>(p);
+      project_tc_kernel<__nv_bfloat16><<<grid, kSimtThreads, 0, stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) launch_epilogue(partial, static_cast<int>(splits), out, p.scale, p.col_scale, stream);
     return out;
   }
 
@@ -486,6 +523,22 @@ at::Tensor project_cuda(const at::Tensor& e, int64_t seed, c10::string_view dist
   launch_project(p, tm, grid, stream);
   if (splits > 1) launch_epilogue(partial, static_cast<int>(splits), out, p.scale, p.col_scale, stream);
   return out;
+}
+
+// out [N, W] (row-major, fp32 or e's dtype) = alpha * e [N, K] @ B [K, W] for 16-bit e and B of e's
+// dtype, by cublasGemmEx with fp32 compute: column-major, out^T [W, N] = B^T [W, K] @ e^T [K, N].
+void gemm_rowmajor_16bit(const at::Tensor& e, const at::Tensor& B, const at::Tensor& out, float alpha) {
+  const int64_t N = e.size(0), K = e.size(1), W = B.size(1);
+  TORCH_CHECK(N <= INT_MAX && K <= INT_MAX && W <= INT_MAX && B.stride(0) <= INT_MAX,
+              "project_materialized: shape above cuBLAS's 32-bit limit: e ", e.sizes(), ", B ", B.sizes());
+  const cudaDataType_t in = e.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+  const cudaDataType_t c = out.scalar_type() == at::kFloat ? CUDA_R_32F : in;
+  const float beta = 0.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_N, CUBLAS_OP_N,
+                                    static_cast<int>(W), static_cast<int>(N), static_cast<int>(K), &alpha,
+                                    B.const_data_ptr(), in, static_cast<int>(B.stride(0)), e.const_data_ptr(), in,
+                                    static_cast<int>(K), &beta, out.data_ptr(), c, static_cast<int>(W),
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 at::Tensor project_materialized_cuda(const at::Tensor& e, const at::Tensor& B, double scale,
@@ -508,11 +561,25 @@ at::Tensor project_materialized_cuda(const at::Tensor& e, const at::Tensor& B, d
                   at::cuda::getCurrentCUDAStream());
     return out;
   }
-  const at::Tensor acc = at::mm(e.to(at::kFloat), B.to(at::kFloat));  // cuBLAS, fp32
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (e.scalar_type() != at::kFloat) {
+    // Tensor cores: cuBLAS in e's dtype with fp32 accumulation, scale as alpha. B in another dtype
+    // (the Python wrappers cache it in e's) is converted here, a pass over B per call.
+    const at::Tensor Bc = B.scalar_type() == e.scalar_type() && B.stride(1) == 1 && B.stride(0) >= W
+                              ? B : B.to(e.scalar_type()).contiguous();
+    // Written by cuBLAS directly when no col_scale is left and cuBLAS can write the dtype (fp32 or e's).
+    const bool direct = !col_scale.has_value() && (out_type == at::kFloat || out_type == e.scalar_type());
+    at::Tensor out = at::empty({N, W}, e.options().dtype(direct ? out_type : at::kFloat));
+    gemm_rowmajor_16bit(e, Bc, out, direct ? static_cast<float>(scale) : 1.0f);
+    if (direct) return out;
+    at::Tensor final_out = out_type == at::kFloat ? out : at::empty({N, W}, e.options().dtype(out_type));
+    launch_epilogue(out, 1, final_out, static_cast<float>(scale), col_scale_ptr(col_scale, cs_holder), stream);
+    return final_out;
+  }
+  const at::Tensor acc = at::mm(e, B.to(at::kFloat));  // cuBLAS, fp32 (TF32 if torch allows it)
   if (out_type == at::kFloat && scale == 1.0 && !col_scale.has_value()) return acc;
   at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
-  launch_epilogue(acc, 1, out, static_cast<float>(scale), col_scale_ptr(col_scale, cs_holder),
-                  at::cuda::getCurrentCUDAStream());
+  launch_epilogue(acc, 1, out, static_cast<float>(scale), col_scale_ptr(col_scale, cs_holder), stream);
   return out;
 }
 

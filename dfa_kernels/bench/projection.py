@@ -20,6 +20,7 @@ measured is listed under "skipped", what raised under "failed" (the run goes on)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import traceback
@@ -85,6 +86,132 @@ def _compiled_backends(device) -> list[str]:
     return [b for b in available_backends(device) if not (b == "triton" and device.type == "cpu")]
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement: the op on one shape, dtype, backend, storage and distribution. The suite
+    (``dfa-kernels bench``) and the pytest-benchmark microbenchmarks (``benchmarks/``) run the same
+    list, from :func:`cases`."""
+    op: str                    # "project" | "project_points"
+    shape: str                 # a key of SHAPES (project) or POINTS (project_points)
+    N: int
+    out_features: int
+    widths: tuple[int, ...]    # (D,) for project; every point's width for project_points
+    activations: tuple[str, ...] | None  # project_points: one per point
+    dtype: str
+    backend: str
+    storage: str
+    distribution: str = "uniform"
+    sweep: bool = False
+
+    @property
+    def id(self) -> str:
+        shape = f"{self.shape}-N{self.N}" if self.sweep else self.shape
+        return f"{self.op}-{shape}-{self.dtype}-{self.backend}-{self.storage}-{self.distribution}"
+
+
+def backend_storages(backend: str) -> tuple[str, ...]:
+    """Storages timed for a backend: the torch reference only with a stored B (with virtual B it
+    generates B from the int64 hash, a correctness tool)."""
+    return ("materialized",) if backend == "torch" else ("materialized", "virtual")
+
+
+def cases(size: str, backends, dtypes, quick: bool = False) -> list[Case]:
+    """Every case of the suite in priority order: uniform B at every shape and project_points in
+    the first dtype (the backend table's basis), the medium project_points and every shape in the
+    other dtypes (the LM's error is fp32 under bf16 autocast), the N sweeps, then the other
+    distributions. quick: three shapes, uniform B, no sweeps."""
+    shapes = {k: v for k, v in SHAPES[size].items() if not quick or k in QUICK}
+    points = {k: v for k, v in POINTS[size].items() if not quick or k in QUICK_POINTS}
+    dtypes = [_dtname(d) for d in dtypes]
+    first, rest = dtypes[0], dtypes[1:]
+    found = []
+
+    def uniform(dt, classes):
+        for name, (N, K, D) in shapes.items():
+            for b in backends:
+                for storage in backend_storages(b):
+                    found.append(Case("project", name, N, K, (D,), None, dt, b, storage))
+        for cls, (N, K, widths, acts) in points.items():
+            if cls in classes:
+                for b in backends:
+                    for storage in backend_storages(b):
+                        found.append(Case("project_points", cls, N, K, tuple(widths), tuple(acts), dt, b, storage))
+
+    uniform(first, tuple(points))
+    for dt in rest:
+        uniform(dt, ("medium",))
+    for name, Ns in (SWEEP[size].items() if not quick else ()):
+        _, K, D = SHAPES[size][name]
+        for N in Ns:
+            for b in backends:
+                for storage in backend_storages(b):
+                    found.append(Case("project", name, N, K, (D,), None, first, b, storage, sweep=True))
+    for dist in DISTRIBUTIONS[1:] if not quick else ():
+        for name, (N, K, D) in shapes.items():
+            for b in backends:
+                if b != "torch":
+                    found.append(Case("project", name, N, K, (D,), None, first, b, "virtual", dist))
+    return found
+
+
+class Inputs:
+    """The tensors of a case (seeded), its callable and its baseline: for project,
+    ``(torch.mm(e, B) * scale).to(dtype)`` on a stored B of e's dtype; for project_points, one
+    project with per-column scales, the slices and autograd's activation backward in torch."""
+
+    def __init__(self, case: Case, device):
+        self.case, self.device = case, torch.device(device)
+        dt = getattr(torch, case.dtype)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        self.e = torch.randn(case.N, case.out_features, generator=g, device=self.device, dtype=dt)
+        if case.op == "project":
+            self.spec = FeedbackSpec(case.out_features, list(case.widths), distribution=case.distribution)
+            return
+        self.spec = FeedbackSpec(case.out_features, list(case.widths), distribution=case.distribution)
+        self.pre = [torch.randn(case.N, w, generator=g, device=self.device, dtype=dt) if a != "none" else None
+                    for w, a in zip(case.widths, case.activations)]
+        self.post = [None if a == "none" else reference.activation(p, a) for p, a in zip(self.pre, case.activations)]
+        self.scales = self.spec.scales()
+        self.col_scale = torch.cat([torch.full((w,), s, dtype=torch.float32, device=self.device)
+                                    for s, w in zip(self.scales, case.widths)])
+
+    def fn(self):
+        """The measured call."""
+        c, e, spec = self.case, self.e, self.spec
+        if c.op == "project":
+            return lambda: project(e, spec, c.storage, c.backend, scale=0.5)
+        return lambda: project_points(e, spec, c.storage, c.backend, scales=self.scales, act_inputs=self.pre,
+                                      activations=list(c.activations))
+
+    def baseline(self):
+        """What the measured call is compared with (ratio = baseline time / its time)."""
+        c, e, spec = self.case, self.e, self.spec
+        if c.op == "project":
+            B = cached_matrix(FeedbackSpec(c.out_features, list(c.widths)), self.device,
+                              "torch" if c.backend == "torch" else c.backend).to(e.dtype)
+            return lambda: (torch.mm(e, B) * 0.5).to(e.dtype)
+
+        def unfused():  # what DFA's plain points cost: one projection, slices, autograd's activation backward
+            F_all = project(e, spec, c.storage, c.backend, col_scale=self.col_scale)
+            return [_activation_backward(F_all[:, o:o + w], a, y, act)
+                    for o, w, a, y, act in zip(spec.offsets, c.widths, self.pre, self.post, c.activations)]
+        return unfused
+
+    def rates(self, ms: float) -> tuple[float, float]:
+        """(TFLOP/s, GB/s) of the measured call taking `ms`: 2NKD flops (D the union of the
+        columns: one product for points that share them); e read, the outputs written, a stored B
+        read (fp32 or e's dtype: ops.stored_dtype), pre-activations read."""
+        c = self.case
+        D = self.spec.total_width
+        es = _bytes(self.e.dtype)
+        b_bytes = _bytes(ops.stored_dtype(self.e, c.backend)) if c.storage == "materialized" else 0
+        tf, gb = _rates(c.N, c.out_features, D, ms, self.e.dtype, b_bytes)
+        if c.op == "project_points":
+            gb += (sum(c.N * w * es for w in c.widths) - c.N * D * es
+                   + sum(c.N * w * es for w, a in zip(c.widths, c.activations) if a != "none")) / ms / 1e6
+        return tf, gb
+
+
 class _Run:
     def __init__(self, device, deadline: Deadline, quick: bool, progress: bool, size: str):
         self.device, self.deadline, self.quick, self.progress, self.size = device, deadline, quick, progress, size
@@ -94,125 +221,45 @@ class _Run:
         self.skipped: list[str] = []
         self.failed: list[str] = []
         self.baselines: dict = {}
-        self.inputs: dict = {}
 
     def time(self, fn) -> float:
         return time_ms(fn, self.device, **self.timing)
 
-    def storages(self, backend):
-        return ("materialized",) if backend == "torch" else ("materialized", "virtual")
-
-    # ------------------------------------------------------------ project
-    def _e(self, N, K, dt):
-        key = (N, K, dt)
-        if key not in self.inputs:
-            self.inputs.clear()  # one shape's inputs at a time (the largest is ~1 GB)
-            g = torch.Generator(device=self.device).manual_seed(0)
-            self.inputs[key] = torch.randn(N, K, generator=g, device=self.device, dtype=dt)
-        return self.inputs[key]
-
-    def baseline(self, name, N, K, D, dt, sweep):
-        key = (name, N, K, D, dt, sweep)
-        if key not in self.baselines:
-            e = self._e(N, K, dt)
-            B = cached_matrix(FeedbackSpec(K, [D]), self.device, self.backends[0]).to(dt)
-            ms = self.time(lambda: (torch.mm(e, B) * 0.5).to(dt))
-            del B
-            self.baselines[key] = ms
-            tf, gb = _rates(N, K, D, ms, dt, _bytes(dt))
-            self.rows.append({**self.common(name, N, K, D, dt, sweep), "impl": "torch.mm", "op": "project",
-                              "storage": "materialized", "distribution": "uniform", "ms": ms, "tflops": tf,
-                              "gbps": gb, "ratio_vs_mm": 1.0})
-        return self.baselines[key]
-
     @staticmethod
-    def common(name, N, K, D, dt, sweep):
-        return {"shape": name, "N": N, "out_features": K, "D": D, "dtype": _dtname(dt),
-                "sweep": sweep, "bound": "memory" if K <= 16 else "compute", "shape_class": shape_class(K)}
+    def common(case: Case) -> dict:
+        K = case.out_features
+        D = case.widths[0] if case.op == "project" else FeedbackSpec(K, list(case.widths)).total_width
+        shape = case.shape if case.op == "project" else f"points_{case.shape}"
+        return {"shape": shape, "N": case.N, "out_features": K, "D": D, "dtype": case.dtype, "sweep": case.sweep,
+                "bound": "memory" if K <= 16 else "compute", "shape_class": shape_class(K)}
 
-    def project_row(self, name, N, K, D, dt, sweep, backend, storage, dist):
-        base = self.baseline(name, N, K, D, dt, sweep)
-        e = self._e(N, K, dt)
-        spec = FeedbackSpec(K, [D], distribution=dist)
-        ms = self.time(lambda: project(e, spec, storage, backend, scale=0.5))
-        tf, gb = _rates(N, K, D, ms, dt, 4 if storage == "materialized" else 0)  # stored B is fp32
-        self.rows.append({**self.common(name, N, K, D, dt, sweep), "impl": backend, "op": "project",
-                          "storage": storage, "distribution": dist, "ms": ms, "tflops": tf, "gbps": gb,
-                          "ratio_vs_mm": base / ms})
+    def run_case(self, case: Case) -> None:
+        inputs = Inputs(case, self.device)
+        if case.op == "project":
+            key = (case.shape, case.N, case.out_features, case.widths, case.dtype, case.sweep)
+            if key not in self.baselines:  # one torch.mm row per shape and dtype
+                ms = self.time(inputs.baseline())
+                self.baselines[key] = ms
+                tf, gb = _rates(case.N, case.out_features, case.widths[0], ms, inputs.e.dtype, _bytes(inputs.e.dtype))
+                self.rows.append({**self.common(case), "impl": "torch.mm", "op": "project", "storage": "materialized",
+                                  "distribution": "uniform", "ms": ms, "tflops": tf, "gbps": gb, "ratio_vs_mm": 1.0})
+            ms = self.time(inputs.fn())
+            tf, gb = inputs.rates(ms)
+            self.rows.append({**self.common(case), "impl": case.backend, "op": "project", "storage": case.storage,
+                              "distribution": case.distribution, "ms": ms, "tflops": tf, "gbps": gb,
+                              "ratio_vs_mm": self.baselines[key] / ms})
+            return
+        t_fused, t_unfused = self.time(inputs.fn()), self.time(inputs.baseline())
+        tf, gb = inputs.rates(t_fused)
+        self.rows.append({**self.common(case), "points": len(case.widths), "activations": sorted(set(case.activations)),
+                          "impl": case.backend, "op": "project_points", "storage": case.storage,
+                          "distribution": case.distribution, "ms": t_fused, "unfused_ms": t_unfused, "tflops": tf,
+                          "gbps": gb, "ratio_vs_unfused": t_unfused / t_fused})
 
-    # ------------------------------------------------------------ project_points
-    def points_rows(self, cls, N, K, widths, acts, dt, backend):
-        spec = FeedbackSpec(K, widths)
-        self.inputs.clear()
-        g = torch.Generator(device=self.device).manual_seed(0)
-        e = torch.randn(N, K, generator=g, device=self.device, dtype=dt)
-        pre = [torch.randn(N, w, generator=g, device=self.device, dtype=dt) if a != "none" else None
-               for w, a in zip(widths, acts)]
-        outs = [None if a == "none" else reference.activation(p, a) for p, a in zip(pre, acts)]
-        scales = spec.scales()
-        col_scale = torch.tensor([s for s, w in zip(scales, widths) for _ in range(w)], dtype=torch.float32,
-                                 device=self.device)
-        D = spec.total_width
-        for storage in self.storages(backend):
-            def unfused():  # what DFA's plain points cost: one projection, slices, autograd's activation backward
-                F_all = project(e, spec, storage, backend, col_scale=col_scale)
-                return [_activation_backward(F_all[:, o:o + w], a, y, act)
-                        for o, w, a, y, act in zip(spec.offsets, widths, pre, outs, acts)]
-
-            def fused():
-                return project_points(e, spec, storage, backend, scales=scales, act_inputs=pre,
-                                      activations=list(acts))
-            t_fused, t_unfused = self.time(fused), self.time(unfused)
-            tf, gb = _rates(N, K, D, t_fused, dt, 4 if storage == "materialized" else 0)
-            gb += sum(N * w * _bytes(dt) for w, a in zip(widths, acts) if a != "none") / t_fused / 1e6
-            self.rows.append({**self.common(f"points_{cls}", N, K, D, dt, False), "points": len(widths),
-                              "activations": sorted(set(acts)), "impl": backend, "op": "project_points",
-                              "storage": storage, "distribution": "uniform", "ms": t_fused,
-                              "unfused_ms": t_unfused, "tflops": tf, "gbps": gb,
-                              "ratio_vs_unfused": t_unfused / t_fused})
-
-    # ------------------------------------------------------------ plan
     def jobs(self, dtypes):
-        """(description, callable) in priority order: uniform B at every shape and project_points
-        in the first dtype (the backend table's basis), the same in the other dtypes (the LM's error
-        is fp32 under bf16 autocast), the N sweeps, then the other distributions."""
-        kind = self.size
-        shapes = {k: v for k, v in SHAPES[kind].items() if not self.quick or k in QUICK}
-        points = {k: v for k, v in POINTS[kind].items() if not self.quick or k in QUICK_POINTS}
-        first, rest = dtypes[0], dtypes[1:]
-        jobs = []
-
-        def add(desc, fn, *args):
-            jobs.append((desc, lambda: fn(*args)))
-
-        def uniform(dt, classes):
-            for name, (N, K, D) in shapes.items():
-                for b in self.backends:
-                    for storage in self.storages(b):
-                        add(f"project {name} {_dtname(dt)} {b} {storage} uniform", self.project_row,
-                            name, N, K, D, dt, False, b, storage, "uniform")
-            for cls, (N, K, widths, acts) in points.items():
-                if cls in classes:
-                    for b in self.backends:
-                        add(f"project_points {cls} {_dtname(dt)} {b}", self.points_rows, cls, N, K, widths, acts, dt, b)
-
-        uniform(first, tuple(points))
-        for dt in rest:
-            uniform(dt, ("medium",))
-        for name, Ns in (SWEEP[kind].items() if not self.quick else ()):
-            _, K, D = SHAPES[kind][name]
-            for N in Ns:
-                for b in self.backends:
-                    for storage in self.storages(b):
-                        add(f"sweep {name} N={N} {_dtname(first)} {b} {storage}", self.project_row,
-                            name, N, K, D, first, True, b, storage, "uniform")
-        for dist in DISTRIBUTIONS[1:] if not self.quick else ():
-            for name, (N, K, D) in shapes.items():
-                for b in self.backends:
-                    if b != "torch":
-                        add(f"project {name} {_dtname(first)} {b} virtual {dist}", self.project_row,
-                            name, N, K, D, first, False, b, "virtual", dist)
-        return jobs
+        """(description, callable) for every case, in cases()' priority order."""
+        return [(case.id, lambda case=case: self.run_case(case))
+                for case in cases(self.size, self.backends, dtypes, self.quick)]
 
 
 def _dtname(dt) -> str:
@@ -267,7 +314,6 @@ def run(device="cpu", dtype: str | None = None, quick=False, out: Path | None = 
         except Exception as err:  # noqa: BLE001 - reported (traceback on stderr); the other cases still run
             traceback.print_exc()
             state.failed.append(f"{desc}: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}")
-            state.inputs.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if out is not None:  # as it goes, so a run killed from outside keeps what it measured
@@ -320,7 +366,8 @@ def targets(rows, peak, dtype: str) -> list[dict]:
 
 
 def write_backend_table(rows: list[dict], device, env: dict, directory: Path | None = None) -> Path:
-    """The fastest backend per (op, storage, shape class), from the uniform-B rows.
+    """The fastest backend per (op, storage, shape class), and the faster storage per (op, shape
+    class), from the uniform-B rows.
 
     A backend's score for a key is the geometric mean, over the cases (shape, N, dtype) measured
     for every candidate, of its time over the best time of that case: each case counts the same.
@@ -342,13 +389,28 @@ def write_backend_table(rows: list[dict], device, env: dict, directory: Path | N
                  for b, t in by_backend.items()}
         choices[key] = min(score, key=score.get)
         times[key], scores[key] = by_backend, score
+    # storage="auto" below 64 MiB: the storage whose best backend is faster, per (op, shape class),
+    # by the same score over the cases both storages measured
+    for op, cls in sorted({tuple(k.split("|")[::2]) for k in cases}):
+        best = {}  # storage -> {case: the best backend's time}
+        for storage in ("materialized", "virtual"):
+            for t in cases.get(f"{op}|{storage}|{cls}", {}).values():
+                for case, ms in t.items():
+                    best.setdefault(storage, {})[case] = min(ms, best.get(storage, {}).get(case, math.inf))
+        if len(best) == 2 and (common := set(best["materialized"]) & set(best["virtual"])):
+            score = {st: math.exp(sum(math.log(t[c] / min(best["materialized"][c], best["virtual"][c]))
+                                      for c in common) / len(common)) for st, t in best.items()}
+            choices[f"storage|{op}|{cls}"] = min(score, key=score.get)
+            scores[f"storage|{op}|{cls}"] = score
     path = Path(directory or BACKEND_TABLES) / f"{device_slug(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": env["device"], "git_sha": env["git_sha"], "date": env["date"],
                                 "choices": choices, "times_ms": times,
                                 "score": {k: {b: round(s, 4) for b, s in v.items()} for k, v in scores.items()},
                                 "note": "choices: the lowest geometric mean of time / best time over the cases "
-                                        "in times_ms (uniform B); written by benchmarks/bench_projection.py"},
+                                        "in times_ms (uniform B); storage|<op>|<class>: the storage whose "
+                                        "best backend scores lower (storage='auto'); written by "
+                                        "benchmarks/bench_projection.py"},
                                indent=2) + "\n")
     ops.backend_table.cache_clear()  # backend="auto" in this process sees the new table
     return path

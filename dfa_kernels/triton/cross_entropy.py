@@ -12,7 +12,7 @@ from .project import INTERPRET, _check_device
 
 
 @triton.jit
-def _ce_kernel(logits_ptr, target_ptr, loss_ptr, V, stride, ignore_index, inv_count, BLOCK: tl.constexpr):
+def _ce_kernel(logits_ptr, target_ptr, loss_ptr, inv_count_ptr, V, stride, ignore_index, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     target = tl.load(target_ptr + row)
@@ -28,7 +28,7 @@ def _ce_kernel(logits_ptr, target_ptr, loss_ptr, V, stride, ignore_index, inv_co
     lse = m + tl.log(s)
     picked = tl.load(base + tl.where(valid, target, 0))
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
-    scale = tl.where(valid, inv_count, 0.0)
+    scale = tl.where(valid, tl.load(inv_count_ptr), 0.0)
     for v0 in range(0, V, BLOCK):
         idx = v0 + cols
         x = tl.load(base + idx, mask=idx < V, other=0.0)
@@ -37,8 +37,10 @@ def _ce_kernel(logits_ptr, target_ptr, loss_ptr, V, stride, ignore_index, inv_co
 
 
 def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                        inv_count: float) -> torch.Tensor:
-    """Per-row losses [C]; `logits` (fp32 [C, V], unit column stride) is overwritten by the gradient."""
+                        inv_count: torch.Tensor) -> torch.Tensor:
+    """Per-row losses [C]; `logits` (fp32 [C, V], unit column stride) is overwritten by the gradient.
+    inv_count: 1 / (rows counted), a one-element fp32 tensor on logits' device (read by the kernel:
+    no host sync)."""
     if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a float32 [C, V] tensor with unit column stride; got {logits.dtype} "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
@@ -50,6 +52,6 @@ def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, ignore_index
     if C == 0:
         return losses
     block = 1024 if INTERPRET else min(8192, triton.next_power_of_2(V))
-    _ce_kernel[(C,)](logits, target.contiguous(), losses, V, logits.stride(0), ignore_index, float(inv_count),
-                     BLOCK=block, num_warps=1 if INTERPRET else 8)
+    _ce_kernel[(C,)](logits, target.contiguous(), losses, inv_count.to(torch.float32).reshape(1), V, logits.stride(0),
+                     ignore_index, BLOCK=block, num_warps=1 if INTERPRET else 8)
     return losses

@@ -266,17 +266,16 @@ __device__ __forceinline__ void simt_tile_epilogue(const float (&acc)[TM][8], in
 }
 
 // Split-K over gridDim.z when the tiles alone leave SMs idle (small N and width, long K): returns
-// the K rows per split (a multiple of kSimtBK); *splits receives the number of non-empty splits.
-inline int64_t plan_split_k(int64_t tiles, int64_t K, int64_t sms, int64_t* splits) {
+// the K rows per split (a multiple of bk, the kernel's K step); *splits receives the number of
+// non-empty splits. Each split covers at least 256 rows of B.
+inline int64_t plan_split_k(int64_t tiles, int64_t K, int64_t sms, int64_t* splits, int64_t bk = kSimtBK) {
   constexpr int64_t kMaxSplits = 64;
-  constexpr int64_t kMinKTilesPerSplit = 32;  // each split covers >= 256 rows of B
-  const int64_t k_tiles = ceil_div(K, kSimtBK);
+  constexpr int64_t kMinRowsPerSplit = 256;
   int64_t s = 1;
   if (tiles < sms) {
-    s = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * sms, tiles), k_tiles / kMinKTilesPerSplit,
-                                                kMaxSplits}));
+    s = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * sms, tiles), K / kMinRowsPerSplit, kMaxSplits}));
   }
-  const int64_t k_per_split = ceil_div(k_tiles, s) * kSimtBK;
+  const int64_t k_per_split = ceil_div(ceil_div(K, bk), s) * bk;
   *splits = ceil_div(K, k_per_split);
   return k_per_split;
 }

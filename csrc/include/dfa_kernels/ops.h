@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 #include "dfa_kernels/checks.h"
 
 namespace dfa_kernels {
@@ -17,6 +19,10 @@ at::Tensor feedback_matrix_cuda(const FeedbackSpec& spec, int64_t rows, int64_t 
 
 // CUDART_VERSION of the toolkit the kernels were compiled with (e.g. 13000).
 int cuda_runtime_version_built();
+
+// Whether grouped_weight_grad runs one grouped cuBLAS GEMM ("available (cuBLAS x.y.z)") or one GEMM
+// per layer, and why: the cuBLAS library loaded at run time decides.
+std::string grouped_gemm_status();
 #endif
 
 }  // namespace dfa_kernels
