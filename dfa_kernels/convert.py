@@ -204,12 +204,15 @@ class InputPoint(FeedbackPoint):
 
 
 class DetachInput:
-    """A forward pre-hook: the module's input (first tensor argument) is detached (no point)."""
+    """A forward pre-hook: the module's input (first tensor argument) is detached (no point), as
+    points detach theirs: in modes "dfa" and "shallow", not in "bp"."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, dfa: DFA, name: str):
+        self.dfa, self.name = dfa, name
 
     def __call__(self, module, args, kwargs):
+        if self.dfa.mode == "bp":
+            return None
         return _replace_input(self.name, args, kwargs, torch.Tensor.detach)
 
 
@@ -280,20 +283,16 @@ class DFAModel(nn.Module):
     next forward starts, so they never mix with its own.
     """
 
-    def __init__(self, model: nn.Module, dfa: DFA, output=None, output_module: str | None = None,
-                 points: tuple[str, ...] = (), trace: PointTrace | None = None):
+    def __init__(self, model: nn.Module, dfa: DFA, output=None, output_module: str | None = None):
         super().__init__()
         self.model = model
         self.dfa = dfa
-        self.output, self.output_module, self.points = output, output_module, tuple(points)
-        self.trace = trace or PointTrace(False)  # active until the first DFA step has been checked
+        self.output, self.output_module = output, output_module
+        self.points: tuple[str, ...] = ()  # filled in by `attach`
+        self.trace = PointTrace(False)      # active until the first DFA step has been checked
 
     def forward(self, *args, **kwargs):
-        stale = self.dfa.discard_points()
-        if stale:
-            warnings.warn(f"DFAModel: discarded {stale} feedback point(s) recorded outside a forward pass (or by a "
-                          "forward that raised before reaching its output)", RuntimeWarning, stacklevel=2)
-        self.trace.names.clear()
+        self.begin_forward()
         try:
             result = self.model(*args, **kwargs)
         except BaseException:
@@ -306,6 +305,14 @@ class DFAModel(nn.Module):
                                    f"{self.output_module!r} never ran after them, so no DFA output consumed them")
             return result
         return self._wrap_result(result)
+
+    def begin_forward(self) -> None:
+        """Points pending now were not recorded by this forward: drop them, with a warning."""
+        stale = self.dfa.discard_points()
+        if stale:
+            warnings.warn(f"DFAModel: discarded {stale} feedback point(s) recorded outside a forward pass (or by a "
+                          "forward that raised before reaching its output)", RuntimeWarning, stacklevel=3)
+        self.trace.names.clear()
 
     def _wrap_result(self, result):
         if isinstance(result, torch.Tensor):
@@ -455,7 +462,7 @@ def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, inp
       per call.
     input_points: modules whose *input* (first tensor argument) is a point (e.g. the first block,
       so that the embeddings learn from their own point in a "micro" placement).
-    detach: modules whose input is detached (cuts a residual stream without a point).
+    detach: modules whose input is detached (cuts a residual stream without a point; not in mode "bp").
     output: for a model returning a tuple/list or a mapping (dict, Hugging Face ModelOutput), the
       index or key of the DFA output (default: "logits" if present, else the first tensor); the
       other items pass through.
@@ -486,6 +493,14 @@ def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, inp
                         "(a module name), not both")
     dfa = DFA(mode=mode, **dfa_kwargs)
     model = model if inplace else copy.deepcopy(model)
+    return attach(DFAModel(model, dfa, output, output_module), points, input_points, detach, fuse, check_residual)
+
+
+def attach(converted: DFAModel, points=None, input_points=None, detach=None, fuse: bool = False,
+           check_residual: bool = True) -> DFAModel:
+    """Install the hooks of `convert` on ``converted.model`` (the points of ``converted.dfa``, the
+    detached inputs, the output module's hook); returns `converted` with ``points`` filled in."""
+    model, dfa, output_module = converted.model, converted.dfa, converted.output_module
     chosen = {id(m): (n, m) for n, m in select_modules(model, points, "points")}
     starts = {id(m): (n, m) for n, m in select_modules(model, input_points, "input_points")} if input_points else {}
     cuts = select_modules(model, detach, "detach") if detach is not None else []
@@ -501,16 +516,15 @@ def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, inp
         near = difflib.get_close_matches(str(output_module), list(modules), n=3, cutoff=0.4)
         raise ValueError(f"output_module must name a submodule of the model (a key of named_modules()); got "
                          f"{output_module!r}" + (f" (close: {near})" if near else ""))
-    trace = PointTrace(active=check_residual)
+    trace = converted.trace = PointTrace(active=check_residual)
     if fuse:
         _fold_linear_activations(model, chosen, dfa, trace)
-    converted = DFAModel(model, dfa, output, output_module, (), trace)
     names = []
     for name, module in starts.values():
         module.register_forward_pre_hook(InputPoint(dfa, f"{name} (input)", trace), with_kwargs=True)
         names.append(f"{name} (input)")
     for name, module in cuts:
-        module.register_forward_pre_hook(DetachInput(name), with_kwargs=True)
+        module.register_forward_pre_hook(DetachInput(dfa, name), with_kwargs=True)
     for name, module in chosen.values():
         module.register_forward_hook(FeedbackPoint(dfa, name, trace))
         names.append(name)
