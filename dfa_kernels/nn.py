@@ -309,7 +309,19 @@ class DFA(nn.Module):
                 "batch_dims": self.batch_dims}
 
     def set_extra_state(self, state: dict) -> None:
-        self.spec = None if state["spec"] is None else FeedbackSpec.from_state(state["spec"])
+        if not isinstance(state, dict) or not {"spec", "scale", "batch_dims"} <= state.keys():
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"DFA state (the '_extra_state' entry of a state_dict) must be a dict with keys "
+                             f"'spec', 'scale', 'batch_dims', as DFA.state_dict() saves it; got {got}")
+        spec = None if state["spec"] is None else FeedbackSpec.from_state(state["spec"])
+        if spec is not None and self.spec is not None and (spec.widths, spec.out_features) != (
+                self.spec.widths, self.spec.out_features):
+            raise ValueError(f"this DFA's points have widths {list(self.spec.widths)} and out_features "
+                             f"{self.spec.out_features}, but the state to load has widths {list(spec.widths)} and "
+                             f"out_features {spec.out_features}: it belongs to another model (dfa.reset() first to "
+                             f"take it anyway)")
+        FeedbackSpec(1, (1,)).scales(state["scale"])  # a valid scale, or a ValueError naming it
+        self.spec = spec
         self.scale, self.batch_dims = state["scale"], state["batch_dims"]
         if self.spec is not None:
             self.seed, self.distribution = self.spec.seed, self.spec.distribution
