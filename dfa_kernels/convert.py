@@ -295,16 +295,16 @@ class DFAModel(nn.Module):
         self.begin_forward()
         try:
             result = self.model(*args, **kwargs)
+            if self.output_module is None:
+                return self._wrap_result(result)
         except BaseException:
-            self.dfa.discard_points()
+            self.dfa.discard_points()  # a failed forward leaves no point behind
             raise
-        if self.output_module is not None:
-            left = self.dfa.discard_points()
-            if left:
-                raise RuntimeError(f"DFAModel: {left} feedback point(s) were recorded but output_module "
-                                   f"{self.output_module!r} never ran after them, so no DFA output consumed them")
-            return result
-        return self._wrap_result(result)
+        left = self.dfa.discard_points()
+        if left:
+            raise RuntimeError(f"DFAModel: {left} feedback point(s) were recorded but output_module "
+                               f"{self.output_module!r} never ran after them, so no DFA output consumed them")
+        return result
 
     def begin_forward(self) -> None:
         """Points pending now were not recorded by this forward: drop them, with a warning."""
@@ -328,7 +328,6 @@ class DFAModel(nn.Module):
             loss = result.get("loss")
             if (isinstance(loss, torch.Tensor) and loss.requires_grad and self.dfa.mode == "dfa"
                     and key != "loss"):
-                self.dfa.discard_points()
                 raise RuntimeError(
                     f"DFAModel: the model computed output['loss'] inside its forward, from output[{key!r}] before "
                     "DFA could wrap it: its backward would bypass DFA. Compute the loss outside the model (e.g. "

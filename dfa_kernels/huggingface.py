@@ -214,6 +214,10 @@ class DFAForCausalLM(DFAModel):
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.dim() != 2:
             raise ValueError(f"labels must be an int64 tensor [batch, seq] of token ids (-100: no loss); got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+        ids = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ids is not None and tuple(labels.shape) != tuple(ids.shape[:2]):
+            raise ValueError(f"labels must have the shape of input_ids [batch, seq] = {tuple(ids.shape[:2])}; got "
+                             f"{tuple(labels.shape)}")
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         for unused in ("logits_to_keep", "num_logits_to_keep", "return_dict"):
@@ -262,7 +266,12 @@ class DFAForCausalLM(DFAModel):
         transformers = require_transformers()
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(DFA).parameters}
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        saved = dict(getattr(model.config, "dfa", None) or {})
+        saved = getattr(model.config, "dfa", None) or {}
+        known = set(inspect.signature(DFA).parameters) | {"placement", "error_at", "spec"}
+        if not isinstance(saved, dict) or set(saved) - known:
+            raise ValueError(f"{path}: config.json's 'dfa' entry must be a dict with keys among {sorted(known)} (as "
+                             f"save_pretrained writes it); got {sorted(set(saved) - known) if isinstance(saved, dict) else repr(saved)}")
+        saved = dict(saved)
         spec = saved.pop("spec", None)
         placement, error_at = placement or saved.pop("placement", "macro"), error_at or saved.pop("error_at", "hidden")
         saved.pop("placement", None), saved.pop("error_at", None)

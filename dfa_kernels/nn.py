@@ -192,7 +192,7 @@ class DFA(nn.Module):
         points, self._points = self._points, []
         if not points:
             raise RuntimeError("dfa.linear_cross_entropy was called with no feedback point recorded")
-        logits_shape = torch.empty(*hidden.shape[:-1], head.out_features, device="meta")
+        logits_shape = hidden.new_empty(()).expand(*hidden.shape[:-1], head.out_features)  # a view: no memory
         points = self._without_stale(logits_shape, points)
         spec = self._spec_for(logits_shape, [r.tensor for r in points])
         h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
@@ -255,6 +255,9 @@ class DFA(nn.Module):
                     f"feedback point #{index} has shape {tuple(p.shape)}, but the output y has batch dims "
                     f"{batch} (y: {tuple(y.shape)}): a point must start with the output's batch dims and "
                     f"have at least one more (its width); points with other row counts are not supported")
+            if p.device != y.device:
+                raise ValueError(f"feedback point #{index} is on {p.device} but the output y is on {y.device}: "
+                                 f"every point must be on the output's device")
             if math.prod(p.shape[nb:]) == 0:
                 raise ValueError(f"feedback point #{index} has shape {tuple(p.shape)}: zero width (no feature "
                                  f"after the batch dims {batch}); a point needs at least one feature")
