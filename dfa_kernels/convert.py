@@ -376,6 +376,18 @@ def _is_leaf(node) -> bool:
     return hasattr(node, "variable")  # AccumulateGrad: a parameter (or an input that requires grad)
 
 
+def _block_list(model: nn.Module, point_names: list[str]) -> str:
+    """The name of the ModuleList/Sequential of blocks holding the first named point (for the
+    warning's suggestion), or "blocks"."""
+    containers = {n for n, m in model.named_modules() if n and isinstance(m, (nn.ModuleList, nn.Sequential))}
+    for name in point_names:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:cut]) in containers:
+                return ".".join(parts[:cut])
+    return "blocks"
+
+
 def hybrid_report(roots, records, model: nn.Module, point_names: list[str] | None = None) -> str | None:
     """Whether gradients bypass the feedback points, as a warning message (None if they do not).
 
@@ -423,11 +435,12 @@ def hybrid_report(roots, records, model: nn.Module, point_names: list[str] | Non
     labels = [("the output" if i == 0 else f"point {names[i - 1]!r}" if names else f"point #{i - 1}")
               for i in range(len(sources)) if mixed_sources >> i & 1]
     shown = ", ".join(modules[:8]) + (f", ... ({len(modules)} modules)" if len(modules) > 8 else "")
+    blocks = _block_list(model, [n for i, n in enumerate(names or []) if mixed_sources >> (i + 1) & 1])
     return ("DFA: gradients bypass the feedback points through the residual stream (or another skip "
             f"connection): gradients from {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''} flow "
             "around the points into lower layers, so in mode 'dfa' these modules learn from a mix of backprop "
             f"and DFA signals: {shown or 'no parameter'}. Faithful choices: points on the residual stream after "
-            "every block (e.g. points='blocks.*', paper 1's macro placement), or points inside the blocks plus "
+            f"every block (points='{blocks}.*', paper 1's macro placement), or points inside the blocks plus "
             "points on the stream at every block boundary (micro; README, 'Residual models'); for Hugging Face "
             "causal LMs, dfa_kernels.huggingface.convert(model, placement='macro' | 'micro' | 'linear'). "
             "convert(..., check_residual=False) skips this check.")

@@ -269,8 +269,9 @@ class DFAForCausalLM(DFAModel):
         saved = getattr(model.config, "dfa", None) or {}
         known = set(inspect.signature(DFA).parameters) | {"placement", "error_at", "spec"}
         if not isinstance(saved, dict) or set(saved) - known:
+            got = sorted(set(saved) - known) if isinstance(saved, dict) else repr(saved)
             raise ValueError(f"{path}: config.json's 'dfa' entry must be a dict with keys among {sorted(known)} (as "
-                             f"save_pretrained writes it); got {sorted(set(saved) - known) if isinstance(saved, dict) else repr(saved)}")
+                             f"save_pretrained writes it); got {got}")
         saved = dict(saved)
         spec = saved.pop("spec", None)
         placement, error_at = placement or saved.pop("placement", "macro"), error_at or saved.pop("error_at", "hidden")

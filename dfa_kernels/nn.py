@@ -140,8 +140,8 @@ class DFA(nn.Module):
             raise TypeError(f"dfa.linear(x, layer) expects layer to be an nn.Linear; got {type(layer).__name__}")
         _check_tensor(x, "dfa.linear(x, layer): x")
         if x.shape[-1:] != (layer.in_features,):
-            raise ValueError(f"dfa.linear(x, layer): x must have shape [*batch, layer.in_features={layer.in_features}]; "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"dfa.linear(x, layer): x must have shape [*batch, layer.in_features="
+                             f"{layer.in_features}]; got {tuple(x.shape)}")
         activation = "none" if activation is None else activation
         if activation != "none":
             _check_activation(activation)

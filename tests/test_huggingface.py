@@ -61,7 +61,8 @@ def test_layout_is_read_from_the_modules():
     llama = dkh.find_layout(tiny_llama())
     assert (llama.blocks, llama.final_norm, llama.attention, llama.mlp_down) == (
         "model.layers", "model.norm", "self_attn", "mlp.down_proj")
-    assert set(llama.linears) == {f"self_attn.{n}_proj" for n in "qkvo"} | {f"mlp.{n}_proj" for n in ("gate", "up", "down")}
+    assert set(llama.linears) == ({f"self_attn.{n}_proj" for n in "qkvo"}
+                                  | {f"mlp.{n}_proj" for n in ("gate", "up", "down")})
     assert llama.norms == ("input_layernorm", "post_attention_layernorm")
 
 
