@@ -336,21 +336,18 @@ class DFAModel(nn.Module):
             out = copy.copy(result)
             out[key] = self.dfa_output(result[key])
             return out
-        if isinstance(result, (tuple, list)):
-            if not isinstance(key, int) or not -len(result) <= key < len(result):
-                raise ValueError(f"DFAModel: output={key!r} is not an index of the model's {len(result)}-item "
-                                 f"{type(result).__name__} output")
-            items = list(result)
-            items[key] = self.dfa_output(items[key])
-            if isinstance(result, list):
-                return items
-            return type(result)(*items) if hasattr(result, "_fields") else type(result)(items)
-        raise TypeError(f"DFAModel: the model returned {type(result).__name__}; expected a tensor, a tuple/list "
-                        "or a mapping holding the output tensor")
+        if not isinstance(key, int) or not -len(result) <= key < len(result):  # a tuple or list
+            raise ValueError(f"DFAModel: output={key!r} is not an index of the model's {len(result)}-item "
+                             f"{type(result).__name__} output")
+        items = list(result)
+        items[key] = self.dfa_output(items[key])
+        if isinstance(result, list):
+            return items
+        return type(result)(*items) if hasattr(result, "_fields") else type(result)(items)
 
-    def dfa_output(self, y: torch.Tensor, roots: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    def dfa_output(self, y: torch.Tensor) -> torch.Tensor:
         """``dfa(y)``, after checking, on the first DFA step, that no gradient bypasses the points."""
-        self.check_gradient_paths((y,) if roots is None else roots)
+        self.check_gradient_paths((y,))
         return self.dfa(y)
 
     def check_gradient_paths(self, roots: tuple[torch.Tensor, ...]) -> None:

@@ -202,12 +202,12 @@ class DFAForCausalLM(DFAModel):
             return super().forward(input_ids=input_ids, labels=labels, **kwargs)
         return self._fused_loss_forward(input_ids, labels, **kwargs)
 
-    def dfa_output(self, y, roots=None):
+    def dfa_output(self, y):
         if self.error_at == "logits" and (not torch.is_grad_enabled() or self.dfa.mode != "dfa"):
             # logits of generation (often only the last position's): nothing to train, nothing to check
             self.dfa.discard_points()
             return y
-        return super().dfa_output(y, roots)
+        return super().dfa_output(y)
 
     def _fused_loss_forward(self, input_ids, labels, **kwargs):
         """The loss after the head through dfa.linear_cross_entropy: no [N, vocab] logits."""
