@@ -9,6 +9,54 @@ import time
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """A bad argument found after parsing (an unknown task, a device that is not there): the
+    command exits with status 2 and this one-line message, as argparse does for its own checks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (usage stays behind --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _positive(kind, zero: bool = False):
+    """An argparse type: a positive (or, with `zero`, non-negative) finite int or float."""
+    what = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what}; got {text!r}") from None
+        if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a {what}; got {text!r}")
+        return value
+    return parse
+
+
+def _task(name: str):
+    from .zoo import tasks
+    try:
+        return tasks.get(name)
+    except KeyError as err:
+        raise UsageError(f"{err.args[0]} (dfa-kernels train --list describes them)") from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device must be a torch device such as cpu or cuda; got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         "use --device cpu")
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda; got {device!r}")
+
+
 def _info(args) -> None:
     from . import build_info
     info = build_info()
@@ -53,37 +101,39 @@ def _train(args) -> None:
             print(f"{name:<18} {task.family:<12} {task.description}")
         return
     if not args.task:
-        sys.exit("dfa-kernels train: name a TASK (dfa-kernels train --list shows them)")
+        raise UsageError("name a TASK (dfa-kernels train --list shows them)")
+    task = _task(args.task)
     from .zoo.training import run_task
-    run_task(tasks.get(args.task), _config(args))
+    run_task(task, _config(args))
 
 
 def _compare(args) -> None:
-    from .zoo import tasks
+    task = _task(args.task)
     from .zoo.training import compare_task
-    compare_task(tasks.get(args.task), _config(args), seeds=args.seeds, modes=args.modes,
-                 feedbacks=args.feedback, placements=args.placement,
-                 json_path=Path(args.json) if args.json else None)
+    compare_task(task, _config(args), seeds=args.seeds, modes=args.modes, feedbacks=args.feedback,
+                 placements=args.placement, json_path=Path(args.json) if args.json else None)
 
 
 def _align(args) -> None:
+    _task(args.task)
     from .studies.alignment import run_study
     run_study(args.task, _config(args, alignment_every=args.every), measurements=args.measurements)
 
 
 def _tsne(args) -> None:
+    _task(args.task)
     from .studies.tsne import run_study
     run_study(args.task, _config(args), max_points=args.max_points)
 
 
 def _tune(args) -> None:
-    from .zoo import tasks
+    task = _task(args.task)
     from .zoo.tuning import tune
-    tune(tasks.get(args.task), _config(args), modes=args.modes, json_path=Path(args.json) if args.json else None)
+    tune(task, _config(args), modes=args.modes, json_path=Path(args.json) if args.json else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dfa-kernels", description="Fast Direct Feedback Alignment for PyTorch")
+    p = _Parser(prog="dfa-kernels", description="Fast Direct Feedback Alignment for PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, compiled kernels and backends per device")
@@ -91,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_info)
 
     s = sub.add_parser("demo", help="BP vs DFA vs shallow on scikit-learn's digits (about a minute on a CPU)")
-    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--epochs", type=_positive(int), default=20)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_demo)
 
@@ -105,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="benchmarks/results", help="folder for the results JSON and plots")
     s.add_argument("--quick", action="store_true",
                    help="fewer shapes and repeats (files named *_quick; nothing outside --out changes)")
-    s.add_argument("--time-budget", type=float, default=None,
+    s.add_argument("--time-budget", type=_positive(float, zero=True), default=None,
                    help="seconds for the whole suite; later measurements are skipped and listed "
                         "(default: 390 on a GPU, none on a CPU; 0: no limit)")
     s.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test sizes
@@ -117,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         many = dict(nargs="+") if several else dict(nargs=1)
         s.add_argument("--preset", default="cpu", choices=["cpu", "full"])
         s.add_argument("--device", default="cpu")
-        s.add_argument("--epochs", type=int, default=None, help="the most epochs (evaluation rounds)")
+        s.add_argument("--epochs", type=_positive(int), default=None, help="the most epochs (evaluation rounds)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--placement", default=["macro"], choices=["macro", "micro", "linear"], **many,
                        help="Transformer feedback points (mode dfa)")
@@ -125,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="paper: one shared B, TinyDFA's (default); ours: one B per point")
         s.add_argument("--data", default=None, help="another dataset or your own files (see the task)")
         s.add_argument("--out", default="runs")
-        s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        s.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads (default: torch's)")
         s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("train", help="train one zoo task in one mode")
     s.add_argument("task", nargs="?")
     s.add_argument("--list", action="store_true", help="list the tasks")
     s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"])
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--alignment-every", type=int, default=None, metavar="N",
+    s.add_argument("--lr", type=_positive(float), default=None)
+    s.add_argument("--alignment-every", type=_positive(int), default=None, metavar="N",
                    help="measure DFA's alignment with backprop every N steps (into metrics.json)")
     add_run_options(s)
     s.set_defaults(func=_train)
@@ -153,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "update cosines) and alignment.png (one line per point over training).")
     s.add_argument("task")
     s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"], help="the mode that trains")
-    s.add_argument("--every", type=int, default=None, metavar="N", help="steps between measurements")
-    s.add_argument("--measurements", type=int, default=20, help="with no --every: how many over training")
+    s.add_argument("--every", type=_positive(int), default=None, metavar="N", help="steps between measurements")
+    s.add_argument("--measurements", type=_positive(int), default=20, help="with no --every: how many over training")
     add_run_options(s)
     s.set_defaults(func=_align)
 
@@ -162,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes OUT/TASK/tsne.json (k-NN accuracy and silhouette of each map, "
                                    "k-NN on the raw representation) and tsne.png (three panels).")
     s.add_argument("task")
-    s.add_argument("--max-points", type=int, default=3000, help="subsample larger representations (stratified)")
+    s.add_argument("--max-points", type=_positive(int), default=3000,
+                   help="subsample larger representations (stratified)")
     add_run_options(s)
     s.set_defaults(func=_tsne)
 
@@ -182,15 +233,23 @@ def main(argv=None) -> None:
     from . import provenance
     argv = sys.argv[1:] if argv is None else list(argv)
     provenance.CLI_COMMAND = shlex.join(["dfa-kernels", *argv])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .zoo.data import DataError
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    if getattr(args, "device", "x") is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    args.func(args)
+    try:
+        if getattr(args, "device", "x") is None:
+            import torch
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif hasattr(args, "device"):
+            _check_device(args.device)
+        args.func(args)
+    except (UsageError, DataError) as err:  # bad arguments or data files: one line, no traceback
+        message = " ".join(str(err).split())
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
     if args.command not in ("info",):
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

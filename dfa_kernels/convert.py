@@ -1,30 +1,230 @@
-"""Drop-in DFA for an existing model: feedback points inserted without touching its forward."""
+"""Drop-in DFA for an existing model: feedback points inserted without touching its forward.
+
+``dk.convert(model, points=...)`` puts a feedback point at the output of chosen modules (forward
+hooks: the model's code, its module tree and its parameter names stay as they were) and wraps the
+model's output in the DFA output op. Where the points go:
+
+- ``points=None`` (default): after every activation module: torch's (``nn.ReLU``, ``nn.GELU``, ...)
+  and those of known libraries (``transformers.activations``, timm's ``timm.layers.activations*``),
+  recognised by their class's module, so neither library is imported.
+- a glob over ``named_modules()`` names, or a list of them: ``"transformer.h.*"`` is every block
+  of a GPT-2 (``*`` matches one dotted name component, ``**`` any number, ``?`` one character).
+- module types (``nn.Linear`` or a tuple of types), or a callable ``(name, module) -> bool``.
+
+**Residual models.** A point detaches its tensor from the graph below it, so in a sequential
+network every layer learns from one signal: its point's feedback (or, after the last point, the
+exact gradient). In a residual network, ``x + f(x)`` with a point inside ``f`` leaves the
+residual stream ``x`` attached: backprop gradients from the output (and from the points above)
+flow down the stream, around the points, into every lower layer. The layers below such a point
+then learn from backprop and DFA at once, a hybrid nobody asked for. ``DFAModel`` checks the
+autograd graph of its first DFA step for exactly this (a non-parameter node reached from two
+sources: the output, or two points) and warns once, naming the modules that get mixed gradients.
+The faithful choices are points on the stream after every block (``points="blocks.*"``: paper 1's
+"macro" placement), or points inside the blocks *and* on the stream (after every block, plus an
+``input_points=`` point at the first block's input) so that the stream is cut at every block
+boundary ("micro"); ``detach=`` cuts a module's input without a point.
+:mod:`dfa_kernels.huggingface` builds these placements for Hugging Face causal LMs.
+"""
 from __future__ import annotations
 
 import copy
+import difflib
+import re
+import warnings
+from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from .nn import DFA
 
 # Module types after which `convert` inserts a feedback point by default.
-# Module types after which `convert` inserts a feedback point by default.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
                nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
                nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.GLU)
+# Libraries whose activation modules count too, by the module their class is defined in (prefixes).
+ACTIVATION_LIBRARIES = ("transformers.activations", "timm.layers.activations", "timm.models.layers.activations")
+# Classes of those modules that are not activations (identity maps).
+NOT_ACTIVATIONS = ("LinearActivation", "Identity")
 
 
+class HybridGradientWarning(UserWarning):
+    """The residual stream carries backprop gradients past feedback points (see :mod:`dfa_kernels.convert`)."""
 
-class FeedbackPoint(nn.Module):
-    """Runs `module`, then records its output as a feedback point of `dfa` (added by `convert`)."""
 
-    def __init__(self, module: nn.Module, dfa: DFA):
-        super().__init__()
-        self.module = module
-        self.__dict__["dfa"] = dfa  # a reference, not a submodule: the DFA's state is saved once
+def is_activation(module: nn.Module) -> bool:
+    """Whether `module` is an activation module of torch, transformers or timm (no import needed)."""
+    if isinstance(module, ACTIVATIONS):
+        return True
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(ACTIVATION_LIBRARIES) and cls.__name__ not in NOT_ACTIVATIONS:
+            return True
+    return False
 
-    def forward(self, *args, **kwargs):
-        return self.dfa.point(self.module(*args, **kwargs))
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A module-name glob as a regex: ``*`` one dotted component, ``**`` any number, ``?`` one
+    character, ``[...]`` a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def select_modules(model: nn.Module, where, argument: str = "points") -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of `model` that `where` selects, in ``named_modules()`` order (each
+    module once, the root never). `where`: None (activation modules), a glob or list of globs, a
+    module type or tuple/list of types, or a callable ``(name, module) -> bool``."""
+    if where is None:
+        predicates = [lambda name, m: is_activation(m)]
+    elif callable(where) and not isinstance(where, type):
+        predicates = [where]
+    else:
+        items = list(where) if isinstance(where, (list, tuple, set, frozenset)) else [where]
+        if not items:
+            raise ValueError(f"{argument} must name at least one module (a glob, a module type or a callable); "
+                             f"got an empty {type(where).__name__}")
+        predicates = []
+        for item in items:
+            if isinstance(item, str):
+                predicates.append(lambda name, m, rx=glob_regex(item): rx.match(name) is not None)
+            elif isinstance(item, type) and issubclass(item, nn.Module):
+                predicates.append(lambda name, m, t=item: isinstance(m, t))
+            else:
+                raise TypeError(f"{argument} must be module-name globs (str), nn.Module subclasses or a callable "
+                                f"(name, module) -> bool; got {item!r} of type {type(item).__name__}")
+    # every name a module goes by (a module shared under two names matches either); each module
+    # is chosen once, under its first name
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and not isinstance(m, DFA)]
+    first = {}
+    for n, m in named:
+        first.setdefault(id(m), n)
+    chosen, seen = [], set()
+    for n, m in named:
+        if id(m) not in seen and any(p(n, m) for p in predicates):
+            seen.add(id(m))
+            chosen.append((first[id(m)], m))
+    if isinstance(where, (str, list, tuple)):  # a glob that matches nothing is a typo: say so
+        for item in ([where] if isinstance(where, str) else where):
+            if isinstance(item, str) and not any(glob_regex(item).match(n) for n, _ in named):
+                near = difflib.get_close_matches(item, [n for n, _ in named], n=3, cutoff=0.4)
+                raise ValueError(f"{argument}: the glob {item!r} matches no module name of the model "
+                                 f"(names look like {near or [n for n, _ in named[:3]]}; '*' matches one "
+                                 f"dotted component, '**' several)")
+    return chosen
+
+
+# ---------------------------------------------------------------- tensors inside module inputs/outputs
+def _replace_first_tensor(value, fn, what: str):
+    """`value` with its first tensor (itself, or the first tensor item of a tuple, list or mapping,
+    e.g. a Hugging Face ModelOutput) replaced by ``fn(tensor)``."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(item, torch.Tensor):
+                out = copy.copy(value)
+                out[key] = fn(item)
+                return out
+    elif isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                items = list(value)
+                items[index] = fn(item)
+                if isinstance(value, list):
+                    return items
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    raise TypeError(f"{what} holds no tensor (got {type(value).__name__}): it cannot carry a feedback point")
+
+
+# The keyword names a module's main input goes by, tried in this order when it is not positional.
+INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs", "inputs_embeds")
+
+
+def _replace_input(module_name: str, args: tuple, kwargs: dict, fn):
+    """(args, kwargs) with the module's main input tensor (first tensor argument) replaced by fn(it)."""
+    for index, item in enumerate(args):
+        if isinstance(item, torch.Tensor):
+            return args[:index] + (fn(item),) + args[index + 1:], kwargs
+    keys = [k for k in INPUT_KEYWORDS if isinstance(kwargs.get(k), torch.Tensor)]
+    keys += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in keys]
+    if not keys:
+        raise TypeError(f"module {module_name!r} was called without a tensor argument: its input cannot carry a "
+                        "feedback point")
+    return args, {**kwargs, keys[0]: fn(kwargs[keys[0]])}
+
+
+class PointTrace:
+    """The names of the points a forward records, in order, while `active` (the converted model's
+    first DFA step, whose gradient paths it checks)."""
+
+    def __init__(self, active: bool = True):
+        self.active, self.names = active, []
+
+    def add(self, name: str) -> None:
+        if self.active:
+            self.names.append(name)
+
+
+class FeedbackPoint:
+    """A forward hook: the module's output (its first tensor) becomes a feedback point of `dfa`."""
+
+    def __init__(self, dfa: DFA, name: str, trace: PointTrace | None = None):
+        self.dfa, self.name, self.trace = dfa, name, trace or PointTrace(False)
+
+    def record(self, h: torch.Tensor) -> torch.Tensor:
+        self.trace.add(self.name)
+        return self.dfa.point(h)
+
+    def __call__(self, module, args, output):
+        return _replace_first_tensor(output, self.record, f"the output of module {self.name!r}")
+
+
+class InputPoint(FeedbackPoint):
+    """A forward pre-hook: the module's input (its first tensor argument) becomes a feedback point."""
+
+    def __call__(self, module, args, kwargs):
+        return _replace_input(self.name, args, kwargs, self.record)
+
+
+class DetachInput:
+    """A forward pre-hook: the module's input (first tensor argument) is detached (no point), as
+    points detach theirs: in modes "dfa" and "shallow", not in "bp"."""
+
+    def __init__(self, dfa: DFA, name: str):
+        self.dfa, self.name = dfa, name
+
+    def __call__(self, module, args, kwargs):
+        if self.dfa.mode == "bp":
+            return None
+        return _replace_input(self.name, args, kwargs, torch.Tensor.detach)
+
+
+class OutputHook:
+    """A forward hook: the module's output (first tensor) is the DFA output y of `owner`."""
+
+    def __init__(self, owner: "DFAModel", name: str):
+        self.__dict__["owner"] = owner  # a reference: the hook is not a submodule
+        self.name = name
+
+    def __call__(self, module, args, output):
+        return _replace_first_tensor(output, self.owner.dfa_output, f"the output of module {self.name!r}")
 
 
 # Activation modules `convert(fuse=True)` folds into the linear layer before them.
@@ -42,79 +242,303 @@ class DFALinear(nn.Linear):
     """A linear layer + activation run as ``dfa.linear(x, self, activation)`` (added by
     ``convert(fuse=True)``). It shares the original layer's parameters, under the same names."""
 
-    def __init__(self, linear: nn.Linear, activation: str, dfa: DFA):
+    def __init__(self, linear: nn.Linear, activation: str, dfa: DFA, name: str = "",
+                 trace: PointTrace | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.activation = activation
         self.__dict__["dfa"] = dfa  # a reference, not a submodule
+        self.__dict__["point_name"], self.__dict__["trace"] = name, trace or PointTrace(False)
 
     def forward(self, x):
+        self.trace.add(self.point_name)
         return self.dfa.linear(x, self, self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-class DFAModel(nn.Module):
-    """A converted model: runs `model` and wraps its output with `dfa`."""
+# ---------------------------------------------------------------- the converted model
+def _output_key(result, output):
+    """Which item of a forward's result is the DFA output: `output` if given, else "logits" when
+    the result is a mapping that has it, else its first tensor."""
+    if output is not None:
+        return output
+    if isinstance(result, Mapping):
+        if "logits" in result:
+            return "logits"
+        return next((k for k, v in result.items() if isinstance(v, torch.Tensor)), None)
+    if isinstance(result, (tuple, list)):
+        return next((i for i, v in enumerate(result) if isinstance(v, torch.Tensor)), None)
+    return None
 
-    def __init__(self, model: nn.Module, dfa: DFA):
+
+class DFAModel(nn.Module):
+    """A converted model: runs `model` and takes its output (or `output_module`'s) as the DFA output.
+
+    ``dfa`` is the :class:`DFA` (switch ``converted.dfa.mode`` live); ``points`` names the modules
+    carrying points. Points left pending by an earlier forward that never reached its output (it
+    raised, or ``dfa.point`` was called outside a forward) are discarded with a warning when the
+    next forward starts, so they never mix with its own.
+    """
+
+    def __init__(self, model: nn.Module, dfa: DFA, output=None, output_module: str | None = None):
         super().__init__()
         self.model = model
         self.dfa = dfa
+        self.output, self.output_module = output, output_module
+        self.points: tuple[str, ...] = ()  # filled in by `attach`
+        self.trace = PointTrace(False)      # active until the first DFA step has been checked
 
     def forward(self, *args, **kwargs):
-        return self.dfa(self.model(*args, **kwargs))
+        self.begin_forward()
+        try:
+            result = self.model(*args, **kwargs)
+            if self.output_module is None:
+                return self._wrap_result(result)
+        except BaseException:
+            self.dfa.discard_points()  # a failed forward leaves no point behind
+            raise
+        left = self.dfa.discard_points()
+        if left:
+            raise RuntimeError(f"DFAModel: {left} feedback point(s) were recorded but output_module "
+                               f"{self.output_module!r} never ran after them, so no DFA output consumed them")
+        return result
+
+    def begin_forward(self) -> None:
+        """Points pending now were not recorded by this forward: drop them, with a warning."""
+        stale = self.dfa.discard_points()
+        if stale:
+            warnings.warn(f"DFAModel: discarded {stale} feedback point(s) recorded outside a forward pass (or by a "
+                          "forward that raised before reaching its output)", RuntimeWarning, stacklevel=3)
+        self.trace.names.clear()
+
+    def _wrap_result(self, result):
+        if isinstance(result, torch.Tensor):
+            return self.dfa_output(result)
+        key = _output_key(result, self.output)
+        if key is None:
+            raise TypeError(f"DFAModel: the model returned {type(result).__name__} with no tensor to take as the "
+                            "DFA output; pass output=KEY (or INDEX), or output_module='NAME'")
+        if isinstance(result, Mapping):
+            if key not in result:
+                raise ValueError(f"DFAModel: output={key!r} is not a key of the model's output; its keys: "
+                                 f"{list(result.keys())}")
+            loss = result.get("loss")
+            if (isinstance(loss, torch.Tensor) and loss.requires_grad and self.dfa.mode == "dfa"
+                    and key != "loss"):
+                raise RuntimeError(
+                    f"DFAModel: the model computed output['loss'] inside its forward, from output[{key!r}] before "
+                    "DFA could wrap it: its backward would bypass DFA. Compute the loss outside the model (e.g. "
+                    "call it without labels), convert with output_module='NAME' (the module whose output is the "
+                    "DFA output, e.g. the final norm), or use dfa_kernels.huggingface.convert for a Hugging Face LM")
+            out = copy.copy(result)
+            out[key] = self.dfa_output(result[key])
+            return out
+        if not isinstance(key, int) or not -len(result) <= key < len(result):  # a tuple or list
+            raise ValueError(f"DFAModel: output={key!r} is not an index of the model's {len(result)}-item "
+                             f"{type(result).__name__} output")
+        items = list(result)
+        items[key] = self.dfa_output(items[key])
+        if isinstance(result, list):
+            return items
+        return type(result)(*items) if hasattr(result, "_fields") else type(result)(items)
+
+    def dfa_output(self, y: torch.Tensor) -> torch.Tensor:
+        """``dfa(y)``, after checking, on the first DFA step, that no gradient bypasses the points."""
+        self.check_gradient_paths((y,))
+        return self.dfa(y)
+
+    def check_gradient_paths(self, roots: tuple[torch.Tensor, ...]) -> None:
+        """Warn (once, :class:`HybridGradientWarning`) when the residual stream carries gradients past
+        the points; `roots` are the tensors the output error enters the network through."""
+        if not self.trace.active or self.dfa.mode != "dfa" or not torch.is_grad_enabled():
+            self.trace.names.clear()
+            return
+        names = list(self.trace.names)
+        self.trace.active = False
+        self.trace.names.clear()
+        message = hybrid_report(roots, self.dfa.pending_points, self.model, names)
+        if message:
+            warnings.warn(message, HybridGradientWarning, stacklevel=3)
+
+    def extra_repr(self) -> str:
+        shown = ", ".join(self.points[:6]) + (f", ... ({len(self.points)} in all)" if len(self.points) > 6 else "")
+        return f"points=[{shown}]"
 
 
-def convert(model: nn.Module, mode: str = "dfa", after: tuple[type, ...] | None = None,
-            inplace: bool = False, fuse: bool = False, **dfa_kwargs) -> DFAModel:
-    """Insert feedback points into an existing model and wrap its output, without touching forward.
+# ---------------------------------------------------------------- the residual-stream check
+def _is_leaf(node) -> bool:
+    return hasattr(node, "variable")  # AccumulateGrad: a parameter (or an input that requires grad)
 
-    A point goes after every module whose type is in `after` (default: the activation modules in
-    ``ACTIVATIONS``). Functional activations (``F.relu`` in forward) are invisible here: name the
-    module types to use instead. The returned model's forward output equals the original's;
-    ``converted.dfa`` is the :class:`DFA` (switch ``converted.dfa.mode`` live).
 
-    ``fuse=True``: inside an ``nn.Sequential``, an ``nn.Linear`` directly followed by a ReLU, GELU
-    (exact), Tanh, Sigmoid or SiLU module becomes one :class:`DFALinear` point (the activation
-    becomes ``nn.Identity``): activation derivative in the projection, weight gradients grouped.
-    Parameter names are unchanged, so state dicts load either way.
+def _block_list(model: nn.Module, point_names: list[str]) -> str:
+    """The name of the ModuleList/Sequential of blocks holding the first named point (for the
+    warning's suggestion), or "blocks"."""
+    containers = {n for n, m in model.named_modules() if n and isinstance(m, (nn.ModuleList, nn.Sequential))}
+    for name in point_names:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:cut]) in containers:
+                return ".".join(parts[:cut])
+    return "blocks"
+
+
+def hybrid_report(roots, records, model: nn.Module, point_names: list[str] | None = None) -> str | None:
+    """Whether gradients bypass the feedback points, as a warning message (None if they do not).
+
+    Sources: the output (its error enters at `roots`) and each point (its feedback enters at the
+    point's tensor). In faithful DFA, the autograd graphs below the sources are disjoint except at
+    parameters (a parameter shared by two points, or tied, legitimately sums two signals). An
+    operation node reached from two sources is where a residual stream (or any skip connection)
+    carries one source's gradient past another's point; every parameter below such a node learns
+    from mixed signals. Runs once, on a graph of a few thousand nodes.
+    """
+    sources = [[t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]]
+    sources += [[t.grad_fn for t in r.inputs() if t is not None and t.grad_fn is not None] for r in records]
+    reached: dict = {}
+    for index, fns in enumerate(sources):
+        bit, stack = 1 << index, list(fns)
+        while stack:
+            node = stack.pop()
+            mask = reached.get(node, 0)
+            if mask & bit:
+                continue
+            reached[node] = mask | bit
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+    shared = [n for n, m in reached.items() if m & (m - 1) and not _is_leaf(n)]
+    if not shared:
+        return None
+    mixed_sources = 0
+    for n in shared:
+        mixed_sources |= reached[n]
+    params, seen, stack = set(), set(), list(shared)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_leaf(node):
+            params.add(id(node.variable))
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    modules = []
+    for name, p in model.named_parameters():
+        if id(p) in params:
+            owner = name.rpartition(".")[0] or name
+            if owner not in modules:
+                modules.append(owner)
+    names = point_names if point_names and len(point_names) == len(records) else None
+    labels = [("the output" if i == 0 else f"point {names[i - 1]!r}" if names else f"point #{i - 1}")
+              for i in range(len(sources)) if mixed_sources >> i & 1]
+    shown = ", ".join(modules[:8]) + (f", ... ({len(modules)} modules)" if len(modules) > 8 else "")
+    blocks = _block_list(model, [n for i, n in enumerate(names or []) if mixed_sources >> (i + 1) & 1])
+    return ("DFA: gradients bypass the feedback points through the residual stream (or another skip "
+            f"connection): gradients from {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''} flow "
+            "around the points into lower layers, so in mode 'dfa' these modules learn from a mix of backprop "
+            f"and DFA signals: {shown or 'no parameter'}. Faithful choices: points on the residual stream after "
+            f"every block (points='{blocks}.*', paper 1's macro placement), or points inside the blocks plus "
+            "points on the stream at every block boundary (micro; README, 'Residual models'); for Hugging Face "
+            "causal LMs, dfa_kernels.huggingface.convert(model, placement='macro' | 'micro' | 'linear'). "
+            "convert(..., check_residual=False) skips this check.")
+
+
+# ---------------------------------------------------------------- convert
+def _fold_linear_activations(model: nn.Module, chosen: dict, dfa: DFA, trace) -> None:
+    """convert(fuse=True): inside an nn.Sequential, a chosen fusable activation directly after an
+    nn.Linear becomes part of a DFALinear (the activation becomes nn.Identity)."""
+    for parent_name, parent in list(model.named_modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, child), (next_name, following) in zip(children, children[1:]):
+            act = _fused_name(following)
+            if type(child) is nn.Linear and act and id(following) in chosen and id(child) not in chosen:
+                point_name = chosen.pop(id(following))[0]
+                setattr(parent, name, DFALinear(child, act, dfa, point_name, trace))
+                setattr(parent, next_name, nn.Identity())
+
+
+def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, input_points=None, detach=None,
+            output=None, output_module: str | None = None, inplace: bool = False, fuse: bool = False,
+            check_residual: bool = True, **dfa_kwargs) -> DFAModel:
+    """Insert feedback points into an existing model and wrap its output, without touching its forward.
+
+    points: where the points go, at module outputs (see the module docstring): None (every
+      activation module, torch's, transformers' and timm's), module-name globs (``"layers.*"``),
+      module types, or a callable ``(name, module) -> bool``. ``after=`` is the older name for
+      module types. A module chosen twice in the tree, or called twice per forward, gives a point
+      per call.
+    input_points: modules whose *input* (first tensor argument) is a point (e.g. the first block,
+      so that the embeddings learn from their own point in a "micro" placement).
+    detach: modules whose input is detached (cuts a residual stream without a point; not in mode "bp").
+    output: for a model returning a tuple/list or a mapping (dict, Hugging Face ModelOutput), the
+      index or key of the DFA output (default: "logits" if present, else the first tensor); the
+      other items pass through.
+    output_module: instead, the name of the module whose output is the DFA output (e.g. the final
+      norm of an LM: everything after it, head and loss included, learns by exact gradient).
+    check_residual: on the first DFA step, warn (:class:`HybridGradientWarning`, once) when the
+      residual stream carries gradients past the points (see the module docstring).
+    fuse: inside an ``nn.Sequential``, an ``nn.Linear`` directly followed by a chosen ReLU, GELU
+      (exact), Tanh, Sigmoid or SiLU module becomes one :class:`DFALinear` point (the activation
+      becomes ``nn.Identity``): activation derivative in the projection, weight gradients grouped.
+    inplace: modify `model` itself (default: a deep copy). Other keywords go to :class:`DFA`.
+
+    The converted model's outputs equal the original's, in train and eval mode; parameter names
+    are unchanged (``converted.model.state_dict()`` loads into the original and back), and
+    ``converted.state_dict()`` adds the DFA's spec.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module; got {type(model).__name__}")
-    after = ACTIVATIONS if after is None else tuple(after)
-    if not after or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in after):
-        raise TypeError(f"after must be a non-empty tuple of nn.Module subclasses; got {after!r}")
-    model = model if inplace else copy.deepcopy(model)
+    if after is not None:
+        if points is not None:
+            raise TypeError("convert: pass points= or its older name after=, not both")
+        if not isinstance(after, (list, tuple)) or not after or not all(
+                isinstance(t, type) and issubclass(t, nn.Module) for t in after):
+            raise TypeError(f"after must be a non-empty tuple of nn.Module subclasses; got {after!r}")
+        points = tuple(after)
+    if output is not None and output_module is not None:
+        raise TypeError("convert: pass output= (a key or index of the forward's result) or output_module= "
+                        "(a module name), not both")
     dfa = DFA(mode=mode, **dfa_kwargs)
-    wrapped = 0
+    model = model if inplace else copy.deepcopy(model)
+    return attach(DFAModel(model, dfa, output, output_module), points, input_points, detach, fuse, check_residual)
 
-    def visit(parent: nn.Module) -> None:
-        nonlocal wrapped
-        children = list(parent.named_children())
-        skip = False
-        for (name, child), (next_name, following) in zip(children, children[1:] + [(None, None)]):
-            if skip:  # the activation just folded into the DFALinear before it
-                skip = False
-                continue
-            fused = _fused_name(following) if following is not None else None
-            if fuse and isinstance(parent, nn.Sequential) and type(child) is nn.Linear and fused \
-                    and isinstance(following, after):
-                setattr(parent, name, DFALinear(child, fused, dfa))
-                setattr(parent, next_name, nn.Identity())
-                wrapped += 1
-                skip = True
-            elif isinstance(child, after):
-                setattr(parent, name, FeedbackPoint(child, dfa))
-                wrapped += 1
-            else:
-                visit(child)
 
-    visit(model)
-    if wrapped == 0:
-        raise ValueError(f"convert found no module of types {[t.__name__ for t in after]} in the model: "
-                         "pass after=(ModuleType, ...) naming the modules to put feedback points after")
-    return DFAModel(model, dfa)
-
+def attach(converted: DFAModel, points=None, input_points=None, detach=None, fuse: bool = False,
+           check_residual: bool = True) -> DFAModel:
+    """Install the hooks of `convert` on ``converted.model`` (the points of ``converted.dfa``, the
+    detached inputs, the output module's hook); returns `converted` with ``points`` filled in."""
+    model, dfa, output_module = converted.model, converted.dfa, converted.output_module
+    chosen = {id(m): (n, m) for n, m in select_modules(model, points, "points")}
+    starts = {id(m): (n, m) for n, m in select_modules(model, input_points, "input_points")} if input_points else {}
+    cuts = select_modules(model, detach, "detach") if detach is not None else []
+    if not chosen and not starts:
+        what = ("activation modules (torch's, transformers', timm's)" if points is None
+                else f"modules matching points={points!r}")
+        raise ValueError(f"convert found no {what} in the model: pass points= (module-name globs such as "
+                         "'layers.*', module types, or a callable (name, module) -> bool) to say where the "
+                         "feedback points go")
+    modules = dict(model.named_modules())
+    if output_module is not None and (not isinstance(output_module, str) or output_module not in modules
+                                      or not output_module):
+        near = difflib.get_close_matches(str(output_module), list(modules), n=3, cutoff=0.4)
+        raise ValueError(f"output_module must name a submodule of the model (a key of named_modules()); got "
+                         f"{output_module!r}" + (f" (close: {near})" if near else ""))
+    trace = converted.trace = PointTrace(active=check_residual)
+    if fuse:
+        _fold_linear_activations(model, chosen, dfa, trace)
+    names = []
+    for name, module in starts.values():
+        module.register_forward_pre_hook(InputPoint(dfa, f"{name} (input)", trace), with_kwargs=True)
+        names.append(f"{name} (input)")
+    for name, module in cuts:
+        module.register_forward_pre_hook(DetachInput(dfa, name), with_kwargs=True)
+    for name, module in chosen.values():
+        module.register_forward_hook(FeedbackPoint(dfa, name, trace))
+        names.append(name)
+    names += [m.point_name for m in model.modules() if isinstance(m, DFALinear)]
+    converted.points = tuple(names)
+    if output_module is not None:
+        modules[output_module].register_forward_hook(OutputHook(converted, output_module))
+    return converted

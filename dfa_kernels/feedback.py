@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
 DISTRIBUTIONS = ("uniform", "gaussian", "rademacher", "sparse")
 LAYOUTS = ("independent", "shared")
 SEED_LIMIT = 2**32
+INDEX_LIMIT = 2**32  # the hash indexes B's rows and columns with 32-bit integers
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's too), not a bool (True is no width or seed) nor a float (2.5 is no width)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -37,16 +44,23 @@ class FeedbackSpec:
     density: float = 0.1
 
     def __post_init__(self):
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        if not isinstance(self.out_features, int) or self.out_features < 1:
+        widths = self.widths
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__") or not all(
+                _is_int(w) for w in widths):
+            raise ValueError(f"widths must be a non-empty list of positive ints; got {widths!r}")
+        object.__setattr__(self, "widths", tuple(int(w) for w in widths))
+        if not _is_int(self.out_features) or self.out_features < 1:
             raise ValueError(f"out_features must be a positive int; got {self.out_features!r}")
         if not self.widths or any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be a non-empty list of positive ints; got {list(self.widths)}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+        if self.out_features > INDEX_LIMIT or self.total_width > INDEX_LIMIT:
+            raise ValueError(f"out_features ({self.out_features}) and the total width ({self.total_width}) must be "
+                             f"at most 2**32: the hash indexes B's rows and columns with 32-bit integers")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**32); got {self.seed!r}")
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("layout", self.layout, LAYOUTS)
-        if not 0.0 < self.density <= 1.0:
+        if not isinstance(self.density, numbers.Real) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1]; got {self.density!r}")
 
     @property
@@ -85,4 +99,10 @@ class FeedbackSpec:
 
     @classmethod
     def from_state(cls, state: dict) -> "FeedbackSpec":
+        """The spec of ``spec.state()``; a ValueError names what a corrupt or foreign state lacks."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(state, dict) or not {"out_features", "widths"} <= state.keys() or state.keys() - fields:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"a FeedbackSpec state must be a dict with keys {sorted(fields)} (from spec.state()); "
+                             f"got {got}")
         return cls(**state)

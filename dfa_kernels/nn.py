@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,15 @@ ACTIVATION_NAMES = ops.ACTIVATIONS[1:]  # what dfa.point(..., activation=) and d
 
 def _store(signals: list, index: int, grad: torch.Tensor) -> None:
     signals[index] = grad
+
+
+def _check_tensor(value, what: str) -> None:
+    """Points and outputs are float32, float16 or bfloat16 tensors (what the projection runs in)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} expects a torch.Tensor; got {type(value).__name__}")
+    if value.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"{what} expects a float32, float16 or bfloat16 tensor; got {value.dtype}"
+                        + (" (convert the model with model.float())" if value.dtype == torch.float64 else ""))
 
 
 def _check_activation(activation) -> None:
@@ -117,8 +127,7 @@ class DFA(nn.Module):
         a and the point is f(a): returns f(a) (detached outside mode "bp"), and in mode "dfa" the
         projection applies f'(a) itself (fused epilogue), so a's gradient comes out of one kernel.
         """
-        if not isinstance(h, torch.Tensor):
-            raise TypeError(f"dfa.point(h) expects a torch.Tensor; got {type(h).__name__}")
+        _check_tensor(h, "dfa.point(h)")
         if activation is None:
             self._points.append(Record(h))
             return h if self._mode == "bp" else h.detach()
@@ -140,8 +149,10 @@ class DFA(nn.Module):
         """
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"dfa.linear(x, layer) expects layer to be an nn.Linear; got {type(layer).__name__}")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"dfa.linear(x, layer) expects x to be a torch.Tensor; got {type(x).__name__}")
+        _check_tensor(x, "dfa.linear(x, layer): x")
+        if x.shape[-1:] != (layer.in_features,):
+            raise ValueError(f"dfa.linear(x, layer): x must have shape [*batch, layer.in_features="
+                             f"{layer.in_features}]; got {tuple(x.shape)}")
         activation = "none" if activation is None else activation
         if activation != "none":
             _check_activation(activation)
@@ -161,11 +172,11 @@ class DFA(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         points, self._points = self._points, []
         self._check_nonfinite()
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"dfa(y) expects the output tensor; got {type(y).__name__}")
+        _check_tensor(y, "dfa(y)")
         if not points:
             raise RuntimeError("dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
                                "on hidden tensors during the same forward pass")
+        points = self._without_stale(y, points)
         spec = self._spec_for(y, [r.tensor for r in points])
         if self._capture is not None:
             self._start_capture(points, y)
@@ -196,7 +207,8 @@ class DFA(nn.Module):
         self._check_nonfinite()
         if not points:
             raise RuntimeError("dfa.linear_cross_entropy was called with no feedback point recorded")
-        logits_shape = torch.empty(*hidden.shape[:-1], head.out_features, device="meta")
+        logits_shape = hidden.new_empty(()).expand(*hidden.shape[:-1], head.out_features)  # a view: no memory
+        points = self._without_stale(logits_shape, points)
         spec = self._spec_for(logits_shape, [r.tensor for r in points])
         h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         if self._capture is not None:
@@ -243,6 +255,23 @@ class DFA(nn.Module):
                              f"{tuple(y.shape)} (use y.unsqueeze(-1) for one output per row)")
         return y.dim() - 1
 
+    def _without_stale(self, y: torch.Tensor, points: list[Record]) -> list[Record]:
+        """Once the widths are fixed, surplus points at the front whose followers match the spec
+        were recorded before this forward pass (by a forward that raised before dfa(y), or by
+        dfa.point outside a forward): they are dropped, with a warning, never mixed in."""
+        count = 0 if self.spec is None else len(self.spec.widths)
+        if not count or len(points) <= count:
+            return points
+        nb = self._batch_dims(y)
+        tail = points[-count:]
+        if all(tuple(r.tensor.shape[:nb]) == tuple(y.shape[:nb]) and r.tensor.dim() > nb
+               and math.prod(r.tensor.shape[nb:]) == w for r, w in zip(tail, self.spec.widths)):
+            warnings.warn(f"dfa(y): discarded {len(points) - count} stale feedback point(s) recorded before this "
+                          "forward pass (by a forward that raised before dfa(y), or dfa.point called outside a "
+                          "forward); dfa.discard_points() drops them explicitly", RuntimeWarning, stacklevel=3)
+            return tail
+        return points
+
     def _spec_for(self, y: torch.Tensor, points: list[torch.Tensor]) -> FeedbackSpec:
         nb = self._batch_dims(y)
         batch = tuple(y.shape[:nb])
@@ -254,7 +283,15 @@ class DFA(nn.Module):
                     f"feedback point #{index} has shape {tuple(p.shape)}, but the output y has batch dims "
                     f"{batch} (y: {tuple(y.shape)}): a point must start with the output's batch dims and "
                     f"have at least one more (its width); points with other row counts are not supported")
+            if p.device != y.device:
+                raise ValueError(f"feedback point #{index} is on {p.device} but the output y is on {y.device}: "
+                                 f"every point must be on the output's device")
+            if math.prod(p.shape[nb:]) == 0:
+                raise ValueError(f"feedback point #{index} has shape {tuple(p.shape)}: zero width (no feature "
+                                 f"after the batch dims {batch}); a point needs at least one feature")
             widths.append(math.prod(p.shape[nb:]))
+        if out_features == 0:
+            raise ValueError(f"dfa(y): y of shape {tuple(y.shape)} has no output feature after the batch dims {batch}")
         if self.spec is None:
             self.spec = FeedbackSpec(out_features, tuple(widths), self.seed, self.distribution, self.layout,
                                      self.density)
@@ -262,7 +299,9 @@ class DFA(nn.Module):
             raise ValueError(
                 f"this DFA was built for out_features={self.spec.out_features} and point widths "
                 f"{list(self.spec.widths)}, but this forward pass has out_features={out_features} and widths "
-                f"{widths}: the feedback matrix is fixed after the first step (call dfa.reset() to rebuild it)")
+                f"{widths}: the feedback matrix is fixed after the first step (call dfa.reset() to rebuild it; "
+                f"if the first forward recorded points that were not its own, e.g. left by a forward that raised "
+                f"before dfa(y), that is the fix too)")
         return self.spec
 
     # ------------------------------------------------------------ inspection and state
@@ -299,6 +338,17 @@ class DFA(nn.Module):
         """Forget the widths (the next forward pass fixes them again)."""
         self.spec, self._points = None, []
 
+    @property
+    def pending_points(self) -> tuple[Record, ...]:
+        """The points recorded since the last ``dfa(y)`` (what the next one will consume)."""
+        return tuple(self._points)
+
+    def discard_points(self) -> int:
+        """Drop the pending points (e.g. after a forward that raised before ``dfa(y)``); returns how many."""
+        count = len(self._points)
+        self._points = []
+        return count
+
     def resolved_backend(self, device) -> str:
         """The projection backend this module runs on `device` (what 'auto' picks)."""
         if self.spec is None:
@@ -319,7 +369,19 @@ class DFA(nn.Module):
                 "batch_dims": self.batch_dims}
 
     def set_extra_state(self, state: dict) -> None:
-        self.spec = None if state["spec"] is None else FeedbackSpec.from_state(state["spec"])
+        if not isinstance(state, dict) or not {"spec", "scale", "batch_dims"} <= state.keys():
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"DFA state (the '_extra_state' entry of a state_dict) must be a dict with keys "
+                             f"'spec', 'scale', 'batch_dims', as DFA.state_dict() saves it; got {got}")
+        spec = None if state["spec"] is None else FeedbackSpec.from_state(state["spec"])
+        if spec is not None and self.spec is not None and (spec.widths, spec.out_features) != (
+                self.spec.widths, self.spec.out_features):
+            raise ValueError(f"this DFA's points have widths {list(self.spec.widths)} and out_features "
+                             f"{self.spec.out_features}, but the state to load has widths {list(spec.widths)} and "
+                             f"out_features {spec.out_features}: it belongs to another model (dfa.reset() first to "
+                             f"take it anyway)")
+        FeedbackSpec(1, (1,)).scales(state["scale"])  # a valid scale, or a ValueError naming it
+        self.spec = spec
         self.scale, self.batch_dims = state["scale"], state["batch_dims"]
         if self.spec is not None:
             self.seed, self.distribution = self.spec.seed, self.spec.distribution

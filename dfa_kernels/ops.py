@@ -12,6 +12,8 @@ import functools
 import importlib.metadata
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import warnings
@@ -346,6 +348,16 @@ def check_error_tensor(e, out_features: int, name: str = "e") -> None:
         raise ValueError(f"{name} must be contiguous; call {name}.contiguous() first")
 
 
+def _check_spec(spec) -> None:
+    if not isinstance(spec, FeedbackSpec):
+        raise TypeError(f"spec must be a dk.FeedbackSpec; got {type(spec).__name__}")
+
+
+def _check_scale(scale, name: str = "scale") -> None:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite number; got {scale!r}")
+
+
 def _check_col_scale(col_scale, width: int, device) -> None:
     if col_scale is None:
         return
@@ -440,7 +452,9 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
     Accumulates in fp32; returns out_dtype (default e.dtype). NaN/Inf in e propagate exactly as
     they do through ``e @ B`` (the DFA module checks its error before projecting).
     """
+    _check_spec(spec)
     check_error_tensor(e, spec.out_features)
+    _check_scale(scale)
     width = spec.total_width
     _check_col_scale(col_scale, width, e.device)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
@@ -460,6 +474,8 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
 
 def _check_points(spec: FeedbackSpec, N: int, scales, act_inputs, activations, device):
     count = len(spec.widths)
+    for x in scales:
+        _check_scale(x, "scales[l]")
     scales = [float(x) for x in scales]
     act_inputs = [None] * count if act_inputs is None else list(act_inputs)
     activations = ["none"] * count if activations is None else list(activations)
@@ -489,6 +505,7 @@ def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual"
     with "relu", "gelu", "tanh", "sigmoid" or "silu" passes its pre-activation [N, d_l] and
     receives grad(pre-activation) directly: the fused epilogue.
     """
+    _check_spec(spec)
     check_error_tensor(e, spec.out_features)
     scales, act_inputs, activations = _check_points(spec, e.shape[0], spec.scales() if scales is None else scales,
                                                     act_inputs, activations, e.device)

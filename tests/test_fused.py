@@ -307,22 +307,3 @@ def test_auto_backend_without_a_table_prefers_tensor_cores_for_project_points(mo
         assert ops.resolve_backend("auto", "cuda", "project_points", "virtual", 768) == points_backend
         assert ops.resolve_backend("auto", "cuda", "project", "virtual", 768) == "cuda"
         assert ops.resolve_backend("auto", "cuda") == "cuda"
-
-
-def test_convert_fuse_folds_linear_and_activation():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.GELU(approximate="tanh"),
-                        nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, target = torch.randn(5, 6), torch.randint(0, 3, (5,))
-    plain = dk.convert(net, seed=3)
-    fused = dk.convert(net, seed=3, fuse=True)
-    assert [type(m).__name__ for m in fused.model] == ["DFALinear", "Identity", "Linear", "FeedbackPoint",
-                                                         "DFALinear", "Identity", "Linear"]
-    assert fused.model[0].activation == "relu" and fused.model[4].activation == "tanh"
-    assert fused.state_dict().keys() == plain.state_dict().keys() == dk.convert(net).state_dict().keys()
-    torch.testing.assert_close(fused(x), net(x))
-    for model in (plain, fused):
-        F.cross_entropy(model(x), target).backward()
-    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
-    assert fused.dfa.spec.widths == plain.dfa.spec.widths == (16, 12, 8)

@@ -244,28 +244,6 @@ def test_tinydfa_preset_matches_tinydfa_formulas():
     torch.testing.assert_close(lin2.weight.grad, g2)
 
 
-def test_convert_inserts_points_and_keeps_outputs():
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 3))
-    x = torch.randn(5, 6)
-    converted = dk.convert(net, mode="dfa", seed=3)
-    torch.testing.assert_close(converted(x), net(x))
-    assert sum(isinstance(m, dk.FeedbackPoint) for m in converted.modules()) == 2
-    assert converted.dfa.spec.widths == (16, 12)
-    _loss(converted(x), torch.randint(0, 3, (5,))).backward()
-    assert all(p.grad is not None for p in converted.parameters())
-    only_linear = dk.convert(net, after=(nn.Linear,))
-    assert sum(isinstance(m, dk.FeedbackPoint) for m in only_linear.modules()) == 3
-    with pytest.raises(ValueError, match="found no module of types"):
-        dk.convert(nn.Sequential(nn.Linear(2, 2)))
-    converted.dfa.mode = "bp"
-    converted.zero_grad()
-    _loss(converted(x), torch.zeros(5, dtype=torch.long)).backward()
-    net.zero_grad()
-    _loss(net(x), torch.zeros(5, dtype=torch.long)).backward()
-    for p, q in zip(converted.model.parameters(), net.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_compiled_training_step_matches_eager(backend):
     torch.manual_seed(0)

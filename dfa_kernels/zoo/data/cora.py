@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import INSTALL_HINT, package_dir
+from . import INSTALL_HINT, DataNotFoundError, DataPackageError, package_dir
 
 def cora_files() -> tuple[Path, Path]:
     package = package_dir("graphdatascience")
     if package is None:
-        raise ModuleNotFoundError(
+        raise DataPackageError(
             "the data-only package 'graphdatascience' is not installed; install it with "
             f"`{INSTALL_HINT}` (from the repository root)", name="graphdatascience")
     root = package / "resources" / "cora"
     nodes, rels = root / "cora_nodes.parquet.gzip", root / "cora_rels.parquet.gzip"
     for f in (nodes, rels):
         if not f.exists():
-            raise FileNotFoundError(f"{f} is missing; reinstall with `{INSTALL_HINT}` "
+            raise DataNotFoundError(f"{f} is missing; reinstall with `{INSTALL_HINT}` "
                                     "(graphdatascience==2.2 ships the Cora parquet files)")
     return nodes, rels
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import DataFormatError, DataNotFoundError
+
 N_INT, N_CAT = 13, 26
 COLUMNS = ["label"] + [f"I{i}" for i in range(1, N_INT + 1)] + [f"C{i}" for i in range(1, N_CAT + 1)]
 
@@ -63,6 +65,24 @@ def _int_bucket(v: float) -> str:
     return str(int(math.log(v) ** 2) + 3) if v > 2 else str(v)    # +3 keeps buckets apart from 0..2
 
 
+def _check_criteo_lines(path: Path) -> None:
+    """The first and last lines hold the 40 columns (39 tabs): catches other formats and files cut
+    short, without reading the whole (possibly 11 GB) file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataFormatError(f"{path} is empty; expected Criteo TSV rows (label, I1..I13, C1..C26)")
+    with open(path, "rb") as f:
+        first = f.readline()
+        f.seek(max(0, size - (1 << 16)))
+        last = f.read().rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+    for where, line in (("first", first.rstrip(b"\r\n")), ("last", last)):
+        columns = len(line.split(b"\t"))
+        if columns != len(COLUMNS):
+            raise DataFormatError(f"{path}: the {where} line has {columns} tab-separated columns; "
+                                  f"expected {len(COLUMNS)} (label, I1..I13, C1..C26): another format, or a "
+                                  "file cut short")
+
+
 def load_criteo(path: str | Path, min_count: int = 10, max_rows: int | None = None,
                 seed: int = 0) -> CTRData:
     """Read a Criteo TSV file (``label, 13 integer, 26 categorical`` columns, no header)."""
@@ -70,11 +90,16 @@ def load_criteo(path: str | Path, min_count: int = 10, max_rows: int | None = No
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Criteo TSV file not found: {path}")
-    df = pd.read_csv(path, sep="\t", header=None, names=COLUMNS, nrows=max_rows,
-                     dtype={c: str for c in COLUMNS[1 + N_INT:]})
-    if df.shape[1] != len(COLUMNS) or df["label"].isna().any():
-        raise ValueError(f"{path}: expected {len(COLUMNS)} tab-separated columns with a label first")
+        raise DataNotFoundError(f"Criteo TSV file not found: {path}")
+    _check_criteo_lines(path)
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=COLUMNS, nrows=max_rows,
+                         dtype={c: str for c in COLUMNS[1 + N_INT:]})
+    except (UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise DataFormatError(f"{path} is not a Criteo TSV file ({err})") from None
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    if df.shape[1] != len(COLUMNS) or not labels.isin([0, 1]).all():
+        raise DataFormatError(f"{path}: expected {len(COLUMNS)} tab-separated columns with a 0/1 label first")
     parts = split_indices(len(df), seed=seed)
     is_train = np.zeros(len(df), dtype=bool)
     is_train[parts["train"]] = True

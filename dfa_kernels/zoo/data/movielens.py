@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import INSTALL_HINT, package_dir
+from . import INSTALL_HINT, DataNotFoundError, package_dir
 from .criteo import CTRData
 
 FIELDS = ["user", "item", "age", "gender", "occupation", "zip", "release_year", "genres"]
@@ -30,11 +30,11 @@ YEAR_EDGES = [1940, 1950, 1960, 1970, 1980, 1990, 1993, 1995, 1996, 1997, 1998]
 def ml100k_dir() -> Path:
     package = package_dir("recbole")
     if package is None:
-        raise FileNotFoundError("MovieLens-100k comes with the recbole package, which is not "
+        raise DataNotFoundError("MovieLens-100k comes with the recbole package, which is not "
                                 f"installed; install it (data only) with: {INSTALL_HINT}")
     path = package / "dataset_example" / "ml-100k"
     if not (path / "ml-100k.inter").is_file():
-        raise FileNotFoundError(f"{path}/ml-100k.inter is missing; reinstall with: {INSTALL_HINT}")
+        raise DataNotFoundError(f"{path}/ml-100k.inter is missing; reinstall with: {INSTALL_HINT}")
     return path
 
 

