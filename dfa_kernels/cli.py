@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="cpu")
         s.add_argument("--epochs", type=int, default=None)
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--placement", default="macro", choices=["macro", "micro"])
+        s.add_argument("--placement", default="macro", choices=["macro", "micro", "linear"])
         s.add_argument("--data", default=None, help="your own files in the paper's format (see the task)")
         s.add_argument("--out", default="runs")
         s.add_argument("--no-progress", action="store_true")

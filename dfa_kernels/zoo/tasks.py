@@ -19,7 +19,7 @@ RECIPE_MODULES = ("graph", "recsys", "transformer", "nerf")
 class TrainConfig:
     task: str
     mode: str = "dfa"                 # "bp" | "dfa" | "shallow"
-    placement: str = "macro"          # Transformer only: "macro" | "micro"
+    placement: str = "macro"          # Transformer only: "macro" | "micro" | "linear"
     preset: str = "cpu"               # "cpu": minutes on a 2-core CPU; "full": the paper's sizes
     device: str = "cpu"
     epochs: int | None = None         # None: the preset's
