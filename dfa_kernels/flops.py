@@ -10,13 +10,16 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .reference import column_spans
+
 
 def _project(e_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(e_shape) * out_shape[1]  # e [N, K] @ B [K, W]
 
 
 def _project_points(e_shape, B, seed, distribution, density, offsets, widths, *args, **kwargs) -> int:
-    return 2 * math.prod(e_shape) * sum(widths)
+    # One product per column span: points that share columns (the shared layout) share it.
+    return 2 * math.prod(e_shape) * sum(stop - start for start, stop in column_spans(offsets, widths))
 
 
 def _grouped_weight_grad(grads, inputs, *args, **kwargs) -> int:

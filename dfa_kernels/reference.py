@@ -28,11 +28,12 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seed_key(seed: int) -> torch.Tensor:
-    return mix32(torch.tensor((seed & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
+def seed_key(seed: int) -> int:
+    """The seed's key, a Python int (mix32 and _mul32 work on ints as on tensors)."""
+    return mix32((seed & MASK32) ^ 0x9E3779B9)
 
 
-def row_key(skey: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+def row_key(skey: int, i: torch.Tensor) -> torch.Tensor:
     return mix32((skey + _mul32(i, 0x9E3779B9)) & MASK32)
 
 
@@ -42,7 +43,7 @@ def col_key(j: torch.Tensor) -> torch.Tensor:
 
 def hash_ij(seed: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """hash(seed, i, j) as int64 values in [0, 2^32), broadcasting i against j."""
-    return mix32(row_key(seed_key(seed).to(i.device), i) ^ col_key(j))
+    return mix32(row_key(seed_key(seed), i) ^ col_key(j))
 
 
 def sparse_threshold(density: float) -> int:
@@ -68,13 +69,38 @@ def values_from_hash(h: torch.Tensor, distribution: str, j: torch.Tensor, densit
 
 
 def feedback_matrix(seed: int, distribution: str, rows: int, cols: int, density: float = 0.1,
-                    dtype: torch.dtype = torch.float32, device="cpu", col_offset: int = 0) -> torch.Tensor:
-    """B[i, j] for i < rows, col_offset <= j < col_offset + cols, as a dense tensor."""
+                    dtype: torch.dtype = torch.float32, device="cpu", col_offset: int = 0,
+                    row_offset: int = 0) -> torch.Tensor:
+    """B[i, j] for row_offset <= i < row_offset + rows, col_offset <= j < col_offset + cols, dense."""
     device = torch.device(device)
-    i = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
+    i = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)[:, None]
     j = torch.arange(col_offset, col_offset + cols, dtype=torch.int64, device=device)[None, :]
     word_j = j >> 5 if distribution == "rademacher" else j
     return values_from_hash(hash_ij(seed, i, word_j), distribution, j, density).to(dtype)
+
+
+# The virtual product generates B in blocks of at most this many entries (each int64 hash
+# temporary of a block is 8 bytes an entry), so its memory is bounded whatever [K, D] is.
+BLOCK_ENTRIES = 1 << 20
+
+
+def virtual_product(e32: torch.Tensor, seed: int, distribution: str, density: float, col_offset: int,
+                    cols: int) -> torch.Tensor:
+    """e32 @ B[:, col_offset : col_offset + cols] (fp32), B generated block by block, never whole."""
+    N, K = e32.shape
+    step_k = min(max(K, 1), BLOCK_ENTRIES // 32)
+    step_j = max(32, BLOCK_ENTRIES // step_k // 32 * 32)
+    parts = []
+    for j in range(0, cols, step_j):
+        width = min(step_j, cols - j)
+        F = e32.new_zeros(N, width)
+        for k in range(0, K, step_k):
+            rows = min(step_k, K - k)
+            B = feedback_matrix(seed, distribution, rows, width, density, device=e32.device,
+                                col_offset=col_offset + j, row_offset=k)
+            F = F + e32[:, k:k + rows] @ B
+        parts.append(F)
+    return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
 
 
 def project(e: torch.Tensor, seed: int, distribution: str, density: float, width: int,
@@ -82,10 +108,12 @@ def project(e: torch.Tensor, seed: int, distribution: str, density: float, width
             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F = scale * (e @ B) [* col_scale], accumulated in fp32, returned in out_dtype (default e's).
 
-    Same argument order as the ``dfa_kernels::project`` op.
+    Same argument order as the ``dfa_kernels::project`` op. B is generated in bounded blocks.
     """
-    B = feedback_matrix(seed, distribution, e.shape[1], width, density, device=e.device)
-    return project_materialized(e, B, scale, col_scale, out_dtype)
+    F = virtual_product(e.to(torch.float32), seed, distribution, density, 0, width) * scale
+    if col_scale is not None:
+        F = F * col_scale.to(torch.float32)
+    return F.to(out_dtype or e.dtype)
 
 
 def project_materialized(e: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
@@ -129,18 +157,41 @@ def activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
 
 
+def column_spans(offsets, widths) -> list[tuple[int, int]]:
+    """The union of the points' column ranges [offset, offset + width) as sorted, disjoint
+    (start, stop) spans: overlapping or touching ranges merge. The independent layout is one span
+    [0, D); the shared layout (every point reads the first d_l columns) one span [0, max d_l)."""
+    spans: list[list[int]] = []
+    for off, w in sorted((int(o), int(w)) for o, w in zip(offsets, widths) if w > 0):
+        if spans and off <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], off + w)
+        else:
+            spans.append([off, off + w])
+    return [(a, b) for a, b in spans]
+
+
 def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribution: str, density: float,
                    offsets, widths, scales, act_inputs, activations,
                    out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """out[l] = (scales[l] * (e @ B[:, offsets[l]:offsets[l] + widths[l]])) * f_l'(act_inputs[l]).
 
-    Same argument order as the ``dfa_kernels::project_points`` op; B None generates it.
+    Same argument order as the ``dfa_kernels::project_points`` op; B None generates it. The product
+    is computed once per column span (see column_spans), so points that share columns (the shared
+    layout) share it; each point's epilogue reads its slice.
     """
+    e32 = e.to(torch.float32)
+    products = []  # (start, stop, e @ B[:, start:stop])
+    for start, stop in column_spans(offsets, widths):
+        F = (e32 @ B[:, start:stop].to(torch.float32) if B is not None else
+             virtual_product(e32, seed, distribution, density, start, stop - start))
+        products.append((start, stop, F))
     outs = []
     for off, w, s, a, act in zip(offsets, widths, scales, act_inputs, activations):
-        Bl = (feedback_matrix(seed, distribution, e.shape[1], w, density, device=e.device, col_offset=off)
-              if B is None else B[:, off:off + w])
-        F = (e.to(torch.float32) @ Bl.to(torch.float32)) * s
+        if w == 0:
+            outs.append(e.new_zeros(e.shape[0], 0, dtype=out_dtype or e.dtype))
+            continue
+        start, F_span = next((a0, F) for a0, b0, F in products if a0 <= off and off + w <= b0)
+        F = F_span[:, off - start:off - start + w] * s
         if act != "none":
             F = F * activation_grad(a, act)
         outs.append(F.to(out_dtype or e.dtype))

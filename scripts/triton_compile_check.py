@@ -28,6 +28,7 @@ project = importlib.import_module("dfa_kernels.triton.project")
 points = importlib.import_module("dfa_kernels.triton.project_points")
 grouped = importlib.import_module("dfa_kernels.triton.grouped_gemm")
 cross_entropy = importlib.import_module("dfa_kernels.triton.cross_entropy")
+tables = importlib.import_module("dfa_kernels.triton.tables")
 
 FLOAT = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
@@ -55,14 +56,19 @@ def variants():
     for dist in (0, 1, 2, 3):
         yield (f"feedback_matrix dist={dist}", project._feedback_kernel, {"out_ptr": "*bf16"},
                {"DIST": dist, "LIBDEVICE": True, "BR": 32, "BC": 128}, ())
-    for dt, act, (virtual, aligned) in itertools.product(("fp32", "bf16"), (0, 1, 2, 3, 4, 5),
-                                                         ((True, True), (True, False), (False, False))):
-        ptrs = {"e_ptr": f"*{dt}", "b_ptr": f"*{dt}", **{t: "*i64" for t in ("out_tab", "act_tab", "off_tab")},
-                "width_tab": "*i32", "scale_tab": "*fp32"}
-        yield (f"project_points {dt} act={act} virtual={virtual} aligned={aligned}", points._points_kernel, ptrs,
-               {"VIRTUAL": virtual, "DIST": 2, "ACT": act, "ALIGNED": aligned, "OUT_TYPE": FLOAT[dt],
-                "ACT_TYPE": FLOAT[dt], "MAX_P": 16, "LIBDEVICE": True,
+    for dt, has_act, (virtual, aligned), narrow_kp, hints in itertools.product(
+            ("fp32", "bf16"), (False, True), ((True, True), (True, False), (False, False)), (0, 4), (False, True)):
+        if narrow_kp and aligned:
+            continue
+        ptrs = {"e_ptr": f"*{dt}", "b_ptr": f"*{dt}", "ptr_tab": "*i64", "meta_tab": "*i64", "scale_tab": "*fp32"}
+        yield (f"project_points {dt} act={has_act} virtual={virtual} aligned={aligned} narrow={narrow_kp} "
+               f"hints={hints}", points._points_kernel, ptrs,
+               {"VIRTUAL": virtual, "DIST": 2, "HAS_ACT": has_act, "ALIGNED": aligned, "NARROW_KP": narrow_kp,
+                "HINTS": hints, "OUT_TYPE": FLOAT[dt], "ACT_TYPE": FLOAT[dt], "LIBDEVICE": True,
                 "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee", "BM": 64, "BN": 128, "BK": 32}, ())
+    for dt, count in (("i64", 1), ("i64", 96), ("fp32", 7)):
+        yield (f"device_table {dt} x{count}", tables._fill_kernel, {"dst_ptr": f"*{dt}", "values": (dt,) * count},
+               {"COUNT": count}, ())
     for dt in ("fp32", "bf16"):
         ptrs = {t: "*i64" for t in ("g_tab", "x_tab", "out_tab")} | {t: "*i32" for t in ("n_tab", "o_tab", "i_tab")}
         yield (f"grouped_weight_grad {dt}", grouped._grouped_kernel, ptrs,

@@ -25,6 +25,23 @@ def test_flop_counter_counts_our_ops(backend, storage):
     assert counter.get_total_flops() == 2 * gemm + 2 * N * (4 * 7 + 2 * 9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_project_points_counts_the_union_of_columns(backend):
+    """Points that share columns share one product: 2 N K (size of the union of their columns)."""
+    N, K, widths = 5, 3, [4, 6, 2]
+    e = torch.randn(N, K)
+    for layout, union in (("shared", 6), ("independent", 12)):
+        spec = dk.FeedbackSpec(K, widths, seed=1, layout=layout)
+        with FlopCounterMode(display=False) as counter:
+            dk.ops.project_points(e, spec, "virtual", backend)
+        assert counter.get_total_flops() == 2 * N * K * union, layout
+    with FlopCounterMode(display=False) as counter:  # [0, 10) and [20, 23) with a gap: 13 columns
+        dk.ops.project_points(e, dk.FeedbackSpec(K, [10, 3]), "virtual", backend)
+        torch.ops.dfa_kernels.project_points(e, None, 1, "uniform", 0.1, [0, 5, 20], [10, 3, 3], [1.0] * 3,
+                                             [None] * 3, ["none"] * 3, None)
+    assert counter.get_total_flops() == 2 * N * K * 13 + 2 * N * K * 13
+
+
 def test_step_flops_by_hand():
     """MLP "tiny" (2 hidden layers of 32, batch 16, 4 classes): BP runs every weight and input
     gradient but the first layer's input gradient; DFA runs the weight gradients and the projection

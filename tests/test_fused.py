@@ -152,6 +152,70 @@ def test_project_points_matches_reference(backend, device, case, storage, distri
         torch.testing.assert_close(g, w, **tol)
 
 
+def _per_point(e, B, offsets, widths, scales, acts, activations):
+    """Each point's product on its own (what project_points computed before spans were shared)."""
+    outs = []
+    for off, w, s, a, act in zip(offsets, widths, scales, acts, activations):
+        F = (e.float() @ B[:, off:off + w].float()) * s
+        outs.append(F if act == "none" else F * reference.activation_grad(a, act))
+    return outs
+
+
+SHARED_CASES = [  # (N, out_features, widths, activations): the shared layout, every point a prefix of B
+    (0, 3, (5, 2), ("relu", "none")),
+    (7, 4, (33, 2, 64, 64), ("tanh", "none", "silu", "relu")),
+    (67, 17, (40, 31, 1, 97), ("sigmoid", "relu", "none", "gelu")),
+    (1001, 16, (200, 70, 200), ("relu", "gelu", "none")),  # CPU outer product
+    (19, 300, (130, 37, 130), ("none", "gelu", "none")),  # K above one B block's rows on the CPU
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("case", SHARED_CASES)
+@pytest.mark.parametrize("storage", ["virtual", "materialized"])
+@pytest.mark.parametrize("distribution", ["uniform", "rademacher"])
+def test_project_points_shared_layout(backend, device, case, storage, distribution):
+    """Points that read the same columns share one product (the union of their columns): the
+    results match each point's own product, with per-point scales and activations."""
+    N, K, widths, activations = case
+    spec = dk.FeedbackSpec(K, widths, seed=5, distribution=distribution, layout="shared")
+    assert set(spec.offsets) == {0}
+    e = torch.randn(N, K, device=device)
+    acts = [None if a == "none" else torch.randn(N, w, device=device) for w, a in zip(widths, activations)]
+    scales = [0.25 * (l + 1) for l in range(len(widths))]
+    got = ops.project_points(e, spec, storage, backend, scales=scales, act_inputs=acts, activations=activations)
+    B = reference.feedback_matrix(5, distribution, K, spec.total_width, device=device)
+    want = _per_point(e, B, spec.offsets, widths, scales, acts, activations)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in backend_device_pairs() if b != "torch"])
+@pytest.mark.parametrize("stored", [False, True])
+def test_project_points_overlapping_ranges(backend, device, stored):
+    """Any overlap, not just prefixes: ranges that overlap in part, one inside another, a gap
+    between spans, a span starting off a 32-column boundary, a zero-width point."""
+    prefix = "triton_" if backend == "triton" else ""
+    offsets, widths = [3, 20, 30, 100, 101, 7], [40, 5, 45, 33, 2, 0]
+    acts = ["relu", "none", "gelu", "silu", "none", "none"]
+    N, K = 21, 6
+    e = torch.randn(N, K, device=device)
+    pre = [None if a == "none" else torch.randn(N, w, device=device) for w, a in zip(widths, acts)]
+    scales = [0.5, -1.0, 2.0, 0.125, 3.0, 1.0]
+    B = reference.feedback_matrix(9, "rademacher", K, 140, device=device)
+    got = getattr(torch.ops.dfa_kernels, f"{prefix}project_points")(
+        e, B if stored else None, 9, "rademacher", 0.1, offsets, widths, scales, pre, acts, None)
+    want = _per_point(e, B, offsets, widths, scales, pre, acts)
+    assert reference.column_spans(offsets, widths) == [(3, 75), (100, 133)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    ref = reference.project_points(e, B if stored else None, 9, "rademacher", 0.1, offsets, widths, scales, pre, acts)
+    for r, w in zip(ref, want):
+        torch.testing.assert_close(r, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_project_points_dtypes(backend, device, dtype):

@@ -459,22 +459,23 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
   if (N == 0 || K == 0) return outs;
   const at::Tensor e32 = e.detach().to(at::kFloat).contiguous();  // detached: the BLAS calls below use out=
 
-  // Every point's column (and row) blocks form one task list, so narrow points share the threads.
-  // Each task accumulates its block of e @ B_l into a thread-local buffer, B's blocks generated
-  // (virtual) or read in place (stored), and runs the point's epilogue on it while it is in cache.
+  // The product runs once per column span, the union of the points' column ranges (one span [0, D)
+  // in the independent layout; [0, max d_l) in the shared one, where every point reads a prefix):
+  // each span's column (and row) blocks form one task list, so narrow spans share the threads. A task
+  // accumulates its block of e @ B[:, span] into a thread-local buffer, B's blocks generated (virtual)
+  // or read in place (stored), then runs the epilogue of every point that covers part of the block
+  // while it is in cache: points that share columns share the product.
   // (One GEMM over all columns then an epilogue pass was 3x slower for out_features 1: BLAS makes a
   // poor outer product, and the [N, D] result leaves the cache before the epilogue reads it.)
   const at::Tensor B32 = B.has_value() ? B->detach().to(at::kFloat).contiguous() : at::Tensor();
-  struct Task { size_t point; int64_t j0, jn, r0, rn; int64_t bk; };
+  struct Task { int64_t j0, jn, r0, rn, bk; };
   std::vector<Task> tasks;
-  for (size_t l = 0; l < points.size(); ++l) {
-    if (points[l].width == 0) continue;
-    const Plan plan = plan_blocks(N, K, points[l].width);
+  for (const auto& [start, stop] : column_spans(points)) {
+    const Plan plan = plan_blocks(N, K, stop - start);
     for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
       for (int64_t cb = 0; cb < plan.col_blocks; ++cb) {
-        const int64_t j0 = cb * plan.bn, r0 = rb * plan.rows_per_block;
-        tasks.push_back({l, j0, std::min(plan.bn, points[l].width - j0), r0,
-                         std::min(plan.rows_per_block, N - r0), plan.bk});
+        const int64_t j0 = start + cb * plan.bn, r0 = rb * plan.rows_per_block;
+        tasks.push_back({j0, std::min(plan.bn, stop - j0), r0, std::min(plan.rows_per_block, N - r0), plan.bk});
       }
     }
   }
@@ -483,21 +484,25 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
     std::vector<float> bbuf, abuf;
     std::vector<uint32_t> ckeys;
     for (int64_t t = begin; t < end; ++t) {
-      const Task& task = tasks[t];
-      const PointArgs& p = points[task.point];
-      const int64_t col0 = p.offset + task.j0;  // column of B
-      if (!B32.defined()) column_keys(spec.dist, col0, task.jn, ckeys);
+      const Task& task = tasks[t];  // columns [j0, j0 + jn) of B
+      if (!B32.defined()) column_keys(spec.dist, task.j0, task.jn, ckeys);
       block_product(
           e32, task.r0, task.rn, task.jn, task.bk,
           [&](int64_t k0, int64_t kn) {
-            return b_block_rows(B32, spec, skey, col0, task.jn, k0, kn, ckeys, bbuf);
+            return b_block_rows(B32, spec, skey, task.j0, task.jn, k0, kn, ckeys, bbuf);
           },
           [&](int64_t, int64_t rcn) {  // every chunk reuses the same thread-local rows
             abuf.resize(rcn * task.jn);
             return at::from_blob(abuf.data(), {rcn, task.jn}, at::kFloat);
           },
           [&](int64_t rc, int64_t rcn) {
-            finish_point_block(abuf.data(), task.jn, outs[task.point], p, task.r0 + rc, rcn, task.j0, task.jn);
+            for (size_t l = 0; l < points.size(); ++l) {  // every point that reads some of these columns
+              const PointArgs& p = points[l];
+              const int64_t lo = std::max(task.j0, p.offset), hi = std::min(task.j0 + task.jn, p.offset + p.width);
+              if (lo >= hi) continue;
+              finish_point_block(abuf.data() + (lo - task.j0), task.jn, outs[l], p, task.r0 + rc, rcn,
+                                 lo - p.offset, hi - lo);
+            }
           });
     }
   });

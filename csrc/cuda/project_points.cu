@@ -1,18 +1,19 @@
-// CUDA project_points: every feedback point's gradient in one launch,
+// CUDA project_points: every feedback point's gradient in one launch per column span,
 //   out[l] = (scales[l] * (e @ B[:, offsets[l] : offsets[l] + widths[l]])) * f_l'(act_inputs[l]).
 //
-// A grouped SIMT GEMM (the tile of cuda_common.cuh): blockIdx.x enumerates the tiles of every point
-// in turn, point l owning blocks [tile_begin_l, tile_begin_l + row_blocks * col_blocks_l); a block
-// finds its point by a scan of the (at most kMaxPoints) tile_begin values in the kernel
-// parameters, then computes a [BM, 128] tile of that point with B's columns shifted by the point's
-// offset, either generated from the hash (B = None) or read from B (fp32/fp16/bf16, any of them
-// independent of e's dtype). The epilogue multiplies by the scale and the activation derivative of
-// the point's pre-activation, and stores in out_dtype. All points share N and so the row tile
-// height. More than kMaxPoints points take one launch per kMaxPoints.
+// The product runs once per column span, the union of the points' column ranges (column_spans in
+// checks.h): one span [0, D) in the independent layout, [0, max d_l) in the shared one, where every
+// point reads a prefix of B. A block computes a [BM, 128] tile of the span with the SIMT GEMM tile of
+// cuda_common.cuh, B generated from the hash (B = None) or read (fp32/fp16/bf16, independent of e's
+// dtype), then runs the epilogue of every point whose columns meet the tile: the point's scale, the
+// activation derivative of its pre-activation, the cast to out_dtype, the store into its own output.
+// Points that share columns share the tile's product. The point descriptors travel in the kernel
+// parameters (no host-to-device copy); more than kMaxPoints points in one span take one launch per
+// kMaxPoints.
 //
-// Split-K (small N and widths, long K), as in the virtual projection: gridDim.z slices of an fp32
-// workspace, point l at part_base_l of each slice; a second grouped kernel (blockIdx.y = point)
-// sums the slices in a fixed order and applies the epilogue.
+// Split-K (small N and span, long K), as in the virtual projection: gridDim.z slices of an fp32
+// workspace [splits, N, span width]; a second kernel sums the slices in a fixed order and runs
+// the points' epilogues.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,18 +32,15 @@
 namespace dfa_kernels {
 namespace {
 
-// Points per launch: their descriptors travel in the kernel parameters (32 x 72 B, under the
+// Points per launch: their descriptors travel in the kernel parameters (64 x 40 B, under the
 // 4 KiB parameter limit), so a launch needs no host-to-device copy.
-constexpr int kMaxPoints = 32;
+constexpr int kMaxPoints = 64;
 
 struct PointDesc {
-  void* out;           // [N, width], out_kind
-  const void* act;     // [N, width] pre-activation in act_kind, or nullptr (activation "none")
-  int64_t offset;      // first column of B
+  void* out;          // [N, width], out_kind
+  const void* act;    // [N, width] pre-activation in act_kind, or nullptr (activation "none")
+  int64_t offset;     // first column of B
   int64_t width;
-  int64_t tile_begin;  // first blockIdx.x of this point
-  int64_t col_blocks;
-  int64_t part_base;   // split-K: offset of this point's [N, width] block in a workspace slice
   float scale;
   Activation act_fn;
   FpKind act_kind;
@@ -53,8 +51,8 @@ struct PointsParams {
   int count;
   const void* e;        // [N, K] row-major
   const void* B;        // [K, ldb] row-major, or nullptr: generated
-  float* partial;       // split-K workspace [gridDim.z, part_stride], or nullptr
-  int64_t N, K, ldb, part_stride, k_per_split;
+  float* partial;       // split-K workspace [gridDim.z, N, span_w], or nullptr
+  int64_t N, K, ldb, span0, span_w, col_blocks, k_per_split;
   uint32_t skey, threshold;
   Distribution dist;
   FpKind e_kind, b_kind, out_kind;
@@ -68,57 +66,77 @@ __device__ __forceinline__ float finish_point(float acc, const PointDesc& pt, in
   return v;
 }
 
+// Point pt's part of values v[0 : n] at row r, columns j, ..., j + n - 1 of B: finished and stored
+// (one 4-wide store when all four are the point's and aligned).
+__device__ __forceinline__ void store_point(const PointDesc& pt, int64_t r, int64_t j, const float (&v)[4], int n,
+                                            FpKind out_kind) {
+  const int64_t c = j - pt.offset;  // the point's column of B column j
+  const int64_t idx = r * pt.width + c;
+  if (n == 4 && c >= 0 && c + 4 <= pt.width && pt.width % 4 == 0 && c % 4 == 0) {
+    float w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) w[q] = finish_point(v[q], pt, idx + q);
+    store4(pt.out, idx, w, 4, true, out_kind);
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (q < n && c + q >= 0 && c + q < pt.width) store_fp(pt.out, idx + q, finish_point(v[q], pt, idx + q), out_kind);
+  }
+}
+
 template <int TM, bool kStoredB>
 __global__ void __launch_bounds__(kSimtThreads, 2) project_points_kernel(const __grid_constant__ PointsParams p) {
   __shared__ SimtSmem<TM> sm;
   const int64_t block = blockIdx.x;
-  int l = 0;
-  while (l + 1 < p.count && block >= p.pts[l + 1].tile_begin) ++l;  // uniform over the block
-  const PointDesc& pt = p.pts[l];
-  const int64_t local = block - pt.tile_begin;
-  const int64_t row0 = (local / pt.col_blocks) * SimtSmem<TM>::BM;
-  const int64_t col0 = (local % pt.col_blocks) * kSimtBN;
+  const int64_t row0 = (block / p.col_blocks) * SimtSmem<TM>::BM;
+  const int64_t col0 = (block % p.col_blocks) * kSimtBN;  // within the span
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
   const int64_t k_end = std::min(p.K, k_begin + p.k_per_split);
 
   float acc[TM][8];
   if constexpr (kStoredB) {
-    StoredB<32> bsrc{p.B, p.ldb, pt.offset, p.b_kind};
-    simt_gemm_tile<TM>(sm, p.e, p.e_kind, p.N, p.K, row0, col0, pt.width, k_begin, k_end, bsrc, acc);
+    StoredB<32> bsrc{p.B, p.ldb, p.span0, p.b_kind};
+    simt_gemm_tile<TM>(sm, p.e, p.e_kind, p.N, p.K, row0, col0, p.span_w, k_begin, k_end, bsrc, acc);
   } else {
-    GeneratedB<32> bsrc{p.dist, p.skey, p.threshold, pt.offset, {}};
-    simt_gemm_tile<TM>(sm, p.e, p.e_kind, p.N, p.K, row0, col0, pt.width, k_begin, k_end, bsrc, acc);
+    GeneratedB<32> bsrc{p.dist, p.skey, p.threshold, p.span0, {}};
+    simt_gemm_tile<TM>(sm, p.e, p.e_kind, p.N, p.K, row0, col0, p.span_w, k_begin, k_end, bsrc, acc);
   }
 
-  // 4-wide stores stay aligned when the width is (part_base and part_stride are multiples of 4).
-  const bool vec = (pt.width % 4) == 0;
   if (p.partial != nullptr) {
-    float* partial = p.partial + static_cast<int64_t>(blockIdx.z) * p.part_stride + pt.part_base;
-    simt_tile_epilogue<TM>(acc, row0, col0, p.N, pt.width, [&](int64_t r, int64_t c, float (&v)[4], int n) {
-      store4(partial, r * pt.width + c, v, n, vec && n == 4, FpKind::F32);
+    const bool vec = (p.span_w % 4) == 0;  // 4-wide stores stay aligned
+    float* partial = p.partial + static_cast<int64_t>(blockIdx.z) * p.N * p.span_w;
+    simt_tile_epilogue<TM>(acc, row0, col0, p.N, p.span_w, [&](int64_t r, int64_t c, float (&v)[4], int n) {
+      store4(partial, r * p.span_w + c, v, n, vec && n == 4, FpKind::F32);
     });
-  } else {
-    simt_tile_epilogue<TM>(acc, row0, col0, p.N, pt.width, [&](int64_t r, int64_t c, float (&v)[4], int n) {
-      const int64_t idx = r * pt.width + c;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (q < n) v[q] = finish_point(v[q], pt, idx + q);
-      }
-      store4(pt.out, idx, v, n, vec && n == 4, p.out_kind);
+    return;
+  }
+  const int64_t first = p.span0 + col0, last = std::min(first + kSimtBN, p.span0 + p.span_w);
+#pragma unroll 1
+  for (int l = 0; l < p.count; ++l) {  // every point that reads some of the tile's columns (uniform)
+    const PointDesc& pt = p.pts[l];
+    if (pt.offset >= last || pt.offset + pt.width <= first) continue;
+    simt_tile_epilogue<TM>(acc, row0, col0, p.N, p.span_w, [&](int64_t r, int64_t c, float (&v)[4], int n) {
+      store_point(pt, r, p.span0 + c, v, n, p.out_kind);
     });
   }
 }
 
-// Split-K reduction and epilogue: blockIdx.y = point, a grid-stride loop over its N * width entries.
+// Split-K reduction and the points' epilogues: a grid-stride loop over the span's N * span_w entries.
 __global__ void project_points_reduce_kernel(const __grid_constant__ PointsParams p, int splits) {
-  const PointDesc& pt = p.pts[blockIdx.y];
-  const int64_t numel = p.N * pt.width;
-  const float* src = p.partial + pt.part_base;
+  const int64_t numel = p.N * p.span_w;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float s = 0.0f;
-    for (int z = 0; z < splits; ++z) s += src[z * p.part_stride + idx];
-    store_fp(pt.out, idx, finish_point(s, pt, idx), p.out_kind);
+    for (int z = 0; z < splits; ++z) s += p.partial[z * numel + idx];
+    const int64_t r = idx / p.span_w, j = p.span0 + idx % p.span_w;
+    for (int l = 0; l < p.count; ++l) {
+      const PointDesc& pt = p.pts[l];
+      if (j >= pt.offset && j < pt.offset + pt.width) {
+        const int64_t out_idx = r * pt.width + (j - pt.offset);
+        store_fp(pt.out, out_idx, finish_point(s, pt, out_idx), p.out_kind);
+      }
+    }
   }
 }
 
@@ -174,54 +192,51 @@ std::vector<at::Tensor> project_points_cuda(const at::Tensor& e, const std::opti
   const int64_t row_blocks = ceil_div(N, 16 * tm);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  std::vector<size_t> chunk;  // indices of the points of one launch
-  for (size_t next = 0; next < points.size();) {
-    chunk.clear();
-    for (; next < points.size() && chunk.size() < static_cast<size_t>(kMaxPoints); ++next) {
-      if (points[next].width > 0) chunk.push_back(next);
+  for (const auto& [start, stop] : column_spans(points)) {
+    std::vector<size_t> members;  // the points inside this span
+    for (size_t l = 0; l < points.size(); ++l) {
+      if (points[l].width > 0 && points[l].offset >= start && points[l].offset + points[l].width <= stop) {
+        members.push_back(l);
+      }
     }
-    if (chunk.empty()) continue;
-    p.count = static_cast<int>(chunk.size());
-    int64_t tiles = 0, part = 0;
-    for (int i = 0; i < p.count; ++i) {
-      const PointArgs& pa = points[chunk[i]];
-      PointDesc& d = p.pts[i];
-      d.out = outs[chunk[i]].data_ptr();
-      d.act = pa.act_input.defined() ? pa.act_input.const_data_ptr() : nullptr;
-      d.act_kind = pa.act_input.defined() ? fp_kind(pa.act_input.scalar_type()) : FpKind::F32;
-      d.act_fn = pa.act;
-      d.offset = pa.offset;
-      d.width = pa.width;
-      d.scale = pa.scale;
-      d.col_blocks = ceil_div(pa.width, kSimtBN);
-      d.tile_begin = tiles;
-      tiles += row_blocks * d.col_blocks;
-      d.part_base = part;
-      part += ceil_div(N * pa.width, 4) * 4;  // keeps every block 16-byte aligned
-    }
+    p.span0 = start;
+    p.span_w = stop - start;
+    p.col_blocks = ceil_div(p.span_w, kSimtBN);
+    const int64_t tiles = row_blocks * p.col_blocks;
     TORCH_CHECK(tiles <= INT32_MAX, "project_points: output too large for one launch (", tiles, " tiles)");
     int64_t splits = 1;
     p.k_per_split = plan_split_k(tiles, K, sms, &splits);
     at::Tensor partial;
     p.partial = nullptr;
     if (splits > 1) {
-      partial = at::empty({splits * part}, e.options().dtype(at::kFloat));
+      partial = at::empty({splits, N, p.span_w}, e.options().dtype(at::kFloat));
       p.partial = partial.data_ptr<float>();
-      p.part_stride = part;
     }
-    const dim3 grid(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(splits));
-    if (B.has_value()) {
-      launch_points<true>(p, tm, grid, stream);
-    } else {
-      launch_points<false>(p, tm, grid, stream);
-    }
-    if (splits > 1) {
-      int64_t most = 0;
-      for (int i = 0; i < p.count; ++i) most = std::max(most, N * p.pts[i].width);
-      const dim3 rgrid(static_cast<unsigned>(std::min<int64_t>(ceil_div(most, 256), 4096)),
-                       static_cast<unsigned>(p.count));
-      project_points_reduce_kernel<<<rgrid, 256, 0, stream>>>(p, static_cast<int>(splits));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (size_t first = 0; first < members.size(); first += kMaxPoints) {
+      p.count = static_cast<int>(std::min<size_t>(kMaxPoints, members.size() - first));
+      for (int i = 0; i < p.count; ++i) {
+        const size_t l = members[first + i];
+        const PointArgs& pa = points[l];
+        PointDesc& d = p.pts[i];
+        d.out = outs[l].data_ptr();
+        d.act = pa.act_input.defined() ? pa.act_input.const_data_ptr() : nullptr;
+        d.act_kind = pa.act_input.defined() ? fp_kind(pa.act_input.scalar_type()) : FpKind::F32;
+        d.act_fn = pa.act;
+        d.offset = pa.offset;
+        d.width = pa.width;
+        d.scale = pa.scale;
+      }
+      const dim3 grid(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(splits));
+      if (B.has_value()) {
+        launch_points<true>(p, tm, grid, stream);
+      } else {
+        launch_points<false>(p, tm, grid, stream);
+      }
+      if (splits > 1) {
+        const dim3 rgrid(static_cast<unsigned>(std::min<int64_t>(ceil_div(N * p.span_w, 256), 4096)));
+        project_points_reduce_kernel<<<rgrid, 256, 0, stream>>>(p, static_cast<int>(splits));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   }
   return outs;

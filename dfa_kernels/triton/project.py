@@ -103,17 +103,14 @@ def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
     store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 
-@triton.jit(do_not_specialize=["skey", "threshold"])
-def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
-                   stride_em, stride_ek, stride_bk, stride_bn, stride_om,
-                   skey, threshold, scale, n_bucket,
-                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
-                   LIBDEVICE: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """out_features K <= KP <= 16: an outer product, bound by the output write. Each program makes
-    the K rows of its B block once (no tl.dot, whose 16-row minimum would generate 16x the
-    entries for K = 1) and adds K rank-1 updates of its [BM, BN] tile."""
-    pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, W, BM, BN)
-    j = offs_n.to(tl.uint32)
+@triton.jit
+def narrow_tile(e_ptr, b_ptr, K, col0, offs_m, offs_n, m_mask, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
+                skey, threshold, VIRTUAL: tl.constexpr, DIST: tl.constexpr, LIBDEVICE: tl.constexpr,
+                KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """fp32 [BM, BN] tile of e[offs_m, :] @ B[:, col0 + offs_n] for K <= KP <= 16: an outer product,
+    bound by the output write. The K rows of the B block are made once (no tl.dot, whose 16-row
+    minimum would generate 16x the entries for K = 1) and added as K rank-1 updates."""
+    j = (col0 + offs_n).to(tl.uint32)
     if VIRTUAL:
         ckey = col_key_for(j, DIST)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -124,8 +121,21 @@ def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
                 b = value_from_keys(row_key(skey.to(tl.uint32), tl.full((), k, tl.uint32)), ckey, j, threshold,
                                     DIST, LIBDEVICE)
             else:
-                b = tl.load(b_ptr + k * stride_bk + offs_n.to(tl.int64) * stride_bn, mask=n_mask, other=0.0)
+                b = tl.load(b_ptr + k * stride_bk + (col0 + offs_n).to(tl.int64) * stride_bn, mask=n_mask, other=0.0)
             acc += a.to(tl.float32)[:, None] * b.to(e_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["skey", "threshold"])
+def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
+                   stride_em, stride_ek, stride_bk, stride_bn, stride_om,
+                   skey, threshold, scale, n_bucket,
+                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+                   LIBDEVICE: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """out_features K <= KP <= 16 (see narrow_tile)."""
+    pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, W, BM, BN)
+    acc = narrow_tile(e_ptr, b_ptr, K, 0, offs_m, offs_n, m_mask, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
+                      skey, threshold, VIRTUAL, DIST, LIBDEVICE, KP, BM, BN)
     store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 

@@ -2,24 +2,28 @@
 
 out[l] [N, w_l] = (scale_l * (e @ B[:, off_l : off_l + w_l])) * f_l'(a_l)
 
-One launch covers every point that shares an activation and (for rademacher) word alignment,
-which is one or two launches for a real model (plain points + one activation). Per-point data
-(output and pre-activation pointers, column offset, width, scale) sit in small device tables;
-each program finds its point from the prefix sum of the points' tile counts, computed in the
-kernel so the autotuner's tile sizes need no host-side table.
+The product runs once per column span, the union of the points' column ranges (see
+reference.column_spans): one span [0, D) in the independent layout, [0, max d_l) in the shared
+one, where every point reads a prefix of B. A program computes one [BM, BN] tile of a span and then
+runs the epilogue of every point whose columns meet the tile (scale, f'(a), cast, store), so points
+that share columns share the tile's product. One launch per span covers every point, whatever
+their activations (a runtime code per point). Per-point data sit in device tables: the plan's
+constants (offsets, widths, activation codes, scales) built once and cached, the output and
+pre-activation pointers written per call by one small kernel launch (tables.py), never copied
+from the host, so a call makes no host-device synchronisation.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .grouped_gemm import group_of
+from ..reference import column_spans
 from .hash import as_int32, seed_key_host
-from .project import (_FLOAT_DTYPES, _GPU_CONFIGS, _INTERPRET_META, INTERPRET, _check_distribution, _check_float_tensor,
-                      _check_int, _fp32_dot_precision, _sparse_threshold, accumulate_tile)
+from .project import (_FLOAT_DTYPES, _GPU_CONFIGS, _INTERPRET_META, _NARROW_CONFIGS, _NARROW_INTERPRET_META, INTERPRET,
+                      NARROW_MAX_K, _check_distribution, _check_float_tensor, _check_int, _fp32_dot_precision,
+                      _sparse_threshold, accumulate_tile, narrow_tile, tile_of_program)
+from .tables import cached_table, device_table
 
 # Activation codes, equal to the C++ enum dfa_kernels::Activation (activation.h).
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
@@ -27,8 +31,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def activation_grad(a, ACT: tl.constexpr):
-    """f'(a) in fp32, the formulas of activation.h."""
+def activation_grad(a, ACT):
+    """f'(a) in fp32, the formulas of activation.h; ACT a constexpr or a runtime code (a uniform
+    branch per tile)."""
     if ACT == 1:
         d = tl.where(a > 0.0, 1.0, 0.0)
     elif ACT == 2:
@@ -48,56 +53,69 @@ def activation_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["skey", "threshold"])
-def _points_kernel(e_ptr, b_ptr, out_tab, act_tab, off_tab, width_tab, scale_tab, P, N, K,
-                   stride_em, stride_ek, stride_bk, stride_bn, skey, threshold, n_bucket,
-                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, ACT: tl.constexpr, ALIGNED: tl.constexpr,
-                   OUT_TYPE: tl.constexpr, ACT_TYPE: tl.constexpr, MAX_P: tl.constexpr,
+def _points_kernel(e_ptr, b_ptr, ptr_tab, meta_tab, scale_tab, P, N, K, span0, span_w,
+                   stride_em, stride_ek, stride_bk, stride_bn, skey, threshold, n_bucket, w_bucket,
+                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_ACT: tl.constexpr, ALIGNED: tl.constexpr,
+                   NARROW_KP: tl.constexpr, HINTS: tl.constexpr, OUT_TYPE: tl.constexpr, ACT_TYPE: tl.constexpr,
                    LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # Which point: tiles are numbered point by point, row-major inside a point.
-    pid = tl.program_id(0)
-    idx = tl.arange(0, MAX_P)
-    widths = tl.load(width_tab + idx, mask=idx < P, other=0)
-    point, first = group_of(pid, tl.cdiv(N, BM) * tl.cdiv(widths, BN), MAX_P)
-    W = tl.load(width_tab + point)
-    col0 = tl.load(off_tab + point)
-    scale = tl.load(scale_tab + point)
-    out_ptr = tl.load(out_tab + point).to(tl.pointer_type(OUT_TYPE))
-
-    local = pid - first
-    num_n = tl.cdiv(W, BN)
-    pid_m = local // num_n
-    pid_n = local % num_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask = offs_m < N
-    n_mask = offs_n < W
-    acc = accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk,
-                          stride_bn, skey, threshold, VIRTUAL, DIST, ALIGNED, LIBDEVICE, INPUT_PRECISION, BM, BN, BK)
-    acc = acc * scale
-    mask = m_mask[:, None] & n_mask[None, :]
-    rows = offs_m[:, None].to(tl.int64) * W + offs_n[None, :]  # outputs and pre-activations are [N, W]
-    if ACT != 0:
-        act_ptr = tl.load(act_tab + point).to(tl.pointer_type(ACT_TYPE))
-        pre = tl.load(act_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * activation_grad(pre, ACT)
-    tl.store(out_ptr + rows, acc.to(OUT_TYPE), mask=mask)
+    # Tables: ptr_tab [2P] (outputs, then pre-activations or 0), meta_tab [3P] (column offsets,
+    # widths, activation codes), scale_tab [P]. n_bucket and w_bucket are only autotuning keys.
+    pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, span_w, BM, BN)
+    if NARROW_KP > 0:
+        acc = narrow_tile(e_ptr, b_ptr, K, span0, offs_m, offs_n, m_mask, n_mask, stride_em, stride_ek, stride_bk,
+                          stride_bn, skey, threshold, VIRTUAL, DIST, LIBDEVICE, NARROW_KP, BM, BN)
+    else:
+        acc = accumulate_tile(e_ptr, b_ptr, N, K, span0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek,
+                              stride_bk, stride_bn, skey, threshold, VIRTUAL, DIST, ALIGNED, LIBDEVICE,
+                              INPUT_PRECISION, BM, BN, BK)
+    c0 = span0 + pid_n * BN  # the tile's first column of B
+    cols = span0 + offs_n
+    for p in range(P):
+        off = tl.load(meta_tab + p)
+        w = tl.load(meta_tab + P + p)
+        if HINTS:  # every offset and width a multiple of 16, every pointer 16-byte aligned
+            off = tl.multiple_of(off, 16)
+            w = tl.multiple_of(w, 16)
+        if (off < c0 + BN) & (off + w > c0):  # the point reads some of the tile's columns
+            local = cols - off  # the point's own columns
+            mask = m_mask[:, None] & ((local >= 0) & (local < w) & n_mask)[None, :]
+            idx = offs_m[:, None].to(tl.int64) * w + local[None, :]  # outputs and pre-activations are [N, w]
+            out_ptr = tl.load(ptr_tab + p).to(tl.pointer_type(OUT_TYPE))
+            if HINTS:
+                out_ptr = tl.multiple_of(out_ptr, 16)
+            v = acc * tl.load(scale_tab + p)
+            if HAS_ACT:
+                code = tl.load(meta_tab + 2 * P + p)
+                if code != 0:
+                    act_ptr = tl.load(ptr_tab + P + p).to(tl.pointer_type(ACT_TYPE))
+                    if HINTS:
+                        act_ptr = tl.multiple_of(act_ptr, 16)
+                    pre = tl.load(act_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                    v = v * activation_grad(pre, code)
+            tl.store(out_ptr + idx, v.to(OUT_TYPE), mask=mask)
 
 
 def _prune(configs, named_args, **kwargs):
-    N, K = named_args["N"], named_args["K"]
-    return [c for c in configs
-            if c.kwargs["BM"] <= max(32, triton.next_power_of_2(N)) and c.kwargs["BK"] <= max(32, triton.next_power_of_2(K))]
+    N, K, W = named_args["N"], named_args["K"], named_args["span_w"]
+
+    def fits(size, block):
+        return block <= max(32, triton.next_power_of_2(size))
+
+    return [c for c in configs if fits(N, c.kwargs["BM"]) and fits(W, c.kwargs["BN"])
+            and fits(K, c.kwargs.get("BK", 16))]
 
 
+_KEY = ["n_bucket", "w_bucket", "K", "VIRTUAL", "DIST", "HAS_ACT", "ALIGNED", "NARROW_KP", "INPUT_PRECISION"]
+# The narrow path (K <= 16) runs rank-1 updates: the memory-bound tiles of the narrow projection (BK unused).
+_NARROW_POINT_CONFIGS = [triton.Config({**c.kwargs, "BK": 16}, num_warps=c.num_warps) for c in _NARROW_CONFIGS]
 if INTERPRET:
-    _points_launch = _points_kernel
+    _points_launch = _narrow_points_launch = _points_kernel
 else:
-    _points_launch = triton.autotune(
-        configs=_GPU_CONFIGS,
-        key=["n_bucket", "K", "VIRTUAL", "DIST", "ACT", "ALIGNED", "MAX_P", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(_points_kernel)
+    _points_launch = triton.autotune(configs=_GPU_CONFIGS, key=_KEY,
+                                     prune_configs_by={"early_config_prune": _prune})(_points_kernel)
+    _narrow_points_launch = triton.autotune(configs=_NARROW_POINT_CONFIGS, key=_KEY,
+                                            prune_configs_by={"early_config_prune": _prune})(_points_kernel)
 
 
 def _check_points(e, offsets, widths, scales, act_inputs, activations):
@@ -126,7 +144,10 @@ def _check_points(e, offsets, widths, scales, act_inputs, activations):
 
 def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribution: str, density: float,
                    offsets, widths, scales, act_inputs, activations, out_dtype=None) -> list[torch.Tensor]:
-    """Every point's (scaled, activation-weighted) slice of e @ B; same arguments as the op."""
+    """Every point's (scaled, activation-weighted) slice of e @ B; same arguments as the op.
+
+    Pre-activations of differing dtypes are read in the first one's dtype (converted).
+    """
     _check_float_tensor("e", e, 2)
     seed = _check_int("seed", seed, 0, 1 << 32)
     dist = _check_distribution(distribution)
@@ -145,40 +166,38 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     N, K = e.shape
     outs = [(torch.zeros if K == 0 else torch.empty)((N, w), dtype=out_dtype, device=e.device) for w in widths]
-    if N == 0 or K == 0:
+    live = [l for l, w in enumerate(widths) if w > 0]
+    if N == 0 or K == 0 or not live:
         return outs
 
-    # One launch per (activation, pre-activation dtype, rademacher alignment) present.
-    groups: dict = {}
-    for l, (off, w) in enumerate(zip(offsets, widths)):
-        if w == 0:
-            continue
-        a = act_inputs[l]
-        aligned = B is None and dist == 2 and off % 32 == 0
-        key = (ACTIVATION_CODES[activations[l]], None if a is None else a.dtype, aligned)
-        groups.setdefault(key, []).append(l)
-    skey = as_int32(seed_key_host(seed))
-    for (act, act_dtype, aligned), points in groups.items():
-        device = e.device
-        pre = [act_inputs[l].contiguous() if act else None for l in points]
-        out_tab = torch.tensor([outs[l].data_ptr() for l in points], dtype=torch.int64, device=device)
-        act_tab = torch.tensor([p.data_ptr() if p is not None else 0 for p in pre], dtype=torch.int64, device=device)
-        off_tab = torch.tensor([offsets[l] for l in points], dtype=torch.int64, device=device)
-        width_tab = torch.tensor([widths[l] for l in points], dtype=torch.int32, device=device)
-        scale_tab = torch.tensor([scales[l] for l in points], dtype=torch.float32, device=device)
-        args = (e, e if B is None else B, out_tab, act_tab, off_tab, width_tab, scale_tab, len(points), N, K,
+    device = e.device
+    pre = {l: act_inputs[l].contiguous() for l in live if activations[l] != "none"}
+    act_dtype = next(iter(pre.values())).dtype if pre else torch.float32
+    pre = {l: a.to(act_dtype) for l, a in pre.items()}
+    meta = cached_table([offsets[l] for l in live] + [widths[l] for l in live]
+                        + [ACTIVATION_CODES[activations[l]] for l in live], torch.int64, device)
+    scale_tab = cached_table([scales[l] for l in live], torch.float32, device)
+    pointers = [outs[l].data_ptr() for l in live] + [pre[l].data_ptr() if l in pre else 0 for l in live]
+    ptr_tab = device_table(pointers, torch.int64, device)
+    hints = (all(offsets[l] % 16 == 0 and widths[l] % 16 == 0 for l in live)
+             and all(ptr % 16 == 0 for ptr in pointers))
+    narrow_kp = triton.next_power_of_2(K) if K <= NARROW_MAX_K else 0
+    launch = _narrow_points_launch if narrow_kp else _points_launch
+    for start, stop in column_spans([offsets[l] for l in live], [widths[l] for l in live]):
+        span_w = stop - start
+        args = (e, e if B is None else B, ptr_tab, meta, scale_tab, len(live), N, K, start, span_w,
                 e.stride(0), e.stride(1), 0 if B is None else B.stride(0), 0 if B is None else B.stride(1),
-                skey, threshold, triton.next_power_of_2(N))
-        consts = dict(VIRTUAL=B is None, DIST=dist, ACT=act, ALIGNED=aligned, OUT_TYPE=_TL_DTYPES[out_dtype],
-                      ACT_TYPE=_TL_DTYPES[act_dtype or torch.float32],
-                      MAX_P=max(2, triton.next_power_of_2(len(points))), LIBDEVICE=not INTERPRET,
-                      INPUT_PRECISION=_fp32_dot_precision())
+                as_int32(seed_key_host(seed)), threshold, triton.next_power_of_2(N), triton.next_power_of_2(span_w))
+        consts = dict(VIRTUAL=B is None, DIST=dist, HAS_ACT=bool(pre), ALIGNED=B is None and dist == 2 and start % 32 == 0,
+                      NARROW_KP=narrow_kp, HINTS=hints, OUT_TYPE=_TL_DTYPES[out_dtype], ACT_TYPE=_TL_DTYPES[act_dtype],
+                      LIBDEVICE=not INTERPRET, INPUT_PRECISION=_fp32_dot_precision())
 
-        def grid(meta, ws=[widths[l] for l in points]):
-            return (sum(math.ceil(N / meta["BM"]) * math.ceil(w / meta["BN"]) for w in ws),)
+        def grid(meta, span_w=span_w):
+            return (triton.cdiv(N, meta["BM"]) * triton.cdiv(span_w, meta["BN"]),)
 
         if INTERPRET:
-            _points_launch[grid(_INTERPRET_META)](*args, **consts, **_INTERPRET_META)
+            interp = {**_NARROW_INTERPRET_META, "BK": 16} if narrow_kp else _INTERPRET_META
+            launch[grid(interp)](*args, **consts, **interp)
         else:
-            _points_launch[grid](*args, **consts)
+            launch[grid](*args, **consts)
     return outs

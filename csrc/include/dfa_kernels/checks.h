@@ -6,10 +6,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dfa_kernels/activation.h"
@@ -100,6 +102,25 @@ struct PointArgs {
   Activation act;
   at::Tensor act_input;
 };
+
+// The union of the points' column ranges as sorted, disjoint [start, stop) spans: overlapping or
+// touching ranges merge (reference.column_spans). project_points computes e @ B once per span, so
+// points that share columns (the shared layout) share the product.
+inline std::vector<std::pair<int64_t, int64_t>> column_spans(const std::vector<PointArgs>& points) {
+  std::vector<std::pair<int64_t, int64_t>> ranges, spans;
+  for (const PointArgs& p : points) {
+    if (p.width > 0) ranges.emplace_back(p.offset, p.offset + p.width);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (const auto& r : ranges) {
+    if (!spans.empty() && r.first <= spans.back().second) {
+      spans.back().second = std::max(spans.back().second, r.second);
+    } else {
+      spans.push_back(r);
+    }
+  }
+  return spans;
+}
 
 // Checks every argument of project_points (all backends) and returns the points and the output
 // dtype. B, when given, must cover every point's columns.
