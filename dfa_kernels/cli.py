@@ -1,4 +1,4 @@
-"""The `dfa-kernels` command: info, demo, bench, train, compare."""
+"""The `dfa-kernels` command: info, demo, bench, train, compare, scaling."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,19 @@ def _compare(args) -> None:
                  progress=not args.no_progress)
 
 
+def _scaling(args) -> None:
+    from .studies import scaling
+    if args.plan:
+        print(scaling.describe_plan(args.preset))
+        return
+    result = scaling.sweep(args.preset, args.out, data=args.data, tokenizer=args.tokenizer, device=args.device,
+                           stage=args.stage, resume=args.resume, time_budget_s=args.time_budget,
+                           progress=not args.no_progress, command=["dfa-kernels", *sys.argv[1:]])
+    if result is not None:
+        print(scaling.summary(result))
+        print(f"wrote {Path(args.out) / 'scaling.json'} and its plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfa-kernels", description="Fast Direct Feedback Alignment for PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None)
     add_run_options(s)
     s.set_defaults(func=_train)
+
+    s = sub.add_parser("scaling", help="scaling laws: BP vs DFA placements over model sizes and budgets (paper 2)",
+                       description="A sweep of model sizes x methods (bp, dfa-macro, dfa-micro, dfa-linear, shallow) "
+                                   "x token budgets; frontier fits L(C) = E + A C^-alpha with bootstrap CIs and the "
+                                   "verdict per DFA placement. Results: OUT/scaling.json and plots. Resumable: the "
+                                   "same command continues an interrupted sweep.")
+    s.add_argument("--preset", default="cpu", choices=["cpu", "gpu"])
+    s.add_argument("--data", default=None, help="a WikiText-style corpus (a wiki.*.tokens directory or one text "
+                                                "file); default: Shakespeare + gensim's Wikipedia articles")
+    s.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"], help="bpe: trained on the training split")
+    s.add_argument("--out", default="runs/scaling")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--stage", default="all", help="'all', 'fit' (analyse the finished runs), or a stage number "
+                                                  "(see --plan): the GPU preset runs in stages of ~8 minutes")
+    s.add_argument("--resume", action="store_true", help="continue the sweep recorded in OUT/plan.json")
+    s.add_argument("--time-budget", type=float, default=None, help="seconds; start no new run after that")
+    s.add_argument("--plan", action="store_true", help="print the preset's runs and stages, and exit")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--preset-tiny", dest="preset", action="store_const", const="tiny", help=argparse.SUPPRESS)
+    s.set_defaults(func=_scaling)
 
     s = sub.add_parser("compare", help="BP vs DFA vs shallow on one task, beside the paper's numbers")
     s.add_argument("task")
