@@ -72,8 +72,8 @@ def test_nd_fit_recovers_exponents():
     law = fit.fit_nd(n, d, loss)
     assert law["alpha"] == pytest.approx(0.34, abs=0.06) and law["beta"] == pytest.approx(0.28, abs=0.06)
     assert law["E"] == pytest.approx(1.7, rel=0.1)
-    with pytest.raises(ValueError, match="at least 6 points"):
-        fit.fit_nd(n[:3], d[:3], loss[:3])
+    with pytest.raises(ValueError, match="at least 10 points"):
+        fit.fit_nd(n[:8], d[:8], loss[:8])
 
 
 @pytest.mark.parametrize("size,context", [((1, 16, 2), 16), ((2, 24, 3), 24)])
@@ -129,7 +129,7 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, corpus_file, m
         assert len(f["power_law"]["alpha_ci"]) == 2 and f["compute_decades"] > 0.5, method
     assert all(abs(r["relative_difference"]) < 0.02 for r in saved["flop_check"]["methods"].values())
     tuning = {(tuple(t["size"]), t["method"]): t for t in saved["tuning"]}
-    assert tuning[((1, 16, 2), "dfa-linear")]["grid"][0]["head_lr"] == tuning[((1, 16, 2), "bp")]["chosen"]["lr"]
+    assert tuning[((1, 16, 2), "dfa-linear")]["grid"][0]["head_lr"] == tuning[((1, 16, 2), "shallow")]["chosen"]["lr"]
 
     again = []                                                       # finished: nothing to run
     monkeypatch.setattr(scaling, "train_run", lambda *a, **k: again.append(1))

@@ -13,9 +13,11 @@ budget. This module reproduces its **method**, on our data and with our numbers
    training windows in the same order (one seeded stream) and is evaluated on the same validation
    windows at several points along the run (so each run gives several (compute, loss) points).
 2. **Fair tuning**: at each size, the learning rate and warmup are chosen on validation loss on a
-   small grid at the smallest budget, for BP and for each DFA placement separately (the DFA
-   methods' final LayerNorm and head, which learn exact gradients, take BP's tuned rate); every
-   grid run is recorded. Schedules: linear warmup, cosine decay to 10% over each run's own budget.
+   small grid at the smallest budget, for BP, for shallow and for each DFA placement separately;
+   every grid run is recorded. The DFA methods' final LayerNorm and head learn exact gradients on
+   top of slowly changing features, as in shallow mode: they take shallow's tuned rate, and the
+   grid is over the DFA-trained layers' rate. Schedules: linear warmup, cosine decay to 10% over
+   each run's own budget.
 3. **Compute**: FLOPs per token counted analytically from the model's shapes (forward; BP's
    backward; DFA's real backward: weight gradients, the projection and whatever backprop remains
    inside its segments; head included, the embeddings costing no FLOPs), cross-checked against
@@ -64,7 +66,7 @@ class Preset:
     context: int
     batch: int
     budgets: tuple          # training steps per run; the first is the tuning budget
-    lr_grid: dict           # "bp" (also shallow's head) and "dfa" (the DFA methods' hidden layers)
+    lr_grid: dict           # "bp"; "head" (shallow, whose choice the DFA heads take); "dfa" (DFA-trained layers)
     warmup_grid: tuple      # warmup as a fraction of the run
     eval_fractions: tuple   # evaluation points, as fractions of the run
     eval_tokens: int        # validation tokens per evaluation (the same windows every time)
@@ -78,17 +80,19 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(sizes=((2, 32, 2), (2, 48, 2), (3, 64, 2), (4, 96, 4)), context=64, batch=16,
-                  budgets=(128, 512), lr_grid={"bp": (1e-3, 3e-3, 1e-2), "dfa": (1e-4, 3e-4, 1e-3)},
+                  budgets=(128, 512), lr_grid={"bp": (1e-3, 3e-3, 1e-2), "head": (3e-3, 1e-2, 3e-2),
+                                               "dfa": (3e-5, 1e-4, 3e-4)},
                   warmup_grid=(0.05,), eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0), eval_tokens=8192,
                   resamples=400, threads=1),
     "gpu": Preset(sizes=((2, 128, 2), (3, 192, 3), (4, 256, 4), (6, 384, 6), (8, 512, 8), (12, 768, 12)),
                   context=512, batch=64, budgets=(600, 2400),
-                  lr_grid={"bp": (3e-4, 1e-3, 3e-3), "dfa": (3e-5, 1e-4, 3e-4)}, warmup_grid=(0.02, 0.1),
+                  lr_grid={"bp": (3e-4, 1e-3, 3e-3), "head": (1e-3, 3e-3, 1e-2), "dfa": (1e-5, 3e-5, 1e-4)},
+                  warmup_grid=(0.02, 0.1),
                   eval_fractions=(0.0625, 0.125, 0.25, 0.5, 0.75, 1.0), eval_tokens=262144, resamples=2000,
                   stage_seconds=480, assumed_flop_rate=2e14),
     # the tests' preset: seconds on a CPU
     "tiny": Preset(sizes=((1, 16, 2), (2, 24, 2)), context=16, batch=4, budgets=(6, 12),
-                   lr_grid={"bp": (3e-3, 1e-2), "dfa": (1e-3,)}, warmup_grid=(0.1,),
+                   lr_grid={"bp": (3e-3, 1e-2), "head": (1e-2,), "dfa": (1e-3,)}, warmup_grid=(0.1,),
                    eval_fractions=(0.5, 1.0), eval_tokens=512, resamples=8, threads=1),
 }
 
@@ -191,14 +195,22 @@ class Job:
     warmup: float | None = None
 
 
+def grid_of(method: str) -> str:
+    """Which of the preset's learning-rate grids a method is tuned on."""
+    return "dfa" if method in DFA_METHODS else "head" if method == "shallow" else "bp"
+
+
+TUNING_ORDER = ("bp", "shallow", *DFA_METHODS)   # the DFA methods' heads take shallow's tuned rate
+
+
 def jobs(preset: Preset) -> list[Job]:
     """Every run of the sweep, in the order they run: per size (smallest first) the tuning grids
-    (BP's first: the DFA methods take BP's tuned rate for their head), then the longer budgets."""
+    (shallow's before the DFA methods', whose heads take its rate), then the longer budgets."""
     out = []
     tune_steps = preset.budgets[0]
     for i in range(len(preset.sizes)):
-        for method in METHODS:
-            grid = preset.lr_grid["dfa" if method in DFA_METHODS else "bp"]
+        for method in TUNING_ORDER:
+            grid = preset.lr_grid[grid_of(method)]
             out += [Job(i, method, tune_steps, True, lr, wu) for lr in grid for wu in preset.warmup_grid]
         out += [Job(i, method, steps, False) for steps in preset.budgets[1:] for method in METHODS]
     return out
@@ -332,7 +344,7 @@ def tuned(preset: Preset, runs: dict, size: int, method: str) -> dict | None:
     """The best finished tuning run of (size, method), or None while its grid is unfinished."""
     grid = [r for r in runs.values() if r["size"] == size and r["method"] == method and r["tune"]
             and r["steps"] == preset.budgets[0]]
-    wanted = len(preset.lr_grid["dfa" if method in DFA_METHODS else "bp"]) * len(preset.warmup_grid)
+    wanted = len(preset.lr_grid[grid_of(method)]) * len(preset.warmup_grid)
     if len(grid) < wanted:
         return None
     finite = [r for r in grid if r["final_val_loss"] is not None]
@@ -343,8 +355,8 @@ def resolve(preset: Preset, job: Job, runs: dict) -> tuple[float, float, float] 
     """(lr, head_lr, warmup) of a job, or None when it waits for a tuning result."""
     if job.tune:
         if job.method in DFA_METHODS:
-            bp = tuned(preset, runs, job.size, "bp")
-            return None if bp is None else (job.lr, bp["lr"], job.warmup)
+            head = tuned(preset, runs, job.size, "shallow")
+            return None if head is None else (job.lr, head["lr"], job.warmup)
         return job.lr, job.lr, job.warmup
     best = tuned(preset, runs, job.size, job.method)
     return None if best is None else (best["lr"], best["head_lr"], best["warmup"])
@@ -396,8 +408,9 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         todo = all_stages[k - 1]
     if not (out / "flop_check.json").is_file():
         _write_json(out / "flop_check.json", flop_check(preset.sizes[0], dataset.vocab_size, preset.context))
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
     runs = load_runs(out)
+    runs_before = set(runs)
     cost = {j: estimated_seconds(j, preset, dataset.vocab_size) for j in todo}
     bar = tqdm(total=sum(cost.values()), disable=not progress, unit="est-s", desc="scaling sweep",
                bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
@@ -418,6 +431,7 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         done += 1
         bar.update(cost[job])
     bar.close()
+    invocations = _log_invocation(out, stage, started, load_start, trained=len(load_runs(out)) - len(runs_before))
     finished = all(resolve(preset, j, runs) is not None and run_id(preset, j, *resolve(preset, j, runs)) in runs
                    for s in all_stages for j in s)
     if waiting:
@@ -430,10 +444,24 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         return None
     result = analyse(preset, runs, json.loads((out / "flop_check.json").read_text()))
     result.update(plan=plan, command=command, git_sha=_git_sha(), data=dataset.info,
-                  environment=_environment(device), sweep_wall_s=sum(r["wall_s"] for r in runs.values()))
+                  environment=_environment(device),
+                  timing={"training_wall_s_all_runs": sum(r["wall_s"] for r in runs.values()),
+                          "invocations": invocations, "cpu_count": os.cpu_count()})
     _write_json(out / "scaling.json", result)
     plot(result, out)
     return result
+
+
+def _log_invocation(out: Path, stage: str, started: float, load_start, trained: int) -> list[dict]:
+    """Append this invocation (stage, seconds, runs trained, load averages) to out/invocations.json:
+    a sweep's time is the sum over the invocations that trained its runs."""
+    path = out / "invocations.json"
+    log = json.loads(path.read_text()) if path.is_file() else []
+    log.append({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "stage": stage, "runs_trained": trained,
+                "seconds_before_analysis": time.perf_counter() - started,
+                "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())})
+    _write_json(path, log)
+    return log
 
 
 def _git_sha():
@@ -497,7 +525,9 @@ def analyse(preset: Preset, runs: dict, flop_check_result: dict | None = None) -
         a, b = fits.get("bp", {}).get("power_law", {}), fits.get(method, {}).get("power_law", {})
         if "_fit" not in a or "_fit" not in b:
             continue
-        lo = min(min(fits[m]["frontier"]["flops"]) for m in ("bp", method))
+        # from the smallest compute both methods measured (no extrapolation downwards) to the
+        # largest measured, extrapolated upwards by extrapolate_decades
+        lo = max(min(fits[m]["frontier"]["flops"]) for m in ("bp", method))
         hi = max(max(fits[m]["frontier"]["flops"]) for m in ("bp", method)) * 10 ** preset.extrapolate_decades
         comparisons[method] = fit.compare(a["_fit"], b["_fit"], boots["bp"], boots[method], lo, hi)
         comparisons[method]["kind"] = "DFA placement" if method in DFA_METHODS else "baseline (only the head learns)"
@@ -511,7 +541,8 @@ def analyse(preset: Preset, runs: dict, flop_check_result: dict | None = None) -
                                                 "crossover_ci", "crossover_share")}
                          for m, c in comparisons.items() if m in DFA_METHODS},
             "bands": bands, "flop_check": flop_check_result,
-            "notes": {"verdict": "over [smallest measured compute, largest x 10^extrapolate_decades]; (A) DFA always "
+            "notes": {"verdict": "over [smallest compute both methods measured, largest measured x "
+                                 "10^extrapolate_decades]; (A) DFA always "
                                  "better, (B) DFA better at scale, (C) BP better at scale, (D) BP always better; "
                                  "confidence: share of bootstrap resamples giving the same verdict",
                       "extrapolate_decades": preset.extrapolate_decades,
@@ -593,7 +624,9 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.fill_between(band["flops"], band["low"], band["high"], color=COLORS[method], alpha=0.2)
         ax.plot(band["flops"], band["fit"], color=COLORS[method], lw=2, label=method)
         ax.plot(f["frontier"]["flops"], f["frontier"]["val_loss"], "o", color=COLORS[method], ms=3)
+    measured = [l for f in result["fits"].values() for l in f["frontier"]["val_loss"]]
     ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="validation loss (nats/token)",
+           ylim=(min(measured) - 0.1, max(measured) + 0.25),
            title="Compute-efficient frontiers (points) and fits with 95% bootstrap bands")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

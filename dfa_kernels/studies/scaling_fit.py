@@ -146,12 +146,16 @@ def predict(fit: dict, compute) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- L(N, D)
+ND_MIN_POINTS = 10
+
+
 def fit_nd(params, tokens, loss) -> dict:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (log-sum-exp, summed Huber on log-loss, multi-start)."""
     n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
-    if len(l) < 6 or len(set(n)) < 2 or len(set(d)) < 2:
-        raise ValueError(f"an L(N, D) fit needs at least 6 points over at least 2 sizes and 2 token counts; "
-                         f"got {len(l)} points, {len(set(n))} sizes, {len(set(d))} token counts")
+    if len(l) < ND_MIN_POINTS or len(set(n)) < 2 or len(set(d)) < 2:
+        raise ValueError(f"an L(N, D) fit needs at least {ND_MIN_POINTS} points (two per parameter: with fewer "
+                         f"it interpolates) over at least 2 sizes and 2 token counts; got {len(l)} points, "
+                         f"{len(set(n))} sizes, {len(set(d))} token counts")
     n0, d0 = float(np.exp(np.log(n).mean())), float(np.exp(np.log(d).mean()))
     log_x, log_y = np.stack([np.log(n / n0), np.log(d / d0)], 1), np.log(l)
     lo, hi = float(log_y.min()), float(log_y.max())
