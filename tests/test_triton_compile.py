@@ -18,4 +18,6 @@ def test_every_kernel_compiles_for_sm90():
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "6/6 Triton kernel variants compiled" in done.stdout, done.stdout
+    # one variant of each kernel: project, narrow, feedback_matrix, project_points, the table fill,
+    # grouped_weight_grad, cross_entropy
+    assert "7/7 Triton kernel variants compiled" in done.stdout, done.stdout
