@@ -133,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, default=None, help="seconds; start no new run after that")
     s.add_argument("--plan", action="store_true", help="print the preset's runs and stages, and exit")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--preset-tiny", dest="preset", action="store_const", const="tiny", help=argparse.SUPPRESS)
     s.set_defaults(func=_scaling)
 
     s = sub.add_parser("compare", help="BP vs DFA vs shallow on one task, beside the paper's numbers")

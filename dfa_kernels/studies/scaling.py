@@ -401,11 +401,10 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         todo = [j for s in all_stages for j in s]
     elif stage == "fit":
         todo = []
+    elif str(stage).isdigit() and 1 <= int(stage) <= len(all_stages):
+        todo = all_stages[int(stage) - 1]
     else:
-        k = int(stage)
-        if not 1 <= k <= len(all_stages):
-            raise ValueError(f"--stage must be 'all', 'fit' or 1..{len(all_stages)}; got {stage!r}")
-        todo = all_stages[k - 1]
+        raise ValueError(f"--stage must be 'all', 'fit' or a stage number 1..{len(all_stages)}; got {stage!r}")
     if not (out / "flop_check.json").is_file():
         _write_json(out / "flop_check.json", flop_check(preset.sizes[0], dataset.vocab_size, preset.context))
     started, load_start = time.perf_counter(), os.getloadavg()
