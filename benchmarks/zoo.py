@@ -57,6 +57,8 @@ def tune_command(family: str, task: str, data: str | None) -> list[str] | None:
         return None
     cmd = ["dfa-kernels", "tune", task, "--threads", "1", "--no-progress", "--out", "runs/zoo",
            "--json", str(RESULTS / "tuning" / f"{task}.json")]
+    if family == "transformer":
+        cmd += ["--placement", *PLACEMENTS]
     if task == "fm-ml100k":
         cmd += ["--modes", "bp"]
     return cmd

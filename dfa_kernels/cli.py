@@ -1,4 +1,4 @@
-"""The `dfa-kernels` command: info, demo, bench, train, compare, align, tsne, tune."""
+"""The `dfa-kernels` command: info, demo, bench, train, compare, align, tsne, tune, scaling."""
 from __future__ import annotations
 
 import argparse
@@ -85,7 +85,8 @@ def _bench(args) -> None:
 
 
 def _config(args, **overrides):
-    """The TrainConfig of a run subcommand's options."""
+    """The TrainConfig of a run subcommand's options (the first --feedback and --placement, for
+    the subcommands that take several)."""
     from .zoo import tasks
     fields = dict(task=args.task, mode=getattr(args, "mode", "dfa"), placement=args.placement[0],
                   preset=args.preset, device=args.device, epochs=args.epochs, lr=getattr(args, "lr", None),
@@ -129,7 +130,21 @@ def _tsne(args) -> None:
 def _tune(args) -> None:
     task = _task(args.task)
     from .zoo.tuning import tune
-    tune(task, _config(args), modes=args.modes, json_path=Path(args.json) if args.json else None)
+    tune(task, _config(args), modes=args.modes, json_path=Path(args.json) if args.json else None,
+         placements=args.placement)
+
+
+def _scaling(args) -> None:
+    from .studies import scaling
+    if args.plan:
+        print(scaling.describe_plan(args.preset))
+        return
+    result = scaling.sweep(args.preset, args.out, data=args.data, tokenizer=args.tokenizer, device=args.device,
+                           stage=args.stage, resume=args.resume, time_budget_s=args.time_budget,
+                           progress=not args.no_progress, command=["dfa-kernels", *sys.argv[1:]])
+    if result is not None:
+        print(scaling.summary(result))
+        print(f"wrote {Path(args.out) / 'scaling.json'} and its plots")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(s)
     s.set_defaults(func=_train)
 
+    s = sub.add_parser("scaling", help="scaling laws: BP vs DFA placements over model sizes and budgets (paper 2)",
+                       description="A sweep of model sizes x methods (bp, dfa-macro, dfa-micro, dfa-linear, shallow) "
+                                   "x token budgets; frontier fits L(C) = E + A C^-alpha with bootstrap CIs and the "
+                                   "verdict per DFA placement. Results: OUT/scaling.json and plots. Resumable: the "
+                                   "same command continues an interrupted sweep.")
+    s.add_argument("--preset", default="cpu", choices=["cpu", "gpu"])
+    s.add_argument("--data", default=None, help="a WikiText-style corpus (a wiki.*.tokens directory or one text "
+                                                "file); default: Shakespeare + gensim's Wikipedia articles")
+    s.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"], help="bpe: trained on the training split")
+    s.add_argument("--out", default="runs/scaling")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--stage", default="all", help="'all', 'fit' (analyse the finished runs), or a stage number "
+                                                  "(see --plan): the GPU preset runs in stages of ~8 minutes")
+    s.add_argument("--resume", action="store_true", help="continue the sweep recorded in OUT/plan.json")
+    s.add_argument("--time-budget", type=float, default=None, help="seconds; start no new run after that")
+    s.add_argument("--plan", action="store_true", help="print the preset's runs and stages, and exit")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_scaling)
+
     s = sub.add_parser("compare", help="BP vs DFA vs shallow on one task over seeds, beside the paper's numbers",
                        description="Trains every mode (DFA once per --feedback and, for Transformers, per "
                                    "--placement) for every seed; writes OUT/TASK/compare.{json,txt,png}.")
@@ -224,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("task")
     s.add_argument("--modes", nargs="+", default=["bp", "dfa", "shallow"], choices=["bp", "dfa", "shallow"])
     s.add_argument("--json", default=None, help="also write the report here")
-    add_run_options(s)
+    add_run_options(s, several=True)
     s.set_defaults(func=_tune)
     return p
 

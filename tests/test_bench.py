@@ -38,7 +38,7 @@ def test_step_suite_tiny(tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["workloads"]) == set(step.WORKLOADS)
     for name, w in saved["workloads"].items():
-        expected = set(step.VARIANTS) if name in step.FUSABLE else set(step.VARIANTS) - {"dfa_fused"}
+        expected = set(step.variants_of(name))
         assert set(w["ms_per_step"]) == expected and all(t > 0 for t in w["ms_per_step"].values())
         assert w["ratio_over_bp"]["bp"] == 1.0
         assert w["ours"]["variant"] in step.OURS
@@ -57,6 +57,10 @@ def test_step_targets():
     assert all(t["met"] for t in found)
     cpu = step.targets({"mlp": {**w, "ours": {"variant": "dfa", "ratio_over_bp": 0.8}}}, "cpu", "cpu")
     assert [(t["name"], t["met"]) for t in cpu] == [("mlp: DFA step / BP step", False)]
+    flops = {"lm_linear": {"flop_ratio_over_bp": {"bp": 1.0, "dfa": 0.72, "dfa_fused": 0.9}}}
+    assert [(t["variant"], t["value"], t["met"]) for t in step.flop_targets(flops, {})] == [("dfa", 0.72, True)]
+    chosen = {"lm_linear": {"ours": {"variant": "dfa_fused"}}}
+    assert [(t["variant"], t["met"]) for t in step.flop_targets(flops, chosen)] == [("dfa_fused", False)]
 
 
 def test_tinydfa_style_gives_our_gradients():

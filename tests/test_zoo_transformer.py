@@ -109,7 +109,8 @@ def step_targets(tokens, n=4, T=16):
     return torch.stack([tokens[i * T + 1: i * T + T + 1] for i in range(n)]).flatten()
 
 
-@pytest.mark.parametrize("mode,placement", [("bp", "macro"), ("dfa", "macro"), ("dfa", "micro"), ("shallow", "macro")])
+@pytest.mark.parametrize("mode,placement", [("bp", "macro"), ("dfa", "macro"), ("dfa", "micro"), ("dfa", "linear"),
+                                            ("shallow", "macro")])
 def test_loss_decreases(pydoc, mode, placement):
     model = tiny(mode, placement)
     val = pydoc.splits["val"]
@@ -221,3 +222,75 @@ def test_fused_head_loss_matches_logits_loss(pydoc, mode):
             assert p.grad is None, name
         else:
             torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------- placement "linear"
+class BackwardOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, output shapes, args) of every op that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                  if isinstance(t, torch.Tensor)]
+        self.calls.append((func.name(), shapes, args))
+        return out
+
+
+def linear_step(mode, fused=True, pre_ln=True, batch=3, **kw):
+    """One backward of a tiny linear-placement model on `batch` x 16 tokens; returns the model and
+    the ops of the backward pass."""
+    model = tiny(mode, "linear", fused=fused, pre_ln=pre_ln, **kw)
+    idx = torch.randint(0, 256, (batch, 17), generator=torch.Generator().manual_seed(0))
+    loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    with BackwardOps() as ops:
+        loss.backward()
+    return model, ops.calls
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_linear_placement_bp_is_backprop(fused, pre_ln):
+    """Mode bp with the linear placement's points computes plain backprop's gradients."""
+    model, _ = linear_step("bp", fused, pre_ln)
+    plain = tiny("bp", "macro", pre_ln=pre_ln)                      # same seed: same weights
+    idx = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(plain(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_linear_placement_dfa_learns_everything_without_input_gradients(fused, pre_ln):
+    model, calls = linear_step("dfa", fused, pre_ln)
+    d, ff, rows = 32, 64, 3 * 16
+    block = (d, 3 * d, d, d, ff, d) if pre_ln else (3 * d, d, d, ff, d, d)   # point order per block
+    assert model.dfa.spec.widths == (d,) + block * 2 and model.num_points == 13
+    assert model.dfa.spec.layout == "shared" and model.dfa.spec.total_width == 3 * d   # one B e: widest point
+    for name, p in model.named_parameters():                       # every parameter learns
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    names = [c[0] for c in calls]
+    assert not [n for n in names if "attention" in n and "backward" in n]   # no attention backward
+    for name, shapes, args in calls:                                # LayerNorms: no input gradient
+        if name.startswith("aten::native_layer_norm_backward"):
+            assert args[-1][0] is False, args[-1]
+    # matrix products with one output row per token: only the head's input gradient (the DFA
+    # error e = dL/dh); an input gradient of a block's linear layer would be [rows, d] or [rows, ff]
+    row_products = [(n, s) for n, s, _ in calls if n.split(".")[0] in ("aten::mm", "aten::addmm", "aten::bmm")
+                    and s and s[0][0] == rows]
+    assert row_products == [("aten::mm", [(rows, d)])], row_products
+    assert sum("project" in n for n in names) == 1                  # the one projection
+
+
+def test_linear_placement_shallow_and_layout():
+    model, _ = linear_step("shallow")
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == EXACT
+    assert tiny("dfa", "linear", layout="independent").dfa.layout == "independent"
+    assert tiny("dfa", "micro").dfa.layout == "independent"
+    with pytest.raises(ValueError, match="placement"):
+        tiny("dfa", "wide")

@@ -3,7 +3,8 @@
 Workloads: an MLP (depth x width), a recommender (DCN on synthetic Criteo-shaped input: 39 fields,
 out_features 1), GCN on Cora (the real Cora from graphdatascience when installed, else a synthetic
 graph of Cora's size; the result says which) and a causal Transformer LM (micro and macro
-placements; 12 layers, d_model 768, bf16 autocast on a GPU, a small config on a CPU). Every
+placements, and the linear placement that skips every backward GEMM below the head; 12 layers,
+d_model 768, bf16 autocast on a GPU, a small config on a CPU). Every
 variant of a workload starts from the same weights and is timed interleaved with the others
 (alternating order), median of repeats (minimum on a CPU: see common.statistic), each repeat a
 CUDA-synchronised batch after warmup. On a GPU the peak memory of each variant is measured alone
@@ -23,14 +24,23 @@ CUDA-synchronised batch after warmup. On a GPU the peak memory of each variant i
   loop of ``.backward()`` calls, one per point. It uses the same feedback as ``dfa`` (independent
   layout, 1/sqrt(d_l) scales), so the two compute the same gradients and differ only in mechanics.
 
+``lm_linear`` (``TransformerLM(placement="linear")``) runs every variant with that placement's own
+feedback, the shared layout (paper 2's single ``B e``), so its ``dfa_shared`` variant would repeat
+``dfa`` and is not run.
+
 Each variant's FLOPs per step are counted too (``count_flops``): DFA skips input gradients but adds
 the projection, and the FLOP ratio DFA/BP is the best step-time ratio a compute-bound device can
 reach, whatever the kernels. A CPU run also counts the GPU-size LM workloads (on fake tensors).
 
 "DFA (ours)" in the targets is the faster of ``dfa`` and ``dfa_fused`` (same feedback as
 ``tinydfa_style``; ``dfa_shared`` is reported beside them but changes the feedback matrix).
-Targets (met or not): GPU: LM micro DFA step <= 0.75x BP, macro <= 0.95x, DFA >= 1.5x faster than
-TinyDFA-style, DFA peak memory <= BP; CPU: the MLP's DFA step <= 0.72x BP.
+Targets (met or not): GPU: LM micro DFA step <= 0.75x BP, macro <= 0.95x, linear <= 0.75x, DFA >=
+1.5x faster than TinyDFA-style, DFA peak memory <= BP; CPU: the MLP's DFA step <= 0.72x BP, the LM
+linear placement's <= 0.75x; and the linear placement's counted FLOPs <= 0.75x BP's at the GPU size.
+
+FLOPs are counted with attention in PyTorch's math form (``sdpa_kernel(SDPBackend.MATH)``: QKᵀ and
+AV as matmuls over the full T x T, twice that backward): the flop counter has no formula for the
+CPU attention kernel, which the fake-tensor counts would otherwise run and not count.
 """
 from __future__ import annotations
 
@@ -44,9 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import DFA, FeedbackSpec, ops
+from ..zoo.models.transformer import POINTS_PER_BLOCK
 from .common import tqdm, Deadline, environment, statistic, summarise, time_ms, write_results
 
 
@@ -54,9 +66,9 @@ class TinyDFAStyle(nn.Module):
     """A stand-in for a model's ``dfa``: same calls (``point``, ``__call__``), TinyDFA's mechanics.
     After ``loss.backward()``, ``finish()`` sends e @ B_l to each point with its own ``.backward()``."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, layout: str = "independent"):
         super().__init__()
-        self.seed, self.B, self._points, self._y = seed, None, [], None
+        self.seed, self.layout, self.B, self._points, self._y = seed, layout, None, [], None
 
     def point(self, h, activation=None):
         if activation is not None:
@@ -73,7 +85,8 @@ class TinyDFAStyle(nn.Module):
         points, y, self._points, self._y = self._points, self._y, [], None
         e = y.grad.reshape(-1, y.shape[-1])
         if self.B is None:  # stored once, dense: [out_features, sum of widths]
-            spec = FeedbackSpec(e.shape[1], [p.reshape(e.shape[0], -1).shape[1] for p in points], self.seed)
+            spec = FeedbackSpec(e.shape[1], [p.reshape(e.shape[0], -1).shape[1] for p in points], self.seed,
+                                layout=self.layout)
             self.B = spec.matrix(torch.float32, e.device)
             self.slices = [(o, w, s) for o, w, s in zip(spec.offsets, spec.widths, spec.scales())]
         F_all = e.float() @ self.B
@@ -82,8 +95,8 @@ class TinyDFAStyle(nn.Module):
 
 
 # ---------------------------------------------------------------- workloads
-def _dfa(variant: str) -> DFA:
-    return DFA(mode="bp" if variant == "bp" else "dfa", layout="shared" if variant == "dfa_shared" else "independent")
+def _dfa(variant: str, layout: str = "independent") -> DFA:
+    return DFA(mode="bp" if variant == "bp" else "dfa", layout="shared" if variant == "dfa_shared" else layout)
 
 
 class MLP(nn.Module):
@@ -217,6 +230,8 @@ def _gcn(device, dtype, size):
 
 
 def _lm(placement):
+    layout = LAYOUT.get(f"lm_{placement}", "independent")
+
     def workload(device, dtype, size):
         from ..zoo.models.transformer import TransformerLM
         layers, d, heads, T, batch, vocab = {"cpu": (4, 256, 4, 128, 8, 256), "gpu": (12, 768, 12, 1024, 8, 50257),
@@ -227,7 +242,7 @@ def _lm(placement):
         def build(variant):
             model = TransformerLM(vocab, context=T, layers=layers, d_model=d, heads=heads, placement=placement,
                                   fused=variant == "dfa_fused")
-            model.dfa = TinyDFAStyle() if variant == "tinydfa_style" else _dfa(variant)
+            model.dfa = TinyDFAStyle(layout=layout) if variant == "tinydfa_style" else _dfa(variant, layout)
             return model
 
         def loss(model):
@@ -235,25 +250,39 @@ def _lm(placement):
                 return F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
         return build, loss, {"model": "TransformerLM (pre-LN, GELU FFN 4x, untied head)", "layers": layers,
                              "d_model": d, "heads": heads, "context": T, "batch": batch, "vocab": vocab,
-                             "placement": placement, "error_at": "hidden", "points": layers * (3 if placement == "micro" else 1),
+                             "placement": placement, "error_at": "hidden", "feedback_layout": layout,
+                             "points": layers * POINTS_PER_BLOCK[placement] + (placement == "linear"),
                              "bf16_autocast": device.type == "cuda", "data": "random tokens"}
     return workload
 
 
-WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "gcn": _gcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro")}
+# workloads whose own feedback is the shared layout (their dfa_shared variant would repeat dfa)
+LAYOUT = {"lm_linear": "shared"}
+WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "gcn": _gcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro"),
+             "lm_linear": _lm("linear")}
 VARIANTS = ("bp", "dfa", "dfa_fused", "dfa_shared", "tinydfa_style")
 OURS = ("dfa", "dfa_fused")  # same feedback as tinydfa_style; "DFA (ours)" is the faster of the two
 # Workloads with activations at their points; the others have no fused variant.
-FUSABLE = {"mlp", "dcn", "gcn", "lm_micro"}
+FUSABLE = {"mlp", "dcn", "gcn", "lm_micro", "lm_linear"}
 # (workload, device type) -> the step-time ratio DFA/BP to reach
-RATIO_TARGETS = {("lm_micro", "cuda"): 0.75, ("lm_macro", "cuda"): 0.95, ("mlp", "cpu"): 0.72}
+RATIO_TARGETS = {("lm_micro", "cuda"): 0.75, ("lm_macro", "cuda"): 0.95, ("lm_linear", "cuda"): 0.75,
+                 ("mlp", "cpu"): 0.72, ("lm_linear", "cpu"): 0.75}
+# workload -> the FLOP ratio DFA/BP to reach at the GPU size (counted, so checked on any device)
+FLOP_TARGETS = {"lm_linear": 0.75}
 TINYDFA_TARGET = 1.5  # GPU: ours at least this much faster than TinyDFA-style
 # timing per repeat: time_ms(warmup, repeats, min_time_s); "tiny" sizes (smoke tests): one step each
 TIMING = dict(warmup=2, repeats=3, min_time_s=0.2)
 TIMING_TINY = dict(warmup=1, repeats=1, min_time_s=0.0)
 TIMING_QUICK = dict(warmup=1, repeats=2, min_time_s=0.1)
 # the workloads with targets first (a time budget skips the last ones)
-ORDER = {"cuda": ("lm_micro", "lm_macro", "mlp", "dcn", "gcn"), "cpu": ("mlp", "dcn", "gcn", "lm_micro", "lm_macro")}
+ORDER = {"cuda": ("lm_micro", "lm_macro", "lm_linear", "mlp", "dcn", "gcn"),
+         "cpu": ("mlp", "lm_linear", "dcn", "gcn", "lm_micro", "lm_macro")}
+
+
+def variants_of(name: str) -> list[str]:
+    """The variants workload `name` runs."""
+    return [v for v in VARIANTS if (v != "dfa_fused" or name in FUSABLE)
+            and not (v == "dfa_shared" and LAYOUT.get(name) == "shared")]
 
 
 def _step_fn(model, loss_fn, variant):
@@ -308,7 +337,7 @@ def count_flops(name: str, size: str, device, variants) -> dict:
             model = build(v) if device is None else build(v).to(device)
             if isinstance(model.dfa, DFA):
                 model.dfa.check_finite = False  # a data-dependent check, which fake tensors cannot run
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
                 _step_fn(model, loss_fn, v)()
             flops[v] = counter.get_total_flops()
         return flops
@@ -336,7 +365,7 @@ def run_workload(name: str, device, size: str, repeats: int, progress: bool = Tr
     timing = timing or (TIMING_TINY if size == "tiny" else TIMING)
     deadline = deadline or Deadline(None)
     build, loss_fn, config = WORKLOADS[name](device, torch.float32, size)
-    variants = [v for v in VARIANTS if v != "dfa_fused" or name in FUSABLE]
+    variants = variants_of(name)
     failed: dict[str, str] = {}
 
     def attempt(v, fn, *args, **kwargs):
@@ -437,6 +466,21 @@ def targets(workloads: dict, device_type: str, size: str | None = None) -> list[
     return found
 
 
+def flop_targets(flops_at_gpu_size: dict, workloads: dict) -> list[dict]:
+    """The FLOP targets (DFA (ours) / BP at the GPU size), met or not: ours is the variant the
+    timed run picked, else the one with fewer FLOPs."""
+    found = []
+    for name, bar in FLOP_TARGETS.items():
+        if name not in flops_at_gpu_size:
+            continue
+        ratios = flops_at_gpu_size[name]["flop_ratio_over_bp"]
+        ours = (workloads.get(name) or {}).get("ours") or {}
+        v = ours.get("variant") or min((v for v in OURS if v in ratios), key=ratios.get)
+        found.append({"name": f"{name}: DFA FLOPs / BP FLOPs at the GPU size", "value": ratios[v],
+                      "target": f"<= {bar}", "variant": v, "met": ratios[v] <= bar})
+    return found
+
+
 def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = None,
         progress: bool = True, time_budget_s: float | None = None, timing: dict | None = None) -> dict:
     """Measure `workloads` in order (default: the ones with targets on this device first); a
@@ -467,8 +511,11 @@ def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = N
             write_results(Path(out), result)
     if size != "gpu":  # the GPU targets' compute bound, counted without a GPU
         gpu_targets = [n for (n, kind) in RATIO_TARGETS if kind == "cuda" and n in workloads]
-        result["flops_at_gpu_size"] = {n: count_flops(n, "gpu", device, [v for v in VARIANTS if v != "dfa_fused"
-                                                                          or n in FUSABLE]) for n in gpu_targets}
+        result["flops_at_gpu_size"] = {n: count_flops(n, "gpu", device, variants_of(n)) for n in gpu_targets}
+    at_gpu_size = result.get("flops_at_gpu_size") or (
+        {n: w["flops"] for n, w in result["workloads"].items()} if size == "gpu" else {})
+    if size == ("gpu" if device.type == "cuda" else "cpu"):  # as targets(): about the full-size runs
+        result["targets"] += flop_targets(at_gpu_size, result["workloads"])
     if out is not None:
         write_results(Path(out), result)
     return result

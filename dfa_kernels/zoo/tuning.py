@@ -18,15 +18,18 @@ from .tasks import MODES, Task, TrainConfig
 from .training import train, variant_name
 
 
-def tune(task: Task, base: TrainConfig, modes=MODES, json_path: Path | None = None) -> dict:
+def tune(task: Task, base: TrainConfig, modes=MODES, json_path: Path | None = None, placements=None) -> dict:
+    """Tune every mode (and, for a Transformer's DFA, every placement in `placements`)."""
     if task.grid is None:
         raise ValueError(f"task {task.name!r} defines no tuning grid")
     out = Path(base.out or "runs") / task.name
     report = {"task": task.name, "preset": base.preset, "data": base.data, "seed": base.seed, "modes": {},
               "rule": "best validation metric of one run (seed as given) per candidate; the same number of "
                       "candidates for every mode", "provenance": provenance()}
-    for mode in modes:
-        config = dataclasses.replace(base, mode=mode)
+    configs = [dataclasses.replace(base, mode=mode, placement=placement) for mode in modes
+               for placement in (placements or [base.placement] if mode == "dfa" and task.family == "transformer"
+                                 else [base.placement])]
+    for config in configs:
         trials = []
         for candidate in task.grid(config):
             result = train(task, dataclasses.replace(config, hp=dict(candidate), out=out / "tuning"))

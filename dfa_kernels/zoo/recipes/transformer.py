@@ -1,6 +1,7 @@
 """Transformer language-model tasks: a causal byte-level Transformer on Shakespeare or Python docs.
 
-``dfa-kernels train lm-shakespeare --mode dfa --placement micro`` trains the decoder-only
+``dfa-kernels train lm-shakespeare --mode dfa --placement micro`` (or ``macro``, or ``linear``: a point
+at every linear and LayerNorm output, shared feedback) trains the decoder-only
 Transformer of :mod:`dfa_kernels.models.transformer` on Shakespeare's plays (validation and test:
 whole plays never seen in training); ``--data PATH`` trains it on a WikiText-style corpus instead
 (a directory with wiki.{train,valid,test}.tokens, or one text file). ``lm-pydoc`` is a small model
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-from ..models.transformer import TransformerLM
+from ..models.transformer import PLACEMENTS, TransformerLM
 from ..tasks import Task, TrainConfig, register, set_feedback
 from ..trainer import Run, Sampled
 
@@ -57,15 +58,16 @@ TRAIN = {   # steps = epochs * steps_per_epoch; eval_tokens: tokens per validati
 # every mode; lr that of the rest (DFA-trained in mode dfa). cpu: tuned by us on validation loss
 # (seed 0). full: the paper's 5e-5 for DFA; the other values a usual GPT-2-small one (untuned).
 _FULL = {("bp", "macro"): (3e-4, 3e-4), ("dfa", "macro"): (5e-5, 3e-4), ("dfa", "micro"): (5e-5, 3e-4),
-         ("shallow", "macro"): (3e-4, 3e-4)}
+         ("dfa", "linear"): (5e-5, 3e-4), ("shallow", "macro"): (3e-4, 3e-4)}
 LR = {
     "lm-shakespeare": {   # grid: bp 1e-3, 3e-3; shallow 3e-3..3e-2; dfa 3e-5..1e-3 x head 3e-3, 1e-2
+        # (dfa linear, the same grid: only 3e-5 and 1e-4 x both heads ran (busy machine); val 2.68, 2.62, 2.82, 2.59)
         "cpu": {("bp", "macro"): (3e-3, 3e-3), ("dfa", "macro"): (3e-4, 1e-2), ("dfa", "micro"): (1e-4, 1e-2),
-                ("shallow", "macro"): (3e-2, 3e-2)},
+                ("dfa", "linear"): (1e-4, 1e-2), ("shallow", "macro"): (3e-2, 3e-2)},
         "full": _FULL},
     "lm-pydoc": {
         "cpu": {("bp", "macro"): (3e-3, 3e-3), ("dfa", "macro"): (3e-4, 1e-2), ("dfa", "micro"): (1e-4, 1e-2),
-                ("shallow", "macro"): (3e-2, 3e-2)},
+                ("dfa", "linear"): (1e-4, 1e-2), ("shallow", "macro"): (3e-2, 3e-2)},
         "full": _FULL},
 }
 # WikiText-103 test perplexity (Launay et al. 2020, "Direct Feedback Alignment Scales to Modern
@@ -169,8 +171,8 @@ def optimizer(model, lr: float, head_lr: float | None = None) -> torch.optim.Ada
 
 def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     """One training run; `model_overrides` replace the preset's TransformerLM arguments."""
-    if config.placement not in ("macro", "micro"):
-        raise ValueError(f"placement must be 'macro' or 'micro'; got {config.placement!r}")
+    if config.placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}; got {config.placement!r}")
     data = load_data(task, config.data)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
@@ -232,7 +234,7 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
 
 register(Task(
     name="lm-shakespeare", family="transformer",
-    description="causal Transformer LM (byte-level) on Shakespeare, split by play; --placement macro|micro; "
+    description="causal Transformer LM (byte-level) on Shakespeare, split by play; --placement macro|micro|linear; "
                 "--data PATH: WikiText-style text. Paper: WikiText-103 perplexity (DFA micro: 93.3)",
     metric="test_loss", higher_is_better=False,
     build=functools.partial(build_lm, "lm-shakespeare"), paper=dict(PAPER),

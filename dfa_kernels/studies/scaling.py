@@ -1,0 +1,675 @@
+"""Scaling laws beyond backpropagation: does DFA's cheaper step ever pay for its worse loss?
+
+Paper 2 (Filipovich et al. 2022, *Scaling Laws Beyond Backpropagation*) trained causal decoder-only
+Transformers with backprop and with DFA and concluded (D): BP is more compute-efficient at every
+budget. This module reproduces its **method**, on our data and with our numbers
+(``dfa-kernels scaling``):
+
+1. **Sweep**: a geometric ladder of model sizes (width and depth grown together, as in Kaplan et
+   al. 2020) x methods (``bp``; ``dfa-macro``, ``dfa-micro``, ``dfa-linear``: the zoo's
+   :class:`TransformerLM` placements, every DFA method with paper 2's shared feedback matrix, one
+   ``B e`` for all layers; ``shallow``: only the final LayerNorm and head learn) x token budgets.
+   The DFA error is taken at the final hidden state. Every run of a preset reads the same
+   training windows in the same order (one seeded stream) and is evaluated on the same validation
+   windows at several points along the run (so each run gives several (compute, loss) points).
+2. **Fair tuning**: at each size, the learning rate and warmup are chosen on validation loss on a
+   small grid at the smallest budget, for BP, for shallow and for each DFA placement separately;
+   every grid run is recorded. The DFA methods' final LayerNorm and head learn exact gradients on
+   top of slowly changing features, as in shallow mode: they take shallow's tuned rate, and the
+   grid is over the DFA-trained layers' rate. Schedules: linear warmup, cosine decay to 10% over
+   each run's own budget.
+3. **Compute**: FLOPs per token counted analytically from the model's shapes (forward; BP's
+   backward; DFA's real backward: weight gradients, the projection and whatever backprop remains
+   inside its segments; head included, the embeddings costing no FLOPs), cross-checked against
+   ``torch.utils.flop_counter`` on every method (:func:`flop_check`). Attention is counted as its
+   matmuls over the full T x T (QK^T and AV: ``4 T d`` per token and layer forward, twice that
+   backward; the causal mask is not exploited). Wall time is recorded beside it.
+4. **Fits and verdicts** (:mod:`.scaling_fit`): per method the frontier ``L(C) = E + A C^-alpha``
+   with bootstrap CIs over runs, ``L(N, D)`` where the grid allows, the crossover compute between
+   BP and each DFA placement, and the verdict (A)-(D) with its bootstrap confidence.
+
+Outputs, under ``--out``: ``runs/*.json`` (one per run, written atomically: an interrupted sweep
+restarted with the same command skips finished runs), ``plan.json`` (the resolved sweep),
+``scaling.json`` (every run, every fit with its CI, the verdicts, the git SHA and the command) and
+two plots: ``scaling.png`` (loss vs compute for every run, fitted frontiers) and
+``scaling_frontiers.png`` (each method's frontier with its bootstrap band).
+
+Presets: ``cpu`` (a 2-core CPU in under 20 minutes, 1.5+ decades of compute per method) and
+``gpu`` (an H100/H200: up to 85 M non-embedding parameters, bf16 autocast, split into stages of
+about 8 minutes that ``--stage K`` runs one at a time, each resumable).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import scaling_fit as fit
+
+# method -> (DFA mode, placement)
+METHODS = {"bp": ("bp", "macro"), "dfa-macro": ("dfa", "macro"), "dfa-micro": ("dfa", "micro"),
+           "dfa-linear": ("dfa", "linear"), "shallow": ("shallow", "macro")}
+DFA_METHODS = ("dfa-macro", "dfa-micro", "dfa-linear")
+FEEDBACK_LAYOUT = "shared"   # paper 2: one B shared by all layers, one B e for every point
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    sizes: tuple            # (layers, d_model, heads) per rung; d_ff = 4 d_model
+    context: int
+    batch: int
+    budgets: tuple          # training steps per run; the first is the tuning budget
+    lr_grid: dict           # "bp"; "head" (shallow, whose choice the DFA heads take); "dfa" (DFA-trained layers)
+    warmup_grid: tuple      # warmup as a fraction of the run
+    eval_fractions: tuple   # evaluation points, as fractions of the run
+    eval_tokens: int        # validation tokens per evaluation (the same windows every time)
+    resamples: int          # bootstrap resamples
+    extrapolate_decades: float = 2.0   # the verdict's horizon beyond the largest measured compute
+    threads: int | None = None         # torch CPU threads (None: torch's default)
+    stage_seconds: float | None = None  # pack the runs into stages of about this many seconds
+    assumed_flop_rate: float = 2e10    # FLOP/s, for the time estimates of --plan and the stages
+    seed: int = 0
+
+
+PRESETS = {
+    "cpu": Preset(sizes=((2, 32, 2), (2, 48, 2), (3, 64, 2), (4, 96, 4)), context=64, batch=16,
+                  budgets=(128, 512), lr_grid={"bp": (1e-3, 3e-3, 1e-2), "head": (3e-3, 1e-2, 3e-2),
+                                               "dfa": (3e-5, 1e-4, 3e-4)},
+                  warmup_grid=(0.05,), eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0), eval_tokens=8192,
+                  resamples=400, threads=1),
+    "gpu": Preset(sizes=((2, 128, 2), (3, 192, 3), (4, 256, 4), (6, 384, 6), (8, 512, 8), (12, 768, 12)),
+                  context=512, batch=64, budgets=(600, 2400),
+                  lr_grid={"bp": (3e-4, 1e-3, 3e-3), "head": (1e-3, 3e-3, 1e-2), "dfa": (1e-5, 3e-5, 1e-4)},
+                  warmup_grid=(0.02, 0.1),
+                  eval_fractions=(0.0625, 0.125, 0.25, 0.5, 0.75, 1.0), eval_tokens=262144, resamples=2000,
+                  stage_seconds=480, assumed_flop_rate=2e14),
+    # the tests' preset: seconds on a CPU
+    "tiny": Preset(sizes=((1, 16, 2), (2, 24, 2)), context=16, batch=4, budgets=(6, 12),
+                   lr_grid={"bp": (3e-3, 1e-2), "head": (1e-2,), "dfa": (1e-3,)}, warmup_grid=(0.1,),
+                   eval_fractions=(0.5, 1.0), eval_tokens=512, resamples=8, threads=1),
+}
+
+
+# ---------------------------------------------------------------- compute
+def model_kwargs(size, context: int) -> dict:
+    layers, d, heads = size
+    return dict(context=context, layers=layers, d_model=d, heads=heads, d_ff=4 * d, dropout=0.0)
+
+
+def point_widths(size, placement: str) -> list[int]:
+    layers, d, _ = size
+    f = 4 * d
+    return {"macro": [d] * layers, "micro": [d, f, d] * layers,
+            "linear": [d] + [d, 3 * d, d, d, f, d] * layers}[placement]
+
+
+def flops_per_token(size, method: str, vocab: int, context: int, layout: str = FEEDBACK_LAYOUT) -> dict:
+    """Training FLOPs per token of one step, from the shapes (matmuls only, as the flop counter):
+    forward, backward and their total. Per layer the linear layers cost ``lin = 2 (4 d^2 + 2 d f)``
+    forward (qkv, out-projection, fc1, fc2), attention ``4 T d``; the head ``2 d V``. BP's
+    backward is twice the forward. DFA's (error at the final hidden state, width d): the head's
+    weight and input gradients, then per placement: macro backpropagates inside every block
+    (every input gradient but none between blocks); micro skips fc2's input gradient; linear
+    computes weight gradients only (no input gradient, no attention backward); plus the projection
+    ``2 d D`` with D the widest point (shared layout, computed once) or the sum of the widths."""
+    layers, d, _ = size
+    f = 4 * d
+    lin, attn, head = 2 * (4 * d * d + 2 * d * f), 4 * context * d, 2 * d * vocab
+    forward = layers * (lin + attn) + head
+    mode, placement = METHODS[method]
+    if mode == "bp":
+        backward = 2 * layers * (lin + attn) + 2 * head
+    elif mode == "shallow":
+        backward = 2 * head                         # the head's weight and input gradient (final LN's gains)
+    else:
+        widths = point_widths(size, placement)
+        projection = 2 * d * (max(widths) if layout == "shared" else sum(widths))
+        blocks = {"macro": 2 * layers * (lin + attn),
+                  "micro": layers * (2 * lin - 2 * d * f + 2 * attn),
+                  "linear": layers * lin}[placement]
+        backward = blocks + 2 * head + projection
+    return {"forward": forward, "backward": backward, "total": forward + backward}
+
+
+def build_model(size, method: str, vocab: int, context: int, seed: int = 0):
+    from ..zoo.models.transformer import TransformerLM
+    mode, placement = METHODS[method]
+    torch.manual_seed(seed)
+    return TransformerLM(vocab, mode=mode, placement=placement, seed=seed, layout=FEEDBACK_LAYOUT,
+                         **model_kwargs(size, context))
+
+
+def counted_flops_per_token(model, vocab: int, batch: int = 2) -> float:
+    """FLOPs of one forward + backward of `model` per token, by ``torch.utils.flop_counter``
+    (attention in PyTorch's math form, so that it is counted on a CPU too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    T = model.context
+    tokens = torch.randint(0, vocab, (batch, T + 1), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
+    return counter.get_total_flops() / (batch * T)
+
+
+def flop_check(size, vocab: int, context: int) -> dict:
+    """Analytic vs counted FLOPs per token of every method at one size."""
+    rows = {}
+    for method in METHODS:
+        analytic = flops_per_token(size, method, vocab, context)["total"]
+        counted = counted_flops_per_token(build_model(size, method, vocab, context), vocab)
+        rows[method] = {"analytic": analytic, "counted": counted, "relative_difference": analytic / counted - 1}
+    return {"size": list(size), "vocab": vocab, "context": context, "methods": rows}
+
+
+def non_embedding_parameters(model) -> int:
+    """Kaplan's N: the blocks' and final LayerNorm's parameters (embeddings and head excluded)."""
+    return sum(p.numel() for m in (model.blocks, model.ln_f) for p in m.parameters())
+
+
+# ---------------------------------------------------------------- data
+def corpus(data: str | None = None, tokenizer: str = "byte", bpe_vocab: int = 4096):
+    """The sweep's text: --data PATH (WikiText-style, see the zoo's load_wikitext), else Shakespeare
+    and the Wikipedia articles of gensim's test data."""
+    from ..zoo.data import text
+    kwargs = {"bpe_vocab": bpe_vocab} if tokenizer == "bpe" else {}
+    if data:
+        return text.load_wikitext(data, tokenizer, **kwargs)
+    return text.load_english(tokenizer, **kwargs)
+
+
+# ---------------------------------------------------------------- the plan
+@dataclasses.dataclass(frozen=True)
+class Job:
+    size: int               # index into the preset's sizes
+    method: str
+    steps: int
+    tune: bool              # a grid run at the tuning budget (lr, warmup given) or a run at the tuned values
+    lr: float | None = None
+    warmup: float | None = None
+
+
+def grid_of(method: str) -> str:
+    """Which of the preset's learning-rate grids a method is tuned on."""
+    return "dfa" if method in DFA_METHODS else "head" if method == "shallow" else "bp"
+
+
+TUNING_ORDER = ("bp", "shallow", *DFA_METHODS)   # the DFA methods' heads take shallow's tuned rate
+
+
+def jobs(preset: Preset) -> list[Job]:
+    """Every run of the sweep, in the order they run: per size (smallest first) the tuning grids
+    (shallow's before the DFA methods', whose heads take its rate), then the longer budgets."""
+    out = []
+    tune_steps = preset.budgets[0]
+    for i in range(len(preset.sizes)):
+        for method in TUNING_ORDER:
+            grid = preset.lr_grid[grid_of(method)]
+            out += [Job(i, method, tune_steps, True, lr, wu) for lr in grid for wu in preset.warmup_grid]
+        out += [Job(i, method, steps, False) for steps in preset.budgets[1:] for method in METHODS]
+    return out
+
+
+def estimated_seconds(job: Job, preset: Preset, vocab: int) -> float:
+    size = preset.sizes[job.size]
+    tokens = job.steps * preset.batch * preset.context
+    train = flops_per_token(size, job.method, vocab, preset.context)["total"] * tokens
+    evals = len(preset.eval_fractions) * preset.eval_tokens * flops_per_token(size, "bp", vocab, preset.context)["forward"]
+    return (train + evals) / preset.assumed_flop_rate + 5.0
+
+
+def stages(preset: Preset, vocab: int) -> list[list[Job]]:
+    """The jobs packed in order into stages of about preset.stage_seconds (one stage: all)."""
+    if preset.stage_seconds is None:
+        return [jobs(preset)]
+    out, current, spent = [], [], 0.0
+    for job in jobs(preset):
+        cost = estimated_seconds(job, preset, vocab)
+        if current and spent + cost > preset.stage_seconds:
+            out.append(current)
+            current, spent = [], 0.0
+        current.append(job)
+        spent += cost
+    return out + [current] if current else out
+
+
+def plan_dict(preset_name: str, preset: Preset, data: str | None, tokenizer: str, bpe_vocab: int, device: str) -> dict:
+    """What defines a sweep (a restarted sweep must match it), in its JSON form."""
+    return json.loads(json.dumps({
+        "preset": preset_name, **dataclasses.asdict(preset),
+        "data": None if data is None else str(Path(data).resolve()), "tokenizer": tokenizer,
+        "bpe_vocab": bpe_vocab if tokenizer == "bpe" else None, "device": device,
+        "methods": {m: {"mode": mode, "placement": pl} for m, (mode, pl) in METHODS.items()},
+        "feedback_layout": FEEDBACK_LAYOUT, "error_at": "hidden"}))
+
+
+# ---------------------------------------------------------------- one run
+def run_id(preset: Preset, job: Job, lr: float, head_lr: float, warmup: float) -> str:
+    layers, d, _ = preset.sizes[job.size]
+    return f"L{layers}-d{d}_{job.method}_s{job.steps}_lr{lr:g}_hlr{head_lr:g}_wu{warmup:g}"
+
+
+def _schedule(steps: int, warmup: float):
+    warm = max(1, round(warmup * steps))
+    return lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def train_run(preset: Preset, job: Job, data, lr: float, head_lr: float, warmup: float, device,
+              progress: bool = True) -> dict:
+    """Train one model; returns its record with the validation loss at every evaluation point."""
+    from tqdm.auto import tqdm
+
+    from ..zoo.recipes.transformer import evaluate, windows
+    from ..zoo.trainer import Sampled
+
+    size = preset.sizes[job.size]
+    device = torch.device(device)
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = build_model(size, job.method, data.vocab_size, preset.context, preset.seed).to(device).train()
+    head = [p for m in (model.ln_f, model.head) for p in m.parameters()]
+    body = [p for p in model.parameters() if all(p is not q for q in head)]
+    opt = torch.optim.Adam([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(job.steps, warmup))
+    stream = Sampled(lambda g: windows(data.splits["train"], preset.context, preset.batch, g), preset.seed)
+    evals_at = sorted({max(1, round(f * job.steps)) for f in preset.eval_fractions})
+    per_token = flops_per_token(size, job.method, data.vocab_size, preset.context)
+    tokens_per_step = preset.batch * preset.context
+    evals, wall, train_sum, train_n, status = [], 0.0, 0.0, 0, "ok"
+    bar = tqdm(total=job.steps, disable=not progress, leave=False, desc=f"{job.method} L{size[0]}-d{size[1]}")
+    for step in range(1, job.steps + 1):
+        start = time.perf_counter()
+        x, y = next(stream)
+        try:   # DFA's check: an error that held NaN/Inf is reported by the next forward
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = model.loss(x.to(device), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except FloatingPointError:
+            status = f"diverged at step {step}"
+            break
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall += time.perf_counter() - start
+        value = loss.item()
+        if not math.isfinite(value):
+            status = f"diverged at step {step}"
+            break
+        train_sum, train_n = train_sum + value, train_n + 1
+        bar.update()
+        bar.set_postfix(loss=f"{value:.3f}")
+        if step in evals_at:
+            val = evaluate(model, data.splits["val"], preset.eval_tokens, batch_size=64, autocast=autocast)
+            evals.append({"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * per_token["total"],
+                          "wall_s": wall, "train_loss": train_sum / train_n, "val_loss": val})
+            train_sum, train_n = 0.0, 0
+    bar.close()
+    layers, d, heads = size
+    return {"id": run_id(preset, job, lr, head_lr, warmup), "size": job.size, "layers": layers, "d_model": d,
+            "heads": heads, "method": job.method, "mode": METHODS[job.method][0], "placement": METHODS[job.method][1],
+            "steps": job.steps, "tokens": job.steps * tokens_per_step, "tune": job.tune, "lr": lr, "head_lr": head_lr,
+            "warmup": warmup, "status": status, "parameters": sum(p.numel() for p in model.parameters()),
+            "non_embedding_parameters": non_embedding_parameters(model), "flops_per_token": per_token,
+            "epochs": job.steps * tokens_per_step / len(data.splits["train"]),
+            "final_val_loss": evals[-1]["val_loss"] if status == "ok" and evals else None,
+            "wall_s": wall, "evals": evals, "device": str(device), "threads": torch.get_num_threads(),
+            "bf16_autocast": autocast}
+
+
+# ---------------------------------------------------------------- the sweep
+class PlanMismatch(RuntimeError):
+    pass
+
+
+def _write_json(path: Path, payload) -> None:
+    """Atomic: a reader (or a restarted sweep) sees the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_runs(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
+
+
+def tuned(preset: Preset, runs: dict, size: int, method: str) -> dict | None:
+    """The best finished tuning run of (size, method), or None while its grid is unfinished."""
+    grid = [r for r in runs.values() if r["size"] == size and r["method"] == method and r["tune"]
+            and r["steps"] == preset.budgets[0]]
+    wanted = len(preset.lr_grid[grid_of(method)]) * len(preset.warmup_grid)
+    if len(grid) < wanted:
+        return None
+    finite = [r for r in grid if r["final_val_loss"] is not None]
+    return min(finite or grid, key=lambda r: r["final_val_loss"] if r["final_val_loss"] is not None else math.inf)
+
+
+def resolve(preset: Preset, job: Job, runs: dict) -> tuple[float, float, float] | None:
+    """(lr, head_lr, warmup) of a job, or None when it waits for a tuning result."""
+    if job.tune:
+        if job.method in DFA_METHODS:
+            head = tuned(preset, runs, job.size, "shallow")
+            return None if head is None else (job.lr, head["lr"], job.warmup)
+        return job.lr, job.lr, job.warmup
+    best = tuned(preset, runs, job.size, job.method)
+    return None if best is None else (best["lr"], best["head_lr"], best["warmup"])
+
+
+def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str | None = None,
+          tokenizer: str = "byte", bpe_vocab: int = 4096, device: str | None = None, stage: str = "all",
+          resume: bool = False, time_budget_s: float | None = None, progress: bool = True,
+          command: list[str] | None = None) -> dict | None:
+    """Run (or continue) a sweep under `out` and analyse it when every run is there.
+
+    stage: "all" (every run, then the analysis), "fit" (the analysis only, from the finished
+    runs), or a stage number (1-based; ``plan`` lists them) to run that stage's runs only.
+    resume: continue the sweep recorded in ``out/plan.json`` (its preset, data and options).
+    time_budget_s: start no new run after this many seconds (the sweep stays resumable)."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if resume:
+        if not (out / "plan.json").is_file():
+            raise FileNotFoundError(f"--resume: {out}/plan.json not found (no sweep to continue there)")
+        recorded = json.loads((out / "plan.json").read_text())
+        preset_name, data, tokenizer = recorded["preset"], recorded["data"], recorded["tokenizer"]
+        bpe_vocab, device = recorded["bpe_vocab"] or bpe_vocab, device or recorded["device"]
+    preset = PRESETS[preset_name]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = plan_dict(preset_name, preset, data, tokenizer, bpe_vocab, device)
+    if (out / "plan.json").is_file():
+        recorded = json.loads((out / "plan.json").read_text())
+        diff = sorted(k for k in set(plan) | set(recorded) if k not in ("command", "started")
+                      and plan.get(k) != recorded.get(k))
+        if diff:
+            raise PlanMismatch(f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another "
+                               f"--out, or --resume to continue the recorded one")
+    else:
+        _write_json(out / "plan.json", {**plan, "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    dataset = corpus(data, tokenizer, bpe_vocab)
+    all_stages = stages(preset, dataset.vocab_size)
+    if stage == "all":
+        todo = [j for s in all_stages for j in s]
+    elif stage == "fit":
+        todo = []
+    elif str(stage).isdigit() and 1 <= int(stage) <= len(all_stages):
+        todo = all_stages[int(stage) - 1]
+    else:
+        raise ValueError(f"--stage must be 'all', 'fit' or a stage number 1..{len(all_stages)}; got {stage!r}")
+    if not (out / "flop_check.json").is_file():
+        _write_json(out / "flop_check.json", flop_check(preset.sizes[0], dataset.vocab_size, preset.context))
+    started, load_start = time.perf_counter(), os.getloadavg()
+    runs = load_runs(out)
+    runs_before = set(runs)
+    cost = {j: estimated_seconds(j, preset, dataset.vocab_size) for j in todo}
+    bar = tqdm(total=sum(cost.values()), disable=not progress, unit="est-s", desc="scaling sweep",
+               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+    done = waiting = 0
+    for job in todo:
+        bar.set_postfix_str(f"runs {done}/{len(todo)}")
+        values = resolve(preset, job, runs)
+        if values is None:
+            waiting += 1
+            bar.update(cost[job])
+            continue
+        rid = run_id(preset, job, *values)
+        if rid not in runs:
+            if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+                break
+            runs[rid] = train_run(preset, job, dataset, *values, device=device, progress=progress)
+            _write_json(out / "runs" / f"{rid}.json", runs[rid])
+        done += 1
+        bar.update(cost[job])
+    bar.close()
+    invocations = _log_invocation(out, stage, started, load_start, trained=len(load_runs(out)) - len(runs_before))
+    finished = all(resolve(preset, j, runs) is not None and run_id(preset, j, *resolve(preset, j, runs)) in runs
+                   for s in all_stages for j in s)
+    if waiting:
+        print(f"{waiting} run(s) of this stage wait for tuning runs of an earlier stage; run that stage first",
+              file=sys.stderr)
+    if not finished and stage != "fit":
+        missing = sum(1 for s in all_stages for j in s if resolve(preset, j, runs) is None
+                      or run_id(preset, j, *resolve(preset, j, runs)) not in runs)
+        print(f"{missing} run(s) of the sweep still to do: rerun the same command to continue", file=sys.stderr)
+        return None
+    result = analyse(preset, runs, json.loads((out / "flop_check.json").read_text()))
+    result.update(plan=plan, command=command, git_sha=_git_sha(), data=dataset.info,
+                  environment=_environment(device),
+                  timing={"training_wall_s_all_runs": sum(r["wall_s"] for r in runs.values()),
+                          "invocations": invocations, "cpu_count": os.cpu_count()})
+    _write_json(out / "scaling.json", result)
+    plot(result, out)
+    return result
+
+
+def _log_invocation(out: Path, stage: str, started: float, load_start, trained: int) -> list[dict]:
+    """Append this invocation (stage, seconds, runs trained, load averages) to out/invocations.json:
+    a sweep's time is the sum over the invocations that trained its runs."""
+    path = out / "invocations.json"
+    log = json.loads(path.read_text()) if path.is_file() else []
+    log.append({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "stage": stage, "runs_trained": trained,
+                "seconds_before_analysis": time.perf_counter() - started,
+                "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())})
+    _write_json(path, log)
+    return log
+
+
+def _git_sha():
+    from ..bench.common import git_sha
+    return git_sha()
+
+
+def _environment(device: str) -> dict:
+    from ..bench.common import environment
+    return environment(torch.device(device))
+
+
+# ---------------------------------------------------------------- analysis
+def selected(preset: Preset, runs: dict) -> dict[str, list[dict]]:
+    """Per method, the runs the fits use: at each size the tuned grid run and the longer runs at
+    the tuned values (diverged runs left out)."""
+    chosen = {m: [] for m in METHODS}
+    for size in range(len(preset.sizes)):
+        for method in METHODS:
+            best = tuned(preset, runs, size, method)
+            if best is None:
+                continue
+            chosen[method] += [r for r in runs.values() if r["size"] == size and r["method"] == method
+                               and r["status"] == "ok" and r["lr"] == best["lr"] and r["head_lr"] == best["head_lr"]
+                               and r["warmup"] == best["warmup"] and (not r["tune"] or r is best)]
+    return chosen
+
+
+def analyse(preset: Preset, runs: dict, flop_check_result: dict | None = None) -> dict:
+    """Frontier fits with bootstrap CIs, L(N, D) fits, and the verdict of each DFA placement."""
+    rng = np.random.default_rng(preset.seed)
+    chosen = selected(preset, runs)
+    fits, boots, curves_of = {}, {}, {}
+    for method, rs in chosen.items():
+        curves = [fit.run_curve([(e["flops"], e["val_loss"]) for e in r["evals"]]) for r in rs]
+        curves_of[method] = curves
+        if not curves:
+            continue
+        grid = fit.budget_grid(curves)
+        c, l = fit.frontier(curves, grid)
+        entry = {"runs": [r["id"] for r in rs], "frontier": {"flops": c.tolist(), "val_loss": l.tolist()},
+                 "compute_decades": float(np.log10(c.max() / c.min())) if len(c) else 0.0}
+        try:
+            law = fit.fit_power_law(c, l)
+        except ValueError as err:
+            entry["power_law"] = {"error": str(err)}
+            fits[method] = entry
+            continue
+        boot = fit.bootstrap_laws(curves, grid, law, preset.resamples, rng)
+        boots[method] = boot
+        ok = [b for b in boot if b is not None]
+        entry["power_law"] = {"alpha": law["alpha"], "E": law["E"], "A": law["A"], "objective": law["objective"],
+                              "alpha_ci": fit.interval([b["alpha"] for b in ok]),
+                              "E_ci": fit.interval([b["E"] for b in ok]), "resamples": len(ok),
+                              "form": "L(C) = E + A * C^-alpha, C in FLOPs"}
+        entry["power_law"]["_fit"] = law
+        entry["nd"] = _fit_nd(rs)
+        fits[method] = entry
+    comparisons = {}
+    for method in (m for m in METHODS if m != "bp"):
+        a, b = fits.get("bp", {}).get("power_law", {}), fits.get(method, {}).get("power_law", {})
+        if "_fit" not in a or "_fit" not in b:
+            continue
+        # from the smallest compute both methods measured (no extrapolation downwards) to the
+        # largest measured, extrapolated upwards by extrapolate_decades
+        lo = max(min(fits[m]["frontier"]["flops"]) for m in ("bp", method))
+        hi = max(max(fits[m]["frontier"]["flops"]) for m in ("bp", method)) * 10 ** preset.extrapolate_decades
+        comparisons[method] = fit.compare(a["_fit"], b["_fit"], boots["bp"], boots[method], lo, hi)
+        comparisons[method]["kind"] = "DFA placement" if method in DFA_METHODS else "baseline (only the head learns)"
+    bands = {m: _band(fits[m], boots[m]) for m in boots}
+    for entry in fits.values():
+        entry.get("power_law", {}).pop("_fit", None)
+    return {"runs": sorted(runs.values(), key=lambda r: (r["size"], r["method"], r["steps"], r["lr"])),
+            "selected_runs": {m: [r["id"] for r in rs] for m, rs in chosen.items()},
+            "tuning": _tuning_table(preset, runs), "fits": fits, "comparisons": comparisons,
+            "verdicts": {m: {k: c[k] for k in ("verdict", "verdict_meaning", "confidence", "crossover_flops",
+                                                "crossover_ci", "crossover_share")}
+                         for m, c in comparisons.items() if m in DFA_METHODS},
+            "bands": bands, "flop_check": flop_check_result,
+            "notes": {"verdict": "over [smallest compute both methods measured, largest measured x "
+                                 "10^extrapolate_decades]; (A) DFA always "
+                                 "better, (B) DFA better at scale, (C) BP better at scale, (D) BP always better; "
+                                 "confidence: share of bootstrap resamples giving the same verdict",
+                      "extrapolate_decades": preset.extrapolate_decades,
+                      "compute": "training FLOPs (analytic, matmuls incl. attention and head; cross-checked in "
+                                 "flop_check); evaluation not counted",
+                      "loss": "validation loss, nats per token"}}
+
+
+def _fit_nd(rs: list[dict]) -> dict:
+    ends = [r for r in rs if r["final_val_loss"] is not None]
+    try:
+        return fit.fit_nd([r["non_embedding_parameters"] for r in ends], [r["tokens"] for r in ends],
+                          [r["final_val_loss"] for r in ends]) | {"form": "L(N, D) = E + A/N^alpha + B/D^beta; "
+                                                                 "N non-embedding parameters, D training tokens; "
+                                                                 "each run's final loss"}
+    except ValueError as err:
+        return {"error": str(err)}
+
+
+def _band(entry: dict, boot: list, points: int = 60) -> dict:
+    c = np.asarray(entry["frontier"]["flops"])
+    grid = np.exp(np.linspace(np.log(c.min()), np.log(c.max()), points))
+    preds = np.array([fit.predict(b, grid) for b in boot if b is not None])
+    return {"flops": grid.tolist(), "low": np.quantile(preds, 0.025, 0).tolist(),
+            "high": np.quantile(preds, 0.975, 0).tolist(),
+            "fit": fit.predict(entry["power_law"]["_fit"], grid).tolist()}
+
+
+def _tuning_table(preset: Preset, runs: dict) -> list[dict]:
+    rows = []
+    for size in range(len(preset.sizes)):
+        for method in METHODS:
+            grid = sorted((r for r in runs.values() if r["size"] == size and r["method"] == method and r["tune"]),
+                          key=lambda r: (r["lr"], r["warmup"]))
+            best = tuned(preset, runs, size, method)
+            if grid:
+                rows.append({"size": list(preset.sizes[size]), "method": method, "steps": preset.budgets[0],
+                             "grid": [{"lr": r["lr"], "head_lr": r["head_lr"], "warmup": r["warmup"],
+                                       "val_loss": r["final_val_loss"], "status": r["status"]} for r in grid],
+                             "chosen": None if best is None else {"lr": best["lr"], "head_lr": best["head_lr"],
+                                                                  "warmup": best["warmup"]}})
+    return rows
+
+
+# ---------------------------------------------------------------- plots
+COLORS = {"bp": "#1f77b4", "dfa-macro": "#d62728", "dfa-micro": "#ff7f0e", "dfa-linear": "#2ca02c",
+          "shallow": "#7f7f7f"}
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for method, ids in result["selected_runs"].items():
+        for r in (r for r in result["runs"] if r["id"] in ids):
+            e = r["evals"]
+            ax.plot([p["flops"] for p in e], [p["val_loss"] for p in e], color=COLORS[method], alpha=0.35, lw=0.9,
+                    marker=".", ms=3)
+        band = result["bands"].get(method)
+        if band:
+            law = result["fits"][method]["power_law"]
+            ax.plot(band["flops"], band["fit"], color=COLORS[method], lw=2.2,
+                    label=f"{method}: α={law['alpha']:.3f}, E={law['E']:.2f}")
+    ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="validation loss (nats/token)",
+           title="Loss vs compute: every run (thin), fitted frontier L = E + A·C^-α (thick)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    paths.append(out / "scaling.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for method, band in result["bands"].items():
+        f = result["fits"][method]
+        ax.fill_between(band["flops"], band["low"], band["high"], color=COLORS[method], alpha=0.2)
+        ax.plot(band["flops"], band["fit"], color=COLORS[method], lw=2, label=method)
+        ax.plot(f["frontier"]["flops"], f["frontier"]["val_loss"], "o", color=COLORS[method], ms=3)
+    measured = [l for f in result["fits"].values() for l in f["frontier"]["val_loss"]]
+    ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="validation loss (nats/token)",
+           ylim=(min(measured) - 0.1, max(measured) + 0.25),
+           title="Compute-efficient frontiers (points) and fits with 95% bootstrap bands")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    paths.append(out / "scaling_frontiers.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def describe_plan(preset_name: str, vocab: int = 256) -> str:
+    """The runs of a preset, their estimated time and stages (``dfa-kernels scaling --plan``)."""
+    preset = PRESETS[preset_name]
+    lines = [f"preset {preset_name}: sizes {[list(s) for s in preset.sizes]}, context {preset.context}, batch "
+             f"{preset.batch}, budgets {list(preset.budgets)} steps, methods {list(METHODS)}; time estimates at "
+             f"{preset.assumed_flop_rate:.0e} FLOP/s"]
+    for k, stage in enumerate(stages(preset, vocab), 1):
+        secs = sum(estimated_seconds(j, preset, vocab) for j in stage)
+        sizes = sorted({j.size for j in stage})
+        lines.append(f"  stage {k}: {len(stage)} runs, ~{secs / 60:.1f} min, sizes "
+                     f"{[list(preset.sizes[i]) for i in sizes]}")
+    total = sum(estimated_seconds(j, preset, vocab) for j in jobs(preset))
+    lines.append(f"  total: {len(jobs(preset))} runs, ~{total / 60:.0f} min")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """The fitted exponents and the verdicts, as a Markdown table and lines."""
+    def ci(pair, fmt):
+        return "—" if pair is None else f"[{pair[0]:{fmt}}, {pair[1]:{fmt}}]"
+    lines = ["| method | α (95% CI) | E (95% CI) | compute decades | crossover with BP, FLOPs (95% CI; share of resamples) | verdict (confidence) |",
+             "|---|---|---|---|---|---|"]
+    for method, f in result["fits"].items():
+        law = f.get("power_law", {})
+        if "alpha" not in law:
+            lines.append(f"| {method} | not fitted: {law.get('error')} | | | | |")
+            continue
+        c = result["comparisons"].get(method)
+        cross = verdict = "—"
+        if c is not None:
+            at = "none" if c["crossover_flops"] is None else f"{c['crossover_flops']:.2e}"
+            cross = f"{at} ({ci(c['crossover_ci'], '.1e')}; {c['crossover_share']:.2f})"
+            verdict = f"({c['verdict']}) {c['verdict_meaning']} ({c['confidence']:.2f})"
+        lines.append(f"| {method} | {law['alpha']:.3f} {ci(law['alpha_ci'], '.3f')} | {law['E']:.3f} "
+                     f"{ci(law['E_ci'], '.3f')} | {f['compute_decades']:.2f} | {cross} | {verdict} |")
+    return "\n".join(lines)
