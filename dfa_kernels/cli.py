@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -51,8 +52,32 @@ def _train(args) -> None:
         return
     if not args.task:
         sys.exit("dfa-kernels train: name a TASK (dfa-kernels train --list shows them)")
+    from .zoo import distributed
     from .zoo.training import run_task
-    run_task(tasks.get(args.task), _config(args))
+    world = distributed.init(args.device)      # a torchrun worker (WORLD_SIZE > 1), else None
+    if world is None and args.nproc > 1:
+        distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
+        return
+    try:
+        run_task(tasks.get(args.task), _config(args, compile=args.compile, fsdp=args.fsdp), world=world,
+                 checkpoint_every=args.checkpoint_every, resume=args.resume, stop_after=args.stop_after)
+    finally:
+        if world is not None:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE` (what each launched worker runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _compare(args) -> None:
@@ -132,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--alignment-every", type=int, default=None, metavar="N",
                    help="measure DFA's alignment with backprop every N steps (into metrics.json)")
+    s.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N local processes (torch.distributed.run; DDP, gloo on CPU, NCCL on CUDA)")
+    s.add_argument("--fsdp", action="store_true", help="with --nproc / torchrun: FSDP2 (fully_shard) instead of DDP")
+    s.add_argument("--compile", action="store_true",
+                   help="the training step (forward, backward, optimizer) under torch.compile")
+    s.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="write OUT/TASK/VARIANT/checkpoint.pt every STEPS steps (atomically)")
+    s.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run from its checkpoint (a run folder, or the checkpoint file)")
+    s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="end this session after STEPS steps in total, with a checkpoint (continue with --resume)")
     add_run_options(s)
     s.set_defaults(func=_train)
 
@@ -180,6 +216,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     provenance.CLI_COMMAND = shlex.join(["dfa-kernels", *argv])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
@@ -188,7 +225,7 @@ def main(argv=None) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     args.func(args)
-    if args.command not in ("info",):
+    if args.command not in ("info",) and os.environ.get("RANK", "0") == "0":   # one line per job
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
