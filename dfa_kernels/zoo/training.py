@@ -19,10 +19,11 @@ from .trainer import Stopped, Trainer
 
 
 def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World | None = None,
-          checkpoints: checkpoint.Checkpoints | None = None) -> TrainResult:
+          checkpoints: checkpoint.Checkpoints | None = None, on_step=None) -> TrainResult:
     """Build the task's run (unless given), train it with the shared loop; the result holds the
     selected model. `world`: this process's rank of a distributed job (None: one process);
-    `checkpoints`: save / resume / stop early (raises :class:`~.trainer.Stopped` when it stops)."""
+    `checkpoints`: save / resume / stop early (raises :class:`~.trainer.Stopped` when it stops);
+    `on_step(trainer)`: called after every step (after any checkpoint), e.g. to log."""
     if config.fsdp and world is None:
         raise ValueError("fsdp shards the model across processes: launch with --nproc N (N > 1) or torchrun")
     if run is None:
@@ -31,14 +32,20 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
     trainer = Trainer(run, progress=config.progress, alignment_every=config.alignment_every,
                       desc=f"{task.name} [{variant_name(task, config)}]", world=world, strategy=strategy,
                       compile=config.compile)
-    on_step = None
+    callbacks = []
     if checkpoints is not None:
         def meta():
             return checkpoint.identity(task.name, config, run, 1 if world is None else world.size, trainer.strategy)
         if checkpoints.resume is not None:
             trainer.load_state_dict(checkpoint.load(checkpoints.resume, meta()))
-        on_step = checkpoints.callback(meta)
-    fitted = trainer.fit(on_step)
+        callbacks.append(checkpoints.callback(meta))
+    if on_step is not None:
+        callbacks.append(on_step)
+
+    def after_step(trainer):
+        for callback in callbacks:
+            callback(trainer)
+    fitted = trainer.fit(after_step if callbacks else None)
     artefacts = []
     if run.finish is not None and config.out is not None and trainer.main:
         artefacts = run.finish(run.model, Path(config.out))
