@@ -172,12 +172,17 @@ def _fsdp(run) -> nn.Module:
 @contextlib.contextmanager
 def gathered(root):
     """FSDP2: the root's own parameters gathered (the blocks gather themselves when called), so the
-    model can be evaluated through any method, not only the root's forward."""
+    model can be evaluated through any method, not only the root's forward; every module sharded
+    again afterwards (blocks with reshard_after_forward=False would otherwise stay gathered after
+    a forward without backward)."""
+    from torch.distributed.fsdp import FSDPModule
     root.unshard()
     try:
         yield
     finally:
-        root.reshard()
+        for module in root.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 # ---------------------------------------------------------------- collectives the trainer uses
@@ -224,13 +229,14 @@ def _full_options():
 def model_state(trainer) -> dict:
     """The model's full state dict (a copy; FSDP: gathered from the shards, on every rank)."""
     if trainer.strategy == "fsdp":
-        return full_model_state(trainer)
+        return full_model_state(trainer.run.model)
     return copy.deepcopy(trainer.run.model.state_dict())
 
 
-def full_model_state(trainer) -> dict:
+def full_model_state(model: nn.Module) -> dict:
+    """A sharded (FSDP2) model's whole state dict, gathered on every rank (collective)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    state = get_model_state_dict(trainer.run.model, options=_full_options())
+    state = get_model_state_dict(model, options=_full_options())
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 

@@ -363,7 +363,7 @@ class Trainer:
             self.best, self.best_epoch, self.since_best = value, epoch, 0
             if self.strategy == "fsdp":
                 from . import distributed
-                self.best_state = distributed.full_model_state(self)
+                self.best_state = distributed.full_model_state(run.model)
             else:
                 self.best_state = copy.deepcopy(model.state_dict())
         else:
