@@ -192,12 +192,13 @@ class Trainer:
 
     world: a :class:`~.distributed.World` to train one rank of a distributed job (``strategy``
       "ddp" or "fsdp"); None for one process (the run's own objects, unwrapped).
-    compile: run the loss (forward, and backward through AOTAutograd) and the optimizer step
-      under ``torch.compile``.
+    compile: run the loss (the model's forward, and its backward through AOTAutograd) and the
+      optimizer step under ``torch.compile``; True for the default backend (inductor), or a
+      ``torch.compile`` backend (a name or a callable).
     """
 
     def __init__(self, run: Run, progress: bool = True, alignment_every: int | None = None, desc: str = "train",
-                 world=None, strategy: str = "ddp", compile: bool = False):
+                 world=None, strategy: str = "ddp", compile=False):
         if alignment_every is not None and run.probe is None:
             raise ValueError("alignment_every needs the run's probe batch (this recipe defines none)")
         self.run, self.progress, self.alignment_every, self.desc = run, progress, alignment_every, desc
@@ -221,7 +222,7 @@ class Trainer:
         self._loss = self._setup(compile)
 
     # ------------------------------------------------------------ setup
-    def _setup(self, compile: bool) -> Callable[[Any], torch.Tensor]:
+    def _setup(self, compile) -> Callable[[Any], torch.Tensor]:
         """The function computing a (rank's) batch loss: the run's own, or through the DDP/FSDP
         wrapper and/or torch.compile."""
         run = self.run
@@ -240,8 +241,12 @@ class Trainer:
             loss = lambda batch: loss_fn(model, batch)    # noqa: E731 - the run's loss, unchanged
         self._opt_step = run.optimizer.step
         if compile:
-            loss = torch.compile(loss)
-            self._opt_step = compile_optimizer_step(run.optimizer)
+            backend = "inductor" if compile is True else compile
+            # the graph models draw dropout masks over the features' non-zeros and their losses
+            # read boolean node masks: data-dependent shapes, traced instead of breaking the graph
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            loss = torch.compile(loss, backend=backend)
+            self._opt_step = compile_optimizer_step(run.optimizer, backend)
         return loss
 
     # ------------------------------------------------------------ state
@@ -399,14 +404,14 @@ class Trainer:
         self.measurements.append({"step": self.step, "epoch": epoch, **dk.alignment(run.model, run.loss, run.probe)})
 
 
-def compile_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+def compile_optimizer_step(optimizer: torch.optim.Optimizer, backend="inductor") -> Callable[[], None]:
     """``optimizer.step`` under torch.compile. The learning rates become 0-dim tensors first (the
     schedulers then fill them in place), so a changing rate does not recompile the step."""
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]))
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)   # the float, exactly
 
-    @torch.compile
+    @torch.compile(backend=backend)
     def step():
         optimizer.step()
     return step
