@@ -54,7 +54,9 @@ def compiled_vs_eager(build, compile):
     """(eager Fit, compiled Fit, compiled run) of the same run. Fails on any graph break in the
     loss (the model's forward and everything the recipe's loss does around it). The optimizer's
     own step has two deliberate ones, in torch.optim (around its no_grad region, so AOTAutograd
-    sees an inference graph): the update itself is compiled as one graph between them."""
+    sees an inference graph): the update itself is compiled as one graph between them. Nothing
+    is compiled twice (the trainer's eager priming forward fixes the DFA widths first; the
+    scheduled learning rates are tensors)."""
     probe = build()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda batch: probe.loss(probe.model, batch))(next(probe.batches))
@@ -62,7 +64,8 @@ def compiled_vs_eager(build, compile):
     eager = Trainer(build(), progress=False).fit()
     torch._dynamo.reset()
     run = build()
-    fitted = Trainer(run, progress=False, compile=compile).fit()
+    with torch._dynamo.config.patch(error_on_recompile=True):   # one trace per step function
+        fitted = Trainer(run, progress=False, compile=compile).fit()
     return eager, fitted, run
 
 

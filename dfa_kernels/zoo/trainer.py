@@ -241,13 +241,27 @@ class Trainer:
             loss = lambda batch: loss_fn(model, batch)    # noqa: E731 - the run's loss, unchanged
         self._opt_step = run.optimizer.step
         if compile:
+            if self.strategy != "fsdp":   # (FSDP: the model runs only through its sharded root)
+                self._prime()
             backend = "inductor" if compile is True else compile
-            # the graph models draw dropout masks over the features' non-zeros and their losses
-            # read boolean node masks: data-dependent shapes, traced instead of breaking the graph
-            torch._dynamo.config.capture_dynamic_output_shape_ops = True
-            loss = torch.compile(loss, backend=backend)
+            loss = compile_loss(loss, backend)
             self._opt_step = compile_optimizer_step(run.optimizer, backend)
         return loss
+
+    def _prime(self) -> None:
+        """One eager forward (eval mode, no grad, RNG and batch stream restored) so the model's
+        lazily fixed state (the DFA modules' widths, PyG's cached graph normalisation) exists
+        before torch.compile traces: the first compiled step is then not recompiled at the second."""
+        run = self.run
+        position = run.batches.state_dict()
+        batch = next(run.batches)
+        run.batches.load_state_dict(position)
+        if self.world is not None:
+            batch = run.shard(batch, self.world.rank, self.world.size)[0]
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            run.model.eval()
+            run.loss(run.model, batch)
+        run.model.train()
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -402,6 +416,15 @@ class Trainer:
         import dfa_kernels as dk
         run = self.run
         self.measurements.append({"step": self.step, "epoch": epoch, **dk.alignment(run.model, run.loss, run.probe)})
+
+
+def compile_loss(loss: Callable, backend="inductor") -> Callable:
+    """A loss function (the model's forward inside) under torch.compile; AOTAutograd compiles the
+    matching backward, DFA's projection included."""
+    # the graph models draw dropout masks over the features' non-zeros and their losses read
+    # boolean node masks: data-dependent shapes, traced instead of breaking the graph
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(loss, backend=backend)
 
 
 def compile_optimizer_step(optimizer: torch.optim.Optimizer, backend="inductor") -> Callable[[], None]:
