@@ -5,7 +5,7 @@
 Each configuration trains the task with the zoo's trainer (the same global batch: every rank takes
 its share) for --warmup + --steps steps of its first epoch, one thread per process; the time
 between consecutive steps (no evaluation in between) gives steps/s, and the global batch size
-samples/s. A 1-process run with as many threads as the largest N is measured too (the same cores,
+samples/s; the CPU time the first process spent per step shows its share of the work. A 1-process run with as many threads as the largest N is measured too (the same cores,
 used by threads instead of processes). The machine's load average is recorded before and after:
 on a shared machine the numbers are only as good as the load allows. Writes
 benchmarks/results/ddp_scaling_cpu.json.
@@ -38,14 +38,15 @@ def _steps(task_name, warmup, steps, world=None):
     stamps = []
 
     def on_step(trainer):
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
         if trainer.step == warmup + steps:
             raise Stopped
     try:
         Trainer(run, progress=False, world=world).fit(on_step)
     except Stopped:
         pass
-    return [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])], run.hyper_parameters
+    steps = list(zip(stamps[warmup - 1:], stamps[warmup:]))
+    return [b[0] - a[0] for a, b in steps], [b[1] - a[1] for a, b in steps], run.hyper_parameters
 
 
 def _worker(rank, size, port, task_name, warmup, steps, out):
@@ -55,24 +56,26 @@ def _worker(rank, size, port, task_name, warmup, steps, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
-    times, hp = _steps(task_name, warmup, steps, World(rank, size, rank))
+    times, cpu, hp = _steps(task_name, warmup, steps, World(rank, size, rank))
     if rank == 0:
-        torch.save({"times": times, "hp": hp}, out)
+        torch.save({"times": times, "cpu": cpu, "hp": hp}, out)
     dist.destroy_process_group()
 
 
 def measure(task_name, nproc, threads, warmup, steps, tmp):
     if nproc == 1:
         torch.set_num_threads(threads)
-        times, hp = _steps(task_name, warmup, steps)
+        times, cpu, hp = _steps(task_name, warmup, steps)
     else:
         mp.spawn(_worker, args=(nproc, free_port(), task_name, warmup, steps, tmp), nprocs=nproc, join=True)
         saved = torch.load(tmp, weights_only=False)
-        times, hp = saved["times"], saved["hp"]
+        times, cpu, hp = saved["times"], saved["cpu"], saved["hp"]
     batch = hp.get("batch_size") or hp.get("batch_rays")
     median = statistics.median(times)
+    # CPU seconds the (first) process spent per step: its share of the work, whatever the load
     return {"processes": nproc, "threads_per_process": threads if nproc == 1 else 1,
-            "median_step_ms": 1e3 * median, "min_step_ms": 1e3 * min(times), "samples_per_step": batch,
+            "median_step_ms": 1e3 * median, "min_step_ms": 1e3 * min(times),
+            "median_step_cpu_ms_per_process": 1e3 * statistics.median(cpu), "samples_per_step": batch,
             "samples_per_s": batch / median if batch else None, "steps_timed": len(times)}
 
 
@@ -100,8 +103,9 @@ def main(argv=None):
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
-        print(f"{r['processes']} process(es) x {r['threads_per_process']} thread(s): {r['median_step_ms']:.1f} ms/step, "
-              f"{r['samples_per_s']:.1f} samples/s ({r['speedup_over_1_process_1_thread']:.2f}x)")
+        print(f"{r['processes']} process(es) x {r['threads_per_process']} thread(s): {r['median_step_ms']:.1f} ms/step "
+              f"(CPU {r['median_step_cpu_ms_per_process']:.1f} ms per process), {r['samples_per_s']:.1f} samples/s "
+              f"({r['speedup_over_1_process_1_thread']:.2f}x)")
     print(f"load average before {load_before}, after {result['load_average_after']} on {os.cpu_count()} cores")
     return result
 

@@ -158,3 +158,12 @@ def test_transformer_step_compiled(placement):
                                                                        rel=1e-6)
     fused = run.model.fused and placement != "macro"       # dfa.linear points: project_points + grouped GEMM
     assert_captured(recorder, fused)
+
+
+def test_bench_step_times_the_compiled_step(monkeypatch):
+    """bench_step's compile option (here one compiled variant, tiny MLP: the C++ compile is slow)."""
+    from dfa_kernels.bench import step
+    monkeypatch.setattr(step, "COMPILED", {"dfa_compiled": "dfa"})
+    result = step.run_workload("mlp", "cpu", "tiny", 1, progress=False, compile=True)
+    assert not result["failed_variants"] and set(result["compiled_over_eager"]) == {"dfa_compiled"}
+    assert result["ms_per_step"]["dfa_compiled"] > 0 and "dfa_compiled" not in result["flops"]["gflop_per_step"]

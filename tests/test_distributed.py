@@ -188,6 +188,18 @@ def test_fsdp2_dfa_training_matches_the_unsharded_run(tmp_path, monkeypatch):
     spawn(_fsdp_worker)
 
 
+def test_a_task_whose_batches_cannot_be_split_is_refused():
+    """The graph autoencoder's loss reads all positive and negative edges: its recipe defines no
+    shard, so a distributed run stops before any communication, saying why."""
+    pytest.importorskip("torch_geometric")
+    from dfa_kernels.zoo.distributed import World
+    run = tasks.get("gae-cora").build(tasks.TrainConfig("gae-cora", epochs=1))
+    with pytest.raises(ValueError, match="cannot be split across processes"):
+        Trainer(run, world=World(0, 2))
+    with pytest.raises(ValueError, match="fsdp shards the model across processes"):
+        train(tasks.get("gcn-cora"), tasks.TrainConfig("gcn-cora", fsdp=True))
+
+
 def test_cli_nproc_2_writes_one_metrics_file(tmp_path):
     """``dfa-kernels train gcn-cora --nproc 2`` (torch.distributed.run, 2 workers): one result line,
     one metrics.json, the single-process losses."""

@@ -191,6 +191,9 @@ def test_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"(?s)feedback\.dfa\.seed: 0 in the checkpoint, 5 here.*"
                                          r"feedback\.dfa\.distribution: 'uniform' in the checkpoint, 'rademacher'"):
         resume(run=run)
+    same = checkpoint.identity("gcn-cora", config, tasks.get("gcn-cora").build(config))
+    with pytest.raises(ValueError, match=r"world_size: 1 in the checkpoint, 2 here"):
+        checkpoint.load(path, {**same, "world_size": 2})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.load(tmp_path / "elsewhere", {})
 

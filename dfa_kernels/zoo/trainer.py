@@ -204,6 +204,12 @@ class Trainer:
         self.run, self.progress, self.alignment_every, self.desc = run, progress, alignment_every, desc
         self.world = world if world is not None and world.size > 1 else None
         self.strategy = strategy if self.world is not None else None
+        if self.strategy == "fsdp" and compile:
+            raise ValueError("compile with FSDP is not supported by this trainer (untested: FSDP2's hooks under "
+                             "torch.compile need compiled autograd); use DDP with compile, or FSDP eager")
+        if self.strategy == "fsdp" and alignment_every:
+            raise ValueError("alignment_every measures on the whole model: not with FSDP's sharded parameters "
+                             "(use DDP, or one process)")
         self.main = self.world is None or self.world.main
         self.total = run.epochs * run.steps_per_epoch
         # the training state (state_dict)
@@ -241,8 +247,7 @@ class Trainer:
             loss = lambda batch: loss_fn(model, batch)    # noqa: E731 - the run's loss, unchanged
         self._opt_step = run.optimizer.step
         if compile:
-            if self.strategy != "fsdp":   # (FSDP: the model runs only through its sharded root)
-                self._prime()
+            self._prime()
             backend = "inductor" if compile is True else compile
             loss = compile_loss(loss, backend)
             self._opt_step = compile_optimizer_step(run.optimizer, backend)
