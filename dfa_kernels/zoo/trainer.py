@@ -283,9 +283,9 @@ class Trainer:
             "model": distributed.model_state(self),
             "best_model": self.best_state,
             "optimizer": distributed.optimizer_state(self),
-            "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
-            "plateau": None if run.plateau is None else run.plateau.state_dict(),
-            "batches": run.batches.state_dict(),
+            "scheduler": None if run.scheduler is None else copy.deepcopy(run.scheduler.state_dict()),
+            "plateau": None if run.plateau is None else copy.deepcopy(run.plateau.state_dict()),
+            "batches": copy.deepcopy(run.batches.state_dict()),
             "rng": distributed.gather(self.world, rng),   # one entry per rank
         }
 
