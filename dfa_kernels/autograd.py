@@ -220,8 +220,21 @@ def _input_grads(plan: Plan, tensors, shapes, dtypes, needs_grad, outs) -> list:
             if plan.kinds[l] == "linear+bias":
                 grads[s + 3] = delta.sum(0, dtype=torch.float32).to(tensors[s + 3].dtype)
             if needs_grad[s + 1]:  # the layer's input comes from a trained layer (embeddings)
+                _check_allocated(w, l)
                 grads[s + 1] = (delta @ w.to(delta.dtype)).reshape(shapes[s + 1]).to(x.dtype)
     return grads
+
+
+def _check_allocated(weight: torch.Tensor, index: int) -> None:
+    """The input gradient delta @ W of a dfa.linear point reads W in the DFA backward, before any
+    hook of the layer's module runs: a weight freed after the forward cannot be read there."""
+    if torch.compiler.is_compiling() or not weight.numel() or weight.untyped_storage().nbytes():
+        return
+    raise RuntimeError(
+        f"DFA backward: the weight of dfa.linear point #{index} was freed after the forward (FSDP2's "
+        f"fully_shard(..., reshard_after_forward=True) does this), but its input needs a gradient, "
+        f"delta @ W, computed here. Shard the modules holding such layers with "
+        f"reshard_after_forward=False, or use plain points (dfa.point(f(layer(x))); TransformerLM(fused=False))")
 
 
 class DFALinearCrossEntropy(torch.autograd.Function):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -104,8 +105,32 @@ def _train(args) -> None:
     if not args.task:
         raise UsageError("name a TASK (dfa-kernels train --list shows them)")
     task = _task(args.task)
+    from .zoo import distributed
     from .zoo.training import run_task
-    run_task(task, _config(args))
+    world = distributed.init(args.device)      # a torchrun worker (WORLD_SIZE > 1), else None
+    if world is None and args.nproc > 1:
+        distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
+        return
+    try:
+        run_task(task, _config(args, compile=args.compile, fsdp=args.fsdp), world=world,
+                 checkpoint_every=args.checkpoint_every, resume=args.resume, stop_after=args.stop_after)
+    finally:
+        if world is not None:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE` (what each launched worker runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _compare(args) -> None:
@@ -200,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=_positive(float), default=None)
     s.add_argument("--alignment-every", type=_positive(int), default=None, metavar="N",
                    help="measure DFA's alignment with backprop every N steps (into metrics.json)")
+    s.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N local processes (torch.distributed.run; DDP, gloo on CPU, NCCL on CUDA)")
+    s.add_argument("--fsdp", action="store_true", help="with --nproc / torchrun: FSDP2 (fully_shard) instead of DDP")
+    s.add_argument("--compile", action="store_true",
+                   help="the training step (forward, backward, optimizer) under torch.compile")
+    s.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="write OUT/TASK/VARIANT/checkpoint.pt every STEPS steps (atomically)")
+    s.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run from its checkpoint (a run folder, or the checkpoint file)")
+    s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="end this session after STEPS steps in total, with a checkpoint (continue with --resume)")
     add_run_options(s)
     s.set_defaults(func=_train)
 
@@ -269,6 +305,7 @@ def main(argv=None) -> None:
     provenance.CLI_COMMAND = shlex.join(["dfa-kernels", *argv])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     from .zoo.data import DataError
     if getattr(args, "threads", None):
         import torch
@@ -284,7 +321,7 @@ def main(argv=None) -> None:
     except (UsageError, DataError) as err:  # bad arguments or data files: one line, no traceback
         message = " ".join(str(err).split())
         parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
-    if args.command not in ("info",):
+    if args.command not in ("info",) and os.environ.get("RANK", "0") == "0":   # one line per job
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 

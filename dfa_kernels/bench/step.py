@@ -262,6 +262,9 @@ WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "gcn": _gcn, "lm_micro": _lm("micro"), "l
              "lm_linear": _lm("linear")}
 VARIANTS = ("bp", "dfa", "dfa_fused", "dfa_shared", "tinydfa_style")
 OURS = ("dfa", "dfa_fused")  # same feedback as tinydfa_style; "DFA (ours)" is the faster of the two
+# run(compile=True) adds these: the eager variant's model, its step (loss forward + AOTAutograd's
+# backward, and the optimizer step) under torch.compile (inductor); compile time is in the warmup
+COMPILED = {"bp_compiled": "bp", "dfa_compiled": "dfa", "dfa_fused_compiled": "dfa_fused"}
 # Workloads with activations at their points; the others have no fused variant.
 FUSABLE = {"mlp", "dcn", "gcn", "lm_micro", "lm_linear"}
 # (workload, device type) -> the step-time ratio DFA/BP to reach
@@ -288,6 +291,15 @@ def variants_of(name: str) -> list[str]:
 def _step_fn(model, loss_fn, variant):
     """One training step (SGD) of `model` as a closure."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    if variant in COMPILED:
+        from ..zoo.trainer import compile_loss, compile_optimizer_step
+        loss, opt_step = compile_loss(lambda: loss_fn(model)), compile_optimizer_step(opt)
+
+        def compiled_step():
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            opt_step()
+        return compiled_step
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -357,15 +369,21 @@ def _error(err: BaseException) -> str:
 
 
 def run_workload(name: str, device, size: str, repeats: int, progress: bool = True,
-                 deadline: Deadline | None = None, timing: dict | None = None) -> dict:
-    """Time every variant of workload `name`. A variant other than BP that raises is dropped and
-    reported under "failed_variants" (its traceback printed), so one broken path does not cost the
-    others' numbers."""
+                 deadline: Deadline | None = None, timing: dict | None = None, compile: bool = False) -> dict:
+    """Time every variant of workload `name` (with `compile`, the COMPILED ones too). A variant
+    other than BP that raises is dropped and reported under "failed_variants" (its traceback
+    printed), so one broken path does not cost the others' numbers."""
     device = torch.device(device)
     timing = timing or (TIMING_TINY if size == "tiny" else TIMING)
     deadline = deadline or Deadline(None)
-    build, loss_fn, config = WORKLOADS[name](device, torch.float32, size)
+    build_variant, loss_fn, config = WORKLOADS[name](device, torch.float32, size)
     variants = variants_of(name)
+    if compile:
+        variants += [v for v, base in COMPILED.items() if base in variants]
+        torch._dynamo.reset()   # the compiled steps share code objects: each workload gets dynamo's full cache
+
+    def build(variant):   # a compiled variant's model is its eager variant's
+        return build_variant(COMPILED.get(variant, variant))
     failed: dict[str, str] = {}
 
     def attempt(v, fn, *args, **kwargs):
@@ -427,7 +445,9 @@ def run_workload(name: str, device, size: str, repeats: int, progress: bool = Tr
         "feedback_width": spec.total_width if spec is not None else None,
         "failed_variants": failed,
     }
-    result["flops"] = count_flops(name, size, device, list(ms))
+    result["flops"] = count_flops(name, size, device, [v for v in ms if v not in COMPILED])
+    if compile:
+        result["compiled_over_eager"] = {v: ms[v] / ms[base] for v, base in COMPILED.items() if v in ms and base in ms}
     if peak:
         result["peak_memory_ratio_over_bp"] = {v: b / peak["bp"] for v, b in result["peak_memory_bytes"].items()}
     del models, steps
@@ -482,7 +502,8 @@ def flop_targets(flops_at_gpu_size: dict, workloads: dict) -> list[dict]:
 
 
 def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = None,
-        progress: bool = True, time_budget_s: float | None = None, timing: dict | None = None) -> dict:
+        progress: bool = True, time_budget_s: float | None = None, timing: dict | None = None,
+        compile: bool = False) -> dict:
     """Measure `workloads` in order (default: the ones with targets on this device first); a
     workload not started before the time budget ran out is listed under "skipped" (one that
     started finishes its current repeat and reports what it has)."""
@@ -498,7 +519,7 @@ def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = N
             result["skipped"][name] = "time budget spent"
             continue
         try:
-            result["workloads"][name] = run_workload(name, device, size, repeats, progress, deadline, timing)
+            result["workloads"][name] = run_workload(name, device, size, repeats, progress, deadline, timing, compile)
         except ImportError as err:  # e.g. GCN without torch_geometric
             result["skipped"][name] = _error(err)
         except Exception as err:  # noqa: BLE001 - reported; the other workloads still run
@@ -533,6 +554,8 @@ def print_table(res: dict) -> None:
                   + f" (BP {w['flops']['gflop_per_step']['bp']:.1f} GFLOP, counted on {w['flops']['counted_on']})")
         if w["speedup_over_tinydfa_style"] is not None:
             print(f"  ours ({w['ours']['variant']}) vs TinyDFA-style: {w['speedup_over_tinydfa_style']:.2f}x faster")
+        if w.get("compiled_over_eager"):
+            print("  compiled / eager step: " + ", ".join(f"{v} {r:.3f}" for v, r in w["compiled_over_eager"].items()))
         for v, why in w.get("failed_variants", {}).items():
             print(f"  {v:<16}failed: {why}")
     for name, why in res["skipped"].items():
@@ -556,10 +579,12 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later workloads are skipped")
+    p.add_argument("--compile", action="store_true",
+                   help="also time bp, dfa and dfa_fused with the step under torch.compile (inductor)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     res = run(a.device, a.workloads, a.size, a.repeats, a.out, progress=not a.no_progress,
-              time_budget_s=a.time_budget)
+              time_budget_s=a.time_budget, compile=a.compile)
     print_table(res)
     return res
 

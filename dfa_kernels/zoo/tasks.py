@@ -35,6 +35,8 @@ class TrainConfig:
     feedback: str = "paper"           # "paper": one shared B (TinyDFA's); "ours": one B per point
     alignment_every: int | None = None  # measure alignment every N steps (and at the last one)
     hp: dict | None = None            # hyper-parameter overrides (a tuning candidate, see Task.grid)
+    compile: bool = False             # the training step (loss forward/backward, optimizer) under torch.compile
+    fsdp: bool = False                # distributed runs: FSDP2 (fully_shard) instead of DDP
 
 
 FEEDBACK = {  # TrainConfig.feedback -> the DFA modules' layout (scale "auto" follows it)
@@ -53,6 +55,7 @@ class TrainResult:
     alignment: list[dict] = dataclasses.field(default_factory=list)  # measurements along training
     model: object = dataclasses.field(default=None, repr=False)      # the selected model (not saved)
     select: str = ""                  # the validation metric that selected the model, e.g. "val_acc"
+    resumed_at: list[int] = dataclasses.field(default_factory=list)  # steps where sessions resumed
 
 
 @dataclasses.dataclass

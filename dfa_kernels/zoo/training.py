@@ -10,23 +10,48 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from ..provenance import provenance
+from . import checkpoint, distributed
 from .tasks import MODES, Task, TrainConfig, TrainResult, dfa_backend
-from .trainer import fit
+from .trainer import Stopped, Trainer
 
 
-def train(task: Task, config: TrainConfig, run=None) -> TrainResult:
+def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World | None = None,
+          checkpoints: checkpoint.Checkpoints | None = None, on_step=None) -> TrainResult:
     """Build the task's run (unless given), train it with the shared loop; the result holds the
-    selected model."""
-    run = task.build(config) if run is None else run
-    fitted = fit(run, progress=config.progress, alignment_every=config.alignment_every,
-                 desc=f"{task.name} [{variant_name(task, config)}]")
+    selected model. `world`: this process's rank of a distributed job (None: one process);
+    `checkpoints`: save / resume / stop early (raises :class:`~.trainer.Stopped` when it stops);
+    `on_step(trainer)`: called after every step (after any checkpoint), e.g. to log."""
+    if config.fsdp and world is None:
+        raise ValueError("fsdp shards the model across processes: launch with --nproc N (N > 1) or torchrun")
+    if run is None:
+        run = task.build(dataclasses.replace(config, device=distributed.rank_device(config.device, world)))
+    strategy = "fsdp" if config.fsdp else "ddp"
+    trainer = Trainer(run, progress=config.progress, alignment_every=config.alignment_every,
+                      desc=f"{task.name} [{variant_name(task, config)}]", world=world, strategy=strategy,
+                      compile=config.compile)
+    callbacks = []
+    if checkpoints is not None:
+        def meta():
+            return checkpoint.identity(task.name, config, run, 1 if world is None else world.size, trainer.strategy)
+        if checkpoints.resume is not None:
+            trainer.load_state_dict(checkpoint.load(checkpoints.resume, meta()))
+        callbacks.append(checkpoints.callback(meta))
+    if on_step is not None:
+        callbacks.append(on_step)
+
+    def after_step(trainer):
+        for callback in callbacks:
+            callback(trainer)
+    fitted = trainer.fit(after_step if callbacks else None)
     artefacts = []
-    if run.finish is not None and config.out is not None:
+    if run.finish is not None and config.out is not None and trainer.main:
         artefacts = run.finish(run.model, Path(config.out))
     return TrainResult(history=fitted.history, final=fitted.final, backend=dfa_backend(run.model, config.device),
                        config=dict(run.hyper_parameters), artefacts=artefacts, alignment=fitted.alignment,
-                       model=run.model, select=f"val_{run.select}")
+                       model=run.model, select=f"val_{run.select}", resumed_at=trainer.resumed_at)
 
 
 def variant_name(task: Task, config: TrainConfig) -> str:
@@ -68,20 +93,48 @@ def paper_number(task: Task, config: TrainConfig) -> float | None:
     return task.paper.get(config.mode) if task.comparable(config) else None
 
 
-def run_task(task: Task, config: TrainConfig) -> TrainResult:
+def run_dir_of(task: Task, config: TrainConfig) -> Path:
+    """OUT/TASK/VARIANT: where run_task writes (metrics.json, curves.png, checkpoint.pt)."""
+    return Path(config.out or "runs") / task.name / variant_name(task, config)
+
+
+def run_task(task: Task, config: TrainConfig, *, world: distributed.World | None = None,
+             checkpoint_every: int | None = None, resume=None, stop_after: int | None = None) -> TrainResult | None:
     """Train `task` once; writes OUT/TASK/VARIANT/{metrics.json, curves.png} (and alignment.{json,png}
-    with ``config.alignment_every``)."""
-    run_dir = Path(config.out or "runs") / task.name / variant_name(task, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with ``config.alignment_every``), on the first rank only in a distributed run.
+
+    checkpoint_every: write OUT/TASK/VARIANT/checkpoint.pt every that many steps; resume: continue
+    from a checkpoint (its file, or a run folder holding one); stop_after: end this session after
+    that many steps in total, with a checkpoint there (returns None; resume it later)."""
+    run_dir = run_dir_of(task, config)
+    main = world is None or world.main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, out=run_dir)
+    checkpoints = None
+    if checkpoint_every or resume or stop_after:
+        checkpoints = checkpoint.Checkpoints(run_dir / checkpoint.FILENAME, checkpoint_every, resume, stop_after)
     start = time.perf_counter()
-    result = train(task, config)
+    try:
+        result = train(task, config, world=world, checkpoints=checkpoints)
+    except Stopped as stop:
+        if main:
+            print(f"{task.name} [{variant_name(task, config)}] {stop}; continue with --resume {run_dir}")
+        return None
+    if not main:
+        return result
     wall = time.perf_counter() - start
+    origin = provenance()
+    if result.resumed_at:
+        origin["resumed_at_steps"] = result.resumed_at
     metrics = {"task": task.name, "family": task.family, "mode": config.mode, "variant": variant_name(task, config),
                "run_config": _jsonable(config), "config": result.config, "history": result.history,
                "final": result.final, "backend": result.backend, "wall_time_s": round(wall, 1),
                "paper": paper_number(task, config), "paper_setting": task.paper_setting,
-               "artefacts": result.artefacts, "provenance": provenance()}
+               "artefacts": result.artefacts, "provenance": origin}
+    if world is not None:
+        metrics["distributed"] = {"world_size": world.size, "strategy": "fsdp" if config.fsdp else "ddp",
+                                  "backend": torch.distributed.get_backend()}
     if result.alignment:
         from ..studies.alignment import plot_alignment
         metrics["alignment"] = result.alignment

@@ -19,6 +19,7 @@ Presets: "cpu" (DNA narrower than the paper) and "full" (the paper's sizes).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import random
 
@@ -143,7 +144,18 @@ def node_run(data) -> dict:
                 "every node at the last hidden layer (the last feedback point), coloured by class")
 
     return dict(batches=FullBatch(data), loss=loss, evaluate=evaluate, select="acc", probe=data,
-                represent=represent)
+                represent=represent, shard=shard_nodes)
+
+
+def shard_nodes(data, rank: int, world: int):
+    """A distributed run's part of full-batch node classification: every rank runs the whole graph
+    and takes the loss of its contiguous part of the training nodes; the share (its nodes over all
+    training nodes) weighs that mean, so the ranks' weighted gradients sum to the single-process one."""
+    nodes = data.train_mask.nonzero().flatten()
+    mine = nodes.tensor_split(world)[rank]
+    part = copy.copy(data)          # a new store: the features and edges are shared, not copied
+    part.train_mask = torch.zeros_like(data.train_mask).index_fill_(0, mine, True)
+    return part, len(mine) / len(nodes)
 
 
 def link_split(data, seed: int = 0):

@@ -25,7 +25,7 @@ import torch
 
 from ..models.nerf import NeRF
 from ..tasks import Task, TrainConfig, register, set_feedback
-from ..trainer import Run, Sampled
+from ..trainer import Run, Sampled, shard_rows
 
 PRESETS = {
     "cpu": dict(scene="duck", size=32, views=(30, 2, 8), depth=4, width=128, skips=(1,), pos_freqs=6,
@@ -136,7 +136,7 @@ def build(config: TrainConfig) -> Run:
                select="psnr", higher_is_better=True, epochs=blocks, steps_per_epoch=preset["block_iters"],
                scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 ** (step / total)),
                probe=draw(torch.Generator().manual_seed(config.seed + 1), PROBE_RAYS), hyper_parameters=hp,
-               finish=finish)
+               finish=finish, shard=shard_rows)
 
 
 def render_comparison(results: dict, path, view: int = 0) -> Path:

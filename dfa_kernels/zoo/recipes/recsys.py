@@ -19,7 +19,7 @@ from torch import nn
 
 from ..models.recsys import MODELS
 from ..tasks import Task, TrainConfig, register, set_feedback
-from ..trainer import Run, Shuffled
+from ..trainer import Run, Shuffled, shard_rows
 
 # Model sizes. "full" is the paper's; "cpu" keeps the structure (depths, heads, cross layers)
 # with narrower layers (MLPs 128 or 256 wide, AFN's logarithmic layer 150) so that a run takes
@@ -138,7 +138,7 @@ def build(name: str, config: TrainConfig) -> Run:
                evaluate=lambda model, split: evaluate(model, data.splits[split]), select="auc",
                higher_is_better=True, epochs=config.epochs or EPOCHS[config.preset], steps_per_epoch=len(batches),
                patience=PATIENCE, probe=torch.arange(min(PROBE_ROWS, len(label))), hyper_parameters=hp,
-               represent=represent)
+               represent=represent, shard=shard_rows)
 
 
 def grid(name: str, config: TrainConfig) -> list[dict]:

@@ -29,7 +29,7 @@ import torch
 
 from ..models.transformer import PLACEMENTS, TransformerLM
 from ..tasks import Task, TrainConfig, register, set_feedback
-from ..trainer import Run, Sampled
+from ..trainer import Run, Sampled, shard_rows
 
 # TransformerLM arguments per task and preset (the DFA error at the final hidden state, the
 # model's default).
@@ -229,7 +229,8 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
                batches=Sampled(lambda g: windows(tokens, context, batch_size, g), config.seed),
                loss=loss, evaluate=evaluate_split, select="loss", higher_is_better=False,
                epochs=train["epochs"], steps_per_epoch=train["steps_per_epoch"], scheduler=scheduler,
-               plateau=plateau, clip_grad=1.0, probe=probe, hyper_parameters=hp, represent=represent)
+               plateau=plateau, clip_grad=1.0, probe=probe, hyper_parameters=hp, represent=represent,
+               shard=shard_rows)
 
 
 register(Task(
