@@ -75,8 +75,11 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
             progress=progress, time_budget_s=budget(), timing=step.TIMING_QUICK if quick else None)
         step.print_table(res)
         files.append(path)
+    # plots beside the results; a checkout's own results folder keeps its plots in benchmarks/plots
+    in_checkout = mirror and out.resolve() == (checkout / "benchmarks" / "results").resolve()
+    plot_dir = checkout / "benchmarks" / "plots" if in_checkout else out
     for name, res in results.items():
-        png = out / f"{name}_{kind}{suffix}.png"
+        png = plot_dir / f"{name}_{kind}{suffix}.png"
         try:
             (plots.plot_step if name == "step" else plots.plot_projection)(res, png)
         except ImportError as err:  # matplotlib missing
