@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--modes", nargs="+", default=["bp", "dfa", "shallow"], choices=["bp", "dfa", "shallow"])
     s.add_argument("--json", default=None, help="also write the report here")
+    s.add_argument("--alignment-every", type=_positive(int), default=None, metavar="N",
+                   help="measure DFA's alignment with backprop every N steps and at the last one")
     add_run_options(s, several=True)
     s.set_defaults(func=_compare)
 

@@ -132,3 +132,21 @@ def test_recipe_tables_hold_the_tuning_winners():
             config = tasks.TrainConfig(report["task"], mode=mode, placement=placement, preset=report["preset"])
             assert task.tuned(config) == result["best"], (report["task"], variant, result["best"])
             assert len(result["trials"]) == len(task.grid(config)), (report["task"], variant)
+
+
+def test_zoo_driver_commands_parse():
+    """Every command benchmarks/zoo.py runs is accepted by the CLI (parsed, not run)."""
+    import importlib.util
+    from pathlib import Path
+
+    from dfa_kernels import cli
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
+    spec = importlib.util.spec_from_file_location("zoo_driver", path)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    parser = cli.build_parser()
+    for family, task, data in driver.ENTRIES:
+        for cmd in (driver.compare_command(family, task, data), driver.tune_command(family, task, data)):
+            if cmd is not None:
+                args = parser.parse_args(cmd[1:])
+                assert args.task == task and args.json.endswith(".json")
