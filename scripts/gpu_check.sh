@@ -31,7 +31,6 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 : > "$OUT/stages.jsonl"
 PY=${PYTHON:-python}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, whichever way the build went
 SCALE=${GPU_CHECK_SCALE:-1}
 limit() { $PY -c "print(max(10, int($1 * $SCALE)))"; }
 # seconds per stage: 520 in all, inside 9 minutes with the summary
@@ -72,7 +71,11 @@ has() { [[ " ${STAGES[*]} " == *" $1 "* ]]; }
 if [ $DRY = 1 ]; then
   ARCH=9.0  # no GPU: the arch an H100/H200 reports
   DEVICE=cpu
+  # Nothing is built: the installed dfa_kernels runs, not the checkout's sources (which lack the
+  # compiled library after `pip install .`), so the working directory stays off sys.path.
+  export PYTHONSAFEPATH=1
 else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, whichever way the build goes
   ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null) \
       || { echo "gpu_check.sh: no CUDA GPU visible to torch (use --dry-run on a CPU)" >&2; exit 2; }
   DEVICE=cuda

@@ -20,6 +20,8 @@ from torch import nn
 import dfa_kernels as dk
 from dfa_kernels import cli, ops, reference
 
+from conftest import child_env
+
 HAS_CUDA = torch.cuda.is_available()
 HAS_OPS = ops._C is not None
 needs_ops = pytest.mark.skipif(not HAS_OPS, reason="the compiled library is not loaded")
@@ -560,7 +562,7 @@ def test_cli_bad_data_file_exits_2_without_traceback(tmp_path):
     corpus.write_bytes(b"\xff\xfe\x00 not text\n" * 5)
     run = subprocess.run([sys.executable, "-m", "dfa_kernels.cli", "train", "lm-pydoc", "--data", str(corpus),
                           "--out", str(tmp_path / "runs"), "--no-progress"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=child_env())
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     lines = run.stderr.strip().splitlines()
     assert lines == [f"dfa-kernels train: error: {corpus} is not UTF-8 text (invalid start byte at byte 0); "

@@ -14,6 +14,8 @@ from dfa_kernels import cli, ops
 from dfa_kernels.bench import common, projection, step, summary
 from dfa_kernels.bench.suite import run_suite
 
+from conftest import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -210,11 +212,11 @@ def test_pytest_benchmark_runs_the_suite_cases(tmp_path):
     import tomllib
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
     out = tmp_path / "bench.json"
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--dfa-device", "cpu",
                            "--dfa-size", "tiny", "--dfa-quick", "-q", "-p", "no:cacheprovider",
                            "--benchmark-max-time=0.002", "--benchmark-min-rounds=1", "--benchmark-warmup=off",
-                           f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+                           f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=child_env(ROOT))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = json.loads(out.read_text())["benchmarks"]
     want = projection.cases("tiny", projection._compiled_backends(torch.device("cpu")), [torch.float32], quick=True)

@@ -25,6 +25,7 @@ from dfa_kernels.zoo.distributed import LossModule
 from dfa_kernels.zoo.trainer import Run, Shuffled, Trainer, shard_rows
 from dfa_kernels.zoo.training import train
 
+from conftest import child_env
 from distributed_utils import gather_all, spawn
 
 STEPS = 5
@@ -204,10 +205,8 @@ def test_cli_nproc_2_writes_one_metrics_file(tmp_path):
     """``dfa-kernels train gcn-cora --nproc 2`` (torch.distributed.run, 2 workers): one result line,
     one metrics.json, the single-process losses."""
     pytest.importorskip("torch_geometric")
-    package_root = str(Path(dk.__file__).resolve().parents[1])    # this checkout, for the workers too
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "gcn-cora", "--epochs", "2", "--nproc", "2",
-                          "--no-progress", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          "--no-progress", "--out", str(tmp_path)], capture_output=True, text=True, env=child_env(),
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("test_acc =") == 1, out.stdout
