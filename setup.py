@@ -15,6 +15,7 @@ Environment:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 # cubins for sm_80 (A100, and sm_86/sm_89 by minor-version compatibility) and sm_90 (H100/H200),
@@ -126,7 +128,31 @@ else:
         extra_link_args=extra_link_args,
     )
 
+def source_commit() -> dict:
+    """The checkout's HEAD and whether tracked files differ from it; empty outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"git_sha": sha + ("-dirty" if changed else "")}
+
+
+class BuildPyWithSource(build_py):
+    """Records the commit an installed copy was built from (dfa_kernels/_source.json), so that result
+    files name the code that ran, not whatever checkout is the working directory. An editable
+    install runs the checkout itself and reads its commit directly."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            target = Path(self.build_lib) / "dfa_kernels" / "_source.json"
+            target.write_text(json.dumps(source_commit()) + "\n")
+
+
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSource},
 )

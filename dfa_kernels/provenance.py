@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -21,17 +22,25 @@ LIBRARIES = ("dfa-kernels", "torch", "triton", "numpy", "scipy", "scikit-learn",
 
 
 def git_sha() -> str | None:
-    """HEAD of the checkout the code runs from (the working directory, else this package's own
-    folder when it is an editable install), "-dirty" when tracked files changed; None outside git."""
-    for where in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=where)
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, cwd=where).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            continue
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    return None
+    """The commit of the code that runs: the checkout this package is imported from (a source tree
+    or an editable install), "-dirty" when its tracked files changed; for an installed copy, the
+    commit it was built from (setup.py records it); None when neither is known. The working
+    directory's checkout is not consulted: the code that runs may not come from it."""
+    package = Path(__file__).resolve().parent
+    try:   # the package's own files tracked by git: a checkout
+        subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, check=True,
+                       cwd=package)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=package).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=package).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        return json.loads((package / "_source.json").read_text()).get("git_sha")
+    except (OSError, ValueError):
+        return None
 
 
 # Set by the `dfa-kernels` entry point to the command it runs (also when called as cli.main(argv)).

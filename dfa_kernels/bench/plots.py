@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..figures import save_figure
+
 VARIANT_LABELS = {"bp": "BP", "dfa": "DFA unfused (ours)", "dfa_fused": "DFA fused (ours)",
                   "dfa_shared": "DFA shared layout (ours)", "tinydfa_style": "TinyDFA-style"}
 COLORS = {"bp": "#7f7f7f", "dfa": "#1f77b4", "dfa_fused": "#2ca02c", "dfa_shared": "#17becf",
@@ -66,11 +68,7 @@ def plot_step(res: dict, path: Path) -> Path | None:
              if isinstance(w.get("peak_memory_bytes"), dict) else {}, "peak memory / BP peak memory")
         ax.set_title("peak memory (each variant alone on the device)")
     fig.suptitle(_title(res, "bench_step"), fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_projection(res: dict, path: Path) -> Path | None:
@@ -123,11 +121,7 @@ def plot_projection(res: dict, path: Path) -> Path | None:
     ax.set_title(f"project, uniform B, {dtype}", fontsize=9)
     ax.legend(fontsize=7)
     fig.suptitle(_title(res, "bench_projection"), fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_all(results: dict[str, dict], directory: Path) -> list[Path]:

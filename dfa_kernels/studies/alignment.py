@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 import dfa_kernels as dk
+from ..figures import save_figure
 
 SAMPLES = 512      # paper 1 measured alignment on 512 samples
 TINY = 1e-30       # norms at or below this count as zero
@@ -265,12 +266,7 @@ def plot_alignment(measurements: list[dict], path, title: str = "alignment") -> 
         handles, labels = [handles[i] for i in keep], [labels[i] for i in keep]
     axes[1].legend(handles, labels, fontsize=7, loc="lower right")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_study(task_name: str, config, measurements: int = 20) -> dict:

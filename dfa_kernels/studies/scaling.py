@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import scaling_fit as fit
+from ..figures import save_figure
 
 # method -> (DFA mode, placement)
 METHODS = {"bp": ("bp", "macro"), "dfa-macro": ("dfa", "macro"), "dfa-micro": ("dfa", "micro"),
@@ -613,10 +614,7 @@ def plot(result: dict, out: Path) -> list[Path]:
            title="Loss vs compute: every run (thin), fitted frontier L = E + A·C^-α (thick)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    paths.append(out / "scaling.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "scaling.png", dpi=120))
 
     fig, ax = plt.subplots(figsize=(8, 5.2))
     for method, band in result["bands"].items():
@@ -630,10 +628,7 @@ def plot(result: dict, out: Path) -> list[Path]:
            title="Compute-efficient frontiers (points) and fits with 95% bootstrap bands")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    paths.append(out / "scaling_frontiers.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "scaling_frontiers.png", dpi=120))
     return paths
 
 

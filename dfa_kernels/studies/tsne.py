@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..figures import save_figure
+
 MODES = ("bp", "dfa", "shallow")
 MAX_POINTS = 3000   # larger representations are subsampled (stratified, seeded): t-SNE is O(n log n) per step
 PERPLEXITY = 30.0
@@ -70,12 +72,7 @@ def plot(maps: dict, label_names: list[str], path, title: str) -> Path:
         ax.set_yticks([])
     axes[0][-1].legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def subsample(X: np.ndarray, labels: np.ndarray, max_points: int, seed: int):

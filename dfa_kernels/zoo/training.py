@@ -16,6 +16,7 @@ from ..provenance import provenance
 from . import checkpoint, distributed
 from .tasks import MODES, Task, TrainConfig, TrainResult, dfa_backend
 from .trainer import Stopped, Trainer
+from ..figures import save_figure
 
 
 def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World | None = None,
@@ -79,9 +80,7 @@ def _plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> No
         ax.set_title(key)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _jsonable(config: TrainConfig) -> dict:

@@ -26,6 +26,7 @@ import torch
 from ..models.nerf import NeRF
 from ..tasks import Task, TrainConfig, register, set_feedback
 from ..trainer import Run, Sampled, shard_rows
+from ...figures import save_figure
 
 PRESETS = {
     "cpu": dict(scene="duck", size=32, views=(30, 2, 8), depth=4, width=128, skips=(1,), pos_freqs=6,
@@ -162,12 +163,7 @@ def render_comparison(results: dict, path, view: int = 0) -> Path:
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.suptitle(f"NeRF, held-out test view {view} (PSNR: mean over the test views)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def grid(config: TrainConfig) -> list[dict]:
