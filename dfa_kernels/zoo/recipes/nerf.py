@@ -36,7 +36,7 @@ PRESETS = {
 }
 # Adam learning rates. full: the paper's (BP 5e-4, DFA 1e-4). cpu: the winners of the tuning grid
 # below on the duck's validation PSNR (benchmarks/results/zoo/tuning/nerf.json).
-LR = {"cpu": {"bp": 3e-3, "dfa": 3e-3, "shallow": 1e-2},
+LR = {"cpu": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-2},
       "full": {"bp": 5e-4, "dfa": 1e-4, "shallow": 5e-4}}
 # The tuning grid of the cpu preset's learning rate, three candidates for every mode (`dfa-kernels
 # tune nerf`: validation PSNR, seed 0); shallow's (only the heads learn) one step higher. A first grid
