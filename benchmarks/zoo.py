@@ -40,15 +40,16 @@ def result_name(task: str, data: str | None) -> str:
 
 
 def compare_command(family: str, task: str, data: str | None) -> list[str]:
-    cmd = ["dfa-kernels", "compare", task, "--seeds", *SEEDS, "--feedback", "paper", "ours",
-           "--alignment-every", AT_THE_END, "--threads", "1", "--no-progress", "--out", "runs/zoo",
+    cmd = ["dfa-kernels", "compare", task, "--seeds", *SEEDS, "--threads", "1", "--no-progress", "--out", "runs/zoo",
            "--json", str(RESULTS / f"{result_name(task, data)}.json")]
     if data is not None:
         cmd += ["--data", data]
     if family == "transformer":
         cmd += ["--placement", *PLACEMENTS]
-    if task == "fm-ml100k":      # no hidden layer: every mode trains it exactly, bp alone is the row
-        cmd += ["--modes", "bp"]
+    if task == "fm-ml100k":      # no hidden layer: every mode trains it exactly, bp alone is the row (no DFA,
+        cmd += ["--modes", "bp"]  # so no feedback to choose and no alignment to measure)
+    else:
+        cmd += ["--feedback", "paper", "ours", "--alignment-every", AT_THE_END]
     return cmd
 
 

@@ -52,6 +52,17 @@ def test_early_stopping_and_the_still_improving_flag():
     assert rising.final["still_improving_at_budget"]
 
 
+def test_alignment_of_a_model_without_dfa_is_refused_before_training():
+    """FM has no hidden layer (no dk.DFA module): asking for its alignment fails at once, not after training."""
+    run = scripted_run([0.1, 0.2])
+    run.probe = None
+    with pytest.raises(ValueError, match="probe batch"):
+        fit(run, progress=False, alignment_every=1)
+    run.probe = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="no dk.DFA module"):
+        fit(run, progress=False, alignment_every=1)
+
+
 def test_streams_resume_exactly():
     for make in (lambda: Shuffled(10, 3, seed=4, min_size=2),
                  lambda: Sampled(lambda g: torch.randint(0, 100, (4,), generator=g), seed=4)):

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import dfa_kernels as dk
+
 
 # ---------------------------------------------------------------- batch streams
 class FullBatch:
@@ -201,6 +203,9 @@ class Trainer:
                  world=None, strategy: str = "ddp", compile=False):
         if alignment_every is not None and run.probe is None:
             raise ValueError("alignment_every needs the run's probe batch (this recipe defines none)")
+        if alignment_every is not None and not any(isinstance(m, dk.DFA) for m in run.model.modules()):
+            raise ValueError("alignment_every: the model has no dk.DFA module, so there is no DFA alignment to "
+                             "measure (a model without hidden layers, such as FM, trains exactly in every mode)")
         self.run, self.progress, self.alignment_every, self.desc = run, progress, alignment_every, desc
         self.world = world if world is not None and world.size > 1 else None
         self.strategy = strategy if self.world is not None else None
