@@ -1,6 +1,5 @@
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -15,18 +14,6 @@ import pytest  # noqa: E402
 import dfa_kernels as dk  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def child_env(*extra_paths, **variables) -> dict:
-    """The environment for a child Python process that must import the dfa_kernels this process
-    imported (after `pip install .` the installed one, whose compiled library the checkout's sources
-    lack): its folder goes first on PYTHONPATH, and PYTHONSAFEPATH keeps the working directory (a
-    checkout) from going in front of it. `extra_paths` follow it (e.g. the checkout, for
-    `benchmarks`)."""
-    package_root = str(Path(dk.__file__).resolve().parents[1])
-    env = {**os.environ, **variables, "PYTHONSAFEPATH": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, *map(str, extra_paths), env.get("PYTHONPATH")]))
-    return env
 
 
 def backend_device_pairs():

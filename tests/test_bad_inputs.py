@@ -20,7 +20,7 @@ from torch import nn
 import dfa_kernels as dk
 from dfa_kernels import cli, ops, reference
 
-from conftest import child_env
+from child_process import child_env
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_OPS = ops._C is not None

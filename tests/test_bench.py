@@ -14,7 +14,7 @@ from dfa_kernels import cli, ops
 from dfa_kernels.bench import common, projection, step, summary
 from dfa_kernels.bench.suite import run_suite
 
-from conftest import child_env
+from child_process import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

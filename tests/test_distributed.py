@@ -24,7 +24,7 @@ from dfa_kernels.zoo.distributed import LossModule
 from dfa_kernels.zoo.trainer import Run, Shuffled, Trainer, shard_rows
 from dfa_kernels.zoo.training import train
 
-from conftest import child_env
+from child_process import child_env
 from distributed_utils import gather_all, spawn
 
 STEPS = 5

@@ -9,7 +9,7 @@ import pytest
 
 import dfa_kernels as dk
 
-from conftest import child_env
+from child_process import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
