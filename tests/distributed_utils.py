@@ -3,7 +3,7 @@
 ranks are terminated, and collectives time out rather than hang)."""
 import datetime
 import os
-import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -12,17 +12,12 @@ import torch.multiprocessing as mp
 from dfa_kernels.zoo.distributed import World
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, worker, size, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
-                      LOCAL_RANK=str(rank))
+def _entry(rank, worker, size, store, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=180))
+    # a file store, not a TCP port: no race for a free port with other processes on a busy machine
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=180))
     try:
         worker(World(rank, size, rank), *args)
     finally:
@@ -30,7 +25,8 @@ def _entry(rank, worker, size, port, args):
 
 
 def spawn(worker, *args, size: int = 2) -> None:
-    mp.spawn(_entry, args=(worker, size, free_port(), args), nprocs=size, join=True)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_entry, args=(worker, size, os.path.join(folder, "store"), args), nprocs=size, join=True)
 
 
 def gather_all(world, obj) -> list:
