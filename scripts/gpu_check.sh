@@ -32,7 +32,8 @@ OUT=$(cd "$OUT" && pwd)
 : > "$OUT/stages.jsonl"
 PY=${PYTHON:-python}
 SCALE=${GPU_CHECK_SCALE:-1}
-limit() { $PY -c "print(max(10, int($1 * $SCALE)))"; }
+MIN_LIMIT=${GPU_CHECK_MIN_LIMIT:-10}  # seconds: the floor of a scaled limit (the tests lower it)
+limit() { $PY -c "print(max($MIN_LIMIT, int($1 * $SCALE)))"; }
 # seconds per stage: 520 in all, inside 9 minutes with the summary
 declare -A LIMIT=([build]=$(limit 180) [tests]=$(limit 90) [sync]=$(limit 40) [projection]=$(limit 80) [step]=$(limit 130))
 BUILD_OK=1

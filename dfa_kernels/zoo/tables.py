@@ -44,6 +44,8 @@ def _stopping(reports: list[dict]) -> str:
     rising = [f"{r['task']} {run['variant']} s{run['seed']}" for r in reports for run in r["runs"]
               if run["final"].get("still_improving_at_budget")]
     text = f"{patience} of {len(runs)} runs ended by early stopping"
+    if rising and len(rising) == len(runs):
+        return text + "; every run was still improving when its budget ended"
     return text + (f"; still improving when the budget ended: {', '.join(rising)}" if rising else
                    "; none was still improving when its budget ended")
 
