@@ -305,6 +305,7 @@ def main(argv=None) -> None:
     from . import provenance
     argv = sys.argv[1:] if argv is None else list(argv)
     provenance.CLI_COMMAND = shlex.join(["dfa-kernels", *argv])
+    provenance.git_sha()   # the commit of the code as this command starts (a checkout may move on meanwhile)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv

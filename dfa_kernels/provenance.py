@@ -7,6 +7,7 @@ command that produced it.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -21,11 +22,13 @@ LIBRARIES = ("dfa-kernels", "torch", "triton", "numpy", "scipy", "scikit-learn",
              "transformers", "tokenizers")
 
 
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
     """The commit of the code that runs: the checkout this package is imported from (a source tree
     or an editable install), "-dirty" when its tracked files changed; for an installed copy, the
     commit it was built from (setup.py records it); None when neither is known. The working
-    directory's checkout is not consulted: the code that runs may not come from it."""
+    directory's checkout is not consulted: the code that runs may not come from it. Read once per
+    process: the code was loaded when it started."""
     package = Path(__file__).resolve().parent
     try:   # the package's own files tracked by git: a checkout
         subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, check=True,
