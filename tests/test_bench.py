@@ -174,7 +174,7 @@ def test_summarize_rewrites_only_the_marked_block(tmp_path):
     (root / "benchmarks" / "results" / "step_cuda_quick.json").write_text(json.dumps(res))  # left out
     before = (root / "README.md").read_text()
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root)], check=True,
-                   capture_output=True)
+                   capture_output=True, env=child_env())
     after = (root / "README.md").read_text()
     head, tail = before.split(summary.START)[0], before.split(summary.END)[1]
     assert after.startswith(head + summary.START + "\n") and after.endswith(summary.END + tail)
@@ -184,7 +184,7 @@ def test_summarize_rewrites_only_the_marked_block(tmp_path):
     assert (root / "benchmarks" / "plots" / "step_cuda.png").exists()
     # idempotent
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root), "--no-plots"],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=child_env())
     assert (root / "README.md").read_text() == after
 
 
