@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .zoo.tasks import MODES
+
 
 class UsageError(Exception):
     """A bad argument found after parsing (an unknown task, a device that is not there): the
@@ -218,10 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads (default: torch's)")
         s.add_argument("--no-progress", action="store_true")
 
+    def add_modes_and_report(s):
+        """Options of a command over several modes that writes one report (compare, tune)."""
+        s.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+        s.add_argument("--json", default=None, help="also write the report here")
+
     s = sub.add_parser("train", help="train one zoo task in one mode")
     s.add_argument("task", nargs="?")
     s.add_argument("--list", action="store_true", help="list the tasks")
-    s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"])
+    s.add_argument("--mode", default="dfa", choices=MODES)
     s.add_argument("--lr", type=_positive(float), default=None)
     s.add_argument("--alignment-every", type=_positive(int), default=None, metavar="N",
                    help="measure DFA's alignment with backprop every N steps (into metrics.json)")
@@ -263,8 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--placement) for every seed; writes OUT/TASK/compare.{json,txt,png}.")
     s.add_argument("task")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
-    s.add_argument("--modes", nargs="+", default=["bp", "dfa", "shallow"], choices=["bp", "dfa", "shallow"])
-    s.add_argument("--json", default=None, help="also write the report here")
+    add_modes_and_report(s)
     s.add_argument("--alignment-every", type=_positive(int), default=None, metavar="N",
                    help="measure DFA's alignment with backprop every N steps and at the last one")
     add_run_options(s, several=True)
@@ -274,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes OUT/TASK/alignment.json (every measurement: per point signal and "
                                    "update cosines) and alignment.png (one line per point over training).")
     s.add_argument("task")
-    s.add_argument("--mode", default="dfa", choices=["bp", "dfa", "shallow"], help="the mode that trains")
+    s.add_argument("--mode", default="dfa", choices=MODES, help="the mode that trains")
     s.add_argument("--every", type=_positive(int), default=None, metavar="N", help="steps between measurements")
     s.add_argument("--measurements", type=_positive(int), default=20, help="with no --every: how many over training")
     add_run_options(s)
@@ -294,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same number of candidates for every mode) and picks the best "
                                    "validation metric; writes OUT/TASK/tuning.json.")
     s.add_argument("task")
-    s.add_argument("--modes", nargs="+", default=["bp", "dfa", "shallow"], choices=["bp", "dfa", "shallow"])
-    s.add_argument("--json", default=None, help="also write the report here")
+    add_modes_and_report(s)
     add_run_options(s, several=True)
     s.set_defaults(func=_tune)
     return p
