@@ -53,6 +53,7 @@ import torch
 
 from . import scaling_fit as fit
 from ..figures import save_figure
+from ..provenance import git_sha
 
 # method -> (DFA mode, placement)
 METHODS = {"bp": ("bp", "macro"), "dfa-macro": ("dfa", "macro"), "dfa-micro": ("dfa", "micro"),
@@ -444,7 +445,7 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         print(f"{missing} run(s) of the sweep still to do: rerun the same command to continue", file=sys.stderr)
         return None
     result = analyse(preset, runs, json.loads((out / "flop_check.json").read_text()))
-    result.update(plan=plan, command=command, git_sha=_git_sha(), data=dataset.info,
+    result.update(plan=plan, command=command, git_sha=git_sha(), data=dataset.info,
                   environment=_environment(device),
                   timing={"training_wall_s_all_runs": sum(r["wall_s"] for r in runs.values()),
                           "invocations": invocations, "cpu_count": os.cpu_count()})
@@ -463,11 +464,6 @@ def _log_invocation(out: Path, stage: str, started: float, load_start, trained: 
                 "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())})
     _write_json(path, log)
     return log
-
-
-def _git_sha():
-    from ..bench.common import git_sha
-    return git_sha()
 
 
 def _environment(device: str) -> dict:
