@@ -69,6 +69,10 @@ def _info(args) -> None:
     found = info.pop("warnings")
     width = max(map(len, info))
     for key, value in info.items():
+        if key == "self_test" and isinstance(value, dict):  # one line per GPU and backend
+            value = [f"{d} {b}: {result}" for d, results in value.items() for b, result in results.items()]
+            print("\n".join(f"{key if i == 0 else '':<{width}}  {line}" for i, line in enumerate(value)))
+            continue
         print(f"{key:<{width}}  {value}")
     for line in found:  # every fallback in effect, with its fix
         print(f"WARNING: {line}")

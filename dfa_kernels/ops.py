@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops, reference
+from . import flops, reference, selftest
 from .feedback import FeedbackSpec
 
 log = logging.getLogger("dfa_kernels")
@@ -246,9 +246,8 @@ def _cuda_unavailable(device: torch.device) -> str | None:
     return _cuda_arch_check(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on `device`, fastest first ('auto' takes the first)."""
-    device = torch.device(device)
+def _runnable_backends(device: torch.device) -> list[str]:
+    """Backends that can run on `device`, before the GPU ones' self-test."""
     found = []
     if _C is not None and device.type == "cpu":
         found.append("cpu")
@@ -257,6 +256,24 @@ def available_backends(device="cpu") -> list[str]:
     if _C is not None and device.type in ("cpu", "cuda") and _triton_available(device.type):  # needs the schemas
         found.append("triton")
     return found + ["torch"]
+
+
+# Under torch.compile a constant of the graph, as _auto_backend: the test runs kernels and reads a file.
+@torch.compiler.assume_constant_result
+def _self_test_problem(device: str, backend: str) -> str | None:
+    """Why GPU `backend` may not run on CUDA `device` by its self-test (run at the first call; see selftest)."""
+    return selftest.problem(backend, device, lambda: {name: _op(backend, name) for name in _OPS})
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends that can run on `device`, fastest first ('auto' takes the first). On a GPU, the
+    'cuda' and 'triton' backends only once they pass their self-test there (dfa_kernels.selftest)."""
+    device = torch.device(device)
+    found = _runnable_backends(device)
+    if device.type == "cuda":
+        name = str(device)
+        found = [b for b in found if b not in selftest.GPU_BACKENDS or _self_test_problem(name, b) is None]
+    return found
 
 
 # backend="auto" reads the fastest backend per (op, storage, shape class) from a table that
@@ -301,7 +318,9 @@ def resolve_backend(backend: str, device, op: str | None = None, storage: str | 
     available = available_backends(device)
     if backend not in available:
         why = f" (compiled library not loaded: {_C_ERROR})" if _C is None and backend in ("cpu", "cuda") else ""
-        if backend == "cuda" and torch.device(device).type == "cuda" and _C is not None:
+        if backend in _runnable_backends(torch.device(device)):  # a GPU backend that failed its self-test
+            why = f" ({_self_test_problem(str(torch.device(device)), backend)})"
+        elif backend == "cuda" and torch.device(device).type == "cuda" and _C is not None:
             why = f" ({_cuda_unavailable(torch.device(device))})"
         raise RuntimeError(f"backend {backend!r} is not available on device {torch.device(device)}{why}; "
                            f"available there: {available}")
@@ -571,6 +590,17 @@ def build_info() -> dict:
         cuda_checks[d] = problem or "ok"
         if problem and _C is not None:
             found.append(f"{d} ({torch.cuda.get_device_name(d)}): the 'cuda' backend cannot run: {problem}")
+    self_test = {}
+    for d in devices[1:]:
+        runnable, self_test[d] = _runnable_backends(torch.device(d)), {}
+        for b in selftest.GPU_BACKENDS:
+            if b not in runnable:
+                self_test[d][b] = "not run: the backend cannot run here"
+                continue
+            problem = _self_test_problem(d, b)  # runs the test unless this process or the cache has its result
+            self_test[d][b] = selftest.status(b, d)
+            if problem:
+                found.append(f"{d} ({torch.cuda.get_device_name(d)}): the {b!r} backend is not offered: {problem}")
     grouped = runtime.get("grouped_gemm")
     if grouped and grouped.startswith("unavailable") and torch.cuda.is_available():
         found.append(f"grouped_weight_grad (cuda): {grouped} (update cuBLAS, e.g. the nvidia-cublas wheel, to >= 12.5)")
@@ -594,6 +624,9 @@ def build_info() -> dict:
         "grouped_gemm": grouped,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "backends": {d: available_backends(d) for d in devices},
+        # per GPU and backend: passed, failed (the op and the error), skipped (DFA_KERNELS_SELF_TEST=0)
+        "self_test": self_test or "no GPU (only the GPU backends are self-tested)",
+        "self_test_cache": str(selftest.cache_path()),
         # the measured table backend="auto" reads on each device (None: first available backend)
         "backend_tables": {d: (f"{device_slug(d)}.json" if backend_table(device_slug(d)) else None)
                            for d in devices},
