@@ -5,10 +5,13 @@
 // (row-major [N, O] = column-major [O, N], transposed): m = I, n = O, k = N.
 //
 // Layers whose dtype is the output dtype go to one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5),
-// layers of one shape forming one group. The call is resolved at run time from the cuBLAS library
-// the process loaded (the headers at build time can be newer than the library at run time): without
-// it, each layer gets its own GEMM, with a warning (once) and grouped_gemm_status() saying why. Its
-// device pointer arrays are written by a small kernel whose parameters carry them: no host copy. That API only supports A/B/C of a single type (fp32,
+// layers of one shape forming one group (cuda/gemm.cuh writes the call, its pointer arrays and
+// their fill kernel; the CUDA-on-CPU harness runs the same code against a host GEMM). The call is
+// resolved at run time from the cuBLAS library the process loaded (the headers at build time can be
+// newer than the library at run time): without it, each layer gets its own GEMM, with a warning
+// (once) and grouped_gemm_status() saying why. While the stream is being captured into a CUDA graph,
+// each layer gets its own cublasGemmEx too: cuBLAS documents graph capture for its GEMMs, not for the
+// grouped call, so a captured step never depends on it. That API only supports A/B/C of a single type (fp32,
 // fp16 or bf16 with fp32 compute), so a layer whose output dtype differs from its inputs (fp16/bf16
 // activations with fp32 weights under autocast) gets its own cublasGemmEx, which writes fp32
 // directly from 16-bit inputs (rounding the fp32 sums to 16 bits first would lose precision and
@@ -25,11 +28,13 @@
 
 #include <climits>
 #include <cstdint>
-#include <map>
-#include <tuple>
+#include <string>
+#include <type_traits>
 #include <vector>
 
+#include "aten_glue.h"
 #include "dfa_kernels/checks.h"
+#include "dfa_kernels/cuda/gemm.cuh"
 #include "dfa_kernels/ops.h"
 
 #if defined(CUBLAS_VERSION) && CUBLAS_VERSION >= 120500
@@ -41,42 +46,20 @@
 namespace dfa_kernels {
 namespace {
 
-cudaDataType_t cuda_type(at::ScalarType t) {
-  return t == at::kFloat ? CUDA_R_32F : (t == at::kHalf ? CUDA_R_16F : CUDA_R_16BF);
-}
-
-// t as a cuBLAS operand: unit column stride, leading dimension >= max(1, cols), and a 16-byte
-// aligned start (cuBLAS requires it for 16-bit types; a column slice can start mid-row). Copies
-// only when t breaks one of these.
+// t as a cuBLAS operand: copied only when cuBLAS could not take it as is (plan.h gemm_operand_ok).
 at::Tensor gemm_operand(const at::Tensor& t) {
-  const bool ok = (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= std::max<int64_t>(1, t.size(1)) &&
-                  reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  const bool ok = gemm_operand_ok(t.size(1), t.stride(0), t.stride(1), reinterpret_cast<uintptr_t>(t.const_data_ptr()));
   return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
 }
 
-// One layer's product in cuBLAS terms.
-struct Problem {
-  const void* A;  // inputs[l]
-  const void* B;  // grads[l]
-  void* C;        // out[l] (or an fp32 buffer)
-  int m, n, k, lda, ldb;
-};
-
-int to_int(int64_t v, const char* what, size_t l) {
+void check_fits_int(int64_t v, const char* what, size_t l) {
   TORCH_CHECK(v <= INT_MAX, "grouped_weight_grad: ", what, " of layer ", l, " is ", v,
               ", above cuBLAS's 32-bit limit");
-  return static_cast<int>(v);
-}
-
-void gemm_one(cublasHandle_t handle, const Problem& p, at::ScalarType in, at::ScalarType c_type) {
-  const float alpha = 1.0f, beta = 0.0f;
-  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, p.m, p.n, p.k, &alpha, p.A, cuda_type(in),
-                                    p.lda, p.B, cuda_type(in), p.ldb, &beta, p.C, cuda_type(c_type), p.m,
-                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 #if DFA_HAVE_GROUPED_GEMM
-using GroupedGemmFn = decltype(&cublasGemmGroupedBatchedEx);
+static_assert(std::is_same_v<decltype(&cublasGemmGroupedBatchedEx), GroupedGemmFn>,
+              "gemm.cuh's GroupedGemmFn must be cuBLAS's signature");
 
 struct GroupedGemm {
   GroupedGemmFn fn = nullptr;
@@ -111,59 +94,6 @@ const GroupedGemm& grouped_gemm() {
   return found;
 }
 
-// Up to kFillMax 8-byte values written to device memory by one launch that carries them in its
-// parameters (3840 B of the 4 KiB parameter space): no host-to-device copy, and a CUDA graph
-// replays it with the same values.
-constexpr int kFillMax = 480;
-struct FillParams {
-  int64_t values[kFillMax];
-  int count;
-};
-
-__global__ void fill_kernel(int64_t* dst, const __grid_constant__ FillParams p) {
-  for (int i = threadIdx.x; i < p.count; i += blockDim.x) dst[i] = p.values[i];
-}
-
-// Every problem in one call; problems of one shape share a group. All A/B/C are of type `type`.
-void gemm_grouped(cublasHandle_t handle, GroupedGemmFn grouped, const std::vector<Problem>& problems,
-                  at::ScalarType type, at::Device device) {
-  std::map<std::tuple<int, int, int, int, int>, std::vector<const Problem*>> groups;
-  for (const Problem& p : problems) groups[{p.m, p.n, p.k, p.lda, p.ldb}].push_back(&p);
-  const size_t count = problems.size(), group_count = groups.size();
-  std::vector<cublasOperation_t> trans_a(group_count, CUBLAS_OP_N), trans_b(group_count, CUBLAS_OP_T);
-  std::vector<int> m, n, k, lda, ldb, sizes;
-  std::vector<float> alpha(group_count, 1.0f), beta(group_count, 0.0f);
-  std::vector<int64_t> ptrs(3 * count);  // A, then B, then C pointers, group by group
-  size_t i = 0;
-  for (const auto& [shape, members] : groups) {
-    m.push_back(std::get<0>(shape));
-    n.push_back(std::get<1>(shape));
-    k.push_back(std::get<2>(shape));
-    lda.push_back(std::get<3>(shape));
-    ldb.push_back(std::get<4>(shape));
-    sizes.push_back(static_cast<int>(members.size()));
-    for (const Problem* p : members) {
-      ptrs[i] = reinterpret_cast<int64_t>(p->A);
-      ptrs[count + i] = reinterpret_cast<int64_t>(p->B);
-      ptrs[2 * count + i] = reinterpret_cast<int64_t>(p->C);
-      ++i;
-    }
-  }
-  const at::Tensor dev = at::empty({static_cast<int64_t>(ptrs.size())}, at::TensorOptions().dtype(at::kLong).device(device));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (size_t first = 0; first < ptrs.size(); first += kFillMax) {
-    FillParams fp{};
-    fp.count = static_cast<int>(std::min<size_t>(kFillMax, ptrs.size() - first));
-    std::copy(ptrs.begin() + first, ptrs.begin() + first + fp.count, fp.values);
-    fill_kernel<<<1, 256, 0, stream>>>(dev.data_ptr<int64_t>() + first, fp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const auto* arrays = reinterpret_cast<void* const*>(dev.const_data_ptr<int64_t>());
-  const cudaDataType_t t = cuda_type(type);
-  TORCH_CUDABLAS_CHECK(grouped(handle, trans_a.data(), trans_b.data(), m.data(), n.data(), k.data(), alpha.data(),
-                               arrays, t, lda.data(), arrays + count, t, ldb.data(), beta.data(), arrays + 2 * count,
-                               t, m.data(), static_cast<int>(group_count), sizes.data(), CUBLAS_COMPUTE_32F));
-}
 #endif
 
 std::vector<at::Tensor> grouped_weight_grad_cuda(at::TensorList grads, at::TensorList inputs,
@@ -176,10 +106,14 @@ std::vector<at::Tensor> grouped_weight_grad_cuda(at::TensorList grads, at::Tenso
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
 
   std::vector<at::Tensor> operands;  // keeps copied operands alive until the calls are queued
-  std::vector<Problem> grouped;
+  std::vector<ColMajorGemm> grouped;
 #if DFA_HAVE_GROUPED_GEMM
-  const GroupedGemmFn grouped_fn = grouped_gemm().fn;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  GroupedGemmFn grouped_fn = grouped_gemm().fn;
   if (grouped_fn == nullptr && grads.size() > 1) TORCH_WARN_ONCE("dfa_kernels grouped_weight_grad: ", grouped_gemm().status);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) grouped_fn = nullptr;  // per-layer GEMMs while capturing
 #else
   constexpr void* grouped_fn = nullptr;
 #endif
@@ -192,25 +126,32 @@ std::vector<at::Tensor> grouped_weight_grad_cuda(at::TensorList grads, at::Tenso
     const at::Tensor x = gemm_operand(inputs[l]), g = gemm_operand(grads[l]);
     operands.push_back(x);
     operands.push_back(g);
-    Problem p{x.const_data_ptr(), g.const_data_ptr(), outs[l].data_ptr(), to_int(I, "in_features", l),
-              to_int(O, "out_features", l), to_int(N, "the row count", l),
-              to_int(x.stride(0), "inputs' row stride", l), to_int(g.stride(0), "grads' row stride", l)};
+    check_fits_int(I, "in_features", l);
+    check_fits_int(O, "out_features", l);
+    check_fits_int(N, "the row count", l);
+    check_fits_int(x.stride(0), "inputs' row stride", l);
+    check_fits_int(g.stride(0), "grads' row stride", l);
+    ColMajorGemm gemm = weight_grad_gemm(g.const_data_ptr(), g.stride(0), x.const_data_ptr(), x.stride(0),
+                                         outs[l].data_ptr(), N, O, I);
     if (in == out_type && grouped_fn != nullptr) {
-      grouped.push_back(p);
+      grouped.push_back(gemm);
       continue;
     }
     // cuBLAS writes fp32 from any input type, and the input type itself; other outputs via fp32.
     const at::ScalarType c_type = (in == out_type || out_type == at::kFloat) ? out_type : at::kFloat;
     at::Tensor c = c_type == out_type ? outs[l] : at::empty({O, I}, grads[l].options().dtype(at::kFloat));
-    p.C = c.data_ptr();
-    gemm_one(handle, p, in, c_type);
+    gemm.c = c.data_ptr();
+    TORCH_CUDABLAS_CHECK(call_gemm(cublasGemmEx, handle, gemm, cuda_type(in), cuda_type(c_type), 1.0f));
     if (!c.is_same(outs[l])) outs[l].copy_(c);
   }
 #if DFA_HAVE_GROUPED_GEMM
   if (grouped.size() == 1) {
-    gemm_one(handle, grouped[0], out_type, out_type);
+    TORCH_CUDABLAS_CHECK(call_gemm(cublasGemmEx, handle, grouped[0], cuda_type(out_type), cuda_type(out_type), 1.0f));
   } else if (!grouped.empty()) {
-    gemm_grouped(handle, grouped_fn, grouped, out_type, device);
+    const GroupedGemmArgs args = plan_grouped_gemm(grouped);
+    const at::Tensor dev_ptrs = at::empty({static_cast<int64_t>(args.ptrs.size())}, at::TensorOptions().dtype(at::kLong).device(device));
+    TORCH_CUDABLAS_CHECK(call_grouped_gemm(grouped_fn, handle, args, dev_ptrs.data_ptr<int64_t>(), cuda_type(out_type), stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 #endif
   return outs;

@@ -16,6 +16,7 @@
 
 #include "dfa_kernels/activation.h"
 #include "dfa_kernels/hash.h"
+#include "dfa_kernels/spans.h"
 
 namespace dfa_kernels {
 
@@ -103,23 +104,12 @@ struct PointArgs {
   at::Tensor act_input;
 };
 
-// The union of the points' column ranges as sorted, disjoint [start, stop) spans: overlapping or
-// touching ranges merge (reference.column_spans). project_points computes e @ B once per span, so
-// points that share columns (the shared layout) share the product.
+// The points' column spans (spans.h).
 inline std::vector<std::pair<int64_t, int64_t>> column_spans(const std::vector<PointArgs>& points) {
-  std::vector<std::pair<int64_t, int64_t>> ranges, spans;
-  for (const PointArgs& p : points) {
-    if (p.width > 0) ranges.emplace_back(p.offset, p.offset + p.width);
-  }
-  std::sort(ranges.begin(), ranges.end());
-  for (const auto& r : ranges) {
-    if (!spans.empty() && r.first <= spans.back().second) {
-      spans.back().second = std::max(spans.back().second, r.second);
-    } else {
-      spans.push_back(r);
-    }
-  }
-  return spans;
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  ranges.reserve(points.size());
+  for (const PointArgs& p : points) ranges.emplace_back(p.offset, p.width);
+  return column_spans(ranges);
 }
 
 // Checks every argument of project_points (all backends) and returns the points and the output

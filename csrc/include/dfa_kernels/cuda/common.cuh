@@ -1,5 +1,5 @@
-// Device code shared by the CUDA kernels of csrc/cuda/: fp32/fp16/bf16 loads and stores picked at
-// run time, and the SIMT GEMM tile of the projections (project.cu, project_points.cu).
+// Device code shared by the CUDA kernels (project.cuh, project_points.cuh): fp32/fp16/bf16 loads and
+// stores picked at run time, and the SIMT GEMM tile of the projections.
 //
 // SIMT tile: a 256-thread block computes a [BM, 128] tile of F = e @ B, BM = 16 * TM, fp32 accumulate.
 //   * Thread (tx, ty) = (tid % 16, tid / 16) owns rows ty * TM + [0, TM) and columns tx * 4 + [0, 4)
@@ -16,26 +16,20 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "dfa_kernels/cuda/compat.cuh"
+#include "dfa_kernels/cuda/plan.h"
 #include "dfa_kernels/hash.h"
 
 namespace dfa_kernels {
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Activation/output dtypes are a runtime switch, not a template parameter: the branch is uniform
 // and costs little next to the FMAs, while each instantiation of a GEMM kernel costs minutes of
 // compile time.
 enum class FpKind : int { F32 = 0, F16 = 1, BF16 = 2 };
-
-// The dtype must be float32, float16 or bfloat16 (the callers' checks ensure it).
-inline FpKind fp_kind(c10::ScalarType t) {
-  return t == c10::kFloat ? FpKind::F32 : (t == c10::kHalf ? FpKind::F16 : FpKind::BF16);
-}
 
 __device__ __forceinline__ float load_fp(const void* src, int64_t idx, FpKind kind) {
   switch (kind) {
@@ -66,10 +60,9 @@ __device__ __forceinline__ void store4(void* dst, int64_t idx, const float (&v)[
                                        FpKind kind) {
   if (vec) {
     if (kind == FpKind::F32) {
-      *reinterpret_cast<float4*>(static_cast<float*>(dst) + idx) = make_float4(v[0], v[1], v[2], v[3]);
+      vec_store(static_cast<float*>(dst) + idx, make_float4(v[0], v[1], v[2], v[3]));
     } else {
-      *reinterpret_cast<uint2*>(static_cast<uint16_t*>(dst) + idx) =
-          make_uint2(pack2(v[0], v[1], kind), pack2(v[2], v[3], kind));
+      vec_store(static_cast<uint16_t*>(dst) + idx, make_uint2(pack2(v[0], v[1], kind), pack2(v[2], v[3], kind)));
     }
     return;
   }
@@ -80,9 +73,6 @@ __device__ __forceinline__ void store4(void* dst, int64_t idx, const float (&v)[
 }
 
 // ---------------------------------------------------------------- SIMT GEMM tile
-constexpr int kSimtThreads = 256;
-constexpr int kSimtBN = 128;
-constexpr int kSimtBK = 8;
 constexpr int kSimtPadA = 4;  // keeps the transposed e-tile stores conflict-free and rows 16-byte aligned
 
 template <int TM>
@@ -91,9 +81,6 @@ struct SimtSmem {
   __align__(16) float As[2][kSimtBK][BM + kSimtPadA];  // e tile, transposed: [k][row]
   __align__(16) float Bs[2][kSimtBK][kSimtBN];
 };
-
-// Row tile height (TM) for N rows: a small N does not pay for 128-row tiles.
-inline int simt_tm(int64_t N) { return N <= 16 ? 1 : (N <= 64 ? 4 : 8); }
 
 // B sources: a thread reads the 4 entries of one row of B at columns j0 + kStride * q (q < 4);
 // the SIMT tile uses kStride = 32 (a warp covers a row of the tile), the narrow kernel kStride = 1.
@@ -217,15 +204,15 @@ __device__ __forceinline__ void simt_gemm_tile(SimtSmem<TM>& sm, const void* e, 
       if constexpr (TM % 4 == 0) {
 #pragma unroll
         for (int i = 0; i < TM; i += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(&sm.As[cur][kk][ty * TM + i]);
+          const float4 v = vec_load<float4>(&sm.As[cur][kk][ty * TM + i]);
           a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
         }
       } else {
 #pragma unroll
         for (int i = 0; i < TM; ++i) a[i] = sm.As[cur][kk][ty * TM + i];
       }
-      const float4 b0 = *reinterpret_cast<const float4*>(&sm.Bs[cur][kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&sm.Bs[cur][kk][64 + tx * 4]);
+      const float4 b0 = vec_load<float4>(&sm.Bs[cur][kk][tx * 4]);
+      const float4 b1 = vec_load<float4>(&sm.Bs[cur][kk][64 + tx * 4]);
       const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
@@ -263,21 +250,6 @@ __device__ __forceinline__ void simt_tile_epilogue(const float (&acc)[TM][8], in
       }
     }
   }
-}
-
-// Split-K over gridDim.z when the tiles alone leave SMs idle (small N and width, long K): returns
-// the K rows per split (a multiple of bk, the kernel's K step); *splits receives the number of
-// non-empty splits. Each split covers at least 256 rows of B.
-inline int64_t plan_split_k(int64_t tiles, int64_t K, int64_t sms, int64_t* splits, int64_t bk = kSimtBK) {
-  constexpr int64_t kMaxSplits = 64;
-  constexpr int64_t kMinRowsPerSplit = 256;
-  int64_t s = 1;
-  if (tiles < sms) {
-    s = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * sms, tiles), K / kMinRowsPerSplit, kMaxSplits}));
-  }
-  const int64_t k_per_split = ceil_div(ceil_div(K, bk), s) * bk;
-  *splits = ceil_div(K, k_per_split);
-  return k_per_split;
 }
 
 }  // namespace dfa_kernels
