@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 FORMAT = 1
 FILENAME = "checkpoint.pt"
@@ -108,6 +109,8 @@ def save(path, trainer, meta: dict) -> None:
     state = trainer.state_dict()
     if trainer.main:
         atomic_save({"format": FORMAT, "identity": meta, "trainer": state}, path)
+    if trainer.world is not None:  # no rank returns (and may resume from it) before the file is whole
+        torch.distributed.barrier()
 
 
 def load(path, meta: dict) -> dict:
