@@ -12,8 +12,11 @@ What this cannot show: tensor-core rounding, speed, register pressure, streams; 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -324,3 +327,97 @@ def test_every_kernel_under_tsan(tsan, tmp_path):
     kernels = {kernel_name(launch) for case in cases for launch in case.result["launches"]}
     assert {"project_virtual_kernel", "project_tc_kernel", "project_narrow_kernel", "epilogue_kernel",
             "project_points_kernel", "project_points_reduce_kernel", "fill_kernel"} <= kernels, kernels
+
+
+# ------------------------------------------------------------------ the harness catches real bugs
+# Each mutation is a bug the harness exists for, applied to a copy of the kernel headers: the copy is
+# built (only the harness units that include the header, the rest reused), the mutation's cases run,
+# and they must fail. The unmutated cases pass on the same build (the other tests, and the check below).
+UNITS_OF = {"common.cuh": ("harness_project", "harness_points"), "project.cuh": ("harness_project",),
+            "project_points.cuh": ("harness_points",), "gemm.cuh": ("harness_project", "harness_gemm")}
+
+
+def _simt(c):
+    return [add_project(c, 70, 40, 130, torch.float32, "uniform"),
+            add_project(c, 5, 512, 130, torch.float32, "rademacher", sms=4)]
+
+
+def _narrow(c):
+    return [add_project(c, 70, 16, 256, torch.float32, "uniform"), add_project(c, 7, 3, 130, torch.float16, "sparse")]
+
+
+def _tensor_cores(c):
+    return [add_project(c, 129, 40, 130, torch.float16, "rademacher"), add_project(c, 7, 17, 37, torch.bfloat16, "uniform")]
+
+
+def _points(c):
+    return [add_points(c, 129, 17, [1, 33, 130, 7, 64, 5], torch.float32)]
+
+
+def _grouped(c):
+    return grouped_suite(c, full=False)
+
+
+MUTATIONS = {  # name: (header, original, mutated, sanitizer, cases)
+    "simt: no barrier after the K step": (
+        "common.cuh", "      store(cur ^ 1);  // the other buffer was last read before the previous barrier\n    }\n"
+        "    __syncthreads();\n", "      store(cur ^ 1);  // the other buffer was last read before the previous barrier\n"
+        "    }\n", "tsan", _simt),
+    "simt: no row guard on the e tile": (
+        "common.cuh", "(idx < BM * kSimtBK && r < N && k < k_end)", "(idx < BM * kSimtBK && k < k_end)", "asan", _simt),
+    "split-K: the reduction skips the last slice": (
+        "project.cuh", "for (int z = 0; z < splits; ++z) s += partial[z * numel + idx];",
+        "for (int z = 0; z < splits - 1; ++z) s += partial[z * numel + idx];", "asan", _simt),
+    "narrow: one row past the block (off by one)": (
+        "project.cuh", "for (int64_t r = threadIdx.x / 32; r < rows; r += kNarrowThreads / 32)",
+        "for (int64_t r = threadIdx.x / 32; r <= rows; r += kNarrowThreads / 32)", "asan", _narrow),
+    "tensor cores: A fragment one column off": (
+        "project.cuh", "&sm.tiles.A[cur][wm * 64 + i * 16][kk]", "&sm.tiles.A[cur][wm * 64 + i * 16][kk + 1]", "asan",
+        _tensor_cores),
+    "tensor cores: no __syncwarp before reading the staged fragment": (
+        "project.cuh", "wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);\n      __syncwarp();",
+        "wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);", "tsan", _tensor_cores),
+    "points: no width guard on a ragged point": (
+        "project_points.cuh", "if (q < n && c + q >= 0 && c + q < pt.width)", "if (q < n && c + q >= 0)", "asan", _points),
+    "grouped GEMM: the fill kernel writes one pointer too many": (
+        "gemm.cuh", "for (int i = threadIdx.x; i < p.count; i += blockDim.x)",
+        "for (int i = threadIdx.x; i <= p.count; i += blockDim.x)", "asan", _grouped),
+}
+
+
+def _mutant_fails(name, base: dict, tmp) -> str:
+    header, original, mutated, variant, cases = MUTATIONS[name]
+    include = tmp / "include"
+    shutil.copytree(emu.KERNEL_HEADERS, include)
+    path = include / "dfa_kernels" / "cuda" / header
+    text = path.read_text()
+    assert text.count(original) == 1, f"{name}: the original code is no longer in {header} exactly once"
+    path.write_text(text.replace(original, mutated))
+    binary = emu.build(variant, tmp / "build", headers=include, reuse=base[variant].parent, units=UNITS_OF[header])
+    c = Checks(emu.Run(tmp / "run"))
+    cases(c)
+    try:
+        c.verify(binary)
+    except AssertionError as caught:
+        report = str(caught)
+        for marker in ("SUMMARY: ", "runtime error", "cuda_emu:", "Tensor-likes are not close", "host GEMM: rejected"):
+            if marker in report:  # what caught it, for the log
+                return report[report.index(marker):].splitlines()[0][:160]
+        return report.strip().splitlines()[0][:160]
+    return ""
+
+
+def test_harness_catches_mutations(asan, tsan, tmp_path):
+    base = {"asan": asan, "tsan": tsan}
+    for variant, cases in {("asan", _simt), ("asan", _narrow), ("asan", _tensor_cores), ("asan", _points),
+                           ("asan", _grouped), ("tsan", _simt), ("tsan", _tensor_cores)}:
+        c = Checks(emu.Run(tmp_path / f"clean_{variant}_{cases.__name__}"))
+        cases(c)
+        c.verify(base[variant])  # the mutations' cases pass on the unmutated kernels
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = dict(zip(MUTATIONS, pool.map(lambda n: _mutant_fails(n, base, tmp_path / f"m{list(MUTATIONS).index(n)}"),
+                                               MUTATIONS)))
+    for name, why in results.items():
+        print(f"{name}: {why or 'SURVIVED'}")
+    survived = [name for name, why in results.items() if not why]
+    assert not survived, f"mutations the harness did not catch: {survived}"
