@@ -5,15 +5,27 @@ TRITON_INTERPRET=1 before triton is imported). The interpreter rounds fp32 -> bf
 and computes bf16 tl.dot wrongly, so bf16 is only tested on a GPU. Shapes are chosen so that every
 size of interest appears without running the full product (the interpreter is slow per operation).
 """
+import ast
+import contextlib
+import importlib
 import importlib.util
 import math
+import os
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from dfa_kernels import triton as dkt  # noqa: E402
+from dfa_kernels.triton import cross_entropy, grouped_gemm, tables, tuning  # noqa: E402
+
+# the package exports functions named like these modules
+project_mod = importlib.import_module("dfa_kernels.triton.project")
+points_mod = importlib.import_module("dfa_kernels.triton.project_points")
 
 try:
     from dfa_kernels import reference
@@ -295,3 +307,192 @@ def test_grouped_weight_grad_split_over_rows():
             got = grouped_weight_grad(grads, inputs, splits=splits)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------ autotuning, specialization, devices
+TUNED_NAMES = {"project", "narrow", "points", "narrow_points", "grouped"}
+
+
+def _run_tuned(name):
+    """One call through the autotuned kernel `name`: (what it returned, the reference's)."""
+    e = randn(7, 40 if name in ("project", "points") else 3)
+    if name in ("project", "narrow"):
+        return dkt.project(e, 5, "rademacher", 0.1, 300), reference.project(e.cpu(), 5, "rademacher", 0.1, 300)
+    if name in ("points", "narrow_points"):
+        args = (e, None, 5, "gaussian", 0.1, [0, 40], [200, 33], [1.0, 0.5], [None, randn(7, 33)], ["none", "silu"])
+        got = dkt.project_points(*args)
+        want = reference.project_points(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:8]],
+                                        [None, args[8][1].cpu()], args[9])
+        return torch.cat(got, 1), torch.cat(want, 1)
+    grads, inputs = [randn(50, 20), randn(9, 40)], [randn(50, 33), randn(9, 16)]
+    return (torch.cat([g.flatten() for g in dkt.grouped_weight_grad(grads, inputs)]),
+            torch.cat([g.flatten() for g in reference.grouped_weight_grad(grads, inputs)]))
+
+
+@pytest.mark.parametrize("name", sorted(TUNED_NAMES))
+def test_fixed_config_matches_reference(name, monkeypatch):
+    """The config DFA_TRITON_AUTOTUNE=0 launches (each kernel's first GPU config) is the one that
+    runs, and its tiles give the reference's result."""
+    tuned = tuning.TUNED[name]
+    monkeypatch.setattr(tuned.launch, "configs", tuned.configs[:1])
+    got, want = _run_tuned(name)
+    assert tuned.launch.best_config is tuned.configs[0]
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4 * math.sqrt(50), rtol=1e-4)
+
+
+def _import_in_subprocess(switch):
+    """Import the kernels compiled (not interpreted; no GPU needed) with DFA_TRITON_AUTOTUNE=switch:
+    {name: (configs launched, whether the first is configs[0], configs there are)}."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DFA_TRITON_AUTOTUNE")}
+    if switch is not None:
+        env["DFA_TRITON_AUTOTUNE"] = switch
+    code = ("import dfa_kernels.triton\nfrom dfa_kernels.triton import tuning\n"
+            "print({n: (len(t.launch.configs), t.launch.configs[0] is t.configs[0], len(t.configs)) "
+            "for n, t in tuning.TUNED.items()})")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_autotune_switch():
+    """DFA_TRITON_AUTOTUNE=0: every autotuned kernel launches its first config alone; unset: all of
+    them; another value is refused."""
+    off = _import_in_subprocess("0")
+    assert off.returncode == 0, off.stderr
+    off = ast.literal_eval(off.stdout.strip().splitlines()[-1])
+    assert set(off) == TUNED_NAMES
+    assert all(used == 1 and first for used, first, _ in off.values()), off
+    on = _import_in_subprocess(None)
+    assert on.returncode == 0, on.stderr
+    on = ast.literal_eval(on.stdout.strip().splitlines()[-1])
+    assert all(used == total > 1 for used, _, total in on.values()), on
+    bad = _import_in_subprocess("no")
+    assert bad.returncode != 0 and "DFA_TRITON_AUTOTUNE must be 0 or 1" in bad.stderr
+
+
+def _config(bm, bn, bk=None):
+    return triton.Config({"BM": bm, "BN": bn, **({} if bk is None else {"BK": bk})})
+
+
+def _blocks(configs):
+    return [tuple(c.kwargs[b] for b in ("BM", "BN", "BK") if b in c.kwargs) for c in configs]
+
+
+def test_fit_tiles():
+    configs = [_config(128, 128, 32), _config(64, 64, 64), _config(32, 32, 32)]
+    assert tuning.fit_tiles(configs, BM=4096, BN=4096, BK=4096) == configs
+    assert _blocks(tuning.fit_tiles(configs, BM=100, BN=64, BK=64)) == [(64, 64, 64), (32, 32, 32)]
+    assert _blocks(tuning.fit_tiles(configs, BM=8, BN=1, BK=1)) == [(32, 32, 32)]  # the floor: 32
+    assert _blocks(tuning.fit_tiles(configs, floor=16, BM=8, BN=1, BK=1)) == [(32, 32, 32)]  # none fits: least padding
+    assert _blocks(tuning.fit_tiles([_config(64, 256), _config(128, 128)], BM=1000, BN=100)) == [(128, 128)]
+
+
+def test_kernel_prunes():
+    """Each autotuned kernel's early_config_prune on its own configs: a tiny problem keeps one small
+    tile (no benchmarking), a large one keeps every config."""
+    big = {"N": 1 << 16, "K": 4096, "W": 4096, "span_w": 4096, "o_bucket": 4096, "i_bucket": 4096,
+           "rows_per_split": 1 << 16}
+    cases = [(project_mod.prune_project, "project", {"N": 8, "K": 40, "W": 17}, [(32, 32, 32)]),
+             (project_mod.prune_narrow, "narrow", {"N": 7, "W": 200}, [(32, 256)]),
+             (project_mod.prune_narrow, "narrow", {"N": 1, "W": 1}, [(32, 256)]),  # none fits: least padding
+             (points_mod.prune_points, "points", {"N": 8, "K": 40, "span_w": 17}, [(32, 32, 32)]),
+             (points_mod.prune_points, "narrow_points", {"N": 1000, "K": 3, "span_w": 100},
+              [(64, 128, 16), (128, 128, 16)]),
+             (grouped_gemm.prune_grouped, "grouped", {"o_bucket": 16, "i_bucket": 16, "rows_per_split": 1000},
+              [(32, 32, 64)]),
+             (grouped_gemm.prune_grouped, "grouped", {"o_bucket": 16, "i_bucket": 16, "rows_per_split": 9},
+              [(32, 32, 64)])]
+    for prune, name, args, want in cases:
+        configs = tuning.TUNED[name].configs
+        assert _blocks(prune(configs, args)) == want, (name, args)
+        assert prune(configs, big) == configs, name
+
+
+def test_table_values_do_not_change_the_compiled_kernel(monkeypatch):
+    """Tuple elements are specialized on their values even under do_not_specialize: the tables
+    pass encoded integers, so different values (a batch size, a null pointer) and lengths within
+    a power of two give the fill kernel the same signature and specialization."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda dst, values, n, **meta: launches.append((values, meta))
+
+    monkeypatch.setattr(tables, "_fill_kernel", Recorder())
+    raw = ([1, 16, 17, 2**40, 0], [0, 3, 2**33, -5, 7, 1, 64])
+    for values in raw:
+        tables.device_table(values, torch.int64, DEVICE)
+    tables.device_table([0.5, 1, 2], torch.float32, DEVICE)
+    tables.device_table([3.0, -1.0, 1.0, 16.0], torch.float32, DEVICE)
+
+    def spec(values):
+        return native_specialize_impl(BaseBackend, values, False, True, True)
+
+    assert spec(tuple(raw[0][:5])) != spec(tuple(raw[1][:5]))  # what encoding avoids
+    (a, meta_a), (b, meta_b), (x, meta_x), (y, meta_y) = launches
+    assert spec(a) == spec(b) and meta_a == meta_b == {"COUNT": 8, "ENCODED": True}
+    assert spec(x) == spec(y) and meta_x == meta_y == {"COUNT": 4, "ENCODED": False}
+    with pytest.raises(ValueError, match="2\\^57"):
+        tables.device_table([2**57], torch.int64, DEVICE)
+
+
+def test_device_guard():
+    """A launch is made on its tensors' CUDA device (Triton launches on the current one)."""
+    guard = tuning.device_guard(torch.device("cuda", 1))  # not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(tuning.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="watches the interpreter's launches")
+def test_every_launch_runs_under_the_device_guard(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    guarded, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        guarded.append(device)
+        yield
+        guarded.pop()
+
+    for module in (project_mod, points_mod, grouped_gemm, tables, cross_entropy):
+        monkeypatch.setattr(module, "device_guard", guard)
+    run = InterpretedFunction.run
+
+    def watched(self, *args, **kwargs):
+        launches.append((self.__name__, list(guarded)))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", watched)
+    for name in sorted(TUNED_NAMES):
+        _run_tuned(name)
+    dkt.feedback_matrix(0, "uniform", 0.1, 3, 5, torch.float32, DEVICE)
+    cross_entropy.cross_entropy_grad_(randn(3, 10), torch.tensor([1, 2, -100], device=DEVICE), -100,
+                                      torch.tensor([0.5], device=DEVICE))
+    assert {name for name, _ in launches} == {"_project_kernel", "_narrow_kernel", "_points_kernel", "_grouped_kernel",
+                                              "_fill_kernel", "_feedback_kernel", "_ce_kernel"}
+    assert all(devices == [torch.device(DEVICE)] for _, devices in launches), launches
+
+
+def test_device_caches_are_per_device(monkeypatch):
+    """SM counts and cached tables are kept per CUDA device index; a bare "cuda" is the current device."""
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return types.SimpleNamespace(multi_processor_count=100 + index)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    grouped_gemm._sm_count.cache_clear()
+    try:
+        counts = [grouped_gemm._sm_count(tuning.device_index(d)) for d in ("cuda:0", "cuda", torch.device("cuda", 1))]
+        assert counts == [100, 101, 101] and asked == [0, 1]
+    finally:
+        grouped_gemm._sm_count.cache_clear()
+
+    monkeypatch.setattr(tables, "_CACHE", {})
+    monkeypatch.setattr(tables, "device_table", lambda values, dtype, device: object())
+    t0, t1, bare = (tables.cached_table([1, 2], torch.int64, d) for d in ("cuda:0", torch.device("cuda", 1), "cuda"))
+    assert t0 is not t1 and bare is t1 and len(tables._CACHE) == 2

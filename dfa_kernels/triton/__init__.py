@@ -15,8 +15,9 @@ except ImportError:
 else:
     _HAVE_TRITON = True
     from .grouped_gemm import grouped_weight_grad
-    from .project import INTERPRET, feedback_matrix, project, project_materialized
+    from .project import feedback_matrix, project, project_materialized
     from .project_points import project_points
+    from .tuning import INTERPRET
 
 __all__ = ["is_available", "project", "project_materialized", "project_points", "grouped_weight_grad",
            "feedback_matrix"]

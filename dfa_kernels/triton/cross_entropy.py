@@ -8,10 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .project import INTERPRET, _check_device
+from .project import _check_device
+from .tuning import INTERPRET, device_guard
 
 
-@triton.jit
+# ignore_index only meets a compare: not specialized. V (masks along the row) and stride stay.
+@triton.jit(do_not_specialize=["ignore_index"])
 def _ce_kernel(logits_ptr, target_ptr, loss_ptr, inv_count_ptr, V, stride, ignore_index, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
@@ -52,6 +54,7 @@ def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, ignore_index
     if C == 0:
         return losses
     block = 1024 if INTERPRET else min(8192, triton.next_power_of_2(V))
-    _ce_kernel[(C,)](logits, target.contiguous(), losses, inv_count.to(torch.float32).reshape(1), V, logits.stride(0),
-                     ignore_index, BLOCK=block, num_warps=1 if INTERPRET else 8)
+    with device_guard(logits.device):
+        _ce_kernel[(C,)](logits, target.contiguous(), losses, inv_count.to(torch.float32).reshape(1), V,
+                         logits.stride(0), ignore_index, BLOCK=block, num_warps=1 if INTERPRET else 8)
     return losses

@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .project import _FLOAT_DTYPES, _INTERPRET_META, INTERPRET, _check_float_tensor, _fp32_dot_precision
+from .project import _FLOAT_DTYPES, _INTERPRET_META, _check_float_tensor, _fp32_dot_precision
 from .tables import cached_table, device_table
+from .tuning import INTERPRET, autotuned, device_guard, device_index, fit_tiles
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _GPU_CONFIGS = [
@@ -40,7 +41,10 @@ def group_of(pid, tiles, MAX_G: tl.constexpr):
     return group, first
 
 
-@triton.jit
+# Not specialized: G (table offsets only), rows_per_split (follows the batch; it bounds the
+# reduction, which runs along no contiguous axis) and the autotuning keys. ws_stride stays
+# specialized: it aligns each split's workspace slice for vector stores.
+@triton.jit(do_not_specialize=["G", "rows_per_split", "n_bucket", "o_bucket", "i_bucket"])
 def _grouped_kernel(ptr_tab, shape_tab, G, rows_per_split, ws_ptr, ws_stride,
                     n_bucket, o_bucket, i_bucket,
                     IN_TYPE: tl.constexpr, OUT_TYPE: tl.constexpr, MAX_G: tl.constexpr, SPLIT: tl.constexpr,
@@ -93,16 +97,19 @@ def _grouped_kernel(ptr_tab, shape_tab, G, rows_per_split, ws_ptr, ws_stride,
         tl.store(out_ptr + tile, acc.to(OUT_TYPE), mask=mask)
 
 
+def prune_grouped(configs, named_args, **kwargs):
+    """No tile past the largest layer (out and in features) or the rows of a split."""
+    return fit_tiles(configs, BM=named_args["o_bucket"], BN=named_args["i_bucket"], BK=named_args["rows_per_split"])
+
+
 _KEY = ["n_bucket", "o_bucket", "i_bucket", "MAX_G", "IN_TYPE", "OUT_TYPE", "SPLIT"]
-if INTERPRET:
-    _grouped_launch = _grouped_kernel
-else:
-    _grouped_launch = triton.autotune(configs=_GPU_CONFIGS, key=_KEY)(_grouped_kernel)
+_grouped_launch = autotuned("grouped", _grouped_kernel, _GPU_CONFIGS, _KEY, _INTERPRET_META, prune_grouped)
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def _sm_count(index: int) -> int:
+    """Per CUDA device index: GPUs of one process may differ."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _splits(shapes, N: int, device) -> int:
@@ -111,7 +118,7 @@ def _splits(shapes, N: int, device) -> int:
     if INTERPRET:
         return 1
     tiles = sum(math.ceil(o / 128) * math.ceil(i / 128) for o, i in shapes)
-    want = math.ceil(2 * _sm_count(device) / max(tiles, 1))
+    want = math.ceil(2 * _sm_count(device_index(device)) / max(tiles, 1))
     return max(1, min(MAX_SPLITS, want, N // MIN_ROWS_PER_SPLIT))
 
 
@@ -162,9 +169,7 @@ def grouped_weight_grad(grads, inputs, out_dtype=None, splits: int | None = None
         def grid(meta):
             return (sum(math.ceil(o / meta["BM"]) * math.ceil(i / meta["BN"]) for o, i in shapes), split)
 
-        if INTERPRET:
-            _grouped_launch[grid(_INTERPRET_META)](*args, **consts, **_INTERPRET_META)
-        else:
+        with device_guard(device):
             _grouped_launch[grid](*args, **consts)
         if ws is not None:  # sum the splits (fixed order), then each layer's block into its output
             total = ws.sum(0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import os
 
 import torch
 import triton
@@ -17,9 +16,7 @@ import triton.language as tl
 
 from .hash import (DISTRIBUTION_CODES, RADEMACHER, as_int32, col_key, col_key_for, rademacher_tile, row_key,
                    seed_key_host, value_from_keys)
-
-# triton.jit picks the interpreter at decoration time, so this is the mode of the kernels below.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .tuning import INTERPRET, autotuned, device_guard, fit_tiles
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,7 +85,11 @@ def accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, str
     return acc
 
 
-@triton.jit(do_not_specialize=["skey", "threshold"])
+# Not specialized (each new value would compile anew, for no gain): N (the batch: it only masks
+# rows, never the contiguous axis), n_bucket (an autotuning key), the hash key and threshold.
+# K and W stay specialized: their divisibility by 16 lets the masked loads of e along K and the
+# stores along W vectorize; the strides, for the same reason.
+@triton.jit(do_not_specialize=["N", "n_bucket", "skey", "threshold"])
 def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
                     stride_em, stride_ek, stride_bk, stride_bn, stride_om,
                     skey, threshold, scale, n_bucket,
@@ -126,7 +127,8 @@ def narrow_tile(e_ptr, b_ptr, K, col0, offs_m, offs_n, m_mask, n_mask, stride_em
     return acc
 
 
-@triton.jit(do_not_specialize=["skey", "threshold"])
+# As _project_kernel; K too, as it only bounds the unrolled k loop (a scalar compare).
+@triton.jit(do_not_specialize=["N", "K", "n_bucket", "skey", "threshold"])
 def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
                    stride_em, stride_ek, stride_bk, stride_bn, stride_om,
                    skey, threshold, scale, n_bucket,
@@ -139,7 +141,8 @@ def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
     store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 
-@triton.jit(do_not_specialize=["skey", "threshold", "col_offset"])
+# R only masks rows; C (the stores along the contiguous axis) and stride_r stay specialized.
+@triton.jit(do_not_specialize=["R", "skey", "threshold", "col_offset"])
 def _feedback_kernel(out_ptr, R, C, stride_r, skey, threshold, col_offset,
                      DIST: tl.constexpr, LIBDEVICE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     num_c = tl.cdiv(C, BC)
@@ -167,21 +170,14 @@ _GPU_CONFIGS = [
         (32, 32, 32, 4, 4),
     ]
 ]
-# One small config under the interpreter, where autotuning would rerun every candidate on the CPU.
-# A deep BK keeps the K loop short: the interpreter's cost is per operation, not per element.
+# The interpreter's config: a deep BK keeps the K loop short, as its cost is per operation, not
+# per element.
 _INTERPRET_META = {"BM": 32, "BN": 64, "BK": 128}
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Skip tiles larger than the problem (N = 8 on BM = 128 wastes the tile and the tuning time);
-    the 32 x 32 x 32 config always survives."""
-    N, K, W = named_args["N"], named_args["K"], named_args["W"]
-
-    def fits(size, block):
-        return block <= max(32, triton.next_power_of_2(size))
-
-    return [c for c in configs
-            if fits(N, c.kwargs["BM"]) and fits(W, c.kwargs["BN"]) and fits(K, c.kwargs["BK"])]
+def prune_project(configs, named_args, **kwargs):
+    """No tile past the problem (N = 8 on BM = 128 wastes the tile and the tuning time)."""
+    return fit_tiles(configs, BM=named_args["N"], BN=named_args["W"], BK=named_args["K"])
 
 
 # Memory-bound tiles for the narrow kernel: wide in columns for long coalesced stores.
@@ -190,17 +186,18 @@ _NARROW_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
 _NARROW_INTERPRET_META = {"BM": 32, "BN": 64}
 NARROW_MAX_K = 16
 
-if INTERPRET:
-    _project_launch = _project_kernel
-    _narrow_launch = _narrow_kernel
-else:
-    _narrow_launch = triton.autotune(
-        configs=_NARROW_CONFIGS, key=["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE"])(_narrow_kernel)
-    _project_launch = triton.autotune(
-        configs=_GPU_CONFIGS,
-        key=["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_project_kernel)
+
+def prune_narrow(configs, named_args, **kwargs):
+    """No tile past the problem: W = 17 does not tune 512-column tiles."""
+    return fit_tiles(configs, BM=named_args["N"], BN=named_args["W"])
+
+
+_project_launch = autotuned("project", _project_kernel, _GPU_CONFIGS,
+                            ["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE", "INPUT_PRECISION"],
+                            _INTERPRET_META, prune_project)
+_narrow_launch = autotuned("narrow", _narrow_kernel, _NARROW_CONFIGS,
+                           ["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE"], _NARROW_INTERPRET_META,
+                           prune_narrow)
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -286,18 +283,13 @@ def _launch(e: torch.Tensor, B: torch.Tensor | None, width: int, skey: int, thre
             out.stride(0), skey, threshold, float(scale), triton.next_power_of_2(N))
     consts = dict(VIRTUAL=B is None, DIST=dist, HAS_COL_SCALE=col_scale is not None, LIBDEVICE=not INTERPRET)
     if K <= NARROW_MAX_K:
+        launch = _narrow_launch
         consts["KP"] = triton.next_power_of_2(K)
-        if INTERPRET:
-            _narrow_launch[_grid(N, width, _NARROW_INTERPRET_META)](*args, **consts, **_NARROW_INTERPRET_META)
-        else:
-            _narrow_launch[lambda meta: _grid(N, width, meta)](*args, **consts)
-        return out
-    consts["INPUT_PRECISION"] = _fp32_dot_precision()
-    if INTERPRET:
-        meta = _INTERPRET_META
-        _project_launch[_grid(N, width, meta)](*args, **consts, **meta)
     else:
-        _project_launch[lambda meta: _grid(N, width, meta)](*args, **consts)
+        launch = _project_launch
+        consts["INPUT_PRECISION"] = _fp32_dot_precision()
+    with device_guard(e.device):
+        launch[lambda meta: _grid(N, width, meta)](*args, **consts)
     return out
 
 
@@ -349,6 +341,7 @@ def feedback_matrix(seed: int, distribution: str, density: float, rows: int, col
         return out
     BR, BC = 32, 128
     grid = (triton.cdiv(rows, BR) * triton.cdiv(cols, BC),)
-    _feedback_kernel[grid](out, rows, cols, out.stride(0), as_int32(seed_key_host(seed)), threshold,
-                           as_int32(col_offset), DIST=dist, LIBDEVICE=not INTERPRET, BR=BR, BC=BC, num_warps=4)
+    with device_guard(device):
+        _feedback_kernel[grid](out, rows, cols, out.stride(0), as_int32(seed_key_host(seed)), threshold,
+                               as_int32(col_offset), DIST=dist, LIBDEVICE=not INTERPRET, BR=BR, BC=BC, num_warps=4)
     return out

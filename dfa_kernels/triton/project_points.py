@@ -20,10 +20,11 @@ import triton.language as tl
 
 from ..reference import column_spans
 from .hash import as_int32, seed_key_host
-from .project import (_FLOAT_DTYPES, _GPU_CONFIGS, _INTERPRET_META, _NARROW_CONFIGS, _NARROW_INTERPRET_META, INTERPRET,
+from .project import (_FLOAT_DTYPES, _GPU_CONFIGS, _INTERPRET_META, _NARROW_CONFIGS, _NARROW_INTERPRET_META,
                       NARROW_MAX_K, _check_distribution, _check_float_tensor, _check_int, _fp32_dot_precision,
                       _sparse_threshold, accumulate_tile, narrow_tile, tile_of_program)
 from .tables import cached_table, device_table
+from .tuning import INTERPRET, autotuned, device_guard, fit_tiles
 
 # Activation codes, equal to the C++ enum dfa_kernels::Activation (activation.h).
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
@@ -52,7 +53,10 @@ def activation_grad(a, ACT):
     return d
 
 
-@triton.jit(do_not_specialize=["skey", "threshold"])
+# Not specialized: P (a loop bound), N (the batch: it masks rows only), the autotuning keys, the
+# hash key and threshold. K, span0 and span_w stay specialized as in _project_kernel (vectorized
+# loads along K, of stored B at column span0, stores along the span), as do the strides.
+@triton.jit(do_not_specialize=["P", "N", "n_bucket", "w_bucket", "skey", "threshold"])
 def _points_kernel(e_ptr, b_ptr, ptr_tab, meta_tab, scale_tab, P, N, K, span0, span_w,
                    stride_em, stride_ek, stride_bk, stride_bn, skey, threshold, n_bucket, w_bucket,
                    VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_ACT: tl.constexpr, ALIGNED: tl.constexpr,
@@ -96,26 +100,17 @@ def _points_kernel(e_ptr, b_ptr, ptr_tab, meta_tab, scale_tab, P, N, K, span0, s
             tl.store(out_ptr + idx, v.to(OUT_TYPE), mask=mask)
 
 
-def _prune(configs, named_args, **kwargs):
-    N, K, W = named_args["N"], named_args["K"], named_args["span_w"]
-
-    def fits(size, block):
-        return block <= max(32, triton.next_power_of_2(size))
-
-    return [c for c in configs if fits(N, c.kwargs["BM"]) and fits(W, c.kwargs["BN"])
-            and fits(K, c.kwargs.get("BK", 16))]
+def prune_points(configs, named_args, **kwargs):
+    """No tile past the problem (a span of 17 columns does not tune 128-wide tiles)."""
+    return fit_tiles(configs, BM=named_args["N"], BN=named_args["span_w"], BK=named_args["K"])
 
 
 _KEY = ["n_bucket", "w_bucket", "K", "VIRTUAL", "DIST", "HAS_ACT", "ALIGNED", "NARROW_KP", "INPUT_PRECISION"]
 # The narrow path (K <= 16) runs rank-1 updates: the memory-bound tiles of the narrow projection (BK unused).
 _NARROW_POINT_CONFIGS = [triton.Config({**c.kwargs, "BK": 16}, num_warps=c.num_warps) for c in _NARROW_CONFIGS]
-if INTERPRET:
-    _points_launch = _narrow_points_launch = _points_kernel
-else:
-    _points_launch = triton.autotune(configs=_GPU_CONFIGS, key=_KEY,
-                                     prune_configs_by={"early_config_prune": _prune})(_points_kernel)
-    _narrow_points_launch = triton.autotune(configs=_NARROW_POINT_CONFIGS, key=_KEY,
-                                            prune_configs_by={"early_config_prune": _prune})(_points_kernel)
+_points_launch = autotuned("points", _points_kernel, _GPU_CONFIGS, _KEY, _INTERPRET_META, prune_points)
+_narrow_points_launch = autotuned("narrow_points", _points_kernel, _NARROW_POINT_CONFIGS, _KEY,
+                                  {**_NARROW_INTERPRET_META, "BK": 16}, prune_points)
 
 
 def _check_points(e, offsets, widths, scales, act_inputs, activations):
@@ -195,9 +190,6 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
         def grid(meta, span_w=span_w):
             return (triton.cdiv(N, meta["BM"]) * triton.cdiv(span_w, meta["BN"]),)
 
-        if INTERPRET:
-            interp = {**_NARROW_INTERPRET_META, "BK": 16} if narrow_kp else _INTERPRET_META
-            launch[grid(interp)](*args, **consts, **interp)
-        else:
+        with device_guard(device):
             launch[grid](*args, **consts)
     return outs
