@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <string>
 
+#include "dfa_kernels/cpu_isa.h"
 #include "dfa_kernels/ops.h"
 
 namespace py = pybind11;
@@ -71,6 +72,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_config", &build_config,
         "How this library was built: cuda_compiled, cuda_archs, torch_version_built, "
         "cuda_version_built, openmp.");
+  m.def("cpu_isa", [] { return std::string(dfa_kernels::cpu_isa_name(dfa_kernels::cpu_isa())); },
+        "The instruction-set path the CPU kernels take: avx512, avx2 or baseline (DFA_KERNELS_CPU_ISA forces one).");
+  m.def("cpu_isa_detected", [] { return std::string(dfa_kernels::cpu_isa_name(dfa_kernels::cpu_isa_detected())); },
+        "The best instruction-set path this CPU runs.");
+  m.def("set_cpu_isa", &dfa_kernels::set_cpu_isa, py::arg("name"),
+        "Switches the CPU kernels' instruction-set path for this process (tests, benchmarks).");
   m.def("runtime_info", &runtime_info,
         "What the loaded libraries allow: grouped_gemm (cuBLAS's grouped GEMM, or one GEMM per layer, and why).");
 }

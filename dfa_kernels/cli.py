@@ -84,11 +84,42 @@ def _demo(args) -> None:
 
 
 def _bench(args) -> None:
+    import torch
+
+    from . import ops
     from .bench.suite import run_suite
+    if args.cpu_isa != "native":
+        if args.device is not None and torch.device(args.device).type != "cpu":
+            raise UsageError(f"--cpu-isa {args.cpu_isa} measures the CPU kernels; it needs --device cpu")
+        _bench_cpu_paths(args, ops.cpu_isas_supported() if args.cpu_isa == "all" else [args.cpu_isa])
+        return
     # --time-budget: none given -> the device's default (-1), 0 -> no limit (None)
     budget = -1.0 if args.time_budget is None else (None if args.time_budget == 0 else args.time_budget)
     run_suite(args.device, Path(args.out), args.suite, quick=args.quick, tiny=args.tiny, time_budget_s=budget,
               progress=not args.no_progress)
+
+
+def _bench_cpu_paths(args, isas: list[str]) -> None:
+    """The CPU suite once per instruction-set path, each in its own process: ATen's, MKL's and oneDNN's
+    dispatch are chosen at load time (bench.common.isa_env), so the torch baselines take the path too."""
+    import subprocess
+
+    from . import ops
+    from .bench.common import isa_env
+    supported = ops.cpu_isas_supported()
+    for isa in isas:
+        if isa not in supported:
+            raise UsageError(f"--cpu-isa {isa}: this CPU runs {', '.join(supported) or 'no compiled path'}")
+    for isa in isas:
+        argv = [sys.executable, "-m", "dfa_kernels", "bench", args.suite, "--device", "cpu", "--out", args.out,
+                "--cpu-isa", "native"]
+        argv += ["--quick"] * args.quick + ["--tiny"] * args.tiny + ["--no-progress"] * args.no_progress
+        if args.time_budget is not None:
+            argv += ["--time-budget", str(args.time_budget)]
+        print(f"== CPU path {isa}: {' '.join(f'{k}={v}' for k, v in isa_env(isa).items())}", flush=True)
+        done = subprocess.run(argv, env={**os.environ, **isa_env(isa)})
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)
 
 
 def _config(args, **overrides):
@@ -204,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=_positive(float, zero=True), default=None,
                    help="seconds for the whole suite; later measurements are skipped and listed "
                         "(default: 390 on a GPU, none on a CPU; 0: no limit)")
+    s.add_argument("--cpu-isa", default="native", choices=["native", "all", "avx512", "avx2", "baseline"],
+                   help="the CPU kernels' instruction-set path to measure, each in its own process with ATen, MKL "
+                        "and oneDNN on the same path (all: every path this CPU runs; default: this process's)")
     s.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test sizes
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_bench)
@@ -324,6 +358,12 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
+        if os.environ.get("DFA_KERNELS_CPU_ISA"):  # a bad value or a path this CPU lacks: said before any work
+            from . import ops
+            try:
+                ops.cpu_isa()
+            except RuntimeError as err:
+                raise UsageError(str(err).splitlines()[0]) from None
         if getattr(args, "device", "x") is None:
             import torch
             args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -282,11 +282,29 @@ def available_backends(device="cpu") -> list[str]:
 BACKEND_TABLES = Path(__file__).parent / "backend_tables"
 
 
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set path the CPU kernels take ("avx512", "avx2" or "baseline": the best this CPU
+    runs, or DFA_KERNELS_CPU_ISA); None without the compiled library."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+def cpu_isas_supported() -> list[str]:
+    """The paths this CPU can run, best first."""
+    if _C is None:
+        return []
+    return list(CPU_ISAS[CPU_ISAS.index(_C.cpu_isa_detected()):])
+
+
 def device_slug(device) -> str:
-    """The name of a device model as a file name: "cpu", or e.g. "nvidia_h100_80gb_hbm3"."""
+    """The name of a device model as a file name: "cpu_<isa path>" (e.g. "cpu_avx2": the CPU kernels'
+    speed depends on the path more than on the model), or e.g. "nvidia_h100_80gb_hbm3"."""
     device = torch.device(device)
     if device.type != "cuda":
-        return device.type
+        isa = cpu_isa() if device.type == "cpu" else None
+        return f"{device.type}_{isa}" if isa else device.type
     return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
 
 
@@ -601,6 +619,10 @@ def build_info() -> dict:
             self_test[d][b] = selftest.status(b, d)
             if problem:
                 found.append(f"{d} ({torch.cuda.get_device_name(d)}): the {b!r} backend is not offered: {problem}")
+    if _C is not None and not backend_table(device_slug("cpu")):
+        found.append(f"no measured backend table for {device_slug('cpu')} (dfa_kernels/backend_tables/): "
+                     f"backend='auto' takes {available_backends('cpu')[0]!r} on the CPU unmeasured; "
+                     f"`dfa-kernels bench --which projection` measures one")
     grouped = runtime.get("grouped_gemm")
     if grouped and grouped.startswith("unavailable") and torch.cuda.is_available():
         found.append(f"grouped_weight_grad (cuda): {grouped} (update cuBLAS, e.g. the nvidia-cublas wheel, to >= 12.5)")
@@ -618,6 +640,9 @@ def build_info() -> dict:
         "cuda_archs": list(config.get("cuda_archs", [])),
         "built_against_torch": config.get("torch_version_built"),
         "openmp": config.get("openmp"),
+        # the CPU kernels' instruction-set path, and the best this CPU runs (DFA_KERNELS_CPU_ISA forces one)
+        "cpu_isa": cpu_isa(),
+        "cpu_isa_detected": _C.cpu_isa_detected() if _C is not None else None,
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cuda_arch_check": cuda_checks,

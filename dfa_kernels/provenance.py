@@ -73,11 +73,51 @@ def versions() -> dict:
     return found
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7B13", "Intel(R) Xeon(R) Platinum 8481C"), from /proc/cpuinfo on
+    Linux, else what the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version (nvidia-smi), None without one."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def machine() -> dict:
+    """What measured a result: the CPU model, its cores, the CPU kernels' instruction-set path, torch's
+    threads, and the GPU and its driver when one is visible."""
+    import torch
+
+    from . import ops
+    found = {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "cpu_isa": ops.cpu_isa(),
+             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        found.update(gpu=torch.cuda.get_device_name(0), gpu_driver=gpu_driver())
+    return found
+
+
 def provenance() -> dict:
     """{git_sha, command, date, versions, machine, torch_threads} of the current process."""
     import torch
     return {"git_sha": git_sha(), "command": command(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " "),
+            "machine": machine(),
             "torch_threads": torch.get_num_threads()}

@@ -23,16 +23,21 @@
 
 #include "dfa_kernels/activation.h"
 #include "dfa_kernels/checks.h"
+#include "dfa_kernels/cpu_isa.h"
 #include "dfa_kernels/hash.h"
 #include "dfa_kernels/ops.h"
 
-// The generator loops vectorize well with AVX2 (32-bit multiplies); the default x86-64 target
-// (SSE2) lacks them. GCC builds an AVX2 clone and picks it at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DFA_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+// Each hand-tiled or vectorizable loop is an inline body compiled once per instruction-set path
+// (cpu_isa.h) by a small wrapper with that path's target attribute; for_isa picks the wrapper of the
+// process's path. (target_clones would pick by itself, but could not be forced to another path.)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DFA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define DFA_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define DFA_MULTIVERSION
+#define DFA_TARGET_AVX512
+#define DFA_TARGET_AVX2
 #endif
+#define DFA_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace dfa_kernels {
 namespace {
@@ -43,6 +48,16 @@ constexpr int64_t kMinBlockCols = 32;  // multiple of 32: rademacher blocks star
 constexpr int64_t kMinBlockRows = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The wrapper of the process's instruction-set path.
+template <class F>
+F for_isa(F baseline, F avx2, F avx512) {
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return avx512;
+    case CpuIsa::Avx2: return avx2;
+    default: return baseline;
+  }
+}
 
 // Column keys for columns [j0, j0 + cols): one per column, or for rademacher one per 32-column
 // hash word, starting with the word of column j0.
@@ -113,7 +128,7 @@ inline float gaussian_value_cpu(uint32_t h) {
 }
 
 // dst[c] = B[i, j0 + c] for c < cols, given rkey = row_key(seed_key, i) and the column keys above.
-DFA_MULTIVERSION void generate_row(const FeedbackSpec& spec, uint32_t rkey, int64_t j0, int64_t cols,
+DFA_ALWAYS_INLINE void generate_row_body(const FeedbackSpec& spec, uint32_t rkey, int64_t j0, int64_t cols,
                                    const uint32_t* ckeys, float* dst) {
   switch (spec.dist) {
     case Distribution::Uniform:
@@ -143,10 +158,25 @@ DFA_MULTIVERSION void generate_row(const FeedbackSpec& spec, uint32_t rkey, int6
   }
 }
 
+using GenerateRow = void (*)(const FeedbackSpec&, uint32_t, int64_t, int64_t, const uint32_t*, float*);
+DFA_TARGET_AVX512 void generate_row_avx512(const FeedbackSpec& spec, uint32_t rkey, int64_t j0, int64_t cols,
+                                           const uint32_t* ckeys, float* dst) {
+  generate_row_body(spec, rkey, j0, cols, ckeys, dst);
+}
+DFA_TARGET_AVX2 void generate_row_avx2(const FeedbackSpec& spec, uint32_t rkey, int64_t j0, int64_t cols,
+                                       const uint32_t* ckeys, float* dst) {
+  generate_row_body(spec, rkey, j0, cols, ckeys, dst);
+}
+void generate_row_baseline(const FeedbackSpec& spec, uint32_t rkey, int64_t j0, int64_t cols, const uint32_t* ckeys,
+                           float* dst) {
+  generate_row_body(spec, rkey, j0, cols, ckeys, dst);
+}
+GenerateRow generate_row_fn() { return for_isa<GenerateRow>(generate_row_baseline, generate_row_avx2, generate_row_avx512); }
+
 // out[r, c] = cast((acc[r, c] * scale) * col_scale[c]) for an [rows, cols] block; both pointers
 // point at the block's first element of [*, ld] row-major matrices. acc and out may alias.
 template <typename OutT>
-void epilogue_block(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols, float scale,
+DFA_ALWAYS_INLINE void epilogue_block_body(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols, float scale,
                     const float* col_scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = acc + r * ld;
@@ -157,6 +187,30 @@ void epilogue_block(const float* acc, OutT* out, int64_t ld, int64_t rows, int64
       for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<OutT>(a[c] * scale);
     }
   }
+}
+
+template <typename OutT>
+using EpilogueBlock = void (*)(const float*, OutT*, int64_t, int64_t, int64_t, float, const float*);
+template <typename OutT>
+DFA_TARGET_AVX512 void epilogue_block_avx512(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols,
+                                             float scale, const float* col_scale) {
+  epilogue_block_body(acc, out, ld, rows, cols, scale, col_scale);
+}
+template <typename OutT>
+DFA_TARGET_AVX2 void epilogue_block_avx2(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols,
+                                         float scale, const float* col_scale) {
+  epilogue_block_body(acc, out, ld, rows, cols, scale, col_scale);
+}
+template <typename OutT>
+void epilogue_block_baseline(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols, float scale,
+                             const float* col_scale) {
+  epilogue_block_body(acc, out, ld, rows, cols, scale, col_scale);
+}
+template <typename OutT>
+void epilogue_block(const float* acc, OutT* out, int64_t ld, int64_t rows, int64_t cols, float scale,
+                    const float* col_scale) {
+  for_isa<EpilogueBlock<OutT>>(epilogue_block_baseline<OutT>, epilogue_block_avx2<OutT>,
+                               epilogue_block_avx512<OutT>)(acc, out, ld, rows, cols, scale, col_scale);
 }
 
 // Applies the epilogue to the block [r0, r0 + rows) x [j0, j0 + cols) of the fp32 accumulator,
@@ -223,6 +277,7 @@ at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_
                         int64_t k0, int64_t kn, const std::vector<uint32_t>& ckeys, std::vector<float>& bbuf) {
   if (B32.defined()) return B32.narrow(0, k0, kn).narrow(1, j0, jn);
   bbuf.resize(kn * jn);
+  const GenerateRow generate_row = generate_row_fn();
   for (int64_t r = 0; r < kn; ++r) {
     generate_row(spec, row_key(skey, static_cast<uint32_t>(k0 + r)), j0, jn, ckeys.data(), bbuf.data() + r * jn);
   }
@@ -230,43 +285,55 @@ at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_
 }
 
 // acc[r, c] = sum_k e[r, k] b[k, c] for a narrow e ([rows, K], contiguous; K <= kNarrowK): an outer
-// product, which BLAS runs poorly. A tile of two rows by 64 columns stays in registers across the
-// k loop (eight independent FMA chains of 16 floats; GCC's vector extension lowers them to the
-// clone's register width), so each output row is written once.
+// product, which BLAS runs poorly. A tile of NR rows by NV vectors of VB bytes stays in registers
+// across the k loop (NR * NV independent FMA chains), so each output row is written once. The tile
+// is sized per path to fit its register file with the NV loads of B and NR broadcasts of e:
+// AVX-512 4 x 4 zmm (16 accumulators of 32 registers), AVX2 and baseline 2 x 4 ymm / xmm (8 of 16).
+// A tile of 2 x 4 zmm-sized vectors on an AVX2 target needs 16 ymm for accumulators alone and
+// spills.
 constexpr int64_t kNarrowK = 16;
-typedef float Vec16 __attribute__((vector_size(64)));
-constexpr int64_t kVec = 16, kTileVecs = 4, kNarrowTile = kVec * kTileVecs;
 
-DFA_MULTIVERSION void narrow_product(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
-                                     int64_t rows, int64_t K, int64_t cols) {
-  const int64_t full = cols - cols % kNarrowTile;
-  for (int64_t r = 0; r < rows; r += 2) {
-    const int64_t r1 = std::min(r + 1, rows - 1);  // an odd last row is computed twice
-    const float* e0 = e + r * K;
-    const float* e1 = e + r1 * K;
-    for (int64_t c0 = 0; c0 < full; c0 += kNarrowTile) {
-      Vec16 t0[kTileVecs], t1[kTileVecs];
-      for (int64_t v = 0; v < kTileVecs; ++v) {
-        Vec16 bv;  // unaligned loads and stores through memcpy
-        std::memcpy(&bv, b + c0 + v * kVec, sizeof bv);
-        t0[v] = e0[0] * bv;
-        t1[v] = e1[0] * bv;
+template <int VB, int NR, int NV>
+DFA_ALWAYS_INLINE void narrow_product_body(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
+                                           int64_t rows, int64_t K, int64_t cols) {
+  typedef float V __attribute__((vector_size(VB)));
+  constexpr int64_t kLanes = VB / sizeof(float), kTile = kLanes * NV;
+  const int64_t full = cols - cols % kTile;
+  for (int64_t r = 0; r < rows; r += NR) {
+    int64_t row[NR];
+    const float* er[NR];
+    for (int i = 0; i < NR; ++i) {
+      row[i] = std::min<int64_t>(r + i, rows - 1);  // a short last tile recomputes the last row
+      er[i] = e + row[i] * K;
+    }
+    for (int64_t c0 = 0; c0 < full; c0 += kTile) {
+      V t[NR][NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        V bv;  // unaligned loads and stores through memcpy
+        std::memcpy(&bv, b + c0 + v * kLanes, sizeof bv);
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; ++i) t[i][v] = er[i][0] * bv;
       }
       for (int64_t k = 1; k < K; ++k) {
-        const float a0 = e0[k], a1 = e1[k];
-        for (int64_t v = 0; v < kTileVecs; ++v) {
-          Vec16 bv;
-          std::memcpy(&bv, b + k * ldb + c0 + v * kVec, sizeof bv);
-          t0[v] += a0 * bv;
-          t1[v] += a1 * bv;
+        float a[NR];
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; ++i) a[i] = er[i][k];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          V bv;
+          std::memcpy(&bv, b + k * ldb + c0 + v * kLanes, sizeof bv);
+#pragma GCC unroll 16
+          for (int i = 0; i < NR; ++i) t[i][v] += a[i] * bv;
         }
       }
-      for (int64_t v = 0; v < kTileVecs; ++v) {
-        std::memcpy(acc + r * ld_acc + c0 + v * kVec, &t0[v], sizeof t0[v]);
-        std::memcpy(acc + r1 * ld_acc + c0 + v * kVec, &t1[v], sizeof t1[v]);
+#pragma GCC unroll 16
+      for (int i = 0; i < NR; ++i) {
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) std::memcpy(acc + row[i] * ld_acc + c0 + v * kLanes, &t[i][v], sizeof(V));
       }
     }
-    for (int64_t rr = r; rr <= r1; ++rr) {
+    for (int64_t rr = r; rr < std::min<int64_t>(r + NR, rows); ++rr) {
       for (int64_t c = full; c < cols; ++c) {
         float t = e[rr * K] * b[c];
         for (int64_t k = 1; k < K; ++k) t += e[rr * K + k] * b[k * ldb + c];
@@ -274,6 +341,23 @@ DFA_MULTIVERSION void narrow_product(const float* e, const float* b, int64_t ldb
       }
     }
   }
+}
+
+using NarrowProduct = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+DFA_TARGET_AVX512 void narrow_product_avx512(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
+                                             int64_t rows, int64_t K, int64_t cols) {
+  narrow_product_body<64, 4, 4>(e, b, ldb, acc, ld_acc, rows, K, cols);
+}
+DFA_TARGET_AVX2 void narrow_product_avx2(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
+                                         int64_t rows, int64_t K, int64_t cols) {
+  narrow_product_body<32, 2, 4>(e, b, ldb, acc, ld_acc, rows, K, cols);
+}
+void narrow_product_baseline(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc, int64_t rows,
+                             int64_t K, int64_t cols) {
+  narrow_product_body<16, 2, 4>(e, b, ldb, acc, ld_acc, rows, K, cols);
+}
+NarrowProduct narrow_product_fn() {
+  return for_isa<NarrowProduct>(narrow_product_baseline, narrow_product_avx2, narrow_product_avx512);
 }
 
 // Produces one task's block e32[r0:r0+rn, :] @ B[:, block columns] ([rn, jn]) and post-processes
@@ -295,7 +379,7 @@ void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, in
       const int64_t rcn = std::min(chunk, rn - rc);
       at::Tensor acc = acc_rows(rc, rcn);
       if (K <= kNarrowK) {
-        narrow_product(e32.const_data_ptr<float>() + (r0 + rc) * K, b.const_data_ptr<float>(), b.stride(0),
+        narrow_product_fn()(e32.const_data_ptr<float>() + (r0 + rc) * K, b.const_data_ptr<float>(), b.stride(0),
                        acc.mutable_data_ptr<float>(), acc.stride(0), rcn, K, jn);
       } else {
         at::mm_out(acc, e32.narrow(0, r0 + rc, rcn), b);
@@ -396,7 +480,7 @@ at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, do
 // autograd's formulas: relu, the exact (erf) GELU, tanh, sigmoid, SiLU).
 // The common case in one pass: relu, fp32 pre-activation and output. relu'(a) = [a > 0] from a's
 // bits (positive, not NaN), selected on integers so the loop vectorizes (see gaussian_value_cpu).
-DFA_MULTIVERSION void relu_block_f32(const float* acc, int64_t ld_acc, float* out, const float* a, int64_t ld,
+DFA_ALWAYS_INLINE void relu_block_body(const float* acc, int64_t ld_acc, float* out, const float* a, int64_t ld,
                                      int64_t rows, int64_t cols, float scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = acc + r * ld_acc;
@@ -410,11 +494,25 @@ DFA_MULTIVERSION void relu_block_f32(const float* acc, int64_t ld_acc, float* ou
   }
 }
 
+using ReluBlock = void (*)(const float*, int64_t, float*, const float*, int64_t, int64_t, int64_t, float);
+DFA_TARGET_AVX512 void relu_block_avx512(const float* acc, int64_t ld_acc, float* out, const float* a, int64_t ld,
+                                         int64_t rows, int64_t cols, float scale) {
+  relu_block_body(acc, ld_acc, out, a, ld, rows, cols, scale);
+}
+DFA_TARGET_AVX2 void relu_block_avx2(const float* acc, int64_t ld_acc, float* out, const float* a, int64_t ld,
+                                     int64_t rows, int64_t cols, float scale) {
+  relu_block_body(acc, ld_acc, out, a, ld, rows, cols, scale);
+}
+void relu_block_baseline(const float* acc, int64_t ld_acc, float* out, const float* a, int64_t ld, int64_t rows,
+                         int64_t cols, float scale) {
+  relu_block_body(acc, ld_acc, out, a, ld, rows, cols, scale);
+}
+
 void finish_point_block(const float* acc, int64_t ld_acc, const at::Tensor& out, const PointArgs& p, int64_t r0,
                         int64_t rows, int64_t c0, int64_t cols) {
   if (p.act == Activation::Relu && out.scalar_type() == at::kFloat && p.act_input.scalar_type() == at::kFloat) {
     const int64_t ld = out.size(1), offset = r0 * ld + c0;
-    relu_block_f32(acc, ld_acc, out.mutable_data_ptr<float>() + offset, p.act_input.const_data_ptr<float>() + offset,
+    for_isa<ReluBlock>(relu_block_baseline, relu_block_avx2, relu_block_avx512)(acc, ld_acc, out.mutable_data_ptr<float>() + offset, p.act_input.const_data_ptr<float>() + offset,
                    ld, rows, cols, p.scale);
     return;
   }
@@ -518,6 +616,7 @@ at::Tensor feedback_matrix_cpu(const FeedbackSpec& spec, int64_t rows, int64_t c
   std::vector<uint32_t> ckeys;
   column_keys(spec.dist, 0, cols, ckeys);
   const uint32_t skey = seed_key(spec.seed);
+  const GenerateRow generate_row = generate_row_fn();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "feedback_matrix_cpu", [&] {
     scalar_t* base = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / cols), [&](int64_t begin, int64_t end) {

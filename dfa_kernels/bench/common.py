@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..provenance import git_sha
+from ..provenance import cpu_model, git_sha, machine
 
 try:  # the progress bars are optional: a bare GPU machine may lack tqdm
     from tqdm import tqdm
@@ -109,13 +109,28 @@ def environment(device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
+        "machine": machine(),  # CPU model, cores, the CPU kernels' instruction-set path; GPU and driver
         "python": platform.python_version(),
         "torch": info["torch"], "triton": info["triton"], "cuda": info["torch_cuda"],
         "cuda_compiled": info["cuda_compiled"], "cuda_archs": info["cuda_archs"],
     }
+
+
+# Everything a process needs to run as on a CPU whose best path is `isa`: our kernels' path, and
+# ATen's, MKL's and oneDNN's own dispatch (the BLAS baseline must not keep AVX-512 on an "AVX2" run).
+ISA_ENV = {
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def isa_env(isa: str) -> dict:
+    """Environment variables for a process on instruction-set path `isa` (set before torch loads)."""
+    return {"DFA_KERNELS_CPU_ISA": isa, **ISA_ENV[isa]}
 
 
 def write_results(path: Path, payload: dict) -> Path:

@@ -2,8 +2,9 @@
 (which writes the backend table ``backend="auto"`` reads), then the training steps, then plots
 and the README summary, within a time budget.
 
-Files: ``OUT/{projection,step}_<device>.json``, ``OUT/{projection,step}_<device>.png`` and a copy
-of the backend table ``OUT/<device slug>.json``. Run from a checkout (a ``benchmarks/results``
+Files: ``OUT/{projection,step}_<tag>.json``, ``OUT/{projection,step}_<tag>.png`` and a copy of the
+backend table ``OUT/<device slug>.json``; the tag is ``cuda``, or on a CPU ``cpu_<instruction-set
+path>`` (``cpu_avx512``, ``cpu_avx2``: ``dfa-kernels bench --cpu-isa all`` measures each path). Run from a checkout (a ``benchmarks/results``
 folder in the working directory), a full run also copies the JSON to ``benchmarks/results/``,
 draws ``benchmarks/plots/`` and rewrites README.md's marked summary block. Quick runs name their
 files ``*_quick`` and touch nothing but OUT.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from . import plots, projection, step, summary
 from .common import Deadline
 
@@ -39,6 +41,7 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
     start = time.perf_counter()
     dev = torch.device(device)
     kind = dev.type
+    tag = ops.device_slug(dev) if kind == "cpu" else kind  # CPU files name the instruction-set path
     if time_budget_s is not None and time_budget_s < 0:
         time_budget_s = DEFAULT_BUDGET_S.get(kind)
     deadline = Deadline(time_budget_s)
@@ -57,7 +60,7 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
         return max(1.0, left * share if share else left)
 
     if which in ("all", "projection"):
-        path = out / f"projection_{kind}{suffix}.json"
+        path = out / f"projection_{tag}{suffix}.json"
         results["projection"] = res = projection.run(
             device, quick=quick, out=path, progress=progress, write_table=full,
             time_budget_s=budget(PROJECTION_SHARE if which == "all" else None), size="tiny" if tiny else None)
@@ -69,7 +72,7 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
                 shutil.copy(table, out / table.name)
             files.append(out / table.name)
     if which in ("all", "step"):
-        path = out / f"step_{kind}{suffix}.json"
+        path = out / f"step_{tag}{suffix}.json"
         results["step"] = res = step.run(
             device, size="tiny" if tiny else None, repeats=1 if tiny else (3 if quick else 5), out=path,
             progress=progress, time_budget_s=budget(), timing=step.TIMING_QUICK if quick else None)
@@ -79,7 +82,7 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
     in_checkout = mirror and out.resolve() == (checkout / "benchmarks" / "results").resolve()
     plot_dir = checkout / "benchmarks" / "plots" if in_checkout else out
     for name, res in results.items():
-        png = plot_dir / f"{name}_{kind}{suffix}.png"
+        png = plot_dir / f"{name}_{tag}{suffix}.png"
         try:
             (plots.plot_step if name == "step" else plots.plot_projection)(res, png)
         except ImportError as err:  # matplotlib missing
@@ -91,7 +94,7 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
     if mirror:
         results_dir = checkout / "benchmarks" / "results"
         for name in results:
-            src = out / f"{name}_{kind}{suffix}.json"
+            src = out / f"{name}_{tag}{suffix}.json"
             if src.resolve() != (results_dir / src.name).resolve():
                 shutil.copy(src, results_dir / src.name)
         readme = checkout / "README.md"

@@ -24,8 +24,15 @@ def load_results(directory: Path) -> dict[str, dict]:
 
 def _env_line(res: dict) -> str:
     env = res["environment"]
-    return (f"{env['device']}, torch {env['torch']}" + (f", triton {env['triton']}" if env.get("triton") and
-                                                       env.get("device_type") == "cuda" else "")
+    m = env.get("machine") or {}
+    where = env["device"]
+    if env.get("device_type") == "cpu" and m:
+        where = f"{m.get('cpu_model', where)}, {m.get('cpu_cores')} cores, {m.get('torch_threads')} threads, " \
+                f"**{(m.get('cpu_isa') or '?').upper()} path**"
+    elif m.get("gpu_driver"):
+        where += f", driver {m['gpu_driver']}"
+    return (f"{where}, torch {env['torch']}" + (f", triton {env['triton']}" if env.get("triton") and
+                                                env.get("device_type") == "cuda" else "")
             + f", git {(env.get('git_sha') or '?')[:9]}, {env['date'][:10]}")
 
 
