@@ -106,7 +106,7 @@ def test_projection_rows_and_backend_table(tmp_path, tables):
     assert {r["bound"] for r in rows} == {"memory", "compute"}
     assert {r["shape"] for r in rows if r["op"] == "project_points"} == {"points_narrow", "points_medium", "points_wide"}
     assert json.loads((tmp_path / "p.json").read_text())["rows"] == json.loads(json.dumps(rows))
-    table = json.loads((tables / "cpu.json").read_text())
+    table = json.loads((tables / f"{ops.device_slug('cpu')}.json").read_text())  # the path's own table
     assert set(table) >= {"device", "git_sha", "date", "choices", "times_ms"}
     classes = ("narrow", "medium", "wide")
     backend_keys = {f"{op}|{s}|{c}" for op in ("project", "project_points") for s in ("virtual", "materialized")
@@ -120,7 +120,7 @@ def test_projection_rows_and_backend_table(tmp_path, tables):
         _, op, cls = key.split("|")
         assert table["choices"][key] in {"virtual", "materialized"}
         assert ops.resolve_storage("auto", dk.FeedbackSpec(out_features[cls], [8]), "cpu", op) == table["choices"][key]
-    assert ops.backend_table("cpu") == table["choices"]  # what backend="auto" reads
+    assert ops.backend_table(ops.device_slug("cpu")) == table["choices"]  # what backend="auto" reads
 
 
 def test_projection_deadline_skips(tmp_path):
@@ -148,7 +148,9 @@ def test_cli_bench_tiny_writes_json_and_plots(tmp_path, tables, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no checkout here: nothing is mirrored
     cli.main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), "--no-progress"])
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["projection_cpu_tiny.json", "projection_cpu_tiny.png", "step_cpu_tiny.json", "step_cpu_tiny.png"]
+    tag = ops.device_slug("cpu")  # cpu_<instruction-set path>
+    assert names == [f"projection_{tag}_tiny.json", f"projection_{tag}_tiny.png", f"step_{tag}_tiny.json",
+                     f"step_{tag}_tiny.png"]
     for name in names:
         if name.endswith(".json"):
             assert json.loads((tmp_path / "out" / name).read_text())["environment"]["device_type"] == "cpu"
@@ -159,9 +161,9 @@ def _fake_checkout(tmp_path) -> Path:
     root = tmp_path / "repo"
     (root / "benchmarks" / "results").mkdir(parents=True)
     shutil.copy(ROOT / "README.md", root / "README.md")
-    for name in ("step_cpu.json", "projection_cpu.json"):
-        if (ROOT / "benchmarks" / "results" / name).exists():
-            shutil.copy(ROOT / "benchmarks" / "results" / name, root / "benchmarks" / "results" / name)
+    for path in (ROOT / "benchmarks" / "results").glob("*_cpu*.json"):  # every CPU path's step and projection
+        if path.stem.startswith(("step_", "projection_")):
+            shutil.copy(path, root / "benchmarks" / "results" / path.name)
     if (ROOT / "benchmarks" / "results" / "zoo").is_dir():   # the README's other generated block
         shutil.copytree(ROOT / "benchmarks" / "results" / "zoo", root / "benchmarks" / "results" / "zoo")
     return root
@@ -180,7 +182,8 @@ def test_summarize_rewrites_only_the_marked_block(tmp_path):
     assert after.startswith(head + summary.START + "\n") and after.endswith(summary.END + tail)
     block = after[len(head) + len(summary.START):-len(summary.END + tail)]
     assert "| mlp |" in block and "![step_cuda](benchmarks/plots/step_cuda.png)" in block
-    assert block.count("Training step") == 1 + (root / "benchmarks" / "results" / "step_cpu.json").exists()
+    cpu_steps = [p for p in (root / "benchmarks" / "results").glob("step_cpu*.json") if not p.stem.endswith("_quick")]
+    assert block.count("Training step") == 1 + len(cpu_steps)
     assert (root / "benchmarks" / "plots" / "step_cuda.png").exists()
     # idempotent
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root), "--no-plots"],
@@ -200,11 +203,12 @@ def test_suite_mirrors_into_a_checkout(tmp_path, tables):
     root = _fake_checkout(tmp_path)
     before = (root / "README.md").read_text()
     res = run_suite("cpu", tmp_path / "out", "step", tiny=True, progress=False, checkout=root, mirror=True)
-    assert (root / "benchmarks" / "results" / "step_cpu_tiny.json").exists()
-    assert [Path(f).name for f in res["files"]] == ["step_cpu_tiny.json", "step_cpu_tiny.png"]
+    tag = ops.device_slug("cpu")
+    assert (root / "benchmarks" / "results" / f"step_{tag}_tiny.json").exists()
+    assert [Path(f).name for f in res["files"]] == [f"step_{tag}_tiny.json", f"step_{tag}_tiny.png"]
     after = (root / "README.md").read_text()
     assert after.split(summary.START)[0] == before.split(summary.START)[0]
-    assert "step_cpu_tiny" not in after  # smoke-test results stay out of the summary
+    assert f"step_{tag}_tiny" not in after  # smoke-test results stay out of the summary
 
 
 def test_pytest_benchmark_runs_the_suite_cases(tmp_path):

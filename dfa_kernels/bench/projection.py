@@ -5,7 +5,7 @@ graph (7), LM with the error taken before (512) or after (50257) the vocabulary 
 a sweep of N at a memory-bound and a compute-bound shape, and ``project_points`` (every point's
 output in one launch, the activation derivative fused) against its unfused equivalent (one
 ``project`` with per-column scales, then slicing and the activation's backward in torch) for the
-three shape classes. The baseline is ``(torch.mm(e, B) * scale).to(dtype)`` on a stored B of the
+three shape classes. The baseline is ``torch.mm(e * scale, B)`` (the scale folded into e) on a stored B of the
 input dtype, eager, measured in the same run.
 
 Rates are reported as a share of the device's peak: GB/s of HBM for out_features <= 16 (memory
@@ -35,6 +35,7 @@ from .common import tqdm, DTYPE_KEYS, Deadline, device_peak, environment, statis
 # name -> (N, out_features, D) per device type
 SHAPES = {
     "cpu": {"recsys": (8192, 1, 2048), "nerf": (8192, 4, 2304), "graph": (2708, 7, 1024),
+            "mlp": (256, 10, 8192),  # the default MLP step's error (bench.step's mlp at the cpu size)
             "lm512": (1024, 512, 4096), "lm50257": (256, 50257, 1024)},
     "cuda": {"recsys": (65536, 1, 4096), "nerf": (65536, 4, 2304), "graph": (2708, 7, 4096),
              "lm512": (8192, 512, 9216), "lm50257": (8192, 50257, 9216)},
@@ -64,6 +65,9 @@ DEFAULT_DTYPES = {"cuda": ("bfloat16", "float32"), "cpu": ("float32",)}
 # dtype: a memory-bound projection with virtual B at >= 85% of HBM bandwidth; a compute-bound one
 # with virtual B at >= 0.9x cuBLAS for Rademacher B (32 entries per hash) and >= 0.7x for uniform B.
 TARGETS = {"narrow_pct_hbm": 85.0, "virtual_vs_mm": {"rademacher": 0.9, "uniform": 0.7}}
+# CPU (every instruction-set path): the C++ projection, stored and virtual uniform B, against
+# torch.mm in the same run: >= 0.9x on every shape, >= 1.5x on the narrow ones (out_features <= 16).
+CPU_TARGETS = {"vs_mm": 0.9, "narrow_vs_mm": 1.5}
 # GPU timing: batches of >= 30 ms, median of 7 (CPU: 50 ms, minimum of 10; see common.statistic)
 TIMING = {"cuda": dict(warmup=3, repeats=7, min_time_s=0.03), "cpu": dict(warmup=3, repeats=10, min_time_s=0.05),
           "tiny": dict(warmup=1, repeats=1, min_time_s=0.0)}
@@ -156,7 +160,7 @@ def cases(size: str, backends, dtypes, quick: bool = False) -> list[Case]:
 
 class Inputs:
     """The tensors of a case (seeded), its callable and its baseline: for project,
-    ``(torch.mm(e, B) * scale).to(dtype)`` on a stored B of e's dtype; for project_points, one
+    ``torch.mm(e * scale, B)`` on a stored B of e's dtype; for project_points, one
     project with per-column scales, the slices and autograd's activation backward in torch."""
 
     def __init__(self, case: Case, device):
@@ -189,7 +193,7 @@ class Inputs:
         if c.op == "project":
             B = cached_matrix(FeedbackSpec(c.out_features, list(c.widths)), self.device,
                               "torch" if c.backend == "torch" else c.backend).to(e.dtype)
-            return lambda: (torch.mm(e, B) * 0.5).to(e.dtype)
+            return lambda: torch.mm(e * 0.5, B)  # the cheapest torch form: the scale folded into e
 
         def unfused():  # what DFA's plain points cost: one projection, slices, autograd's activation backward
             F_all = project(e, spec, c.storage, c.backend, col_scale=self.col_scale)
@@ -299,7 +303,7 @@ def run(device="cpu", dtype: str | None = None, quick=False, out: Path | None = 
     peak = device_peak(device)
     result = {"benchmark": "bench_projection", "environment": env, "dtype": names[0], "dtypes": names,
               "quick": quick, "size": size, "peak": peak, "timing": state.timing, "statistic": statistic(state.device), "backends": state.backends,
-              "note": "ratio_vs_mm > 1: faster than (torch.mm(e, B) * scale).to(dtype) on a stored B of e's dtype; "
+              "note": "ratio_vs_mm > 1: faster than torch.mm(e * scale, B) on a stored B of e's dtype; "
                       "ratio_vs_unfused > 1: project_points faster than project + slicing + activation backward",
               "rows": state.rows, "skipped": state.skipped, "failed": state.failed}
     jobs = state.jobs(dts)
@@ -319,7 +323,7 @@ def run(device="cpu", dtype: str | None = None, quick=False, out: Path | None = 
         if out is not None:  # as it goes, so a run killed from outside keeps what it measured
             write_results(Path(out), result)
     _add_peaks(state.rows, peak)
-    result["targets"] = targets(state.rows, peak, names[0])
+    result["targets"] = targets(state.rows, peak, names[0], device.type)
     if out is not None:
         write_results(Path(out), result)
     if write_table if write_table is not None else not (quick or size == "tiny"):
@@ -341,8 +345,23 @@ def _add_peaks(rows, peak) -> None:
         r["pct_peak"] = r["pct_peak_bw"] if r["bound"] == "memory" else r["pct_peak_flops"]
 
 
-def targets(rows, peak, dtype: str) -> list[dict]:
-    """The projection's speed targets, met or not, per non-sweep shape of `dtype` (GPU only)."""
+def cpu_targets(rows, dtype: str) -> list[dict]:
+    """The C++ projection against torch.mm, per non-sweep shape of `dtype` and storage (uniform B)."""
+    found = []
+    for r in rows:
+        if (r["op"] == "project" and not r["sweep"] and r["dtype"] == dtype and r["impl"] == "cpu"
+                and r["distribution"] == "uniform"):
+            bar = CPU_TARGETS["narrow_vs_mm"] if r["out_features"] <= 16 else CPU_TARGETS["vs_mm"]
+            found.append({"name": f"{r['shape']}: {r['storage']} B vs torch.mm", "value": r["ratio_vs_mm"],
+                          "target": f">= {bar}x", "backend": "cpu", "met": r["ratio_vs_mm"] >= bar})
+    return found
+
+
+def targets(rows, peak, dtype: str, device_type: str = "cuda") -> list[dict]:
+    """The projection's speed targets, met or not, per non-sweep shape of `dtype` (a GPU with a
+    known peak, or the CPU's against torch.mm)."""
+    if device_type == "cpu":
+        return cpu_targets(rows, dtype)
     if not peak:
         return []
     found = []
@@ -425,7 +444,7 @@ def print_table(res: dict) -> None:
         print(f"{r['shape']:<14}{r['N']:>7}{r['dtype']:>9}{r['impl']:>9}{r['storage']:>13}{r['distribution']:>11}"
               f"{r['ms']:>9.3f}{r['tflops']:>9.3f}{r['gbps']:>8.1f}{'' if pct is None else f'{pct:.1f}':>7}"
               f"{ratio:>7.2f}")
-    print("ratio: vs torch.mm(e, B) * scale (project rows), vs project + slice + activation backward "
+    print("ratio: vs torch.mm(e * scale, B) (project rows), vs project + slice + activation backward "
           "in torch (project_points rows)")
     for t in res.get("targets", []):
         print(f"target {t['name']}: {t['value']:.2f} ({t['backend']}), {t['target']}: {'met' if t['met'] else 'NOT met'}")

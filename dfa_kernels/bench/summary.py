@@ -94,7 +94,7 @@ def projection_table(res: dict) -> list[str]:
     first = res.get("dtype", "float32")
     peak = res.get("peak")
     lines = [f"Projection (`benchmarks/bench_projection.py`, {_env_line(res)}): speed relative to "
-             "`(torch.mm(e, B) * scale).to(dtype)` on a stored B of e's dtype in the same run (> 1 = faster); "
+             "`torch.mm(e * scale, B)` on a stored B of e's dtype in the same run (> 1 = faster); "
              "% of the device peak" + (f" ({peak['name']}: HBM {peak['gbps']:g} GB/s when out_features ≤ 16, else "
                                       "the dtype's dense tensor-core TFLOP/s, TF32 for float32)" if peak else " (unknown for this device)")
              + ".", "",
