@@ -230,3 +230,21 @@ def test_pytest_benchmark_runs_the_suite_cases(tmp_path):
     assert {c.op for c in want} == {"project", "project_points"} and {c.storage for c in want} == {"virtual", "materialized"}
     for b in found:
         assert b["extra_info"]["ratio_vs_baseline"] > 0 and b["extra_info"]["baseline_ms"] > 0
+
+
+def test_the_ideal_sketch_takes_the_dfa_variants_step():
+    """The hand-written yardstick does what dk.DFA does: after one step from the same weights, the
+    same parameters (so 'ours / ideal' compares equal work)."""
+    build, loss, _ = step.WORKLOADS["mlp"](torch.device("cpu"), torch.float32, "tiny")
+    models = {}
+    for v in ("dfa", "ideal_sketch"):
+        torch.manual_seed(0)
+        models[v] = build(v)
+        step._step_fn(models[v], loss, v)()
+    got = dict(models["ideal_sketch"].named_parameters())
+    moved = 0
+    for name, p in models["dfa"].named_parameters():
+        torch.testing.assert_close(got[name], p, atol=1e-6, rtol=1e-5, msg=name)
+        torch.manual_seed(0)
+        moved += not torch.equal(p, dict(build("dfa").named_parameters())[name])
+    assert moved == len(got)  # every parameter took a step

@@ -248,11 +248,30 @@ const float* col_scale_ptr(const std::optional<at::Tensor>& col_scale, at::Tenso
 struct Plan {
   int64_t bn, bk;                       // B block: bk rows (out_features) x bn columns
   int64_t col_blocks, row_blocks, rows_per_block;
+  bool whole_rows;                      // narrow: every task writes whole rows with all of B
 };
+
+// A narrow e (out_features <= kNarrowK) whose whole B fits in L2 next to a chunk of the output:
+// tasks take whole rows (contiguous output per thread: the hardware's write combining and page
+// faults stay local; strips of 256 columns wrote 25-50% slower, measured at 2 threads), B is
+// generated once per call.
+constexpr int64_t kNarrowK = 16;
+constexpr int64_t kWholeRowsMaxBBytes = 512 * 1024;
+constexpr int64_t kWholeRowsMinRows = 8;
 
 Plan plan_blocks(int64_t N, int64_t K, int64_t W) {
   const int64_t threads = at::get_num_threads();
   Plan p{};
+  if (K <= kNarrowK && K * W * static_cast<int64_t>(sizeof(float)) <= kWholeRowsMaxBBytes) {
+    p.whole_rows = true;
+    p.bn = W;
+    p.bk = K;
+    p.col_blocks = 1;
+    p.row_blocks = std::max<int64_t>(1, std::min(4 * threads, N / kWholeRowsMinRows));  // 4 per thread: balance
+    p.rows_per_block = ceil_div(N, p.row_blocks);
+    p.row_blocks = ceil_div(N, p.rows_per_block);
+    return p;
+  }
   // Narrow the column blocks until every thread has one (down to 32 columns).
   p.bn = kMaxBlockCols;
   while (p.bn > kMinBlockCols && ceil_div(W, p.bn) < threads) p.bn /= 2;
@@ -269,6 +288,22 @@ Plan plan_blocks(int64_t N, int64_t K, int64_t W) {
   p.row_blocks = ceil_div(N, p.rows_per_block);
   p.bk = std::min(K, kBlockEntries / p.bn);
   return p;
+}
+
+// B [K, cols] from column j0 on, generated once (the whole-rows plan's B), threaded over rows of B.
+at::Tensor generate_block(const FeedbackSpec& spec, int64_t K, int64_t j0, int64_t cols) {
+  at::Tensor B = at::empty({K, cols}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<uint32_t> ckeys;
+  column_keys(spec.dist, j0, cols, ckeys);
+  const uint32_t skey = seed_key(spec.seed);
+  const GenerateRow generate_row = generate_row_fn();
+  float* base = B.mutable_data_ptr<float>();
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      generate_row(spec, row_key(skey, static_cast<uint32_t>(k)), j0, cols, ckeys.data(), base + k * cols);
+    }
+  });
+  return B;
 }
 
 // B's rows k0..k0+kn of columns [j0, j0 + jn): a view of B32 when B is stored, else generated
@@ -291,8 +326,6 @@ at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_
 // AVX-512 4 x 4 zmm (16 accumulators of 32 registers), AVX2 and baseline 2 x 4 ymm / xmm (8 of 16).
 // A tile of 2 x 4 zmm-sized vectors on an AVX2 target needs 16 ymm for accumulators alone and
 // spills.
-constexpr int64_t kNarrowK = 16;
-
 template <int VB, int NR, int NV>
 DFA_ALWAYS_INLINE void narrow_product_body(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
                                            int64_t rows, int64_t K, int64_t cols) {
@@ -362,33 +395,45 @@ NarrowProduct narrow_product_fn() {
 
 // Produces one task's block e32[r0:r0+rn, :] @ B[:, block columns] ([rn, jn]) and post-processes
 // it: b_rows(k0, kn) gives B's rows k0..k0+kn of the block's columns, acc_rows(rc, rcn) the fp32
-// [rcn, jn] tensor that receives block rows rc..rc+rcn, finish(rc, rcn) runs the epilogue on them.
-// When B's block fits in one k-step (out_features <= bk: the narrow, memory-bound shapes), rows go in
-// chunks of kChunkEntries / jn so that each chunk's epilogue reads it from cache and the output
-// crosses memory once; otherwise the k-steps accumulate over all rows and the epilogue runs once.
+// rows (pointer, row stride) that receive block rows rc..rc+rcn, finish(rc, rcn) runs the epilogue
+// on them. When B's block fits in one k-step (out_features <= bk: the narrow, memory-bound shapes)
+// and an epilogue reads the result (`epilogue`), rows go in chunks of kChunkEntries / jn so that each
+// chunk's epilogue reads it from cache and the output crosses memory once; otherwise the k-steps
+// accumulate over all rows and the epilogue runs once. Raw pointers, not tensor views, inside the
+// row loop: a view costs about a microsecond, a narrow chunk of 8 rows not much more.
 constexpr int64_t kChunkEntries = 64 * 1024;  // 256 KiB of fp32: L2-resident
 
-template <typename BRows, typename AccRows, typename Finish>
-void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, int64_t bk, BRows&& b_rows,
-                   AccRows&& acc_rows, Finish&& finish) {
+struct AccRows {
+  float* data;
+  int64_t ld;
+  at::Tensor as_tensor(int64_t rows, int64_t cols) const {
+    return at::from_blob(data, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+  }
+};
+
+template <typename BRows, typename AccRowsFn, typename Finish>
+void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, int64_t bk, bool epilogue,
+                   BRows&& b_rows, AccRowsFn&& acc_rows, Finish&& finish) {
   const int64_t K = e32.size(1);
   if (K <= bk) {
     const at::Tensor b = b_rows(0, K);
-    const int64_t chunk = std::max<int64_t>(1, kChunkEntries / jn);
+    const int64_t chunk = epilogue ? std::max<int64_t>(4, kChunkEntries / jn) : rn;
+    const NarrowProduct narrow = narrow_product_fn();
     for (int64_t rc = 0; rc < rn; rc += chunk) {
       const int64_t rcn = std::min(chunk, rn - rc);
-      at::Tensor acc = acc_rows(rc, rcn);
+      const AccRows acc = acc_rows(rc, rcn);
       if (K <= kNarrowK) {
-        narrow_product_fn()(e32.const_data_ptr<float>() + (r0 + rc) * K, b.const_data_ptr<float>(), b.stride(0),
-                       acc.mutable_data_ptr<float>(), acc.stride(0), rcn, K, jn);
+        narrow(e32.const_data_ptr<float>() + (r0 + rc) * K, b.const_data_ptr<float>(), b.stride(0), acc.data, acc.ld,
+               rcn, K, jn);
       } else {
-        at::mm_out(acc, e32.narrow(0, r0 + rc, rcn), b);
+        at::Tensor out = acc.as_tensor(rcn, jn);
+        at::mm_out(out, e32.narrow(0, r0 + rc, rcn), b);
       }
       finish(rc, rcn);
     }
     return;
   }
-  at::Tensor acc = acc_rows(0, rn);
+  at::Tensor acc = acc_rows(0, rn).as_tensor(rn, jn);
   for (int64_t k0 = 0; k0 < K; k0 += bk) {
     const int64_t kn = std::min(bk, K - k0);
     const at::Tensor b = b_rows(k0, kn);
@@ -416,6 +461,9 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
   const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   const uint32_t skey = seed_key(spec.seed);
   const Plan plan = plan_blocks(N, K, W);
+  const at::Tensor B_read = B32.defined() || !plan.whole_rows ? B32 : generate_block(spec, K, 0, W);
+  float* acc_data = acc.mutable_data_ptr<float>();
+  const bool epilogue = !(out_type == at::kFloat && cs == nullptr);  // scale is in e already
 
   at::parallel_for(0, plan.col_blocks * plan.row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> bbuf;
@@ -426,11 +474,11 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
       const int64_t r0 = (task / plan.col_blocks) * plan.rows_per_block;
       const int64_t jn = std::min(plan.bn, W - j0);
       const int64_t rn = std::min(plan.rows_per_block, N - r0);
-      if (!B32.defined()) column_keys(spec.dist, j0, jn, ckeys);
+      if (!B_read.defined()) column_keys(spec.dist, j0, jn, ckeys);
       block_product(
-          e32, r0, rn, jn, plan.bk,
-          [&](int64_t k0, int64_t kn) { return b_block_rows(B32, spec, skey, j0, jn, k0, kn, ckeys, bbuf); },
-          [&](int64_t rc, int64_t rcn) { return acc.narrow(0, r0 + rc, rcn).narrow(1, j0, jn); },
+          e32, r0, rn, jn, plan.bk, epilogue,
+          [&](int64_t k0, int64_t kn) { return b_block_rows(B_read, spec, skey, j0, jn, k0, kn, ckeys, bbuf); },
+          [&](int64_t rc, int64_t) { return AccRows{acc_data + (r0 + rc) * W + j0, W}; },
           [&](int64_t rc, int64_t rcn) { finish_block(acc, out, r0 + rc, rcn, j0, jn, 1.0f, cs); });
     }
   });
@@ -566,14 +614,20 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
   // (One GEMM over all columns then an epilogue pass was 3x slower for out_features 1: BLAS makes a
   // poor outer product, and the [N, D] result leaves the cache before the epilogue reads it.)
   const at::Tensor B32 = B.has_value() ? B->detach().to(at::kFloat).contiguous() : at::Tensor();
-  struct Task { int64_t j0, jn, r0, rn, bk; };
+  // A task's B: B32 read in place, its span's B generated once (whole-rows plans, virtual B:
+  // span_B[span] holds columns [start, stop)), or blocks generated by the task.
+  struct Task { int64_t j0, jn, r0, rn, bk; size_t span; };
   std::vector<Task> tasks;
+  std::vector<std::pair<int64_t, at::Tensor>> span_B;  // (first column, B [K, span width] or undefined)
   for (const auto& [start, stop] : column_spans(points)) {
     const Plan plan = plan_blocks(N, K, stop - start);
+    span_B.emplace_back(start, !B32.defined() && plan.whole_rows ? generate_block(spec, K, start, stop - start)
+                                                                 : at::Tensor());
     for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
       for (int64_t cb = 0; cb < plan.col_blocks; ++cb) {
         const int64_t j0 = start + cb * plan.bn, r0 = rb * plan.rows_per_block;
-        tasks.push_back({j0, std::min(plan.bn, stop - j0), r0, std::min(plan.rows_per_block, N - r0), plan.bk});
+        tasks.push_back({j0, std::min(plan.bn, stop - j0), r0, std::min(plan.rows_per_block, N - r0), plan.bk,
+                         span_B.size() - 1});
       }
     }
   }
@@ -583,15 +637,17 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
     std::vector<uint32_t> ckeys;
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];  // columns [j0, j0 + jn) of B
-      if (!B32.defined()) column_keys(spec.dist, task.j0, task.jn, ckeys);
+      const auto& [span_start, span_b] = span_B[task.span];
+      if (!B32.defined() && !span_b.defined()) column_keys(spec.dist, task.j0, task.jn, ckeys);
       block_product(
-          e32, task.r0, task.rn, task.jn, task.bk,
+          e32, task.r0, task.rn, task.jn, task.bk, /*epilogue=*/true,
           [&](int64_t k0, int64_t kn) {
+            if (span_b.defined()) return span_b.narrow(0, k0, kn).narrow(1, task.j0 - span_start, task.jn);
             return b_block_rows(B32, spec, skey, task.j0, task.jn, k0, kn, ckeys, bbuf);
           },
           [&](int64_t, int64_t rcn) {  // every chunk reuses the same thread-local rows
             abuf.resize(rcn * task.jn);
-            return at::from_blob(abuf.data(), {rcn, task.jn}, at::kFloat);
+            return AccRows{abuf.data(), task.jn};
           },
           [&](int64_t rc, int64_t rcn) {
             for (size_t l = 0; l < points.size(); ++l) {  // every point that reads some of these columns
