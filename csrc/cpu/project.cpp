@@ -21,6 +21,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "dfa_kernels/activation.h"
 #include "dfa_kernels/checks.h"
 #include "dfa_kernels/cpu_isa.h"
@@ -324,73 +328,73 @@ at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_
 // across the k loop (NR * NV independent FMA chains), so each output row is written once. The tile
 // is sized per path to fit its register file with the NV loads of B and NR broadcasts of e:
 // AVX-512 4 x 4 zmm (16 accumulators of 32 registers), AVX2 and baseline 2 x 4 ymm / xmm (8 of 16).
-// A tile of 2 x 4 zmm-sized vectors on an AVX2 target needs 16 ymm for accumulators alone and
-// spills.
-template <int VB, int NR, int NV>
-DFA_ALWAYS_INLINE void narrow_product_body(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
-                                           int64_t rows, int64_t K, int64_t cols) {
-  typedef float V __attribute__((vector_size(VB)));
-  constexpr int64_t kLanes = VB / sizeof(float), kTile = kLanes * NV;
-  const int64_t full = cols - cols % kTile;
-  for (int64_t r = 0; r < rows; r += NR) {
-    int64_t row[NR];
-    const float* er[NR];
-    for (int i = 0; i < NR; ++i) {
-      row[i] = std::min<int64_t>(r + i, rows - 1);  // a short last tile recomputes the last row
-      er[i] = e + row[i] * K;
-    }
-    for (int64_t c0 = 0; c0 < full; c0 += kTile) {
-      V t[NR][NV];
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) {
-        V bv;  // unaligned loads and stores through memcpy
-        std::memcpy(&bv, b + c0 + v * kLanes, sizeof bv);
-#pragma GCC unroll 16
-        for (int i = 0; i < NR; ++i) t[i][v] = er[i][0] * bv;
-      }
-      for (int64_t k = 1; k < K; ++k) {
-        float a[NR];
-#pragma GCC unroll 16
-        for (int i = 0; i < NR; ++i) a[i] = er[i][k];
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) {
-          V bv;
-          std::memcpy(&bv, b + k * ldb + c0 + v * kLanes, sizeof bv);
-#pragma GCC unroll 16
-          for (int i = 0; i < NR; ++i) t[i][v] += a[i] * bv;
-        }
-      }
-#pragma GCC unroll 16
-      for (int i = 0; i < NR; ++i) {
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) std::memcpy(acc + row[i] * ld_acc + c0 + v * kLanes, &t[i][v], sizeof(V));
-      }
-    }
-    for (int64_t rr = r; rr < std::min<int64_t>(r + NR, rows); ++rr) {
-      for (int64_t c = full; c < cols; ++c) {
-        float t = e[rr * K] * b[c];
-        for (int64_t k = 1; k < K; ++k) t += e[rr * K + k] * b[k * ldb + c];
-        acc[rr * ld_acc + c] = t;
-      }
-    }
-  }
-}
+// (A tile of 2 x 4 zmm-sized vectors on an AVX2 target needs 16 ymm for accumulators alone and
+// spills.) The columns go in strips of kStripCols, so the strip of B a tile reads (K x 256 floats,
+// at most 16 KiB) stays in L1 while every row of the block passes; whole-row tiles read B from L2
+// and ran 2.5x slower at K = 10 (measured). With `stream`, full aligned vectors are written with
+// non-temporal stores: no read-for-ownership of lines the kernel overwrites whole (the caller asks
+// when no epilogue rereads the block and the output is larger than the caches).
+constexpr int64_t kStripCols = 256;
 
 using NarrowProduct = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
-DFA_TARGET_AVX512 void narrow_product_avx512(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
-                                             int64_t rows, int64_t K, int64_t cols) {
-  narrow_product_body<64, 4, 4>(e, b, ldb, acc, ld_acc, rows, K, cols);
-}
-DFA_TARGET_AVX2 void narrow_product_avx2(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc,
-                                         int64_t rows, int64_t K, int64_t cols) {
-  narrow_product_body<32, 2, 4>(e, b, ldb, acc, ld_acc, rows, K, cols);
-}
-void narrow_product_baseline(const float* e, const float* b, int64_t ldb, float* acc, int64_t ld_acc, int64_t rows,
-                             int64_t K, int64_t cols) {
-  narrow_product_body<16, 2, 4>(e, b, ldb, acc, ld_acc, rows, K, cols);
-}
-NarrowProduct narrow_product_fn() {
-  return for_isa<NarrowProduct>(narrow_product_baseline, narrow_product_avx2, narrow_product_avx512);
+
+// One copy of narrow_product.inc per path, compiled for that path's instructions.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+namespace avx512 {
+#define DFA_NARROW_VB 64
+#define DFA_NARROW_NR 4
+#define DFA_NARROW_NV 4
+#define DFA_NARROW_STREAM(dst, v) _mm512_stream_ps(dst, reinterpret_cast<const __m512&>(v))
+#include "narrow_product.inc"
+#undef DFA_NARROW_VB
+#undef DFA_NARROW_NR
+#undef DFA_NARROW_NV
+#undef DFA_NARROW_STREAM
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define DFA_NARROW_VB 32
+#define DFA_NARROW_NR 2
+#define DFA_NARROW_NV 4
+#define DFA_NARROW_STREAM(dst, v) _mm256_stream_ps(dst, reinterpret_cast<const __m256&>(v))
+#include "narrow_product.inc"
+#undef DFA_NARROW_VB
+#undef DFA_NARROW_NR
+#undef DFA_NARROW_NV
+#undef DFA_NARROW_STREAM
+}  // namespace avx2
+#pragma GCC pop_options
+#define DFA_NARROW_PATHS 1
+#endif
+namespace baseline {
+#define DFA_NARROW_VB 16
+#define DFA_NARROW_NR 2
+#define DFA_NARROW_NV 4
+#if defined(__x86_64__)
+#define DFA_NARROW_STREAM(dst, v) _mm_stream_ps(dst, reinterpret_cast<const __m128&>(v))
+#else
+#define DFA_NARROW_STREAM(dst, v) std::memcpy(dst, &(v), sizeof(v))
+#endif
+#include "narrow_product.inc"
+#undef DFA_NARROW_VB
+#undef DFA_NARROW_NR
+#undef DFA_NARROW_NV
+#undef DFA_NARROW_STREAM
+}  // namespace baseline
+
+NarrowProduct narrow_product_fn(bool stream) {
+#ifdef DFA_NARROW_PATHS
+  return stream ? for_isa<NarrowProduct>(baseline::narrow_product<true>, avx2::narrow_product<true>,
+                                         avx512::narrow_product<true>)
+                : for_isa<NarrowProduct>(baseline::narrow_product<false>, avx2::narrow_product<false>,
+                                         avx512::narrow_product<false>);
+#else
+  return stream ? baseline::narrow_product<true> : baseline::narrow_product<false>;
+#endif
 }
 
 // Produces one task's block e32[r0:r0+rn, :] @ B[:, block columns] ([rn, jn]) and post-processes
@@ -399,9 +403,11 @@ NarrowProduct narrow_product_fn() {
 // on them. When B's block fits in one k-step (out_features <= bk: the narrow, memory-bound shapes)
 // and an epilogue reads the result (`epilogue`), rows go in chunks of kChunkEntries / jn so that each
 // chunk's epilogue reads it from cache and the output crosses memory once; otherwise the k-steps
-// accumulate over all rows and the epilogue runs once. Raw pointers, not tensor views, inside the
+// accumulate over all rows and the epilogue runs once. `stream`: the narrow kernel writes with
+// non-temporal stores (no epilogue only). Raw pointers, not tensor views, inside the
 // row loop: a view costs about a microsecond, a narrow chunk of 8 rows not much more.
 constexpr int64_t kChunkEntries = 64 * 1024;  // 256 KiB of fp32: L2-resident
+constexpr int64_t kStreamMinBytes = int64_t{4} << 20, kStreamMaxBytes = int64_t{32} << 20;
 
 struct AccRows {
   float* data;
@@ -412,13 +418,13 @@ struct AccRows {
 };
 
 template <typename BRows, typename AccRowsFn, typename Finish>
-void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, int64_t bk, bool epilogue,
+void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, int64_t bk, bool epilogue, bool stream,
                    BRows&& b_rows, AccRowsFn&& acc_rows, Finish&& finish) {
   const int64_t K = e32.size(1);
   if (K <= bk) {
     const at::Tensor b = b_rows(0, K);
     const int64_t chunk = epilogue ? std::max<int64_t>(4, kChunkEntries / jn) : rn;
-    const NarrowProduct narrow = narrow_product_fn();
+    const NarrowProduct narrow = narrow_product_fn(stream && !epilogue);
     for (int64_t rc = 0; rc < rn; rc += chunk) {
       const int64_t rcn = std::min(chunk, rn - rc);
       const AccRows acc = acc_rows(rc, rcn);
@@ -464,6 +470,13 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
   const at::Tensor B_read = B32.defined() || !plan.whole_rows ? B32 : generate_block(spec, K, 0, W);
   float* acc_data = acc.mutable_data_ptr<float>();
   const bool epilogue = !(out_type == at::kFloat && cs == nullptr);  // scale is in e already
+  // Streamed (non-temporal) stores pay off on an output larger than the caches that is written once
+  // and not in fresh pages: above glibc's largest mmap threshold (32 MiB) every output is freshly
+  // mapped, and the kernel's page zeroing leaves its lines cached, where plain stores then hit.
+  // Measured on this machine's 2 cores: 4-16 MiB outputs 25 -> 37-42 GB/s streamed; 75 MiB outputs
+  // 10-20% slower streamed.
+  const int64_t out_bytes = N * W * static_cast<int64_t>(sizeof(float));
+  const bool stream = !epilogue && out_bytes >= kStreamMinBytes && out_bytes < kStreamMaxBytes;
 
   at::parallel_for(0, plan.col_blocks * plan.row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> bbuf;
@@ -476,7 +489,7 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
       const int64_t rn = std::min(plan.rows_per_block, N - r0);
       if (!B_read.defined()) column_keys(spec.dist, j0, jn, ckeys);
       block_product(
-          e32, r0, rn, jn, plan.bk, epilogue,
+          e32, r0, rn, jn, plan.bk, epilogue, stream,
           [&](int64_t k0, int64_t kn) { return b_block_rows(B_read, spec, skey, j0, jn, k0, kn, ckeys, bbuf); },
           [&](int64_t rc, int64_t) { return AccRows{acc_data + (r0 + rc) * W + j0, W}; },
           [&](int64_t rc, int64_t rcn) { finish_block(acc, out, r0 + rc, rcn, j0, jn, 1.0f, cs); });
@@ -640,7 +653,7 @@ std::vector<at::Tensor> project_points_cpu(const at::Tensor& e, const std::optio
       const auto& [span_start, span_b] = span_B[task.span];
       if (!B32.defined() && !span_b.defined()) column_keys(spec.dist, task.j0, task.jn, ckeys);
       block_product(
-          e32, task.r0, task.rn, task.jn, task.bk, /*epilogue=*/true,
+          e32, task.r0, task.rn, task.jn, task.bk, /*epilogue=*/true, /*stream=*/false,
           [&](int64_t k0, int64_t kn) {
             if (span_b.defined()) return span_b.narrow(0, k0, kn).narrow(1, task.j0 - span_start, task.jn);
             return b_block_rows(B32, spec, skey, task.j0, task.jn, k0, kn, ckeys, bbuf);
