@@ -284,7 +284,7 @@ def test_auto_backend_reads_the_measured_table(monkeypatch, tmp_path):
     if len(available) < 2:
         pytest.skip("one backend only: nothing to choose")
     slow_first = available[-1]  # a table that names the last backend must win over the default order
-    (tmp_path / "cpu.json").write_text(
+    (tmp_path / f"{ops.device_slug('cpu')}.json").write_text(
         '{"device": "cpu", "choices": {"project|virtual|narrow": "%s", "project|virtual|wide": "no-such"}}'
         % slow_first)
     monkeypatch.setattr(ops, "BACKEND_TABLES", tmp_path)

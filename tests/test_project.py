@@ -212,7 +212,7 @@ def test_materialized_matrices_are_cached_and_can_be_dropped():
 def test_storage_auto_follows_the_measured_table(monkeypatch, tmp_path):
     """storage="auto": virtual above 64 MiB; else the device's measured choice per op and shape
     class when there is one; else materialized."""
-    (tmp_path / "cpu.json").write_text('{"choices": {"storage|project|medium": "virtual", '
+    (tmp_path / f"{dk.ops.device_slug('cpu')}.json").write_text('{"choices": {"storage|project|medium": "virtual", '
                                        '"storage|project_points|narrow": "materialized"}}')
     monkeypatch.setattr(dk.ops, "BACKEND_TABLES", tmp_path)
     dk.ops.backend_table.cache_clear()

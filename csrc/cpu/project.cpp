@@ -326,14 +326,15 @@ at::Tensor b_block_rows(const at::Tensor& B32, const FeedbackSpec& spec, uint32_
 // acc[r, c] = sum_k e[r, k] b[k, c] for a narrow e ([rows, K], contiguous; K <= kNarrowK): an outer
 // product, which BLAS runs poorly. A tile of NR rows by NV vectors of VB bytes stays in registers
 // across the k loop (NR * NV independent FMA chains), so each output row is written once. The tile
-// is sized per path to fit its register file with the NV loads of B and NR broadcasts of e:
-// AVX-512 4 x 4 zmm (16 accumulators of 32 registers), AVX2 and baseline 2 x 4 ymm / xmm (8 of 16).
-// (A tile of 2 x 4 zmm-sized vectors on an AVX2 target needs 16 ymm for accumulators alone and
-// spills.) The columns go in strips of kStripCols, so the strip of B a tile reads (K x 256 floats,
-// at most 16 KiB) stays in L1 while every row of the block passes; whole-row tiles read B from L2
-// and ran 2.5x slower at K = 10 (measured). With `stream`, full aligned vectors are written with
-// non-temporal stores: no read-for-ownership of lines the kernel overwrites whole (the caller asks
-// when no epilogue rereads the block and the output is larger than the caches).
+// is sized per path for its register file, and was chosen by measurement (2 threads, streamed
+// stores, (256, 10, 8192) / (2708, 7, 1024) / (4096, 1, 2048)): AVX-512 4 x 4 zmm (16 of 32
+// registers: 33 / 43 / 46 GB/s; 6 x 4: 17 / 40 / 42), AVX2 3 x 4 ymm (12 of 16: 25 / 36 / 45 GB/s;
+// 2 x 4: 18 / 25 / 44; 4 x 3: 18 / 21 / 23), baseline 3 x 4 xmm. The columns go in strips of
+// kStripCols, so the strip of B a tile reads (K x 256 floats, at most 16 KiB) stays in L1 while every
+// row of the block passes; whole-row tiles read B from L2 and ran 2.5x slower at K = 10. With
+// `stream`, full aligned vectors are written with non-temporal stores: no read-for-ownership of
+// lines the kernel overwrites whole (the caller asks when no epilogue rereads the block and the
+// output is larger than the caches).
 constexpr int64_t kStripCols = 256;
 
 using NarrowProduct = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
@@ -358,7 +359,7 @@ namespace avx512 {
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #define DFA_NARROW_VB 32
-#define DFA_NARROW_NR 2
+#define DFA_NARROW_NR 3
 #define DFA_NARROW_NV 4
 #define DFA_NARROW_STREAM(dst, v) _mm256_stream_ps(dst, reinterpret_cast<const __m256&>(v))
 #include "narrow_product.inc"
@@ -372,7 +373,7 @@ namespace avx2 {
 #endif
 namespace baseline {
 #define DFA_NARROW_VB 16
-#define DFA_NARROW_NR 2
+#define DFA_NARROW_NR 3
 #define DFA_NARROW_NV 4
 #if defined(__x86_64__)
 #define DFA_NARROW_STREAM(dst, v) _mm_stream_ps(dst, reinterpret_cast<const __m128&>(v))
@@ -498,6 +499,28 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
   return out;
 }
 
+// One BLAS GEMM over all of K (which blocks a large K better than our k-steps), then the epilogue.
+at::Tensor gemm_project(const at::Tensor& e, const at::Tensor& B, at::ScalarType out_type, const float* cs,
+                        float scale) {
+  const int64_t N = e.size(0), W = B.size(1);
+  // scale goes into e ([N, K], small next to the output), so an fp32 output without col_scale needs
+  // no pass after the GEMM
+  at::Tensor e32 = e.detach().to(at::kFloat);
+  if (scale != 1.0f) e32 = e32 * scale;
+  const at::Tensor acc = at::mm(e32, B.detach().to(at::kFloat));
+  if (out_type == at::kFloat && cs == nullptr) return acc;
+  const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / W), [&](int64_t begin, int64_t end) {
+    finish_block(acc, out, begin, end - begin, 0, W, 1.0f, cs);
+  });
+  return out;
+}
+
+// A virtual B up to this size is generated whole (threaded) for one BLAS GEMM when out_features
+// spans several k-steps: a transient buffer, freed with the call, against the blocked path's many
+// small GEMMs (measured at (1024, 512, 4096): 0.72-0.87x torch.mm blocked).
+constexpr int64_t kVirtualWholeBytes = int64_t{16} << 20;
+
 at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distribution, double density,
                        int64_t width, double scale, const std::optional<at::Tensor>& col_scale,
                        std::optional<at::ScalarType> out_dtype) {
@@ -506,8 +529,11 @@ at::Tensor project_cpu(const at::Tensor& e, int64_t seed, c10::string_view distr
   const int64_t N = e.size(0), K = e.size(1), W = width;
   if (N == 0 || W == 0 || K == 0) return at::zeros({N, W}, e.options().dtype(out_type));
   at::Tensor cs_holder;
-  return tiled_project(e, at::Tensor(), spec, W, out_type, col_scale_ptr(col_scale, cs_holder),
-                       static_cast<float>(scale));
+  const float* cs = col_scale_ptr(col_scale, cs_holder);
+  if (K > plan_blocks(N, K, W).bk && K * W * static_cast<int64_t>(sizeof(float)) <= kVirtualWholeBytes) {
+    return gemm_project(e, generate_block(spec, K, 0, W), out_type, cs, static_cast<float>(scale));
+  }
+  return tiled_project(e, at::Tensor(), spec, W, out_type, cs, static_cast<float>(scale));
 }
 
 at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, double scale,
@@ -522,16 +548,10 @@ at::Tensor project_materialized_cpu(const at::Tensor& e, const at::Tensor& B, do
   const float* cs = col_scale_ptr(col_scale, cs_holder);
   const float scale_f = static_cast<float>(scale);
   // Narrow e (B's block fits one k-step): the tiled path, whose epilogue runs on cached chunks.
-  // Otherwise one BLAS GEMM, which blocks a large K better, then the epilogue.
   if (K <= plan_blocks(N, K, W).bk) {
     return tiled_project(e, B.detach().to(at::kFloat).contiguous(), FeedbackSpec{}, W, out_type, cs, scale_f);
   }
-  const at::Tensor acc = at::mm(e.to(at::kFloat), B.to(at::kFloat));
-  const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / W), [&](int64_t begin, int64_t end) {
-    finish_block(acc, out, begin, end - begin, 0, W, scale_f, cs);
-  });
-  return out;
+  return gemm_project(e, B, out_type, cs, scale_f);
 }
 
 // ---------------------------------------------------------------- project_points
