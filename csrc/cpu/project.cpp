@@ -459,18 +459,20 @@ void block_product(const at::Tensor& e32, int64_t r0, int64_t rn, int64_t jn, in
 at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const FeedbackSpec& spec, int64_t W,
                          at::ScalarType out_type, const float* cs, float scale) {
   const int64_t N = e.size(0), K = e.size(1);
-  // scale goes into e ([N, K], small next to the output), so an fp32 output without col_scale needs
-  // no epilogue pass. Detached: the BLAS calls below use out=.
+  // scale goes into the smaller of e and the output (gemm_project). Detached: the BLAS calls below
+  // use out=.
+  const bool scale_e = scale != 1.0f && K < W;
   at::Tensor e32 = e.detach().to(at::kFloat);
-  if (scale != 1.0f) e32 = e32 * scale;
+  if (scale_e) e32 = e32 * scale;
   e32 = e32.contiguous();
+  const float out_scale = scale_e ? 1.0f : scale;
   const at::Tensor acc = at::empty({N, W}, e.options().dtype(at::kFloat));
   const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   const uint32_t skey = seed_key(spec.seed);
   const Plan plan = plan_blocks(N, K, W);
   const at::Tensor B_read = B32.defined() || !plan.whole_rows ? B32 : generate_block(spec, K, 0, W);
   float* acc_data = acc.mutable_data_ptr<float>();
-  const bool epilogue = !(out_type == at::kFloat && cs == nullptr);  // scale is in e already
+  const bool epilogue = !(out_type == at::kFloat && cs == nullptr && out_scale == 1.0f);
   // Streamed (non-temporal) stores pay off on an output larger than the caches that is written once
   // and not in fresh pages: above glibc's largest mmap threshold (32 MiB) every output is freshly
   // mapped, and the kernel's page zeroing leaves its lines cached, where plain stores then hit.
@@ -493,7 +495,7 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
           e32, r0, rn, jn, plan.bk, epilogue, stream,
           [&](int64_t k0, int64_t kn) { return b_block_rows(B_read, spec, skey, j0, jn, k0, kn, ckeys, bbuf); },
           [&](int64_t rc, int64_t) { return AccRows{acc_data + (r0 + rc) * W + j0, W}; },
-          [&](int64_t rc, int64_t rcn) { finish_block(acc, out, r0 + rc, rcn, j0, jn, 1.0f, cs); });
+          [&](int64_t rc, int64_t rcn) { finish_block(acc, out, r0 + rc, rcn, j0, jn, out_scale, cs); });
     }
   });
   return out;
@@ -502,16 +504,19 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
 // One BLAS GEMM over all of K (which blocks a large K better than our k-steps), then the epilogue.
 at::Tensor gemm_project(const at::Tensor& e, const at::Tensor& B, at::ScalarType out_type, const float* cs,
                         float scale) {
-  const int64_t N = e.size(0), W = B.size(1);
-  // scale goes into e ([N, K], small next to the output), so an fp32 output without col_scale needs
-  // no pass after the GEMM
+  const int64_t N = e.size(0), K = e.size(1), W = B.size(1);
+  // scale goes into the smaller of e [N, K] and the output [N, W]: into e when K < W, so that an
+  // fp32 output without col_scale needs no pass after the GEMM; else into the epilogue (a pass over
+  // a vocabulary-wide e would cost more than one over the output).
+  const bool scale_e = scale != 1.0f && K < W;
   at::Tensor e32 = e.detach().to(at::kFloat);
-  if (scale != 1.0f) e32 = e32 * scale;
+  if (scale_e) e32 = e32 * scale;
+  const float out_scale = scale_e ? 1.0f : scale;
   const at::Tensor acc = at::mm(e32, B.detach().to(at::kFloat));
-  if (out_type == at::kFloat && cs == nullptr) return acc;
+  if (out_type == at::kFloat && cs == nullptr && out_scale == 1.0f) return acc;
   const at::Tensor out = out_type == at::kFloat ? acc : at::empty({N, W}, e.options().dtype(out_type));
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / W), [&](int64_t begin, int64_t end) {
-    finish_block(acc, out, begin, end - begin, 0, W, 1.0f, cs);
+    finish_block(acc, out, begin, end - begin, 0, W, out_scale, cs);
   });
   return out;
 }
