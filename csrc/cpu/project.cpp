@@ -24,6 +24,10 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "dfa_kernels/activation.h"
 #include "dfa_kernels/checks.h"
@@ -408,7 +412,23 @@ NarrowProduct narrow_product_fn(bool stream) {
 // non-temporal stores (no epilogue only). Raw pointers, not tensor views, inside the
 // row loop: a view costs about a microsecond, a narrow chunk of 8 rows not much more.
 constexpr int64_t kChunkEntries = 64 * 1024;  // 256 KiB of fp32: L2-resident
-constexpr int64_t kStreamMinBytes = int64_t{4} << 20, kStreamMaxBytes = int64_t{32} << 20;
+constexpr int64_t kStreamMinBytes = int64_t{4} << 20;
+
+// Whether the pages of [p, p + bytes) are mapped already (mincore; false where it cannot tell).
+bool pages_resident(const void* p, int64_t bytes) {
+#if defined(__linux__)
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+  std::vector<unsigned char> resident((end - first + page - 1) / page);
+  if (mincore(reinterpret_cast<void*>(first), end - first, resident.data()) != 0) return false;
+  return std::all_of(resident.begin(), resident.end(), [](unsigned char r) { return (r & 1) != 0; });
+#else
+  (void)p;
+  (void)bytes;
+  return false;
+#endif
+}
 
 struct AccRows {
   float* data;
@@ -473,13 +493,13 @@ at::Tensor tiled_project(const at::Tensor& e, const at::Tensor& B32, const Feedb
   const at::Tensor B_read = B32.defined() || !plan.whole_rows ? B32 : generate_block(spec, K, 0, W);
   float* acc_data = acc.mutable_data_ptr<float>();
   const bool epilogue = !(out_type == at::kFloat && cs == nullptr && out_scale == 1.0f);
-  // Streamed (non-temporal) stores pay off on an output larger than the caches that is written once
-  // and not in fresh pages: above glibc's largest mmap threshold (32 MiB) every output is freshly
-  // mapped, and the kernel's page zeroing leaves its lines cached, where plain stores then hit.
-  // Measured on this machine's 2 cores: 4-16 MiB outputs 25 -> 37-42 GB/s streamed; 75 MiB outputs
-  // 10-20% slower streamed.
+  // Streamed (non-temporal) stores pay off on an output larger than the caches that is written once,
+  // in pages already mapped: into fresh pages (a new mmap: glibc maps large allocations afresh
+  // until it has freed one of that size), the kernel's zeroing leaves each line dirty in cache and a
+  // streamed store then costs that line's write-back too. Measured on this machine's 2 cores:
+  // 4-16 MiB outputs in mapped pages 25 -> 37-42 GB/s streamed; in fresh pages up to 2x slower.
   const int64_t out_bytes = N * W * static_cast<int64_t>(sizeof(float));
-  const bool stream = !epilogue && out_bytes >= kStreamMinBytes && out_bytes < kStreamMaxBytes;
+  const bool stream = !epilogue && out_bytes >= kStreamMinBytes && pages_resident(acc_data, out_bytes);
 
   at::parallel_for(0, plan.col_blocks * plan.row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> bbuf;

@@ -103,6 +103,31 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_ti
     return summarise(samples, device)
 
 
+def time_pair_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int = 10,
+                 min_time_s: float = 0.05) -> tuple[float, float]:
+    """Wall times of fn_a() and fn_b() in ms (see `statistic`) from interleaved samples (a, b, a, b,
+    ...): a ratio of the two compares the same moments of a shared machine and the same state of its
+    allocator, not whatever ran minutes apart."""
+    inner = []
+    for fn in (fn_a, fn_b):
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        inner.append(max(1, int(min_time_s / max(time.perf_counter() - start, 1e-6))))
+    samples = ([], [])
+    for _ in range(repeats):
+        for i, fn in enumerate((fn_a, fn_b)):
+            start = time.perf_counter()
+            for _ in range(inner[i]):
+                fn()
+            sync(device)
+            samples[i].append((time.perf_counter() - start) / inner[i] * 1e3)
+    return summarise(samples[0], device), summarise(samples[1], device)
+
+
 def environment(device: torch.device) -> dict:
     from .. import build_info
     info = build_info()

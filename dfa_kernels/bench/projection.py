@@ -30,7 +30,7 @@ import torch
 
 from .. import FeedbackSpec, available_backends, ops, project, reference
 from ..ops import BACKEND_TABLES, cached_matrix, device_slug, project_points, shape_class
-from .common import tqdm, DTYPE_KEYS, Deadline, device_peak, environment, statistic, time_ms, write_results
+from .common import time_pair_ms, tqdm, DTYPE_KEYS, Deadline, device_peak, environment, statistic, time_ms, write_results
 
 # name -> (N, out_features, D) per device type
 SHAPES = {
@@ -229,6 +229,9 @@ class _Run:
     def time(self, fn) -> float:
         return time_ms(fn, self.device, **self.timing)
 
+    def time_pair(self, baseline, fn) -> tuple[float, float]:
+        return time_pair_ms(baseline, fn, self.device, **self.timing)
+
     @staticmethod
     def common(case: Case) -> dict:
         K = case.out_features
@@ -240,20 +243,22 @@ class _Run:
     def run_case(self, case: Case) -> None:
         inputs = Inputs(case, self.device)
         if case.op == "project":
+            # every row's ratio from its own interleaved samples of the baseline (time_pair_ms)
+            mm_ms, ms = self.time_pair(inputs.baseline(), inputs.fn())
             key = (case.shape, case.N, case.out_features, case.widths, case.dtype, case.sweep)
             if key not in self.baselines:  # one torch.mm row per shape and dtype
-                ms = self.time(inputs.baseline())
-                self.baselines[key] = ms
-                tf, gb = _rates(case.N, case.out_features, case.widths[0], ms, inputs.e.dtype, _bytes(inputs.e.dtype))
+                self.baselines[key] = mm_ms
+                tf, gb = _rates(case.N, case.out_features, case.widths[0], mm_ms, inputs.e.dtype,
+                                _bytes(inputs.e.dtype))
                 self.rows.append({**self.common(case), "impl": "torch.mm", "op": "project", "storage": "materialized",
-                                  "distribution": "uniform", "ms": ms, "tflops": tf, "gbps": gb, "ratio_vs_mm": 1.0})
-            ms = self.time(inputs.fn())
+                                  "distribution": "uniform", "ms": mm_ms, "tflops": tf, "gbps": gb,
+                                  "ratio_vs_mm": 1.0})
             tf, gb = inputs.rates(ms)
             self.rows.append({**self.common(case), "impl": case.backend, "op": "project", "storage": case.storage,
-                              "distribution": case.distribution, "ms": ms, "tflops": tf, "gbps": gb,
-                              "ratio_vs_mm": self.baselines[key] / ms})
+                              "distribution": case.distribution, "ms": ms, "mm_ms": mm_ms, "tflops": tf, "gbps": gb,
+                              "ratio_vs_mm": mm_ms / ms})
             return
-        t_fused, t_unfused = self.time(inputs.fn()), self.time(inputs.baseline())
+        t_unfused, t_fused = self.time_pair(inputs.baseline(), inputs.fn())
         tf, gb = inputs.rates(t_fused)
         self.rows.append({**self.common(case), "points": len(case.widths), "activations": sorted(set(case.activations)),
                           "impl": case.backend, "op": "project_points", "storage": case.storage,
