@@ -83,33 +83,13 @@ def summarise(samples, device: torch.device) -> float:
     return min(samples) if statistic(device) == "min" else statistics.median(samples)
 
 
-def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_time_s: float = 0.05) -> float:
-    """Wall time of fn() in ms (see `statistic`); each sample runs fn enough times to last min_time_s."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    once = max(time.perf_counter() - start, 1e-6)
-    inner = max(1, int(min_time_s / once))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync(device)
-        samples.append((time.perf_counter() - start) / inner * 1e3)
-    return summarise(samples, device)
-
-
-def time_pair_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int = 10,
-                 min_time_s: float = 0.05) -> tuple[float, float]:
-    """Wall times of fn_a() and fn_b() in ms (see `statistic`) from interleaved samples (a, b, a, b,
-    ...): a ratio of the two compares the same moments of a shared machine and the same state of its
-    allocator, not whatever ran minutes apart."""
+def time_interleaved(fns, device: torch.device, warmup: int = 3, repeats: int = 10,
+                     min_time_s: float = 0.05) -> list[float]:
+    """Wall time of each fn() in ms (see `statistic`); each sample runs fn enough times to last
+    min_time_s, and the functions' samples alternate (a, b, a, b, ...), so that a ratio of two compares
+    the same moments of a shared machine and the same state of its allocator."""
     inner = []
-    for fn in (fn_a, fn_b):
+    for fn in fns:
         for _ in range(warmup):
             fn()
         sync(device)
@@ -117,15 +97,27 @@ def time_pair_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int
         fn()
         sync(device)
         inner.append(max(1, int(min_time_s / max(time.perf_counter() - start, 1e-6))))
-    samples = ([], [])
+    samples = [[] for _ in fns]
     for _ in range(repeats):
-        for i, fn in enumerate((fn_a, fn_b)):
+        for i, fn in enumerate(fns):
             start = time.perf_counter()
             for _ in range(inner[i]):
                 fn()
             sync(device)
             samples[i].append((time.perf_counter() - start) / inner[i] * 1e3)
-    return summarise(samples[0], device), summarise(samples[1], device)
+    return [summarise(s, device) for s in samples]
+
+
+def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_time_s: float = 0.05) -> float:
+    """Wall time of fn() in ms (see `statistic`)."""
+    return time_interleaved([fn], device, warmup, repeats, min_time_s)[0]
+
+
+def time_pair_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int = 10,
+                 min_time_s: float = 0.05) -> tuple[float, float]:
+    """Wall times of fn_a() and fn_b() in ms from interleaved samples (time_interleaved)."""
+    a, b = time_interleaved([fn_a, fn_b], device, warmup, repeats, min_time_s)
+    return a, b
 
 
 def environment(device: torch.device) -> dict:

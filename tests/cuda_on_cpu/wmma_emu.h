@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace nvcuda {
 namespace wmma {
@@ -60,21 +61,11 @@ void load_tile(float (&v)[R][C], const T* p, unsigned ldm, bool row_major) {
 }
 }  // namespace detail
 
-template <int M, int N, int K, class T>
-void load_matrix_sync(fragment<matrix_a, M, N, K, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::load_tile(f.v, p, ldm, true);
-}
-template <int M, int N, int K, class T>
-void load_matrix_sync(fragment<matrix_a, M, N, K, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::load_tile(f.v, p, ldm, false);
-}
-template <int M, int N, int K, class T>
-void load_matrix_sync(fragment<matrix_b, M, N, K, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::load_tile(f.v, p, ldm, true);
-}
-template <int M, int N, int K, class T>
-void load_matrix_sync(fragment<matrix_b, M, N, K, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::load_tile(f.v, p, ldm, false);
+// A or B operand (row- or column-major as the fragment's layout says).
+template <class Use, int M, int N, int K, class T, class Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>, "an operand fragment");
+  detail::load_tile(f.v, p, ldm, std::is_same_v<Layout, row_major>);
 }
 
 template <int M, int N, int K>
