@@ -346,3 +346,87 @@ def test_packaged_planetoid_files_are_the_public_split():
     assert cora.x.shape == (2708, 1433) and citeseer.x.shape == (3327, 3703)
     assert [int(m.sum()) for m in (citeseer.train_mask, citeseer.val_mask, citeseer.test_mask)] == [120, 500, 1000]
     assert R.comparable(R.TrainConfig("gcn-cora")) and not R.comparable(R.TrainConfig("gcn-cora", data="citeseer"))
+
+
+# ------------------------------------------------------------------------------------ DNA (issue #20)
+def test_planetoid_padded_rows_are_marked(tmp_path):
+    _write_planetoid(tmp_path, "tiny", missing_test_id=True)
+    data = P.load_planetoid(tmp_path, "tiny")
+    assert data.padded_mask.nonzero().flatten().tolist() == [9]        # the missing test id's row
+    _write_planetoid(tmp_path, "full", missing_test_id=False)
+    assert not P.load_planetoid(tmp_path, "full").padded_mask.any()
+
+
+def test_stratified_split_is_the_papers_dna_split():
+    """The paper's geometric.py: StratifiedKFold(5, shuffle=True, random_state=seed) over every Cora
+    node; fold 0 trains, fold 1 validates, folds 2-4 test."""
+    from sklearn.model_selection import StratifiedKFold
+    cora = P.load_packaged("cora")
+    for seed in (0, 1):
+        split = P.stratified_split(cora, seed)
+        folds = [sorted(i.tolist()) for _, i in
+                 StratifiedKFold(5, shuffle=True, random_state=seed).split(cora.y.numpy(), cora.y.numpy())]
+        assert split.train_mask.nonzero().flatten().tolist() == folds[0]
+        assert split.val_mask.nonzero().flatten().tolist() == folds[1]
+        assert split.test_mask.nonzero().flatten().tolist() == sorted(sum(folds[2:], []))
+        assert [int(m.sum()) for m in (split.train_mask, split.val_mask, split.test_mask)] == [542, 542, 1624]
+        assert not (split.train_mask & split.val_mask).any() and not (split.val_mask & split.test_mask).any()
+        share = torch.bincount(split.y[split.train_mask], minlength=7) / torch.bincount(cora.y, minlength=7)
+        assert ((share - 0.2).abs() < 0.01).all()                     # stratified: 20 % of every class
+    assert not torch.equal(P.stratified_split(cora, 0).train_mask, P.stratified_split(cora, 1).train_mask)
+    assert int(cora.train_mask.sum()) == 140                          # the public split is left as it was
+    citeseer = P.stratified_split(P.load_packaged("citeseer"), 0)
+    used = citeseer.train_mask | citeseer.val_mask | citeseer.test_mask
+    assert not (used & citeseer.padded_mask).any() and int(used.sum()) == 3327 - 15
+
+
+def test_dna_task_data_split_and_comparability():
+    """--data cora-stratified draws the run seed's split; DNA's paper numbers belong to that split only,
+    the other models' to the public split."""
+    from dfa_kernels.zoo import tasks
+    from dfa_kernels.zoo.recipes import graph as R
+    assert R.PRESETS["cpu"]["dna"]["groups"] == R.PRESETS["full"]["dna"]["groups"] == 16   # the paper's
+    a, b = R.load_data("cora-stratified", 0), R.load_data("cora-stratified", 1)
+    assert int(a.train_mask.sum()) == 542 and not torch.equal(a.train_mask, b.train_mask)
+    assert torch.equal(a.train_mask, P.stratified_split(P.load_packaged("cora"), 0).train_mask)
+    dna, gcn = tasks.get("dna-cora"), tasks.get("gcn-cora")
+    assert dna.comparable(tasks.TrainConfig("dna-cora", data="cora-stratified"))
+    assert not dna.comparable(tasks.TrainConfig("dna-cora"))          # the public split: not the paper's
+    assert gcn.comparable(tasks.TrainConfig("gcn-cora"))
+    assert not gcn.comparable(tasks.TrainConfig("gcn-cora", data="cora-stratified"))
+    assert "stratified" in dna.paper_setting and "public" in gcn.paper_setting
+
+
+def test_dna_run_records_feature_norm_and_split():
+    from dfa_kernels.zoo import tasks
+    from dfa_kernels.zoo.training import train
+    cfg = tasks.TrainConfig(task="dna-cora", mode="dfa", epochs=2, progress=False, data="cora-stratified", seed=1)
+    result = train(tasks.get("dna-cora"), cfg)
+    assert all(h["val_h_norm"] > 0 for h in result.history)
+    assert "random_state=1" in result.config["data"] and result.config["groups"] == 16
+
+
+def _graph_report(task, data, comparable, paper_setting, seeds=(0, 1, 2)):
+    def s(mean, paper):
+        return {"mean": mean, "std": 0.01, "n": len(seeds), "seeds": list(seeds), "paper": paper}
+    return {"task": task, "family": "graph", "metric": "test_acc", "data": data, "paper_comparable": comparable,
+            "paper_setting": paper_setting,
+            "summary": {"bp": s(0.8, 0.846 if comparable else None), "dfa": s(0.7, 0.829 if comparable else None),
+                        "dfa-ours": s(0.7, None), "shallow": s(0.3, 0.302 if comparable else None)},
+            "runs": [], "provenance": {"git_sha": "abc"}}
+
+
+def test_graph_tables_mark_dna_on_the_public_split_not_comparable():
+    from dfa_kernels.zoo.tables import graph_tables
+    reports = {"gcn-cora": _graph_report("gcn-cora", None, True, "Cora, public Planetoid split"),
+               "dna-cora": _graph_report("dna-cora", None, False, "Cora, random stratified 20/20/60 split"),
+               "dna-cora@cora-stratified": _graph_report("dna-cora", "cora-stratified", True, "stratified")}
+    text = "\n".join(graph_tables(reports))
+    public, stratified = text.split("**Cora, random stratified")
+    gcn_row = next(line for line in public.splitlines() if line.startswith("| gcn"))
+    dna_row = next(line for line in public.splitlines() if line.startswith("| dna"))
+    assert gcn_row.endswith("| 84.6 / 82.9 / 30.2 |")               # (the helper's paper numbers)
+    assert dna_row.endswith("| not comparable |") and "84.6" not in dna_row
+    assert "dna: the paper's numbers measure Cora, random stratified" in public
+    dna_strat = next(line for line in stratified.splitlines() if line.startswith("| dna"))
+    assert dna_strat.endswith("| 84.6 / 82.9 / 30.2 |")

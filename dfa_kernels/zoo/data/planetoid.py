@@ -13,8 +13,11 @@ the loader (or ``dfa-kernels train gcn-cora --data DIR:NAME``) at a folder holdi
 Assembly follows PyG's ``read_planetoid_data``: training nodes are the first ``len(y)`` rows, the
 500 validation nodes the next ones, test nodes those listed in ``test.index`` (reordered into
 place). Where test ids are not contiguous (CiteSeer: 15 isolated nodes have no test row), the
-missing rows are padded with zero features and label 0 and belong to no split. Edges are
-symmetric as stored, with self-loops and duplicates removed.
+missing rows are padded with zero features and label 0 and belong to no split (``padded_mask``).
+Edges are symmetric as stored, with self-loops and duplicates removed.
+
+:func:`stratified_split` replaces the public split by the random stratified 20 / 20 / 60 split of
+the DFA paper's DNA experiment (``--data cora-stratified``).
 
 Pickles can run code, so they are read with a restricted unpickler that admits only the few
 numpy/builtin classes these files use (plus ``codecs.encode``, with which Python 3 writes bytes at
@@ -160,8 +163,40 @@ def load_planetoid(folder: str | Path, name: str):
     edge_index = coalesce(edge_index, num_nodes=n)
 
     data = Data(x=x, edge_index=edge_index, y=labels)
+    data.padded_mask = torch.zeros(n, dtype=torch.bool)          # rows with no node behind them
+    data.padded_mask[allx.size(0):] = True
+    data.padded_mask[test_index] = False
     data.train_mask = index_to_mask(torch.arange(y.size(0)), size=n)
     data.val_mask = index_to_mask(torch.arange(y.size(0), min(y.size(0) + 500, n)), size=n)
     data.test_mask = index_to_mask(test_index, size=n)
     data.name = name
     return data
+
+
+def stratified_split(data, seed: int, folds: int = 5):
+    """A copy of `data` with the random stratified split of the DFA paper's DNA experiment.
+
+    Launay et al.'s ``geometric.py`` splits Cora for DNA with scikit-learn's
+    ``StratifiedKFold(5, shuffle=True, random_state=seed)`` (the run's seed) over every node: the
+    first fold trains, the second validates, the other three test, 20 / 20 / 60 % of the nodes
+    (Cora: 542 / 542 / 1624). Done the same way here, over the nodes in the same (PyG) order, so a
+    seed gives the paper's split for that seed; padded rows (CiteSeer's missing test ids) take no
+    part. ``folds`` other than 5 keeps the layout: one fold each for training and validation.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 3:
+        raise ValueError(f"a stratified split needs at least 3 folds (train, val, test); got {folds}")
+    nodes = torch.arange(data.num_nodes)
+    padded = getattr(data, "padded_mask", None)
+    if padded is not None:
+        nodes = nodes[~padded]
+    labels = data.y[nodes].numpy()
+    parts = [nodes[torch.from_numpy(i)] for _, i in
+             StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)]
+    out = data.clone()
+    n = data.num_nodes
+    out.train_mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, parts[0], True)
+    out.val_mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, parts[1], True)
+    out.test_mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.cat(parts[2:]), True)
+    return out
