@@ -4,16 +4,21 @@ The forms and fitting follow the field's practice (Hoffmann et al. 2022; Besirog
 Porian et al. 2024):
 
 - the compute-efficient **frontier** of a method: at each compute budget C (a log-spaced grid),
-  the lowest validation loss any of its runs reached with C FLOPs, each run's loss curve read
-  between its evaluation points by linear interpolation in (log C, log L), never extrapolated;
+  the configuration with the lowest validation loss at C FLOPs, and its held-out (test) loss: the
+  choice is made on validation, the reported loss is not the one that chose it. Each curve is
+  read between its evaluation points by linear interpolation in (log C, log L), never
+  extrapolated; a configuration's seeds are averaged. The envelope need not fall monotonically:
+  just past the end of a small model's runs only larger models' earlier evaluations cover a
+  budget, and they can be worse;
 - ``L(C) = E + A * C^-alpha`` fitted to the frontier as ``log L = logaddexp(a - alpha * log C, e)``
   (``A = exp(a)``, ``E = exp(e)``, log C taken relative to a reference compute for conditioning)
   by minimising the **summed** Huber loss (delta = 1e-3) between predicted and observed log-loss
   with L-BFGS-B from a grid of starting points;
 - ``L(N, D) = E + A/N^alpha + B/D^beta`` the same way (log-sum-exp of three terms) on the runs'
   final losses;
-- **bootstrap** confidence intervals: the runs of a method are resampled with replacement, the
-  frontier rebuilt and refitted; for a pair (BP, DFA variant) each resample pairs one BP refit with
+- **bootstrap** confidence intervals: the configurations of a method are resampled with
+  replacement (and, where a configuration has several seeds, its seeds too), the frontier rebuilt
+  and refitted; for a pair (BP, DFA variant) each resample pairs one BP refit with
   one DFA refit, giving the crossover compute and the verdict's distribution;
 - the **verdict** as paper 2 states it: over the horizon [smallest compute measured, largest
   compute measured x 10^extrapolate], the sign of L_dfa(C) - L_bp(C) at the small end and at the
@@ -23,6 +28,7 @@ Porian et al. 2024):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -42,32 +48,64 @@ def huber(r: np.ndarray, delta: float = HUBER_DELTA):
 
 
 # ---------------------------------------------------------------- frontier
-def run_curve(points) -> tuple[np.ndarray, np.ndarray]:
-    """(log C, log L) of one run's evaluation points [(compute, loss), ...], sorted by compute."""
-    pts = sorted((float(c), float(l)) for c, l in points if c > 0 and l > 0)
-    return np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """One configuration's runs (one row per seed), evaluated at the same computes."""
+    compute: np.ndarray      # [points], increasing
+    select: np.ndarray       # [seeds, points]: the loss that picks a configuration (validation)
+    report: np.ndarray       # [seeds, points]: the loss reported for it (held out)
 
 
-def frontier(curves, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(compute, loss) of the envelope of `curves` (from run_curve) at the budgets of `grid` that
-    at least one run covers."""
+def curve(points, report=None) -> Curve:
+    """A Curve from one run's [(compute, loss), ...] (reported on the same loss unless `report`
+    gives other losses for the same points)."""
+    pts = sorted((float(c), float(l), float(r)) for (c, l), r in
+                 zip(points, report if report is not None else [l for _, l in points]) if c > 0 and l > 0 and r > 0)
+    c, l, r = (np.array([p[k] for p in pts]) for k in range(3))
+    return Curve(c, l[None], r[None])
+
+
+def seeds_curve(runs_points) -> Curve:
+    """A Curve from several seeds' runs of one configuration: [[(compute, select, report), ...], ...]
+    with the same computes in every run."""
+    rows = [sorted(points) for points in runs_points]
+    return Curve(np.array([p[0] for p in rows[0]], float), np.array([[p[1] for p in r] for r in rows], float),
+                 np.array([[p[2] for p in r] for r in rows], float))
+
+
+def frontier(curves, grid: np.ndarray, seeds=None) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, reported loss) of the envelope of `curves` at the budgets of `grid` that at least
+    one curve covers: at each budget the curve lowest on its selection loss. seeds: per curve the
+    seed rows to average (a bootstrap's draw); default every row."""
     log_grid = np.log(grid)
-    best = np.full(len(grid), np.inf)
-    for log_c, log_l in curves:
-        if len(log_c) == 0:
+    best, reported = np.full(len(grid), np.inf), np.full(len(grid), np.nan)
+    for k, cv in enumerate(curves):
+        if len(cv.compute) == 0:
             continue
-        inside = (log_grid >= log_c[0] - 1e-9) & (log_grid <= log_c[-1] + 1e-9)
-        if inside.any():
-            best[inside] = np.minimum(best[inside], np.interp(log_grid[inside], log_c, log_l))
+        rows = slice(None) if seeds is None else seeds[k]
+        x = np.log(cv.compute)
+        inside = np.nonzero((log_grid >= x[0] - 1e-9) & (log_grid <= x[-1] + 1e-9))[0]
+        if len(inside) == 0:
+            continue
+        sel = np.interp(log_grid[inside], x, np.log(cv.select[rows].mean(0)))
+        better = sel < best[inside]
+        best[inside[better]] = sel[better]
+        reported[inside[better]] = np.interp(log_grid[inside[better]], x, np.log(cv.report[rows].mean(0)))
     keep = np.isfinite(best)
-    return grid[keep], np.exp(best[keep])
+    return grid[keep], np.exp(reported[keep])
 
 
 def budget_grid(curves, points: int = 24) -> np.ndarray:
     """`points` log-spaced budgets from the smallest to the largest compute of the curves."""
-    lo = min(c[0] for c, _ in curves if len(c))
-    hi = max(c[-1] for c, _ in curves if len(c))
-    return np.exp(np.linspace(lo, hi, points))
+    lo = min(cv.compute[0] for cv in curves if len(cv.compute))
+    hi = max(cv.compute[-1] for cv in curves if len(cv.compute))
+    return np.exp(np.linspace(math.log(lo), math.log(hi), points))
+
+
+def rises(compute, loss) -> list[dict]:
+    """Where a frontier goes up with compute (see the module doc): each rise's budgets and size."""
+    return [{"from_flops": float(compute[i]), "to_flops": float(compute[i + 1]),
+             "rise": float(loss[i + 1] - loss[i])} for i in range(len(loss) - 1) if loss[i + 1] > loss[i]]
 
 
 # ---------------------------------------------------------------- L(C) = E + A C^-alpha
@@ -90,16 +128,29 @@ def _lse_objective(params, log_x: np.ndarray, log_y: np.ndarray):
     return loss.sum(), grad
 
 
+def _power_law_objective(params, log_x: np.ndarray, log_y: np.ndarray):
+    """_lse_objective for one term, log L = logaddexp(a - alpha * log_x, e): the bootstrap runs it
+    some 10^5 times per method, at half the general form's cost."""
+    a, alpha, e = params
+    t = a - alpha * log_x
+    top = np.maximum(t, e)
+    wt, we = np.exp(t - top), np.exp(e - top)
+    total = wt + we
+    loss, dloss = huber(top + np.log(total) - log_y)
+    st, se = wt * dloss / total, we * dloss / total
+    return loss.sum(), np.array([st.sum(), -(st * log_x).sum(), se.sum()])
+
+
 def one_blas_thread():
     """L-BFGS-B's tiny BLAS calls gain nothing from threads and, on a busy CPU, lose 30x to their
     contention: every fit runs inside this."""
     return threadpool_limits(1)
 
 
-def _fit_lse(log_x, log_y, starts, bounds):
+def _fit_lse(objective, log_x, log_y, starts, bounds):
     best = None
     for start in starts:
-        res = minimize(_lse_objective, np.asarray(start, float), args=(log_x, log_y), jac=True,
+        res = minimize(objective, np.asarray(start, float), args=(log_x, log_y), jac=True,
                        method="L-BFGS-B", bounds=bounds, options={"maxiter": 500, "ftol": 1e-12, "gtol": 1e-9})
         if best is None or res.fun < best.fun:
             best = res
@@ -127,9 +178,9 @@ def fit_power_law(compute, loss, reference: float | None = None, starts=None) ->
     if len(compute) < 4:
         raise ValueError(f"a power-law fit needs at least 4 points; got {len(compute)}")
     c0 = float(np.exp(np.log(compute).mean())) if reference is None else float(reference)
-    log_x, log_y = np.log(compute / c0)[:, None], np.log(loss)
+    log_x, log_y = np.log(compute / c0), np.log(loss)
     with one_blas_thread():
-        res = _fit_lse(log_x, log_y, starts or power_law_starts(log_y),
+        res = _fit_lse(_power_law_objective, log_x, log_y, starts or power_law_starts(log_y),
                        [(None, None), EXPONENT_BOUNDS, LOG_E_BOUNDS])
     a, alpha, e = (float(v) for v in res.x)
     return law(alpha, math.exp(e), math.exp(a) * c0 ** alpha, objective=float(res.fun), reference=c0,
@@ -162,8 +213,8 @@ def fit_nd(params, tokens, loss) -> dict:
     starts = [(a, al, b, be, e) for a in (lo - 2, hi) for al in (0.1, 0.5) for b in (lo - 2, hi)
               for be in (0.1, 0.5) for e in (lo - 2, lo - 0.3)]
     with one_blas_thread():
-        res = _fit_lse(log_x, log_y, starts, [(None, None), EXPONENT_BOUNDS, (None, None), EXPONENT_BOUNDS,
-                                              LOG_E_BOUNDS])
+        res = _fit_lse(_lse_objective, log_x, log_y, starts,
+                       [(None, None), EXPONENT_BOUNDS, (None, None), EXPONENT_BOUNDS, LOG_E_BOUNDS])
     a, alpha, b, beta, e = (float(v) for v in res.x)
     return {"alpha": alpha, "beta": beta, "E": math.exp(e), "A": math.exp(a) * n0 ** alpha,
             "B": math.exp(b) * d0 ** beta, "objective": float(res.fun), "points": len(l)}
@@ -198,13 +249,15 @@ def interval(values, level: float = 0.95) -> list[float] | None:
 
 
 def bootstrap_laws(curves, grid: np.ndarray, full_fit: dict, resamples: int, rng: np.random.Generator) -> list:
-    """Refits of L(C) on `resamples` resamplings of the runs (with replacement); None where a
-    resample's frontier has fewer than 4 points."""
+    """Refits of L(C) on `resamples` resamplings of the configurations (with replacement, and of
+    each one's seeds); None where a resample's frontier has fewer than 4 points."""
     fits = []
     with one_blas_thread():
         for _ in range(resamples):
             pick = rng.integers(0, len(curves), len(curves))
-            c, l = frontier([curves[i] for i in pick], grid)
+            chosen = [curves[i] for i in pick]
+            seeds = [rng.integers(0, len(cv.select), len(cv.select)) for cv in chosen]
+            c, l = frontier(chosen, grid, seeds)
             if len(c) < 4:
                 fits.append(None)
                 continue
