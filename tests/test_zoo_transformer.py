@@ -294,3 +294,105 @@ def test_linear_placement_shallow_and_layout():
     assert tiny("dfa", "micro").dfa.layout == "independent"
     with pytest.raises(ValueError, match="placement"):
         tiny("dfa", "wide")
+
+
+# ---------------------------------------------------------------- paper 1's architecture and the presets
+PAPER_ARCH = dict(pre_ln=False, positions="sinusoidal", embed_scale=True, activation="relu", ffn_dropout=True,
+                  head_bias=True, init="paper")
+
+
+def test_sinusoidal_positions_are_the_original_transformers():
+    from dfa_kernels.zoo.models.transformer import sinusoidal_positions
+    table = sinusoidal_positions(16, 32)
+    pos, i = 5, 3                                                  # feature pair (2i, 2i + 1)
+    angle = pos / 10000 ** (2 * i / 32)
+    torch.testing.assert_close(table[pos, 2 * i], torch.tensor(math.sin(angle)))
+    torch.testing.assert_close(table[pos, 2 * i + 1], torch.tensor(math.cos(angle)))
+    assert sinusoidal_positions(4, 7).shape == (4, 7)              # odd widths too
+
+
+@pytest.mark.parametrize("mode", ["bp", "dfa", "shallow"])
+def test_paper_architecture(pydoc, mode):
+    from dfa_kernels.zoo.models.transformer import PAPER_ARCHITECTURE
+    assert PAPER_ARCHITECTURE == PAPER_ARCH
+    model = tiny(mode, **PAPER_ARCH)
+    names = {n for n, _ in model.named_parameters()}
+    assert model.pos is None and not any(n.startswith("pos") for n in names)     # fixed positions
+    assert isinstance(model.ln_f, torch.nn.Identity) and "head.bias" in names
+    assert model.embed_scale == math.sqrt(32) and all(b.activation == "relu" for b in model.blocks)
+    # paper 1's initialisation: embedding and head uniform in +-0.1, zero biases where it has them
+    assert model.tok.weight.abs().max() <= 0.1 and model.head.weight.abs().max() <= 0.1
+    assert model.tok.weight.std() > 0.05                           # uniform(+-0.1): std 0.058
+    for b in model.blocks:
+        assert not b.qkv.bias.any() and not b.proj.bias.any() and b.fc1.bias.any()
+    # the forward: token embedding times sqrt(d) plus the sinusoid, into post-LN blocks
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    check = tiny(mode, **PAPER_ARCH)                               # same seed: same weights
+    with torch.no_grad():
+        x = check.tok(idx) * math.sqrt(32) + check.pos_table[:16]
+        for b in check.blocks:
+            x = b(x)
+        torch.testing.assert_close(check.hidden(idx), x)
+    logits, loss = step_loss(model, pydoc.splits["train"])
+    loss.backward()
+    learned = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert learned == ({"head.weight", "head.bias"} if mode == "shallow" else names)
+
+
+@pytest.mark.parametrize("mode", ["dfa", "bp"])
+def test_fused_relu_ffn_point_gives_the_same_gradients(pydoc, mode):
+    grads = []
+    for fused in (False, True):
+        model = tiny(mode, "micro", fused=fused, **PAPER_ARCH)
+        step_loss(model, pydoc.splits["train"])[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bad_architecture_arguments():
+    for kw, match in ((dict(positions="rotary"), "positions"), (dict(init="xavier"), "init"),
+                      (dict(activation="tanh"), "activation")):
+        with pytest.raises(ValueError, match=match):
+            tiny(**kw)
+
+
+def test_full_preset_is_the_table_5_row():
+    """lm-shakespeare "full": paper 1's train_lm.py with --optim schedule --init_lr 1e-4 --beta2 0.999."""
+    from dfa_kernels.zoo.models.transformer import PAPER_ARCHITECTURE
+    model, train = R.MODEL["lm-shakespeare"]["full"], R.TRAIN["lm-shakespeare"]["full"]
+    assert model == dict(layers=6, d_model=512, heads=8, d_ff=2048, context=128, dropout=0.1, **PAPER_ARCHITECTURE)
+    assert train == dict(epochs=100, steps_per_epoch=None, batch_size=64, eval_tokens=None, schedule="plateau",
+                         eps=1e-9, grad_clip=0.5, plateau=dict(factor=0.2, patience=1), patience=5, autocast=False)
+    for mode, placement in R.LR["lm-shakespeare"]["full"]:
+        assert R.lrs("lm-shakespeare", "full", mode, placement) == (1e-4, 1e-4)
+    assert R.FULL_DEPARTURES
+
+
+def test_tied_presets_tie_every_rate_and_share_one_grid():
+    for preset in R.TIED_PRESETS["lm-shakespeare"]:
+        grids = {mode: R.grid("lm-shakespeare", TrainConfig("lm-shakespeare", mode=mode, preset=preset))
+                 for mode in ("bp", "dfa", "shallow")}
+        assert grids["bp"] == grids["dfa"] == grids["shallow"] == R.TIED_GRID
+        for (mode, placement), (lr, head_lr) in R.LR["lm-shakespeare"][preset].items():
+            assert lr == head_lr, (preset, mode)
+            assert R.lrs("lm-shakespeare", preset, mode, placement, lr=3e-4) == (3e-4, 3e-4)
+    assert R.lrs("lm-shakespeare", "cpu", "dfa", "macro", lr=3e-4) == (3e-4, 1e-2)   # cpu: DFA's head apart
+    assert R.MODEL["lm-shakespeare"]["cpu-tied"] == R.MODEL["lm-shakespeare"]["cpu"]
+    assert R.TRAIN["lm-shakespeare"]["cpu-tied"] == R.TRAIN["lm-shakespeare"]["cpu"] == R.TRAIN["lm-shakespeare"]["cpu-paper"]
+
+
+def test_paper_training_options(monkeypatch):
+    """eps, clipping, the plateau's factor, early stopping and an epoch of one pass reach the run."""
+    monkeypatch.setitem(R.MODEL["lm-pydoc"], "paperlike", dict(TINY, **PAPER_ARCH))
+    monkeypatch.setitem(R.TRAIN["lm-pydoc"], "paperlike", dict(
+        epochs=3, steps_per_epoch=None, batch_size=8, eval_tokens=2048, schedule="plateau", eps=1e-9, grad_clip=0.5,
+        plateau=dict(factor=0.2, patience=1), patience=5, autocast=False))
+    monkeypatch.setitem(R.LR["lm-pydoc"], "paperlike", R._tied(1e-4, 1e-4, 1e-4))
+    run = get("lm-pydoc").build(TrainConfig("lm-pydoc", mode="dfa", preset="paperlike", progress=False))
+    tokens = len(R.load_data("lm-pydoc").splits["train"])
+    assert run.steps_per_epoch == tokens // (8 * 16) and run.patience == 5 and run.clip_grad == 0.5
+    assert run.plateau.factor == 0.2 and run.plateau.patience == 1 and run.scheduler is None
+    assert all(g["eps"] == 1e-9 and g["lr"] == 1e-4 for g in run.optimizer.param_groups)
+    hp = run.hyper_parameters
+    assert hp["eps"] == 1e-9 and hp["grad_clip"] == 0.5 and hp["stopping"].startswith("5 epochs")

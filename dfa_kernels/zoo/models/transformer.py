@@ -37,6 +37,21 @@ targets)`` then never materialises the [B, T, vocab] logits: the loss, its gradi
 gradient's projection to every point run chunk by chunk (``dfa.linear_cross_entropy``). In ``mode="shallow"``
 only those (final LN + head) learn; ``mode="bp"`` is ordinary backprop through the same model.
 The head is not tied to the token embedding, so that shallow mode really freezes the embedding.
+
+Two architectures, chosen by keyword (the defaults are the first):
+
+- GPT-2 style: pre-LN blocks with a final LayerNorm, learned positions (in mode dfa they learn
+  from the first point's signal, like the token embedding), GELU, a head without bias, GPT-2's
+  initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 layers)).
+- Paper 1's (its ``LMTransformer``, the original Transformer's encoder layer under a causal mask):
+  ``pre_ln=False`` (post-LN, no final LayerNorm), ``positions="sinusoidal"`` (fixed, nothing to
+  learn), ``embed_scale=True`` (token embeddings times sqrt(d_model)), ``activation="relu"``,
+  ``ffn_dropout=True`` (dropout after the FFN's activation), ``head_bias=True`` and
+  ``init="paper"`` (token embedding and head uniform in +-0.1, the head's bias zero, the blocks
+  PyTorch's defaults: qkv Xavier-uniform with zero bias as nn.MultiheadAttention, the other
+  linears nn.Linear's own, the attention output's bias zero). :data:`PAPER_ARCHITECTURE` holds
+  these keywords. Not reproduced: nn.TransformerEncoder deep-copies one initialised layer, so the
+  paper's blocks all start from the same weights; ours are drawn independently.
 """
 from __future__ import annotations
 
@@ -50,24 +65,52 @@ import dfa_kernels as dk
 
 PLACEMENTS = ("macro", "micro", "linear")
 POINTS_PER_BLOCK = {"macro": 1, "micro": 3, "linear": 6}
+POSITIONS = ("learned", "sinusoidal")
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+INITS = ("gpt2", "paper")
+# paper 1's architecture (see the module doc), as TransformerLM keywords
+PAPER_ARCHITECTURE = dict(pre_ln=False, positions="sinusoidal", embed_scale=True, activation="relu",
+                          ffn_dropout=True, head_bias=True, init="paper")
+
+
+def sinusoidal_positions(context: int, d_model: int) -> torch.Tensor:
+    """The original Transformer's fixed position encodings [context, d_model] (sin on even
+    features, cos on odd ones, wavelengths from 2 pi to 10000 * 2 pi)."""
+    position = torch.arange(context, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(context, d_model)
+    table[:, 0::2] = torch.sin(position * rate)
+    table[:, 1::2] = torch.cos(position * rate)[:, : d_model // 2]
+    return table
 
 
 class Block(nn.Module):
     """One Transformer block: causal self-attention then a GELU MLP, each with a residual.
 
     ``dfa`` (micro placement only) receives the inner feedback points; ``fused`` writes the FFN
-    point as ``dfa.linear(x, fc1, "gelu")`` instead of ``dfa.point(gelu(fc1(x)))`` (same maths).
+    point as ``dfa.linear(x, fc1, activation)`` instead of ``dfa.point(activation(fc1(x)))`` (same
+    maths). ``ffn_dropout``: dropout after the activation too (PyTorch's encoder layer, paper 1's);
+    the micro placement's FFN point then sits after it with ``fused=False`` (paper 1's order), before
+    it with ``fused=True``.
     """
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, pre_ln: bool = True):
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, pre_ln: bool = True,
+                 activation: str = "gelu", ffn_dropout: bool = False):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model={d_model} must be a multiple of heads={heads}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}")
         self.heads, self.pre_ln, self.dropout = heads, pre_ln, dropout
+        self.activation, self.ffn_dropout = activation, ffn_dropout
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
         self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
         self.drop = nn.Dropout(dropout)
+
+    def act_drop(self, h):
+        """Dropout after the FFN's activation (``ffn_dropout``), else the identity."""
+        return self.drop(h) if self.ffn_dropout else h
 
     def attend(self, qkv):
         """Causal multi-head attention of the qkv projection [B, T, 3C]; returns [B, T, C] (before proj)."""
@@ -86,8 +129,8 @@ class Block(nn.Module):
 
         def ffn_hidden(x):
             if dfa is not None and fused:
-                return dfa.linear(x, self.fc1, "gelu")
-            return point(F.gelu(self.fc1(x)))
+                return self.act_drop(dfa.linear(x, self.fc1, self.activation))
+            return point(self.act_drop(ACTIVATIONS[self.activation](self.fc1(x))))
 
         if self.pre_ln:                                     # GPT-2 style
             x = point(x + self.attention(self.ln1(x)))
@@ -100,13 +143,13 @@ class Block(nn.Module):
         def linear(h, layer, activation=None):
             if fused:
                 return dfa.linear(h, layer, activation)
-            return dfa.point(layer(h) if activation is None else F.gelu(layer(h)))
+            return dfa.point(layer(h) if activation is None else ACTIVATIONS[activation](layer(h)))
 
         def attention(h):
             return self.drop(linear(self.attend(linear(h, self.qkv)), self.proj))
 
         def ffn(h):
-            return self.drop(linear(linear(h, self.fc1, "gelu"), self.fc2))
+            return self.drop(linear(self.act_drop(linear(h, self.fc1, self.activation)), self.fc2))
 
         if self.pre_ln:
             x = x + attention(dfa.point(self.ln1(x)))
@@ -120,6 +163,8 @@ class TransformerLM(nn.Module):
 
     def __init__(self, vocab_size: int, context: int = 128, layers: int = 4, d_model: int = 128,
                  heads: int = 4, d_ff: int | None = None, dropout: float = 0.0, pre_ln: bool = True,
+                 positions: str = "learned", embed_scale: bool = False, activation: str = "gelu",
+                 ffn_dropout: bool = False, head_bias: bool = False, init: str = "gpt2",
                  placement: str = "macro", error_at: str = "hidden", mode: str = "dfa", fused: bool = True,
                  **dfa_kwargs):
         super().__init__()
@@ -127,21 +172,33 @@ class TransformerLM(nn.Module):
             raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}; got {placement!r}")
         if error_at not in ("hidden", "logits"):
             raise ValueError(f"error_at must be 'hidden' or 'logits'; got {error_at!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(map(repr, POSITIONS))}; got {positions!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}; got {init!r}")
         self.context, self.placement, self.error_at, self.fused = context, placement, error_at, fused
+        self.embed_scale = math.sqrt(d_model) if embed_scale else 1.0
         self.tok = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Embedding(context, d_model)
+        if positions == "learned":
+            self.pos = nn.Embedding(context, d_model)
+        else:                                               # fixed: a buffer, no parameter
+            self.pos = None
+            self.register_buffer("pos_table", sinusoidal_positions(context, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, heads, d_ff or 4 * d_model, dropout, pre_ln)
+        self.blocks = nn.ModuleList(Block(d_model, heads, d_ff or 4 * d_model, dropout, pre_ln, activation, ffn_dropout)
                                     for _ in range(layers))
         self.ln_f = nn.LayerNorm(d_model) if pre_ln else nn.Identity()
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head = nn.Linear(d_model, vocab_size, bias=head_bias)
         if placement == "linear":
             dfa_kwargs.setdefault("layout", "shared")       # paper 2's single B e (see the module doc)
         self.dfa = dk.DFA(mode=mode, **dfa_kwargs)
-        self.apply(self._init)
-        for name, p in self.named_parameters():             # GPT-2: scale the residual projections
-            if name.endswith(("proj.weight", "fc2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+        if init == "gpt2":
+            self.apply(self._init)
+            for name, p in self.named_parameters():         # GPT-2: scale the residual projections
+                if name.endswith(("proj.weight", "fc2.weight")):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+        else:
+            self._init_paper()
 
     @staticmethod
     def _init(m):
@@ -149,6 +206,25 @@ class TransformerLM(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def _init_paper(self):
+        """Paper 1's initialisation: its init_weights (token embedding and head uniform in +-0.1,
+        head bias 0) over PyTorch's defaults for the blocks (nn.MultiheadAttention: Xavier-uniform
+        in-projection, zero in- and out-projection biases; nn.Linear's own for the rest). Learned
+        positions, which the paper does not have, keep normal(0.02)."""
+        nn.init.uniform_(self.tok.weight, -0.1, 0.1)
+        nn.init.uniform_(self.head.weight, -0.1, 0.1)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
+        if self.pos is not None:
+            nn.init.normal_(self.pos.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.qkv.weight)
+            nn.init.zeros_(block.qkv.bias)
+            block.proj.reset_parameters()
+            nn.init.zeros_(block.proj.bias)
+            block.fc1.reset_parameters()
+            block.fc2.reset_parameters()
 
     @property
     def num_points(self) -> int:
@@ -159,7 +235,11 @@ class TransformerLM(nn.Module):
         T = idx.shape[1]
         if T > self.context:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.context}")
-        x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
+        positions = self.pos(torch.arange(T, device=idx.device)) if self.pos is not None else self.pos_table[:T]
+        x = self.tok(idx)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        x = self.drop(x + positions)
         if self.placement == "linear":
             x = self.dfa.point(x)                           # the embeddings' own signal
             for block in self.blocks:
