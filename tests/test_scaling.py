@@ -149,7 +149,10 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, corpus_file, m
     assert {v["verdict"] for v in saved["verdicts"].values()} <= set(fit.VERDICTS)
     for method, f in saved["fits"].items():
         assert len(f["power_law"]["alpha_ci"]) == 2 and f["compute_decades"] > 0.5, method
-    assert all(abs(r["relative_difference"]) < 0.02 for r in saved["flop_check"]["methods"].values())
+    assert len(saved["flop_check"]) == len(preset.sizes)
+    assert all(abs(r["relative_difference"]) < 0.02 for check in saved["flop_check"] for r in check["methods"].values())
+    assert saved["cost_ratios"]["1x16x2"]["bp"] == {"flops": 1.0, "wall": 1.0}
+    assert saved["cost_ratios"]["1x16x2"]["dfa-linear"]["flops"] < 0.9     # the head dominates this size
     # the verdict under every reading of the frontier, with its bootstrap
     assert set(saved["sensitivity"]) == {"primary", "all_evaluations", "late_evaluations", "no_short_budgets"}
     for reading in saved["sensitivity"].values():

@@ -57,6 +57,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -507,7 +508,8 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
     else:
         raise ValueError(f"--stage must be 'all', 'fit' or a stage number 1..{len(all_stages)}; got {stage!r}")
     if not (out / "flop_check.json").is_file():
-        _write_json(out / "flop_check.json", flop_check(preset.sizes[0], dataset.vocab_size, preset.context))
+        _write_json(out / "flop_check.json", [flop_check(size, dataset.vocab_size, preset.context)
+                                              for size in preset.sizes])
     started, load_start = time.perf_counter(), os.getloadavg()
     setup = setup_of(plan)
     runs = load_runs(out, setup)
@@ -528,7 +530,7 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
             if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
                 break
             runs[rid] = {**train_run(preset, job, dataset, *values, device=device, progress=progress),
-                         "preset": preset_name, "setup": setup}
+                         "preset": preset_name, "setup": setup, "git_sha": git_sha()}
             _write_json(out / "runs" / f"{rid}.json", runs[rid])
         done += 1
         bar.update(cost[job])
@@ -544,12 +546,11 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
                       or run_id(preset, j, *resolve(preset, j, runs)) not in runs)
         print(f"{missing} run(s) of the sweep still to do: rerun the same command to continue", file=sys.stderr)
         return None
-    result = analyse(preset, runs, json.loads((out / "flop_check.json").read_text()))
+    result = analyse(preset, runs, json.loads((out / "flop_check.json").read_text()), dataset.vocab_size)
     result.update(plan=plan, command=command, git_sha=git_sha(), data=dataset.info,
                   environment=_environment(device), finished=finished,
                   timing={"training_wall_s_all_runs": sum(r["wall_s"] for r in runs.values()),
-                          "runs_by_preset": {p: sum(r.get("preset") == p for r in runs.values())
-                                             for p in sorted({r.get("preset") for r in runs.values()})},
+                          "runs_by": dict(Counter(f"{r['preset']} at {r.get('git_sha')}" for r in runs.values())),
                           "invocations": invocations, "cpu_count": os.cpu_count()})
     _write_json(out / "scaling.json", result)
     plot(result, out)
@@ -672,7 +673,7 @@ VERDICT_KEYS = ("verdict", "verdict_meaning", "confidence", "bootstrap_verdicts"
                 "horizon_flops")
 
 
-def analyse(preset: Preset, runs: dict, flop_check_result: dict | None = None) -> dict:
+def analyse(preset: Preset, runs: dict, flop_check_result: list | None = None, vocab: int = 256) -> dict:
     """Frontier fits with bootstrap CIs, L(N, D) fits, the verdict of each DFA placement, and the
     verdicts under the other readings of the frontier (`variants`)."""
     rng = np.random.default_rng(preset.seeds[0])
@@ -702,7 +703,7 @@ def analyse(preset: Preset, runs: dict, flop_check_result: dict | None = None) -
                                                 "crossover_ci", "crossover_share")}
                          for m, c in comparisons.items() if m in DFA_METHODS},
             "sensitivity": sensitivity, "seed_spread": _seed_spread(chosen),
-            "bands": bands, "flop_check": flop_check_result,
+            "bands": bands, "flop_check": flop_check_result, "cost_ratios": _cost_ratios(preset, runs, vocab),
             "notes": {"verdict": "over [smallest compute both methods measured, largest measured x "
                                  "10^extrapolate_decades]; (A) DFA always "
                                  "better, (B) DFA better at scale, (C) BP better at scale, (D) BP always better; "
@@ -716,6 +717,20 @@ def analyse(preset: Preset, runs: dict, flop_check_result: dict | None = None) -
                       "compute": "training FLOPs (analytic, matmuls incl. attention and head; cross-checked in "
                                  "flop_check); evaluation not counted",
                       "loss": "nats per token (byte-level: per byte)"}}
+
+
+def _cost_ratios(preset: Preset, runs: dict, vocab: int) -> dict:
+    """Per size, each method's training FLOPs per token over BP's (analytic, as the fits count them)
+    and its measured wall time per step over BP's (the median over the size's runs: load-dependent)."""
+    out = {}
+    for size in preset.sizes:
+        flops = {m: flops_per_token(size, m, vocab, preset.context)["total"] for m in METHODS}
+        wall = {m: np.median([r["wall_s"] / r["steps"] for r in runs.values() if r["method"] == m
+                              and (r["layers"], r["d_model"], r["heads"]) == tuple(size) and r["status"] == "ok"]
+                             or [np.nan]) for m in METHODS}
+        out["x".join(map(str, size))] = {m: {"flops": flops[m] / flops["bp"], "wall": float(wall[m] / wall["bp"])}
+                                         for m in METHODS}
+    return out
 
 
 def _seed_spread(chosen: dict) -> dict:
