@@ -158,36 +158,50 @@ def probe_rate(preset: str, mode: str) -> tuple[float, float] | None:
 
 def plan() -> list[tuple[str, callable]]:
     """Every run, in the order they are launched: (stage, a function returning its spec, or None
-    while a run it depends on is missing)."""
+    while a run it depends on is missing). First what the others wait for (the tuning, DFA's
+    first), then the 300-step seeds, then the ladder from its top (the 4x budget) down, then the
+    probes."""
     jobs = []
 
     def add(stage, fn):
         jobs.append((stage, fn))
 
-    for preset in TUNED_PRESETS:                        # first: what the others wait for
+    def tuned_spec(p, m, steps, seed):
+        return lambda: None if winner(p, m) is None else spec(p, m, *winner(p, m), steps, seed)
+
+    tuning = [(p, m) for p in TUNED_PRESETS for m in MODES]
+    for preset, mode in sorted(tuning, key=lambda pm: (pm[1] != "dfa", pm[0] != "cpu-tied")):
+        for t in tuning_trials(preset, mode):
+            add(f"tune {preset}", lambda t=t: t)
+    for preset in ("cpu", *TUNED_PRESETS):
         for mode in MODES:
-            for t in tuning_trials(preset, mode):
-                add(f"tune {preset}", lambda t=t: t)
-        if preset == "cpu-tied":
-            for mode in MODES:
+            for seed in SEEDS:
+                add(f"seeds {preset}", tuned_spec(preset, mode, BASE_STEPS, seed))
+    for steps in sorted({st for budgets in LADDER.values() for st in budgets}, reverse=True):
+        for preset, budgets in LADDER.items():
+            if steps in budgets:
                 for seed in SEEDS:
-                    add("seeds cpu", lambda mode=mode, seed=seed: spec("cpu", mode, *winner("cpu", mode), BASE_STEPS, seed))
-    for preset in TUNED_PRESETS:
-        for mode in MODES:
-            for seed in SEEDS[1:]:
-                add(f"seeds {preset}", lambda p=preset, m=mode, seed=seed: (
-                    None if winner(p, m) is None else spec(p, m, *winner(p, m), BASE_STEPS, seed)))
-    for preset, budgets in LADDER.items():
-        for steps in budgets:
-            for mode in MODES:
-                for seed in SEEDS:
-                    add(f"ladder {preset}", lambda p=preset, m=mode, st=steps, seed=seed: (
-                        None if winner(p, m) is None else spec(p, m, *winner(p, m), st, seed)))
+                    for mode in MODES:
+                        add(f"ladder {preset}", tuned_spec(preset, mode, steps, seed))
     for preset in LADDER:
         for mode in MODES:
             add(f"probe {preset}", lambda p=preset, m=mode: (
                 None if probe_rate(p, m) is None else spec(p, m, *probe_rate(p, m), PROBE_STEPS, 0)))
     return jobs
+
+
+def running_commands() -> set[str]:
+    """The `one` commands running now on this machine (any driver's, or by hand), as shlex.join
+    of ["python", "benchmarks/lm_ablations.py", ...]."""
+    out = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode().split("\0")[:-1]
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[1].endswith("lm_ablations.py") and argv[2] == "one":
+            out.add(shlex.join(["python", "benchmarks/lm_ablations.py", *argv[2:]]))
+    return out
 
 
 def resolved() -> list[tuple[str, dict | None]]:
@@ -216,7 +230,8 @@ def show_plan() -> None:
 
 
 def run_all(jobs: int, nice: int, stages: list[str] | None) -> None:
-    """Launch the missing runs, `jobs` at a time, each as its own `one` command."""
+    """Launch the missing runs, `jobs` at a time, each as its own `one` command (runs already
+    running on this machine, from an earlier driver, count as running)."""
     running: dict[str, subprocess.Popen] = {}
     failed = set()
     logs = OUT / "logs"
@@ -228,17 +243,19 @@ def run_all(jobs: int, nice: int, stages: list[str] | None) -> None:
                 if proc.returncode:
                     failed.add(key)
                     print(f"FAILED ({proc.returncode}): {key}", flush=True)
-        pending = [s for stage, s in resolved() if s is not None and not run_path(s).is_file()
+        now = resolved()
+        elsewhere = running_commands() - set(running)
+        pending = [s for stage, s in now if s is not None and not run_path(s).is_file()
                    and (stages is None or stage.split()[0] in stages)]
-        pending = [s for s in pending if shlex.join(command(s)) not in running and shlex.join(command(s)) not in failed]
-        waiting = [1 for stage, s in resolved() if s is None and (stages is None or stage.split()[0] in stages)]
-        if not pending and not running:
+        pending = [s for s in pending if shlex.join(command(s)) not in running | failed | elsewhere]
+        waiting = [1 for stage, s in now if s is None and (stages is None or stage.split()[0] in stages)]
+        if not pending and not running and not elsewhere:
             print(f"finished; {len(failed)} failed, {len(waiting)} waiting for a tuning that did not finish", flush=True)
             return
-        while pending and len(running) < jobs:
+        while pending and len(running) + len(elsewhere) < jobs:
             s = pending.pop(0)
             key = shlex.join(command(s))
-            log = open(logs / (run_path(s).stem + f"_{s['preset']}.log"), "w")
+            log = open(logs / f"{s['preset']}_{run_path(s).stem}.log", "w")
             print(f"start: {key}", flush=True)
             running[key] = subprocess.Popen(["nice", "-n", str(nice), sys.executable, *command(s)[1:]], cwd=ROOT,
                                             stdout=log, stderr=subprocess.STDOUT)
