@@ -247,7 +247,7 @@ def run_all(jobs: int, nice: int, stages: list[str] | None) -> None:
         elsewhere = running_commands() - set(running)
         pending = [s for stage, s in now if s is not None and not run_path(s).is_file()
                    and (stages is None or stage.split()[0] in stages)]
-        pending = [s for s in pending if shlex.join(command(s)) not in running | failed | elsewhere]
+        pending = [s for s in pending if shlex.join(command(s)) not in set(running) | failed | elsewhere]
         waiting = [1 for stage, s in now if s is None and (stages is None or stage.split()[0] in stages)]
         if not pending and not running and not elsewhere:
             print(f"finished; {len(failed)} failed, {len(waiting)} waiting for a tuning that did not finish", flush=True)
