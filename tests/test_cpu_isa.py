@@ -3,7 +3,6 @@ each hand-tiled loop (the narrow outer product, the B generator, the relu epilog
 epilogue) is compiled once per path with its own tile sizes, so each path is tested against the
 reference here, forced in-process (`_C.set_cpu_isa`) or by DFA_KERNELS_CPU_ISA. A path this CPU
 cannot run is skipped with the reason (CI's CPU decides which run)."""
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 import dfa_kernels as dk
 from dfa_kernels import ops, reference
+from child_process import child_env
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="the compiled library is not loaded")
 torch_ops = torch.ops.dfa_kernels
@@ -94,8 +94,9 @@ def test_feedback_matrix_every_path(isa, distribution):
 
 def _run(env_isa: str) -> subprocess.CompletedProcess:
     code = "import dfa_kernels as dk; from dfa_kernels import ops; print(ops.cpu_isa()); print(dk.build_info()['cpu_isa'])"
+    # child_env: the dfa_kernels this process imported (after `pip install .`, not the checkout's)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "DFA_KERNELS_CPU_ISA": env_isa})
+                          env=child_env(DFA_KERNELS_CPU_ISA=env_isa))
 
 
 def test_environment_variable_forces_the_path():
@@ -109,7 +110,7 @@ def test_a_bad_path_is_refused_by_name():
     assert got.returncode != 0
     assert "DFA_KERNELS_CPU_ISA must be one of avx512, avx2, baseline" in got.stderr
     cli = subprocess.run([sys.executable, "-m", "dfa_kernels", "info"], capture_output=True, text=True,
-                         env={**os.environ, "DFA_KERNELS_CPU_ISA": "avx9000"})
+                         env=child_env(DFA_KERNELS_CPU_ISA="avx9000"))
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
     assert "DFA_KERNELS_CPU_ISA must be one of" in cli.stderr
 
