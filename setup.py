@@ -92,6 +92,12 @@ define_macros = []
 cxx_flags = ["-O3", "-g0", "-fno-math-errno"]
 nvcc_flags = ["-O3", "-lineinfo"]
 extra_link_args = []
+# The torch this library is built against, recorded in it: python_module.cpp stringizes the bare
+# tokens (as DFA_CUDA_ARCHS below) into a section that ops.py reads from the file before loading it.
+torch_version = str(torch.__version__)
+if not re.fullmatch(r"[0-9A-Za-z.+]+", torch_version):
+    sys.exit(f"dfa_kernels: torch version {torch_version!r} cannot be recorded as bare preprocessor tokens")
+cxx_flags.append("-DDFA_TORCH_VERSION=" + torch_version)
 # Same OpenMP runtime as torch (its at::parallel_for is inline and needs -fopenmp here).
 openmp = torch._C.has_openmp and sys.platform.startswith("linux")
 if openmp:

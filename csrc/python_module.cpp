@@ -1,7 +1,6 @@
 // dfa_kernels._C: importing it loads this library, whose static initializers register the ops
 // (torch.ops.dfa_kernels.*). It also reports how the library was built. Only setup.py builds it.
 #include <pybind11/pybind11.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <string>
@@ -11,13 +10,29 @@
 
 namespace py = pybind11;
 
+// setup.py passes strings as bare tokens (e.g. -DDFA_CUDA_ARCHS=8.0,9.0): no shell quoting needed.
+#define DFA_STRINGIZE_(...) #__VA_ARGS__
+#define DFA_STRINGIZE(...) DFA_STRINGIZE_(__VA_ARGS__)
+
+#ifndef DFA_TORCH_VERSION
+#error "DFA_TORCH_VERSION (torch.__version__ at build time) is set by setup.py, which alone builds this module"
+#endif
+
+// The torch this library was built against (torch.__version__, e.g. 2.14.1+cu130; TORCH_VERSION
+// lacks the local part, +cu130 or +cpu), in an ELF section of its own: dfa_kernels/ops.py reads it
+// from the file before loading the library, which under another torch fails with undefined symbols
+// or, worse, loads and misbehaves.
+#if defined(__ELF__)
+#define DFA_RECORD __attribute__((section(".dfa_torch_version"), used))
+#else  // elsewhere only build_config() reports it, once loaded
+#define DFA_RECORD
+#endif
+extern "C" DFA_RECORD const char dfa_kernels_torch_version_built[] = DFA_STRINGIZE(DFA_TORCH_VERSION);
+
 namespace {
 
 #ifdef DFA_CUDA_COMPILED
-// setup.py passes the arch list as bare tokens (e.g. -DDFA_CUDA_ARCHS=8.0,9.0): no shell quoting
-// needed. Stringize and split them here.
-#define DFA_STRINGIZE_(...) #__VA_ARGS__
-#define DFA_STRINGIZE(...) DFA_STRINGIZE_(__VA_ARGS__)
+// The arch list, stringized: split it here.
 #ifndef DFA_CUDA_ARCHS
 #define DFA_CUDA_ARCHS
 #endif
@@ -47,7 +62,7 @@ py::dict build_config() {
   d["cuda_archs"] = py::list();
   d["cuda_version_built"] = py::none();
 #endif
-  d["torch_version_built"] = TORCH_VERSION;
+  d["torch_version_built"] = dfa_kernels_torch_version_built;
 #ifdef _OPENMP
   d["openmp"] = true;
 #else

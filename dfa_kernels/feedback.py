@@ -17,6 +17,17 @@ SEED_LIMIT = 2**32
 INDEX_LIMIT = 2**32  # the hash indexes B's rows and columns with 32-bit integers
 
 
+# FeedbackSpec.matrix() builds B with the ops, which import this module: the spec is below them, so
+# the package hands the builder over at import (dfa_kernels/__init__.py, before any spec exists).
+_matrix_builder = None
+
+
+def set_matrix_builder(build) -> None:
+    """`build(spec, dtype=, device=, backend=)` -> B: what :meth:`FeedbackSpec.matrix` calls."""
+    global _matrix_builder
+    _matrix_builder = build
+
+
 def _is_int(value) -> bool:
     """An integer (numpy's too), not a bool (True is no width or seed) nor a float (2.5 is no width)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -74,10 +85,8 @@ class FeedbackSpec:
         return tuple(sum(self.widths[:l]) for l in range(len(self.widths)))
 
     def matrix(self, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto") -> torch.Tensor:
-        """B [out_features, total_width], unscaled."""
-        from . import ops
-
-        return ops.feedback_matrix(self, dtype=dtype, device=device, backend=backend)
+        """B [out_features, total_width], unscaled (built by ``dfa_kernels.ops.feedback_matrix``)."""
+        return _matrix_builder(self, dtype=dtype, device=device, backend=backend)
 
     def point_matrix(self, index: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
         """B_l [out_features, widths[index]], unscaled."""

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
 import numbers
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 
@@ -29,24 +32,77 @@ log = logging.getLogger("dfa_kernels")
 
 def _fallback_message(error: str) -> str:
     """What a failed load of the compiled library means for the user, and the fix."""
-    if "undefined symbol" in error:
-        why = f"it was built against another torch than the one running ({torch.__version__})"
-    elif "No module named" in error:
-        why = "it was not built (an install without the compile step?)"
+    if error.startswith("built against"):   # found from the file, before loading it (_load_compiled)
+        what = (f"the compiled library dfa_kernels._C was {error}, so it was not loaded (a library built against "
+                "another torch fails to load with undefined symbols, or loads and misbehaves)")
     else:
-        why = "see the error"
-    return (f"dfa_kernels: the compiled library dfa_kernels._C failed to load ({error}): {why}. The 'cpu' and "
-            "'cuda' backends (and the Triton ops' schemas) are unavailable, so backend='auto' runs the plain-PyTorch "
-            "'torch' backend, far slower. Fix: rebuild it against this torch: `pip install --no-build-isolation "
-            "-e .` in a checkout, or `pip install --no-build-isolation --force-reinstall --no-deps dfa-kernels`; "
-            "`dfa-kernels info` shows the build.")
+        if "undefined symbol" in error:
+            why = f"it was built against another torch than the one running ({torch.__version__})"
+        elif "No module named" in error:
+            why = "it was not built (an install without the compile step?)"
+        else:
+            why = "see the error"
+        what = f"the compiled library dfa_kernels._C failed to load ({error}): {why}"
+    return (f"dfa_kernels: {what}. The 'cpu' and 'cuda' backends (and the Triton ops' schemas) are unavailable, so "
+            "backend='auto' runs the plain-PyTorch 'torch' backend, far slower. Fix: rebuild it against this torch: "
+            f"{_rebuild_command()}; `dfa-kernels info` shows the build.")
 
 
-try:  # loading the compiled library registers torch.ops.dfa_kernels.*
-    from . import _C
-    _C_ERROR = None
-except ImportError as err:  # warned once here; in build_info(), `dfa-kernels info` and backend errors
-    _C, _C_ERROR = None, f"{type(err).__name__}: {err}"
+def _rebuild_command() -> str:
+    """The command that rebuilds the library against the running torch, for this kind of install."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "setup.py").is_file():   # a checkout (an editable install, or on sys.path)
+        return f"`pip install --no-build-isolation -e {root}`"
+    # --no-binary: from source, not from the wheel that holds this library (nor one pip cached)
+    return ("`pip install --no-build-isolation --force-reinstall --no-deps --no-cache-dir --no-binary dfa-kernels "
+            "dfa-kernels` (or, from a checkout or an sdist, `pip install --no-build-isolation --force-reinstall "
+            "--no-deps PATH`), or install the torch it was built against")
+
+
+TORCH_RECORD_SECTION = b".dfa_torch_version"
+
+
+def recorded_torch_version(library) -> str | None:
+    """The torch version a compiled dfa_kernels library was built against, read from its file (the
+    ELF section python_module.cpp writes) without loading it; None for a file without the record
+    (not ELF, or built before the record existed)."""
+    with open(library, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:  # 64-bit little-endian
+            return None
+        shoff, = struct.unpack_from("<Q", head, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
+        f.seek(shoff)
+        table = f.read(shentsize * shnum)
+        # each section header: name (an offset into the names section), type, flags, address, offset, size
+        sections = [struct.unpack_from("<IIQQQQ", table, i * shentsize) for i in range(shnum)]
+        f.seek(sections[shstrndx][4])
+        names = f.read(sections[shstrndx][5])
+        for name, _, _, _, offset, size in sections:
+            if names[name:names.find(b"\0", name)] == TORCH_RECORD_SECTION:
+                f.seek(offset)
+                return f.read(size).rstrip(b"\0").decode()
+    return None
+
+
+def _load_compiled():
+    """(the compiled library or None, why not). A library built against another torch is not
+    loaded at all: it fails with undefined symbols, or loads and misbehaves."""
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    try:
+        built = recorded_torch_version(spec.origin) if spec is not None and spec.origin else None
+    except (OSError, ValueError, IndexError, struct.error):
+        built = None   # a damaged file: the import below says what is wrong with it
+    if built is not None and built != torch.__version__:
+        return None, f"built against torch {built}, running torch {torch.__version__}"
+    try:  # loading the compiled library registers torch.ops.dfa_kernels.*
+        return importlib.import_module(f"{__package__}._C"), None
+    except ImportError as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+_C, _C_ERROR = _load_compiled()
+if _C is None:  # warned once here; in build_info(), `dfa-kernels info` and backend errors
     warnings.warn(_fallback_message(_C_ERROR), RuntimeWarning, stacklevel=2)
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")

@@ -9,7 +9,7 @@ training stops after that many rounds without a validation improvement; without 
 the same fixed budget. Both rules are the same for bp, dfa and shallow, and the result says which
 one ended the run.
 
-``alignment_every`` measures DFA's alignment with backprop (:func:`dfa_kernels.studies.alignment`)
+``alignment_every`` measures DFA's alignment with backprop (``dk.alignment``, :mod:`dfa_kernels.align`)
 every that many steps and at the last step, on the run's fixed ``probe`` batch, without changing
 the training (no optimizer step, gradients, buffers and RNG states restored).
 
