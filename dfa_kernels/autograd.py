@@ -1,10 +1,12 @@
 """The autograd functions behind ``dfa(y)`` and ``dfa.linear_cross_entropy``: one backward for all points.
 
 ``DFAOutput`` is the identity on the output y; its backward takes the error ``e = dL/dy``,
-launches one projection ``F = e @ B`` (or, for fused points, one ``project_points`` launch with the
-activation derivatives in its epilogue and one grouped weight-gradient launch) and returns each
-point's slice as that point's gradient. The autograd engine then computes every layer's weight
-gradients from those slices in the same pass: no hooks, no re-entrant ``.backward()``.
+turns it into the method's signal (e itself, sign(e), ternary e, or the class target: see
+:mod:`dfa_kernels.methods`), launches one projection ``F = signal @ B`` (or, for fused points or a
+learned B, one ``project_points`` launch with the activation derivatives in its epilogue and one
+grouped weight-gradient launch) and returns each point's slice as that point's gradient. The
+autograd engine then computes every layer's weight gradients from those slices in the same pass:
+no hooks, no re-entrant ``.backward()``.
 ``DFALinearCrossEntropy`` does the same with the error taken after a vocabulary head, chunk by
 chunk, without the [N, vocab] logits. A :class:`Plan` holds what a backward needs, as constants.
 """
@@ -14,7 +16,7 @@ import dataclasses
 
 import torch
 
-from . import ops
+from . import methods, ops, reference
 from .feedback import FeedbackSpec
 
 
@@ -115,6 +117,9 @@ class Plan:
     kinds: tuple[str, ...]
     activations: tuple[str, ...]
     error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
+    signal: str = "error"   # what is projected (methods.SIGNALS): "error", "sign", "ternary" or "target"
+    threshold: float = 0.1  # the ternary signal's threshold (methods.ternarize)
+    learned: bool = False   # B is a learned [out_features, D] tensor passed to the op (dkp), not the hash
     monitor: NonFiniteMonitor | None = dataclasses.field(default=None, compare=False, repr=False)
     # set while the DFA module captures (measurements, eager only): the backward fills it in
     capture: "Capture | None" = dataclasses.field(default=None, compare=False, repr=False)
@@ -129,39 +134,49 @@ class Plan:
 
 
 class DFAOutput(torch.autograd.Function):
+    """y' = y; backward: e = dL/dy for y, the projected signal for every point. `target` (class
+    indices [N] or a float [N, out_features], mode "drtp") and `feedback` (the learned B, mode "dkp")
+    are None for the other methods."""
+
     @staticmethod
-    def forward(ctx, y, plan, *tensors):
+    def forward(ctx, y, plan, target, feedback, *tensors):
         ctx.plan = plan
         ctx.shapes = [t.shape for t in tensors]
         ctx.dtypes = [t.dtype for t in tensors]
-        if plan.fused:  # the pre-activations and the linear layers' inputs and weights
-            ctx.save_for_backward(*tensors)
+        # the pre-activations and the linear layers' inputs and weights; a learned B reads the activities
+        ctx.save_for_backward(target, feedback, *(tensors if plan.fused or plan.learned else ()))
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
         plan = ctx.plan
         spec = plan.spec
+        target, feedback, *tensors = ctx.saved_tensors
         e = grad_y.reshape(-1, spec.out_features).contiguous()
         if plan.finite_check():  # a non-finite error: zero feedback and a zero gradient for y
             finite = torch.isfinite(e).all()
             plan.monitor.record(finite)
             e = torch.where(finite, e, 0.0)
             grad_y = e.view(grad_y.shape)
+        signal = methods.direct_signal(plan.signal, e, target, plan.threshold)
         if plan.error_dtype is not None:
-            e = e.to(plan.error_dtype)
-        if plan.fused:
-            return (grad_y, None, *_fused_backward(ctx, e))
+            signal = signal.to(plan.error_dtype)
+        if plan.fused or plan.learned:
+            outs = _project_points(plan, signal, feedback, tensors, [ctx.dtypes[s] for s in _starts(plan)])
+            record_signals(plan, e, outs, ctx.shapes)
+            grads = _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[4:], outs)
+            grad_feedback = learned_grad(plan, e, tensors, feedback) if ctx.needs_input_grad[3] else None
+            return (grad_y, None, None, grad_feedback, *grads)
         out_dtype = _common_dtype(ctx.dtypes)  # written by the projection: no cast pass after it
         if len(set(plan.scales)) == 1:
-            F = ops.project(e, spec, plan.storage, plan.backend, scale=plan.scales[0], out_dtype=out_dtype)
+            F = ops.project(signal, spec, plan.storage, plan.backend, scale=plan.scales[0], out_dtype=out_dtype)
         else:
-            F = ops.project(e, spec, plan.storage, plan.backend, col_scale=column_scales(plan, e.device),
+            F = ops.project(signal, spec, plan.storage, plan.backend, col_scale=column_scales(plan, e.device),
                             out_dtype=out_dtype)
         grads = [F[:, off:off + w].reshape(shape).to(dtype)
                  for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)]
         record_signals(plan, e, grads, ctx.shapes)
-        return (grad_y, None, *grads)
+        return (grad_y, None, None, None, *grads)
 
 
 def _common_dtype(dtypes) -> torch.dtype | None:
@@ -185,16 +200,42 @@ def _act_inputs(plan: Plan, tensors, N: int) -> list:
             for s, act, w in zip(_starts(plan), plan.activations, plan.spec.widths)]
 
 
-def _fused_backward(ctx, e: torch.Tensor) -> list:
-    """Gradients of every input tensor of the op: one project_points launch (activation
-    derivatives in its epilogue), then one grouped weight-gradient launch for the linear points."""
-    plan, tensors = ctx.plan, ctx.saved_tensors
-    out_dtype = _common_dtype(ctx.dtypes[s] for s in _starts(plan))  # the points' (pre-activations') dtype
-    outs = ops.project_points(e, plan.spec, plan.storage, plan.backend, scales=plan.scales,
-                              act_inputs=_act_inputs(plan, tensors, e.shape[0]), activations=list(plan.activations),
-                              out_dtype=out_dtype)
-    record_signals(plan, e, outs, ctx.shapes)
-    return _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[2:], outs)
+def _project_points(plan: Plan, signal: torch.Tensor, feedback, tensors, point_dtypes) -> list:
+    """Every point's delta [N, d_l] in one project_points launch (activation derivatives in its
+    epilogue): from the hash's B, or from the learned B `feedback` (scale already in it)."""
+    out_dtype = _common_dtype(point_dtypes)  # the points' (pre-activations') dtype
+    act_inputs = _act_inputs(plan, tensors, signal.shape[0])
+    if feedback is None:
+        return ops.project_points(signal, plan.spec, plan.storage, plan.backend, scales=plan.scales,
+                                  act_inputs=act_inputs, activations=list(plan.activations), out_dtype=out_dtype)
+    spec = plan.spec
+    backend = ops.resolve_backend(plan.backend, signal.device, "project_points", "materialized", spec.out_features)
+    B = feedback.detach().to(ops.stored_dtype(signal, backend)).contiguous()
+    args = (signal, B, spec.seed, spec.distribution, spec.density, list(spec.offsets), list(spec.widths),
+            [1.0] * len(spec.widths), [None if a is None else a.contiguous() for a in act_inputs],
+            list(plan.activations), out_dtype)
+    if backend == "torch":
+        return reference.project_points(*args)
+    return ops._op(backend, "project_points")(*args)
+
+
+def learned_grad(plan: Plan, e: torch.Tensor, tensors, feedback: torch.Tensor) -> torch.Tensor:
+    """DKP's gradient of the learned B [out_features, D]: e^T h_l for each point's activity h_l
+    (f(a) for a fused point), one grouped launch; in the shared layout the prefixes' rules add up."""
+    N = e.shape[0]
+    activities = []
+    for s, act, w in zip(_starts(plan), plan.activations, plan.spec.widths):
+        h = tensors[s] if act == "none" else reference.activation(tensors[s], act)
+        activities.append(h.reshape(N, w).float())
+    e32 = e.float()
+    parts = ops.grouped_weight_grad([e32] * len(activities), activities, plan.backend, out_dtype=torch.float32)
+    if plan.spec.layout == "independent":
+        grad = torch.cat(parts, 1)
+    else:
+        grad = e32.new_zeros(feedback.shape)
+        for part in parts:
+            grad[:, :part.shape[1]] += part
+    return grad.to(feedback.dtype)
 
 
 def _input_grads(plan: Plan, tensors, shapes, dtypes, needs_grad, outs) -> list:
@@ -251,8 +292,12 @@ class DFALinearCrossEntropy(torch.autograd.Function):
         out_dtype = _common_dtype(tensors[s].dtype for s in _starts(plan)) or torch.float32
         outs = [torch.empty(N, w, dtype=out_dtype, device=hidden.device) for w in plan.spec.widths]
 
+        classes = torch.where(target == ignore_index, -1, target) if plan.signal == "target" else None
+
         def project_chunk(start, stop, e_chunk):
             rows = [None if a is None else a[start:stop] for a in act_inputs]
+            e_chunk = methods.direct_signal(plan.signal, e_chunk, None if classes is None else classes[start:stop],
+                                            plan.threshold)
             if plan.error_dtype is not None:
                 e_chunk = e_chunk.to(plan.error_dtype)
             chunk = ops.project_points(e_chunk, plan.spec, plan.storage, plan.backend, scales=plan.scales,

@@ -24,6 +24,14 @@ The faithful choices are points on the stream after every block (``points="block
 ``input_points=`` point at the first block's input) so that the stream is cut at every block
 boundary ("micro"); ``detach=`` cuts a module's input without a point.
 :mod:`dfa_kernels.huggingface` builds these placements for Hugging Face causal LMs.
+
+**Layer-wise methods** (``mode="fa"``, "usf", "brsf", "frsf": :mod:`dfa_kernels.layerwise`) change
+the layers themselves, not the points: ``convert`` replaces every ``nn.Linear`` and ``nn.Conv2d``
+(or those ``layers=`` chooses) by a :class:`~dfa_kernels.layerwise.FeedbackLinear` /
+``FeedbackConv2d`` sharing its parameters, under the same name (no hook: their forward applies an
+autograd function). They read the mode of ``converted.dfa`` live: plain layers in the other modes,
+so one converted model runs every method. Points are still inserted where ``points`` says (none
+needed: a model without activation modules converts too), for the direct modes.
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import methods
+from .layerwise import FeedbackConv2d, FeedbackLinear, layer_seed
 from .nn import DFA
 
 # Module types after which `convert` inserts a feedback point by default.
@@ -211,7 +221,7 @@ class DetachInput:
         self.dfa, self.name = dfa, name
 
     def __call__(self, module, args, kwargs):
-        if self.dfa.mode == "bp":
+        if methods.passes_gradients(self.dfa.mode):
             return None
         return _replace_input(self.name, args, kwargs, torch.Tensor.detach)
 
@@ -289,6 +299,7 @@ class DFAModel(nn.Module):
         self.dfa = dfa
         self.output, self.output_module = output, output_module
         self.points: tuple[str, ...] = ()  # filled in by `attach`
+        self.layers: tuple[str, ...] = ()  # the layers with layer-wise feedback (FeedbackLinear/Conv2d)
         self.trace = PointTrace(False)      # active until the first DFA step has been checked
 
     def forward(self, *args, **kwargs):
@@ -307,7 +318,12 @@ class DFAModel(nn.Module):
         return result
 
     def begin_forward(self) -> None:
-        """Points pending now were not recorded by this forward: drop them, with a warning."""
+        """Points pending now were not recorded by this forward: drop them, with a warning. A
+        layer-wise mode needs converted layers."""
+        if self.dfa.mode in methods.LAYERWISE and not self.layers:
+            raise RuntimeError(f"mode {self.dfa.mode!r} changes each layer's input gradient, but this model was "
+                               "converted without layer-wise layers: convert it with a layer-wise mode or with "
+                               "layers= (e.g. layers=(nn.Linear, nn.Conv2d))")
         stale = self.dfa.discard_points()
         if stale:
             warnings.warn(f"DFAModel: discarded {stale} feedback point(s) recorded outside a forward pass (or by a "
@@ -326,7 +342,7 @@ class DFAModel(nn.Module):
                 raise ValueError(f"DFAModel: output={key!r} is not a key of the model's output; its keys: "
                                  f"{list(result.keys())}")
             loss = result.get("loss")
-            if (isinstance(loss, torch.Tensor) and loss.requires_grad and self.dfa.mode == "dfa"
+            if (isinstance(loss, torch.Tensor) and loss.requires_grad and self.dfa.mode in methods.DIRECT
                     and key != "loss"):
                 raise RuntimeError(
                     f"DFAModel: the model computed output['loss'] inside its forward, from output[{key!r}] before "
@@ -353,7 +369,7 @@ class DFAModel(nn.Module):
     def check_gradient_paths(self, roots: tuple[torch.Tensor, ...]) -> None:
         """Warn (once, :class:`HybridGradientWarning`) when the residual stream carries gradients past
         the points; `roots` are the tensors the output error enters the network through."""
-        if not self.trace.active or self.dfa.mode != "dfa" or not torch.is_grad_enabled():
+        if not self.trace.active or self.dfa.mode not in methods.DIRECT or not torch.is_grad_enabled():
             self.trace.names.clear()
             return
         names = list(self.trace.names)
@@ -365,7 +381,7 @@ class DFAModel(nn.Module):
 
     def extra_repr(self) -> str:
         shown = ", ".join(self.points[:6]) + (f", ... ({len(self.points)} in all)" if len(self.points) > 6 else "")
-        return f"points=[{shown}]"
+        return f"points=[{shown}]" + (f", layers={len(self.layers)}" if self.layers else "")
 
 
 # ---------------------------------------------------------------- the residual-stream check
@@ -459,9 +475,37 @@ def _fold_linear_activations(model: nn.Module, chosen: dict, dfa: DFA, trace) ->
                 setattr(parent, next_name, nn.Identity())
 
 
+def _is_layer(name: str, module: nn.Module) -> bool:
+    return type(module) in (nn.Linear, nn.Conv2d)
+
+
+def convert_layers(model: nn.Module, dfa: DFA, layers=None, constrain_weights: bool = False) -> list[str]:
+    """Replace the chosen layers of `model` (default: every module of type exactly nn.Linear or
+    nn.Conv2d; a subclass keeps its own forward unless chosen) by FeedbackLinear/FeedbackConv2d
+    sharing their parameters, under the same names, reading `dfa`'s mode. Layer i (in
+    ``named_modules`` order) gets the hash seed ``layer_seed(dfa.seed, i)``. Returns their names."""
+    chosen = select_modules(model, _is_layer if layers is None else layers, "layers")
+    wrapped = {}
+    for index, (name, module) in enumerate(chosen):
+        if isinstance(module, (FeedbackLinear, FeedbackConv2d)):
+            raise ValueError(f"layers: module {name!r} is already a feedback layer (converted twice?)")
+        if isinstance(module, nn.Linear):
+            wrapped[id(module)] = FeedbackLinear.from_module(module, dfa, layer_seed(dfa.seed, index), constrain_weights)
+        elif isinstance(module, nn.Conv2d):
+            wrapped[id(module)] = FeedbackConv2d.from_module(module, dfa, layer_seed(dfa.seed, index), constrain_weights)
+        else:
+            raise TypeError(f"layers: module {name!r} is a {type(module).__name__}; layer-wise feedback applies to "
+                            "nn.Linear and nn.Conv2d")
+    for parent in list(model.modules()):  # every place a chosen module sits (a shared one: all of them)
+        for child_name, child in list(parent.named_children()):
+            if id(child) in wrapped:
+                setattr(parent, child_name, wrapped[id(child)])
+    return [name for name, _ in chosen]
+
+
 def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, input_points=None, detach=None,
             output=None, output_module: str | None = None, inplace: bool = False, fuse: bool = False,
-            check_residual: bool = True, **dfa_kwargs) -> DFAModel:
+            check_residual: bool = True, layers=None, constrain_weights: bool = False, **dfa_kwargs) -> DFAModel:
     """Insert feedback points into an existing model and wrap its output, without touching its forward.
 
     points: where the points go, at module outputs (see the module docstring): None (every
@@ -482,7 +526,12 @@ def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, inp
     fuse: inside an ``nn.Sequential``, an ``nn.Linear`` directly followed by a chosen ReLU, GELU
       (exact), Tanh, Sigmoid or SiLU module becomes one :class:`DFALinear` point (the activation
       becomes ``nn.Identity``): activation derivative in the projection, weight gradients grouped.
-    inplace: modify `model` itself (default: a deep copy). Other keywords go to :class:`DFA`.
+    layers: the layers that get layer-wise feedback (modes fa, usf, brsf, frsf; see the module
+      docstring): globs, nn.Linear/nn.Conv2d types or a callable, as for points. Default: none in
+      a direct mode, every nn.Linear and nn.Conv2d in a layer-wise one.
+    constrain_weights: the layer-wise layers keep W at its initial norm (Moskovitz et al. 2018).
+    inplace: modify `model` itself (default: a deep copy). Other keywords go to :class:`DFA`
+      (``threshold`` for "ternary", ``init`` for the layer-wise matrices, ...).
 
     The converted model's outputs equal the original's, in train and eval mode; parameter names
     are unchanged (``converted.model.state_dict()`` loads into the original and back), and
@@ -501,8 +550,19 @@ def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, inp
         raise TypeError("convert: pass output= (a key or index of the forward's result) or output_module= "
                         "(a module name), not both")
     dfa = DFA(mode=mode, **dfa_kwargs)
+    layerwise = layers is not None or mode in methods.LAYERWISE
+    if fuse and layerwise:
+        raise ValueError("convert: fuse=True folds linear layers into dfa.linear points, which own their backward "
+                         "and have no layer-wise form; with layer-wise feedback (mode fa/usf/brsf/frsf or layers=) "
+                         "use fuse=False")
+    if constrain_weights and not layerwise:
+        raise ValueError("convert: constrain_weights=True applies to layer-wise layers: pass a layer-wise mode "
+                         "or layers=")
     model = model if inplace else copy.deepcopy(model)
-    return attach(DFAModel(model, dfa, output, output_module), points, input_points, detach, fuse, check_residual)
+    converted = DFAModel(model, dfa, output, output_module)
+    if layerwise:
+        converted.layers = tuple(convert_layers(model, dfa, layers, constrain_weights))
+    return attach(converted, points, input_points, detach, fuse, check_residual)
 
 
 def attach(converted: DFAModel, points=None, input_points=None, detach=None, fuse: bool = False,
@@ -513,7 +573,7 @@ def attach(converted: DFAModel, points=None, input_points=None, detach=None, fus
     chosen = {id(m): (n, m) for n, m in select_modules(model, points, "points")}
     starts = {id(m): (n, m) for n, m in select_modules(model, input_points, "input_points")} if input_points else {}
     cuts = select_modules(model, detach, "detach") if detach is not None else []
-    if not chosen and not starts:
+    if not chosen and not starts and not converted.layers:
         what = ("activation modules (torch's, transformers', timm's)" if points is None
                 else f"modules matching points={points!r}")
         raise ValueError(f"convert found no {what} in the model: pass points= (module-name globs such as "

@@ -13,6 +13,12 @@ Two fused forms do more of the backward inside that one op:
 - ``h = dfa.linear(x, layer, activation="relu")`` also owns the layer: the backward computes the
   weight gradients of every such layer in one grouped launch (none depends on another).
 
+The other methods of the random-feedback family are modes of the same module
+(:mod:`dfa_kernels.methods` has their update rules): the direct ones ("sdfa", "drtp", "ternary",
+"dkp") change what this one projection sends; in the layer-wise ones ("fa", "usf", "brsf", "frsf")
+the points and the output let gradients through, as in "bp", and the layers converted by
+``dk.convert`` (:mod:`dfa_kernels.layerwise`) use their feedback matrix in place of W^T.
+
 Model conversion (points inserted into an existing model) lives in :mod:`dfa_kernels.convert`.
 """
 from __future__ import annotations
@@ -26,16 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference
+from . import methods, ops, reference
 from .autograd import Capture, DFALinearCrossEntropy, DFAOutput, NonFiniteMonitor, Plan, Record
 from .feedback import FeedbackSpec
+from .layerwise import check_init
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support
     DTensor = None
 
-MODES = ("dfa", "bp", "shallow")
+MODES = methods.MODES
 ACTIVATION_NAMES = ops.ACTIVATIONS[1:]  # what dfa.point(..., activation=) and dfa.linear accept
 
 
@@ -71,7 +78,13 @@ class DFA(nn.Module):
     """Direct Feedback Alignment for one network: ``h = dfa.point(h)`` in forward, ``y = dfa(y)`` at the end.
 
     mode: "dfa" (points learn from e @ B_l), "bp" (exact gradients through the same model, for
-      baselines and alignment) or "shallow" (only layers after the last point learn). Settable live.
+      baselines and alignment) or "shallow" (only layers after the last point learn); the family's
+      other methods: "sdfa", "drtp", "ternary", "dkp" (direct) and "fa", "usf", "brsf", "frsf"
+      (layer-wise, with layers converted by ``dk.convert``); see :mod:`dfa_kernels.methods`.
+      Settable live (a switch to "dkp" creates its learned matrices at the next forward).
+    threshold: mode "ternary": per row, entries of e below threshold * the row's largest |e| send 0.
+    init: the layer-wise methods' matrix spread, "xavier" (biotorch's default) or "kaiming" (see
+      :mod:`dfa_kernels.layerwise`).
     seed, distribution, layout, density: the feedback matrix (see :class:`FeedbackSpec`).
     scale: "auto" (1/sqrt(d_l) per point, or 1/sqrt(max d) in the shared layout) or a number.
     storage: "virtual" | "materialized" | "auto";  backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
@@ -94,24 +107,30 @@ class DFA(nn.Module):
     def __init__(self, mode: str = "dfa", seed: int = 0, distribution: str = "uniform",
                  layout: str = "independent", scale="auto", storage: str = "auto", backend: str = "auto",
                  density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True,
-                 error_dtype="auto"):
+                 error_dtype="auto", threshold: float = 0.1, init: str = "xavier"):
         super().__init__()
-        self.mode = mode
         # validate the matrix options now rather than at the first forward
         FeedbackSpec(1, (1,), seed, distribution, layout, density).scales(scale)
         ops.resolve_storage(storage, FeedbackSpec(1, (1,)))
+        self.storage = storage
+        self.mode = mode
+        self.threshold = methods.check_threshold(threshold)
+        self.init = check_init(init)
         if backend != "auto" and backend not in ops.BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {ops.BACKENDS}; got {backend!r}")
         if batch_dims is not None and (not isinstance(batch_dims, int) or batch_dims < 1):
             raise ValueError(f"batch_dims must be None or a positive int; got {batch_dims!r}")
         self.seed, self.distribution, self.layout, self.density = seed, distribution, layout, density
-        self.scale, self.storage, self.backend = scale, storage, backend
+        self.scale, self.backend = scale, backend
         if not (error_dtype is None or error_dtype == "auto" or error_dtype in ops.FLOAT_DTYPES):
             raise ValueError(f"error_dtype must be 'auto', None or one of torch.float32, torch.float16, "
                              f"torch.bfloat16; got {error_dtype!r}")
         self.batch_dims, self.check_finite, self.error_dtype = batch_dims, check_finite, error_dtype
         self.spec: FeedbackSpec | None = None
         self._points: list[Record] = []
+        self._target: torch.Tensor | None = None  # dfa.targets(t): the class targets of the next dfa(y)
+        # mode "dkp": the learned matrix [out_features, D] (effective: scale included), made at its first forward
+        self.feedback: nn.Parameter | None = None
         self._nonfinite = NonFiniteMonitor()
         self._capture: Capture | None = None
 
@@ -129,9 +148,16 @@ class DFA(nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {value!r}")
+        methods.method(value)
+        if value == "dkp" and self.storage == "virtual":
+            raise ValueError("mode 'dkp' learns its feedback matrix, so B is materialized (a parameter): "
+                             "storage='virtual' cannot hold it; use storage='auto' or 'materialized'")
         self._mode = value
+
+    @property
+    def method(self) -> methods.Method:
+        """The current mode's point in the method space (signal, matrix, entry)."""
+        return methods.METHODS[self._mode]
 
     # ------------------------------------------------------------ forward
     def point(self, h: torch.Tensor, activation: str | None = None) -> torch.Tensor:
@@ -142,13 +168,14 @@ class DFA(nn.Module):
         projection applies f'(a) itself (fused epilogue), so a's gradient comes out of one kernel.
         """
         _check_tensor(h, "dfa.point(h)")
+        through = methods.passes_gradients(self._mode)
         if activation is None:
             self._points.append(Record(h))
-            return h if self._mode == "bp" else h.detach()
+            return h if through else h.detach()
         _check_activation(activation)
         self._points.append(Record(h, activation))
         out = reference.activation(h, activation)
-        return out if self._mode == "bp" else out.detach()
+        return out if through else out.detach()
 
     def linear(self, x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
         """``f(layer(x))`` as a feedback point whose layer is trained inside the DFA backward.
@@ -172,6 +199,7 @@ class DFA(nn.Module):
         activation = "none" if activation is None else activation
         if activation != "none":
             _check_activation(activation)
+        self._refuse_layerwise("dfa.linear(x, layer)", "use the plain layer (f(layer(x)), convert(fuse=False))")
         if self._mode == "bp" or not torch.is_grad_enabled():
             a = F.linear(x, layer.weight, layer.bias)
             self._points.append(Record(a, activation))
@@ -179,16 +207,26 @@ class DFA(nn.Module):
         with torch.no_grad():
             a = F.linear(x, layer.weight, layer.bias)
             out = a if activation == "none" else reference.activation(a, activation)
-        if self._mode == "dfa":
+        if self._mode != "shallow":
             self._points.append(Record(a, activation, x, layer.weight, layer.bias))
         else:  # shallow: the layer does not learn
             self._points.append(Record(a, activation))
         return out
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The DFA output: y itself, whose backward sends the method's signal to every point.
+
+        target: the class targets, for mode "drtp" (the others ignore it, so a training loop can
+        always pass it): class indices shaped like y's batch dims (negative: ignored, zero signal),
+        or a float tensor shaped like y (one-hot or soft targets, projected as they are). Instead
+        of passing it here, ``dfa.targets(t)`` before the forward gives it to the next ``dfa(y)``.
+        """
         points, self._points = self._points, []
+        target = self._take_target(target)
         self._check_nonfinite()
         _check_tensor(y, "dfa(y)")
+        if not points and self._mode in methods.LAYERWISE:  # the converted layers do the work: no point needed
+            return y
         if not points:
             raise RuntimeError("dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
                                "on hidden tensors during the same forward pass")
@@ -196,9 +234,60 @@ class DFA(nn.Module):
         spec = self._spec_for(y, [r.tensor for r in points])
         if self._capture is not None:
             self._start_capture(points, y)
-        if self._mode != "dfa" or not torch.is_grad_enabled():
+        feedback = self._learned(spec, y.device)  # made at the first forward, so an optimizer can take it
+        if self._mode not in methods.DIRECT or not torch.is_grad_enabled():
             return y
-        return DFAOutput.apply(y, self._plan(spec, points, y.device.type), *[t for r in points for t in r.inputs()])
+        plan = self._plan(spec, points, y.device.type)
+        target = self._target_rows(y, target) if plan.signal == "target" else None
+        return DFAOutput.apply(y, plan, target, feedback, *[t for r in points for t in r.inputs()])
+
+    def targets(self, target: torch.Tensor) -> None:
+        """Give the class targets to the next ``dfa(y)`` (mode "drtp"; see :meth:`forward`): for
+        converted models, whose forward does not take them. Consumed by that call."""
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"dfa.targets(target) expects a torch.Tensor; got {type(target).__name__}")
+        self._target = target
+
+    def _take_target(self, target):
+        pending, self._target = self._target, None
+        return pending if target is None else target
+
+    def _target_rows(self, y: torch.Tensor, target) -> torch.Tensor:
+        """The targets as the op takes them: class indices [N] or a float [N, out_features]."""
+        nb, K = self._batch_dims(y), self.spec.out_features
+        if target is None:
+            raise ValueError(f"mode {self._mode!r} projects the class targets, not the error: pass them as "
+                             "dfa(y, target=t) or call dfa.targets(t) before the forward (t: class indices "
+                             f"shaped like y's batch dims {tuple(y.shape[:nb])}, or a float tensor shaped like y)")
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"dfa(y, target=...): target must be a torch.Tensor; got {type(target).__name__}")
+        if target.device != y.device:
+            raise ValueError(f"dfa(y, target=...): target is on {target.device} but y is on {y.device}")
+        if target.is_floating_point():
+            if target.shape != y.shape:
+                raise ValueError(f"dfa(y, target=...): a float target must have y's shape {tuple(y.shape)}; got "
+                                 f"{tuple(target.shape)}")
+            return target.detach().reshape(-1, K)
+        if target.dtype == torch.bool or target.is_complex() or tuple(target.shape) != tuple(y.shape[:nb]):
+            raise ValueError(f"dfa(y, target=...): class targets must be integer indices shaped like y's batch "
+                             f"dims {tuple(y.shape[:nb])}; got {target.dtype} {tuple(target.shape)}")
+        return target.reshape(-1)
+
+    def _learned(self, spec: FeedbackSpec, device) -> nn.Parameter | None:
+        """Mode "dkp": the learned matrix, created from the hash's effective B at its first use."""
+        if self._mode != "dkp":
+            return None
+        if self.feedback is None:
+            B = torch.cat(self.feedback_matrices(device=device, fixed=True), 1) if spec.layout == "independent" \
+                else spec.matrix(torch.float32, device) * spec.scales(self.scale)[0]
+            self.feedback = nn.Parameter(B)
+        return self.feedback
+
+    def _refuse_layerwise(self, call: str, instead: str) -> None:
+        if self._mode in methods.LAYERWISE:
+            raise ValueError(f"{call} owns its layers' backward, which has no layer-wise form: mode "
+                             f"{self._mode!r} changes each converted layer's input gradient; {instead}, or a "
+                             f"direct mode ({', '.join(map(repr, methods.DIRECT))})")
 
     def linear_cross_entropy(self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor,
                              ignore_index: int = -100) -> torch.Tensor:
@@ -222,7 +311,13 @@ class DFA(nn.Module):
                         "(TransformerLM(error_at='hidden'))")
         from . import lm_head
 
+        self._refuse_layerwise("dfa.linear_cross_entropy", "take the error before the head: dfa(hidden), then "
+                               "the (converted) head and the loss")
+        if self._mode == "dkp":
+            raise ValueError("mode 'dkp' materializes its learned B [vocab, D], which the chunked head never "
+                             "does: take the error before the head (dfa(hidden), TransformerLM(error_at='hidden'))")
         points, self._points = self._points, []
+        self._target = None
         self._check_nonfinite()
         if not points:
             raise RuntimeError("dfa.linear_cross_entropy was called with no feedback point recorded")
@@ -232,7 +327,7 @@ class DFA(nn.Module):
         h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         if self._capture is not None:
             self._start_capture(points, None)
-        if self._mode != "dfa" or not torch.is_grad_enabled():
+        if self._mode not in methods.DIRECT or not torch.is_grad_enabled():
             return lm_head.linear_cross_entropy(h2, head.weight, t1, head.bias, ignore_index=ignore_index,
                                                 backend=self.backend)
         plan = self._plan(spec, points, hidden.device.type)
@@ -242,9 +337,10 @@ class DFA(nn.Module):
     def _plan(self, spec: FeedbackSpec, points: list[Record], device_type: str) -> Plan:
         kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
                       for r in points)
+        method = self.method
         return Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
-                    kinds, tuple(r.activation for r in points), self._error_dtype(device_type), self._nonfinite,
-                    self._capture)
+                    kinds, tuple(r.activation for r in points), self._error_dtype(device_type), method.signal,
+                    self.threshold, method.matrix == "learned", self._nonfinite, self._capture)
 
     def _check_nonfinite(self) -> None:
         """Raise for the non-finite errors of earlier backwards that the host has seen (no sync)."""
@@ -344,8 +440,8 @@ class DFA(nn.Module):
     def _start_capture(self, points: list[Record], y: torch.Tensor | None) -> None:
         cap = self._capture
         cap.start(points)
-        if self._mode != "bp" or not torch.is_grad_enabled():
-            return  # mode "dfa": the backward records (Plan.capture); "shallow": no point gets a signal
+        if not methods.passes_gradients(self._mode) or not torch.is_grad_enabled():
+            return  # direct modes: the backward records (Plan.capture); "shallow": no point gets a signal
         for index, record in enumerate(points):
             if record.tensor.requires_grad:
                 record.tensor.register_hook(functools.partial(_store, cap.signals, index))
@@ -354,8 +450,8 @@ class DFA(nn.Module):
             y.register_hook(lambda grad: setattr(cap, "error", grad.reshape(-1, width)))
 
     def reset(self) -> None:
-        """Forget the widths (the next forward pass fixes them again)."""
-        self.spec, self._points = None, []
+        """Forget the widths (the next forward pass fixes them again), and a learned matrix (mode "dkp")."""
+        self.spec, self._points, self._target, self.feedback = None, [], None, None
 
     @property
     def pending_points(self) -> tuple[Record, ...]:
@@ -375,10 +471,16 @@ class DFA(nn.Module):
         storage = ops.resolve_storage(self.storage, self.spec, device)
         return ops.resolve_backend(self.backend, device, "project", storage, self.spec.out_features)
 
-    def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:
-        """Effective [out_features, d_l] matrix of each point, scale applied, in point order."""
+    def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu",
+                          fixed: bool = False) -> list[torch.Tensor]:
+        """Effective [out_features, d_l] matrix of each point, scale applied, in point order: the
+        learned ones in mode "dkp" (once made), else (or with fixed=True) the hash's."""
         if self.spec is None:
             raise RuntimeError("feedback_matrices() needs the point widths: run one forward pass first")
+        if self._mode == "dkp" and self.feedback is not None and not fixed:
+            B = self.feedback.detach()
+            return [B[:, off:off + w].to(dtype=dtype, device=device)
+                    for off, w in zip(self.spec.offsets, self.spec.widths)]
         B = self.spec.matrix(torch.float32, device)
         return [(B[:, off:off + w] * s).to(dtype)
                 for off, w, s in zip(self.spec.offsets, self.spec.widths, self.spec.scales(self.scale))]
@@ -405,6 +507,13 @@ class DFA(nn.Module):
         if self.spec is not None:
             self.seed, self.distribution = self.spec.seed, self.spec.distribution
             self.layout, self.density = self.spec.layout, self.spec.density
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a learned matrix (mode "dkp") is made at the first forward: a checkpoint that has one makes it here
+        key = prefix + "feedback"
+        if key in state_dict and self.feedback is None:
+            self.feedback = nn.Parameter(torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"mode={self._mode!r}, seed={self.seed}, distribution={self.distribution!r}, "

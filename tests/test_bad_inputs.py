@@ -221,7 +221,7 @@ def test_triton_ops_refuse_or_read_strides():
 
 # ================================================================ the DFA module
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(mode="fa"), ["mode must be one of", "'dfa'", "'fa'"]),
+    (dict(mode="backprop"), ["mode must be one of", "'dfa'", "'backprop'"]),
     (dict(distribution="normal"), ["distribution must be one of", "'normal'"]),
     (dict(layout="tied"), ["layout must be one of", "'tied'"]),
     (dict(backend="tpu"), ["backend must be 'auto' or one of", "'tpu'"]),

@@ -170,7 +170,7 @@ def test_bad_points_and_changing_widths():
     dfa.reset()
     dfa.point(torch.randn(4, 9))
     dfa(torch.randn(4, 2))
-    for kwargs, match in (({"mode": "fa"}, "mode must be one of"), ({"distribution": "x"}, "distribution"),
+    for kwargs, match in (({"mode": "backprop"}, "mode must be one of"), ({"distribution": "x"}, "distribution"),
                           ({"layout": "x"}, "layout"), ({"scale": "x"}, "scale must be"),
                           ({"storage": "x"}, "storage"), ({"backend": "x"}, "backend")):
         with pytest.raises(ValueError, match=match):
