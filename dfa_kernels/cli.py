@@ -143,6 +143,7 @@ def _train(args) -> None:
         raise UsageError("name a TASK (dfa-kernels train --list shows them)")
     task = _task(args.task)
     from .zoo import distributed
+    from .zoo.checkpoint import CheckpointError
     from .zoo.training import run_task
     world = distributed.init(args.device)      # a torchrun worker (WORLD_SIZE > 1), else None
     if world is None and args.nproc > 1:
@@ -151,6 +152,9 @@ def _train(args) -> None:
     try:
         run_task(task, _config(args, compile=args.compile, fsdp=args.fsdp), world=world,
                  checkpoint_every=args.checkpoint_every, resume=args.resume, stop_after=args.stop_after)
+    except CheckpointError as err:   # --resume of a checkpoint this run cannot continue: one line
+        first, *listed = str(err).splitlines()
+        raise UsageError(" ".join([f"--resume {args.resume}: {first}", "; ".join(s.strip() for s in listed)])) from None
     finally:
         if world is not None:
             import torch.distributed
@@ -278,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                    help="write OUT/TASK/VARIANT/checkpoint.pt every STEPS steps (atomically)")
     s.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run from its checkpoint (a run folder, or the checkpoint file)")
+                   help="continue the run from its checkpoint (a run folder, or the checkpoint file), with the "
+                        "first run's options; a larger --epochs trains it for longer (the learning-rate schedule "
+                        "stays the first run's)")
     s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="end this session after STEPS steps in total, with a checkpoint (continue with --resume)")
     add_run_options(s)

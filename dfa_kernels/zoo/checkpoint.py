@@ -11,6 +11,12 @@ Writing: to a temporary file in the same folder, flushed and fsync'ed, then ``os
 the previous checkpoint (and the folder fsync'ed): a crash while saving leaves the previous
 checkpoint whole, never a partial one. Loading refuses a checkpoint whose identity differs from
 the run's, naming every difference.
+
+The one thing a resumed run may change is its budget, the number of epochs it trains in all (a
+finished run can train for longer): the checkpoint also records the budget of the session that
+wrote it (``epochs``), and :func:`~.training.train` rebuilds the run with the epochs its first
+session was built with, so the learning-rate schedule and the hyper-parameters stay the first
+run's (kept, not restarted: past its planned end a schedule goes on as its formula does).
 """
 from __future__ import annotations
 
@@ -26,6 +32,15 @@ FORMAT = 1
 FILENAME = "checkpoint.pt"
 # TrainConfig fields that do not change what is trained (where results go, the progress bar)
 NOT_IDENTITY = ("out", "progress")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this run cannot resume from: not a checkpoint, another run's, or a budget the
+    run has gone past. The CLI reports it in one line (exit status 2)."""
+
+
+class MissingCheckpoint(CheckpointError, FileNotFoundError):
+    """No checkpoint where --resume points."""
 
 
 def _plain(value):
@@ -105,29 +120,54 @@ def atomic_save(obj, path) -> None:
 
 
 def save(path, trainer, meta: dict) -> None:
-    """Checkpoint `trainer` (collective in a distributed run: every rank calls it, rank 0 writes)."""
+    """Checkpoint `trainer` (collective in a distributed run: every rank calls it, rank 0 writes),
+    with its budget (``epochs``: how many epochs this session trains in all)."""
     state = trainer.state_dict()
     if trainer.main:
-        atomic_save({"format": FORMAT, "identity": meta, "trainer": state}, path)
+        atomic_save({"format": FORMAT, "identity": meta, "trainer": state, "epochs": trainer.run.epochs}, path)
     if trainer.world is not None:  # no rank returns (and may resume from it) before the file is whole
         torch.distributed.barrier()
+
+
+def read(path) -> dict:
+    """The checkpoint at `path` (a file or a run folder), as saved ("identity", "trainer", "epochs"),
+    with its "file"; not yet checked against a run (:func:`verify`)."""
+    file = resolve(path)
+    if not file.is_file():
+        raise MissingCheckpoint(f"no checkpoint at {file} (--resume takes a run folder holding {FILENAME}, "
+                                f"or the file)")
+    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a dfa-kernels checkpoint of format {FORMAT}")
+    return {**ckpt, "file": file}
+
+
+def verify(ckpt: dict, meta: dict) -> dict:
+    """The trainer state of `ckpt` (from :func:`read`), after checking that it was written by this
+    run (`meta`: :func:`identity` of the freshly built run)."""
+    diff = differences(ckpt["identity"], meta)
+    if diff:
+        shown = "\n  ".join(diff[:12]) + (f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else "")
+        raise CheckpointError(
+            f"checkpoint {ckpt['file']} was written by another run; not resuming. Resume with the first run's "
+            f"options: only --epochs may differ (it sets how many epochs the run trains in all, so a larger "
+            f"--epochs trains it for longer). Differences:\n  {shown}")
+    return ckpt["trainer"]
 
 
 def load(path, meta: dict) -> dict:
     """The trainer state of the checkpoint at `path` (a file or a run folder), after checking that
     it was written by this run (`meta`: :func:`identity` of the freshly built run)."""
-    file = resolve(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file} (--resume takes a run folder holding {FILENAME}, "
-                                f"or the file)")
-    ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{file} is not a dfa-kernels checkpoint of format {FORMAT}")
-    diff = differences(ckpt["identity"], meta)
-    if diff:
-        shown = "\n  ".join(diff[:12]) + (f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else "")
-        raise ValueError(f"checkpoint {file} was written by another run; not resuming. Differences:\n  {shown}")
-    return ckpt["trainer"]
+    return verify(read(path), meta)
+
+
+def check_budget(ckpt: dict, epochs: int, steps_per_epoch: int) -> None:
+    """A resumed run's budget of `epochs` must not lie behind the checkpoint's step."""
+    step = ckpt["trainer"]["step"]
+    if step > epochs * steps_per_epoch:
+        raise CheckpointError(f"checkpoint {ckpt['file']} is at step {step}, past a budget of {epochs} epochs "
+                              f"({epochs * steps_per_epoch} steps): resume with --epochs "
+                              f"{-(-step // steps_per_epoch)} or more")
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..align import plot_alignment
 from ..provenance import provenance
 from . import checkpoint, distributed
 from .tasks import MODES, Task, TrainConfig, TrainResult, dfa_backend
@@ -23,12 +24,23 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
           checkpoints: checkpoint.Checkpoints | None = None, on_step=None) -> TrainResult:
     """Build the task's run (unless given), train it with the shared loop; the result holds the
     selected model. `world`: this process's rank of a distributed job (None: one process);
-    `checkpoints`: save / resume / stop early (raises :class:`~.trainer.Stopped` when it stops);
+    `checkpoints`: save / resume / stop early (raises :class:`~.trainer.Stopped` when it stops; a
+    resume may change ``config.epochs``, the budget, see :mod:`.checkpoint`, when the run is built here);
     `on_step(trainer)`: called after every step (after any checkpoint), e.g. to log."""
     if config.fsdp and world is None:
         raise ValueError("fsdp shards the model across processes: launch with --nproc N (N > 1) or torchrun")
+    resume = checkpoint.read(checkpoints.resume) if checkpoints is not None and checkpoints.resume else None
+    budget_note = None
     if run is None:
+        budget = config.epochs
+        if resume is not None:   # rebuilt with the first session's epochs: its schedule and hyper-parameters
+            config = dataclasses.replace(config, epochs=resume["identity"]["config"]["epochs"])
         run = task.build(dataclasses.replace(config, device=distributed.rank_device(config.device, world)))
+        if resume is not None:   # the budget: this command's --epochs, else the checkpoint's
+            built, run.epochs = run.epochs, budget or resume.get("epochs") or run.epochs
+            if run.epochs != built:
+                budget_note = (f"built for {built} epochs (the learning-rate schedule and these hyper-parameters "
+                               f"are that run's), trained up to {run.epochs}")
     strategy = "fsdp" if config.fsdp else "ddp"
     trainer = Trainer(run, progress=config.progress, alignment_every=config.alignment_every,
                       desc=f"{task.name} [{variant_name(task, config)}]", world=world, strategy=strategy,
@@ -37,8 +49,10 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
     if checkpoints is not None:
         def meta():
             return checkpoint.identity(task.name, config, run, 1 if world is None else world.size, trainer.strategy)
-        if checkpoints.resume is not None:
-            trainer.load_state_dict(checkpoint.load(checkpoints.resume, meta()))
+        if resume is not None:
+            state = checkpoint.verify(resume, meta())
+            checkpoint.check_budget(resume, run.epochs, run.steps_per_epoch)
+            trainer.load_state_dict(state)
         callbacks.append(checkpoints.callback(meta))
     if on_step is not None:
         callbacks.append(on_step)
@@ -50,8 +64,11 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
     artefacts = []
     if run.finish is not None and config.out is not None and trainer.main:
         artefacts = run.finish(run.model, Path(config.out))
+    hyper_parameters = dict(run.hyper_parameters)
+    if budget_note:
+        hyper_parameters["epochs_changed_on_resume"] = budget_note
     return TrainResult(history=fitted.history, final=fitted.final, backend=dfa_backend(run.model, config.device),
-                       config=dict(run.hyper_parameters), artefacts=artefacts, alignment=fitted.alignment,
+                       config=hyper_parameters, artefacts=artefacts, alignment=fitted.alignment,
                        model=run.model, select=f"val_{run.select}", resumed_at=trainer.resumed_at)
 
 
@@ -135,7 +152,6 @@ def run_task(task: Task, config: TrainConfig, *, world: distributed.World | None
         metrics["distributed"] = {"world_size": world.size, "strategy": "fsdp" if config.fsdp else "ddp",
                                   "backend": torch.distributed.get_backend()}
     if result.alignment:
-        from ..studies.alignment import plot_alignment
         metrics["alignment"] = result.alignment
         plot_alignment(result.alignment, run_dir / "alignment.png", f"{task.name}: DFA vs BP alignment")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
