@@ -396,3 +396,21 @@ def test_paper_training_options(monkeypatch):
     assert all(g["eps"] == 1e-9 and g["lr"] == 1e-4 for g in run.optimizer.param_groups)
     hp = run.hyper_parameters
     assert hp["eps"] == 1e-9 and hp["grad_clip"] == 0.5 and hp["stopping"].startswith("5 epochs")
+
+
+def test_tied_presets_hold_their_tuning_winners():
+    """cpu-tied and cpu-paper's LR tables hold the winners of benchmarks/lm_ablations.py's tuning
+    (benchmarks/results/zoo/lm_ablations/tuning-PRESET.json; DFA tuned in the macro placement)."""
+    import json
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo" / "lm_ablations"
+    reports = sorted(folder.glob("tuning-*.json"))
+    if not reports:
+        pytest.skip("no LM ablation tuning report committed yet")
+    for path in reports:
+        report = json.loads(path.read_text())
+        for variant, result in report["modes"].items():
+            mode = variant.split("-")[0]
+            assert [t["hp"] for t in result["trials"]] == R.TIED_GRID, (path.name, variant)
+            config = TrainConfig("lm-shakespeare", mode=mode, preset=report["preset"])
+            assert R.tuned("lm-shakespeare", config) == result["best"], (path.name, variant)
