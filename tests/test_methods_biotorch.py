@@ -1,11 +1,10 @@
 """The layer-wise methods against biotorch itself (jsalbert/biotorch 0.0.16, its default Xavier preset).
 
-Skipped where biotorch is not installed. It installs without its dependencies (its layers need only
-torch): ``pip install --no-deps biotorch==0.0.16`` in a virtual environment that sees this one's
-packages (``python -m venv --system-site-packages``), then run this file with that environment's
-python. Each case hands biotorch the matrices ours uses (``feedback_matrix()``): fa's B as
-``weight_backward``; for frsf fa's B too (biotorch keeps |B| and multiplies by sign(W) itself); for
-brsf this step's |R_t| through biotorch's own redraw (``xavier_uniform_``, patched for the step);
+biotorch is pinned in requirements/oracles.txt, which the README's test command installs with
+``--no-deps`` (its layers need only torch; its own pins would downgrade torch), so CI runs this file;
+elsewhere it skips with that command as the reason. Each case hands biotorch the matrices ours uses
+(``feedback_matrix()``): fa's B as ``weight_backward``; for frsf fa's B too (biotorch keeps |B| and
+multiplies by sign(W) itself); for brsf this step's |R_t| through biotorch's own redraw (``xavier_uniform_``, patched for the step);
 usf gets nothing: biotorch computes its σ·sign(W) from its own scaling factor.
 """
 import copy
@@ -19,7 +18,7 @@ from torch import nn
 import dfa_kernels as dk
 from dfa_kernels import layerwise
 
-biotorch = pytest.importorskip("biotorch")
+biotorch = pytest.importorskip("biotorch", reason="biotorch not installed: pip install --no-deps -r requirements/oracles.txt")
 from biotorch.layers import fa_constructor  # noqa: E402
 from biotorch.module.biomodule import BioModule  # noqa: E402
 
