@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import methods
 from .figures import save_figure
 from .nn import DFA
 
@@ -183,10 +184,12 @@ def alignment(model: nn.Module, loss_fn, batch, *, samples: int = SAMPLES, eval_
     outputs). Returns a JSON-ready dict: per DFA module, per point, "signal" and "update" stats;
     "network" (all DFA-trained parameters); "deepest" (the first point of the first DFA module:
     the DFA-trained layer farthest from the output); "measured_in". `mode` is the mode compared
-    with backprop: "dfa", or "bp" as a control (every cosine is then 1).
+    with backprop: "dfa" or another direct method (its own signal: sign(e), q(e), the target, a
+    learned B), or "bp" as a control (every cosine is then 1).
     """
-    if mode not in ("dfa", "bp"):
-        raise ValueError(f"alignment: mode must be 'dfa' or 'bp' (the control); got {mode!r}")
+    if mode not in methods.DIRECT + ("bp",):
+        raise ValueError(f"alignment: mode must be a direct method ({', '.join(methods.DIRECT)}) or 'bp' (the "
+                         f"control); got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"alignment: model must be an nn.Module; got {type(model).__name__}")
     dfas = _dfa_modules(model)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .zoo.tasks import MODES
+from .zoo.tasks import BASE_MODES, MODES
 
 
 class UsageError(Exception):
@@ -39,12 +39,19 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
-def _task(name: str):
+def _task(name: str, modes=()):
+    """The zoo task `name`, refusing in one line a mode of `modes` it does not train."""
     from .zoo import tasks
     try:
-        return tasks.get(name)
+        task = tasks.get(name)
     except KeyError as err:
         raise UsageError(f"{err.args[0]} (dfa-kernels train --list describes them)") from None
+    for mode in modes:
+        try:
+            task.check_mode(mode)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return task
 
 
 def _check_device(device: str) -> None:
@@ -141,7 +148,7 @@ def _train(args) -> None:
         return
     if not args.task:
         raise UsageError("name a TASK (dfa-kernels train --list shows them)")
-    task = _task(args.task)
+    task = _task(args.task, [args.mode])
     from .zoo import distributed
     from .zoo.checkpoint import CheckpointError
     from .zoo.training import run_task
@@ -175,14 +182,14 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def _compare(args) -> None:
-    task = _task(args.task)
+    task = _task(args.task, args.modes)
     from .zoo.training import compare_task
     compare_task(task, _config(args), seeds=args.seeds, modes=args.modes, feedbacks=args.feedback,
                  placements=args.placement, json_path=Path(args.json) if args.json else None)
 
 
 def _align(args) -> None:
-    _task(args.task)
+    _task(args.task, [args.mode])
     from .studies.alignment import run_study
     run_study(args.task, _config(args, alignment_every=args.every), measurements=args.measurements)
 
@@ -194,7 +201,7 @@ def _tsne(args) -> None:
 
 
 def _tune(args) -> None:
-    task = _task(args.task)
+    task = _task(args.task, args.modes)
     from .zoo.tuning import tune
     tune(task, _config(args), modes=args.modes, json_path=Path(args.json) if args.json else None,
          placements=args.placement)
@@ -264,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_modes_and_report(s):
         """Options of a command over several modes that writes one report (compare, tune)."""
-        s.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+        s.add_argument("--modes", nargs="+", default=list(BASE_MODES), choices=MODES,
+                       help="methods to run (default: bp dfa shallow); any of the family (dfa_kernels.methods)")
         s.add_argument("--json", default=None, help="also write the report here")
 
     s = sub.add_parser("train", help="train one zoo task in one mode")

@@ -18,7 +18,7 @@ TUNED = [name for name, task in sorted(tasks.all_tasks().items()) if task.grid i
 # what a recipe's data and models need (a task whose package is missing is skipped)
 NEEDS = {"graph": "torch_geometric", "recsys": "sklearn", "nerf": "pybullet"}
 # resolved hyper-parameters that name the variant rather than configure it
-IDENTITY = {"mode", "placement", "feedback_points", "note"}
+IDENTITY = {"mode", "placement", "feedback_points", "note", "layers_converted", "feedback_optimizer"}
 
 
 def recipe(task) -> object:

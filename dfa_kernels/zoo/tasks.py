@@ -15,14 +15,28 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from .trainer import Run
 
-MODES = ("bp", "dfa", "shallow")
-RECIPE_MODULES = ("graph", "recsys", "transformer", "nerf")
+from .. import methods
+
+MODES = methods.MODES                  # every method of the family (dfa_kernels.methods)
+BASE_MODES = ("bp", "dfa", "shallow")  # what every task trains, and what compare/tune run by default
+RECIPE_MODULES = ("graph", "recsys", "transformer", "nerf", "image")
+
+
+def only_base_modes(why: str) -> dict[str, str]:
+    """Task.unsupported for a recipe that trains bp, dfa and shallow only, and why."""
+    return {m: why for m in MODES if m not in BASE_MODES}
+
+
+def tuned_as(mode: str) -> str:
+    """The mode whose tuned hyper-parameters and grid a mode starts from: a family method that a
+    recipe has not tuned for itself starts from dfa's (the same grid, so the same tuning budget)."""
+    return mode if mode in BASE_MODES else "dfa"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     task: str
-    mode: str = "dfa"                 # "bp" | "dfa" | "shallow"
+    mode: str = "dfa"                 # one of MODES (the task's Task.modes)
     placement: str = "macro"          # Transformer only: "macro" | "micro" | "linear"
     preset: str = "cpu"               # "cpu": minutes on a 2-core CPU; "full": the paper's sizes
     device: str = "cpu"
@@ -76,6 +90,18 @@ class Task:
     tuned: Callable[[TrainConfig], dict] | None = None
     # (label -> a compare report's run with its artefacts, path): a picture of a comparison (NeRF's renders)
     figure: Callable[[dict, Path], Path] | None = None
+    # mode -> why this task cannot train it (e.g. no class targets for drtp); every other mode trains
+    unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        order = BASE_MODES + tuple(m for m in MODES if m not in BASE_MODES)
+        return tuple(m for m in order if m not in self.unsupported)
+
+    def check_mode(self, mode: str) -> None:
+        methods.method(mode)
+        if mode in self.unsupported:
+            raise ValueError(f"task {self.name!r} does not train mode {mode!r}: {self.unsupported[mode]}")
 
 
 _TASKS: dict[str, Task] = {}
@@ -84,6 +110,13 @@ _TASKS: dict[str, Task] = {}
 def register(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered twice")
+    build = task.build
+
+    def build_for_mode(config: TrainConfig) -> "Run":  # every caller gets the mode's layers and targets
+        from . import family
+        task.check_mode(config.mode)
+        return family.prepare(build(config), config.mode)
+    task.build = build_for_mode
     _TASKS[task.name] = task
     return task
 
@@ -123,9 +156,9 @@ def set_feedback(model, feedback: str) -> None:
 
 def dfa_backend(model, device) -> str:
     """The projection backend the model's (first) DFA module runs on `device`; "-" when no
-    projection runs (modes bp and shallow, or no DFA module)."""
+    projection runs (modes bp, shallow and the layer-wise ones, or no DFA module)."""
     import dfa_kernels as dk
     dfa = next((m for m in model.modules() if isinstance(m, dk.DFA)), None)
-    if dfa is None or dfa.mode != "dfa":
+    if dfa is None or dfa.mode not in methods.DIRECT:
         return "-"
     return dfa.resolved_backend(device)

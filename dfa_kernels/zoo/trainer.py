@@ -145,6 +145,9 @@ class Run:
     # a batch; share_r * loss(part_r) summed over ranks is the loss of the whole batch. None: the
     # task's data cannot be split (one process only).
     shard: Callable[[Any, int, int], tuple[Any, float]] | None = None
+    # (batch) -> the class targets of the DFA output's rows (indices, -1 where a row does not train,
+    # or a float tensor shaped like the output): what mode "drtp" projects. None: no class targets.
+    targets: Callable[[Any], torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -425,7 +428,11 @@ class Trainer:
             return
         import dfa_kernels as dk
         run = self.run
-        self.measurements.append({"step": self.step, "epoch": epoch, **dk.alignment(run.model, run.loss, run.probe)})
+        # the method's own signal for a direct method; DFA's for the others (their points get no projection)
+        mode = next((m.mode for m in run.model.modules() if isinstance(m, dk.DFA)), "dfa")
+        mode = mode if mode in dk.methods.DIRECT else "dfa"
+        self.measurements.append({"step": self.step, "epoch": epoch,
+                                  **dk.alignment(run.model, run.loss, run.probe, mode=mode)})
 
 
 def compile_loss(loss: Callable, backend="inductor") -> Callable:

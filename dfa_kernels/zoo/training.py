@@ -15,7 +15,7 @@ import torch
 from ..align import plot_alignment
 from ..provenance import provenance
 from . import checkpoint, distributed
-from .tasks import MODES, Task, TrainConfig, TrainResult, dfa_backend
+from .tasks import BASE_MODES, Task, TrainConfig, TrainResult, dfa_backend
 from .trainer import Stopped, Trainer
 from ..figures import save_figure
 
@@ -167,12 +167,13 @@ def _summary(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
-def compare_configs(task: Task, base: TrainConfig, seeds, modes=MODES, feedbacks=("paper",),
+def compare_configs(task: Task, base: TrainConfig, seeds, modes=BASE_MODES, feedbacks=("paper",),
                     placements=None) -> list[TrainConfig]:
     """Every run of a comparison: each mode, each seed; DFA once per feedback (and placement)."""
     placements = placements or [base.placement]
     configs = []
     for mode in modes:
+        task.check_mode(mode)   # before the first run, not after hours of others
         for feedback in (feedbacks if mode == "dfa" else ("paper",)):
             for placement in (placements if mode == "dfa" and task.family == "transformer" else [base.placement]):
                 for seed in seeds:
@@ -181,7 +182,7 @@ def compare_configs(task: Task, base: TrainConfig, seeds, modes=MODES, feedbacks
     return configs
 
 
-def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=MODES, feedbacks=("paper",),
+def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=BASE_MODES, feedbacks=("paper",),
                  placements=None, json_path: Path | None = None) -> dict:
     """Train every run of :func:`compare_configs`; write OUT/TASK/compare.{json,txt,png} (and
     `json_path`): each run's config, history and final metrics, mean and std per variant, the

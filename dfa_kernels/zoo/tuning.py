@@ -21,14 +21,16 @@ import math
 from pathlib import Path
 
 from ..provenance import provenance
-from .tasks import MODES, Task, TrainConfig, all_tasks
+from .tasks import BASE_MODES, Task, TrainConfig, all_tasks
 from .training import train, variant_name
 
 
-def tune(task: Task, base: TrainConfig, modes=MODES, json_path: Path | None = None, placements=None) -> dict:
+def tune(task: Task, base: TrainConfig, modes=BASE_MODES, json_path: Path | None = None, placements=None) -> dict:
     """Tune every mode (and, for a Transformer's DFA, every placement in `placements`)."""
     if task.grid is None:
         raise ValueError(f"task {task.name!r} defines no tuning grid")
+    for mode in modes:
+        task.check_mode(mode)
     out = Path(base.out or "runs") / task.name
     report = {"task": task.name, "preset": base.preset, "data": base.data, "seed": base.seed, "modes": {},
               "rule": "best validation metric of one run (seed as given) per candidate; the same number of "
@@ -62,7 +64,7 @@ def tune(task: Task, base: TrainConfig, modes=MODES, json_path: Path | None = No
 def variants(task: Task) -> list[TrainConfig]:
     """A config per mode, and per placement for a Transformer's DFA: what is tuned separately."""
     placements = ("macro", "micro", "linear") if task.family == "transformer" else ("macro",)
-    return [TrainConfig(task=task.name, mode=mode, placement=placement) for mode in MODES
+    return [TrainConfig(task=task.name, mode=mode, placement=placement) for mode in task.modes
             for placement in (placements if mode == "dfa" else ("macro",))]
 
 

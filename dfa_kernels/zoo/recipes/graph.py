@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 import dfa_kernels as dk
 
-from ..tasks import Task, TrainConfig, register, set_feedback
+from ..tasks import Task, TrainConfig, register, set_feedback, tuned_as
+from ...methods import LAYERWISE
 from ..trainer import FullBatch, Run, Sampled
 
 # Sizes per preset. Only DNA differs: PyG's DNAConv attends per edge with tiny batched matmuls,
@@ -168,7 +169,8 @@ def node_run(data, feature_norm: bool = False) -> dict:
                 "every node at the last hidden layer (the last feedback point), coloured by class")
 
     return dict(batches=FullBatch(data), loss=loss, evaluate=evaluate, select="acc", probe=data,
-                represent=represent, shard=shard_nodes)
+                represent=represent, shard=shard_nodes,
+                targets=lambda d: torch.where(d.train_mask, d.y, -1))   # drtp: only training nodes send a target
 
 
 def shard_nodes(data, rank: int, world: int):
@@ -250,7 +252,7 @@ def build(name: str, config: TrainConfig) -> Run:
         data = T.TargetIndegree(cat=False)(data)   # pseudo-coordinate: normalised in-degree of the target
     torch.manual_seed(config.seed)
     dfa = dk.DFA(mode=config.mode, seed=config.seed)
-    lr, wd = HP[name][config.mode]
+    lr, wd = HP[name][tuned_as(config.mode)]
     hp_in = config.hp or {}
     lr, wd, wd_out = config.lr or hp_in.get("lr", lr), hp_in.get("weight_decay", wd), WD_OUT[name]
     overrides = {"error_at": "log_softmax"} if name == "dna" and config.feedback == "paper" else {}
@@ -301,8 +303,18 @@ def grid(name: str, config: TrainConfig) -> list[dict]:
 
 
 def tuned(name: str, config: TrainConfig) -> dict:
-    lr, wd = HP[name][config.mode]
+    lr, wd = HP[name][tuned_as(config.mode)]
     return dict(lr=lr, weight_decay=wd)
+
+
+def unsupported(name: str) -> dict[str, str]:
+    """The family's methods these models cannot train (the direct ones train every model)."""
+    why = ("PyG's convolutions compute with their own Linear type (and message passing), which no layer-wise "
+           "method converts: a run would be a hybrid of backprop and feedback alignment")
+    out = {m: why for m in LAYERWISE}
+    if name == "gae":
+        out["drtp"] = "link prediction has no class targets to project"
+    return out
 
 
 for _name in PRESETS["cpu"]:
@@ -312,4 +324,5 @@ for _name in PRESETS["cpu"]:
         metric="test_auc" if _name == "gae" else "test_acc", higher_is_better=True,
         build=functools.partial(build, _name), paper=PAPER[_name],
         paper_setting=PAPER_SETTINGS.get(_name, PAPER_SETTING),
-        comparable=comparable, grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name)))
+        comparable=comparable, grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name),
+        unsupported=unsupported(_name)))

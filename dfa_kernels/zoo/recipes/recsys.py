@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models.recsys import MODELS
-from ..tasks import Task, TrainConfig, register, set_feedback
+from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback
 from ..trainer import Run, Shuffled, shard_rows
 
 # Model sizes. "full" is the paper's; "cpu" keeps the structure (depths, heads, cross layers)
@@ -154,6 +154,8 @@ def comparable(config: TrainConfig) -> bool:
     return config.data is not None
 
 
+NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
+
 for _name in MODELS:
     register(Task(
         name=f"{_name}-ml100k", family="recsys",
@@ -161,4 +163,5 @@ for _name in MODELS:
                     "paper numbers: Criteo test AUC",
         metric="test_auc", higher_is_better=True, build=functools.partial(build, _name),
         paper=PAPER.get(_name, {}), paper_setting=PAPER_SETTING, comparable=comparable,
-        grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name)))
+        grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name),
+        unsupported=only_base_modes(NOT_WIRED)))

@@ -48,7 +48,7 @@ import math
 import torch
 
 from ..models.transformer import PAPER_ARCHITECTURE, PLACEMENTS, TransformerLM
-from ..tasks import Task, TrainConfig, register, set_feedback
+from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback
 from ..trainer import Run, Sampled, shard_rows
 
 # TransformerLM arguments per task and preset (the DFA error at the final hidden state, the
@@ -316,6 +316,8 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
                shard=shard_rows, patience=train.get("patience"))
 
 
+NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
+
 register(Task(
     name="lm-shakespeare", family="transformer",
     description="causal Transformer LM (byte-level) on Shakespeare, split by play; --placement macro|micro|linear; "
@@ -323,10 +325,11 @@ register(Task(
     metric="test_loss", higher_is_better=False,
     build=functools.partial(build_lm, "lm-shakespeare"), paper=dict(PAPER),
     paper_setting=PAPER_SETTING, grid=functools.partial(grid, "lm-shakespeare"),
-    tuned=functools.partial(tuned, "lm-shakespeare")))
+    tuned=functools.partial(tuned, "lm-shakespeare"), unsupported=only_base_modes(NOT_WIRED)))
 register(Task(
     name="lm-pydoc", family="transformer",
     description="small causal Transformer LM (byte-level) on Python's pydoc topics (seconds; always available)",
     metric="test_loss", higher_is_better=False,
     build=functools.partial(build_lm, "lm-pydoc"), paper_setting=PAPER_SETTING,
-    grid=functools.partial(grid, "lm-pydoc"), tuned=functools.partial(tuned, "lm-pydoc")))
+    grid=functools.partial(grid, "lm-pydoc"), tuned=functools.partial(tuned, "lm-pydoc"),
+    unsupported=only_base_modes(NOT_WIRED)))

@@ -1,0 +1,88 @@
+"""A zoo run in any method of the random-feedback family (:mod:`dfa_kernels.methods`).
+
+Recipes build their model with ``dk.DFA(mode=config.mode)`` and its points, as for dfa; what a
+family method needs beyond that is added here, once for every recipe (``tasks.register`` wraps
+each task's build with :func:`prepare`):
+
+- layer-wise methods (fa, usf, brsf, frsf): every ``nn.Linear`` and ``nn.Conv2d`` of the model
+  becomes a FeedbackLinear/FeedbackConv2d reading the DFA module's mode (``convert_layers``,
+  parameters shared, so the optimizer built by the recipe still holds them). A model whose other
+  weight layers would keep exact gradients (PyG's own ``Linear``, say) is refused: its run would
+  be a hybrid of backprop and feedback alignment, not the method.
+- drtp projects the class targets: the run's ``targets(batch)`` (class indices, -1 for rows that
+  do not train, or a float tensor shaped like the output) reaches ``dfa.targets`` before every
+  training forward; a run without class targets (regression) is refused.
+- dkp learns its feedback matrices, which a DFA module creates at its first forward: one forward
+  (eval mode, no gradient, RNG and batch stream restored) creates them, and they join the
+  recipe's optimizer as their own group, at its first group's learning rate with weight decay
+  1e-6 (the DKP reference steps B with Adam and weight decay 1e-6).
+"""
+from __future__ import annotations
+
+import torch
+
+from torch import nn
+
+import dfa_kernels as dk
+from dfa_kernels import methods
+from dfa_kernels.convert import convert_layers
+from dfa_kernels.layerwise import FeedbackConv2d, FeedbackLinear
+
+# layers whose weights no method gives a feedback matrix: looked up by a table or a scale, not a product
+_NOT_PROJECTING = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def dfa_modules(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, dk.DFA)]
+
+
+def prepare(run, mode: str):
+    """`run` (built by a recipe for `mode`) made to train by `mode`; see the module docstring."""
+    method = methods.method(mode)
+    dfas = dfa_modules(run.model)
+    if mode in methods.LAYERWISE:
+        if len(dfas) != 1:
+            raise ValueError(f"mode {mode!r}: the model must hold exactly one dk.DFA module (whose mode its layers "
+                             f"read); it holds {len(dfas)}")
+        convert_layers(run.model, dfas[0])
+        hybrid = [name for name, m in run.model.named_modules()
+                  if not isinstance(m, (FeedbackLinear, FeedbackConv2d, *_NOT_PROJECTING))
+                  and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+        if hybrid:
+            raise ValueError(f"mode {mode!r} gives every nn.Linear and nn.Conv2d a feedback matrix, but this model's "
+                             f"layers {hybrid} are of other types and would keep exact gradients (a hybrid, not the "
+                             "method)")
+        run.hyper_parameters["layers_converted"] = sum(isinstance(m, (FeedbackLinear, FeedbackConv2d))
+                                                       for m in run.model.modules())
+    if method.signal == "target":
+        if run.targets is None:
+            raise ValueError(f"mode {mode!r} projects the one-hot class target, and this task has no class targets "
+                             "(a regression or ranking loss): use another mode")
+        loss, targets = run.loss, run.targets
+
+        def loss_with_targets(model, batch):
+            t = targets(batch)
+            for dfa in dfa_modules(model):
+                dfa.targets(t)
+            return loss(model, batch)
+        run.loss = loss_with_targets
+    if method.matrix == "learned":
+        _add_learned_matrices(run, dfas)
+    return run
+
+
+def _add_learned_matrices(run, dfas: list) -> None:
+    position = run.batches.state_dict()
+    batch = next(run.batches)
+    run.batches.load_state_dict(position)
+    training = run.model.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        run.model.eval()
+        run.loss(run.model, batch)
+    run.model.train(training)
+    learned = [d.feedback for d in dfas if d.feedback is not None]
+    if len(learned) != len(dfas):
+        raise RuntimeError("mode 'dkp': a forward pass did not create every DFA module's learned matrix")
+    run.optimizer.add_param_group({"params": learned, "lr": run.optimizer.param_groups[0]["lr"],
+                                   "weight_decay": 1e-6})
+    run.hyper_parameters["feedback_optimizer"] = "the recipe's optimizer, own group: first group's lr, weight decay 1e-6"
