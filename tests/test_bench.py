@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark suite: it runs at tiny sizes and writes complete results; the
-summary script rewrites only README's marked block."""
+summary script rewrites only the marked blocks of docs/benchmarks.md (and docs/zoo.md's)."""
 import json
 import shutil
 import subprocess
@@ -160,11 +160,13 @@ def test_cli_bench_tiny_writes_json_and_plots(tmp_path, tables, monkeypatch):
 def _fake_checkout(tmp_path) -> Path:
     root = tmp_path / "repo"
     (root / "benchmarks" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "README.md", root / "README.md")
+    (root / "docs").mkdir()
+    shutil.copy(ROOT / summary.PAGE, root / summary.PAGE)
     for path in (ROOT / "benchmarks" / "results").glob("*_cpu*.json"):  # every CPU path's step and projection
         if path.stem.startswith(("step_", "projection_")):
             shutil.copy(path, root / "benchmarks" / "results" / path.name)
-    if (ROOT / "benchmarks" / "results" / "zoo").is_dir():   # the README's other generated block
+    shutil.copy(ROOT / "docs" / "zoo.md", root / "docs" / "zoo.md")   # the zoo tables and departures
+    if (ROOT / "benchmarks" / "results" / "zoo").is_dir():
         shutil.copytree(ROOT / "benchmarks" / "results" / "zoo", root / "benchmarks" / "results" / "zoo")
     return root
 
@@ -174,39 +176,42 @@ def test_summarize_rewrites_only_the_marked_block(tmp_path):
     res = step.run("cpu", size="tiny", repeats=1, progress=False, workloads=["mlp"])
     (root / "benchmarks" / "results" / "step_cuda.json").write_text(json.dumps(res))
     (root / "benchmarks" / "results" / "step_cuda_quick.json").write_text(json.dumps(res))  # left out
-    before = (root / "README.md").read_text()
+    before = (root / summary.PAGE).read_text()
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root)], check=True,
                    capture_output=True, env=child_env())
-    after = (root / "README.md").read_text()
+    after = (root / summary.PAGE).read_text()
     head, tail = before.split(summary.START)[0], before.split(summary.END)[1]
     assert after.startswith(head + summary.START + "\n") and after.endswith(summary.END + tail)
     block = after[len(head) + len(summary.START):-len(summary.END + tail)]
-    assert "| mlp |" in block and "![step_cuda](benchmarks/plots/step_cuda.png)" in block
+    assert "| mlp |" in block and "![step_cuda](plots/step_cuda.png)" in block
     cpu_steps = [p for p in (root / "benchmarks" / "results").glob("step_cpu*.json") if not p.stem.endswith("_quick")]
     assert block.count("Training step") == 1 + len(cpu_steps)
     assert (root / "benchmarks" / "plots" / "step_cuda.png").exists()
     # idempotent
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root), "--no-plots"],
                    check=True, capture_output=True, env=child_env())
-    assert (root / "README.md").read_text() == after
+    assert (root / summary.PAGE).read_text() == after
+    zoo_page = (root / "docs" / "zoo.md").read_text()
+    assert zoo_page == (ROOT / "docs" / "zoo.md").read_text()   # the committed page is what the script writes
+    assert "<!-- zoo-tables:start -->\nCommands:" in zoo_page and "<!-- tuning-departures:start -->\n- `" in zoo_page
 
 
 def test_rewrite_refuses_without_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers\n")
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# no markers\n")
     with pytest.raises(ValueError, match="bench-summary"):
-        summary.rewrite_readme(readme, "x\n")
-    assert readme.read_text() == "# no markers\n"
+        summary.rewrite_block(page, "x\n")
+    assert page.read_text() == "# no markers\n"
 
 
 def test_suite_mirrors_into_a_checkout(tmp_path, tables):
     root = _fake_checkout(tmp_path)
-    before = (root / "README.md").read_text()
+    before = (root / summary.PAGE).read_text()
     res = run_suite("cpu", tmp_path / "out", "step", tiny=True, progress=False, checkout=root, mirror=True)
     tag = ops.device_slug("cpu")
     assert (root / "benchmarks" / "results" / f"step_{tag}_tiny.json").exists()
     assert [Path(f).name for f in res["files"]] == [f"step_{tag}_tiny.json", f"step_{tag}_tiny.png"]
-    after = (root / "README.md").read_text()
+    after = (root / summary.PAGE).read_text()
     assert after.split(summary.START)[0] == before.split(summary.START)[0]
     assert f"step_{tag}_tiny" not in after  # smoke-test results stay out of the summary
 

@@ -6,7 +6,7 @@ Files: ``OUT/{projection,step}_<tag>.json``, ``OUT/{projection,step}_<tag>.png``
 backend table ``OUT/<device slug>.json``; the tag is ``cuda``, or on a CPU ``cpu_<instruction-set
 path>`` (``cpu_avx512``, ``cpu_avx2``: ``dfa-kernels bench --cpu-isa all`` measures each path). Run from a checkout (a ``benchmarks/results``
 folder in the working directory), a full run also copies the JSON to ``benchmarks/results/``,
-draws ``benchmarks/plots/`` and rewrites README.md's marked summary block. Quick runs name their
+draws ``benchmarks/plots/`` and rewrites docs/benchmarks.md's marked summary block. Quick runs name their
 files ``*_quick`` and touch nothing but OUT.
 """
 from __future__ import annotations
@@ -97,11 +97,11 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
             src = out / f"{name}_{tag}{suffix}.json"
             if src.resolve() != (results_dir / src.name).resolve():
                 shutil.copy(src, results_dir / src.name)
-        readme = checkout / "README.md"
-        if readme.exists() and summary.START in readme.read_text():
+        page = checkout / summary.PAGE
+        if page.exists() and summary.START in page.read_text():
             try:
                 n = summary.summarize(checkout)
-                print(f"{readme}: benchmark summary rewritten from {n} result files; plots in "
+                print(f"{page}: benchmark summary rewritten from {n} result files; plots in "
                       f"{checkout / 'benchmarks' / 'plots'}")
             except Exception:  # noqa: BLE001 - the results are written already
                 traceback.print_exc()

@@ -1,13 +1,16 @@
-"""The README's benchmark summary: tables generated from the results JSON, written between the
-markers ``<!-- bench-summary:start -->`` and ``<!-- bench-summary:end -->`` (nothing else changes).
-``benchmarks/summarize.py`` runs it; ``dfa-kernels bench`` calls it after a full run."""
+"""The docs' benchmark summary (``docs/benchmarks.md``): tables generated from the results JSON,
+written between the markers ``<!-- bench-summary:start -->`` and ``<!-- bench-summary:end -->``
+(nothing else changes). ``benchmarks/summarize.py`` runs it; ``dfa-kernels bench`` calls it after a
+full run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 START, END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
+PAGE = Path("docs") / "benchmarks.md"   # relative to the checkout
+# where the docs site serves benchmarks/plots/ (docs/_hooks/plots.py), relative to PAGE
+PLOTS_LINK = "plots"
 OURS = ("dfa", "dfa_fused")
 
 
@@ -137,30 +140,29 @@ def projection_table(res: dict) -> list[str]:
     return lines + _targets(res.get("targets", []))
 
 
-def render(results: dict[str, dict], plots_dir: Path | None = None, relative_to: Path | None = None) -> str:
+def render(results: dict[str, dict], plots_dir: Path | None = None, plots_link: str = PLOTS_LINK) -> str:
+    """The summary block; each result's plot in `plots_dir`, when there, linked as plots_link/STEM.png."""
     block = []
     for stem, res in results.items():
         block += (step_table(res) if res.get("benchmark") == "bench_step" else projection_table(res)) + [""]
         if plots_dir is not None and (Path(plots_dir) / f"{stem}.png").exists():
-            where = Path(plots_dir) / f"{stem}.png"
-            rel = os.path.relpath(where, relative_to) if relative_to is not None else str(where)
-            block += [f"![{stem}]({Path(rel).as_posix()})", ""]
+            block += [f"![{stem}]({plots_link}/{stem}.png)", ""]
     return "\n".join(block).rstrip() + "\n"
 
 
-def rewrite_readme(readme: Path, block: str) -> None:
+def rewrite_block(page: Path, block: str, start: str = START, end: str = END) -> None:
     """Replace what lies between the markers (exclusive) with `block`; nothing else changes."""
-    text = Path(readme).read_text()
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"{readme} needs exactly one {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    Path(readme).write_text(head + START + "\n" + block + END + tail)
+    text = Path(page).read_text()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{page} needs exactly one {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(page).write_text(head + start + "\n" + block + end + tail)
 
 
 def summarize(root: Path, plots: bool = True) -> int:
     """Re-plot from root/benchmarks/results/*.json into root/benchmarks/plots/ and rewrite
-    root/README.md's marked block; returns the number of result files used."""
+    root/docs/benchmarks.md's marked block; returns the number of result files used."""
     root = Path(root)
     results = load_results(root / "benchmarks" / "results")
     plots_dir = root / "benchmarks" / "plots"
@@ -170,5 +172,5 @@ def summarize(root: Path, plots: bool = True) -> int:
             plot_all(results, plots_dir)
         except ImportError as err:  # matplotlib missing: the tables still get written
             print(f"plots not drawn: {err}")
-    rewrite_readme(root / "README.md", render(results, plots_dir, root))
+    rewrite_block(root / PAGE, render(results, plots_dir))
     return len(results)
