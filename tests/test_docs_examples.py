@@ -201,3 +201,15 @@ def test_site_builds_strictly(tmp_path):
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
     assert "Direct Feedback Alignment for one network" in api and "dfa-kernels train" in \
         (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+
+
+def test_docstring_fields_render_as_lists():
+    """docs/_hooks/docstrings.py: `name: text` entries become list items, roles code spans."""
+    spec = importlib.util.spec_from_file_location("docstrings_hook", ROOT / "docs" / "_hooks" / "docstrings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = ("Summary, see :class:`FeedbackSpec`.\nmode: one\n  continued\nseed, layout: two\n\n"
+            "```python\nx: int = 1\n```\nA sentence: not a field.")
+    assert module.fields_as_list(text) == (
+        "Summary, see `FeedbackSpec`.\n\n- `mode`: one\n  continued\n- `seed`, `layout`: two\n\n"
+        "```python\nx: int = 1\n```\nA sentence: not a field.")
