@@ -1,0 +1,416 @@
+"""Pipeline-parallel training over S processes: DFA's own schedule, and backprop's through
+``torch.distributed.pipelining`` (GPipe, 1F1B) on the same stages, as the baseline.
+
+The DFA schedule (``schedule="dfa"``), per global batch of M microbatches:
+- microbatch m's activation flows forward stage to stage (P2P ``isend``/``recv``);
+- the last stage computes the loss, its error ``e = dL/dy`` and sends it at once to every other
+  stage (one ``isend`` each), then runs its own backward (head and suffix exactly, its points from
+  e);
+- every other stage posted a receive for each microbatch's e at the start of the step; after each
+  forward it runs the backward of every microbatch whose e has arrived (interleaved with later
+  forwards), then waits for the rest. A stage's backward is the DFA output's own op on its points
+  only: ``e @ B_l * scale`` from its columns of B (a :class:`StageSpec`: the global spec's
+  offsets, so B is regenerated locally from the seed, never sent), then autograd inside the stage.
+  No activation gradient travels backward and no stage waits for another's backward.
+- each rank steps its optimizer on its own parameters once per global batch (synchronous: the
+  gradients are those of the single-process run accumulating the same microbatches, loss / M).
+
+Not offered: an asynchronous variant (a stage updating as soon as its own microbatches are done)
+would let stage s run microbatches of step t+1 with new weights while later stages still use step
+t's: the forward of one sample would mix weight versions (PipeDream's staleness), which has no
+single-process equivalent to test against; the synchronous step loses only the drain at its end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..autograd import DFAOutput
+from ..feedback import FeedbackSpec
+from .parts import Parts, StageModule, balanced_cuts, parts_of
+
+SCHEDULES = ("dfa", "gpipe", "1f1b")
+DFA_MODES = ("dfa", "sdfa", "ternary")   # direct modes whose signal is a function of e alone
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
+_HEADER = 10   # ndim, dtype code, up to 8 sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec(FeedbackSpec):
+    """A stage's points as columns of the whole model's B: `columns` are their global offsets,
+    `full_width` the global D (the scale 'auto' of the shared layout reads it)."""
+    columns: tuple[int, ...] = ()
+    full_width: int = 0
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return self.columns
+
+    @property
+    def total_width(self) -> int:
+        return self.full_width
+
+
+def stage_spec(spec: FeedbackSpec, first: int, stop: int) -> StageSpec:
+    """The columns of points first..stop-1 of `spec`."""
+    return StageSpec(spec.out_features, spec.widths[first:stop], spec.seed, spec.distribution, spec.layout,
+                     spec.density, columns=spec.offsets[first:stop], full_width=spec.total_width)
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What one step of this rank did: seconds computing and waiting, bytes sent (payload and
+    shape headers) by kind."""
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    wall_s: float = 0.0
+    bytes_activations: int = 0
+    bytes_gradients: int = 0   # BP: activation gradients sent backward
+    bytes_errors: int = 0      # DFA: the errors e sent by the last stage
+    bytes_headers: int = 0
+    # DFA: ("F" | "B", microbatch, start_s, stop_s) of each forward and backward, from the step's start
+    events: list = dataclasses.field(default_factory=list)
+
+
+class Pipeline:
+    """One rank's part of a pipeline-parallel run of `model` over the process group `group`.
+
+    model: a zoo model (:func:`parts_of`) or a :class:`Parts`; every rank builds the same model.
+    stages: S, the group's size (one stage per rank, rank s runs stage s).
+    microbatches: M, dividing every global batch's rows.
+    example: a small input batch (every rank): it fixes the feedback spec and checks the cuts.
+    schedule: "dfa" (modes dfa, sdfa, ternary) or, for the BP baseline (mode "bp"), "gpipe" or
+      "1f1b" (``torch.distributed.pipelining``'s ScheduleGPipe / Schedule1F1B).
+    cuts: the block index where each stage starts plus the block count (default: balanced).
+    """
+
+    def __init__(self, model, stages: int, microbatches: int, example, *, schedule: str = "dfa", cuts=None,
+                 group=None, device=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("Pipeline needs an initialised torch.distributed process group (one rank per stage)")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+            raise ValueError(f"microbatches must be a positive int; got {microbatches!r}")
+        self.parts: Parts = parts_of(model)
+        self.group, self.schedule, self.microbatches = group, schedule, microbatches
+        size = dist.get_world_size(group)
+        if stages != size:
+            raise ValueError(f"stages={stages} must equal the process group's size ({size}): one stage per rank")
+        self.stages, self.rank = stages, dist.get_rank(group)
+        self.cuts = balanced_cuts(len(self.parts.blocks), stages) if cuts is None else self._check_cuts(cuts)
+        mode = self.parts.dfa.mode
+        if schedule == "dfa" and mode not in DFA_MODES:
+            raise ValueError(f"schedule 'dfa' needs a DFA mode whose signal is the error alone ({', '.join(DFA_MODES)}); "
+                             f"the model's dk.DFA is in mode {mode!r}"
+                             + (": use schedule='gpipe' or '1f1b' for backprop" if mode == "bp" else ""))
+        if schedule != "dfa" and mode != "bp":
+            raise ValueError(f"schedule {schedule!r} is backprop's (torch.distributed.pipelining); the model's "
+                             f"dk.DFA is in mode {mode!r}: build it in mode 'bp', or use schedule='dfa'")
+        self.device = torch.device(device) if device is not None else _device_of(self.parts)
+        self.first, self.last = self.rank == 0, self.rank == stages - 1
+        self.modules = [StageModule(self.parts, self.cuts[s], self.cuts[s + 1], s == 0, s == stages - 1,
+                                    with_head=schedule != "dfa", drop_points=schedule != "dfa")
+                        for s in range(stages)]
+        self.module = self.modules[self.rank]
+        self._owners = self._ownership()
+        self.stats = StepStats()
+        if schedule == "dfa":
+            self._prime(example)
+        else:
+            self._bp_schedule()
+
+    # ------------------------------------------------------------ setup
+    def _check_cuts(self, cuts) -> list[int]:
+        cuts = list(cuts)
+        n = len(self.parts.blocks)
+        if (len(cuts) != self.stages + 1 or cuts[0] != 0 or cuts[-1] != n
+                or any(b <= a for a, b in itertools.pairwise(cuts))):
+            raise ValueError(f"cuts must be {self.stages + 1} increasing block indices from 0 to {n} (each stage "
+                             f"gets at least one block); got {cuts}")
+        return cuts
+
+    def _ownership(self) -> list[dict]:
+        """For each stage, its parameters and buffers by identity; one used by two stages is refused."""
+        owners, seen = [], {}
+        for s, module in enumerate(self.modules):
+            mine = {}
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                if id(t) in seen and seen[id(t)] != s:
+                    raise ValueError(f"{name} is used by stages {seen[id(t)]} and {s}: a tied parameter cannot be "
+                                     f"split across stages (untie it, or cut elsewhere)")
+                seen[id(t)] = s
+                mine[id(t)] = t
+            owners.append(mine)
+        return owners
+
+    def _prime(self, example) -> None:
+        """Run the whole model once on `example` (eval mode, the RNG untouched): count each stage's
+        points, fix the feedback spec as one process would, check that no layer trained by backprop
+        spans a cut (the activation leaving a stage must carry no autograd graph)."""
+        parts, dfa = self.parts, self.parts.dfa
+        modules = [m for m in (parts.prefix, *parts.blocks, parts.suffix) if m is not None]
+        training = {m: m.training for mod in modules for m in mod.modules()}
+        counts = [0] * self.stages
+        dfa.discard_points()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                    torch.enable_grad():
+                for m in training:
+                    m.train(False)
+                x = example.to(self.device) if isinstance(example, torch.Tensor) else example
+                for s, module in enumerate(self.modules):
+                    before = len(dfa.pending_points)
+                    x = module(x)
+                    counts[s] = len(dfa.pending_points) - before
+                    if s < self.stages - 1 and isinstance(x, torch.Tensor) and x.requires_grad:
+                        raise ValueError(
+                            f"the activation leaving stage {s} (after block {self.cuts[s + 1] - 1}) carries an "
+                            f"autograd graph: a layer trained by backprop spans the cut between stages {s} and "
+                            f"{s + 1}, which DFA's schedule cannot split (no gradient travels backward). End the "
+                            f"block with a feedback point (h = dfa.point(h)) or cut elsewhere")
+                for s, count in enumerate(counts):   # refused before the DFA's spec is fixed
+                    if count == 0:
+                        raise ValueError(f"stage {s} (blocks {self.cuts[s]}..{self.cuts[s + 1] - 1}) has no feedback "
+                                         f"point: its layers would get no DFA signal. Use fewer stages, other cuts, "
+                                         f"or a placement with a point in every block")
+                points = list(dfa.pending_points)
+                dfa.discard_points()
+                dfa._spec_for(x, [r.tensor for r in points])   # the single-process spec (fixed on first use)
+        finally:
+            for m, flag in training.items():
+                m.train(flag)
+            dfa.discard_points()
+        self.point_counts = counts
+        start = sum(counts[:self.rank])
+        self.spec = stage_spec(dfa.spec, start, start + counts[self.rank])
+
+    def _bp_schedule(self) -> None:
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+        )
+        self.module.register_forward_hook(self._count_bp_bytes)
+        stage = PipelineStage(self.module, self.rank, self.stages, self.device, group=self.group)
+        kind = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
+        self._torch_schedule = kind(stage, self.microbatches, loss_fn=self.parts.loss, scale_grads=True)
+
+    # ------------------------------------------------------------ what this rank owns
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """This stage's parameters (what its optimizer steps)."""
+        return [p for p in self._owners[self.rank].values() if isinstance(p, torch.nn.Parameter)]
+
+    def feedback_matrices(self) -> list[torch.Tensor]:
+        """This stage's points' effective matrices [out_features, d_l] (scale applied), built as its
+        backward builds them: the projection of the identity through its own columns."""
+        dfa = self.parts.dfa
+        eye = torch.eye(self.spec.out_features, device=self.device)
+        return ops.project_points(eye, self.spec, "virtual", dfa.backend, scales=self.spec.scales(dfa.scale))
+
+    # ------------------------------------------------------------ one step
+    def step(self, inputs=None, targets=None) -> torch.Tensor:
+        """Forward and backward of one global batch (inputs on stage 0, targets on the last stage;
+        other ranks may pass them too, unused). Gradients accumulate in this stage's parameters;
+        returns the batch's loss (mean over microbatches) on every rank."""
+        start = self._start = time.perf_counter()
+        self.stats = StepStats()
+        xs = self._split(inputs, "inputs") if self.first else None
+        ts = self._split(targets, "targets") if self.last else None
+        if self.schedule == "dfa":
+            loss = self._step_dfa(xs, ts)
+        else:
+            loss = self._step_bp(inputs, targets)
+        loss = loss.detach().reshape(1).to(self.device, torch.float32)
+        dist.broadcast(loss, self._global(self.stages - 1), group=self.group)
+        self.stats.wall_s = time.perf_counter() - start
+        return loss[0]
+
+    def _split(self, batch, name: str):
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"step({name}=): stage {self.rank} needs the batch's {name} as a tensor; got "
+                            f"{type(batch).__name__}")
+        if batch.shape[0] % self.microbatches:
+            raise ValueError(f"step({name}=): the batch's {batch.shape[0]} rows are not divisible by microbatches="
+                             f"{self.microbatches} (equal microbatches keep the loss the single-process mean)")
+        return batch.to(self.device).chunk(self.microbatches)
+
+    def _global(self, stage: int) -> int:
+        return stage if self.group is None else dist.get_global_rank(self.group, stage)
+
+    def _step_bp(self, inputs, targets) -> torch.Tensor:
+        tic = time.perf_counter()
+        losses = []
+        if self.first and self.last:
+            self._torch_schedule.step(inputs.to(self.device), target=targets.to(self.device), losses=losses)
+        elif self.first:
+            self._torch_schedule.step(inputs.to(self.device))
+        elif self.last:
+            self._torch_schedule.step(target=targets.to(self.device), losses=losses)
+        else:
+            self._torch_schedule.step()
+        self.stats.forward_s = time.perf_counter() - tic   # forward and backward: torch's schedule interleaves them
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+
+    def _count_bp_bytes(self, module, args, out) -> None:
+        if out.device.type == "meta":   # torch's shape inference
+            return
+        """BP's traffic, from the shapes its stage sees: the activation sent forward and, back across
+        the same boundary, its gradient (a float input of a later stage receives one)."""
+        if not self.last:
+            self.stats.bytes_activations += out.numel() * out.element_size()
+        if not self.first:
+            x = args[0]
+            if x.is_floating_point():
+                self.stats.bytes_gradients += x.numel() * x.element_size()
+
+    def _step_dfa(self, xs, ts) -> torch.Tensor:
+        dfa, M, S = self.parts.dfa, self.microbatches, self.stages
+        sends, records, headers = [], [None] * M, []
+        if not self.last:   # every microbatch's e, from the last stage, as soon as it is sent
+            for m in range(M):
+                buf = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+                headers.append((buf, dist.irecv(buf, self._global(S - 1), group=self.group, tag=2 * (M + m))))
+        done, total = 0, torch.zeros((), device=self.device)
+        dfa.discard_points()
+        for m in range(M):
+            x = xs[m] if self.first else self._recv(self.rank - 1, m)
+            tic = time.perf_counter()
+            out = self.module(x)
+            recs = list(dfa.pending_points)
+            dfa.discard_points()
+            self._event("F", m, tic)
+            if len(recs) != self.point_counts[self.rank]:
+                raise RuntimeError(f"stage {self.rank} recorded {len(recs)} feedback points for microbatch {m}, "
+                                   f"{self.point_counts[self.rank]} when primed: the forward's points must not "
+                                   f"depend on the batch")
+            if not self.last:
+                sends += self._send(out.detach(), self.rank + 1, m, "activations")
+                records[m] = recs
+                while done <= m and headers[done][1].is_completed():
+                    self._backward(records[done], None, self._recv_payload(headers[done][0], m=done), done)
+                    records[done] = None
+                    done += 1
+                continue
+            tic = time.perf_counter()
+            y_leaf = out.detach().requires_grad_()
+            head_out = self.parts.head(y_leaf) if self.parts.head is not None else y_leaf
+            loss = self.parts.loss(head_out, ts[m]) / M
+            loss.backward()                       # the head's exact gradients, and e = dL/dy
+            e = y_leaf.grad
+            self._event("B", m, tic)
+            for s in range(S - 1):
+                sends += self._send(e, s, M + m, "errors")
+            self._backward(recs, out, e, m)
+            total = total + loss.detach()
+        for m in range(done, M if not self.last else 0):
+            headers[m][1].wait()
+            self._backward(records[m], None, self._recv_payload(headers[m][0], m=m), m)
+            records[m] = None
+        for work in sends:
+            work.wait()
+        return total
+
+    def _event(self, kind: str, m: int, tic: float) -> None:
+        toc = time.perf_counter()
+        if kind == "F":
+            self.stats.forward_s += toc - tic
+        else:
+            self.stats.backward_s += toc - tic
+        self.stats.events.append((kind, m, tic - self._start, toc - self._start))
+
+    def _backward(self, recs, y, e: torch.Tensor, m: int) -> None:
+        """This stage's DFA backward for one microbatch: the output op on its points only."""
+        tic = time.perf_counter()
+        dfa = self.parts.dfa
+        if y is None:   # a stand-in for y (only its shape matters): no [N, out] memory
+            y = torch.zeros((), device=e.device, dtype=e.dtype, requires_grad=True).expand(e.shape)
+        plan = dfa._plan(self.spec, recs, e.device.type)
+        out = DFAOutput.apply(y, plan, None, None, *[t for r in recs for t in r.inputs()])
+        torch.autograd.backward(out, e.reshape(out.shape))
+        self._event("B", m, tic)
+
+    # ------------------------------------------------------------ P2P with shape headers
+    def _send(self, t: torch.Tensor, stage: int, slot: int, kind: str) -> list:
+        t = t.contiguous()
+        if t.dim() > _HEADER - 2 or t.dtype not in _DTYPES:
+            raise TypeError(f"a stage boundary carries tensors of at most {_HEADER - 2} dims in "
+                            f"{[str(d) for d in _DTYPES]}; got {t.dtype} {tuple(t.shape)}")
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
+        header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        header = header.to(t.device)
+        dst = self._global(stage)
+        setattr(self.stats, f"bytes_{kind}", getattr(self.stats, f"bytes_{kind}") + t.numel() * t.element_size())
+        self.stats.bytes_headers += header.numel() * 8
+        return [dist.isend(header, dst, group=self.group, tag=2 * slot),
+                dist.isend(t, dst, group=self.group, tag=2 * slot + 1)]
+
+    def _recv(self, stage: int, slot: int) -> torch.Tensor:
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        dist.recv(header, self._global(stage), group=self.group, tag=2 * slot)
+        return self._recv_payload(header, stage=stage, slot=slot)
+
+    def _recv_payload(self, header: torch.Tensor, stage: int | None = None, slot: int | None = None,
+                      m: int | None = None) -> torch.Tensor:
+        if m is not None:   # an error e from the last stage
+            stage, slot = self.stages - 1, self.microbatches + m
+        h = header.tolist()
+        t = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
+        dist.recv(t, self._global(stage), group=self.group, tag=2 * slot + 1)
+        return t
+
+    # ------------------------------------------------------------ across stages
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model's gradients (every stage's, one
+        all-reduce of the squared norms); returns the total norm."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sq = torch.zeros(1, device=self.device, dtype=torch.float32)
+        if grads:
+            sq += torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).pow(2).sum()
+        dist.all_reduce(sq, group=self.group)
+        total = sq.sqrt()[0]
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    def synchronize(self) -> None:
+        """Every stage's parameters and buffers broadcast from the rank that trains them, so each rank
+        holds the whole trained model (for evaluation and checkpoints)."""
+        for s, owned in enumerate(self._owners):
+            for t in owned.values():
+                dist.broadcast(t.data, self._global(s), group=self.group)
+
+    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The whole model's optimizer state dict (each rank holds its stage's entries; merged)."""
+        state = optimizer.state_dict()
+        parts = [None] * self.stages
+        dist.all_gather_object(parts, state["state"], group=self.group)
+        merged = {}
+        for p in parts:
+            merged.update(p)
+        return {**state, "state": merged}
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a gathered state, keeping only this stage's parameters' entries (the others'
+        would be stepped by no one, but would hold memory)."""
+        index = [p for g in optimizer.param_groups for p in g["params"]]
+        mine = {id(p) for p in self.parameters()}
+        state = {**state, "state": {k: v for k, v in state["state"].items() if id(index[int(k)]) in mine}}
+        optimizer.load_state_dict(state)
+
+
+def _device_of(parts: Parts) -> torch.device:
+    for module in parts.blocks:
+        for p in module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+

@@ -1,0 +1,158 @@
+"""A model as a pipeline sees it: a prefix, a list of cuttable blocks, a suffix, a head and a loss.
+
+``Parts(dfa, blocks, prefix=, suffix=, head=, loss=)`` describes one DFA model: stage 0 runs the
+prefix (the embeddings) and its blocks, stage S-1 its blocks and the suffix, whose output ``y`` is
+where the DFA error ``e = dL/dy`` is taken (the single-process model's ``dfa(y)``), then the head
+(layers after the error: exact gradients) and the loss. Stages are cut only between blocks.
+:func:`parts_of` describes the zoo's TransformerLM; :func:`sequential_parts` a plain stack.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import DFA
+
+
+@dataclasses.dataclass
+class Parts:
+    dfa: DFA
+    blocks: list[nn.Module]
+    prefix: nn.Module | None = None
+    suffix: nn.Module | None = None
+    head: nn.Module | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+    def __post_init__(self):
+        if not isinstance(self.dfa, DFA):
+            raise TypeError(f"Parts(dfa=): expects the model's dk.DFA module; got {type(self.dfa).__name__}")
+        if not isinstance(self.blocks, (list, tuple, nn.ModuleList)) or not self.blocks or not all(
+                isinstance(b, nn.Module) for b in self.blocks):
+            raise ValueError(f"Parts(blocks=): expects a non-empty list of nn.Modules (the cuttable blocks); "
+                             f"got {self.blocks!r:.80}")
+        for name in ("prefix", "suffix", "head"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, nn.Module):
+                raise TypeError(f"Parts({name}=): expects an nn.Module or None; got {type(value).__name__}")
+        if not callable(self.loss):
+            raise TypeError(f"Parts(loss=): expects a callable loss(output, target); got {type(self.loss).__name__}")
+        self.blocks = list(self.blocks)
+
+
+class StageModule(nn.Module):
+    """One stage's forward: (prefix,) its blocks (, suffix (, head)). The last stage holds the head
+    (it owns its parameters) but runs it only with `with_head` (torch's schedules: the loss reads
+    its output; DFA's schedule runs it after taking y). Points recorded here that no ``dfa(y)``
+    consumes (mode "bp" under torch's schedules) are dropped after each forward."""
+
+    def __init__(self, parts: Parts, first: int, stop: int, is_first: bool, is_last: bool, with_head: bool,
+                 drop_points: bool):
+        super().__init__()
+        self.prefix = parts.prefix if is_first else None
+        self.blocks = nn.ModuleList(parts.blocks[first:stop])
+        self.suffix = parts.suffix if is_last else None
+        self.head = parts.head if is_last else None
+        self.dfa, self.with_head, self.drop_points = parts.dfa, with_head, drop_points
+
+    def forward(self, x):
+        for module in (self.prefix, *self.blocks, self.suffix, self.head if self.with_head else None):
+            if module is not None:
+                x = module(x)
+        if self.drop_points:
+            self.dfa.discard_points()
+        return x
+
+
+def balanced_cuts(blocks: int, stages: int) -> list[int]:
+    """Block index where each stage starts, [0, ..., blocks]: contiguous, sizes differing by at most one."""
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise ValueError(f"stages must be a positive int; got {stages!r}")
+    if stages > blocks:
+        raise ValueError(f"stages={stages} is larger than the model's {blocks} cuttable blocks: a stage boundary "
+                         f"falls only between blocks, so at most {blocks} stages")
+    base, extra = divmod(blocks, stages)
+    cuts = [0]
+    for s in range(stages):
+        cuts.append(cuts[-1] + base + (s < extra))
+    return cuts
+
+
+# ---------------------------------------------------------------- the zoo's models
+class _LMEmbed(nn.Module):
+    """TransformerLM's embeddings (tokens, positions, dropout; in the linear placement, their point)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tok, self.pos, self.drop, self.dfa = model.tok, model.pos, model.drop, model.dfa
+        if model.pos is None:   # fixed positions: the model's own table
+            self.register_buffer("pos_table", model.pos_table, persistent=False)
+        self.context, self.embed_scale, self.placement = model.context, model.embed_scale, model.placement
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        if T > self.context:
+            raise ValueError(f"sequence length {T} exceeds the model's context {self.context}")
+        positions = self.pos(torch.arange(T, device=idx.device)) if self.pos is not None else self.pos_table[:T]
+        x = self.tok(idx)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        x = self.drop(x + positions)
+        return self.dfa.point(x) if self.placement == "linear" else x
+
+
+class _LMBlock(nn.Module):
+    """Block i of a TransformerLM with its points, as TransformerLM.hidden runs it."""
+
+    def __init__(self, model, index: int):
+        super().__init__()
+        self.block, self.dfa = model.blocks[index], model.dfa
+        self.placement, self.fused = model.placement, model.fused
+
+    def forward(self, x):
+        if self.placement == "linear":
+            return self.block.forward_linear(x, self.dfa, self.fused)
+        return self.dfa.point(self.block(x, self.dfa if self.placement == "micro" else None, self.fused))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """TransformerLM.loss's mean next-token cross-entropy."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def parts_of(model: nn.Module) -> Parts:
+    """The pipeline's view of a zoo model (TransformerLM, every placement and error_at); a model
+    of another kind is described with :class:`Parts` (or :func:`sequential_parts`)."""
+    from ..zoo.models.transformer import TransformerLM
+    if isinstance(model, Parts):
+        return model
+    if isinstance(model, TransformerLM):
+        blocks = [_LMBlock(model, i) for i in range(len(model.blocks))]
+        if model.error_at == "hidden":     # e = dL/dh after the final LN; the head learns exactly
+            return Parts(model.dfa, blocks, prefix=_LMEmbed(model), suffix=model.ln_f, head=model.head, loss=lm_loss)
+        return Parts(model.dfa, blocks, prefix=_LMEmbed(model), suffix=nn.Sequential(model.ln_f, model.head),
+                     loss=lm_loss)
+    raise TypeError(f"no pipeline description of {type(model).__name__}: describe it with "
+                    f"dfa_kernels.pipeline.Parts(dfa, blocks, prefix=, suffix=, head=, loss=)")
+
+
+class _Point(nn.Module):
+    """A layer followed by its feedback point (an activation fused into the point when given)."""
+
+    def __init__(self, layer: nn.Module, dfa: DFA, activation: str | None):
+        super().__init__()
+        self.layer, self.dfa, self.activation = layer, dfa, activation
+
+    def forward(self, x):
+        return self.dfa.point(self.layer(x), activation=self.activation)
+
+
+def sequential_parts(dfa: DFA, hidden: list[nn.Module], head: nn.Module, activation: str | None = "relu",
+                     loss=F.cross_entropy) -> Parts:
+    """An MLP-like stack: each hidden layer followed by a point (``dfa.point(layer(x), activation)``),
+    then `head` as the suffix: e is the head's output's error (the single-process model is
+    ``dfa(head(...dfa.point(layer(x), activation)...))``)."""
+    return Parts(dfa, [_Point(layer, dfa, activation) for layer in hidden], suffix=head, loss=loss)

@@ -1,0 +1,220 @@
+"""Pipeline-parallel training (dfa_kernels.pipeline) on CPU processes (gloo), against one process.
+
+A pipelined run equals the single-process run accumulating the same microbatches (loss / M):
+parameters equal to fp32 tolerance after several steps, for S = 2 and S = 4 stages, an MLP (a
+fused-activation point and a fused dfa.linear point) and the zoo's TransformerLM (macro, micro,
+linear placements; error after the final LN or after the head; Adam with a global gradient clip);
+BP through torch.distributed.pipelining's GPipe and 1F1B likewise. Every stage's B (built from its
+own columns) is bit-identical to the single process's; DFA sends no activation gradient, and e
+once per microbatch to every other stage. Bad configurations are refused by name.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed_utils import gather_all, spawn
+from torch import nn
+
+import dfa_kernels as dk
+from dfa_kernels import pipeline as pl
+from dfa_kernels.zoo.models.transformer import TransformerLM
+
+STEPS = 3
+
+
+class LinearBlock(nn.Module):
+    """A block whose point is a fused dfa.linear (the layer's weight gradient inside the DFA op)."""
+
+    def __init__(self, dfa, d_in, d_out):
+        super().__init__()
+        self.layer, self.dfa = nn.Linear(d_in, d_out), dfa
+
+    def forward(self, x):
+        return self.dfa.linear(x, self.layer, "tanh")
+
+
+def mlp(mode, depth):
+    torch.manual_seed(0)
+    dfa = dk.DFA(mode=mode, seed=3)
+    hidden = [nn.Linear(12 if i == 0 else 16, 16) for i in range(depth - 1)]
+    head = nn.Linear(16, 5)
+    blocks = pl.sequential_parts(dfa, hidden, head, activation="relu").blocks + [LinearBlock(dfa, 16, 16)]
+    parts = pl.Parts(dfa, blocks, suffix=head)
+    model = nn.ModuleList([*parts.blocks, parts.suffix, dfa])
+
+    def reference_loss(x, t):
+        h = x
+        for block in parts.blocks:
+            h = block(h)
+        return F.cross_entropy(dfa(parts.suffix(h)), t)
+    return parts, model, reference_loss
+
+
+def lm(mode, layers, placement="macro", error_at="hidden"):
+    torch.manual_seed(0)
+    model = TransformerLM(17, context=8, layers=layers, d_model=16, heads=2, mode=mode, placement=placement,
+                          error_at=error_at, seed=5)
+    return model, model, lambda x, t: F.cross_entropy(model(x).float().flatten(0, 1), t.flatten())
+
+
+def batches(kind, count):
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        return [(torch.randn(12, 12, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(count)]
+    return [(torch.randint(0, 17, (4, 8), generator=g), torch.randint(0, 17, (4, 8), generator=g))
+            for _ in range(count)]
+
+
+def run_case(world, build, kind, schedule, M, adam):
+    mode = "bp" if schedule != "dfa" else "dfa"
+    parts, model, _ = build(mode)
+    _, ref, ref_loss = build(mode)
+    data = batches(kind, STEPS)
+
+    def optimizer(m):
+        return torch.optim.Adam(m.parameters(), lr=1e-2) if adam else torch.optim.SGD(m.parameters(), lr=0.1)
+    opt, ref_opt = optimizer(model), optimizer(ref)
+    pipe = pl.Pipeline(parts, world.size, M, data[0][0][:2], schedule=schedule)
+    for x, t in data:
+        opt.zero_grad(set_to_none=True)
+        loss = pipe.step(x, t)
+        if adam:
+            pipe.clip_grad_norm_(1.0)
+        opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_total = 0.0
+        for xm, tm in zip(x.chunk(M), t.chunk(M)):
+            part = ref_loss(xm, tm) / M
+            part.backward()
+            ref_total += part.item()
+        if adam:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    pipe.synchronize()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{schedule} {name}: {m}")
+    stats = gather_all(world, pipe.stats)
+    if schedule == "dfa":
+        mats = [m for stage in gather_all(world, pipe.feedback_matrices()) for m in stage]
+        ref_mats = next(m for m in ref.modules() if isinstance(m, dk.DFA)).feedback_matrices()
+        assert len(mats) == len(ref_mats) and all(torch.equal(a, b) for a, b in zip(mats, ref_mats))
+        assert all(s.bytes_gradients == 0 for s in stats)           # no activation gradient travels
+        e_bytes = 4 * (x.shape[0] * 5 if kind == "mlp" else x.numel() * (16 if pipe.parts.head is not None else 17))
+        assert stats[-1].bytes_errors == (world.size - 1) * e_bytes  # e once to every other stage
+        assert all(s.bytes_errors == 0 for s in stats[:-1])
+        order = [(k, m) for k, m, *_ in stats[0].events]
+        assert [m for k, m in order if k == "F"] == list(range(M)) and sorted(m for k, m in order if k == "B") == \
+            list(range(M))
+    else:
+        assert all(s.bytes_errors == 0 for s in stats) and stats[1].bytes_gradients > 0
+
+
+def _equivalence_worker(world, cases):
+    for build, kind, schedule, M, adam in cases:
+        run_case(world, build, kind, schedule, M, adam)
+
+
+def _mlp2(mode):
+    return mlp(mode, 2)
+
+
+def _mlp4(mode):
+    return mlp(mode, 4)
+
+
+def _lm_macro(mode):
+    return lm(mode, 2)
+
+
+def _lm_linear_logits(mode):
+    return lm(mode, 2, "linear", "logits")
+
+
+def _lm_micro4(mode):
+    return lm(mode, 4, "micro")
+
+
+def test_two_stages_equal_one_process():
+    spawn(_equivalence_worker, [(_mlp2, "mlp", "dfa", 3, False), (_lm_macro, "lm", "dfa", 2, True),
+                                (_lm_linear_logits, "lm", "dfa", 4, True), (_mlp2, "mlp", "gpipe", 3, False),
+                                (_lm_macro, "lm", "1f1b", 2, True)])
+
+
+def test_four_stages_equal_one_process():
+    spawn(_equivalence_worker, [(_mlp4, "mlp", "dfa", 4, False), (_lm_micro4, "lm", "dfa", 4, True),
+                                (_mlp4, "mlp", "1f1b", 4, False)], size=4)
+
+
+# ---------------------------------------------------------------- refusals
+class Plain(nn.Module):
+    """A block with no feedback point."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _refusal_worker(world):
+    def point_block(dfa):
+        return pl.parts._Point(nn.Linear(6, 6), dfa, "relu")
+    x = torch.randn(4, 6)
+
+    def refused(match, parts, **kw):
+        with pytest.raises(ValueError, match=match):
+            pl.Pipeline(parts, kw.pop("stages", 2), kw.pop("microbatches", 2), x, **kw)
+    dfa = dk.DFA(seed=0)
+    refused("larger than the model's 1 cuttable blocks", pl.Parts(dfa, [point_block(dfa)], suffix=nn.Linear(6, 3)))
+    refused("stage 1 .* has no feedback point", pl.Parts(dfa, [point_block(dfa), Plain()], suffix=nn.Linear(6, 3)))
+    refused("spans the cut between stages 0 and 1", pl.Parts(dfa, [Plain(), point_block(dfa)], suffix=nn.Linear(6, 3)))
+    refused("must equal the process group's size", pl.Parts(dfa, [point_block(dfa)] * 3), stages=3)
+    refused("cuts must be 3 increasing block indices", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), cuts=[0, 2, 2])
+    shared = point_block(dfa)
+    refused("used by stages 0 and 1", pl.Parts(dfa, [shared, shared], suffix=nn.Linear(6, 3)))
+    for mode in ("shallow", "fa", "drtp", "bp"):
+        other = dk.DFA(mode=mode, seed=0)
+        refused(f"schedule 'dfa' needs a DFA mode .* mode '{mode}'", pl.Parts(other, [point_block(other)] * 2))
+    refused("schedule 'gpipe' is backprop's", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), schedule="gpipe")
+    refused("schedule must be one of", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), schedule="zb")
+    refused("microbatches must be a positive int", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), microbatches=0)
+    pipe = pl.Pipeline(pl.Parts(dfa, [point_block(dfa), point_block(dfa)], suffix=nn.Linear(6, 3)), 2, 3, x)
+    with pytest.raises(ValueError, match="4 rows are not divisible by microbatches=3"):
+        pipe.step(x, torch.zeros(4, dtype=torch.long))
+
+
+def test_bad_configurations_refused():
+    spawn(_refusal_worker)
+
+
+def test_needs_a_process_group():
+    dfa = dk.DFA(seed=0)
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        pl.Pipeline(pl.Parts(dfa, [nn.Linear(2, 2)]), 1, 1, torch.zeros(1, 2))
+    with pytest.raises(TypeError, match="no pipeline description of Linear"):
+        pl.parts_of(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="non-empty list of nn.Modules"):
+        pl.Parts(dfa, [])
+
+
+def test_balanced_cuts():
+    assert pl.balanced_cuts(10, 4) == [0, 3, 6, 8, 10]
+    assert pl.balanced_cuts(4, 4) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="stages=5 is larger than the model's 4 cuttable blocks"):
+        pl.balanced_cuts(4, 5)
+
+
+def test_stage_spec_is_the_global_columns():
+    """A stage's projection equals the whole model's projection's columns (both layouts)."""
+    e = torch.randn(7, 5)
+    for layout in ("independent", "shared"):
+        spec = dk.FeedbackSpec(5, (3, 8, 4, 6), seed=9, layout=layout)
+        whole = dk.ops.project_points(e, spec, "virtual", "cpu")
+        part = dk.ops.project_points(e, pl.stage_spec(spec, 1, 3), "virtual", "cpu",
+                                     scales=spec.scales()[1:3])
+        ref = dk.ops.project_points(e, spec, "virtual", "torch")
+        for a, b, c in zip(part, whole[1:3], ref[1:3]):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, c)
