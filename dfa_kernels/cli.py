@@ -153,6 +153,9 @@ def _train(args) -> None:
     from .zoo.checkpoint import CheckpointError
     from .zoo.training import run_task
     world = distributed.init(args.device)      # a torchrun worker (WORLD_SIZE > 1), else None
+    if args.pipeline:
+        _train_pipeline(args, task, world)
+        return
     if world is None and args.nproc > 1:
         distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
         return
@@ -166,6 +169,23 @@ def _train(args) -> None:
         if world is not None:
             import torch.distributed
             torch.distributed.destroy_process_group()
+
+
+def _train_pipeline(args, task, world) -> None:
+    """--pipeline S: S workers through torchrun's launcher, each one stage (dfa_kernels.pipeline.train)."""
+    if args.pipeline < 2 or args.nproc > 1 or args.fsdp or args.compile:
+        raise UsageError("--pipeline S needs S >= 2, and not --nproc, --fsdp or --compile (one process per stage)")
+    if world is None:
+        from .zoo import distributed
+        distributed.launch(args.pipeline, args.argv)
+        return
+    from .pipeline.train import run_task
+    try:
+        run_task(task, _config(args), world, args.microbatches, checkpoint_every=args.checkpoint_every,
+                 resume=args.resume, stop_after=args.stop_after)
+    finally:
+        import torch.distributed
+        torch.distributed.destroy_process_group()
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -285,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train on N local processes (torch.distributed.run; DDP, gloo on CPU, NCCL on CUDA)")
     s.add_argument("--fsdp", action="store_true", help="with --nproc / torchrun: FSDP2 (fully_shard) instead of DDP")
+    s.add_argument("--pipeline", type=int, default=0, metavar="S",
+                   help="pipeline-parallel: the model cut into S stages on S processes (DFA's schedule; 1F1B for bp)")
+    s.add_argument("--microbatches", type=_positive(int), default=4, metavar="M",
+                   help="with --pipeline: microbatches per global batch (must divide the batch size)")
     s.add_argument("--compile", action="store_true",
                    help="the training step (forward, backward, optimizer) under torch.compile")
     s.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",

@@ -9,15 +9,23 @@ own columns) is bit-identical to the single process's; DFA sends no activation g
 once per microbatch to every other stage. Bad configurations are refused by name.
 """
 
+import json
+import math
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from child_process import child_env
 from distributed_utils import gather_all, spawn
 from torch import nn
 
 import dfa_kernels as dk
 from dfa_kernels import pipeline as pl
+from dfa_kernels.pipeline.train import PipelineTrainer
 from dfa_kernels.zoo.models.transformer import TransformerLM
+from dfa_kernels.zoo.trainer import Run, Sampled, Stopped
 
 STEPS = 3
 
@@ -218,3 +226,56 @@ def test_stage_spec_is_the_global_columns():
         for a, b, c in zip(part, whole[1:3], ref[1:3]):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, c)
+
+
+# ---------------------------------------------------------------- the zoo's loop, checkpoints, the CLI
+def lm_run():
+    model, _, _ = lm("dfa", 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def evaluate(m, split):
+        x, t = batches("lm", 1)[0]
+        with torch.no_grad():
+            return {"loss": F.cross_entropy(m(x).flatten(0, 1), t.flatten()).item()}
+    draw = lambda g: (torch.randint(0, 17, (4, 8), generator=g), torch.randint(0, 17, (4, 8), generator=g))
+    return Run(model=model, optimizer=opt, batches=Sampled(draw, 0), loss=None, evaluate=evaluate, select="loss",
+               higher_is_better=False, epochs=2, steps_per_epoch=3, clip_grad=1.0)
+
+
+def _resume_worker(world):
+    """6 steps in one session == 4 steps, a checkpoint state, a fresh run loading it, 2 more."""
+    straight = PipelineTrainer(lm_run(), world, 2, progress=False)
+    fit = straight.fit()
+
+    def stop_at_4(trainer):
+        if trainer.step == 4:
+            raise Stopped("4")
+    first = PipelineTrainer(lm_run(), world, 2, progress=False)
+    with pytest.raises(Stopped):
+        first.fit(stop_at_4)
+    state = first.state_dict()
+    again = PipelineTrainer(lm_run(), world, 2, progress=False)
+    again.load_state_dict(state)
+    resumed = again.fit()
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in fit.history]
+    for p, q in zip(straight.run.model.parameters(), again.run.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_trainer_resumes_exactly():
+    spawn(_resume_worker)
+
+
+def test_cli_pipeline_trains_a_task(tmp_path):
+    """``dfa-kernels train lm-pydoc --pipeline 2``: two workers, one metrics file with the pipeline."""
+    out = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--epochs", "1", "--pipeline", "2",
+                          "--microbatches", "2", "--no-progress", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "lm-pydoc" / "dfa-macro-pipeline2x2" / "metrics.json").read_text())
+    assert metrics["pipeline"] == {"stages": 2, "microbatches": 2, "schedule": "dfa", "cuts": [0, 1, 2],
+                                   "backend": "gloo"}
+    assert math.isfinite(metrics["final"]["test_loss"]) and metrics["provenance"]["git_sha"]
+    bad = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--pipeline", "1"],
+                         capture_output=True, text=True, env=child_env(), timeout=120, check=False)
+    assert bad.returncode == 2 and "--pipeline S needs S >= 2" in bad.stderr
