@@ -25,6 +25,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).parent.resolve()
 # cubins for sm_80 (A100, and sm_86/sm_89 by minor-version compatibility) and sm_90 (H100/H200),
@@ -134,16 +135,31 @@ else:
         extra_link_args=extra_link_args,
     )
 
+SOURCE_RECORD = ROOT / "dfa_kernels" / "_source.json"   # in an sdist (SdistWithSource); never in git
+
+
 def source_commit() -> dict:
-    """The checkout's HEAD and whether tracked files differ from it; empty outside git."""
+    """The checkout's HEAD and whether tracked files differ from it; outside git (a build from an
+    sdist), the commit the sdist recorded; else empty."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
         changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                  capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return {}
+        return json.loads(SOURCE_RECORD.read_text()) if SOURCE_RECORD.is_file() else {}
     return {"git_sha": sha + ("-dirty" if changed else "")}
+
+
+class SdistWithSource(sdist):
+    """Records the commit in the sdist (dfa_kernels/_source.json), so that a wheel built from it
+    names the code it holds although the sdist carries no git history."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        target = Path(base_dir) / "dfa_kernels" / "_source.json"
+        target.unlink(missing_ok=True)   # never write through a hard link into the checkout
+        target.write_text(json.dumps(source_commit()) + "\n")
 
 
 class BuildPyWithSource(build_py):
@@ -160,5 +176,6 @@ class BuildPyWithSource(build_py):
 
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSource},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSource,
+              "sdist": SdistWithSource},
 )
