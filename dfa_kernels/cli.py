@@ -229,12 +229,17 @@ def _tune(args) -> None:
 
 def _scaling(args) -> None:
     from .studies import scaling
+    try:
+        scaling.with_methods(scaling.PRESETS[args.preset], args.methods)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.plan:
-        print(scaling.describe_plan(args.preset))
+        print(scaling.describe_plan(args.preset, methods=args.methods))
         return
     result = scaling.sweep(args.preset, args.out, data=args.data, tokenizer=args.tokenizer, device=args.device,
                            stage=args.stage, resume=args.resume, time_budget_s=args.time_budget,
-                           progress=not args.no_progress, command=["dfa-kernels", *sys.argv[1:]])
+                           progress=not args.no_progress, command=["dfa-kernels", *sys.argv[1:]],
+                           methods=args.methods)
     if result is not None:
         print(scaling.summary(result))
         print(f"wrote {Path(args.out) / 'scaling.json'} and its plots")
@@ -331,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help="a WikiText-style corpus (a wiki.*.tokens directory or one text "
                                                 "file); default: Shakespeare + gensim's Wikipedia articles")
     s.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"], help="bpe: trained on the training split")
+    s.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="the sweep's methods (default: bp dfa-macro dfa-micro dfa-linear shallow): those, a direct "
+                        "method at a placement (sdfa-macro, ternary-micro, dkp-linear, ...) or a layer-wise one "
+                        "(fa, usf, brsf, frsf); bp is always run")
     s.add_argument("--out", default="runs/scaling")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--stage", default="all", help="'all', 'fit' (analyse the finished runs), or a stage number "

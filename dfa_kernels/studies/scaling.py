@@ -65,15 +65,47 @@ import torch
 
 from . import scaling_fit as fit
 from ..figures import save_figure
+from ..methods import LAYERWISE
 from ..provenance import git_sha
 
-# method -> (DFA mode, placement)
+# method -> (DFA mode, placement): the default sweep's (paper 2's) methods
 METHODS = {"bp": ("bp", "macro"), "dfa-macro": ("dfa", "macro"), "dfa-micro": ("dfa", "micro"),
            "dfa-linear": ("dfa", "linear"), "shallow": ("shallow", "macro")}
 DFA_METHODS = ("dfa-macro", "dfa-micro", "dfa-linear")
 FEEDBACK_LAYOUT = "shared"   # paper 2: one B shared by all layers, one B e for every point
 # The parameter groups each method trains (shallow's body is frozen: nothing of it to tune).
 GROUPS = {m: ("head",) if m == "shallow" else ("body", "head") for m in METHODS}
+PLACEMENTS = ("macro", "micro", "linear")
+
+
+def method_spec(name: str) -> tuple[str, str]:
+    """(mode, placement) of a sweep method: METHODS' names, a direct method of the family at a
+    placement ("sdfa-micro", "ternary-linear", "dkp-macro"), or a layer-wise one ("fa", "usf",
+    "brsf", "frsf": every linear layer of the model, the head included, converted)."""
+    from .. import methods
+    if name in METHODS:
+        return METHODS[name]
+    if name in methods.LAYERWISE:
+        return name, "macro"
+    mode, _, placement = name.partition("-")
+    if mode == "drtp":
+        raise ValueError("method 'drtp' projects the one-hot class target, but the sweep takes the error at the "
+                         "final hidden state (d_model wide), not at the vocabulary's logits: no target to project")
+    if mode in methods.DIRECT and placement in PLACEMENTS:
+        return mode, placement
+    raise ValueError(f"unknown method {name!r}: one of {', '.join(METHODS)}, MODE-PLACEMENT with MODE one of "
+                     f"sdfa, ternary, dkp and PLACEMENT one of {', '.join(PLACEMENTS)}, or one of "
+                     f"{', '.join(methods.LAYERWISE)}")
+
+
+def groups(method: str) -> tuple[str, ...]:
+    """The parameter groups `method` trains (dkp's learned B trains with the body)."""
+    return ("head",) if method_spec(method)[0] == "shallow" else ("body", "head")
+
+
+def compared(methods_: tuple) -> tuple[str, ...]:
+    """The methods whose frontier gets a verdict against BP's (all but bp and shallow)."""
+    return tuple(m for m in methods_ if m not in ("bp", "shallow"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +128,7 @@ class Preset:
     stage_seconds: float | None = None  # pack the runs into stages of about this many seconds
     assumed_flop_rate: float = 2e10    # FLOP/s, for the time estimates of --plan and the stages
     step_overhead_s: float = 0.0       # seconds per step beyond the FLOPs (small models on a CPU)
+    methods: tuple = tuple(METHODS)    # the sweep's methods (dfa-kernels scaling --methods)
 
 
 # One grid per group for every method: the body's spans BP's best rates (3e-4 to 1e-2 in a pilot at
@@ -151,8 +184,8 @@ def flops_per_token(size, method: str, vocab: int, context: int, layout: str = F
     f = 4 * d
     lin, attn, head = 2 * (4 * d * d + 2 * d * f), 4 * context * d, 2 * d * vocab
     forward = layers * (lin + attn) + head
-    mode, placement = METHODS[method]
-    if mode == "bp":
+    mode, placement = method_spec(method)
+    if mode == "bp" or mode in LAYERWISE:          # layer-wise: the same GEMMs, B in place of W
         backward = 2 * layers * (lin + attn) + 2 * head
     elif mode == "shallow":
         backward = 2 * head                         # the head's weight and input gradient (final LN's gains)
@@ -162,14 +195,21 @@ def flops_per_token(size, method: str, vocab: int, context: int, layout: str = F
         blocks = {"macro": 2 * layers * (lin + attn),
                   "micro": layers * (2 * lin - 2 * d * f + 2 * attn),
                   "linear": layers * lin}[placement]
-        backward = blocks + 2 * head + projection
+        learned = 2 * d * sum(widths) if mode == "dkp" else 0   # dkp: B's gradient, e^T h_l at every point
+        backward = blocks + 2 * head + projection + learned
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
 def build_model(size, method: str, vocab: int, context: int, seed: int = 0):
     from ..zoo.models.transformer import TransformerLM
-    mode, placement = METHODS[method]
+    mode, placement = method_spec(method)
     torch.manual_seed(seed)
+    if mode in LAYERWISE:   # plain linear layers (no fused dfa.linear points), each converted
+        from ..convert import convert_layers
+        model = TransformerLM(vocab, mode=mode, placement=placement, seed=seed, layout=FEEDBACK_LAYOUT,
+                              fused=False, **model_kwargs(size, context))
+        convert_layers(model, model.dfa)
+        return model
     return TransformerLM(vocab, mode=mode, placement=placement, seed=seed, layout=FEEDBACK_LAYOUT,
                          **model_kwargs(size, context))
 
@@ -186,10 +226,10 @@ def counted_flops_per_token(model, vocab: int, batch: int = 2) -> float:
     return counter.get_total_flops() / (batch * T)
 
 
-def flop_check(size, vocab: int, context: int) -> dict:
+def flop_check(size, vocab: int, context: int, methods_: tuple = tuple(METHODS)) -> dict:
     """Analytic vs counted FLOPs per token of every method at one size."""
     rows = {}
-    for method in METHODS:
+    for method in methods_:
         analytic = flops_per_token(size, method, vocab, context)["total"]
         counted = counted_flops_per_token(build_model(size, method, vocab, context), vocab)
         rows[method] = {"analytic": analytic, "counted": counted, "relative_difference": analytic / counted - 1}
@@ -227,7 +267,7 @@ class Job:
 def tuning_grids(preset: Preset, method: str) -> dict:
     """The grid each parameter group of `method` is tuned on (and the warmup's, tuned with the
     body, or with the head where the body does not learn)."""
-    return {**{g: preset.lr_grid[g] for g in GROUPS[method]}, "warmup": preset.warmup_grid}
+    return {**{g: preset.lr_grid[g] for g in groups(method)}, "warmup": preset.warmup_grid}
 
 
 def head_start(preset: Preset) -> float:
@@ -254,16 +294,16 @@ def jobs(preset: Preset) -> list[Job]:
     out, first = [], preset.seeds[0]
     for i in range(len(preset.sizes)):
         for t in preset.tune_budgets:
-            for method in METHODS:
+            for method in preset.methods:
                 grids = tuning_grids(preset, method)
                 stage = "body" if "body" in grids else "head"
                 out += [Job(i, method, t, stage, lr, wu, first) for lr in grids[stage] for wu in grids["warmup"]]
             # the head grid's middle was run in the body stage; the tuning budget's first seed is its tuning run
-            out += [Job(i, method, t, "head", lr, None, first) for method in METHODS if "body" in GROUPS[method]
+            out += [Job(i, method, t, "head", lr, None, first) for method in preset.methods if "body" in groups(method)
                     for lr in preset.lr_grid["head"] if lr != head_start(preset)]
             out += [Job(i, method, steps, "run", seed=seed) for steps in preset.budgets
                     if tuning_budget(preset, steps) == t for seed in seeds_of(preset, steps)
-                    if (steps, seed) != (t, first) for method in METHODS]
+                    if (steps, seed) != (t, first) for method in preset.methods]
     return out
 
 
@@ -294,11 +334,11 @@ def stages(preset: Preset, vocab: int) -> list[list[Job]]:
 def plan_dict(preset_name: str, preset: Preset, data: str | None, tokenizer: str, bpe_vocab: int, device: str) -> dict:
     """What defines a sweep (a restarted sweep must match it), in its JSON form."""
     return json.loads(json.dumps({
-        "preset": preset_name, **dataclasses.asdict(preset),
+        "preset": preset_name, **{k: v for k, v in dataclasses.asdict(preset).items() if k != "methods"},
         "data": None if data is None else str(Path(data).resolve()), "tokenizer": tokenizer,
         "bpe_vocab": bpe_vocab if tokenizer == "bpe" else None, "device": device,
-        "methods": {m: {"mode": mode, "placement": pl} for m, (mode, pl) in METHODS.items()},
-        "groups": GROUPS, "feedback_layout": FEEDBACK_LAYOUT, "error_at": "hidden"}))
+        "methods": {m: dict(zip(("mode", "placement"), method_spec(m))) for m in preset.methods},
+        "groups": {m: groups(m) for m in preset.methods}, "feedback_layout": FEEDBACK_LAYOUT, "error_at": "hidden"}))
 
 
 # What a run's numbers depend on besides its own size, method, budget, rates and seed: runs
@@ -378,7 +418,7 @@ def train_run(preset: Preset, job: Job, data, lr: float, head_lr: float, warmup:
     bar.close()
     layers, d, heads = size
     return {"id": run_id(preset, job, lr, head_lr, warmup), "size": job.size, "layers": layers, "d_model": d,
-            "heads": heads, "method": job.method, "mode": METHODS[job.method][0], "placement": METHODS[job.method][1],
+            "heads": heads, "method": job.method, "mode": method_spec(job.method)[0], "placement": method_spec(job.method)[1],
             "steps": job.steps, "tokens": job.steps * tokens_per_step, "seed": job.seed, "lr": lr, "head_lr": head_lr,
             "warmup": warmup, "status": status, "parameters": sum(p.numel() for p in model.parameters()),
             "non_embedding_parameters": non_embedding_parameters(model), "flops_per_token": per_token,
@@ -456,7 +496,7 @@ def resolve(preset: Preset, job: Job, runs: dict) -> tuple[float, float, float] 
     if job.stage == "body":
         return job.lr, head_start(preset), job.warmup
     if job.stage == "head":
-        if "body" not in GROUPS[job.method]:
+        if "body" not in groups(job.method):
             return job.lr, job.lr, job.warmup
         body = body_tuned(preset, runs, job.size, job.method, job.steps)
         return None if body is None else (body["lr"], job.lr, body["warmup"])
@@ -464,12 +504,23 @@ def resolve(preset: Preset, job: Job, runs: dict) -> tuple[float, float, float] 
     return None if best is None else (best["lr"], best["head_lr"], best["warmup"])
 
 
+def with_methods(preset: Preset, methods: list[str] | None) -> Preset:
+    """`preset` sweeping `methods` (checked; bp first, added when missing), or its own methods."""
+    if not methods:
+        return preset
+    for name in methods:
+        method_spec(name)
+    return dataclasses.replace(preset, methods=tuple(dict.fromkeys(["bp", *methods])))
+
+
 def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str | None = None,
           tokenizer: str = "byte", bpe_vocab: int = 4096, device: str | None = None, stage: str = "all",
           resume: bool = False, time_budget_s: float | None = None, progress: bool = True,
-          command: list[str] | None = None) -> dict | None:
+          command: list[str] | None = None, methods: list[str] | None = None) -> dict | None:
     """Run (or continue) a sweep under `out` and analyse it when every run is there.
 
+    methods: the sweep's methods (:func:`method_spec`; default: METHODS, paper 2's), bp included
+    always (every verdict is against BP).
     stage: "all" (every run, then the analysis), "fit" (the analysis only, from the finished
     runs), or a stage number (1-based; ``plan`` lists them) to run that stage's runs only.
     resume: continue the sweep recorded in ``out/plan.json`` (its preset, data and options).
@@ -483,7 +534,8 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         recorded = json.loads((out / "plan.json").read_text())
         preset_name, data, tokenizer = recorded["preset"], recorded["data"], recorded["tokenizer"]
         bpe_vocab, device = recorded["bpe_vocab"] or bpe_vocab, device or recorded["device"]
-    preset = PRESETS[preset_name]
+        methods = list(recorded["methods"])
+    preset = with_methods(PRESETS[preset_name], methods)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     plan = plan_dict(preset_name, preset, data, tokenizer, bpe_vocab, device)
     if (out / "plan.json").is_file():
@@ -508,7 +560,7 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
     else:
         raise ValueError(f"--stage must be 'all', 'fit' or a stage number 1..{len(all_stages)}; got {stage!r}")
     if not (out / "flop_check.json").is_file():
-        _write_json(out / "flop_check.json", [flop_check(size, dataset.vocab_size, preset.context)
+        _write_json(out / "flop_check.json", [flop_check(size, dataset.vocab_size, preset.context, preset.methods)
                                               for size in preset.sizes])
     started, load_start = time.perf_counter(), os.getloadavg()
     setup = setup_of(plan)
@@ -578,9 +630,9 @@ def _environment(device: str) -> dict:
 def selected(preset: Preset, runs: dict) -> dict[str, list[list[dict]]]:
     """Per method, the configurations the fits use: per size and budget, the runs (one per seed)
     at the rates tuned for that budget (diverged runs left out)."""
-    chosen = {m: [] for m in METHODS}
+    chosen = {m: [] for m in preset.methods}
     for size in range(len(preset.sizes)):
-        for method in METHODS:
+        for method in preset.methods:
             for steps in preset.budgets:
                 best = tuned(preset, runs, size, method, tuning_budget(preset, steps))
                 if best is None:
@@ -641,7 +693,7 @@ def _fits(preset: Preset, chosen: dict, rng, min_fraction: float, min_budget: in
                               "E_ci": fit.interval([b["E"] for b in ok]), "resamples": len(ok),
                               "form": "L(C) = E + A * C^-alpha, C in FLOPs", "_fit": law}
     comparisons = {}
-    for method in (m for m in METHODS if m != "bp"):
+    for method in (m for m in preset.methods if m != "bp"):
         a, b = fits.get("bp", {}).get("power_law", {}), fits.get(method, {}).get("power_law", {})
         if "_fit" not in a or "_fit" not in b:
             continue
@@ -651,7 +703,8 @@ def _fits(preset: Preset, chosen: dict, rng, min_fraction: float, min_budget: in
         hi = max(max(fits[m]["frontier"]["flops"]) for m in ("bp", method)) * 10 ** preset.extrapolate_decades
         comparisons[method] = fit.compare(a["_fit"], b["_fit"], boots["bp"], boots[method], lo, hi)
         comparisons[method]["measured"] = _measured_difference(fits["bp"], fits[method])
-        comparisons[method]["kind"] = "DFA placement" if method in DFA_METHODS else "baseline (only the head learns)"
+        comparisons[method]["kind"] = ("baseline (only the head learns)" if method == "shallow" else
+                                       "DFA placement" if method in DFA_METHODS else "family method")
     return fits, boots, comparisons
 
 
@@ -697,11 +750,12 @@ def analyse(preset: Preset, runs: dict, flop_check_result: list | None = None, v
     return {"runs": sorted(runs.values(), key=lambda r: (r["layers"], r["d_model"], r["method"], r["steps"],
                                                          r["seed"], r["lr"], r["head_lr"])),
             "selected_runs": {m: [r["id"] for rs in cs for r in rs] for m, cs in chosen.items()},
-            "tuning": _tuning_table(preset, runs), "tuning_grids": {m: tuning_grids(preset, m) for m in METHODS},
+            "tuning": _tuning_table(preset, runs), "tuning_grids": {m: tuning_grids(preset, m) for m in preset.methods},
             "fits": fits, "comparisons": comparisons,
             "verdicts": {m: {k: c[k] for k in ("verdict", "verdict_meaning", "confidence", "crossover_flops",
                                                 "crossover_ci", "crossover_share")}
-                         for m, c in comparisons.items() if m in DFA_METHODS},
+                         for m, c in comparisons.items() if m in compared(preset.methods)},
+            "compared_methods": list(compared(preset.methods)),
             "sensitivity": sensitivity, "seed_spread": _seed_spread(chosen),
             "bands": bands, "flop_check": flop_check_result, "cost_ratios": _cost_ratios(preset, runs, vocab),
             "notes": {"verdict": "over [smallest compute both methods measured, largest measured x "
@@ -724,12 +778,12 @@ def _cost_ratios(preset: Preset, runs: dict, vocab: int) -> dict:
     and its measured wall time per step over BP's (the median over the size's runs: load-dependent)."""
     out = {}
     for size in preset.sizes:
-        flops = {m: flops_per_token(size, m, vocab, preset.context)["total"] for m in METHODS}
+        flops = {m: flops_per_token(size, m, vocab, preset.context)["total"] for m in preset.methods}
         wall = {m: np.median([r["wall_s"] / r["steps"] for r in runs.values() if r["method"] == m
                               and (r["layers"], r["d_model"], r["heads"]) == tuple(size) and r["status"] == "ok"]
-                             or [np.nan]) for m in METHODS}
+                             or [np.nan]) for m in preset.methods}
         out["x".join(map(str, size))] = {m: {"flops": flops[m] / flops["bp"], "wall": float(wall[m] / wall["bp"])}
-                                         for m in METHODS}
+                                         for m in preset.methods}
     return out
 
 
@@ -769,12 +823,12 @@ def _tuning_table(preset: Preset, runs: dict) -> list[dict]:
     rows, seed = [], preset.seeds[0]
     for size in range(len(preset.sizes)):
         for budget in preset.tune_budgets:
-            for method in METHODS:
+            for method in preset.methods:
                 grid = tuning_runs(preset, runs, size, method, budget)
                 if grid is None:
                     continue
                 best = _best(grid)
-                edges = [g for g in GROUPS[method] if best["lr" if g == "body" else "head_lr"]
+                edges = [g for g in groups(method) if best["lr" if g == "body" else "head_lr"]
                          in (preset.lr_grid[g][0], preset.lr_grid[g][-1])]
                 rows.append({"size": list(preset.sizes[size]), "method": method, "steps": budget, "seed": seed,
                              "grid": [{"lr": r["lr"], "head_lr": r["head_lr"], "warmup": r["warmup"],
@@ -828,12 +882,12 @@ def plot(result: dict, out: Path) -> list[Path]:
     return paths
 
 
-def describe_plan(preset_name: str, vocab: int = 256) -> str:
+def describe_plan(preset_name: str, vocab: int = 256, methods: list[str] | None = None) -> str:
     """The runs of a preset, their estimated time and stages (``dfa-kernels scaling --plan``)."""
-    preset = PRESETS[preset_name]
+    preset = with_methods(PRESETS[preset_name], methods)
     lines = [f"preset {preset_name}: sizes {[list(s) for s in preset.sizes]}, context {preset.context}, batch "
              f"{preset.batch}, budgets {list(preset.budgets)} steps (tuned at {list(preset.tune_budgets)}), seeds "
-             f"{list(preset.seeds)}, methods {list(METHODS)}; grids {preset.lr_grid}, warmup "
+             f"{list(preset.seeds)}, methods {list(preset.methods)}; grids {preset.lr_grid}, warmup "
              f"{list(preset.warmup_grid)}; time estimates at {preset.assumed_flop_rate:.0e} FLOP/s + "
              f"{preset.step_overhead_s:g} s per step"]
     for k, stage in enumerate(stages(preset, vocab), 1):
@@ -866,10 +920,11 @@ def summary(result: dict) -> str:
             verdict = f"({c['verdict']}) {c['verdict_meaning']} ({c['confidence']:.2f})"
         lines.append(f"| {method} | {law['alpha']:.3f} {ci(law['alpha_ci'], '.3f')} | {law['E']:.3f} "
                      f"{ci(law['E_ci'], '.3f')} | {f['compute_decades']:.2f} | {cross} | {verdict} |")
-    lines += ["", "| reading of the frontier | " + " | ".join(DFA_METHODS) + " |", "|---|" + "---|" * len(DFA_METHODS)]
+    verdicts = result.get("compared_methods", DFA_METHODS)
+    lines += ["", "| reading of the frontier | " + " | ".join(verdicts) + " |", "|---|" + "---|" * len(verdicts)]
     for name, v in result["sensitivity"].items():
         cells = []
-        for m in DFA_METHODS:
+        for m in verdicts:
             c = v["verdicts"].get(m)
             cells.append("—" if c is None else
                          f"({c['verdict']}) {c['confidence']:.2f}; E diff {c['E_difference']:+.3f} "
