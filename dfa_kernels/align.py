@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ TINY = 1e-30       # norms at or below this count as zero
 class _Snapshot:
     """Everything a measurement may touch, restored by :meth:`restore` (and RNG by :meth:`reseed`)."""
 
-    def __init__(self, model: nn.Module, dfas: list):
+    def __init__(self, model: nn.Module, dfas: list[DFA]) -> None:
         self.model = model
         self.grads = [(p, p.grad) for p in model.parameters()]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -176,8 +178,8 @@ def _update_stats(params, names, dfa_grads, bp_grads) -> dict:
 
 
 # ---------------------------------------------------------------- the measurement
-def alignment(model: nn.Module, loss_fn, batch, *, samples: int = SAMPLES, eval_mode: bool = False,
-              mode: str = "dfa") -> dict:
+def alignment(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
+              samples: int = SAMPLES, eval_mode: bool = False, mode: str = "dfa") -> dict[str, Any]:
     """Alignment of DFA with backprop for `model` on one `batch` (see the module docstring).
 
     loss_fn(model, batch) -> scalar loss: the training loss (its forward must run the model's DFA
@@ -206,8 +208,10 @@ def alignment(model: nn.Module, loss_fn, batch, *, samples: int = SAMPLES, eval_
     finally:
         snapshot.restore()
 
-    modules, trained = {}, {}
+    modules: dict[str, dict[str, Any]] = {}
+    trained: dict[int, torch.Tensor] = {}
     for (name, dfa), cap_dfa, cap_bp, reached_points in zip(dfas, caps_dfa, caps_bp, reached):
+        assert dfa.spec is not None  # fixed by the passes above
         points = []
         for index, (record, signal, grad, params) in enumerate(zip(cap_dfa.points, cap_dfa.signals,
                                                                    cap_bp.signals, reached_points)):
@@ -238,7 +242,7 @@ def alignment(model: nn.Module, loss_fn, batch, *, samples: int = SAMPLES, eval_
 
 
 # ---------------------------------------------------------------- over training: the plot
-def plot_alignment(measurements: list[dict], path, title: str = "alignment") -> Path:
+def plot_alignment(measurements: list[dict[str, Any]], path: str | Path, title: str = "alignment") -> Path:
     """Per-sample signal cosine (left) and update cosine (right) of every point over training steps,
     one line per point; the deepest DFA point (farthest from the output) drawn thick and black."""
     import matplotlib

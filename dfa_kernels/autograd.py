@@ -31,7 +31,7 @@ class NonFiniteMonitor:
     FloatingPointError when it has grown. ``count()`` reads the device counter itself (one sync).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._count: torch.Tensor | None = None  # int32 [1] on the device of the last error
         self._host: torch.Tensor | None = None   # its asynchronous copy in (pinned) host memory
         self._reported = 0
@@ -41,6 +41,7 @@ class NonFiniteMonitor:
         if self._count is None or self._count.device != finite.device:
             self._count = torch.zeros(1, dtype=torch.int32, device=finite.device)
             self._host = torch.zeros(1, dtype=torch.int32, pin_memory=finite.device.type == "cuda")
+        assert self._host is not None  # made with the counter
         self._count.add_(torch.logical_not(finite).to(torch.int32))
         self._host.copy_(self._count, non_blocking=True)
 
@@ -74,6 +75,7 @@ class Record:
         """The tensors the DFA output op takes for this point (their order is the plan's)."""
         if self.weight is None:
             return [self.tensor]
+        assert self.layer_input is not None  # a linear point holds its layer's input
         return [self.tensor, self.layer_input, self.weight] + ([] if self.bias is None else [self.bias])
 
 

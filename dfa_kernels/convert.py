@@ -39,14 +39,21 @@ import copy
 import difflib
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
 
 from . import methods
+from .autograd import Record
 from .layerwise import FeedbackConv2d, FeedbackLinear, layer_seed
 from .nn import DFA
+
+# What chooses modules (convert's points=, input_points=, detach=, layers=): a module-name glob, a module
+# type, a list/tuple/set of those, or a callable (name, module) -> bool.
+ModulePredicate = Callable[[str, nn.Module], bool]
+Selector = Union[str, type[nn.Module], ModulePredicate, Collection[Union[str, type[nn.Module]]]]
 
 # Module types after which `convert` inserts a feedback point by default.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
@@ -72,7 +79,7 @@ def is_activation(module: nn.Module) -> bool:
     return False
 
 
-def glob_regex(pattern: str) -> re.Pattern:
+def glob_regex(pattern: str) -> re.Pattern[str]:
     """A module-name glob as a regex: ``*`` one dotted component, ``**`` any number, ``?`` one
     character, ``[...]`` a character class."""
     out, i = [], 0
@@ -97,10 +104,19 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def select_modules(model: nn.Module, where, argument: str = "points") -> list[tuple[str, nn.Module]]:
+def _name_matches(rx: re.Pattern[str]) -> ModulePredicate:
+    return lambda name, m: rx.match(name) is not None
+
+
+def _instance_of(t: type[nn.Module]) -> ModulePredicate:
+    return lambda name, m: isinstance(m, t)
+
+
+def select_modules(model: nn.Module, where: Selector | None, argument: str = "points") -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs of `model` that `where` selects, in ``named_modules()`` order (each
     module once, the root never). `where`: None (activation modules), a glob or list of globs, a
     module type or tuple/list of types, or a callable ``(name, module) -> bool``."""
+    predicates: list[ModulePredicate]
     if where is None:
         predicates = [lambda name, m: is_activation(m)]
     elif callable(where) and not isinstance(where, type):
@@ -113,19 +129,20 @@ def select_modules(model: nn.Module, where, argument: str = "points") -> list[tu
         predicates = []
         for item in items:
             if isinstance(item, str):
-                predicates.append(lambda name, m, rx=glob_regex(item): rx.match(name) is not None)
+                predicates.append(_name_matches(glob_regex(item)))
             elif isinstance(item, type) and issubclass(item, nn.Module):
-                predicates.append(lambda name, m, t=item: isinstance(m, t))
+                predicates.append(_instance_of(item))
             else:
                 raise TypeError(f"{argument} must be module-name globs (str), nn.Module subclasses or a callable "
                                 f"(name, module) -> bool; got {item!r} of type {type(item).__name__}")
     # every name a module goes by (a module shared under two names matches either); each module
     # is chosen once, under its first name
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and not isinstance(m, DFA)]
-    first = {}
+    first: dict[int, str] = {}
     for n, m in named:
         first.setdefault(id(m), n)
-    chosen, seen = [], set()
+    chosen: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
     for n, m in named:
         if id(m) not in seen and any(p(n, m) for p in predicates):
             seen.add(id(m))
@@ -141,7 +158,7 @@ def select_modules(model: nn.Module, where, argument: str = "points") -> list[tu
 
 
 # ---------------------------------------------------------------- tensors inside module inputs/outputs
-def _replace_first_tensor(value, fn, what: str):
+def _replace_first_tensor(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> Any:
     """`value` with its first tensor (itself, or the first tensor item of a tuple, list or mapping,
     e.g. a Hugging Face ModelOutput) replaced by ``fn(tensor)``."""
     if isinstance(value, torch.Tensor):
@@ -149,7 +166,7 @@ def _replace_first_tensor(value, fn, what: str):
     if isinstance(value, Mapping):
         for key, item in value.items():
             if isinstance(item, torch.Tensor):
-                out = copy.copy(value)
+                out = cast(MutableMapping, copy.copy(value))  # outputs are mutable (dict, ModelOutput)
                 out[key] = fn(item)
                 return out
     elif isinstance(value, (tuple, list)):
@@ -167,7 +184,8 @@ def _replace_first_tensor(value, fn, what: str):
 INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs", "inputs_embeds")
 
 
-def _replace_input(module_name: str, args: tuple, kwargs: dict, fn):
+def _replace_input(module_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) with the module's main input tensor (first tensor argument) replaced by fn(it)."""
     for index, item in enumerate(args):
         if isinstance(item, torch.Tensor):
@@ -184,8 +202,9 @@ class PointTrace:
     """The names of the points a forward records, in order, while `active` (the converted model's
     first DFA step, whose gradient paths it checks)."""
 
-    def __init__(self, active: bool = True):
-        self.active, self.names = active, []
+    def __init__(self, active: bool = True) -> None:
+        self.active = active
+        self.names: list[str] = []
 
     def add(self, name: str) -> None:
         if self.active:
@@ -195,21 +214,22 @@ class PointTrace:
 class FeedbackPoint:
     """A forward hook: the module's output (its first tensor) becomes a feedback point of `dfa`."""
 
-    def __init__(self, dfa: DFA, name: str, trace: PointTrace | None = None):
+    def __init__(self, dfa: DFA, name: str, trace: PointTrace | None = None) -> None:
         self.dfa, self.name, self.trace = dfa, name, trace or PointTrace(False)
 
     def record(self, h: torch.Tensor) -> torch.Tensor:
         self.trace.add(self.name)
         return self.dfa.point(h)
 
-    def __call__(self, module, args, output):
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return _replace_first_tensor(output, self.record, f"the output of module {self.name!r}")
 
 
 class InputPoint(FeedbackPoint):
     """A forward pre-hook: the module's input (its first tensor argument) becomes a feedback point."""
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, module: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return _replace_input(self.name, args, kwargs, self.record)
 
 
@@ -217,10 +237,11 @@ class DetachInput:
     """A forward pre-hook: the module's input (first tensor argument) is detached (no point), as
     points detach theirs: in modes "dfa" and "shallow", not in "bp"."""
 
-    def __init__(self, dfa: DFA, name: str):
+    def __init__(self, dfa: DFA, name: str) -> None:
         self.dfa, self.name = dfa, name
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, module: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if methods.passes_gradients(self.dfa.mode):
             return None
         return _replace_input(self.name, args, kwargs, torch.Tensor.detach)
@@ -229,11 +250,13 @@ class DetachInput:
 class OutputHook:
     """A forward hook: the module's output (first tensor) is the DFA output y of `owner`."""
 
-    def __init__(self, owner: "DFAModel", name: str):
+    owner: DFAModel
+
+    def __init__(self, owner: DFAModel, name: str) -> None:
         self.__dict__["owner"] = owner  # a reference: the hook is not a submodule
         self.name = name
 
-    def __call__(self, module, args, output):
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return _replace_first_tensor(output, self.owner.dfa_output, f"the output of module {self.name!r}")
 
 
@@ -252,8 +275,12 @@ class DFALinear(nn.Linear):
     """A linear layer + activation run as ``dfa.linear(x, self, activation)`` (added by
     ``convert(fuse=True)``). It shares the original layer's parameters, under the same names."""
 
+    dfa: DFA           # references, not submodules (set in __dict__)
+    point_name: str
+    trace: PointTrace
+
     def __init__(self, linear: nn.Linear, activation: str, dfa: DFA, name: str = "",
-                 trace: PointTrace | None = None):
+                 trace: PointTrace | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
@@ -261,7 +288,7 @@ class DFALinear(nn.Linear):
         self.__dict__["dfa"] = dfa  # a reference, not a submodule
         self.__dict__["point_name"], self.__dict__["trace"] = name, trace or PointTrace(False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.trace.add(self.point_name)
         return self.dfa.linear(x, self, self.activation)
 
@@ -270,7 +297,7 @@ class DFALinear(nn.Linear):
 
 
 # ---------------------------------------------------------------- the converted model
-def _output_key(result, output):
+def _output_key(result: Any, output: str | int | None) -> str | int | None:
     """Which item of a forward's result is the DFA output: `output` if given, else "logits" when
     the result is a mapping that has it, else its first tensor."""
     if output is not None:
@@ -293,7 +320,8 @@ class DFAModel(nn.Module):
     next forward starts, so they never mix with its own.
     """
 
-    def __init__(self, model: nn.Module, dfa: DFA, output=None, output_module: str | None = None):
+    def __init__(self, model: nn.Module, dfa: DFA, output: str | int | None = None,
+                 output_module: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.dfa = dfa
@@ -302,7 +330,7 @@ class DFAModel(nn.Module):
         self.layers: tuple[str, ...] = ()  # the layers with layer-wise feedback (FeedbackLinear/Conv2d)
         self.trace = PointTrace(False)      # active until the first DFA step has been checked
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.begin_forward()
         try:
             result = self.model(*args, **kwargs)
@@ -330,7 +358,7 @@ class DFAModel(nn.Module):
                           "forward that raised before reaching its output)", RuntimeWarning, stacklevel=3)
         self.trace.names.clear()
 
-    def _wrap_result(self, result):
+    def _wrap_result(self, result: Any) -> Any:
         if isinstance(result, torch.Tensor):
             return self.dfa_output(result)
         key = _output_key(result, self.output)
@@ -349,7 +377,7 @@ class DFAModel(nn.Module):
                     "DFA could wrap it: its backward would bypass DFA. Compute the loss outside the model (e.g. "
                     "call it without labels), convert with output_module='NAME' (the module whose output is the "
                     "DFA output, e.g. the final norm), or use dfa_kernels.huggingface.convert for a Hugging Face LM")
-            out = copy.copy(result)
+            out = cast(MutableMapping, copy.copy(result))  # outputs are mutable (dict, ModelOutput)
             out[key] = self.dfa_output(result[key])
             return out
         if not isinstance(key, int) or not -len(result) <= key < len(result):  # a tuple or list
@@ -385,7 +413,7 @@ class DFAModel(nn.Module):
 
 
 # ---------------------------------------------------------------- the residual-stream check
-def _is_leaf(node) -> bool:
+def _is_leaf(node: object) -> bool:
     return hasattr(node, "variable")  # AccumulateGrad: a parameter (or an input that requires grad)
 
 
@@ -401,7 +429,8 @@ def _block_list(model: nn.Module, point_names: list[str]) -> str:
     return "blocks"
 
 
-def hybrid_report(roots, records, model: nn.Module, point_names: list[str] | None = None) -> str | None:
+def hybrid_report(roots: Iterable[object], records: Sequence[Record], model: nn.Module,
+                  point_names: list[str] | None = None) -> str | None:
     """Whether gradients bypass the feedback points, as a warning message (None if they do not).
 
     Sources: the output (its error enters at `roots`) and each point (its feedback enters at the
@@ -411,9 +440,10 @@ def hybrid_report(roots, records, model: nn.Module, point_names: list[str] | Non
     carries one source's gradient past another's point; every parameter below such a node learns
     from mixed signals. Runs once, on a graph of a few thousand nodes.
     """
-    sources = [[t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]]
+    # autograd nodes, typed Any: torch's stubs lack AccumulateGrad.variable (read below)
+    sources: list[list[Any]] = [[t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]]
     sources += [[t.grad_fn for t in r.inputs() if t is not None and t.grad_fn is not None] for r in records]
-    reached: dict = {}
+    reached: dict[Any, int] = {}
     for index, fns in enumerate(sources):
         bit, stack = 1 << index, list(fns)
         while stack:
@@ -460,7 +490,8 @@ def hybrid_report(roots, records, model: nn.Module, point_names: list[str] | Non
 
 
 # ---------------------------------------------------------------- convert
-def _fold_linear_activations(model: nn.Module, chosen: dict, dfa: DFA, trace) -> None:
+def _fold_linear_activations(model: nn.Module, chosen: dict[int, tuple[str, nn.Module]], dfa: DFA,
+                             trace: PointTrace) -> None:
     """convert(fuse=True): inside an nn.Sequential, a chosen fusable activation directly after an
     nn.Linear becomes part of a DFALinear (the activation becomes nn.Identity)."""
     for parent_name, parent in list(model.named_modules()):
@@ -479,13 +510,14 @@ def _is_layer(name: str, module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Conv2d)
 
 
-def convert_layers(model: nn.Module, dfa: DFA, layers=None, constrain_weights: bool = False) -> list[str]:
+def convert_layers(model: nn.Module, dfa: DFA, layers: Selector | None = None,
+                   constrain_weights: bool = False) -> list[str]:
     """Replace the chosen layers of `model` (default: every module of type exactly nn.Linear or
     nn.Conv2d; a subclass keeps its own forward unless chosen) by FeedbackLinear/FeedbackConv2d
     sharing their parameters, under the same names, reading `dfa`'s mode. Layer i (in
     ``named_modules`` order) gets the hash seed ``layer_seed(dfa.seed, i)``. Returns their names."""
     chosen = select_modules(model, _is_layer if layers is None else layers, "layers")
-    wrapped = {}
+    wrapped: dict[int, nn.Module] = {}
     for index, (name, module) in enumerate(chosen):
         if isinstance(module, (FeedbackLinear, FeedbackConv2d)):
             raise ValueError(f"layers: module {name!r} is already a feedback layer (converted twice?)")
@@ -503,9 +535,11 @@ def convert_layers(model: nn.Module, dfa: DFA, layers=None, constrain_weights: b
     return [name for name, _ in chosen]
 
 
-def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, input_points=None, detach=None,
-            output=None, output_module: str | None = None, inplace: bool = False, fuse: bool = False,
-            check_residual: bool = True, layers=None, constrain_weights: bool = False, **dfa_kwargs) -> DFAModel:
+def convert(model: nn.Module, mode: str = "dfa", points: Selector | None = None, *,
+            after: Sequence[type[nn.Module]] | None = None, input_points: Selector | None = None,
+            detach: Selector | None = None, output: str | int | None = None, output_module: str | None = None,
+            inplace: bool = False, fuse: bool = False, check_residual: bool = True, layers: Selector | None = None,
+            constrain_weights: bool = False, **dfa_kwargs: Any) -> DFAModel:
     """Insert feedback points into an existing model and wrap its output, without touching its forward.
 
     points: where the points go, at module outputs (see the module docstring): None (every
@@ -565,8 +599,8 @@ def convert(model: nn.Module, mode: str = "dfa", points=None, *, after=None, inp
     return attach(converted, points, input_points, detach, fuse, check_residual)
 
 
-def attach(converted: DFAModel, points=None, input_points=None, detach=None, fuse: bool = False,
-           check_residual: bool = True) -> DFAModel:
+def attach(converted: DFAModel, points: Selector | None = None, input_points: Selector | None = None,
+           detach: Selector | None = None, fuse: bool = False, check_residual: bool = True) -> DFAModel:
     """Install the hooks of `convert` on ``converted.model`` (the points of ``converted.dfa``, the
     detached inputs, the output module's hook); returns `converted` with ``points`` filled in."""
     model, dfa, output_module = converted.model, converted.dfa, converted.output_module
@@ -588,7 +622,7 @@ def attach(converted: DFAModel, points=None, input_points=None, detach=None, fus
     trace = converted.trace = PointTrace(active=check_residual)
     if fuse:
         _fold_linear_activations(model, chosen, dfa, trace)
-    names = []
+    names: list[str] = []
     for name, module in starts.values():
         module.register_forward_pre_hook(InputPoint(dfa, f"{name} (input)", trace), with_kwargs=True)
         names.append(f"{name} (input)")

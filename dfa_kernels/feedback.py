@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
@@ -19,21 +21,21 @@ INDEX_LIMIT = 2**32  # the hash indexes B's rows and columns with 32-bit integer
 
 # FeedbackSpec.matrix() builds B with the ops, which import this module: the spec is below them, so
 # the package hands the builder over at import (dfa_kernels/__init__.py, before any spec exists).
-_matrix_builder = None
+_matrix_builder: Callable[..., torch.Tensor] | None = None
 
 
-def set_matrix_builder(build) -> None:
+def set_matrix_builder(build: Callable[..., torch.Tensor]) -> None:
     """`build(spec, dtype=, device=, backend=)` -> B: what :meth:`FeedbackSpec.matrix` calls."""
     global _matrix_builder
     _matrix_builder = build
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     """An integer (numpy's too), not a bool (True is no width or seed) nor a float (2.5 is no width)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_choice(name: str, value, choices) -> None:
+def _check_choice(name: str, value: object, choices: Collection[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
@@ -48,13 +50,13 @@ class FeedbackSpec:
     """
 
     out_features: int
-    widths: tuple[int, ...]
+    widths: Sequence[int]  # any sequence of ints; stored as a tuple
     seed: int = 0
     distribution: str = "uniform"
     layout: str = "independent"
     density: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         widths = self.widths
         if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__") or not all(
                 _is_int(w) for w in widths):
@@ -84,16 +86,20 @@ class FeedbackSpec:
             return (0,) * len(self.widths)
         return tuple(sum(self.widths[:l]) for l in range(len(self.widths)))
 
-    def matrix(self, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto") -> torch.Tensor:
+    def matrix(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               backend: str = "auto") -> torch.Tensor:
         """B [out_features, total_width], unscaled (built by ``dfa_kernels.ops.feedback_matrix``)."""
+        if _matrix_builder is None:  # only before dfa_kernels/__init__.py has run
+            raise RuntimeError("FeedbackSpec.matrix() needs the package's matrix builder: import dfa_kernels first")
         return _matrix_builder(self, dtype=dtype, device=device, backend=backend)
 
-    def point_matrix(self, index: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    def point_matrix(self, index: int, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
         """B_l [out_features, widths[index]], unscaled."""
         off, width = self.offsets[index], self.widths[index]
         return self.matrix(dtype, device)[:, off:off + width]
 
-    def scales(self, scale="auto") -> list[float]:
+    def scales(self, scale: float | str = "auto") -> list[float]:
         """Per-point multipliers: 'auto' is 1/sqrt(d_l) (independent) or 1/sqrt(max d) (shared, TinyDFA)."""
         if scale == "auto":
             if self.layout == "shared":
@@ -103,11 +109,11 @@ class FeedbackSpec:
             return [float(scale)] * len(self.widths)
         raise ValueError(f"scale must be 'auto' or a finite number; got {scale!r}")
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_state(cls, state: dict) -> "FeedbackSpec":
+    def from_state(cls, state: dict[str, Any]) -> FeedbackSpec:
         """The spec of ``spec.state()``; a ValueError names what a corrupt or foreign state lacks."""
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(state, dict) or not {"out_features", "widths"} <= state.keys() or state.keys() - fields:

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.common_types import _size_2_t
 
 from . import methods, ops, reference
 from .feedback import DISTRIBUTIONS, FeedbackSpec
@@ -47,7 +49,7 @@ INITS = ("xavier", "kaiming")
 DISTRIBUTION_STD = {"uniform": 1.0 / math.sqrt(3.0), "gaussian": 1.0, "rademacher": 1.0}
 
 
-def check_init(init) -> str:
+def check_init(init: str) -> str:
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))} (the layer-wise feedback's spread); "
                          f"got {init!r}")
@@ -153,13 +155,35 @@ class _Conv2dFunction(torch.autograd.Function):
                 grad_b, None, None, None, None, None)
 
 
-class FeedbackLayer:
+class FeedbackSource(Protocol):
+    """What a converted layer reads from the DFA module that ``dk.convert`` made (a :class:`dk.DFA`;
+    named by its attributes, as nn.py imports this module)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def distribution(self) -> str: ...
+    @property
+    def density(self) -> float: ...
+    @property
+    def init(self) -> str: ...
+    @property
+    def storage(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+
+
+class FeedbackLayer(nn.Module):
     """What :class:`FeedbackLinear` and :class:`FeedbackConv2d` share: the mode (their own, or read
     live from the DFA module that ``dk.convert`` made), the matrix options, brsf's draw counter and
-    the weight-norm constraint."""
+    the weight-norm constraint. A mixin placed before nn.Linear / nn.Conv2d, which hold the weight."""
 
-    def _init_feedback(self, mode, seed, distribution, density, init, storage, backend, constrain_weights,
-                       source=None):
+    weight: torch.Tensor
+    source: FeedbackSource | None
+    initial_norm: torch.Tensor  # a buffer, under constrain_weights
+
+    def _init_feedback(self, mode: str, seed: int, distribution: str, density: float, init: str, storage: str,
+                       backend: str, constrain_weights: bool, source: FeedbackSource | None = None) -> None:
         if source is None:
             self._check_mode(mode)
         if distribution not in DISTRIBUTIONS:
@@ -174,13 +198,13 @@ class FeedbackLayer:
         self.init, self.storage, self.backend = check_init(init), storage, backend
         self.draws = 0  # brsf: matrices drawn so far, one per training forward
         self.constrain_weights = bool(constrain_weights)
-        self._constrained_version = None
+        self._constrained_version: int | None = None
         if self.constrain_weights:  # not in the state_dict: the parameter names stay the original model's
             self.register_buffer("initial_norm", torch.linalg.vector_norm(self.weight.detach()).float(),
                                  persistent=False)
 
     @staticmethod
-    def _check_mode(mode) -> None:
+    def _check_mode(mode: str) -> None:
         if mode not in methods.LAYERWISE + ("bp",):
             raise ValueError(f"mode must be one of {', '.join(map(repr, methods.LAYERWISE + ('bp',)))} for a "
                              f"feedback layer; got {mode!r}")
@@ -235,12 +259,14 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "fa", seed: int = 0, *,
                  distribution: str = "uniform", density: float = 0.1, init: str = "xavier", storage: str = "auto",
-                 backend: str = "auto", constrain_weights: bool = False, device=None, dtype=None):
+                 backend: str = "auto", constrain_weights: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_feedback(mode, seed, distribution, density, init, storage, backend, constrain_weights)
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, source, seed: int, constrain_weights: bool = False) -> "FeedbackLinear":
+    def from_module(cls, linear: nn.Linear, source: FeedbackSource, seed: int,
+                    constrain_weights: bool = False) -> FeedbackLinear:
         """A FeedbackLinear sharing `linear`'s parameters (same names), its mode and options `source`'s
         (a :class:`dk.DFA`)."""
         layer = cls.__new__(cls)
@@ -264,16 +290,19 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     """``nn.Conv2d`` whose input gradient, in modes fa/usf/brsf/frsf, is ``conv2d_input`` with B (see the module doc)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mode: str = "fa", seed: int = 0, *,
-                 distribution: str = "uniform", density: float = 0.1, init: str = "xavier", storage: str = "auto",
-                 backend: str = "auto", constrain_weights: bool = False, device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
+                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros", mode: str = "fa",
+                 seed: int = 0, *, distribution: str = "uniform", density: float = 0.1, init: str = "xavier",
+                 storage: str = "auto", backend: str = "auto", constrain_weights: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                            padding_mode, device=device, dtype=dtype)
         self._init_feedback(mode, seed, distribution, density, init, storage, backend, constrain_weights)
 
     @classmethod
-    def from_module(cls, conv: nn.Conv2d, source, seed: int, constrain_weights: bool = False) -> "FeedbackConv2d":
+    def from_module(cls, conv: nn.Conv2d, source: FeedbackSource, seed: int,
+                    constrain_weights: bool = False) -> FeedbackConv2d:
         """A FeedbackConv2d sharing `conv`'s parameters and settings, its mode and options `source`'s."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -295,7 +324,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
                 x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             elif self.padding == "same":
                 x = F.pad(x, self._reversed_padding_repeated_twice)
-            padding = (0, 0)
+            padding: tuple[int, ...] = (0, 0)
         else:
             padding = self.padding
         return _Conv2dFunction.apply(x, self.weight, self.bias, rule, self.stride, padding, self.dilation, self.groups)

@@ -62,11 +62,11 @@ class Method:
     entry: str | None
     reference: str
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         assert self.signal in SIGNALS and self.matrix in MATRICES + (None,) and self.entry in ENTRIES + (None,)
 
 
-METHODS = {m.name: m for m in (
+METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dfa", "error", "random", "direct", "Nøkland 2016"),
     Method("bp", "exact", None, None, "backpropagation: exact gradients through the same model"),
     Method("shallow", "none", None, None, "only the layers after the last point learn"),
@@ -79,12 +79,12 @@ METHODS = {m.name: m for m in (
     Method("brsf", "error", "sign_redrawn", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (brSF)"),
     Method("frsf", "error", "sign_fixed", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (frSF)"),
 )}
-MODES = tuple(METHODS)
-DIRECT = tuple(n for n, m in METHODS.items() if m.entry == "direct")
-LAYERWISE = tuple(n for n, m in METHODS.items() if m.entry == "layerwise")
+MODES: tuple[str, ...] = tuple(METHODS)
+DIRECT: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.entry == "direct")
+LAYERWISE: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.entry == "layerwise")
 
 
-def method(mode) -> Method:
+def method(mode: str) -> Method:
     """The :class:`Method` named `mode`; a ValueError lists the modes otherwise."""
     if mode not in METHODS:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
@@ -97,7 +97,7 @@ def passes_gradients(mode: str) -> bool:
     return mode == "bp" or mode in LAYERWISE
 
 
-def check_threshold(threshold) -> float:
+def check_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold (mode 'ternary': entries below threshold * the row's largest |e| send 0) "
                          f"must be a number in [0, 1]; got {threshold!r}")
@@ -128,6 +128,9 @@ def direct_signal(signal: str, e: torch.Tensor, target: torch.Tensor | None, thr
     if signal == "ternary":
         return ternarize(e, threshold)
     if signal == "target":
+        if target is None:
+            raise ValueError("signal 'target' (mode 'drtp') projects the class targets: target must be a tensor "
+                             "of class indices [N] or a float tensor [N, K]; got None")
         if target.is_floating_point():
             return target.to(e.dtype)
         return one_hot(target, e.shape[1], e.dtype)

@@ -27,6 +27,8 @@ import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,18 +41,19 @@ from .layerwise import check_init
 
 try:
     from torch.distributed.tensor import DTensor
+    HAS_DTENSOR = True
 except ImportError:  # a torch built without distributed support
-    DTensor = None
+    HAS_DTENSOR = False
 
 MODES = methods.MODES
 ACTIVATION_NAMES = ops.ACTIVATIONS[1:]  # what dfa.point(..., activation=) and dfa.linear accept
 
 
-def _store(signals: list, index: int, grad: torch.Tensor) -> None:
+def _store(signals: list[torch.Tensor | None], index: int, grad: torch.Tensor) -> None:
     signals[index] = grad
 
 
-def _check_tensor(value, what: str) -> None:
+def _check_tensor(value: object, what: str) -> None:
     """Points and outputs are float32, float16 or bfloat16 tensors (what the projection runs in)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor; got {type(value).__name__}")
@@ -59,16 +62,16 @@ def _check_tensor(value, what: str) -> None:
                         + (" (convert the model with model.float())" if value.dtype == torch.float64 else ""))
 
 
-def _refuse_sharded(weight, call: str, instead: str) -> None:
+def _refuse_sharded(weight: torch.Tensor, call: str, instead: str) -> None:
     """The fused forms run their own kernels on the layer's weight: a sharded DTensor (FSDP2's
     parameters outside the forward that gathers them, tensor parallelism) is refused."""
-    if DTensor is not None and isinstance(weight, DTensor):
+    if HAS_DTENSOR and isinstance(weight, DTensor):
         raise TypeError(f"{call}: the layer's weight is a sharded DTensor ({weight.placements}); the fused DFA "
                         f"kernels need the whole weight. Call it inside the forward of the module fully_shard "
                         f"wraps (FSDP2 gathers the weights there), or {instead}")
 
 
-def _check_activation(activation) -> None:
+def _check_activation(activation: object) -> None:
     if activation not in ACTIVATION_NAMES:
         raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATION_NAMES))} (or None); "
                          f"got {activation!r}")
@@ -105,9 +108,9 @@ class DFA(nn.Module):
     """
 
     def __init__(self, mode: str = "dfa", seed: int = 0, distribution: str = "uniform",
-                 layout: str = "independent", scale="auto", storage: str = "auto", backend: str = "auto",
-                 density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True,
-                 error_dtype="auto", threshold: float = 0.1, init: str = "xavier"):
+                 layout: str = "independent", scale: float | str = "auto", storage: str = "auto",
+                 backend: str = "auto", density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True,
+                 error_dtype: torch.dtype | str | None = "auto", threshold: float = 0.1, init: str = "xavier") -> None:
         super().__init__()
         # validate the matrix options now rather than at the first forward
         FeedbackSpec(1, (1,), seed, distribution, layout, density).scales(scale)
@@ -135,7 +138,7 @@ class DFA(nn.Module):
         self._capture: Capture | None = None
 
     @classmethod
-    def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs) -> "DFA":
+    def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs: Any) -> DFA:
         """TinyDFA's semantics: one shared uniform [-1, 1) matrix, the output flattened per sample,
         point l reads the first d_l columns, everything divided by sqrt(max d_l)."""
         return cls(mode=mode, seed=seed, distribution="uniform", layout="shared", scale="auto",
@@ -248,12 +251,13 @@ class DFA(nn.Module):
             raise TypeError(f"dfa.targets(target) expects a torch.Tensor; got {type(target).__name__}")
         self._target = target
 
-    def _take_target(self, target):
+    def _take_target(self, target: torch.Tensor | None) -> torch.Tensor | None:
         pending, self._target = self._target, None
         return pending if target is None else target
 
-    def _target_rows(self, y: torch.Tensor, target) -> torch.Tensor:
+    def _target_rows(self, y: torch.Tensor, target: object) -> torch.Tensor:
         """The targets as the op takes them: class indices [N] or a float [N, out_features]."""
+        assert self.spec is not None  # fixed by this forward's _spec_for
         nb, K = self._batch_dims(y), self.spec.out_features
         if target is None:
             raise ValueError(f"mode {self._mode!r} projects the class targets, not the error: pass them as "
@@ -273,7 +277,7 @@ class DFA(nn.Module):
                              f"dims {tuple(y.shape[:nb])}; got {target.dtype} {tuple(target.shape)}")
         return target.reshape(-1)
 
-    def _learned(self, spec: FeedbackSpec, device) -> nn.Parameter | None:
+    def _learned(self, spec: FeedbackSpec, device: torch.device) -> nn.Parameter | None:
         """Mode "dkp": the learned matrix, created from the hash's effective B at its first use."""
         if self._mode != "dkp":
             return None
@@ -354,6 +358,7 @@ class DFA(nn.Module):
 
     def _error_dtype(self, device_type: str) -> torch.dtype | None:
         if self.error_dtype != "auto":
+            assert not isinstance(self.error_dtype, str)  # __init__ took 'auto', None or a float dtype
             return self.error_dtype
         under_bf16 = (torch.is_autocast_enabled(device_type)
                       and torch.get_autocast_dtype(device_type) == torch.bfloat16)
@@ -374,13 +379,14 @@ class DFA(nn.Module):
         """Once the widths are fixed, surplus points at the front whose followers match the spec
         were recorded before this forward pass (by a forward that raised before dfa(y), or by
         dfa.point outside a forward): they are dropped, with a warning, never mixed in."""
-        count = 0 if self.spec is None else len(self.spec.widths)
-        if not count or len(points) <= count:
+        spec = self.spec
+        if spec is None or len(points) <= len(spec.widths):
             return points
+        count = len(spec.widths)
         nb = self._batch_dims(y)
         tail = points[-count:]
         if all(tuple(r.tensor.shape[:nb]) == tuple(y.shape[:nb]) and r.tensor.dim() > nb
-               and math.prod(r.tensor.shape[nb:]) == w for r, w in zip(tail, self.spec.widths)):
+               and math.prod(r.tensor.shape[nb:]) == w for r, w in zip(tail, spec.widths)):
             warnings.warn(f"dfa(y): discarded {len(points) - count} stale feedback point(s) recorded before this "
                           "forward pass (by a forward that raised before dfa(y), or dfa.point called outside a "
                           "forward); dfa.discard_points() drops them explicitly", RuntimeWarning, stacklevel=3)
@@ -421,7 +427,7 @@ class DFA(nn.Module):
 
     # ------------------------------------------------------------ inspection and state
     @contextlib.contextmanager
-    def capture(self):
+    def capture(self) -> Iterator[Capture]:
         """``with dfa.capture() as cap:`` records what flows through the points (eager mode).
 
         After a forward, ``cap.points`` holds its feedback points; after the backward,
@@ -439,6 +445,7 @@ class DFA(nn.Module):
 
     def _start_capture(self, points: list[Record], y: torch.Tensor | None) -> None:
         cap = self._capture
+        assert cap is not None  # called inside dfa.capture()
         cap.start(points)
         if not methods.passes_gradients(self._mode) or not torch.is_grad_enabled():
             return  # direct modes: the backward records (Plan.capture); "shallow": no point gets a signal
@@ -446,6 +453,7 @@ class DFA(nn.Module):
             if record.tensor.requires_grad:
                 record.tensor.register_hook(functools.partial(_store, cap.signals, index))
         if y is not None and y.requires_grad:
+            assert self.spec is not None  # fixed by this forward's _spec_for
             width = self.spec.out_features
             y.register_hook(lambda grad: setattr(cap, "error", grad.reshape(-1, width)))
 
@@ -464,14 +472,14 @@ class DFA(nn.Module):
         self._points = []
         return count
 
-    def resolved_backend(self, device) -> str:
+    def resolved_backend(self, device: torch.device | str) -> str:
         """The projection backend this module runs on `device` (what 'auto' picks)."""
         if self.spec is None:
             return ops.resolve_backend(self.backend, device)
         storage = ops.resolve_storage(self.storage, self.spec, device)
         return ops.resolve_backend(self.backend, device, "project", storage, self.spec.out_features)
 
-    def feedback_matrices(self, dtype: torch.dtype = torch.float32, device="cpu",
+    def feedback_matrices(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                           fixed: bool = False) -> list[torch.Tensor]:
         """Effective [out_features, d_l] matrix of each point, scale applied, in point order: the
         learned ones in mode "dkp" (once made), else (or with fixed=True) the hash's."""
@@ -485,11 +493,11 @@ class DFA(nn.Module):
         return [(B[:, off:off + w] * s).to(dtype)
                 for off, w, s in zip(self.spec.offsets, self.spec.widths, self.spec.scales(self.scale))]
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> dict[str, Any]:
         return {"spec": None if self.spec is None else self.spec.state(), "scale": self.scale,
                 "batch_dims": self.batch_dims}
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not {"spec", "scale", "batch_dims"} <= state.keys():
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"DFA state (the '_extra_state' entry of a state_dict) must be a dict with keys "

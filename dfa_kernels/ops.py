@@ -20,7 +20,10 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -62,7 +65,7 @@ def _rebuild_command() -> str:
 TORCH_RECORD_SECTION = b".dfa_torch_version"
 
 
-def recorded_torch_version(library) -> str | None:
+def recorded_torch_version(library: str | os.PathLike[str]) -> str | None:
     """The torch version a compiled dfa_kernels library was built against, read from its file (the
     ELF section python_module.cpp writes) without loading it; None for a file without the record
     (not ELF, or built before the record existed)."""
@@ -85,7 +88,7 @@ def recorded_torch_version(library) -> str | None:
     return None
 
 
-def _load_compiled():
+def _load_compiled() -> tuple[ModuleType | None, str | None]:
     """(the compiled library or None, why not). A library built against another torch is not
     loaded at all: it fails with undefined symbols, or loads and misbehaves."""
     spec = importlib.util.find_spec(f"{__package__}._C")
@@ -102,7 +105,7 @@ def _load_compiled():
 
 
 _C, _C_ERROR = _load_compiled()
-if _C is None:  # warned once here; in build_info(), `dfa-kernels info` and backend errors
+if _C_ERROR is not None:  # not loaded: warned once here; in build_info(), `dfa-kernels info` and backend errors
     warnings.warn(_fallback_message(_C_ERROR), RuntimeWarning, stacklevel=2)
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
@@ -168,8 +171,8 @@ def _backward_project_materialized(ctx, grad):
 
 
 def _setup_project_points(ctx, inputs, output):
-    e, B, *spec_args, act_inputs, activations, out_dtype = inputs
-    ctx.spec_args, ctx.activations = spec_args, activations
+    e, B, seed, distribution, density, offsets, widths, scales, act_inputs, activations, out_dtype = inputs
+    ctx.spec_args, ctx.activations = (seed, distribution, density, offsets, widths, scales), activations
     ctx.save_for_backward(e, B, *act_inputs)
 
 
@@ -183,7 +186,9 @@ def _backward_project_points(ctx, grads):
         # torch.library sees act_inputs as tensors only when none is None; otherwise as a constant.
         need_acts = needs[8] if isinstance(needs[8], (list, tuple)) else [False] * len(act_inputs)
         acts = [None if a is None else a.detach().requires_grad_(n) for a, n in zip(act_inputs, need_acts)]
-        outs = reference.project_points(e_, B_, *ctx.spec_args, acts, ctx.activations, e.dtype)
+        seed, distribution, density, offsets, widths, scales = ctx.spec_args
+        outs = reference.project_points(e_, B_, seed, distribution, density, offsets, widths, scales, acts,
+                                        ctx.activations, e.dtype)
         wrt = [t for t in (e_, B_, *acts) if t is not None and t.requires_grad]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
@@ -221,16 +226,22 @@ def _triton_impl(name):
     return impl
 
 
+_LIBRARY: torch.library.Library | None = None  # the Triton ops' fragment, once registered
+
+
 def _register() -> None:
     lib = torch.library.Library("dfa_kernels", "FRAGMENT")
-    _register.lib = lib  # keep the fragment alive
-    fakes = {"project": _fake_project, "project_materialized": _fake_project_materialized,
-             "project_points": _fake_project_points, "grouped_weight_grad": _fake_grouped_weight_grad,
-             "feedback_matrix": _fake_feedback_matrix}
-    autograd = {"project": (_backward_project, _setup_project),
-                "project_materialized": (_backward_project_materialized, _setup_project_materialized),
-                "project_points": (_backward_project_points, _setup_project_points),
-                "grouped_weight_grad": (_backward_grouped_weight_grad, _setup_grouped_weight_grad)}
+    global _LIBRARY
+    _LIBRARY = lib  # keep the fragment alive
+    fakes: dict[str, Callable[..., Any]] = {
+        "project": _fake_project, "project_materialized": _fake_project_materialized,
+        "project_points": _fake_project_points, "grouped_weight_grad": _fake_grouped_weight_grad,
+        "feedback_matrix": _fake_feedback_matrix}
+    autograd: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        "project": (_backward_project, _setup_project),
+        "project_materialized": (_backward_project_materialized, _setup_project_materialized),
+        "project_points": (_backward_project_points, _setup_project_points),
+        "grouped_weight_grad": (_backward_grouped_weight_grad, _setup_grouped_weight_grad)}
     for name in _OPS:
         schema = str(getattr(torch.ops.dfa_kernels, name).default._schema)
         signature = schema[schema.index("("):]
@@ -266,7 +277,7 @@ def _parse_arch(arch: str) -> tuple[int, int, bool, bool]:
     return int(major), int(minor), ptx, specific
 
 
-def cuda_arch_problem(capability: tuple[int, int], archs) -> str | None:
+def cuda_arch_problem(capability: tuple[int, int], archs: Sequence[str]) -> str | None:
     """None when kernels compiled for `archs` run on a GPU of compute `capability`, else why not.
 
     A cubin for sm_XY runs on sm_XZ with Z >= Y (sm_90a on sm_90 only); PTX for compute_XY is
@@ -285,6 +296,7 @@ def cuda_arch_problem(capability: tuple[int, int], archs) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _cuda_arch_check(index: int) -> str | None:
     """cuda_arch_problem for GPU `index`, checked at its first use, and warned once."""
+    assert _C is not None  # _cuda_unavailable checked it
     problem = cuda_arch_problem(torch.cuda.get_device_capability(index), _C.build_config()["cuda_archs"])
     if problem:
         warnings.warn(f"dfa_kernels: {torch.cuda.get_device_name(index)}: {problem}", RuntimeWarning, stacklevel=3)
@@ -321,7 +333,7 @@ def _self_test_problem(device: str, backend: str) -> str | None:
     return selftest.problem(backend, device, lambda: {name: _op(backend, name) for name in _OPS})
 
 
-def available_backends(device="cpu") -> list[str]:
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device`, fastest first ('auto' takes the first). On a GPU, the
     'cuda' and 'triton' backends only once they pass their self-test there (dfa_kernels.selftest)."""
     device = torch.device(device)
@@ -354,7 +366,7 @@ def cpu_isas_supported() -> list[str]:
     return list(CPU_ISAS[CPU_ISAS.index(_C.cpu_isa_detected()):])
 
 
-def device_slug(device) -> str:
+def device_slug(device: torch.device | str) -> str:
     """The name of a device model as a file name: "cpu_<isa path>" (e.g. "cpu_avx2": the CPU kernels'
     speed depends on the path more than on the model), or e.g. "nvidia_h100_80gb_hbm3"."""
     device = torch.device(device)
@@ -370,7 +382,7 @@ def shape_class(out_features: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def backend_table(slug: str) -> dict:
+def backend_table(slug: str) -> dict[str, str]:
     """{"op|storage|shape_class": backend} measured on device model `slug` ({} if never measured)."""
     path = BACKEND_TABLES / f"{slug}.json"
     if not path.is_file():
@@ -378,7 +390,7 @@ def backend_table(slug: str) -> dict:
     return dict(json.loads(path.read_text()).get("choices", {}))
 
 
-def resolve_backend(backend: str, device, op: str | None = None, storage: str | None = None,
+def resolve_backend(backend: str, device: torch.device | str, op: str | None = None, storage: str | None = None,
                     out_features: int | None = None) -> str:
     """The backend a call with `backend` runs on `device`; raises if it cannot run there.
 
@@ -387,6 +399,9 @@ def resolve_backend(backend: str, device, op: str | None = None, storage: str | 
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if op is not None and out_features is None:
+        raise ValueError(f"resolve_backend: out_features (the error's width, which picks the measured choice) is "
+                         f"needed with op={op!r}; got None")
     if backend == "auto":
         return _auto_backend(str(torch.device(device)), op, storage, out_features)
     available = available_backends(device)
@@ -404,7 +419,7 @@ def resolve_backend(backend: str, device, op: str | None = None, storage: str | 
 # Without a measured table: the first available backend, except for these (device type, op),
 # which prefer the listed backends when available. CUDA's project_points is a SIMT tile; Triton's
 # runs on tensor cores.
-UNMEASURED_PREFERENCE = {("cuda", "project_points"): ("triton",)}
+UNMEASURED_PREFERENCE: dict[tuple[str, str | None], tuple[str, ...]] = {("cuda", "project_points"): ("triton",)}
 
 
 # Under torch.compile the choice is made once, at trace time, and is a constant of the graph
@@ -417,6 +432,7 @@ def _auto_backend(device: str, op: str | None, storage: str | None, out_features
     if preferred:
         chosen, why = preferred[0], "preferred without a measurement"
     if op is not None:
+        assert out_features is not None  # resolve_backend checked it
         key = f"{op}|{storage}|{shape_class(out_features)}"
         measured = backend_table(device_slug(device)).get(key)
         if measured in available:
@@ -425,12 +441,12 @@ def _auto_backend(device: str, op: str | None, storage: str | None, out_features
     return chosen
 
 
-def _op(backend: str, name: str):
+def _op(backend: str, name: str) -> Any:
     return getattr(torch.ops.dfa_kernels, f"triton_{name}" if backend == "triton" else name)
 
 
 # ---------------------------------------------------------------- public functions
-def check_error_tensor(e, out_features: int, name: str = "e") -> None:
+def check_error_tensor(e: object, out_features: int, name: str = "e") -> None:
     if not isinstance(e, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(e).__name__}")
     if e.dim() != 2 or e.shape[1] != out_features:
@@ -441,17 +457,17 @@ def check_error_tensor(e, out_features: int, name: str = "e") -> None:
         raise ValueError(f"{name} must be contiguous; call {name}.contiguous() first")
 
 
-def _check_spec(spec) -> None:
+def _check_spec(spec: object) -> None:
     if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"spec must be a dk.FeedbackSpec; got {type(spec).__name__}")
 
 
-def _check_scale(scale, name: str = "scale") -> None:
+def _check_scale(scale: object, name: str = "scale") -> None:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{name} must be a finite number; got {scale!r}")
 
 
-def _check_col_scale(col_scale, width: int, device) -> None:
+def _check_col_scale(col_scale: object, width: int, device: torch.device) -> None:
     if col_scale is None:
         return
     if not isinstance(col_scale, torch.Tensor) or col_scale.shape != (width,) or col_scale.dtype != torch.float32:
@@ -461,7 +477,8 @@ def _check_col_scale(col_scale, width: int, device) -> None:
         raise ValueError(f"col_scale is on {col_scale.device} but e is on {device}")
 
 
-def resolve_storage(storage: str, spec: FeedbackSpec, device=None, op: str = "project") -> str:
+def resolve_storage(storage: str, spec: FeedbackSpec, device: torch.device | str | None = None,
+                    op: str = "project") -> str:
     """The storage a call with `storage` uses. "auto": virtual when B would exceed 64 MiB (fp32);
     otherwise what the device's measured table found faster for (op, shape class) when it has it
     (bench_projection writes "storage|<op>|<class>"), else materialized (a stored B in the error's
@@ -482,7 +499,7 @@ def _measured_storage(device: str, op: str, out_features: int) -> str | None:
     return measured if measured in ("virtual", "materialized") else None
 
 
-def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device="cpu",
+def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                     backend: str = "auto") -> torch.Tensor:
     """Materialize B [out_features, total_width] of `spec` (unscaled)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -498,7 +515,7 @@ def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, devi
                                            spec.total_width, dtype, device)
 
 
-_MATRIX_CACHE: collections.OrderedDict = collections.OrderedDict()
+_MATRIX_CACHE: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
 _MATRIX_CACHE_SIZE = 8
 
 
@@ -511,7 +528,8 @@ def stored_dtype(e: torch.Tensor, backend: str) -> torch.dtype:
     return torch.float32
 
 
-def cached_matrix(spec: FeedbackSpec, device, backend: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def cached_matrix(spec: FeedbackSpec, device: torch.device | str, backend: str,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """B of `spec` on `device` in `dtype`, built once (least recently used of 8 evicted)."""
     key = (spec.seed, spec.distribution, spec.density, spec.out_features, spec.total_width, str(device), dtype)
     if torch.compiler.is_compiling():  # a traced graph builds B itself instead of reading a cache
@@ -565,7 +583,9 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
     return _op(backend, "project_materialized")(e, B, float(scale), col_scale, out_dtype)
 
 
-def _check_points(spec: FeedbackSpec, N: int, scales, act_inputs, activations, device):
+def _check_points(spec: FeedbackSpec, N: int, scales: Sequence[float], act_inputs: Sequence[torch.Tensor | None] | None,
+                  activations: Sequence[str] | None, device: torch.device
+                  ) -> tuple[list[float], list[torch.Tensor | None], list[str]]:
     count = len(spec.widths)
     for x in scales:
         _check_scale(x, "scales[l]")
@@ -589,7 +609,8 @@ def _check_points(spec: FeedbackSpec, N: int, scales, act_inputs, activations, d
 
 
 def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backend: str = "auto", *,
-                   scales=None, act_inputs=None, activations=None,
+                   scales: Sequence[float] | None = None, act_inputs: Sequence[torch.Tensor | None] | None = None,
+                   activations: Sequence[str] | None = None,
                    out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Every point's gradient in one launch: out[l] = (scales[l] * (e @ B_l)) * f_l'(act_inputs[l]).
 
@@ -614,8 +635,8 @@ def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual"
     return _op(backend, "project_points")(*args)
 
 
-def grouped_weight_grad(grads, inputs, backend: str = "auto", out_dtype: torch.dtype | None = None
-                        ) -> list[torch.Tensor]:
+def grouped_weight_grad(grads: Iterable[torch.Tensor], inputs: Iterable[torch.Tensor], backend: str = "auto",
+                        out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Weight gradients of independent linear layers in one launch: out[l] = grads[l]^T @ inputs[l].
 
     grads[l]: [N_l, out_l] (the layer's output gradient), inputs[l]: [N_l, in_l]; accumulated in
@@ -641,14 +662,14 @@ def grouped_weight_grad(grads, inputs, backend: str = "auto", out_dtype: torch.d
 
 
 # ---------------------------------------------------------------- build information
-def _version(dist: str):
+def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """Versions, what was compiled, the backends available on each device, and `warnings`: every
     fallback in effect (the compiled library not loaded, a GPU its kernels cannot run on, cuBLAS
     without the grouped GEMM), with its fix."""
@@ -656,15 +677,15 @@ def build_info() -> dict:
     runtime = _C.runtime_info() if _C is not None and hasattr(_C, "runtime_info") else {}
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
     found = []
-    if _C is None:
+    if _C_ERROR is not None:
         found.append(_fallback_message(_C_ERROR))
-    cuda_checks = {}
+    cuda_checks: dict[str, str] = {}
     for d in devices[1:]:
         problem = _cuda_unavailable(torch.device(d))
         cuda_checks[d] = problem or "ok"
         if problem and _C is not None:
             found.append(f"{d} ({torch.cuda.get_device_name(d)}): the 'cuda' backend cannot run: {problem}")
-    self_test = {}
+    self_test: dict[str, dict[str, str]] = {}
     for d in devices[1:]:
         runnable, self_test[d] = _runnable_backends(torch.device(d)), {}
         for b in selftest.GPU_BACKENDS:

@@ -6,21 +6,25 @@ uint32 multiply), masking to 32 bits after every step. Slow, obviously correct, 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
 MASK32 = 0xFFFFFFFF
+# the hash's steps run on Python ints (a seed's key) as on int64 tensors (rows, columns)
+IntOrTensor = TypeVar("IntOrTensor", int, torch.Tensor)
 DISTRIBUTIONS = ("uniform", "gaussian", "rademacher", "sparse")
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x: IntOrTensor, c: int) -> IntOrTensor:
     # (x * c) mod 2^32 without int64 overflow: split c into 16-bit halves.
     lo = x * (c & 0xFFFF)
     hi = ((x * (c >> 16)) & 0xFFFF) << 16
     return (lo + hi) & MASK32
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32(x: IntOrTensor) -> IntOrTensor:
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -69,7 +73,7 @@ def values_from_hash(h: torch.Tensor, distribution: str, j: torch.Tensor, densit
 
 
 def feedback_matrix(seed: int, distribution: str, rows: int, cols: int, density: float = 0.1,
-                    dtype: torch.dtype = torch.float32, device="cpu", col_offset: int = 0,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", col_offset: int = 0,
                     row_offset: int = 0) -> torch.Tensor:
     """B[i, j] for row_offset <= i < row_offset + rows, col_offset <= j < col_offset + cols, dense."""
     device = torch.device(device)
@@ -157,7 +161,7 @@ def activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
 
 
-def column_spans(offsets, widths) -> list[tuple[int, int]]:
+def column_spans(offsets: Sequence[int], widths: Sequence[int]) -> list[tuple[int, int]]:
     """The union of the points' column ranges [offset, offset + width) as sorted, disjoint
     (start, stop) spans: overlapping or touching ranges merge. The independent layout is one span
     [0, D); the shared layout (every point reads the first d_l columns) one span [0, max d_l)."""
@@ -171,7 +175,8 @@ def column_spans(offsets, widths) -> list[tuple[int, int]]:
 
 
 def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribution: str, density: float,
-                   offsets, widths, scales, act_inputs, activations,
+                   offsets: Sequence[int], widths: Sequence[int], scales: Sequence[float],
+                   act_inputs: Sequence[torch.Tensor | None], activations: Sequence[str],
                    out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """out[l] = (scales[l] * (e @ B[:, offsets[l]:offsets[l] + widths[l]])) * f_l'(act_inputs[l]).
 
@@ -193,12 +198,14 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
         start, F_span = next((a0, F) for a0, b0, F in products if a0 <= off and off + w <= b0)
         F = F_span[:, off - start:off - start + w] * s
         if act != "none":
+            assert a is not None  # a fused point passes its pre-activation
             F = F * activation_grad(a, act)
         outs.append(F.to(out_dtype or e.dtype))
     return outs
 
 
-def grouped_weight_grad(grads, inputs, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def grouped_weight_grad(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                        out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """out[l] = grads[l]^T @ inputs[l], accumulated in fp32 (the ``dfa_kernels::grouped_weight_grad`` op)."""
     default = grads[0].dtype if len(grads) else torch.float32
     return [(g.to(torch.float32).T @ x.to(torch.float32)).to(out_dtype or default) for g, x in zip(grads, inputs)]
