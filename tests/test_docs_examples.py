@@ -93,12 +93,16 @@ def bash_commands(code: str) -> list[str]:
     return commands
 
 
-def run_bash(block: Block, cwd: Path, timeout: float = 120) -> None:
+def run_bash(block: Block, cwd: Path) -> None:
+    timeout = 3600 if block.skip == "minutes" else 120   # seconds per command
     for command in bash_commands(block.code):
         words = shlex.split(command)
         if words[0] == "dfa-kernels":
             words = [sys.executable, "-m", "dfa_kernels", *words[1:]]
-        done = subprocess.run(words, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(words, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"the bash block at {block.where}: `{command}` ran over {timeout} s") from err
         assert done.returncode == 0, \
             f"the bash block at {block.where}: `{command}` exited with {done.returncode}:\n{done.stderr[-2000:]}"
 
