@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.image import DigitsCNN
-from ..tasks import MODES, Task, TrainConfig, register, set_feedback
+from ..tasks import Task, TrainConfig, register, set_feedback
 from ..trainer import Run, Shuffled, shard_rows
 
 PRESETS = {"cpu": dict(channels=(16, 32)), "full": dict(channels=(32, 64))}
@@ -31,8 +31,10 @@ PROBE_ROWS = 512
 # The tuning grid of Adam's learning rate, the same three candidates for every method
 # (`dfa-kernels tune cnn-digits --modes ...`: validation accuracy, cpu preset, seed 0).
 LR_GRID = (3e-4, 1e-3, 3e-3)
-# The tuned learning rate per method: the grid's best on validation.
-LR = {mode: 1e-3 for mode in MODES}
+# The tuned learning rate per method: the grid's best on validation (benchmarks/results/zoo/family/
+# cnn-digits.tuning.json).
+LR = {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-3, "sdfa": 3e-4, "drtp": 3e-3, "ternary": 3e-4, "dkp": 3e-3,
+      "fa": 1e-3, "usf": 3e-3, "brsf": 3e-3, "frsf": 3e-3}
 
 
 @functools.lru_cache(maxsize=1)
