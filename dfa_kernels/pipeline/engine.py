@@ -22,8 +22,10 @@ single-process equivalent to test against; the synchronous step loses only the d
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+import threading
 import time
 
 import torch
@@ -38,6 +40,7 @@ SCHEDULES = ("dfa", "gpipe", "1f1b")
 DFA_MODES = ("dfa", "sdfa", "ternary")   # direct modes whose signal is a function of e alone
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
 _HEADER = 10   # ndim, dtype code, up to 8 sizes
+_POLL_S = 0.01  # longest sleep between two checks of the receives (a message's arrival wakes the step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,8 @@ class StepStats:
     bytes_gradients: int = 0   # BP: activation gradients sent backward
     bytes_errors: int = 0      # DFA: the errors e sent by the last stage
     bytes_headers: int = 0
-    # DFA: ("F" | "B", microbatch, start_s, stop_s) of each forward and backward, from the step's start
+    # DFA: (kind, microbatch, start_s, stop_s) from the step's start; kind "F" forward, "E" the last
+    # stage's loss and error (head included), "B" a stage's DFA backward
     events: list = dataclasses.field(default_factory=list)
 
 
@@ -258,10 +262,10 @@ class Pipeline:
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
 
     def _count_bp_bytes(self, module, args, out) -> None:
-        if out.device.type == "meta":   # torch's shape inference
-            return
         """BP's traffic, from the shapes its stage sees: the activation sent forward and, back across
         the same boundary, its gradient (a float input of a later stage receives one)."""
+        if out.device.type == "meta":   # torch's shape inference
+            return
         if not self.last:
             self.stats.bytes_activations += out.numel() * out.element_size()
         if not self.first:
@@ -270,51 +274,70 @@ class Pipeline:
                 self.stats.bytes_gradients += x.numel() * x.element_size()
 
     def _step_dfa(self, xs, ts) -> torch.Tensor:
+        """Forward first: a stage runs the next microbatch's forward whenever its input is there (later
+        stages wait on it), otherwise the backward of the oldest microbatch whose e is there, otherwise
+        it polls both receives. The last stage sends e before its own backward."""
         dfa, M, S = self.parts.dfa, self.microbatches, self.stages
-        sends, records, headers = [], [None] * M, []
-        if not self.last:   # every microbatch's e, from the last stage, as soon as it is sent
-            for m in range(M):
-                buf = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-                headers.append((buf, dist.irecv(buf, self._global(S - 1), group=self.group, tag=2 * (M + m))))
-        done, total = 0, torch.zeros((), device=self.device)
+        sends, records, ready = [], [None] * M, collections.deque()
+        arrived = threading.Condition()
+        inputs = None if self.first else _Inbox(self, self.rank - 1, range(M), arrived)
+        errors = None if self.last else _Inbox(self, S - 1, range(M, 2 * M), arrived)
+        m = done = 0
+        total = torch.zeros((), device=self.device)
         dfa.discard_points()
-        for m in range(M):
-            x = xs[m] if self.first else self._recv(self.rank - 1, m)
-            tic = time.perf_counter()
-            out = self.module(x)
-            recs = list(dfa.pending_points)
-            dfa.discard_points()
-            self._event("F", m, tic)
-            if len(recs) != self.point_counts[self.rank]:
-                raise RuntimeError(f"stage {self.rank} recorded {len(recs)} feedback points for microbatch {m}, "
-                                   f"{self.point_counts[self.rank]} when primed: the forward's points must not "
-                                   f"depend on the batch")
-            if not self.last:
-                sends += self._send(out.detach(), self.rank + 1, m, "activations")
-                records[m] = recs
-                while done <= m and headers[done][1].is_completed():
-                    self._backward(records[done], None, self._recv_payload(headers[done][0], m=done), done)
-                    records[done] = None
-                    done += 1
-                continue
-            tic = time.perf_counter()
-            y_leaf = out.detach().requires_grad_()
-            head_out = self.parts.head(y_leaf) if self.parts.head is not None else y_leaf
-            loss = self.parts.loss(head_out, ts[m]) / M
-            loss.backward()                       # the head's exact gradients, and e = dL/dy
-            e = y_leaf.grad
-            self._event("B", m, tic)
-            for s in range(S - 1):
-                sends += self._send(e, s, M + m, "errors")
-            self._backward(recs, out, e, m)
-            total = total + loss.detach()
-        for m in range(done, M if not self.last else 0):
-            headers[m][1].wait()
-            self._backward(records[m], None, self._recv_payload(headers[m][0], m=m), m)
-            records[m] = None
+        while done < M:
+            if m < M and (self.first or inputs.has(m)):
+                out, recs = self._forward(xs[m] if self.first else inputs.take(m), m)
+                if self.last:
+                    loss, e = self._error(out, ts[m], m)
+                    for s in range(S - 1):
+                        sends += self._send(e, s, M + m, "errors")
+                    ready.append((recs, out, e, m))
+                    total = total + loss
+                else:
+                    sends += self._send(out.detach(), self.rank + 1, m, "activations")
+                    records[m] = recs
+                m += 1
+            elif ready:
+                self._backward(*ready.popleft())
+                done += 1
+            elif not self.last and errors.has(done):
+                self._backward(records[done], None, errors.take(done), done)
+                records[done] = None
+                done += 1
+            else:
+                with arrived:   # checked again under the lock: an arrival cannot slip in before the wait
+                    if not ((inputs is not None and m < M and inputs.has(m))
+                            or (errors is not None and errors.has(done))):
+                        arrived.wait(_POLL_S)
         for work in sends:
             work.wait()
         return total
+
+    def _forward(self, x, m: int):
+        """This stage's forward of microbatch m: its output and the points it recorded."""
+        dfa = self.parts.dfa
+        tic = time.perf_counter()
+        out = self.module(x)
+        recs = list(dfa.pending_points)
+        dfa.discard_points()
+        self._event("F", m, tic)
+        if len(recs) != self.point_counts[self.rank]:
+            raise RuntimeError(f"stage {self.rank} recorded {len(recs)} feedback points for microbatch {m}, "
+                               f"{self.point_counts[self.rank]} when primed: the forward's points must not "
+                               f"depend on the batch")
+        return out, recs
+
+    def _error(self, y: torch.Tensor, target, m: int):
+        """The last stage: the loss of microbatch m (/ M) through the head, the head's exact
+        gradients, and the error e = dL/dy."""
+        tic = time.perf_counter()
+        y_leaf = y.detach().requires_grad_()
+        head_out = self.parts.head(y_leaf) if self.parts.head is not None else y_leaf
+        loss = self.parts.loss(head_out, target) / self.microbatches
+        loss.backward()
+        self._event("E", m, tic)
+        return loss.detach(), y_leaf.grad
 
     def _event(self, kind: str, m: int, tic: float) -> None:
         toc = time.perf_counter()
@@ -352,18 +375,59 @@ class Pipeline:
                 dist.isend(t, dst, group=self.group, tag=2 * slot + 1)]
 
     def _recv(self, stage: int, slot: int) -> torch.Tensor:
+        """A message from `stage`: its shape header, then the tensor."""
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, self._global(stage), group=self.group, tag=2 * slot)
-        return self._recv_payload(header, stage=stage, slot=slot)
-
-    def _recv_payload(self, header: torch.Tensor, stage: int | None = None, slot: int | None = None,
-                      m: int | None = None) -> torch.Tensor:
-        if m is not None:   # an error e from the last stage
-            stage, slot = self.stages - 1, self.microbatches + m
         h = header.tolist()
         t = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
         dist.recv(t, self._global(stage), group=self.group, tag=2 * slot + 1)
         return t
+
+    # ------------------------------------------------------------ per-stage costs (no communication)
+    def profile(self, inputs, targets, repeats: int = 5) -> dict:
+        """This stage's compute per microbatch, alone (median seconds over `repeats`): its forward
+        and its backward in this schedule (DFA: the stage's projection and weight gradients, plus,
+        on the last stage, the loss and the head's backward; BP: autograd's backward of the stage,
+        the loss included on the last). The stage's input is made locally by the earlier stages'
+        modules (every rank holds the whole model), so no rank waits for another."""
+        x, t = inputs.to(self.device).chunk(self.microbatches)[0], targets.to(self.device).chunk(self.microbatches)[0]
+        dfa = self.parts.dfa
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for module in self.modules[:self.rank]:
+                x = module(x)
+            dfa.discard_points()
+        e = None
+        if self.schedule == "dfa" and not self.last:   # an error of y's shape (its values do not matter)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                y = x
+                for module in self.modules[self.rank:]:
+                    y = module(y)
+            dfa.discard_points()
+            e = torch.randn_like(y)
+        forward, backward = [], []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            if self.schedule == "dfa":
+                out, recs = self._forward(x, 0)
+                mid = time.perf_counter()
+                if self.last:
+                    _, e = self._error(out, t, 0)
+                    self._backward(recs, out, e, 0)
+                else:
+                    self._backward(recs, None, e, 0)
+            else:
+                out = self.module(x.detach().requires_grad_(x.is_floating_point()))
+                mid = time.perf_counter()
+                if self.last:
+                    (self.parts.loss(out, t) / self.microbatches).backward()
+                else:
+                    torch.autograd.backward(out, torch.randn_like(out))
+            forward.append(mid - tic)
+            backward.append(time.perf_counter() - mid)
+            for p in self.parameters():
+                p.grad = None
+        self.stats = StepStats()
+        return {"forward_s": float(torch.tensor(forward).median()), "backward_s": float(torch.tensor(backward).median())}
 
     # ------------------------------------------------------------ across stages
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -404,6 +468,41 @@ class Pipeline:
         mine = {id(p) for p in self.parameters()}
         state = {**state, "state": {k: v for k, v in state["state"].items() if id(index[int(k)]) in mine}}
         optimizer.load_state_dict(state)
+
+
+class _Inbox:
+    """The messages of `slots` from one stage, received in order on a thread, so that the step can
+    ask which have arrived without blocking (gloo's irecv reports completion only from wait())."""
+
+    def __init__(self, pipe: Pipeline, stage: int, slots, arrived: threading.Condition):
+        self.items: dict = {}
+        self.error: Exception | None = None
+        self.arrived, self.first = arrived, slots[0]
+        device = pipe.device
+        thread = threading.Thread(target=self._run, args=(pipe, stage, list(slots), device), daemon=True)
+        thread.start()
+
+    def _run(self, pipe, stage, slots, device) -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            for slot in slots:
+                t = pipe._recv(stage, slot)
+                with self.arrived:
+                    self.items[slot - self.first] = t
+                    self.arrived.notify_all()
+        except Exception as err:  # noqa: BLE001 - re-raised in the step, which would otherwise wait forever
+            with self.arrived:
+                self.error = err
+                self.arrived.notify_all()
+
+    def has(self, index: int) -> bool:
+        if self.error is not None:
+            raise RuntimeError(f"receiving from another stage failed: {self.error}") from self.error
+        return index in self.items
+
+    def take(self, index: int) -> torch.Tensor:
+        return self.items.pop(index)
 
 
 def _device_of(parts: Parts) -> torch.device:
