@@ -144,6 +144,8 @@ def test_refusals_name_the_problem():
         family.prepare(small_run(hybrid), "fa")
     with pytest.raises(ValueError, match="does not train mode 'fa'.*PyG"):
         tasks.get("gcn-cora").check_mode("fa")
+    with pytest.raises(ValueError, match="does not train mode 'drtp'.*no class targets"):
+        tasks.get("nerf").check_mode("drtp")
     with pytest.raises(ValueError, match="mode must be one of"):
         tasks.get("cnn-digits").check_mode("backprop")
 

@@ -187,4 +187,6 @@ register(Task(
     description="NeRF (coarse + fine, DFA per network) on the pybullet duck rendered offline; "
                 "--data SCENE|DIR: another pybullet scene or a NeRF-synthetic folder",
     metric="test_psnr", higher_is_better=True, build=build, paper=PAPER, paper_setting=PAPER_SETTING,
-    grid=grid, tuned=tuned, figure=render_comparison, unsupported=only_base_modes(NOT_WIRED)))
+    grid=grid, tuned=tuned, figure=render_comparison, unsupported={**only_base_modes(NOT_WIRED),
+                                                      "drtp": "NeRF regresses colour and density: no class "
+                                                              "targets to project"}))
