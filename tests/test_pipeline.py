@@ -23,6 +23,7 @@ from torch import nn
 
 import dfa_kernels as dk
 from dfa_kernels import pipeline as pl
+from dfa_kernels.pipeline import simulate
 from dfa_kernels.pipeline.train import PipelineTrainer
 from dfa_kernels.zoo.models.transformer import TransformerLM
 from dfa_kernels.zoo.trainer import Run, Sampled, Stopped
@@ -279,3 +280,34 @@ def test_cli_pipeline_trains_a_task(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--pipeline", "1"],
                          capture_output=True, text=True, env=child_env(), timeout=120, check=False)
     assert bad.returncode == 2 and "--pipeline S needs S >= 2" in bad.stderr
+
+
+# ---------------------------------------------------------------- the event-driven model
+def test_simulated_bp_schedules_have_the_textbook_bubble():
+    """No communication cost, equal stages: GPipe and 1F1B take (M + S - 1)(f + b)."""
+    costs = simulate.Costs([1.0] * 4, [2.0] * 4, [10] * 3)
+    for schedule in ("gpipe", "1f1b"):
+        out = simulate.simulate(schedule, costs, 8)
+        assert out["step_s"] == pytest.approx(11 * 3.0)
+        assert out["bubble"] == pytest.approx(1 - 8 * 3 / 33)
+        assert out["bytes"] == simulate.bytes_per_step(schedule, costs, 8) == 2 * 8 * 30
+
+
+def test_simulated_dfa_schedule():
+    """DFA: one stage has no bubble; equal stages: the last one starts after (S - 1) forwards and is
+    never idle, (S - 1) f + M (f + b); a latency adds one per hop of the forward wave; cores shared."""
+    one = simulate.simulate("dfa", simulate.Costs([1.0], [0.5], []), 4)
+    assert one["step_s"] == pytest.approx(6.0) and one["bubble"] == pytest.approx(0.0)
+    costs = simulate.Costs([1.0] * 4, [0.25] * 4, [10] * 3, error_bytes=4)
+    out = simulate.simulate("dfa", costs, 8)
+    assert out["step_s"] == pytest.approx(3 + 8 * 1.25)
+    assert out["bytes"] == simulate.bytes_per_step("dfa", costs, 8) == 8 * 30 + 8 * 3 * 4
+    slow = simulate.simulate("dfa", costs, 8, simulate.Link(latency_s=0.5))
+    assert slow["step_s"] == pytest.approx(3 + 8 * 1.25 + 3 * 0.5)   # 3 hops; e's own hop overlaps
+    shared = simulate.simulate("dfa", simulate.Costs([1.0] * 2, [0.0] * 2, [0]), 1, cores=1)
+    assert shared["step_s"] == pytest.approx(2.0)
+    assert simulate.simulate("gpipe", costs, 8)["step_s"] > out["step_s"]
+    with pytest.raises(ValueError, match="one entry per stage"):
+        simulate.Costs([1.0], [1.0, 2.0], [])
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        simulate.simulate("zb", costs, 2)

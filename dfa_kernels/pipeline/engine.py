@@ -386,9 +386,9 @@ class Pipeline:
     # ------------------------------------------------------------ per-stage costs (no communication)
     def profile(self, inputs, targets, repeats: int = 5) -> dict:
         """This stage's compute per microbatch, alone (median seconds over `repeats`): its forward
-        and its backward in this schedule (DFA: the stage's projection and weight gradients, plus,
-        on the last stage, the loss and the head's backward; BP: autograd's backward of the stage,
-        the loss included on the last). The stage's input is made locally by the earlier stages'
+        and its backward in this schedule (DFA: the stage's projection and weight gradients, and on
+        the last stage "error_s", the loss and the head's backward; BP: autograd's backward of the
+        stage, the loss included on the last). The stage's input is made locally by the earlier stages'
         modules (every rank holds the whole model), so no rank waits for another."""
         x, t = inputs.to(self.device).chunk(self.microbatches)[0], targets.to(self.device).chunk(self.microbatches)[0]
         dfa = self.parts.dfa
@@ -404,7 +404,7 @@ class Pipeline:
                     y = module(y)
             dfa.discard_points()
             e = torch.randn_like(y)
-        forward, backward = [], []
+        forward, backward, error = [], [], []
         for _ in range(repeats):
             tic = time.perf_counter()
             if self.schedule == "dfa":
@@ -412,6 +412,8 @@ class Pipeline:
                 mid = time.perf_counter()
                 if self.last:
                     _, e = self._error(out, t, 0)
+                    error.append(time.perf_counter() - mid)
+                    mid = time.perf_counter()
                     self._backward(recs, out, e, 0)
                 else:
                     self._backward(recs, None, e, 0)
@@ -427,7 +429,8 @@ class Pipeline:
             for p in self.parameters():
                 p.grad = None
         self.stats = StepStats()
-        return {"forward_s": float(torch.tensor(forward).median()), "backward_s": float(torch.tensor(backward).median())}
+        return {"forward_s": float(torch.tensor(forward).median()), "backward_s": float(torch.tensor(backward).median()),
+                "error_s": float(torch.tensor(error).median()) if error else 0.0}
 
     # ------------------------------------------------------------ across stages
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
