@@ -2,8 +2,6 @@
 layer conversion, drtp's class targets, dkp's learned matrices in the optimizer, the refusals."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from dfa_kernels import cli, methods
 from dfa_kernels.layerwise import FeedbackConv2d, FeedbackLinear
 from dfa_kernels.zoo import family, tasks
 from dfa_kernels.zoo.recipes import image
-from dfa_kernels.zoo.trainer import FullBatch, Run, Trainer
+from dfa_kernels.zoo.trainer import FullBatch, Run, Stopped
 from dfa_kernels.zoo.training import train
 
 
@@ -120,9 +118,9 @@ def test_alignment_measures_the_methods_own_signal():
 
 
 class Regression(nn.Module):
-    def __init__(self, hidden=nn.Linear(4, 4)):
+    def __init__(self):
         super().__init__()
-        self.hidden, self.out, self.dfa = hidden, nn.Linear(4, 1), dk.DFA()
+        self.hidden, self.out, self.dfa = nn.Linear(4, 4), nn.Linear(4, 1), dk.DFA()
 
     def forward(self, x):
         return self.dfa(self.out(self.dfa.point(torch.relu(self.hidden(x)))))
@@ -163,3 +161,21 @@ def test_tuning_variants_cover_the_tasks_modes():
     assert set(tasks.get("cnn-digits").modes) == set(methods.MODES)
     assert "fa" not in tasks.get("gcn-cora").modes and "drtp" in tasks.get("gcn-cora").modes
     assert tasks.tuned_as("sdfa") == "dfa" and tasks.tuned_as("bp") == "bp"
+
+
+@pytest.mark.parametrize("mode", ["dkp", "brsf", "drtp"])
+def test_stop_and_resume_continues_a_family_run_exactly(mode, tmp_path):
+    """A learned B (dkp: a parameter and an optimizer group), a redraw counter (brsf) and the targets
+    (drtp) survive --stop-after / --resume: the same final weights as the uninterrupted run."""
+    from dfa_kernels.zoo import checkpoint
+    task = tasks.get("cnn-digits")
+    full = train(task, config(mode, epochs=2))
+    folder = tmp_path / "run"
+    with pytest.raises(Stopped):
+        train(task, config(mode, epochs=2), checkpoints=checkpoint.Checkpoints(folder / "c.pt", stop_after=40))
+    resumed = train(task, config(mode, epochs=2), checkpoints=checkpoint.Checkpoints(folder / "c.pt",
+                                                                                       resume=folder / "c.pt"))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    assert resumed.final["test_acc"] == full.final["test_acc"]

@@ -20,7 +20,6 @@ each task's build with :func:`prepare`):
 from __future__ import annotations
 
 import torch
-
 from torch import nn
 
 import dfa_kernels as dk

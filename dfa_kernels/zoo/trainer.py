@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import dfa_kernels as dk
+from dfa_kernels.layerwise import FeedbackLayer
 
 
 # ---------------------------------------------------------------- batch streams
@@ -295,6 +296,9 @@ class Trainer:
             "plateau": None if run.plateau is None else copy.deepcopy(run.plateau.state_dict()),
             "batches": copy.deepcopy(run.batches.state_dict()),
             "rng": distributed.gather(self.world, rng),   # one entry per rank
+            # brsf's draw counters: a plain attribute of each feedback layer, outside the model's state_dict
+            # (whose keys stay the original model's), yet the next step's |R_t| depends on it
+            "feedback_draws": [m.draws for m in run.model.modules() if isinstance(m, FeedbackLayer)],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -314,6 +318,9 @@ class Trainer:
         self.best, self.best_epoch, self.best_state = state["best"], state["best_epoch"], state["best_model"]
         self.since_best, self.stopped, self.done = state["since_best"], state["stopped"], state["done"]
         self.elapsed, self.resumed_at = state["elapsed"], [*state["resumed_at"], state["step"]]
+        layers = [m for m in run.model.modules() if isinstance(m, FeedbackLayer)]
+        for layer, draws in zip(layers, state.get("feedback_draws") or [0] * len(layers)):
+            layer.draws = draws
 
     def _session_seconds(self) -> float:
         start = getattr(self, "_start", None)
