@@ -392,6 +392,7 @@ class Pipeline:
         modules (every rank holds the whole model), so no rank waits for another."""
         x, t = inputs.to(self.device).chunk(self.microbatches)[0], targets.to(self.device).chunk(self.microbatches)[0]
         dfa = self.parts.dfa
+        self._start = time.perf_counter()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for module in self.modules[:self.rank]:
                 x = module(x)

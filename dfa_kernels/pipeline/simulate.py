@@ -18,6 +18,7 @@ every stage before its own backward.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 
 SCHEDULES = ("dfa", "gpipe", "1f1b")
 
@@ -76,10 +77,11 @@ def simulate(schedule: str, costs: Costs, microbatches: int, link: Link | None =
     S, M = len(costs.forward), microbatches
     dfa = schedule == "dfa"
     arrived: set = set()                 # ("act" | "grad" | "err", stage receiving, m)
-    pending: list = []                   # (time, key) messages in flight
+    pending: list = []                   # a heap of (time, key): messages in flight
     link_free = [0.0] * S
     sent = 0
-    done_ops = [set() for _ in range(S)]
+    forwarded = [set() for _ in range(S)]
+    backs = [0] * S                      # backwards done (each stage runs them in microbatch order)
     orders = None if dfa else [_bp_order(schedule, s, S, M) for s in range(S)]
     position = [0] * S
     next_forward = [0] * S
@@ -91,7 +93,7 @@ def simulate(schedule: str, costs: Costs, microbatches: int, link: Link | None =
         nonlocal sent
         start = max(t, link_free[src])
         link_free[src] = start + link.transfer(nbytes)
-        pending.append((link_free[src] + link.latency_s, key))
+        heapq.heappush(pending, (link_free[src] + link.latency_s, key))
         sent += nbytes
 
     def cost(s: int, kind: str) -> float:
@@ -104,38 +106,40 @@ def simulate(schedule: str, costs: Costs, microbatches: int, link: Link | None =
             m = next_forward[s]
             if m < M and (s == 0 or ("act", s, m) in arrived):
                 return "F", m
-            waiting = [m for m in range(next_forward[s]) if ("B", m) not in done_ops[s]]
-            if waiting and (s == S - 1 or ("err", s, waiting[0]) in arrived):
-                return "B", waiting[0]
+            m = backs[s]
+            if m < next_forward[s] and (s == S - 1 or ("err", s, m) in arrived):
+                return "B", m
             return None
         if position[s] == len(orders[s]):
             return None
         kind, m = orders[s][position[s]]
         if kind == "F" and (s == 0 or ("act", s, m) in arrived):
             return kind, m
-        if kind == "B" and (("F", m) in done_ops[s]) and (s == S - 1 or ("grad", s, m) in arrived):
+        if kind == "B" and m in forwarded[s] and (s == S - 1 or ("grad", s, m) in arrived):
             return kind, m
         return None
 
     def complete(s: int, kind: str, m: int) -> None:
-        done_ops[s].add((kind, m))
         if kind == "F":
+            forwarded[s].add(m)
             next_forward[s] = m + 1
             if s < S - 1:
                 send(s, s + 1, ("act", s + 1, m), costs.activation_bytes[s])
             elif dfa:
                 for d in range(S - 1):
                     send(s, d, ("err", d, m), costs.error_bytes)
-        elif not dfa and s > 0:
-            send(s, s - 1, ("grad", s - 1, m), costs.activation_bytes[s - 1])
+        else:
+            backs[s] += 1
+            if not dfa and s > 0:
+                send(s, s - 1, ("grad", s - 1, m), costs.activation_bytes[s - 1])
         if not dfa:
             position[s] += 1
-        if sum(k == "B" for k, _ in done_ops[s]) == M:
+        if backs[s] == M:
             finish[s] = t
 
     while True:
         for s in range(S):
-            if running[s] is None and sum(k == "B" for k, _ in done_ops[s]) < M:
+            if running[s] is None and backs[s] < M:
                 op = pick(s)
                 if op is not None:
                     running[s] = [op[0], op[1], cost(s, op[0])]
@@ -144,16 +148,15 @@ def simulate(schedule: str, costs: Costs, microbatches: int, link: Link | None =
             break
         rate = 1.0 if cores is None else min(1.0, cores / max(1, len(active)))
         step = min((running[s][2] / rate for s in active), default=float("inf"))
-        arrival = min((when for when, _ in pending), default=float("inf"))
+        arrival = pending[0][0] if pending else float("inf")
         if step == float("inf") and arrival == float("inf"):
             raise RuntimeError("the simulated schedule is stuck (a dependency never arrives)")
         dt = min(step, arrival - t)
         t += max(dt, 0.0)
         for s in active:
             running[s][2] -= rate * max(dt, 0.0)
-        for when, key in [p for p in pending if p[0] <= t + 1e-15]:
-            pending.remove((when, key))
-            arrived.add(key)
+        while pending and pending[0][0] <= t + 1e-15:
+            arrived.add(heapq.heappop(pending)[1])
         for s in active:
             if running[s][2] <= 1e-12:
                 kind, m, _ = running[s]
