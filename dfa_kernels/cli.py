@@ -179,6 +179,8 @@ def _train_pipeline(args, task, world) -> None:
         from .zoo import distributed
         distributed.launch(args.pipeline, args.argv)
         return
+    if world.size != args.pipeline:
+        raise UsageError(f"--pipeline {args.pipeline} under a launcher of {world.size} processes: one process per stage")
     from .pipeline.train import run_task
     try:
         run_task(task, _config(args), world, args.microbatches, checkpoint_every=args.checkpoint_every,
