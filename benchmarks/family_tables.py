@@ -51,7 +51,7 @@ def table(report: dict, tuning: dict | None) -> list[str]:
         else:
             update = signal = "—"
         if report["paper_comparable"]:
-            published = "—" if summary["paper"] is None else f"{summary['paper']:.3f}"
+            published = "none published" if summary["paper"] is None else f"{summary['paper']:.3f}"
         else:
             published = "not comparable"
         lines.append(f"| {mode} | {entry} | {_mean_std(summary_values(report, variant, metric))} | {summary['n']} | "
