@@ -1,13 +1,14 @@
-"""The package's layers read one way, core <- zoo <- bench <- studies <- cli: no module imports a
+"""The package's layers read one way, core <- zoo <- {pipeline, bench} <- studies <- cli: no module imports a
 higher layer, and no modules import each other in a circle. Every import counts, those inside
 functions too (a deferred import is still a dependency). The benchmarks time the zoo's models, and
-the scaling study records its machine as they do (bench.common)."""
+the scaling study records its machine as they do (bench.common); the pipeline splits the zoo's models
+and runs the zoo's training loop stage by stage."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dfa_kernels"
 # the higher layers; every other module of the package is the core
-LAYERS = {"zoo": 1, "bench": 2, "studies": 3, "cli": 4, "__main__": 4}
+LAYERS = {"zoo": 1, "pipeline": 2, "bench": 2, "studies": 3, "cli": 4, "__main__": 4}
 
 
 def _modules() -> dict[str, Path]:
