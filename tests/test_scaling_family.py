@@ -51,3 +51,9 @@ def test_bad_methods_are_refused():
     with pytest.raises(SystemExit) as exit:
         cli.main(["scaling", "--plan", "--methods", "drtp-macro"])
     assert exit.value.code == 2
+
+
+def test_every_method_has_a_plot_colour():
+    assert scaling.color("bp") == scaling.COLORS["bp"]
+    assert scaling.color("dkp-macro") in scaling.FAMILY_COLORS
+    assert scaling.color("dkp-macro") == scaling.color("dkp-macro")

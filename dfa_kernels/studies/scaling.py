@@ -57,6 +57,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -841,6 +842,14 @@ def _tuning_table(preset: Preset, runs: dict) -> list[dict]:
 # ---------------------------------------------------------------- plots
 COLORS = {"bp": "#1f77b4", "dfa-macro": "#d62728", "dfa-micro": "#ff7f0e", "dfa-linear": "#2ca02c",
           "shallow": "#7f7f7f"}
+FAMILY_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+
+
+def color(method: str) -> str:
+    """A method's colour: its own for METHODS, else one of FAMILY_COLORS picked by its name."""
+    if method in COLORS:
+        return COLORS[method]
+    return FAMILY_COLORS[zlib.crc32(method.encode()) % len(FAMILY_COLORS)]
 
 
 def plot(result: dict, out: Path) -> list[Path]:
@@ -853,12 +862,12 @@ def plot(result: dict, out: Path) -> list[Path]:
     for method, ids in result["selected_runs"].items():
         for r in (r for r in result["runs"] if r["id"] in ids):
             e = r["evals"]
-            ax.plot([p["flops"] for p in e], [p["test_loss"] for p in e], color=COLORS[method], alpha=0.35, lw=0.9,
+            ax.plot([p["flops"] for p in e], [p["test_loss"] for p in e], color=color(method), alpha=0.35, lw=0.9,
                     marker=".", ms=3)
         band = result["bands"].get(method)
         if band:
             law = result["fits"][method]["power_law"]
-            ax.plot(band["flops"], band["fit"], color=COLORS[method], lw=2.2,
+            ax.plot(band["flops"], band["fit"], color=color(method), lw=2.2,
                     label=f"{method}: α={law['alpha']:.3f}, E={law['E']:.2f}")
     ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="test loss (nats/token)",
            title="Loss vs compute: every selected run (thin), fitted frontier L = E + A·C^-α (thick)")
@@ -869,9 +878,9 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5.2))
     for method, band in result["bands"].items():
         f = result["fits"][method]
-        ax.fill_between(band["flops"], band["low"], band["high"], color=COLORS[method], alpha=0.2)
-        ax.plot(band["flops"], band["fit"], color=COLORS[method], lw=2, label=method)
-        ax.plot(f["frontier"]["flops"], f["frontier"]["test_loss"], "o", color=COLORS[method], ms=3)
+        ax.fill_between(band["flops"], band["low"], band["high"], color=color(method), alpha=0.2)
+        ax.plot(band["flops"], band["fit"], color=color(method), lw=2, label=method)
+        ax.plot(f["frontier"]["flops"], f["frontier"]["test_loss"], "o", color=color(method), ms=3)
     measured = [l for f in result["fits"].values() for l in f["frontier"]["test_loss"]]
     ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="test loss (nats/token)",
            ylim=(min(measured) - 0.1, max(measured) + 0.25),
