@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "x token budgets; frontier fits L(C) = E + A C^-alpha with bootstrap CIs and the "
                                    "verdict per DFA placement. Results: OUT/scaling.json and plots. Resumable: the "
                                    "same command continues an interrupted sweep.")
-    s.add_argument("--preset", default="cpu", choices=["cpu", "gpu"])
+    s.add_argument("--preset", default="cpu", choices=["cpu", "cpu-long", "gpu"])
     s.add_argument("--data", default=None, help="a WikiText-style corpus (a wiki.*.tokens directory or one text "
                                                 "file); default: Shakespeare + gensim's Wikipedia articles")
     s.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"], help="bpe: trained on the training split")

@@ -282,3 +282,12 @@ def test_bpe_tokenizer(corpus_file):
     sample = data.splits["val"][:40]
     assert data.encode(data.decode(sample)).tolist() == sample.tolist()
     assert len(data.splits["train"]) < 0.8 * len(corpus_file.read_bytes()) * 0.9   # merges shorten the text
+
+
+def test_the_cli_offers_every_user_preset():
+    """Every preset but the tests' own "tiny" is reachable from `dfa-kernels scaling --preset`."""
+    from dfa_kernels import cli
+    parser = cli.build_parser()
+    for name in scaling.PRESETS:
+        if name != "tiny":
+            assert parser.parse_args(["scaling", "--preset", name]).preset == name
