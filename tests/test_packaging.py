@@ -19,6 +19,8 @@ import torch
 import dfa_kernels as dk
 from dfa_kernels import ops
 
+from child_process import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,14 +101,15 @@ def test_a_library_of_another_torch_is_not_loaded():
             "print(dk.available_backends('cpu'), dk.project(torch.randn(2, 3), dk.FeedbackSpec(3, [5])).shape)\n"
             "import warnings; warnings.simplefilter('ignore')\n"
             "from dfa_kernels.cli import main; main(['info'])\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()   # the dfa_kernels (and so the library) this process loaded, not the checkout's
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     built = ops.recorded_torch_version(ops._C.__file__)
     said = f"dfa_kernels._C was built against torch {built}, running torch 2.5.0+cpu, so it was not loaded"
     assert done.stderr.count("RuntimeWarning: dfa_kernels: ") == 1 and said in done.stderr
-    assert f"Fix: rebuild it against this torch: `pip install --no-build-isolation -e {ROOT}`" in done.stderr
+    # the command for this kind of install: -e of the checkout, or from source for a wheel in site-packages
+    assert f"Fix: rebuild it against this torch: {ops._rebuild_command()}" in done.stderr
     assert "ImportError" not in done.stderr and "Traceback" not in done.stderr
     assert "['torch'] torch.Size([2, 5])" in done.stdout
     warning = [line for line in done.stdout.splitlines() if line.startswith("WARNING: ")]
