@@ -59,6 +59,7 @@ def test_every_variant_gets_the_same_budget_and_settings(name):
         run = task.build(config)
         seen[config.mode + "-" + config.placement] = {
             "epochs": run.epochs, "steps_per_epoch": run.steps_per_epoch, "patience": run.patience,
+            "min_epochs": run.min_epochs,
             **{k: repr(v) for k, v in run.hyper_parameters.items() if k not in tuned_keys | IDENTITY}}
     first, *others = seen.items()
     for variant, settings in others:

@@ -11,7 +11,7 @@ from dfa_kernels.zoo import tasks
 from dfa_kernels.zoo.trainer import FullBatch, Run, Sampled, Shuffled, fit
 
 
-def scripted_run(val_curve, patience=None, calls=None):
+def scripted_run(val_curve, patience=None, calls=None, min_epochs=0):
     """A run whose validation metric follows `val_curve` (one value per epoch); the model's weight
     holds the epoch number, so the selected state says which epoch was kept."""
     model = nn.Linear(1, 1, bias=False)
@@ -32,7 +32,7 @@ def scripted_run(val_curve, patience=None, calls=None):
 
     return Run(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), batches=FullBatch(None),
                loss=loss, evaluate=evaluate, select="acc", higher_is_better=True, epochs=len(val_curve),
-               steps_per_epoch=1, patience=patience)
+               steps_per_epoch=1, patience=patience, min_epochs=min_epochs)
 
 
 def test_selects_the_best_validation_epoch_and_evaluates_test_once():
@@ -50,6 +50,14 @@ def test_early_stopping_and_the_still_improving_flag():
     assert fitted.final["best_epoch"] == 2
     rising = fit(scripted_run([0.1, 0.2, 0.3]), progress=False)
     assert rising.final["still_improving_at_budget"]
+
+
+def test_patience_does_not_stop_a_run_before_min_epochs():
+    """A plateau at first (DNA's backprop): with min_epochs the run goes on past it and finds the later best."""
+    curve = [0.3, 0.3, 0.3, 0.3, 0.3, 0.6, 0.7, 0.5, 0.5, 0.5, 0.5]
+    assert fit(scripted_run(curve, patience=3), progress=False).final["epochs_run"] == 4
+    waited = fit(scripted_run(curve, patience=3, min_epochs=6), progress=False).final
+    assert waited["best_epoch"] == 7 and waited["stopped"] == "patience" and waited["epochs_run"] == 10
 
 
 def test_alignment_of_a_model_without_dfa_is_refused_before_training():

@@ -5,8 +5,9 @@ evaluation of a split) and :class:`Trainer` trains it (:func:`fit` is the one-ca
 ``epochs`` rounds of ``steps_per_epoch`` optimizer steps, each round followed by an evaluation on
 the validation split. The model kept is the one with the best validation metric, and the test
 split is evaluated once, on that model: selection never sees test data. With ``patience``,
-training stops after that many rounds without a validation improvement; without it every run gets
-the same fixed budget. Both rules are the same for bp, dfa and shallow, and the result says which
+training stops after that many rounds without a validation improvement, never before round
+``min_epochs`` (a model whose loss sits on a plateau at first is not stopped there); without it
+every run gets the same fixed budget. Both rules are the same for bp, dfa and shallow, and the result says which
 one ended the run.
 
 ``alignment_every`` measures DFA's alignment with backprop (``dk.alignment``, :mod:`dfa_kernels.align`)
@@ -133,6 +134,7 @@ class Run:
     epochs: int                                         # evaluation rounds at most (the budget)
     steps_per_epoch: int
     patience: int | None = None                         # rounds without improvement before stopping
+    min_epochs: int = 0                                 # rounds always trained before patience may stop
     scheduler: Any = None                               # stepped after every optimizer step
     plateau: Any = None                                 # ReduceLROnPlateau, stepped with the val metric
     clip_grad: float | None = None
@@ -407,7 +409,7 @@ class Trainer:
                 self.best_state = copy.deepcopy(model.state_dict())
         else:
             self.since_best += 1
-        if run.patience is not None and self.since_best >= run.patience:
+        if run.patience is not None and self.since_best >= run.patience and len(self.history) >= run.min_epochs:
             self.stopped, self.done = "patience", True
         elif len(self.history) == run.epochs:
             self.done = True
