@@ -12,6 +12,7 @@ Environment:
     CUDA_HOME                 CUDA toolkit (default: located from the nvcc on PATH)
     MAX_JOBS                  parallel compile jobs (default: number of CPUs, at most 4)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,8 +53,9 @@ def find_cuda_home() -> str | None:
     if nvcc is None:
         return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
     try:
-        dry = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         dry = None
     match = re.search(r"^#\$ TOP=(.+)$", dry.stderr + dry.stdout, re.M) if dry else None
@@ -135,17 +137,23 @@ else:
         extra_link_args=extra_link_args,
     )
 
-SOURCE_RECORD = ROOT / "dfa_kernels" / "_source.json"   # in an sdist (SdistWithSource); never in git
+SOURCE_RECORD = ROOT / "dfa_kernels" / "_source.json"  # in an sdist (SdistWithSource); never in git
 
 
 def source_commit() -> dict:
     """The checkout's HEAD and whether tracked files differ from it; outside git (a build from an
     sdist), the commit the sdist recorded; else empty."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return json.loads(SOURCE_RECORD.read_text()) if SOURCE_RECORD.is_file() else {}
     return {"git_sha": sha + ("-dirty" if changed else "")}
@@ -158,7 +166,7 @@ class SdistWithSource(sdist):
     def make_release_tree(self, base_dir, files):
         super().make_release_tree(base_dir, files)
         target = Path(base_dir) / "dfa_kernels" / "_source.json"
-        target.unlink(missing_ok=True)   # never write through a hard link into the checkout
+        target.unlink(missing_ok=True)  # never write through a hard link into the checkout
         target.write_text(json.dumps(source_commit()) + "\n")
 
 
@@ -176,6 +184,9 @@ class BuildPyWithSource(build_py):
 
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSource,
-              "sdist": SdistWithSource},
+    cmdclass={
+        "build_ext": BuildExtension.with_options(use_ninja=True),
+        "build_py": BuildPyWithSource,
+        "sdist": SdistWithSource,
+    },
 )

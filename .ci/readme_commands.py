@@ -1,4 +1,5 @@
 """Print the README Quickstart's commands: `demo` (the first) or `test` (the second)."""
+
 import sys
 from pathlib import Path
 

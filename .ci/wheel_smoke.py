@@ -4,6 +4,7 @@ DFA step trains.
 
     python .ci/wheel_smoke.py [--cpu-only]   # --cpu-only: a wheel built with DFA_KERNELS_FORCE_CPU=1
 """
+
 import importlib.metadata
 import json
 import sys
@@ -49,6 +50,8 @@ model = MLP()
 x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
 nn.functional.cross_entropy(model(x), y).backward()
 assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-print(f"wheel smoke test passed: dfa_kernels {dk.__version__} from {where.parent}, built against torch "
-      f"{info['built_against_torch']}, CUDA kernels {'compiled' if info['cuda_compiled'] else 'not compiled'}, "
-      f"commit {source['git_sha'][:12]}")
+print(
+    f"wheel smoke test passed: dfa_kernels {dk.__version__} from {where.parent}, built against torch "
+    f"{info['built_against_torch']}, CUDA kernels {'compiled' if info['cuda_compiled'] else 'not compiled'}, "
+    f"commit {source['git_sha'][:12]}"
+)

@@ -1,4 +1,5 @@
 """Projection microbenchmark (see dfa_kernels/bench/projection.py); writes benchmarks/results/."""
+
 import sys
 from pathlib import Path
 

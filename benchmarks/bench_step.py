@@ -1,4 +1,5 @@
 """Training-step benchmark, DFA vs BP vs TinyDFA-style (see dfa_kernels/bench/step.py); writes benchmarks/results/."""
+
 import sys
 from pathlib import Path
 

@@ -9,6 +9,7 @@ Save and compare runs with pytest-benchmark's own ``--benchmark-autosave`` / ``-
 Options: --dfa-device cpu|cuda (default: cuda when present), --dfa-size tiny|cpu|cuda (default: the
 device's), --dfa-quick (three shapes, uniform B, no sweeps), --dfa-dtypes float32,bfloat16.
 """
+
 import pytest
 import torch
 
@@ -28,19 +29,25 @@ def pytest_addoption(parser):
 
 def _settings(config):
     from dfa_kernels.bench import projection
+
     device = torch.device(config.getoption("--dfa-device"))
     dtypes = config.getoption("--dfa-dtypes")
-    return {"device": device, "size": config.getoption("--dfa-size") or device.type,
-            "quick": config.getoption("--dfa-quick"),
-            "dtypes": dtypes.split(",") if dtypes else list(projection.DEFAULT_DTYPES[device.type])}
+    return {
+        "device": device,
+        "size": config.getoption("--dfa-size") or device.type,
+        "quick": config.getoption("--dfa-quick"),
+        "dtypes": dtypes.split(",") if dtypes else list(projection.DEFAULT_DTYPES[device.type]),
+    }
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         from dfa_kernels.bench import projection
+
         s = _settings(metafunc.config)
-        found = projection.cases(s["size"], projection._compiled_backends(s["device"]),
-                                 [getattr(torch, d) for d in s["dtypes"]], s["quick"])
+        found = projection.cases(
+            s["size"], projection._compiled_backends(s["device"]), [getattr(torch, d) for d in s["dtypes"]], s["quick"]
+        )
         metafunc.parametrize("case", found, ids=[c.id for c in found])
 
 

@@ -13,6 +13,7 @@ only where the same metric, data and network exist: none does for these rows (th
 numbers are CIFAR-10 / ImageNet, biotorch's Benchmarks.md and the DKP README included), so the
 column says "not comparable", except the DFA paper's Cora GCN numbers for bp and dfa.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,14 +55,21 @@ def table(report: dict, tuning: dict | None) -> list[str]:
             published = "none published" if summary["paper"] is None else f"{summary['paper']:.3f}"
         else:
             published = "not comparable"
-        lines.append(f"| {mode} | {entry} | {_mean_std(summary_values(report, variant, metric))} | {summary['n']} | "
-                     f"{', '.join(f'{lr:g}' for lr in lrs)} | {update} | {signal} | {published} |")
-    tuned = "" if tuning is None else (f" Learning rates tuned on validation (seed 0), the same grid for every "
-                                       f"method: {tuning_grid(tuning)}.")
+        lines.append(
+            f"| {mode} | {entry} | {_mean_std(summary_values(report, variant, metric))} | {summary['n']} | "
+            f"{', '.join(f'{lr:g}' for lr in lrs)} | {update} | {signal} | {published} |"
+        )
+    tuned = (
+        ""
+        if tuning is None
+        else (f" Learning rates tuned on validation (seed 0), the same grid for every method: {tuning_grid(tuning)}.")
+    )
     lines.append("")
     made = "; ".join(f"`{p['command']}` (git {p['git_sha'][:10]})" for p in report["provenances"])
-    lines.append(f"{report['task']}, {report['preset']} preset, seeds {sorted({r['seed'] for r in report['runs']})}: "
-                 f"{made}.{tuned}")
+    lines.append(
+        f"{report['task']}, {report['preset']} preset, seeds {sorted({r['seed'] for r in report['runs']})}: "
+        f"{made}.{tuned}"
+    )
     return lines
 
 

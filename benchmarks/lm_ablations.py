@@ -29,6 +29,7 @@ shallow-to-BP gap DFA closes.
     python benchmarks/lm_ablations.py run --jobs 2    # the missing ones
     python benchmarks/lm_ablations.py report
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,16 @@ OUT = ROOT / "benchmarks" / "results" / "zoo" / "lm_ablations"
 TASK = "lm-shakespeare"
 MODES = ("bp", "dfa", "shallow")
 SEEDS = (0, 1, 2)
-STEPS_PER_EPOCH = 50                       # the cpu presets' (one validation pass every 50 steps)
-BASE_STEPS = 300                           # the cpu presets' budget (6 epochs)
+STEPS_PER_EPOCH = 50  # the cpu presets' (one validation pass every 50 steps)
+BASE_STEPS = 300  # the cpu presets' budget (6 epochs)
 TUNED_PRESETS = ("cpu-tied", "cpu-paper")  # tuned here on the recipe's TIED_GRID
 LADDER = {"cpu": (150, 600, 1200), "cpu-paper": (600, 1200)}
-PROBE_STEPS = 1200                         # the ladder's top: each 300-step winner against a lower rate
-LABELS = {"cpu": "ours (cpu preset: pre-LN, learned positions; DFA head 1e-2)",
-          "cpu-tied": "(a) one rate for every parameter",
-          "cpu-paper": "(b) one rate + paper 1's architecture"}
+PROBE_STEPS = 1200  # the ladder's top: each 300-step winner against a lower rate
+LABELS = {
+    "cpu": "ours (cpu preset: pre-LN, learned positions; DFA head 1e-2)",
+    "cpu-tied": "(a) one rate for every parameter",
+    "cpu-paper": "(b) one rate + paper 1's architecture",
+}
 
 
 # ---------------------------------------------------------------- runs
@@ -64,21 +67,46 @@ def run_preset(preset: str, mode: str) -> str:
 
 
 def spec(preset, mode, lr, head_lr, steps, seed) -> dict:
-    return dict(preset=run_preset(preset, mode), mode=mode, lr=float(lr), head_lr=float(head_lr), steps=int(steps),
-                seed=int(seed))
+    return dict(
+        preset=run_preset(preset, mode),
+        mode=mode,
+        lr=float(lr),
+        head_lr=float(head_lr),
+        steps=int(steps),
+        seed=int(seed),
+    )
 
 
 def run_path(s: dict) -> Path:
-    return OUT / "runs" / s["preset"] / (f"{s['mode']}_lr{s['lr']:g}_head{s['head_lr']:g}_steps{s['steps']}"
-                                         f"_seed{s['seed']}.json")
+    return (
+        OUT
+        / "runs"
+        / s["preset"]
+        / (f"{s['mode']}_lr{s['lr']:g}_head{s['head_lr']:g}_steps{s['steps']}_seed{s['seed']}.json")
+    )
 
 
 def command(s: dict) -> list[str]:
-    return ["python", "benchmarks/lm_ablations.py", "one", "--preset", s["preset"], "--mode", s["mode"],
-            "--lr", f"{s['lr']:g}", "--head-lr", f"{s['head_lr']:g}", "--steps", str(s["steps"]), "--seed", str(s["seed"])]
+    return [
+        "python",
+        "benchmarks/lm_ablations.py",
+        "one",
+        "--preset",
+        s["preset"],
+        "--mode",
+        s["mode"],
+        "--lr",
+        f"{s['lr']:g}",
+        "--head-lr",
+        f"{s['head_lr']:g}",
+        "--steps",
+        str(s["steps"]),
+        "--seed",
+        str(s["seed"]),
+    ]
 
 
-_LOADED: dict[Path, dict] = {}   # a run's JSON never changes once written
+_LOADED: dict[Path, dict] = {}  # a run's JSON never changes once written
 
 
 def load(s: dict) -> dict | None:
@@ -99,29 +127,48 @@ def train_one(s: dict) -> None:
     if s["steps"] % STEPS_PER_EPOCH:
         raise SystemExit(f"--steps must be a multiple of {STEPS_PER_EPOCH}")
     torch.set_num_threads(1)
-    config = TrainConfig(task=TASK, mode=s["mode"], placement="macro", preset=s["preset"],
-                         epochs=s["steps"] // STEPS_PER_EPOCH, seed=s["seed"], progress=False, feedback="paper",
-                         hp=dict(lr=s["lr"], head_lr=s["head_lr"]),
-                         alignment_every=10 ** 9 if s["mode"] == "dfa" else None)   # dfa: once, at the end
+    config = TrainConfig(
+        task=TASK,
+        mode=s["mode"],
+        placement="macro",
+        preset=s["preset"],
+        epochs=s["steps"] // STEPS_PER_EPOCH,
+        seed=s["seed"],
+        progress=False,
+        feedback="paper",
+        hp=dict(lr=s["lr"], head_lr=s["head_lr"]),
+        alignment_every=10**9 if s["mode"] == "dfa" else None,
+    )  # dfa: once, at the end
     start = time.perf_counter()
     result = train(get(TASK), config)
     origin = provenance.provenance()
     origin["command"] = shlex.join(command(s))
-    record = {"spec": s, "final": result.final, "history": result.history, "config": result.config,
-              "alignment": result.alignment, "backend": result.backend,
-              "wall_time_s": round(time.perf_counter() - start, 1), "provenance": origin}
+    record = {
+        "spec": s,
+        "final": result.final,
+        "history": result.history,
+        "config": result.config,
+        "alignment": result.alignment,
+        "backend": result.backend,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "provenance": origin,
+    }
     path = run_path(s)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
-    print(f"{path.relative_to(ROOT)}: val {result.final['val_loss']:.4f} test {result.final['test_loss']:.4f} "
-          f"({record['wall_time_s']} s)", flush=True)
+    print(
+        f"{path.relative_to(ROOT)}: val {result.final['val_loss']:.4f} test {result.final['test_loss']:.4f} "
+        f"({record['wall_time_s']} s)",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------- the plan
 def recipe():
     from dfa_kernels.zoo.recipes import transformer as R
+
     return R
 
 
@@ -139,14 +186,16 @@ def winner(preset: str, mode: str, steps: int = BASE_STEPS) -> tuple[float, floa
     trials = [(load(t), t) for t in tuning_trials(preset, mode)]
     if any(r is None for r, _ in trials):
         return None
-    best = min(trials, key=lambda rt: math.inf if math.isnan(rt[0]["final"]["val_loss"]) else rt[0]["final"]["val_loss"])
+    best = min(
+        trials, key=lambda rt: math.inf if math.isnan(rt[0]["final"]["val_loss"]) else rt[0]["final"]["val_loss"]
+    )
     return best[1]["lr"], best[1]["head_lr"]
 
 
 def lower(rate: float) -> float:
     """One step down the 1-3-10 grid: 3e-3 -> 1e-3 -> 3e-4."""
     exponent = math.floor(math.log10(rate) + 1e-9)
-    mantissa = round(rate / 10 ** exponent)
+    mantissa = round(rate / 10**exponent)
     return float(f"1e{exponent}") if mantissa == 3 else float(f"3e{exponent - 1}")
 
 
@@ -185,8 +234,12 @@ def plan() -> list[tuple[str, callable]]:
                         add(f"ladder {preset}", tuned_spec(preset, mode, steps, seed))
     for preset in LADDER:
         for mode in MODES:
-            add(f"probe {preset}", lambda p=preset, m=mode: (
-                None if probe_rate(p, m) is None else spec(p, m, *probe_rate(p, m), PROBE_STEPS, 0)))
+            add(
+                f"probe {preset}",
+                lambda p=preset, m=mode: (
+                    None if probe_rate(p, m) is None else spec(p, m, *probe_rate(p, m), PROBE_STEPS, 0)
+                ),
+            )
     return jobs
 
 
@@ -245,27 +298,40 @@ def run_all(jobs: int, nice: int, stages: list[str] | None) -> None:
                     print(f"FAILED ({proc.returncode}): {key}", flush=True)
         now = resolved()
         elsewhere = running_commands() - set(running)
-        pending = [s for stage, s in now if s is not None and not run_path(s).is_file()
-                   and (stages is None or stage.split()[0] in stages)]
+        pending = [
+            s
+            for stage, s in now
+            if s is not None and not run_path(s).is_file() and (stages is None or stage.split()[0] in stages)
+        ]
         pending = [s for s in pending if shlex.join(command(s)) not in set(running) | failed | elsewhere]
         waiting = [1 for stage, s in now if s is None and (stages is None or stage.split()[0] in stages)]
         if not pending and not running and not elsewhere:
-            print(f"finished; {len(failed)} failed, {len(waiting)} waiting for a tuning that did not finish", flush=True)
+            print(
+                f"finished; {len(failed)} failed, {len(waiting)} waiting for a tuning that did not finish", flush=True
+            )
             return
         while pending and len(running) + len(elsewhere) < jobs:
             s = pending.pop(0)
             key = shlex.join(command(s))
             log = open(logs / f"{s['preset']}_{run_path(s).stem}.log", "w")
             print(f"start: {key}", flush=True)
-            running[key] = subprocess.Popen(["nice", "-n", str(nice), sys.executable, *command(s)[1:]], cwd=ROOT,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            running[key] = subprocess.Popen(
+                ["nice", "-n", str(nice), sys.executable, *command(s)[1:]],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         time.sleep(20)
 
 
 # ---------------------------------------------------------------- the report
 def stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values), "values": values}
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def group(preset: str, steps: int) -> dict | None:
@@ -278,50 +344,85 @@ def group(preset: str, steps: int) -> dict | None:
         records = [load(spec(preset, mode, *w, steps, seed)) for seed in SEEDS]
         if any(r is None for r in records):
             return None
-        rows[mode] = {"lr": w[0], "head_lr": w[1], "test": stats([r["final"]["test_loss"] for r in records]),
-                      "val": stats([r["final"]["val_loss"] for r in records]),
-                      "still_improving": sum(r["final"]["still_improving_at_budget"] for r in records),
-                      "git_sha": sorted({r["provenance"]["git_sha"] for r in records}),
-                      "commands": [r["provenance"]["command"] for r in records]}
-        if mode == "dfa" and all(r["alignment"] for r in records):   # at the last step
+        rows[mode] = {
+            "lr": w[0],
+            "head_lr": w[1],
+            "test": stats([r["final"]["test_loss"] for r in records]),
+            "val": stats([r["final"]["val_loss"] for r in records]),
+            "still_improving": sum(r["final"]["still_improving_at_budget"] for r in records),
+            "git_sha": sorted({r["provenance"]["git_sha"] for r in records}),
+            "commands": [r["provenance"]["command"] for r in records],
+        }
+        if mode == "dfa" and all(r["alignment"] for r in records):  # at the last step
             rows[mode]["alignment"] = {
                 "update_cos_network": stats([r["alignment"][-1]["network"]["update_cos"] for r in records]),
-                "signal_cos_deepest": stats([r["alignment"][-1]["deepest"]["signal_cos_mean"] for r in records])}
+                "signal_cos_deepest": stats([r["alignment"][-1]["deepest"]["signal_cos_mean"] for r in records]),
+            }
     per_seed = {m: rows[m]["test"]["values"] for m in MODES}
-    gap = lambda a, b: stats([x - y for x, y in zip(per_seed[a], per_seed[b])])   # noqa: E731 - paired by seed
+    gap = lambda a, b: stats([x - y for x, y in zip(per_seed[a], per_seed[b])])  # noqa: E731 - paired by seed
     fraction = stats([(s - d) / (s - b) for b, d, s in zip(per_seed["bp"], per_seed["dfa"], per_seed["shallow"])])
-    return {"preset": preset, "steps": steps, "modes": rows,
-            "gaps_nats": {"shallow_minus_bp": gap("shallow", "bp"), "dfa_minus_bp": gap("dfa", "bp"),
-                          "shallow_minus_dfa": gap("shallow", "dfa")},
-            "fraction_of_gap_closed": fraction,
-            "pairing": "gaps and fraction per seed (the same seed: the same data order), then mean and std"}
+    return {
+        "preset": preset,
+        "steps": steps,
+        "modes": rows,
+        "gaps_nats": {
+            "shallow_minus_bp": gap("shallow", "bp"),
+            "dfa_minus_bp": gap("dfa", "bp"),
+            "shallow_minus_dfa": gap("shallow", "dfa"),
+        },
+        "fraction_of_gap_closed": fraction,
+        "pairing": "gaps and fraction per seed (the same seed: the same data order), then mean and std",
+    }
 
 
 def tuning_report(preset: str) -> dict | None:
     """`dfa-kernels tune`'s report format, from this study's tuning runs."""
     from dfa_kernels import provenance
+
     R = recipe()
     modes = {}
     for mode in MODES:
         trials = [(t, load(t)) for t in tuning_trials(preset, mode)]
         if any(r is None for _, r in trials):
             return None
-        rows = [{"hp": {"lr": t["lr"], "head_lr": t["head_lr"]}, "val_loss": r["final"]["val_loss"],
-                 "best_epoch": r["final"]["best_epoch"], "stopped": r["final"]["stopped"],
-                 "git_sha": r["provenance"]["git_sha"], "command": r["provenance"]["command"]} for t, r in trials]
+        rows = [
+            {
+                "hp": {"lr": t["lr"], "head_lr": t["head_lr"]},
+                "val_loss": r["final"]["val_loss"],
+                "best_epoch": r["final"]["best_epoch"],
+                "stopped": r["final"]["stopped"],
+                "git_sha": r["provenance"]["git_sha"],
+                "command": r["provenance"]["command"],
+            }
+            for t, r in trials
+        ]
         best = min(rows, key=lambda t: math.inf if math.isnan(t["val_loss"]) else t["val_loss"])["hp"]
         lr, head_lr = R.lrs(TASK, preset, mode, "macro")
         recipe_hp = {"lr": lr, "head_lr": head_lr}
         modes["dfa-macro" if mode == "dfa" else mode] = {
-            "selected_by": "val_loss", "trials": rows, "best": best, "recipe": recipe_hp,
-            "recipe_matches": recipe_hp == best, "edge": best["lr"] in (R.TIED_RATES[0], R.TIED_RATES[-1])}
+            "selected_by": "val_loss",
+            "trials": rows,
+            "best": best,
+            "recipe": recipe_hp,
+            "recipe_matches": recipe_hp == best,
+            "edge": best["lr"] in (R.TIED_RATES[0], R.TIED_RATES[-1]),
+        }
     origin = provenance.provenance()
     origin["command"] = "python benchmarks/lm_ablations.py report"
-    return {"task": TASK, "preset": preset, "data": None, "seed": 0, "steps": BASE_STEPS, "modes": modes,
-            "rule": "best validation loss of one run (seed 0) per candidate; the same candidates for every mode "
-                    "(the recipe's TIED_GRID: one rate for every parameter)",
-            "note": "cpu-tied's bp and shallow trials are cpu-preset runs (the presets differ only in DFA's head rate)"
-            if preset == "cpu-tied" else None, "provenance": origin}
+    return {
+        "task": TASK,
+        "preset": preset,
+        "data": None,
+        "seed": 0,
+        "steps": BASE_STEPS,
+        "modes": modes,
+        "rule": "best validation loss of one run (seed 0) per candidate; the same candidates for every mode "
+        "(the recipe's TIED_GRID: one rate for every parameter)",
+        "note": "cpu-tied's bp and shallow trials are cpu-preset runs (the presets differ only in DFA's head rate)"
+        if preset == "cpu-tied"
+        else None,
+        "provenance": origin,
+    }
 
 
 def probes() -> list[dict]:
@@ -334,32 +435,47 @@ def probes() -> list[dict]:
             a, b = load(spec(preset, mode, *w, PROBE_STEPS, 0)), load(spec(preset, mode, *p, PROBE_STEPS, 0))
             if a is None or b is None:
                 continue
-            out.append({"preset": preset, "mode": mode, "steps": PROBE_STEPS, "seed": 0,
-                        "winner_300": {"lr": w[0], "head_lr": w[1], "val_loss": a["final"]["val_loss"]},
-                        "lower": {"lr": p[0], "head_lr": p[1], "val_loss": b["final"]["val_loss"]},
-                        "lower_rate_better_on_validation": b["final"]["val_loss"] < a["final"]["val_loss"]})
+            out.append(
+                {
+                    "preset": preset,
+                    "mode": mode,
+                    "steps": PROBE_STEPS,
+                    "seed": 0,
+                    "winner_300": {"lr": w[0], "head_lr": w[1], "val_loss": a["final"]["val_loss"]},
+                    "lower": {"lr": p[0], "head_lr": p[1], "val_loss": b["final"]["val_loss"]},
+                    "lower_rate_better_on_validation": b["final"]["val_loss"] < a["final"]["val_loss"],
+                }
+            )
     return out
 
 
-PAPER = {"bp": 29.8, "dfa": 52.0, "shallow": 428.0}   # WikiText-103 test perplexity (paper 1; DFA macro)
+PAPER = {"bp": 29.8, "dfa": 52.0, "shallow": 428.0}  # WikiText-103 test perplexity (paper 1; DFA macro)
 
 
 def paper_gaps() -> dict:
     ln = {k: math.log(v) for k, v in PAPER.items()}
-    return {"perplexity": PAPER, "nats_per_token": ln, "shallow_minus_bp": ln["shallow"] - ln["bp"],
-            "dfa_minus_bp": ln["dfa"] - ln["bp"], "shallow_minus_dfa": ln["shallow"] - ln["dfa"],
-            "fraction_of_gap_closed": (ln["shallow"] - ln["dfa"]) / (ln["shallow"] - ln["bp"]),
-            "unit": "nats per word-level BPE token (WikiText-103): not the same unit as ours (nats per byte)"}
+    return {
+        "perplexity": PAPER,
+        "nats_per_token": ln,
+        "shallow_minus_bp": ln["shallow"] - ln["bp"],
+        "dfa_minus_bp": ln["dfa"] - ln["bp"],
+        "shallow_minus_dfa": ln["shallow"] - ln["dfa"],
+        "fraction_of_gap_closed": (ln["shallow"] - ln["dfa"]) / (ln["shallow"] - ln["bp"]),
+        "unit": "nats per word-level BPE token (WikiText-103): not the same unit as ours (nats per byte)",
+    }
 
 
 def fmt(st: dict | None, digits: int = 3) -> str:
     if st is None:
         return "—"
-    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}" if st.get("std") is not None else f"{st['mean']:.{digits}f}"
+    return (
+        f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}" if st.get("std") is not None else f"{st['mean']:.{digits}f}"
+    )
 
 
 def report() -> None:
     from dfa_kernels import provenance
+
     groups = []
     for preset in ("cpu", "cpu-tied", "cpu-paper"):
         for steps in sorted({BASE_STEPS, *LADDER.get(preset, ())}):
@@ -374,30 +490,49 @@ def report() -> None:
             (OUT / f"tuning-{preset}.json").write_text(json.dumps(t, indent=1) + "\n")
     origin = provenance.provenance()
     origin["command"] = "python benchmarks/lm_ablations.py report"
-    summary = {"task": TASK, "metric": "test loss, nats per byte (model selected on validation loss)",
-               "seeds": list(SEEDS), "dfa": "macro placement, the paper's feedback (one shared matrix)",
-               "labels": LABELS, "groups": groups, "probes": probes(), "paper": paper_gaps(),
-               "run_shas": sorted({sha for g in groups for m in g["modes"].values() for sha in m["git_sha"]}),
-               "provenance": origin}
+    summary = {
+        "task": TASK,
+        "metric": "test loss, nats per byte (model selected on validation loss)",
+        "seeds": list(SEEDS),
+        "dfa": "macro placement, the paper's feedback (one shared matrix)",
+        "labels": LABELS,
+        "groups": groups,
+        "probes": probes(),
+        "paper": paper_gaps(),
+        "run_shas": sorted({sha for g in groups for m in g["modes"].values() for sha in m["git_sha"]}),
+        "provenance": origin,
+    }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    lines = [f"# LM ablations: {TASK}, test loss in nats/byte, mean ± std over seeds {list(SEEDS)}", "",
-             "Generated by `python benchmarks/lm_ablations.py report` from the runs in `runs/` (each records its "
-             "own command and git SHA). DFA: macro placement, the paper's feedback. Gaps are per seed "
-             "(same seed, same data order), then mean ± std; fraction = (shallow − DFA) / (shallow − BP).", "",
-             "| config | steps | lr BP / DFA / shallow | BP | DFA macro | shallow | shallow − BP | DFA − BP | "
-             "shallow − DFA | fraction closed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# LM ablations: {TASK}, test loss in nats/byte, mean ± std over seeds {list(SEEDS)}",
+        "",
+        "Generated by `python benchmarks/lm_ablations.py report` from the runs in `runs/` (each records its "
+        "own command and git SHA). DFA: macro placement, the paper's feedback. Gaps are per seed "
+        "(same seed, same data order), then mean ± std; fraction = (shallow − DFA) / (shallow − BP).",
+        "",
+        "| config | steps | lr BP / DFA / shallow | BP | DFA macro | shallow | shallow − BP | DFA − BP | "
+        "shallow − DFA | fraction closed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for g in groups:
         m = g["modes"]
-        rates = " / ".join(f"{m[k]['lr']:g}" + (f" (head {m[k]['head_lr']:g})" if m[k]["head_lr"] != m[k]["lr"] else "")
-                           for k in MODES)
+        rates = " / ".join(
+            f"{m[k]['lr']:g}" + (f" (head {m[k]['head_lr']:g})" if m[k]["head_lr"] != m[k]["lr"] else "") for k in MODES
+        )
         gp = g["gaps_nats"]
-        lines.append(f"| {g['preset']} | {g['steps']} | {rates} | {fmt(m['bp']['test'])} | {fmt(m['dfa']['test'])} | "
-                     f"{fmt(m['shallow']['test'])} | {fmt(gp['shallow_minus_bp'])} | {fmt(gp['dfa_minus_bp'])} | "
-                     f"{fmt(gp['shallow_minus_dfa'])} | {fmt(g['fraction_of_gap_closed'], 2)} |")
+        lines.append(
+            f"| {g['preset']} | {g['steps']} | {rates} | {fmt(m['bp']['test'])} | {fmt(m['dfa']['test'])} | "
+            f"{fmt(m['shallow']['test'])} | {fmt(gp['shallow_minus_bp'])} | {fmt(gp['dfa_minus_bp'])} | "
+            f"{fmt(gp['shallow_minus_dfa'])} | {fmt(g['fraction_of_gap_closed'], 2)} |"
+        )
     p = summary["paper"]
-    lines += ["", f"Paper 1 (WikiText-103, word-level BPE, nats per token): shallow − BP {p['shallow_minus_bp']:.2f}, "
-              f"DFA − BP {p['dfa_minus_bp']:.2f}, shallow − DFA {p['shallow_minus_dfa']:.2f}, fraction "
-              f"{p['fraction_of_gap_closed']:.2f}: another unit and another data set.", ""]
+    lines += [
+        "",
+        f"Paper 1 (WikiText-103, word-level BPE, nats per token): shallow − BP {p['shallow_minus_bp']:.2f}, "
+        f"DFA − BP {p['dfa_minus_bp']:.2f}, shallow − DFA {p['shallow_minus_dfa']:.2f}, fraction "
+        f"{p['fraction_of_gap_closed']:.2f}: another unit and another data set.",
+        "",
+    ]
     for preset, t in tunings.items():
         lines.append(f"Tuning {preset} (seed 0, {BASE_STEPS} steps, validation loss per candidate rate):")
         for variant, r in t["modes"].items():
@@ -407,9 +542,11 @@ def report() -> None:
     if summary["probes"]:
         lines.append(f"Rate probes at {PROBE_STEPS} steps (seed 0, validation loss; they chose nothing):")
         for pr in summary["probes"]:
-            lines.append(f"- {pr['preset']} {pr['mode']}: the 300-step winner {pr['winner_300']['lr']:g} → "
-                         f"{pr['winner_300']['val_loss']:.3f}; one step lower ({pr['lower']['lr']:g}) → "
-                         f"{pr['lower']['val_loss']:.3f}")
+            lines.append(
+                f"- {pr['preset']} {pr['mode']}: the 300-step winner {pr['winner_300']['lr']:g} → "
+                f"{pr['winner_300']['val_loss']:.3f}; one step lower ({pr['lower']['lr']:g}) → "
+                f"{pr['lower']['val_loss']:.3f}"
+            )
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -432,8 +569,9 @@ def main() -> None:
     sub.add_parser("report", help="write the tuning reports and summary.{json,md}")
     args = ap.parse_args()
     if args.what == "one":
-        train_one(dict(preset=args.preset, mode=args.mode, lr=args.lr, head_lr=args.head_lr, steps=args.steps,
-                       seed=args.seed))
+        train_one(
+            dict(preset=args.preset, mode=args.mode, lr=args.lr, head_lr=args.head_lr, steps=args.steps, seed=args.seed)
+        )
     elif args.what == "plan":
         show_plan()
     elif args.what == "run":

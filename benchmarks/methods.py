@@ -13,14 +13,16 @@ compares the same moments of a shared machine):
 
 BP is the plain model (no DFA module). ``fa-materialized`` is fa with its B stored once
 (``storage="materialized"``), beside fa's default storage (the backend table's choice). Targets
-(issue 22), reported met or not: layer-wise methods <= 1.05x BP; direct methods within 5% of dfa's own ratio over BP; every method faster than
-biotorch's same mode. Memory: the MLP with a 1000-class head (so B is large), dfa with a virtual
-and with a materialized B: bytes each keeps after its first step (a virtual B keeps none) and the
-step's peak, from torch.profiler's allocation records (CPU: torch has no allocator statistics).
+(issue 22), reported met or not: layer-wise methods <= 1.05x BP; direct methods within 5% of dfa's
+own ratio over BP; every method faster than biotorch's same mode. Memory: the MLP with a 1000-class
+head (so B is large), dfa with a virtual and with a materialized B: bytes each keeps after its first
+step (a virtual B keeps none) and the step's peak, from torch.profiler's allocation records (CPU:
+torch has no allocator statistics).
 
 Writes benchmarks/results/methods_cpu_<isa>.json (provenance: git SHA, command, machine) and
 benchmarks/plots/methods_cpu_<isa>.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +45,27 @@ from dfa_kernels.figures import save_figure  # noqa: E402
 from dfa_kernels.provenance import command, machine  # noqa: E402
 
 BIOTORCH_MODES = ("fa", "usf", "brsf", "frsf", "dfa")
-LAYERWISE_TARGET = 1.05   # layer-wise step / BP step
-DIRECT_SLACK = 1.05       # direct step / BP step, over dfa's own ratio
+LAYERWISE_TARGET = 1.05  # layer-wise step / BP step
+DIRECT_SLACK = 1.05  # direct step / BP step, over dfa's own ratio
 
 
 def mlp(width: int = 1024, depth: int = 8, classes: int = 10) -> nn.Sequential:
     layers = []
-    for i in range(depth):
+    for _ in range(depth):
         layers += [nn.Linear(width, width), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
 def cnn(classes: int = 10) -> nn.Sequential:
     """cnn-digits's DigitsCNN (dfa_kernels/zoo/models/image.py), as a plain Sequential."""
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4 * 4, classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, classes),
+    )
 
 
 WORKLOADS = {"mlp": (mlp, (128, 1024)), "cnn": (cnn, (128, 1, 8, 8))}
@@ -69,6 +77,7 @@ def ours(model: nn.Module, mode: str) -> nn.Module:
 
 def theirs(model: nn.Module, mode: str, classes: int) -> nn.Module:
     from biotorch.module.biomodule import BioModule
+
     return BioModule(model, mode=mode, output_dim=classes if mode == "dfa" else None)
 
 
@@ -76,7 +85,7 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bio_dfa: bool = 
     """One SGD training step of `model` on (x, y); the model is the only state it touches."""
     dfa = getattr(model, "dfa", None)
     drtp = dfa is not None and dfa.mode == "drtp"
-    with torch.no_grad():   # dkp's learned B exists after a first forward: then the optimizer takes it
+    with torch.no_grad():  # dkp's learned B exists after a first forward: then the optimizer takes it
         model.eval()
         model(x)
         model.train()
@@ -90,6 +99,7 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bio_dfa: bool = 
         out = model(x, y, F.cross_entropy) if bio_dfa else model(x)
         F.cross_entropy(out, y).backward()
         opt.step()
+
     return step
 
 
@@ -109,8 +119,9 @@ def time_workload(name: str, repeats: int, min_time_s: float, biotorch: bool) ->
         for mode in BIOTORCH_MODES:
             steps[f"biotorch-{mode}"] = step_fn(theirs(copy.deepcopy(base), mode, 10), x, y, bio_dfa=mode == "dfa")
     device = torch.device("cpu")
-    ms = dict(zip(steps, time_interleaved(list(steps.values()), device, warmup=3, repeats=repeats,
-                                          min_time_s=min_time_s)))
+    ms = dict(
+        zip(steps, time_interleaved(list(steps.values()), device, warmup=3, repeats=repeats, min_time_s=min_time_s))
+    )
     ratio = {v: t / ms["bp"] for v, t in ms.items()}
     result = {"shape": list(shape), "classes": 10, "ms": ms, "ratio_over_bp": ratio}
     if biotorch:
@@ -120,10 +131,25 @@ def time_workload(name: str, repeats: int, min_time_s: float, biotorch: bool) ->
 
 
 def targets(ratio: dict, speedup: dict) -> list[dict]:
-    found = [{"name": f"{m} / BP", "value": ratio[m], "target": f"<= {LAYERWISE_TARGET}",
-              "met": ratio[m] <= LAYERWISE_TARGET} for m in methods.LAYERWISE]
-    found += [{"name": f"{m} / BP", "value": ratio[m], "target": f"<= {DIRECT_SLACK} x dfa's ({ratio['dfa']:.3f})",
-               "met": ratio[m] <= DIRECT_SLACK * ratio["dfa"]} for m in methods.DIRECT if m != "dfa"]
+    found = [
+        {
+            "name": f"{m} / BP",
+            "value": ratio[m],
+            "target": f"<= {LAYERWISE_TARGET}",
+            "met": ratio[m] <= LAYERWISE_TARGET,
+        }
+        for m in methods.LAYERWISE
+    ]
+    found += [
+        {
+            "name": f"{m} / BP",
+            "value": ratio[m],
+            "target": f"<= {DIRECT_SLACK} x dfa's ({ratio['dfa']:.3f})",
+            "met": ratio[m] <= DIRECT_SLACK * ratio["dfa"],
+        }
+        for m in methods.DIRECT
+        if m != "dfa"
+    ]
     found += [{"name": f"biotorch {m} / ours", "value": s, "target": "> 1", "met": s > 1} for m, s in speedup.items()]
     return found
 
@@ -132,6 +158,7 @@ def allocations(fn) -> tuple[int, int]:
     """(peak, kept) bytes allocated on the CPU by fn(): the running sum of torch.profiler's
     allocation records in time order (each op's own, children excluded), its maximum and its end."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     now = peak = 0
@@ -148,36 +175,53 @@ def memory(classes: int = 1000) -> dict:
     x, y = torch.randn(128, 1024), torch.randint(0, classes, (128,))
     base = mlp(classes=classes)
     out = {"workload": f"mlp 8x1024, {classes} classes, batch 128", "b_bytes_if_stored": 4 * classes * 8 * 1024}
-    for variant, model in (("bp", copy.deepcopy(base)),
-                           ("dfa-virtual", dk.convert(copy.deepcopy(base), mode="dfa", storage="virtual")),
-                           ("dfa-materialized", dk.convert(copy.deepcopy(base), mode="dfa", storage="materialized"))):
-        ops._MATRIX_CACHE.clear()   # a B stored by an earlier call in this process would not show
+    for variant, model in (
+        ("bp", copy.deepcopy(base)),
+        ("dfa-virtual", dk.convert(copy.deepcopy(base), mode="dfa", storage="virtual")),
+        ("dfa-materialized", dk.convert(copy.deepcopy(base), mode="dfa", storage="materialized")),
+    ):
+        ops._MATRIX_CACHE.clear()  # a B stored by an earlier call in this process would not show
         step = step_fn(model, x, y)
         first_peak, first_kept = allocations(step)
         second_peak, _ = allocations(step)
-        out[variant] = {"first_step_peak_bytes": first_peak, "kept_after_first_step_bytes": first_kept,
-                        "later_step_peak_bytes": second_peak}
+        out[variant] = {
+            "first_step_peak_bytes": first_peak,
+            "kept_after_first_step_bytes": first_kept,
+            "later_step_peak_bytes": second_peak,
+        }
     return out
 
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(result["workloads"]), figsize=(6 * len(result["workloads"]), 4.2), squeeze=False)
     for ax, (name, w) in zip(axes[0], result["workloads"].items()):
         names = list(w["ratio_over_bp"])
-        colours = ["tab:grey" if n == "bp" else "tab:red" if n.startswith("biotorch") else
-                   "tab:blue" if n in methods.LAYERWISE else "tab:green" for n in names]
+        colours = [
+            "tab:grey"
+            if n == "bp"
+            else "tab:red"
+            if n.startswith("biotorch")
+            else "tab:blue"
+            if n in methods.LAYERWISE
+            else "tab:green"
+            for n in names
+        ]
         ax.bar(names, [w["ratio_over_bp"][n] for n in names], color=colours)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(LAYERWISE_TARGET, color="tab:blue", lw=0.8, ls="--", label=f"layer-wise target {LAYERWISE_TARGET}x")
         ax.set_title(f"{name}: step time / BP ({w['ms']['bp']:.2f} ms)")
         ax.tick_params(axis="x", rotation=60)
         ax.legend(fontsize=8)
-    fig.suptitle(f"training step per method, CPU {result['environment']['machine']['cpu_isa']} "
-                 f"({result['environment']['device']}, {result['environment']['cpu_threads']} threads): "
-                 "green direct, blue layer-wise, red biotorch 0.0.16")
+    fig.suptitle(
+        f"training step per method, CPU {result['environment']['machine']['cpu_isa']} "
+        f"({result['environment']['device']}, {result['environment']['cpu_threads']} threads): "
+        "green direct, blue layer-wise, red biotorch 0.0.16"
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -194,14 +238,17 @@ def main(argv=None) -> dict:
     if biotorch:
         import biotorch as _  # noqa: F401 - fail now, with pip's hint, rather than after the timings
     device = torch.device("cpu")
-    result = {"command": command(), "environment": environment(device), "machine": machine(),
-              # the machine is shared: the load it carried while the variants' samples alternated
-              "load_average_1_5_15min_at_start": os.getloadavg(),
-              "step": "SGD step (lr 0: weights fixed, the work unchanged): zero_grad, forward, cross-entropy, "
-                      "backward, step",
-              "biotorch": "0.0.16, BioModule default (Xavier) preset" if biotorch else None,
-              "workloads": {name: time_workload(name, args.repeats, args.min_time, biotorch) for name in args.workloads},
-              "memory": memory()}
+    result = {
+        "command": command(),
+        "environment": environment(device),
+        "machine": machine(),
+        # the machine is shared: the load it carried while the variants' samples alternated
+        "load_average_1_5_15min_at_start": os.getloadavg(),
+        "step": "SGD step (lr 0: weights fixed, the work unchanged): zero_grad, forward, cross-entropy, backward, step",
+        "biotorch": "0.0.16, BioModule default (Xavier) preset" if biotorch else None,
+        "workloads": {name: time_workload(name, args.repeats, args.min_time, biotorch) for name in args.workloads},
+        "memory": memory(),
+    }
     isa = result["machine"]["cpu_isa"]
     out = Path(args.out)
     path = write_results(out / "results" / f"methods_cpu_{isa}.json", result)

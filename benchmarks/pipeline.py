@@ -11,6 +11,7 @@ the model's projection to S = 8..64 on GPU-like ratios (labelled a projection). 
 against wall-clock on lm-pydoc: `dfa-kernels train --pipeline 2`, DFA and BP.
 Writes benchmarks/results/pipeline/pipeline.json and benchmarks/plots/pipeline_*.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ STEPS, WARMUP = 6, 2
 
 def build(mode: str):
     from dfa_kernels.zoo.models.transformer import TransformerLM
+
     torch.manual_seed(0)
     return TransformerLM(**MODEL, mode=mode, placement="macro", seed=0)
 
@@ -67,13 +69,17 @@ def ping_pong(rank: int) -> dict:
             times.append((time.perf_counter() - tic) / 2)
         out[nbytes] = statistics.median(times)
     latency = out[8]
-    return {"latency_s": latency, "bandwidth": (4 << 20) / max(out[4 << 20] - latency, 1e-9),
-            "one_way_s": {str(k): v for k, v in out.items()}}
+    return {
+        "latency_s": latency,
+        "bandwidth": (4 << 20) / max(out[4 << 20] - latency, 1e-9),
+        "one_way_s": {str(k): v for k, v in out.items()},
+    }
 
 
 def one_process_step(mode: str, M: int) -> list[float]:
     """The single-process step: gradient accumulation over the same M microbatches (loss / M)."""
     import torch.nn.functional as F
+
     model = build(mode)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     times = []
@@ -91,9 +97,11 @@ def one_process_step(mode: str, M: int) -> list[float]:
 def worker(rank: int, size: int, store: str, M: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=600)
+    )
     from dfa_kernels import pipeline as pl
+
     link = ping_pong(rank)
     runs = {}
     for schedule in ("dfa", "gpipe", "1f1b"):
@@ -105,7 +113,7 @@ def worker(rank: int, size: int, store: str, M: int, queue) -> None:
     profiles = {s: runs[s][0].profile(*batch(0)) for s in runs}
     times = {s: [] for s in runs}
     stats = {}
-    for step in range(WARMUP + STEPS):    # the schedules interleaved, step by step: the same machine load
+    for step in range(WARMUP + STEPS):  # the schedules interleaved, step by step: the same machine load
         for schedule, (pipe, opt, _) in runs.items():
             dist.barrier()
             tic = time.perf_counter()
@@ -117,13 +125,20 @@ def worker(rank: int, size: int, store: str, M: int, queue) -> None:
                 times[schedule].append(time.perf_counter() - tic)
                 stats[schedule] = pipe.stats
     single = {}
-    if rank == 0:     # one process, the others waiting at the barrier
+    if rank == 0:  # one process, the others waiting at the barrier
         single = {"dfa": one_process_step("dfa", M), "bp": one_process_step("bp", M)}
     dist.barrier()
-    out = {"rank": rank, "link": link, "profiles": profiles, "times": times, "single": single,
-           "opt_s": {}, "stats": {s: {k: v for k, v in vars(st).items() if k != "events"} for s, st in stats.items()},
-           "events": [list(e) for e in stats["dfa"].events]}
-    for schedule, (pipe, opt, _) in runs.items():   # one optimizer step of this stage alone
+    out = {
+        "rank": rank,
+        "link": link,
+        "profiles": profiles,
+        "times": times,
+        "single": single,
+        "opt_s": {},
+        "stats": {s: {k: v for k, v in vars(st).items() if k != "events"} for s, st in stats.items()},
+        "events": [list(e) for e in stats["dfa"].events],
+    }
+    for schedule, (pipe, opt, _) in runs.items():  # one optimizer step of this stage alone
         for p in pipe.parameters():
             p.grad = torch.zeros_like(p)
         tic = time.perf_counter()
@@ -137,7 +152,9 @@ def measure(size: int, M: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as folder:
-        procs = [ctx.Process(target=worker, args=(r, size, os.path.join(folder, "store"), M, queue)) for r in range(size)]
+        procs = [
+            ctx.Process(target=worker, args=(r, size, os.path.join(folder, "store"), M, queue)) for r in range(size)
+        ]
         for p in procs:
             p.start()
         results = [queue.get() for _ in procs]
@@ -157,21 +174,34 @@ def boundary_bytes(M: int) -> tuple[int, int]:
 
 def model_costs(ranks: list[dict], schedule: str, M: int):
     from dfa_kernels.pipeline import simulate
+
     profiles = [r["profiles"][schedule] for r in ranks]
     act, err = boundary_bytes(M)
     S = len(ranks)
-    return simulate.Costs([p["forward_s"] for p in profiles], [p["backward_s"] for p in profiles], [act] * (S - 1),
-                          error_bytes=err if schedule == "dfa" else 0, error=profiles[-1]["error_s"],
-                          optimizer=[r["opt_s"][schedule] for r in ranks])
+    return simulate.Costs(
+        [p["forward_s"] for p in profiles],
+        [p["backward_s"] for p in profiles],
+        [act] * (S - 1),
+        error_bytes=err if schedule == "dfa" else 0,
+        error=profiles[-1]["error_s"],
+        optimizer=[r["opt_s"][schedule] for r in ranks],
+    )
 
 
 def summarise(size: int, M: int, ranks: list[dict]) -> dict:
     from dfa_kernels.pipeline import simulate
+
     link = ranks[0]["link"]
     cores = os.cpu_count()
     tokens = BATCH * MODEL["context"]
-    row = {"stages": size, "microbatches": M, "processes_per_core": round(size / cores, 2),
-           "oversubscribed": size > cores, "link": link, "schedules": {}}
+    row = {
+        "stages": size,
+        "microbatches": M,
+        "processes_per_core": round(size / cores, 2),
+        "oversubscribed": size > cores,
+        "link": link,
+        "schedules": {},
+    }
     single = ranks[0]["single"]
     for mode, times in single.items():
         med = statistics.median(times)
@@ -179,19 +209,37 @@ def summarise(size: int, M: int, ranks: list[dict]) -> dict:
     for schedule in ("dfa", "gpipe", "1f1b"):
         step = statistics.median(max(r["times"][schedule][i] for r in ranks) for i in range(STEPS))
         costs = model_costs(ranks, schedule, M)
-        predicted = simulate.simulate(schedule, costs, M, simulate.Link(link["latency_s"], link["bandwidth"]),
-                                      cores=cores if size > cores else None)
+        predicted = simulate.simulate(
+            schedule,
+            costs,
+            M,
+            simulate.Link(link["latency_s"], link["bandwidth"]),
+            cores=cores if size > cores else None,
+        )
         busy = sum(predicted["busy_s"])
-        sent = sum(r["stats"][schedule]["bytes_activations"] + r["stats"][schedule]["bytes_gradients"]
-                   + r["stats"][schedule]["bytes_errors"] for r in ranks)
+        sent = sum(
+            r["stats"][schedule]["bytes_activations"]
+            + r["stats"][schedule]["bytes_gradients"]
+            + r["stats"][schedule]["bytes_errors"]
+            for r in ranks
+        )
         row["schedules"][schedule] = {
-            "step_s": step, "tokens_per_s": tokens / step, "samples_s": [r["times"][schedule] for r in ranks],
-            "bubble_measured": 1 - busy / (size * step), "model_step_s": predicted["step_s"],
-            "model_bubble": predicted["bubble"], "model_error": predicted["step_s"] / step - 1,
-            "bytes_per_step": sent, "bytes_per_step_model": simulate.bytes_per_step(schedule, costs, M),
-            "bytes_by_kind": {k: sum(r["stats"][schedule][k] for r in ranks)
-                              for k in ("bytes_activations", "bytes_gradients", "bytes_errors", "bytes_headers")},
-            "profiles": [r["profiles"][schedule] for r in ranks], "optimizer_s": [r["opt_s"][schedule] for r in ranks]}
+            "step_s": step,
+            "tokens_per_s": tokens / step,
+            "samples_s": [r["times"][schedule] for r in ranks],
+            "bubble_measured": 1 - busy / (size * step),
+            "model_step_s": predicted["step_s"],
+            "model_bubble": predicted["bubble"],
+            "model_error": predicted["step_s"] / step - 1,
+            "bytes_per_step": sent,
+            "bytes_per_step_model": simulate.bytes_per_step(schedule, costs, M),
+            "bytes_by_kind": {
+                k: sum(r["stats"][schedule][k] for r in ranks)
+                for k in ("bytes_activations", "bytes_gradients", "bytes_errors", "bytes_headers")
+            },
+            "profiles": [r["profiles"][schedule] for r in ranks],
+            "optimizer_s": [r["opt_s"][schedule] for r in ranks],
+        }
     row["dfa_events_rank0"] = ranks[0]["events"]
     return row
 
@@ -204,6 +252,7 @@ def projection(measured: dict) -> dict:
     the forward); the loss and e: 0.1 ms; M = 4 S microbatches; links: NVLink-like (5 us, 100 GB/s)
     and a network (20 us, 12.5 GB/s), sends from one stage serialised."""
     from dfa_kernels.pipeline import simulate
+
     act = 8 * 1024 * 1024 * 2
     out = {"assumptions": projection.__doc__.split("(a projection, not a measurement): ")[1], "rows": []}
     for name, link in (("nvlink", simulate.Link(5e-6, 100e9)), ("network", simulate.Link(20e-6, 12.5e9))):
@@ -214,8 +263,13 @@ def projection(measured: dict) -> dict:
                 for error_width, label in ((1024, "e at d_model"), (16, "e 16 wide")):
                     if schedule != "dfa" and error_width != 1024:
                         continue
-                    costs = simulate.Costs([1e-3] * S, [backward] * S, [act] * (S - 1),
-                                           error_bytes=8 * 1024 * error_width * 2, error=1e-4 if schedule == "dfa" else 0)
+                    costs = simulate.Costs(
+                        [1e-3] * S,
+                        [backward] * S,
+                        [act] * (S - 1),
+                        error_bytes=8 * 1024 * error_width * 2,
+                        error=1e-4 if schedule == "dfa" else 0,
+                    )
                     r = simulate.simulate(schedule, costs, M, link)
                     key = schedule if schedule != "dfa" else f"dfa ({label})"
                     row[key] = {"step_s": r["step_s"], "bubble": r["bubble"], "bytes": r["bytes"]}
@@ -225,8 +279,10 @@ def projection(measured: dict) -> dict:
 
 def plots(result: dict) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     written = []
     fig, axes = plt.subplots(1, len(result["measured"]), figsize=(5 * len(result["measured"]), 3.6), squeeze=False)
     for ax, row in zip(axes[0], result["measured"]):
@@ -238,8 +294,10 @@ def plots(result: dict) -> list[str]:
         ax.bar([x + 0.2 for x in xs], model, 0.4, label="event model")
         ax.set_xticks(list(xs), names, rotation=20)
         ax.set_ylabel("step (ms)")
-        ax.set_title(f"S={row['stages']} processes, M={row['microbatches']}"
-                     + (" (oversubscribed)" if row["oversubscribed"] else ""))
+        ax.set_title(
+            f"S={row['stages']} processes, M={row['microbatches']}"
+            + (" (oversubscribed)" if row["oversubscribed"] else "")
+        )
         ax.legend()
     fig.tight_layout()
     path = PLOTS / "pipeline_steps.png"
@@ -263,8 +321,12 @@ def plots(result: dict) -> list[str]:
     if result.get("curves"):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for mode, curve in result["curves"].items():
-            ax.plot([r["seconds"] for r in curve["history"]], [r["val_loss"] for r in curve["history"]], marker="o",
-                    label=f"{mode}, pipeline 2 x {curve['microbatches']}")
+            ax.plot(
+                [r["seconds"] for r in curve["history"]],
+                [r["val_loss"] for r in curve["history"]],
+                marker="o",
+                label=f"{mode}, pipeline 2 x {curve['microbatches']}",
+            )
         ax.set_xlabel("wall-clock (s)")
         ax.set_ylabel("validation loss (lm-pydoc)")
         ax.legend()
@@ -280,13 +342,34 @@ def curves(M: int, epochs: int) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         for mode in ("dfa", "bp"):
-            cmd = [sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--mode", mode, "--epochs", str(epochs),
-                   "--pipeline", "2", "--microbatches", str(M), "--no-progress", "--out", folder]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dfa_kernels",
+                "train",
+                "lm-pydoc",
+                "--mode",
+                mode,
+                "--epochs",
+                str(epochs),
+                "--pipeline",
+                "2",
+                "--microbatches",
+                str(M),
+                "--no-progress",
+                "--out",
+                folder,
+            ]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
             variant = "dfa-macro" if mode == "dfa" else "bp"
             metrics = json.loads((Path(folder) / "lm-pydoc" / f"{variant}-pipeline2x{M}" / "metrics.json").read_text())
-            out[mode] = {"command": " ".join(["dfa-kernels", *cmd[3:-2]]), "microbatches": M,
-                         "history": metrics["history"], "final": metrics["final"], "wall_time_s": metrics["wall_time_s"]}
+            out[mode] = {
+                "command": " ".join(["dfa-kernels", *cmd[3:-2]]),
+                "microbatches": M,
+                "history": metrics["history"],
+                "final": metrics["final"],
+                "wall_time_s": metrics["wall_time_s"],
+            }
     return out
 
 
@@ -298,9 +381,23 @@ def main(argv=None) -> None:
     parser.add_argument("--curve-epochs", type=int, default=4)
     args = parser.parse_args(argv)
     from dfa_kernels.provenance import provenance
-    result = {"provenance": provenance(), "load_average_before": os.getloadavg(), "workload": {
-        "model": "TransformerLM", **MODEL, "placement": "macro", "error_at": "hidden", "batch": BATCH,
-        "steps_timed": STEPS, "warmup": WARMUP, "threads_per_process": 1, "backend": "gloo"}, "measured": []}
+
+    result = {
+        "provenance": provenance(),
+        "load_average_before": os.getloadavg(),
+        "workload": {
+            "model": "TransformerLM",
+            **MODEL,
+            "placement": "macro",
+            "error_at": "hidden",
+            "batch": BATCH,
+            "steps_timed": STEPS,
+            "warmup": WARMUP,
+            "threads_per_process": 1,
+            "backend": "gloo",
+        },
+        "measured": [],
+    }
     for size in args.stages:
         result["measured"].append(summarise(size, args.microbatches, measure(size, args.microbatches)))
     result["load_average_after"] = os.getloadavg()
@@ -314,8 +411,12 @@ def main(argv=None) -> None:
     for row in result["measured"]:
         print(f"S={row['stages']} M={row['microbatches']} (oversubscribed: {row['oversubscribed']})")
         for name, s in row["schedules"].items():
-            extra = (f" bubble {s['bubble_measured']:.2f} model {s['model_step_s'] * 1e3:.1f} ms "
-                     f"({s['model_error']:+.0%}) bytes {s['bytes_per_step']}" if "model_step_s" in s else "")
+            extra = (
+                f" bubble {s['bubble_measured']:.2f} model {s['model_step_s'] * 1e3:.1f} ms "
+                f"({s['model_error']:+.0%}) bytes {s['bytes_per_step']}"
+                if "model_step_s" in s
+                else ""
+            )
             print(f"  {name:<16} {s['step_s'] * 1e3:8.1f} ms {s['tokens_per_s']:9.0f} tok/s{extra}")
 
 

@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py --workload lm_micro --variant dfa --out benchmarks/results/profile
 writes a kernel table (self time, sorted) and a Chrome trace.
 """
+
 import argparse
 from pathlib import Path
 
@@ -20,8 +21,9 @@ if __name__ == "__main__":
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
     a = p.parse_args()
     device = torch.device(a.device)
-    build, loss_fn, config = step.WORKLOADS[a.workload](device, torch.float32, a.size or (
-        "gpu" if device.type == "cuda" else "cpu"))
+    build, loss_fn, config = step.WORKLOADS[a.workload](
+        device, torch.float32, a.size or ("gpu" if device.type == "cuda" else "cpu")
+    )
     torch.manual_seed(0)
     model = build(a.variant).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)

@@ -6,6 +6,7 @@ departures from the recipes (dfa_kernels.zoo.tuning.departures).
     python benchmarks/summarize.py            # only the text between the markers changes
     python benchmarks/summarize.py --no-plots
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,5 @@
 """The projection microbenchmarks under pytest-benchmark (see conftest.py): one per case of the
 projection suite, with the ratio to its torch baseline in extra_info."""
-import torch
 
 from dfa_kernels.bench import common, projection
 
@@ -15,19 +14,37 @@ def test_projection(benchmark, case, settings):
         common.sync(device)
 
     benchmark.group = f"{case.op} {case.shape} N={case.N} {case.dtype}"
-    benchmark.extra_info.update({"op": case.op, "shape": case.shape, "N": case.N, "out_features": case.out_features,
-                                 "widths": list(case.widths), "dtype": case.dtype, "backend": case.backend,
-                                 "storage": case.storage, "distribution": case.distribution,
-                                 "device": str(device)})
+    benchmark.extra_info.update(
+        {
+            "op": case.op,
+            "shape": case.shape,
+            "N": case.N,
+            "out_features": case.out_features,
+            "widths": list(case.widths),
+            "dtype": case.dtype,
+            "backend": case.backend,
+            "storage": case.storage,
+            "distribution": case.distribution,
+            "device": str(device),
+        }
+    )
     benchmark(run)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
         return
     ms = benchmark.stats.stats.median * 1e3
     baseline_ms = common.time_ms(inputs.baseline(), device, **projection.TIMING[settings["size"]])
     tflops, gbps = inputs.rates(ms)
-    benchmark.extra_info.update({
-        "baseline": "torch.mm(e, B) on a stored B" if case.op == "project" else "project + slices + activation backward",
-        "baseline_ms": baseline_ms, "ratio_vs_baseline": baseline_ms / ms, "tflops": tflops, "gbps": gbps})
+    benchmark.extra_info.update(
+        {
+            "baseline": "torch.mm(e, B) on a stored B"
+            if case.op == "project"
+            else "project + slices + activation backward",
+            "baseline_ms": baseline_ms,
+            "ratio_vs_baseline": baseline_ms / ms,
+            "tflops": tflops,
+            "gbps": gbps,
+        }
+    )
     peak = common.device_peak(device)
     if peak:
         bound = "gbps" if case.out_features <= 16 else "tflops"

@@ -14,6 +14,7 @@ goes to ``benchmarks/results/zoo/TASK[@DATA].json``; tuning reports to
 ``benchmarks/results/zoo/tuning/TASK.json``. A command whose JSON exists is skipped unless
 ``--force``, so the grid can be filled in several sittings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,21 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path("benchmarks/results/zoo")   # relative to ROOT: the commands in the JSONs stay portable
+RESULTS = Path("benchmarks/results/zoo")  # relative to ROOT: the commands in the JSONs stay portable
 SEEDS = ("0", "1", "2")
-AT_THE_END = "1000000000"   # --alignment-every: only the measurement at the last step
+AT_THE_END = "1000000000"  # --alignment-every: only the measurement at the last step
 
 # (family, task, data) of every README table row; data None: the task's default
-GRAPH = ([(m, d) for d in (None, "citeseer") for m in ("gcn", "gat", "cheb", "spline", "dna", "gae")]
-         # DNA on the paper's own split too (a random stratified 20/20/60, drawn with each run's seed)
-         + [("dna", d) for d in ("cora-stratified", "citeseer-stratified")])
-ENTRIES = ([("graph", f"{m}-cora", d) for m, d in GRAPH]
-           + [("recsys", f"{m}-ml100k", None) for m in ("fm", "deepfm", "dcn", "autoint", "afn")]
-           + [("transformer", "lm-shakespeare", None), ("nerf", "nerf", None)])
+GRAPH = (
+    [(m, d) for d in (None, "citeseer") for m in ("gcn", "gat", "cheb", "spline", "dna", "gae")]
+    # DNA on the paper's own split too (a random stratified 20/20/60, drawn with each run's seed)
+    + [("dna", d) for d in ("cora-stratified", "citeseer-stratified")]
+)
+ENTRIES = (
+    [("graph", f"{m}-cora", d) for m, d in GRAPH]
+    + [("recsys", f"{m}-ml100k", None) for m in ("fm", "deepfm", "dcn", "autoint", "afn")]
+    + [("transformer", "lm-shakespeare", None), ("nerf", "nerf", None)]
+)
 PLACEMENTS = ("macro", "micro", "linear")
 
 
@@ -42,13 +47,25 @@ def result_name(task: str, data: str | None) -> str:
 
 
 def compare_command(family: str, task: str, data: str | None) -> list[str]:
-    cmd = ["dfa-kernels", "compare", task, "--seeds", *SEEDS, "--threads", "1", "--no-progress", "--out", "runs/zoo",
-           "--json", str(RESULTS / f"{result_name(task, data)}.json")]
+    cmd = [
+        "dfa-kernels",
+        "compare",
+        task,
+        "--seeds",
+        *SEEDS,
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        "runs/zoo",
+        "--json",
+        str(RESULTS / f"{result_name(task, data)}.json"),
+    ]
     if data is not None:
         cmd += ["--data", data]
     if family == "transformer":
         cmd += ["--placement", *PLACEMENTS]
-    if task == "fm-ml100k":      # no hidden layer: every mode trains it exactly, bp alone is the row (no DFA,
+    if task == "fm-ml100k":  # no hidden layer: every mode trains it exactly, bp alone is the row (no DFA,
         cmd += ["--modes", "bp"]  # so no feedback to choose and no alignment to measure)
     else:
         cmd += ["--feedback", "paper", "ours", "--alignment-every", AT_THE_END]
@@ -56,10 +73,20 @@ def compare_command(family: str, task: str, data: str | None) -> list[str]:
 
 
 def tune_command(family: str, task: str, data: str | None) -> list[str] | None:
-    if data is not None:         # tuned once per task, on its default data
+    if data is not None:  # tuned once per task, on its default data
         return None
-    cmd = ["dfa-kernels", "tune", task, "--threads", "1", "--no-progress", "--out", "runs/zoo",
-           "--json", str(RESULTS / "tuning" / f"{task}.json")]
+    cmd = [
+        "dfa-kernels",
+        "tune",
+        task,
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        "runs/zoo",
+        "--json",
+        str(RESULTS / "tuning" / f"{task}.json"),
+    ]
     if family == "transformer":
         cmd += ["--placement", *PLACEMENTS]
     if task == "fm-ml100k":

@@ -28,6 +28,7 @@ JSON says which (``measured_in``).
 core (``dk.alignment``), below the zoo's trainer (``alignment_every``) and the study that uses it
 (``dfa-kernels align TASK``: :mod:`dfa_kernels.studies.alignment`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,8 @@ from . import methods
 from .figures import save_figure
 from .nn import DFA
 
-SAMPLES = 512      # paper 1 measured alignment on 512 samples
-TINY = 1e-30       # norms at or below this count as zero
+SAMPLES = 512  # paper 1 measured alignment on 512 samples
+TINY = 1e-30  # norms at or below this count as zero
 
 
 # ---------------------------------------------------------------- state that must survive a measurement
@@ -128,7 +129,7 @@ def _parameters_reached(record) -> list[torch.Tensor]:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        variable = getattr(fn, "variable", None)   # AccumulateGrad: the leaf it accumulates into
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
         if variable is not None:
             found.append(variable)
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
@@ -150,8 +151,15 @@ def _angle(cos: float | None) -> float | None:
 
 def _signal_stats(dfa_signal, bp_grad, width: int, samples: int) -> dict:
     if dfa_signal is None or bp_grad is None:
-        return {"cos_mean": None, "cos_std": None, "samples": 0, "angle_deg": None, "cos_flat": None,
-                "cos_mean_paper": None, "note": "no signal" if dfa_signal is None else "no BP gradient"}
+        return {
+            "cos_mean": None,
+            "cos_std": None,
+            "samples": 0,
+            "angle_deg": None,
+            "cos_flat": None,
+            "cos_mean_paper": None,
+            "note": "no signal" if dfa_signal is None else "no BP gradient",
+        }
     a = dfa_signal.detach().double().reshape(-1, width)
     b = bp_grad.detach().double().reshape(-1, width)
     na, nb = a.norm(dim=1), b.norm(dim=1)
@@ -161,15 +169,22 @@ def _signal_stats(dfa_signal, bp_grad, width: int, samples: int) -> dict:
     # paper 1 (TinyDFA's measurement): every row, those where both are zero counted as aligned (1)
     paper = torch.where((na <= TINY) & (nb <= TINY), torch.ones_like(cos_rows), cos_rows * both)
     mean = float(used.mean()) if used.numel() else None
-    return {"cos_mean": mean, "cos_std": float(used.std()) if used.numel() > 1 else None,
-            "samples": int(used.numel()), "rows": int(a.shape[0]), "angle_deg": _angle(mean),
-            "cos_flat": _cos(a, b), "cos_mean_paper": float(paper.mean())}
+    return {
+        "cos_mean": mean,
+        "cos_std": float(used.std()) if used.numel() > 1 else None,
+        "samples": int(used.numel()),
+        "rows": int(a.shape[0]),
+        "angle_deg": _angle(mean),
+        "cos_flat": _cos(a, b),
+        "cos_mean_paper": float(paper.mean()),
+    }
 
 
 def _update_stats(params, names, dfa_grads, bp_grads) -> dict:
     def flat(grads, p):
         g = grads.get(id(p))
         return torch.zeros(p.numel(), dtype=torch.float64, device=p.device) if g is None else g.double().flatten()
+
     per_param = {names[id(p)]: _cos(flat(dfa_grads, p), flat(bp_grads, p)) for p in params}
     if not params:
         return {"cos": None, "angle_deg": None, "parameters": {}, "numel": 0}
@@ -178,8 +193,15 @@ def _update_stats(params, names, dfa_grads, bp_grads) -> dict:
 
 
 # ---------------------------------------------------------------- the measurement
-def alignment(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
-              samples: int = SAMPLES, eval_mode: bool = False, mode: str = "dfa") -> dict[str, Any]:
+def alignment(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batch: Any,
+    *,
+    samples: int = SAMPLES,
+    eval_mode: bool = False,
+    mode: str = "dfa",
+) -> dict[str, Any]:
     """Alignment of DFA with backprop for `model` on one `batch` (see the module docstring).
 
     loss_fn(model, batch) -> scalar loss: the training loss (its forward must run the model's DFA
@@ -190,8 +212,9 @@ def alignment(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor
     learned B), or "bp" as a control (every cosine is then 1).
     """
     if mode not in methods.DIRECT + ("bp",):
-        raise ValueError(f"alignment: mode must be a direct method ({', '.join(methods.DIRECT)}) or 'bp' (the "
-                         f"control); got {mode!r}")
+        raise ValueError(
+            f"alignment: mode must be a direct method ({', '.join(methods.DIRECT)}) or 'bp' (the control); got {mode!r}"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"alignment: model must be an nn.Module; got {type(model).__name__}")
     dfas = _dfa_modules(model)
@@ -213,31 +236,55 @@ def alignment(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor
     for (name, dfa), cap_dfa, cap_bp, reached_points in zip(dfas, caps_dfa, caps_bp, reached):
         assert dfa.spec is not None  # fixed by the passes above
         points = []
-        for index, (record, signal, grad, params) in enumerate(zip(cap_dfa.points, cap_dfa.signals,
-                                                                   cap_bp.signals, reached_points)):
+        for index, (record, signal, grad, params) in enumerate(
+            zip(cap_dfa.points, cap_dfa.signals, cap_bp.signals, reached_points)
+        ):
             params = list({id(p): p for p in params if id(p) in names}.values())
             trained.update({id(p): p for p in params})
             width = dfa.spec.widths[index]
-            points.append({"index": index, "shape": list(record.tensor.shape), "width": width,
-                           "activation": record.activation, "trains": [names[id(p)] for p in params],
-                           "signal": _signal_stats(signal, grad, width, samples),
-                           "update": _update_stats(params, names, grads_dfa, grads_bp)})
-        modules[name] = {"points": points, "feedback": {"layout": dfa.layout, "distribution": dfa.distribution,
-                                                        "scale": dfa.scale}}
+            points.append(
+                {
+                    "index": index,
+                    "shape": list(record.tensor.shape),
+                    "width": width,
+                    "activation": record.activation,
+                    "trains": [names[id(p)] for p in params],
+                    "signal": _signal_stats(signal, grad, width, samples),
+                    "update": _update_stats(params, names, grads_dfa, grads_bp),
+                }
+            )
+        modules[name] = {
+            "points": points,
+            "feedback": {"layout": dfa.layout, "distribution": dfa.distribution, "scale": dfa.scale},
+        }
     network = _update_stats(list(trained.values()), names, grads_dfa, grads_bp)
     first_name = next(iter(modules))
     deepest = modules[first_name]["points"][0]
     return {
         "compared": f"mode {mode!r} against backprop",
-        "measured_in": ("eval mode (dropout off, batch-norm running statistics)" if eval_mode else
-                        "train mode; both passes from the same RNG state (same dropout masks); "
-                        "batch-norm statistics, gradients and RNG restored afterwards"),
-        "loss": loss_dfa, "loss_bp_pass": loss_bp, "samples_max": samples,
+        "measured_in": (
+            "eval mode (dropout off, batch-norm running statistics)"
+            if eval_mode
+            else "train mode; both passes from the same RNG state (same dropout masks); "
+            "batch-norm statistics, gradients and RNG restored afterwards"
+        ),
+        "loss": loss_dfa,
+        "loss_bp_pass": loss_bp,
+        "samples_max": samples,
         "dfa_modules": modules,
-        "network": {"update_cos": network["cos"], "update_angle_deg": network["angle_deg"],
-                    "parameters": len(trained), "numel": network["numel"]},
-        "deepest": {"dfa": first_name, "point": 0, "signal_cos_mean": deepest["signal"]["cos_mean"],
-                    "signal_cos_std": deepest["signal"]["cos_std"], "update_cos": deepest["update"]["cos"]},
+        "network": {
+            "update_cos": network["cos"],
+            "update_angle_deg": network["angle_deg"],
+            "parameters": len(trained),
+            "numel": network["numel"],
+        },
+        "deepest": {
+            "dfa": first_name,
+            "point": 0,
+            "signal_cos_mean": deepest["signal"]["cos_mean"],
+            "signal_cos_std": deepest["signal"]["cos_std"],
+            "update_cos": deepest["update"]["cos"],
+        },
     }
 
 
@@ -246,6 +293,7 @@ def plot_alignment(measurements: list[dict[str, Any]], path: str | Path, title: 
     """Per-sample signal cosine (left) and update cosine (right) of every point over training steps,
     one line per point; the deepest DFA point (farthest from the output) drawn thick and black."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -259,8 +307,12 @@ def plot_alignment(measurements: list[dict[str, Any]], path: str | Path, title: 
             style = dict(color="black", linewidth=2.5, zorder=3) if deepest else dict(linewidth=1, alpha=0.8)
             for ax, key, field in ((axes[0], "signal", "cos_mean"), (axes[1], "update", "cos")):
                 values = [m["dfa_modules"][module]["points"][point["index"]][key][field] for m in measurements]
-                ax.plot(steps, [np.nan if v is None else v for v in values],
-                        label=label + (" — deepest" if deepest else ""), **style)
+                ax.plot(
+                    steps,
+                    [np.nan if v is None else v for v in values],
+                    label=label + (" — deepest" if deepest else ""),
+                    **style,
+                )
     axes[0].set_title("signal: per-sample cosine (mean)")
     axes[1].set_title("weight update: cosine with the BP gradient")
     for ax in axes:
@@ -268,7 +320,7 @@ def plot_alignment(measurements: list[dict[str, Any]], path: str | Path, title: 
         ax.set_ylim(-0.2, 1.0)
         ax.axhline(0, color="grey", linewidth=0.5)
     handles, labels = axes[0].get_legend_handles_labels()
-    if len(labels) > 12:   # many points: the legend names the deepest one only
+    if len(labels) > 12:  # many points: the legend names the deepest one only
         keep = [i for i, label in enumerate(labels) if label.endswith("deepest")]
         handles, labels = [handles[i] for i in keep], [labels[i] for i in keep]
     axes[1].legend(handles, labels, fontsize=7, loc="lower right")

@@ -10,6 +10,7 @@ no hooks, no re-entrant ``.backward()``.
 ``DFALinearCrossEntropy`` does the same with the error taken after a vocabulary head, chunk by
 chunk, without the [N, vocab] logits. A :class:`Plan` holds what a backward needs, as constants.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ class NonFiniteMonitor:
 
     def __init__(self) -> None:
         self._count: torch.Tensor | None = None  # int32 [1] on the device of the last error
-        self._host: torch.Tensor | None = None   # its asynchronous copy in (pinned) host memory
+        self._host: torch.Tensor | None = None  # its asynchronous copy in (pinned) host memory
         self._reported = 0
 
     def record(self, finite: torch.Tensor) -> None:
@@ -58,13 +59,15 @@ class NonFiniteMonitor:
                 f"DFA: the output error e = dL/dy of {new} earlier training step(s) held NaN or Inf ({seen} so far): "
                 "those steps sent no feedback (every gradient from the DFA output was zeroed, so no layer "
                 "moved). Check the loss (divergence; float16 without a loss scaler). dfa.nonfinite_steps "
-                "counts such steps; DFA(check_finite=False) turns the check off.")
+                "counts such steps; DFA(check_finite=False) turns the check off."
+            )
 
 
 @dataclasses.dataclass
 class Record:
     """One feedback point of a forward pass. `tensor` gets the point's gradient: h itself, or the
     pre-activation a for a fused point. Linear points also hold the layer's input and parameters."""
+
     tensor: torch.Tensor
     activation: str = "none"
     layer_input: torch.Tensor | None = None
@@ -90,6 +93,7 @@ class Capture:
       error: e = dL/dy as [N, out_features] (None under ``linear_cross_entropy``, whose error only
       ever exists chunk by chunk).
     """
+
     points: list[Record] = dataclasses.field(default_factory=list)
     signals: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     error: torch.Tensor | None = None
@@ -98,7 +102,7 @@ class Capture:
         self.points, self.signals, self.error = points, [None] * len(points), None
 
 
-def record_signals(plan: "Plan", error, outs, shapes) -> None:
+def record_signals(plan: Plan, error, outs, shapes) -> None:
     """Hand the captured signals (each point's delta [N, d_l], reshaped like its tensor) to the plan's capture."""
     if plan.capture is None:
         return
@@ -111,6 +115,7 @@ def record_signals(plan: "Plan", error, outs, shapes) -> None:
 class Plan:
     """What one backward needs: constants only, so torch.compile can trace it. `kinds[l]` is
     "point" or "linear", or "linear+bias"; `activations[l]` is "none" for a plain point."""
+
     spec: FeedbackSpec
     scales: tuple[float, ...]
     storage: str
@@ -119,12 +124,12 @@ class Plan:
     kinds: tuple[str, ...]
     activations: tuple[str, ...]
     error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
-    signal: str = "error"   # what is projected (methods.SIGNALS): "error", "sign", "ternary" or "target"
+    signal: str = "error"  # what is projected (methods.SIGNALS): "error", "sign", "ternary" or "target"
     threshold: float = 0.1  # the ternary signal's threshold (methods.ternarize)
-    learned: bool = False   # B is a learned [out_features, D] tensor passed to the op (dkp), not the hash
+    learned: bool = False  # B is a learned [out_features, D] tensor passed to the op (dkp), not the hash
     monitor: NonFiniteMonitor | None = dataclasses.field(default=None, compare=False, repr=False)
     # set while the DFA module captures (measurements, eager only): the backward fills it in
-    capture: "Capture | None" = dataclasses.field(default=None, compare=False, repr=False)
+    capture: Capture | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def finite_check(self) -> bool:
         """Whether this backward checks its error (on the device; skipped in compiled graphs)."""
@@ -173,10 +178,13 @@ class DFAOutput(torch.autograd.Function):
         if len(set(plan.scales)) == 1:
             F = ops.project(signal, spec, plan.storage, plan.backend, scale=plan.scales[0], out_dtype=out_dtype)
         else:
-            F = ops.project(signal, spec, plan.storage, plan.backend, col_scale=column_scales(plan, e.device),
-                            out_dtype=out_dtype)
-        grads = [F[:, off:off + w].reshape(shape).to(dtype)
-                 for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)]
+            F = ops.project(
+                signal, spec, plan.storage, plan.backend, col_scale=column_scales(plan, e.device), out_dtype=out_dtype
+            )
+        grads = [
+            F[:, off : off + w].reshape(shape).to(dtype)
+            for off, w, shape, dtype in zip(spec.offsets, spec.widths, ctx.shapes, ctx.dtypes)
+        ]
         record_signals(plan, e, grads, ctx.shapes)
         return (grad_y, None, None, None, *grads)
 
@@ -198,8 +206,10 @@ def _starts(plan: Plan) -> list[int]:
 
 def _act_inputs(plan: Plan, tensors, N: int) -> list:
     """The pre-activations [N, d_l] the fused epilogue reads (None for plain points)."""
-    return [None if act == "none" else tensors[s].reshape(N, w)
-            for s, act, w in zip(_starts(plan), plan.activations, plan.spec.widths)]
+    return [
+        None if act == "none" else tensors[s].reshape(N, w)
+        for s, act, w in zip(_starts(plan), plan.activations, plan.spec.widths)
+    ]
 
 
 def _project_points(plan: Plan, signal: torch.Tensor, feedback, tensors, point_dtypes) -> list:
@@ -208,14 +218,32 @@ def _project_points(plan: Plan, signal: torch.Tensor, feedback, tensors, point_d
     out_dtype = _common_dtype(point_dtypes)  # the points' (pre-activations') dtype
     act_inputs = _act_inputs(plan, tensors, signal.shape[0])
     if feedback is None:
-        return ops.project_points(signal, plan.spec, plan.storage, plan.backend, scales=plan.scales,
-                                  act_inputs=act_inputs, activations=list(plan.activations), out_dtype=out_dtype)
+        return ops.project_points(
+            signal,
+            plan.spec,
+            plan.storage,
+            plan.backend,
+            scales=plan.scales,
+            act_inputs=act_inputs,
+            activations=list(plan.activations),
+            out_dtype=out_dtype,
+        )
     spec = plan.spec
     backend = ops.resolve_backend(plan.backend, signal.device, "project_points", "materialized", spec.out_features)
     B = feedback.detach().to(ops.stored_dtype(signal, backend)).contiguous()
-    args = (signal, B, spec.seed, spec.distribution, spec.density, list(spec.offsets), list(spec.widths),
-            [1.0] * len(spec.widths), [None if a is None else a.contiguous() for a in act_inputs],
-            list(plan.activations), out_dtype)
+    args = (
+        signal,
+        B,
+        spec.seed,
+        spec.distribution,
+        spec.density,
+        list(spec.offsets),
+        list(spec.widths),
+        [1.0] * len(spec.widths),
+        [None if a is None else a.contiguous() for a in act_inputs],
+        list(plan.activations),
+        out_dtype,
+    )
     if backend == "torch":
         return reference.project_points(*args)
     return ops._op(backend, "project_points")(*args)
@@ -236,7 +264,7 @@ def learned_grad(plan: Plan, e: torch.Tensor, tensors, feedback: torch.Tensor) -
     else:
         grad = e32.new_zeros(feedback.shape)
         for part in parts:
-            grad[:, :part.shape[1]] += part
+            grad[:, : part.shape[1]] += part
     return grad.to(feedback.dtype)
 
 
@@ -277,7 +305,8 @@ def _check_allocated(weight: torch.Tensor, index: int) -> None:
         f"DFA backward: the weight of dfa.linear point #{index} was freed after the forward (FSDP2's "
         f"fully_shard(..., reshard_after_forward=True) does this), but its input needs a gradient, "
         f"delta @ W, computed here. Shard the modules holding such layers with "
-        f"reshard_after_forward=False, or use plain points (dfa.point(f(layer(x))); TransformerLM(fused=False))")
+        f"reshard_after_forward=False, or use plain points (dfa.point(f(layer(x))); TransformerLM(fused=False))"
+    )
 
 
 class DFALinearCrossEntropy(torch.autograd.Function):
@@ -298,17 +327,27 @@ class DFALinearCrossEntropy(torch.autograd.Function):
 
         def project_chunk(start, stop, e_chunk):
             rows = [None if a is None else a[start:stop] for a in act_inputs]
-            e_chunk = methods.direct_signal(plan.signal, e_chunk, None if classes is None else classes[start:stop],
-                                            plan.threshold)
+            e_chunk = methods.direct_signal(
+                plan.signal, e_chunk, None if classes is None else classes[start:stop], plan.threshold
+            )
             if plan.error_dtype is not None:
                 e_chunk = e_chunk.to(plan.error_dtype)
-            chunk = ops.project_points(e_chunk, plan.spec, plan.storage, plan.backend, scales=plan.scales,
-                                       act_inputs=rows, activations=list(plan.activations), out_dtype=out_dtype)
+            chunk = ops.project_points(
+                e_chunk,
+                plan.spec,
+                plan.storage,
+                plan.backend,
+                scales=plan.scales,
+                act_inputs=rows,
+                activations=list(plan.activations),
+                out_dtype=out_dtype,
+            )
             for out, c in zip(outs, chunk):
                 out[start:stop] = c
 
         loss, grad_hidden, grad_weight, grad_bias = lm_head.chunked_linear_cross_entropy(
-            hidden, weight, target, bias, ignore_index=ignore_index, on_chunk=project_chunk, backend=plan.backend)
+            hidden, weight, target, bias, ignore_index=ignore_index, on_chunk=project_chunk, backend=plan.backend
+        )
         ctx.finite = None
         if plan.finite_check():  # a non-finite loss: every gradient of the step is zeroed in backward
             ctx.finite = torch.isfinite(loss)
@@ -329,14 +368,22 @@ class DFALinearCrossEntropy(torch.autograd.Function):
             def scaled(g):
                 return torch.where(ctx.finite, g * grad_loss, 0.0)
         else:
+
             def scaled(g):
                 return g * grad_loss
+
         outs = [scaled(o) for o in outs]
         record_signals(ctx.plan, None, outs, ctx.shapes)
         grads = _input_grads(ctx.plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[6:], outs)
-        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias) if ctx.has_bias else None,
-                None, None, None, *grads)
-
+        return (
+            scaled(grad_hidden),
+            scaled(grad_weight),
+            scaled(grad_bias) if ctx.has_bias else None,
+            None,
+            None,
+            None,
+            *grads,
+        )
 
 
 _COL_SCALES: dict = {}
@@ -344,13 +391,15 @@ _COL_SCALES: dict = {}
 
 def column_scales(plan: Plan, device) -> torch.Tensor:
     """[D] per-column multipliers (independent layout, one scale per point), cached per device."""
+
     def build():  # filled on the device (no host copy), static shapes under torch.compile
-        return torch.cat([torch.full((w,), s, dtype=torch.float32, device=device)
-                          for s, w in zip(plan.scales, plan.spec.widths)])
+        return torch.cat(
+            [torch.full((w,), s, dtype=torch.float32, device=device) for s, w in zip(plan.scales, plan.spec.widths)]
+        )
+
     if torch.compiler.is_compiling():
         return build()
     key = (plan.scales, plan.spec.widths, str(device))
     if key not in _COL_SCALES:
         _COL_SCALES[key] = build()
     return _COL_SCALES[key]
-

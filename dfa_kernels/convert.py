@@ -33,6 +33,7 @@ autograd function). They read the mode of ``converted.dfa`` live: plain layers i
 so one converted model runs every method. Points are still inserted where ``points`` says (none
 needed: a model without activation modules converts too), for the direct modes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,7 @@ import difflib
 import re
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
-from typing import Any, Union, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,12 +54,31 @@ from .nn import DFA
 # What chooses modules (convert's points=, input_points=, detach=, layers=): a module-name glob, a module
 # type, a list/tuple/set of those, or a callable (name, module) -> bool.
 ModulePredicate = Callable[[str, nn.Module], bool]
-Selector = Union[str, type[nn.Module], ModulePredicate, Collection[Union[str, type[nn.Module]]]]
+Selector = str | type[nn.Module] | ModulePredicate | Collection[str | type[nn.Module]]
 
 # Module types after which `convert` inserts a feedback point by default.
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
-               nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-               nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.GLU)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.GLU,
+)
 # Libraries whose activation modules count too, by the module their class is defined in (prefixes).
 ACTIVATION_LIBRARIES = ("transformers.activations", "timm.layers.activations", "timm.models.layers.activations")
 # Classes of those modules that are not activations (identity maps).
@@ -93,9 +113,9 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out.append("[^.]")
             i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
             end = pattern.index("]", i + 2)
-            body = pattern[i + 1:end]
+            body = pattern[i + 1 : end]
             out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]")
             i = end + 1
         else:
@@ -124,8 +144,10 @@ def select_modules(model: nn.Module, where: Selector | None, argument: str = "po
     else:
         items = list(where) if isinstance(where, (list, tuple, set, frozenset)) else [where]
         if not items:
-            raise ValueError(f"{argument} must name at least one module (a glob, a module type or a callable); "
-                             f"got an empty {type(where).__name__}")
+            raise ValueError(
+                f"{argument} must name at least one module (a glob, a module type or a callable); "
+                f"got an empty {type(where).__name__}"
+            )
         predicates = []
         for item in items:
             if isinstance(item, str):
@@ -133,8 +155,10 @@ def select_modules(model: nn.Module, where: Selector | None, argument: str = "po
             elif isinstance(item, type) and issubclass(item, nn.Module):
                 predicates.append(_instance_of(item))
             else:
-                raise TypeError(f"{argument} must be module-name globs (str), nn.Module subclasses or a callable "
-                                f"(name, module) -> bool; got {item!r} of type {type(item).__name__}")
+                raise TypeError(
+                    f"{argument} must be module-name globs (str), nn.Module subclasses or a callable "
+                    f"(name, module) -> bool; got {item!r} of type {type(item).__name__}"
+                )
     # every name a module goes by (a module shared under two names matches either); each module
     # is chosen once, under its first name
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and not isinstance(m, DFA)]
@@ -148,12 +172,14 @@ def select_modules(model: nn.Module, where: Selector | None, argument: str = "po
             seen.add(id(m))
             chosen.append((first[id(m)], m))
     if isinstance(where, (str, list, tuple)):  # a glob that matches nothing is a typo: say so
-        for item in ([where] if isinstance(where, str) else where):
+        for item in [where] if isinstance(where, str) else where:
             if isinstance(item, str) and not any(glob_regex(item).match(n) for n, _ in named):
                 near = difflib.get_close_matches(item, [n for n, _ in named], n=3, cutoff=0.4)
-                raise ValueError(f"{argument}: the glob {item!r} matches no module name of the model "
-                                 f"(names look like {near or [n for n, _ in named[:3]]}; '*' matches one "
-                                 f"dotted component, '**' several)")
+                raise ValueError(
+                    f"{argument}: the glob {item!r} matches no module name of the model "
+                    f"(names look like {near or [n for n, _ in named[:3]]}; '*' matches one "
+                    f"dotted component, '**' several)"
+                )
     return chosen
 
 
@@ -184,17 +210,19 @@ def _replace_first_tensor(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]
 INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs", "inputs_embeds")
 
 
-def _replace_input(module_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _replace_input(
+    module_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) with the module's main input tensor (first tensor argument) replaced by fn(it)."""
     for index, item in enumerate(args):
         if isinstance(item, torch.Tensor):
-            return args[:index] + (fn(item),) + args[index + 1:], kwargs
+            return args[:index] + (fn(item),) + args[index + 1 :], kwargs
     keys = [k for k in INPUT_KEYWORDS if isinstance(kwargs.get(k), torch.Tensor)]
     keys += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in keys]
     if not keys:
-        raise TypeError(f"module {module_name!r} was called without a tensor argument: its input cannot carry a "
-                        "feedback point")
+        raise TypeError(
+            f"module {module_name!r} was called without a tensor argument: its input cannot carry a feedback point"
+        )
     return args, {**kwargs, keys[0]: fn(kwargs[keys[0]])}
 
 
@@ -228,8 +256,9 @@ class FeedbackPoint:
 class InputPoint(FeedbackPoint):
     """A forward pre-hook: the module's input (its first tensor argument) becomes a feedback point."""
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return _replace_input(self.name, args, kwargs, self.record)
 
 
@@ -240,8 +269,9 @@ class DetachInput:
     def __init__(self, dfa: DFA, name: str) -> None:
         self.dfa, self.name = dfa, name
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if methods.passes_gradients(self.dfa.mode):
             return None
         return _replace_input(self.name, args, kwargs, torch.Tensor.detach)
@@ -275,12 +305,13 @@ class DFALinear(nn.Linear):
     """A linear layer + activation run as ``dfa.linear(x, self, activation)`` (added by
     ``convert(fuse=True)``). It shares the original layer's parameters, under the same names."""
 
-    dfa: DFA           # references, not submodules (set in __dict__)
+    dfa: DFA  # references, not submodules (set in __dict__)
     point_name: str
     trace: PointTrace
 
-    def __init__(self, linear: nn.Linear, activation: str, dfa: DFA, name: str = "",
-                 trace: PointTrace | None = None) -> None:
+    def __init__(
+        self, linear: nn.Linear, activation: str, dfa: DFA, name: str = "", trace: PointTrace | None = None
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
@@ -320,15 +351,16 @@ class DFAModel(nn.Module):
     next forward starts, so they never mix with its own.
     """
 
-    def __init__(self, model: nn.Module, dfa: DFA, output: str | int | None = None,
-                 output_module: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, dfa: DFA, output: str | int | None = None, output_module: str | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.dfa = dfa
         self.output, self.output_module = output, output_module
         self.points: tuple[str, ...] = ()  # filled in by `attach`
         self.layers: tuple[str, ...] = ()  # the layers with layer-wise feedback (FeedbackLinear/Conv2d)
-        self.trace = PointTrace(False)      # active until the first DFA step has been checked
+        self.trace = PointTrace(False)  # active until the first DFA step has been checked
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.begin_forward()
@@ -341,21 +373,29 @@ class DFAModel(nn.Module):
             raise
         left = self.dfa.discard_points()
         if left:
-            raise RuntimeError(f"DFAModel: {left} feedback point(s) were recorded but output_module "
-                               f"{self.output_module!r} never ran after them, so no DFA output consumed them")
+            raise RuntimeError(
+                f"DFAModel: {left} feedback point(s) were recorded but output_module "
+                f"{self.output_module!r} never ran after them, so no DFA output consumed them"
+            )
         return result
 
     def begin_forward(self) -> None:
         """Points pending now were not recorded by this forward: drop them, with a warning. A
         layer-wise mode needs converted layers."""
         if self.dfa.mode in methods.LAYERWISE and not self.layers:
-            raise RuntimeError(f"mode {self.dfa.mode!r} changes each layer's input gradient, but this model was "
-                               "converted without layer-wise layers: convert it with a layer-wise mode or with "
-                               "layers= (e.g. layers=(nn.Linear, nn.Conv2d))")
+            raise RuntimeError(
+                f"mode {self.dfa.mode!r} changes each layer's input gradient, but this model was "
+                "converted without layer-wise layers: convert it with a layer-wise mode or with "
+                "layers= (e.g. layers=(nn.Linear, nn.Conv2d))"
+            )
         stale = self.dfa.discard_points()
         if stale:
-            warnings.warn(f"DFAModel: discarded {stale} feedback point(s) recorded outside a forward pass (or by a "
-                          "forward that raised before reaching its output)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"DFAModel: discarded {stale} feedback point(s) recorded outside a forward pass (or by a "
+                "forward that raised before reaching its output)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.trace.names.clear()
 
     def _wrap_result(self, result: Any) -> Any:
@@ -363,26 +403,36 @@ class DFAModel(nn.Module):
             return self.dfa_output(result)
         key = _output_key(result, self.output)
         if key is None:
-            raise TypeError(f"DFAModel: the model returned {type(result).__name__} with no tensor to take as the "
-                            "DFA output; pass output=KEY (or INDEX), or output_module='NAME'")
+            raise TypeError(
+                f"DFAModel: the model returned {type(result).__name__} with no tensor to take as the "
+                "DFA output; pass output=KEY (or INDEX), or output_module='NAME'"
+            )
         if isinstance(result, Mapping):
             if key not in result:
-                raise ValueError(f"DFAModel: output={key!r} is not a key of the model's output; its keys: "
-                                 f"{list(result.keys())}")
+                raise ValueError(
+                    f"DFAModel: output={key!r} is not a key of the model's output; its keys: {list(result.keys())}"
+                )
             loss = result.get("loss")
-            if (isinstance(loss, torch.Tensor) and loss.requires_grad and self.dfa.mode in methods.DIRECT
-                    and key != "loss"):
+            if (
+                isinstance(loss, torch.Tensor)
+                and loss.requires_grad
+                and self.dfa.mode in methods.DIRECT
+                and key != "loss"
+            ):
                 raise RuntimeError(
                     f"DFAModel: the model computed output['loss'] inside its forward, from output[{key!r}] before "
                     "DFA could wrap it: its backward would bypass DFA. Compute the loss outside the model (e.g. "
                     "call it without labels), convert with output_module='NAME' (the module whose output is the "
-                    "DFA output, e.g. the final norm), or use dfa_kernels.huggingface.convert for a Hugging Face LM")
+                    "DFA output, e.g. the final norm), or use dfa_kernels.huggingface.convert for a Hugging Face LM"
+                )
             out = cast(MutableMapping, copy.copy(result))  # outputs are mutable (dict, ModelOutput)
             out[key] = self.dfa_output(result[key])
             return out
         if not isinstance(key, int) or not -len(result) <= key < len(result):  # a tuple or list
-            raise ValueError(f"DFAModel: output={key!r} is not an index of the model's {len(result)}-item "
-                             f"{type(result).__name__} output")
+            raise ValueError(
+                f"DFAModel: output={key!r} is not an index of the model's {len(result)}-item "
+                f"{type(result).__name__} output"
+            )
         items = list(result)
         items[key] = self.dfa_output(items[key])
         if isinstance(result, list):
@@ -429,8 +479,9 @@ def _block_list(model: nn.Module, point_names: list[str]) -> str:
     return "blocks"
 
 
-def hybrid_report(roots: Iterable[object], records: Sequence[Record], model: nn.Module,
-                  point_names: list[str] | None = None) -> str | None:
+def hybrid_report(
+    roots: Iterable[object], records: Sequence[Record], model: nn.Module, point_names: list[str] | None = None
+) -> str | None:
     """Whether gradients bypass the feedback points, as a warning message (None if they do not).
 
     Sources: the output (its error enters at `roots`) and each point (its feedback enters at the
@@ -475,26 +526,32 @@ def hybrid_report(roots: Iterable[object], records: Sequence[Record], model: nn.
             if owner not in modules:
                 modules.append(owner)
     names = point_names if point_names and len(point_names) == len(records) else None
-    labels = [("the output" if i == 0 else f"point {names[i - 1]!r}" if names else f"point #{i - 1}")
-              for i in range(len(sources)) if mixed_sources >> i & 1]
+    labels = [
+        ("the output" if i == 0 else f"point {names[i - 1]!r}" if names else f"point #{i - 1}")
+        for i in range(len(sources))
+        if mixed_sources >> i & 1
+    ]
     shown = ", ".join(modules[:8]) + (f", ... ({len(modules)} modules)" if len(modules) > 8 else "")
     blocks = _block_list(model, [n for i, n in enumerate(names or []) if mixed_sources >> (i + 1) & 1])
-    return ("DFA: gradients bypass the feedback points through the residual stream (or another skip "
-            f"connection): gradients from {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''} flow "
-            "around the points into lower layers, so in mode 'dfa' these modules learn from a mix of backprop "
-            f"and DFA signals: {shown or 'no parameter'}. Faithful choices: points on the residual stream after "
-            f"every block (points='{blocks}.*', paper 1's macro placement), or points inside the blocks plus "
-            "points on the stream at every block boundary (micro; README, 'Residual models'); for Hugging Face "
-            "causal LMs, dfa_kernels.huggingface.convert(model, placement='macro' | 'micro' | 'linear'). "
-            "convert(..., check_residual=False) skips this check.")
+    return (
+        "DFA: gradients bypass the feedback points through the residual stream (or another skip "
+        f"connection): gradients from {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''} flow "
+        "around the points into lower layers, so in mode 'dfa' these modules learn from a mix of backprop "
+        f"and DFA signals: {shown or 'no parameter'}. Faithful choices: points on the residual stream after "
+        f"every block (points='{blocks}.*', paper 1's macro placement), or points inside the blocks plus "
+        "points on the stream at every block boundary (micro; README, 'Residual models'); for Hugging Face "
+        "causal LMs, dfa_kernels.huggingface.convert(model, placement='macro' | 'micro' | 'linear'). "
+        "convert(..., check_residual=False) skips this check."
+    )
 
 
 # ---------------------------------------------------------------- convert
-def _fold_linear_activations(model: nn.Module, chosen: dict[int, tuple[str, nn.Module]], dfa: DFA,
-                             trace: PointTrace) -> None:
+def _fold_linear_activations(
+    model: nn.Module, chosen: dict[int, tuple[str, nn.Module]], dfa: DFA, trace: PointTrace
+) -> None:
     """convert(fuse=True): inside an nn.Sequential, a chosen fusable activation directly after an
     nn.Linear becomes part of a DFALinear (the activation becomes nn.Identity)."""
-    for parent_name, parent in list(model.named_modules()):
+    for _, parent in list(model.named_modules()):
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
@@ -510,8 +567,9 @@ def _is_layer(name: str, module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Conv2d)
 
 
-def convert_layers(model: nn.Module, dfa: DFA, layers: Selector | None = None,
-                   constrain_weights: bool = False) -> list[str]:
+def convert_layers(
+    model: nn.Module, dfa: DFA, layers: Selector | None = None, constrain_weights: bool = False
+) -> list[str]:
     """Replace the chosen layers of `model` (default: every module of type exactly nn.Linear or
     nn.Conv2d; a subclass keeps its own forward unless chosen) by FeedbackLinear/FeedbackConv2d
     sharing their parameters, under the same names, reading `dfa`'s mode. Layer i (in
@@ -522,12 +580,18 @@ def convert_layers(model: nn.Module, dfa: DFA, layers: Selector | None = None,
         if isinstance(module, (FeedbackLinear, FeedbackConv2d)):
             raise ValueError(f"layers: module {name!r} is already a feedback layer (converted twice?)")
         if isinstance(module, nn.Linear):
-            wrapped[id(module)] = FeedbackLinear.from_module(module, dfa, layer_seed(dfa.seed, index), constrain_weights)
+            wrapped[id(module)] = FeedbackLinear.from_module(
+                module, dfa, layer_seed(dfa.seed, index), constrain_weights
+            )
         elif isinstance(module, nn.Conv2d):
-            wrapped[id(module)] = FeedbackConv2d.from_module(module, dfa, layer_seed(dfa.seed, index), constrain_weights)
+            wrapped[id(module)] = FeedbackConv2d.from_module(
+                module, dfa, layer_seed(dfa.seed, index), constrain_weights
+            )
         else:
-            raise TypeError(f"layers: module {name!r} is a {type(module).__name__}; layer-wise feedback applies to "
-                            "nn.Linear and nn.Conv2d")
+            raise TypeError(
+                f"layers: module {name!r} is a {type(module).__name__}; layer-wise feedback applies to "
+                "nn.Linear and nn.Conv2d"
+            )
     for parent in list(model.modules()):  # every place a chosen module sits (a shared one: all of them)
         for child_name, child in list(parent.named_children()):
             if id(child) in wrapped:
@@ -535,11 +599,23 @@ def convert_layers(model: nn.Module, dfa: DFA, layers: Selector | None = None,
     return [name for name, _ in chosen]
 
 
-def convert(model: nn.Module, mode: str = "dfa", points: Selector | None = None, *,
-            after: Sequence[type[nn.Module]] | None = None, input_points: Selector | None = None,
-            detach: Selector | None = None, output: str | int | None = None, output_module: str | None = None,
-            inplace: bool = False, fuse: bool = False, check_residual: bool = True, layers: Selector | None = None,
-            constrain_weights: bool = False, **dfa_kwargs: Any) -> DFAModel:
+def convert(
+    model: nn.Module,
+    mode: str = "dfa",
+    points: Selector | None = None,
+    *,
+    after: Sequence[type[nn.Module]] | None = None,
+    input_points: Selector | None = None,
+    detach: Selector | None = None,
+    output: str | int | None = None,
+    output_module: str | None = None,
+    inplace: bool = False,
+    fuse: bool = False,
+    check_residual: bool = True,
+    layers: Selector | None = None,
+    constrain_weights: bool = False,
+    **dfa_kwargs: Any,
+) -> DFAModel:
     """Insert feedback points into an existing model and wrap its output, without touching its forward.
 
     points: where the points go, at module outputs (see the module docstring): None (every
@@ -576,22 +652,29 @@ def convert(model: nn.Module, mode: str = "dfa", points: Selector | None = None,
     if after is not None:
         if points is not None:
             raise TypeError("convert: pass points= or its older name after=, not both")
-        if not isinstance(after, (list, tuple)) or not after or not all(
-                isinstance(t, type) and issubclass(t, nn.Module) for t in after):
+        if (
+            not isinstance(after, (list, tuple))
+            or not after
+            or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in after)
+        ):
             raise TypeError(f"after must be a non-empty tuple of nn.Module subclasses; got {after!r}")
         points = tuple(after)
     if output is not None and output_module is not None:
-        raise TypeError("convert: pass output= (a key or index of the forward's result) or output_module= "
-                        "(a module name), not both")
+        raise TypeError(
+            "convert: pass output= (a key or index of the forward's result) or output_module= (a module name), not both"
+        )
     dfa = DFA(mode=mode, **dfa_kwargs)
     layerwise = layers is not None or mode in methods.LAYERWISE
     if fuse and layerwise:
-        raise ValueError("convert: fuse=True folds linear layers into dfa.linear points, which own their backward "
-                         "and have no layer-wise form; with layer-wise feedback (mode fa/usf/brsf/frsf or layers=) "
-                         "use fuse=False")
+        raise ValueError(
+            "convert: fuse=True folds linear layers into dfa.linear points, which own their backward "
+            "and have no layer-wise form; with layer-wise feedback (mode fa/usf/brsf/frsf or layers=) "
+            "use fuse=False"
+        )
     if constrain_weights and not layerwise:
-        raise ValueError("convert: constrain_weights=True applies to layer-wise layers: pass a layer-wise mode "
-                         "or layers=")
+        raise ValueError(
+            "convert: constrain_weights=True applies to layer-wise layers: pass a layer-wise mode or layers="
+        )
     model = model if inplace else copy.deepcopy(model)
     converted = DFAModel(model, dfa, output, output_module)
     if layerwise:
@@ -599,8 +682,14 @@ def convert(model: nn.Module, mode: str = "dfa", points: Selector | None = None,
     return attach(converted, points, input_points, detach, fuse, check_residual)
 
 
-def attach(converted: DFAModel, points: Selector | None = None, input_points: Selector | None = None,
-           detach: Selector | None = None, fuse: bool = False, check_residual: bool = True) -> DFAModel:
+def attach(
+    converted: DFAModel,
+    points: Selector | None = None,
+    input_points: Selector | None = None,
+    detach: Selector | None = None,
+    fuse: bool = False,
+    check_residual: bool = True,
+) -> DFAModel:
     """Install the hooks of `convert` on ``converted.model`` (the points of ``converted.dfa``, the
     detached inputs, the output module's hook); returns `converted` with ``points`` filled in."""
     model, dfa, output_module = converted.model, converted.dfa, converted.output_module
@@ -608,17 +697,25 @@ def attach(converted: DFAModel, points: Selector | None = None, input_points: Se
     starts = {id(m): (n, m) for n, m in select_modules(model, input_points, "input_points")} if input_points else {}
     cuts = select_modules(model, detach, "detach") if detach is not None else []
     if not chosen and not starts and not converted.layers:
-        what = ("activation modules (torch's, transformers', timm's)" if points is None
-                else f"modules matching points={points!r}")
-        raise ValueError(f"convert found no {what} in the model: pass points= (module-name globs such as "
-                         "'layers.*', module types, or a callable (name, module) -> bool) to say where the "
-                         "feedback points go")
+        what = (
+            "activation modules (torch's, transformers', timm's)"
+            if points is None
+            else f"modules matching points={points!r}"
+        )
+        raise ValueError(
+            f"convert found no {what} in the model: pass points= (module-name globs such as "
+            "'layers.*', module types, or a callable (name, module) -> bool) to say where the "
+            "feedback points go"
+        )
     modules = dict(model.named_modules())
-    if output_module is not None and (not isinstance(output_module, str) or output_module not in modules
-                                      or not output_module):
+    if output_module is not None and (
+        not isinstance(output_module, str) or output_module not in modules or not output_module
+    ):
         near = difflib.get_close_matches(str(output_module), list(modules), n=3, cutoff=0.4)
-        raise ValueError(f"output_module must name a submodule of the model (a key of named_modules()); got "
-                         f"{output_module!r}" + (f" (close: {near})" if near else ""))
+        raise ValueError(
+            f"output_module must name a submodule of the model (a key of named_modules()); got "
+            f"{output_module!r}" + (f" (close: {near})" if near else "")
+        )
     trace = converted.trace = PointTrace(active=check_residual)
     if fuse:
         _fold_linear_activations(model, chosen, dfa, trace)

@@ -1,4 +1,5 @@
 """`dfa-kernels demo`: an MLP on scikit-learn's bundled digits, trained by BP, DFA and shallow."""
+
 from __future__ import annotations
 
 import time
@@ -50,7 +51,7 @@ def train(mode: str, epochs: int = 30, batch: int = 64, seed: int = 0, progress:
     for _ in bar:
         perm = torch.randperm(len(Xtr))
         for i in range(0, len(Xtr), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
@@ -66,8 +67,10 @@ def train(mode: str, epochs: int = 30, batch: int = 64, seed: int = 0, progress:
 
 
 def main(epochs: int = 30, progress: bool = True) -> list[dict]:
-    rows = [train(mode, epochs, progress=progress) for mode in tqdm(("bp", "dfa", "shallow"), desc="demo",
-                                                                       disable=not progress)]
+    rows = [
+        train(mode, epochs, progress=progress)
+        for mode in tqdm(("bp", "dfa", "shallow"), desc="demo", disable=not progress)
+    ]
     print("\nMLP 64-256-256-256-10 on scikit-learn digits (1347 train / 450 test images)")
     print(f"{'mode':<9}{'test acc':>9}{'ms/step':>9}  backend")
     for r in rows:

@@ -3,6 +3,7 @@
 B is a pure function of (seed, i, j) (see ``csrc/include/dfa_kernels/hash.h``), so a spec is a few
 integers: it is what a checkpoint stores, and every rank of a distributed job rebuilds the same B.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,7 @@ class FeedbackSpec:
 
     def __post_init__(self) -> None:
         widths = self.widths
-        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__") or not all(
-                _is_int(w) for w in widths):
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__") or not all(_is_int(w) for w in widths):
             raise ValueError(f"widths must be a non-empty list of positive ints; got {widths!r}")
         object.__setattr__(self, "widths", tuple(int(w) for w in widths))
         if not _is_int(self.out_features) or self.out_features < 1:
@@ -67,8 +67,10 @@ class FeedbackSpec:
         if not self.widths or any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be a non-empty list of positive ints; got {list(self.widths)}")
         if self.out_features > INDEX_LIMIT or self.total_width > INDEX_LIMIT:
-            raise ValueError(f"out_features ({self.out_features}) and the total width ({self.total_width}) must be "
-                             f"at most 2**32: the hash indexes B's rows and columns with 32-bit integers")
+            raise ValueError(
+                f"out_features ({self.out_features}) and the total width ({self.total_width}) must be "
+                f"at most 2**32: the hash indexes B's rows and columns with 32-bit integers"
+            )
         if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**32); got {self.seed!r}")
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
@@ -86,18 +88,20 @@ class FeedbackSpec:
             return (0,) * len(self.widths)
         return tuple(sum(self.widths[:l]) for l in range(len(self.widths)))
 
-    def matrix(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               backend: str = "auto") -> torch.Tensor:
+    def matrix(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", backend: str = "auto"
+    ) -> torch.Tensor:
         """B [out_features, total_width], unscaled (built by ``dfa_kernels.ops.feedback_matrix``)."""
         if _matrix_builder is None:  # only before dfa_kernels/__init__.py has run
             raise RuntimeError("FeedbackSpec.matrix() needs the package's matrix builder: import dfa_kernels first")
         return _matrix_builder(self, dtype=dtype, device=device, backend=backend)
 
-    def point_matrix(self, index: int, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+    def point_matrix(
+        self, index: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """B_l [out_features, widths[index]], unscaled."""
         off, width = self.offsets[index], self.widths[index]
-        return self.matrix(dtype, device)[:, off:off + width]
+        return self.matrix(dtype, device)[:, off : off + width]
 
     def scales(self, scale: float | str = "auto") -> list[float]:
         """Per-point multipliers: 'auto' is 1/sqrt(d_l) (independent) or 1/sqrt(max d) (shared, TinyDFA)."""
@@ -118,6 +122,7 @@ class FeedbackSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(state, dict) or not {"out_features", "widths"} <= state.keys() or state.keys() - fields:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"a FeedbackSpec state must be a dict with keys {sorted(fields)} (from spec.state()); "
-                             f"got {got}")
+            raise ValueError(
+                f"a FeedbackSpec state must be a dict with keys {sorted(fields)} (from spec.state()); got {got}"
+            )
         return cls(**state)

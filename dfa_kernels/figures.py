@@ -1,4 +1,5 @@
 """Writing a matplotlib figure, the same way for the zoo, the studies and the benchmarks."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 A step's FLOPs are hardware-independent: the ratio of a DFA step's FLOPs to the BP step's is the
 time ratio a compute-bound device can reach at best (bench_step reports both).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,12 @@ def _grouped_weight_grad(grads, inputs, *args, **kwargs) -> int:
 
 def register() -> None:
     """Registers the formulas for the compiled ops and their Triton mirrors (those present)."""
-    formulas = {"project": _project, "project_materialized": _project, "project_points": _project_points,
-                "grouped_weight_grad": _grouped_weight_grad}
+    formulas = {
+        "project": _project,
+        "project_materialized": _project,
+        "project_points": _project_points,
+        "grouped_weight_grad": _grouped_weight_grad,
+    }
     for name, formula in formulas.items():
         for op_name in (name, f"triton_{name}"):
             if hasattr(torch.ops.dfa_kernels, op_name):

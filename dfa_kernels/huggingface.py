@@ -40,6 +40,7 @@ Gradient checkpointing is not supported (recomputed blocks would record their po
 Needs ``transformers`` only for :meth:`DFAForCausalLM.from_pretrained` and for the output object
 of a fused-loss forward: ``pip install "dfa-kernels[hf]"``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,14 +66,16 @@ def require_transformers():
     try:
         return importlib.import_module("transformers")
     except ImportError as err:
-        raise ModuleNotFoundError(f"dfa_kernels.huggingface needs the transformers package, which is not "
-                                  f"installed: {INSTALL}") from err
+        raise ModuleNotFoundError(
+            f"dfa_kernels.huggingface needs the transformers package, which is not installed: {INSTALL}"
+        ) from err
 
 
 def _is_linear(module: nn.Module) -> bool:
     """nn.Linear, or transformers' Conv1D (GPT-2's linear layers, weights stored transposed)."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D"
-                                              and type(module).__module__.startswith("transformers."))
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+    )
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -83,14 +86,15 @@ def _is_norm(module: nn.Module) -> bool:
 @dataclasses.dataclass(frozen=True)
 class DecoderLayout:
     """Module names of a decoder-only LM: the block list, and names *inside* each block."""
-    blocks: str                  # the nn.ModuleList of blocks, e.g. "transformer.h"
-    count: int                   # number of blocks
-    final_norm: str              # e.g. "transformer.ln_f"
-    head: str                    # e.g. "lm_head"
-    attention: str               # in a block, e.g. "attn"
-    mlp_down: str                # in a block, the MLP's down projection, e.g. "mlp.c_proj"
-    linears: tuple[str, ...]     # in a block, every linear layer
-    norms: tuple[str, ...]       # in a block, every norm
+
+    blocks: str  # the nn.ModuleList of blocks, e.g. "transformer.h"
+    count: int  # number of blocks
+    final_norm: str  # e.g. "transformer.ln_f"
+    head: str  # e.g. "lm_head"
+    attention: str  # in a block, e.g. "attn"
+    mlp_down: str  # in a block, the MLP's down projection, e.g. "mlp.c_proj"
+    linears: tuple[str, ...]  # in a block, every linear layer
+    norms: tuple[str, ...]  # in a block, every norm
 
     def in_blocks(self, relative: str) -> str:
         return f"{self.blocks}.*.{relative}"
@@ -101,15 +105,25 @@ def find_layout(model: nn.Module) -> DecoderLayout:
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or id(head) not in names:
-        raise ValueError(f"{type(model).__name__}: no linear vocabulary head found (get_output_embeddings() "
-                         f"returned {type(head).__name__}); expected a causal LM such as GPT2LMHeadModel")
+        raise ValueError(
+            f"{type(model).__name__}: no linear vocabulary head found (get_output_embeddings() "
+            f"returned {type(head).__name__}); expected a causal LM such as GPT2LMHeadModel"
+        )
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
-             and len({type(b) for b in m}) == 1 and (layers is None or len(m) == layers)]
+    lists = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m)
+        and len({type(b) for b in m}) == 1
+        and (layers is None or len(m) == layers)
+    ]
     if not lists:
-        raise ValueError(f"{type(model).__name__}: found no nn.ModuleList of "
-                         f"{layers if layers is not None else 'identical'} decoder blocks")
+        raise ValueError(
+            f"{type(model).__name__}: found no nn.ModuleList of "
+            f"{layers if layers is not None else 'identical'} decoder blocks"
+        )
     blocks_name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
     after = False
     final_norm = None
@@ -123,19 +137,21 @@ def find_layout(model: nn.Module) -> DecoderLayout:
     block = blocks[0]
     children = dict(block.named_children())
     attention = next((n for n in children if "attn" in n.lower() or "attention" in n.lower()), None)
-    mlp = next((n for n, c in children.items() if n != attention and any(is_activation(m) for m in c.modules())),
-               None)
+    mlp = next((n for n, c in children.items() if n != attention and any(is_activation(m) for m in c.modules())), None)
     if attention is None or mlp is None:
-        raise ValueError(f"{type(block).__name__} (in {blocks_name!r}): expected an attention child "
-                         f"(named *attn* or *attention*) and an MLP child holding an activation module; "
-                         f"children: {list(children)}")
+        raise ValueError(
+            f"{type(block).__name__} (in {blocks_name!r}): expected an attention child "
+            f"(named *attn* or *attention*) and an MLP child holding an activation module; "
+            f"children: {list(children)}"
+        )
     mlp_linears = [f"{mlp}.{n}" if n else mlp for n, m in children[mlp].named_modules() if _is_linear(m)]
     linears = tuple(n for n, m in block.named_modules() if _is_linear(m))
     norms = tuple(n for n, m in block.named_modules() if _is_norm(m) and n)
     if not mlp_linears or not norms:
         raise ValueError(f"{type(block).__name__}: expected linear layers in its MLP {mlp!r} and norms in the block")
-    return DecoderLayout(blocks_name, len(blocks), final_norm, names[id(head)], attention, mlp_linears[-1],
-                         linears, norms)
+    return DecoderLayout(
+        blocks_name, len(blocks), final_norm, names[id(head)], attention, mlp_linears[-1], linears, norms
+    )
 
 
 def placement_points(layout: DecoderLayout, placement: str) -> dict:
@@ -146,10 +162,15 @@ def placement_points(layout: DecoderLayout, placement: str) -> dict:
     if placement == "macro":
         return {"points": blocks}
     if placement == "micro":
-        return {"points": [blocks, layout.in_blocks(layout.attention)],
-                "input_points": [first, layout.in_blocks(layout.mlp_down)]}
-    return {"points": [layout.in_blocks(n) for n in layout.linears + layout.norms], "input_points": first,
-            "detach": rest}
+        return {
+            "points": [blocks, layout.in_blocks(layout.attention)],
+            "input_points": [first, layout.in_blocks(layout.mlp_down)],
+        }
+    return {
+        "points": [layout.in_blocks(n) for n in layout.linears + layout.norms],
+        "input_points": first,
+        "detach": rest,
+    }
 
 
 def _check_choice(name, value, choices):
@@ -157,8 +178,15 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def convert(model: nn.Module, placement: str = "macro", error_at: str = "hidden", mode: str = "dfa",
-            inplace: bool = False, check_residual: bool = True, **dfa_kwargs) -> "DFAForCausalLM":
+def convert(
+    model: nn.Module,
+    placement: str = "macro",
+    error_at: str = "hidden",
+    mode: str = "dfa",
+    inplace: bool = False,
+    check_residual: bool = True,
+    **dfa_kwargs,
+) -> DFAForCausalLM:
     """A Hugging Face causal LM with DFA feedback points (see the module docstring).
 
     placement: "macro" | "micro" | "linear"; error_at: "hidden" | "logits"; mode: "dfa" | "bp" |
@@ -169,9 +197,11 @@ def convert(model: nn.Module, placement: str = "macro", error_at: str = "hidden"
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("error_at", error_at, ERROR_AT)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        raise ValueError("gradient checkpointing is on: recomputed blocks would record their feedback points "
-                         "twice; call model.gradient_checkpointing_disable() first (DFA keeps no activations "
-                         "for an input-gradient chain anyway)")
+        raise ValueError(
+            "gradient checkpointing is on: recomputed blocks would record their feedback points "
+            "twice; call model.gradient_checkpointing_disable() first (DFA keeps no activations "
+            "for an input-gradient chain anyway)"
+        )
     layout = find_layout(model)
     dfa = DFA(mode=mode, **dfa_kwargs)
     model = model if inplace else copy.deepcopy(model)
@@ -212,12 +242,16 @@ class DFAForCausalLM(DFAModel):
     def _fused_loss_forward(self, input_ids, labels, **kwargs):
         """The loss after the head through dfa.linear_cross_entropy: no [N, vocab] logits."""
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.dim() != 2:
-            raise ValueError(f"labels must be an int64 tensor [batch, seq] of token ids (-100: no loss); got "
-                             f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+            raise ValueError(
+                f"labels must be an int64 tensor [batch, seq] of token ids (-100: no loss); got "
+                f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
+            )
         ids = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ids is not None and tuple(labels.shape) != tuple(ids.shape[:2]):
-            raise ValueError(f"labels must have the shape of input_ids [batch, seq] = {tuple(ids.shape[:2])}; got "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have the shape of input_ids [batch, seq] = {tuple(ids.shape[:2])}; got "
+                f"{tuple(labels.shape)}"
+            )
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         for unused in ("logits_to_keep", "num_logits_to_keep", "return_dict"):
@@ -245,11 +279,22 @@ class DFAForCausalLM(DFAModel):
         """What `save_pretrained` writes under "dfa" in config.json."""
         d = self.dfa
         error_dtype = d.error_dtype if d.error_dtype in (None, "auto") else str(d.error_dtype).removeprefix("torch.")
-        return {"placement": self.placement, "error_at": self.error_at, "mode": d.mode, "seed": d.seed,
-                "distribution": d.distribution, "layout": d.layout, "density": d.density, "scale": d.scale,
-                "storage": d.storage, "backend": d.backend, "batch_dims": d.batch_dims,
-                "check_finite": d.check_finite, "error_dtype": error_dtype,
-                "spec": None if d.spec is None else d.spec.state()}
+        return {
+            "placement": self.placement,
+            "error_at": self.error_at,
+            "mode": d.mode,
+            "seed": d.seed,
+            "distribution": d.distribution,
+            "layout": d.layout,
+            "density": d.density,
+            "scale": d.scale,
+            "storage": d.storage,
+            "backend": d.backend,
+            "batch_dims": d.batch_dims,
+            "check_finite": d.check_finite,
+            "error_dtype": error_dtype,
+            "spec": None if d.spec is None else d.spec.state(),
+        }
 
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save_pretrained, plus the DFA settings (and spec) in config.json."""
@@ -257,8 +302,9 @@ class DFAForCausalLM(DFAModel):
         return self.model.save_pretrained(save_directory, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path, placement: str | None = None, error_at: str | None = None,
-                        **kwargs) -> "DFAForCausalLM":
+    def from_pretrained(
+        cls, path, placement: str | None = None, error_at: str | None = None, **kwargs
+    ) -> DFAForCausalLM:
         """Load a model saved by :meth:`save_pretrained` (the same DFA, spec included), or convert a
         plain transformers checkpoint (``placement``/``error_at`` default to "macro"/"hidden").
         Keywords that :class:`dk.DFA` takes override the saved ones; the rest go to
@@ -270,8 +316,10 @@ class DFAForCausalLM(DFAModel):
         known = set(inspect.signature(DFA).parameters) | {"placement", "error_at", "spec"}
         if not isinstance(saved, dict) or set(saved) - known:
             got = sorted(set(saved) - known) if isinstance(saved, dict) else repr(saved)
-            raise ValueError(f"{path}: config.json's 'dfa' entry must be a dict with keys among {sorted(known)} (as "
-                             f"save_pretrained writes it); got {got}")
+            raise ValueError(
+                f"{path}: config.json's 'dfa' entry must be a dict with keys among {sorted(known)} (as "
+                f"save_pretrained writes it); got {got}"
+            )
         saved = dict(saved)
         spec = saved.pop("spec", None)
         placement, error_at = placement or saved.pop("placement", "macro"), error_at or saved.pop("error_at", "hidden")

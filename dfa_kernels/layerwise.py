@@ -30,6 +30,7 @@ In any other mode the layers are plain ``nn.Linear``/``nn.Conv2d``, so a model c
 the B of the layer's latest training forward (call it before the optimizer changes W), so a test can
 hand the same matrices to another implementation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ DISTRIBUTION_STD = {"uniform": 1.0 / math.sqrt(3.0), "gaussian": 1.0, "rademache
 
 def check_init(init: str) -> str:
     if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))} (the layer-wise feedback's spread); "
-                         f"got {init!r}")
+        raise ValueError(
+            f"init must be one of {', '.join(map(repr, INITS))} (the layer-wise feedback's spread); got {init!r}"
+        )
     return init
 
 
@@ -65,19 +67,22 @@ def init_std(init: str, weight: torch.Tensor) -> float:
 def layer_seed(seed: int, index: int, draw: int | None = None) -> int:
     """The hash seed of layer `index` (and of its draw number `draw`, brsf): a 32-bit mix, so the
     layers' matrices are independent."""
-    mixed = reference.mix32((seed ^ reference.mix32((index * 0x9E3779B9 + 0x632BE5AB) & reference.MASK32))
-                            & reference.MASK32)
+    mixed = reference.mix32(
+        (seed ^ reference.mix32((index * 0x9E3779B9 + 0x632BE5AB) & reference.MASK32)) & reference.MASK32
+    )
     if draw is None:
         return int(mixed)
-    return int(reference.mix32((mixed ^ reference.mix32((draw * 0x85EBCA6B + 1) & reference.MASK32))
-                               & reference.MASK32))
+    return int(
+        reference.mix32((mixed ^ reference.mix32((draw * 0x85EBCA6B + 1) & reference.MASK32)) & reference.MASK32)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """What one layer's backward uses in place of W^T in one step (constants only)."""
+
     mode: str
-    seed: int           # the hash seed of this step's H (brsf: this draw's)
+    seed: int  # the hash seed of this step's H (brsf: this draw's)
     distribution: str
     density: float
     init: str
@@ -86,8 +91,9 @@ class Rule:
 
     def spec(self, weight: torch.Tensor) -> FeedbackSpec:
         """H as a feedback spec: [out, in] (a convolution's in: in_channels / groups * kh * kw)."""
-        return FeedbackSpec(weight.shape[0], (weight[0].numel(),), self.seed, self.distribution, "independent",
-                            self.density)
+        return FeedbackSpec(
+            weight.shape[0], (weight[0].numel(),), self.seed, self.distribution, "independent", self.density
+        )
 
     def random_scale(self, weight: torch.Tensor) -> float:
         """c = σ / std(distribution)."""
@@ -108,8 +114,9 @@ class Rule:
         """g [N, out] @ B [out, in]: fa's B through the projection op (virtual or cached, never a
         parameter), the sign-concordant ones through a matmul with B made from W."""
         if self.mode == "fa":
-            return ops.project(g, self.spec(weight), self.storage, self.backend, scale=self.random_scale(weight),
-                               out_dtype=dtype)
+            return ops.project(
+                g, self.spec(weight), self.storage, self.backend, scale=self.random_scale(weight), out_dtype=dtype
+            )
         return (g @ self.matrix(weight).to(g.dtype)).to(dtype)
 
 
@@ -149,10 +156,28 @@ class _Conv2dFunction(torch.autograd.Function):
         # one call, backprop's own kernels: grad(x) is the transposed convolution of g with B (not W),
         # grad(W) and grad(b) do not read the weight's values
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x.to(grad.dtype), B, [weight.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
-            list(dilation), False, [0, 0], groups, list(ctx.needs_input_grad[:3]))
-        return (None if grad_x is None else grad_x.to(x.dtype), None if grad_w is None else grad_w.to(weight.dtype),
-                grad_b, None, None, None, None, None)
+            grad,
+            x.to(grad.dtype),
+            B,
+            [weight.shape[0]] if ctx.has_bias else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            list(ctx.needs_input_grad[:3]),
+        )
+        return (
+            None if grad_x is None else grad_x.to(x.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            grad_b,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class FeedbackSource(Protocol):
@@ -182,8 +207,18 @@ class FeedbackLayer(nn.Module):
     source: FeedbackSource | None
     initial_norm: torch.Tensor  # a buffer, under constrain_weights
 
-    def _init_feedback(self, mode: str, seed: int, distribution: str, density: float, init: str, storage: str,
-                       backend: str, constrain_weights: bool, source: FeedbackSource | None = None) -> None:
+    def _init_feedback(
+        self,
+        mode: str,
+        seed: int,
+        distribution: str,
+        density: float,
+        init: str,
+        storage: str,
+        backend: str,
+        constrain_weights: bool,
+        source: FeedbackSource | None = None,
+    ) -> None:
         if source is None:
             self._check_mode(mode)
         if distribution not in DISTRIBUTIONS:
@@ -200,14 +235,17 @@ class FeedbackLayer(nn.Module):
         self.constrain_weights = bool(constrain_weights)
         self._constrained_version: int | None = None
         if self.constrain_weights:  # not in the state_dict: the parameter names stay the original model's
-            self.register_buffer("initial_norm", torch.linalg.vector_norm(self.weight.detach()).float(),
-                                 persistent=False)
+            self.register_buffer(
+                "initial_norm", torch.linalg.vector_norm(self.weight.detach()).float(), persistent=False
+            )
 
     @staticmethod
     def _check_mode(mode: str) -> None:
         if mode not in methods.LAYERWISE + ("bp",):
-            raise ValueError(f"mode must be one of {', '.join(map(repr, methods.LAYERWISE + ('bp',)))} for a "
-                             f"feedback layer; got {mode!r}")
+            raise ValueError(
+                f"mode must be one of {', '.join(map(repr, methods.LAYERWISE + ('bp',)))} for a "
+                f"feedback layer; got {mode!r}"
+            )
 
     @property
     def mode(self) -> str:
@@ -216,8 +254,9 @@ class FeedbackLayer(nn.Module):
     @mode.setter
     def mode(self, value: str) -> None:
         if self.source is not None:
-            raise AttributeError("this layer reads its mode from the DFA module of its converted model: set "
-                                 "converted.dfa.mode")
+            raise AttributeError(
+                "this layer reads its mode from the DFA module of its converted model: set converted.dfa.mode"
+            )
         self._check_mode(value)
         self._mode = value
 
@@ -233,8 +272,9 @@ class FeedbackLayer(nn.Module):
             return None
         if self.constrain_weights and self.weight._version != self._constrained_version:
             with torch.no_grad():  # once per change of W (a layer called twice keeps its saved W intact)
-                self.weight.mul_((self.initial_norm / torch.linalg.vector_norm(self.weight.float())).to(
-                    self.weight.dtype))
+                self.weight.mul_(
+                    (self.initial_norm / torch.linalg.vector_norm(self.weight.float())).to(self.weight.dtype)
+                )
             self._constrained_version = self.weight._version
         if not torch.is_grad_enabled():
             return None
@@ -250,31 +290,55 @@ class FeedbackLayer(nn.Module):
         return self._rule(mode, max(self.draws - 1, 0)).matrix(self.weight)
 
     def _feedback_repr(self) -> str:
-        return (f"mode={self.mode!r}, seed={self.seed}, init={self.init!r}"
-                + (", constrain_weights=True" if self.constrain_weights else ""))
+        return f"mode={self.mode!r}, seed={self.seed}, init={self.init!r}" + (
+            ", constrain_weights=True" if self.constrain_weights else ""
+        )
 
 
 class FeedbackLinear(FeedbackLayer, nn.Linear):
     """``nn.Linear`` whose input gradient, in modes fa/usf/brsf/frsf, is ``g @ B`` (see the module doc)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "fa", seed: int = 0, *,
-                 distribution: str = "uniform", density: float = 0.1, init: str = "xavier", storage: str = "auto",
-                 backend: str = "auto", constrain_weights: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: str = "fa",
+        seed: int = 0,
+        *,
+        distribution: str = "uniform",
+        density: float = 0.1,
+        init: str = "xavier",
+        storage: str = "auto",
+        backend: str = "auto",
+        constrain_weights: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_feedback(mode, seed, distribution, density, init, storage, backend, constrain_weights)
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, source: FeedbackSource, seed: int,
-                    constrain_weights: bool = False) -> FeedbackLinear:
+    def from_module(
+        cls, linear: nn.Linear, source: FeedbackSource, seed: int, constrain_weights: bool = False
+    ) -> FeedbackLinear:
         """A FeedbackLinear sharing `linear`'s parameters (same names), its mode and options `source`'s
         (a :class:`dk.DFA`)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer._init_feedback(source.mode, seed, source.distribution, source.density, source.init, source.storage,
-                             source.backend, constrain_weights, source)
+        layer._init_feedback(
+            source.mode,
+            seed,
+            source.distribution,
+            source.density,
+            source.init,
+            source.storage,
+            source.backend,
+            constrain_weights,
+            source,
+        )
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,29 +352,69 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
-    """``nn.Conv2d`` whose input gradient, in modes fa/usf/brsf/frsf, is ``conv2d_input`` with B (see the module doc)."""
+    """``nn.Conv2d`` whose input gradient, in modes fa/usf/brsf/frsf, is ``conv2d_input`` with B
+    (see the module doc)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
-                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros", mode: str = "fa",
-                 seed: int = 0, *, distribution: str = "uniform", density: float = 0.1, init: str = "xavier",
-                 storage: str = "auto", backend: str = "auto", constrain_weights: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                           padding_mode, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: _size_2_t | str = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
+        mode: str = "fa",
+        seed: int = 0,
+        *,
+        distribution: str = "uniform",
+        density: float = 0.1,
+        init: str = "xavier",
+        storage: str = "auto",
+        backend: str = "auto",
+        constrain_weights: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_feedback(mode, seed, distribution, density, init, storage, backend, constrain_weights)
 
     @classmethod
-    def from_module(cls, conv: nn.Conv2d, source: FeedbackSource, seed: int,
-                    constrain_weights: bool = False) -> FeedbackConv2d:
+    def from_module(
+        cls, conv: nn.Conv2d, source: FeedbackSource, seed: int, constrain_weights: bool = False
+    ) -> FeedbackConv2d:
         """A FeedbackConv2d sharing `conv`'s parameters and settings, its mode and options `source`'s."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         for name in nn.Conv2d.__constants__ + ["transposed", "_reversed_padding_repeated_twice"]:
             setattr(layer, name, getattr(conv, name))
         layer.weight, layer.bias = conv.weight, conv.bias
-        layer._init_feedback(source.mode, seed, source.distribution, source.density, source.init, source.storage,
-                             source.backend, constrain_weights, source)
+        layer._init_feedback(
+            source.mode,
+            seed,
+            source.distribution,
+            source.density,
+            source.init,
+            source.storage,
+            source.backend,
+            constrain_weights,
+            source,
+        )
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

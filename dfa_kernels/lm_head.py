@@ -11,6 +11,7 @@ C defaults to the rows that fit in 256 MiB on a GPU (32 MiB on a CPU).
 Since the gradients are known once the loss is, they are computed in the forward pass and only
 scaled by the incoming gradient in backward, as fused linear-cross-entropy kernels do for BP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ def default_chunk_rows(N: int, vocab: int, device) -> int:
 
 
 def resolve_ce_backend(backend: str, device) -> str:
-    """"triton" (the in-place softmax/gradient kernel) or "torch" (torch ops) for the per-chunk
+    """ "triton" (the in-place softmax/gradient kernel) or "torch" (torch ops) for the per-chunk
     loss. "auto" takes Triton on a GPU; the projection backends "cpu"/"cuda" use torch ops here."""
     from . import triton as dk_triton
 
@@ -43,14 +44,20 @@ def resolve_ce_backend(backend: str, device) -> str:
 
 def _check(hidden, weight, target, bias, ignore_index):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
-        raise ValueError(f"hidden must be a float tensor [N, d]; got {getattr(hidden, 'dtype', type(hidden))} "
-                         f"{tuple(getattr(hidden, 'shape', ()))}")
+        raise ValueError(
+            f"hidden must be a float tensor [N, d]; got {getattr(hidden, 'dtype', type(hidden))} "
+            f"{tuple(getattr(hidden, 'shape', ()))}"
+        )
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [vocab, d = {hidden.shape[1]}] (an nn.Linear's weight); got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+        raise ValueError(
+            f"weight must be [vocab, d = {hidden.shape[1]}] (an nn.Linear's weight); got "
+            f"{tuple(getattr(weight, 'shape', ()))}"
+        )
     if not isinstance(target, torch.Tensor) or target.shape != hidden.shape[:1] or target.dtype != torch.int64:
-        raise ValueError(f"target must be an int64 tensor [N = {hidden.shape[0]}] of class indices; got "
-                         f"{getattr(target, 'dtype', type(target))} {tuple(getattr(target, 'shape', ()))}")
+        raise ValueError(
+            f"target must be an int64 tensor [N = {hidden.shape[0]}] of class indices; got "
+            f"{getattr(target, 'dtype', type(target))} {tuple(getattr(target, 'shape', ()))}"
+        )
     if bias is not None and (bias.shape != weight.shape[:1]):
         raise ValueError(f"bias must be [vocab = {weight.shape[0]}]; got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("target", target), ("bias", bias)):
@@ -59,12 +66,16 @@ def _check(hidden, weight, target, bias, ignore_index):
     # Checked on the device (no sync): a RuntimeError on a CPU, a device-side assert on a GPU (as
     # F.cross_entropy's own check).
     in_range = ((target >= 0) & (target < weight.shape[0])) | (target == ignore_index)
-    torch._assert_async(in_range.all(), f"linear_cross_entropy: target holds class indices outside [0, vocab = "
-                                        f"{weight.shape[0]}) (ignore_index={ignore_index} marks rows to skip)")
+    torch._assert_async(
+        in_range.all(),
+        f"linear_cross_entropy: target holds class indices outside [0, vocab = "
+        f"{weight.shape[0]}) (ignore_index={ignore_index} marks rows to skip)",
+    )
 
 
-def _ce_grad_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                   inv_count: torch.Tensor) -> torch.Tensor:
+def _ce_grad_torch(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, inv_count: torch.Tensor
+) -> torch.Tensor:
     """Per-row losses; logits [C, V] fp32 is overwritten with the gradient (softmax - onehot) * inv_count
     (a 0-dim fp32 tensor on logits' device)."""
     valid = target != ignore_index
@@ -78,9 +89,17 @@ def _ce_grad_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     return losses
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                 bias: torch.Tensor | None = None, *, ignore_index: int = -100,
-                                 chunk_rows: int | None = None, on_chunk=None, backend: str = "auto"):
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    on_chunk=None,
+    backend: str = "auto",
+):
     """(loss, grad_hidden, grad_weight, grad_bias) of ``F.cross_entropy(hidden @ weight.T + bias, target)``
     (mean over rows whose target is not ignore_index), chunk by chunk; see the module docstring.
 
@@ -100,8 +119,12 @@ def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, ba
     if chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
     ce_backend = resolve_ce_backend(backend, hidden.device)
-    log.debug("dfa_kernels: linear_cross_entropy on %s, %d rows per chunk, cross-entropy by %s",
-              hidden.device, chunk, ce_backend)
+    log.debug(
+        "dfa_kernels: linear_cross_entropy on %s, %d rows per chunk, cross-entropy by %s",
+        hidden.device,
+        chunk,
+        ce_backend,
+    )
     # The number of counted rows stays on the device (reading it would be a sync).
     count = (target != ignore_index).sum()
     inv_count = 1.0 / count.clamp(min=1).to(torch.float32)
@@ -116,7 +139,7 @@ def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, ba
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
         h = hidden[start:stop].to(compute)
-        g = buffer[:stop - start]
+        g = buffer[: stop - start]
         if compute == torch.float32:
             torch.mm(h, w.T, out=g)
         else:
@@ -125,6 +148,7 @@ def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, ba
             g += bias.to(torch.float32)
         if ce_backend == "triton":
             from .triton.cross_entropy import cross_entropy_grad_
+
             losses = cross_entropy_grad_(g, target[start:stop], ignore_index, inv_count)
         else:
             losses = _ce_grad_torch(g, target[start:stop], ignore_index, inv_count)
@@ -137,15 +161,15 @@ def _chunks(hidden, weight, target, bias, ignore_index, chunk_rows, on_chunk, ba
         if grad_bias is not None:
             grad_bias += g.sum(0)
     loss = torch.where(count > 0, loss * inv_count, float("nan"))
-    return (loss, grad_hidden, grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype))
+    return (loss, grad_hidden, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, chunk_rows, backend):
-        loss, gh, gw, gb = chunked_linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index,
-                                                        chunk_rows=chunk_rows, backend=backend)
+        loss, gh, gw, gb = chunked_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=ignore_index, chunk_rows=chunk_rows, backend=backend
+        )
         ctx.save_for_backward(gh, gw, gb)
         return loss
 
@@ -155,9 +179,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         return gh * grad_loss, gw * grad_loss, None if gb is None else gb * grad_loss, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, *, ignore_index: int = -100,
-                         chunk_rows: int | None = None, backend: str = "auto") -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), target)`` (mean) without [N, vocab] logits.
 
     hidden: [*batch, d], target: [*batch]; differentiable in hidden, weight and bias.
@@ -166,6 +197,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     t1 = target.reshape(-1)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         with torch.no_grad():
-            return chunked_linear_cross_entropy(h2, weight, t1, bias, ignore_index=ignore_index,
-                                                chunk_rows=chunk_rows, backend=backend)[0]
+            return chunked_linear_cross_entropy(
+                h2, weight, t1, bias, ignore_index=ignore_index, chunk_rows=chunk_rows, backend=backend
+            )[0]
     return LinearCrossEntropy.apply(h2, weight, bias, t1, ignore_index, chunk_rows, backend)

@@ -42,6 +42,7 @@ Layer-wise (grad(W) = g^T x and grad(b) = sum g stay exact; only grad(x) changes
   default; ``"kaiming"``: PyTorch's default Linear init), and σ is that init's standard deviation,
   sqrt(2 / (fan_in + fan_out)) for Xavier, as in biotorch and Xiao et al. 2018.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +57,7 @@ ENTRIES = ("direct", "layerwise")
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One point of the method space. `matrix` and `entry` are None for bp and shallow."""
+
     name: str
     signal: str
     matrix: str | None
@@ -66,19 +68,22 @@ class Method:
         assert self.signal in SIGNALS and self.matrix in MATRICES + (None,) and self.entry in ENTRIES + (None,)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("dfa", "error", "random", "direct", "Nøkland 2016"),
-    Method("bp", "exact", None, None, "backpropagation: exact gradients through the same model"),
-    Method("shallow", "none", None, None, "only the layers after the last point learn"),
-    Method("sdfa", "sign", "random", "direct", "Frenkel, Lefebvre & Bol 2021 (sDFA)"),
-    Method("drtp", "target", "random", "direct", "Frenkel, Lefebvre & Bol 2021 (DRTP)"),
-    Method("ternary", "ternary", "random", "direct", "LightOn optical DFA (rule not published: ours)"),
-    Method("dkp", "error", "learned", "direct", "Webster, Choe & Kim 2021 (Direct Kolen-Pollack)"),
-    Method("fa", "error", "random", "layerwise", "Lillicrap et al. 2016"),
-    Method("usf", "error", "sign_uniform", "layerwise", "Liao, Leibo & Poggio 2016 (uSF)"),
-    Method("brsf", "error", "sign_redrawn", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (brSF)"),
-    Method("frsf", "error", "sign_fixed", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (frSF)"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dfa", "error", "random", "direct", "Nøkland 2016"),
+        Method("bp", "exact", None, None, "backpropagation: exact gradients through the same model"),
+        Method("shallow", "none", None, None, "only the layers after the last point learn"),
+        Method("sdfa", "sign", "random", "direct", "Frenkel, Lefebvre & Bol 2021 (sDFA)"),
+        Method("drtp", "target", "random", "direct", "Frenkel, Lefebvre & Bol 2021 (DRTP)"),
+        Method("ternary", "ternary", "random", "direct", "LightOn optical DFA (rule not published: ours)"),
+        Method("dkp", "error", "learned", "direct", "Webster, Choe & Kim 2021 (Direct Kolen-Pollack)"),
+        Method("fa", "error", "random", "layerwise", "Lillicrap et al. 2016"),
+        Method("usf", "error", "sign_uniform", "layerwise", "Liao, Leibo & Poggio 2016 (uSF)"),
+        Method("brsf", "error", "sign_redrawn", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (brSF)"),
+        Method("frsf", "error", "sign_fixed", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (frSF)"),
+    )
+}
 MODES: tuple[str, ...] = tuple(METHODS)
 DIRECT: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.entry == "direct")
 LAYERWISE: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.entry == "layerwise")
@@ -99,8 +104,10 @@ def passes_gradients(mode: str) -> bool:
 
 def check_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold (mode 'ternary': entries below threshold * the row's largest |e| send 0) "
-                         f"must be a number in [0, 1]; got {threshold!r}")
+        raise ValueError(
+            f"threshold (mode 'ternary': entries below threshold * the row's largest |e| send 0) "
+            f"must be a number in [0, 1]; got {threshold!r}"
+        )
     return float(threshold)
 
 
@@ -129,8 +136,10 @@ def direct_signal(signal: str, e: torch.Tensor, target: torch.Tensor | None, thr
         return ternarize(e, threshold)
     if signal == "target":
         if target is None:
-            raise ValueError("signal 'target' (mode 'drtp') projects the class targets: target must be a tensor "
-                             "of class indices [N] or a float tensor [N, K]; got None")
+            raise ValueError(
+                "signal 'target' (mode 'drtp') projects the class targets: target must be a tensor "
+                "of class indices [N] or a float tensor [N, K]; got None"
+            )
         if target.is_floating_point():
             return target.to(e.dtype)
         return one_hot(target, e.shape[1], e.dtype)

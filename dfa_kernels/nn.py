@@ -21,6 +21,7 @@ the points and the output let gradients through, as in "bp", and the layers conv
 
 Model conversion (points inserted into an existing model) lives in :mod:`dfa_kernels.convert`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ from .layerwise import check_init
 
 try:
     from torch.distributed.tensor import DTensor
+
     HAS_DTENSOR = True
 except ImportError:  # a torch built without distributed support
     HAS_DTENSOR = False
@@ -58,23 +60,28 @@ def _check_tensor(value: object, what: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor; got {type(value).__name__}")
     if value.dtype not in ops.FLOAT_DTYPES:
-        raise TypeError(f"{what} expects a float32, float16 or bfloat16 tensor; got {value.dtype}"
-                        + (" (convert the model with model.float())" if value.dtype == torch.float64 else ""))
+        raise TypeError(
+            f"{what} expects a float32, float16 or bfloat16 tensor; got {value.dtype}"
+            + (" (convert the model with model.float())" if value.dtype == torch.float64 else "")
+        )
 
 
 def _refuse_sharded(weight: torch.Tensor, call: str, instead: str) -> None:
     """The fused forms run their own kernels on the layer's weight: a sharded DTensor (FSDP2's
     parameters outside the forward that gathers them, tensor parallelism) is refused."""
     if HAS_DTENSOR and isinstance(weight, DTensor):
-        raise TypeError(f"{call}: the layer's weight is a sharded DTensor ({weight.placements}); the fused DFA "
-                        f"kernels need the whole weight. Call it inside the forward of the module fully_shard "
-                        f"wraps (FSDP2 gathers the weights there), or {instead}")
+        raise TypeError(
+            f"{call}: the layer's weight is a sharded DTensor ({weight.placements}); the fused DFA "
+            f"kernels need the whole weight. Call it inside the forward of the module fully_shard "
+            f"wraps (FSDP2 gathers the weights there), or {instead}"
+        )
 
 
 def _check_activation(activation: object) -> None:
     if activation not in ACTIVATION_NAMES:
-        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATION_NAMES))} (or None); "
-                         f"got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {', '.join(map(repr, ACTIVATION_NAMES))} (or None); got {activation!r}"
+        )
 
 
 class DFA(nn.Module):
@@ -107,10 +114,22 @@ class DFA(nn.Module):
     ``state_dict``.
     """
 
-    def __init__(self, mode: str = "dfa", seed: int = 0, distribution: str = "uniform",
-                 layout: str = "independent", scale: float | str = "auto", storage: str = "auto",
-                 backend: str = "auto", density: float = 0.1, batch_dims: int | None = None, check_finite: bool = True,
-                 error_dtype: torch.dtype | str | None = "auto", threshold: float = 0.1, init: str = "xavier") -> None:
+    def __init__(
+        self,
+        mode: str = "dfa",
+        seed: int = 0,
+        distribution: str = "uniform",
+        layout: str = "independent",
+        scale: float | str = "auto",
+        storage: str = "auto",
+        backend: str = "auto",
+        density: float = 0.1,
+        batch_dims: int | None = None,
+        check_finite: bool = True,
+        error_dtype: torch.dtype | str | None = "auto",
+        threshold: float = 0.1,
+        init: str = "xavier",
+    ) -> None:
         super().__init__()
         # validate the matrix options now rather than at the first forward
         FeedbackSpec(1, (1,), seed, distribution, layout, density).scales(scale)
@@ -126,8 +145,10 @@ class DFA(nn.Module):
         self.seed, self.distribution, self.layout, self.density = seed, distribution, layout, density
         self.scale, self.backend = scale, backend
         if not (error_dtype is None or error_dtype == "auto" or error_dtype in ops.FLOAT_DTYPES):
-            raise ValueError(f"error_dtype must be 'auto', None or one of torch.float32, torch.float16, "
-                             f"torch.bfloat16; got {error_dtype!r}")
+            raise ValueError(
+                f"error_dtype must be 'auto', None or one of torch.float32, torch.float16, "
+                f"torch.bfloat16; got {error_dtype!r}"
+            )
         self.batch_dims, self.check_finite, self.error_dtype = batch_dims, check_finite, error_dtype
         self.spec: FeedbackSpec | None = None
         self._points: list[Record] = []
@@ -141,8 +162,7 @@ class DFA(nn.Module):
     def tinydfa(cls, mode: str = "dfa", seed: int = 0, **kwargs: Any) -> DFA:
         """TinyDFA's semantics: one shared uniform [-1, 1) matrix, the output flattened per sample,
         point l reads the first d_l columns, everything divided by sqrt(max d_l)."""
-        return cls(mode=mode, seed=seed, distribution="uniform", layout="shared", scale="auto",
-                   batch_dims=1, **kwargs)
+        return cls(mode=mode, seed=seed, distribution="uniform", layout="shared", scale="auto", batch_dims=1, **kwargs)
 
     # ------------------------------------------------------------ mode
     @property
@@ -153,8 +173,10 @@ class DFA(nn.Module):
     def mode(self, value: str) -> None:
         methods.method(value)
         if value == "dkp" and self.storage == "virtual":
-            raise ValueError("mode 'dkp' learns its feedback matrix, so B is materialized (a parameter): "
-                             "storage='virtual' cannot hold it; use storage='auto' or 'materialized'")
+            raise ValueError(
+                "mode 'dkp' learns its feedback matrix, so B is materialized (a parameter): "
+                "storage='virtual' cannot hold it; use storage='auto' or 'materialized'"
+            )
         self._mode = value
 
     @property
@@ -195,10 +217,15 @@ class DFA(nn.Module):
             raise TypeError(f"dfa.linear(x, layer) expects layer to be an nn.Linear; got {type(layer).__name__}")
         _check_tensor(x, "dfa.linear(x, layer): x")
         if x.shape[-1:] != (layer.in_features,):
-            raise ValueError(f"dfa.linear(x, layer): x must have shape [*batch, layer.in_features="
-                             f"{layer.in_features}]; got {tuple(x.shape)}")
-        _refuse_sharded(layer.weight, "dfa.linear(x, layer)", "use a plain point: dfa.point(f(layer(x))) "
-                        "(TransformerLM(fused=False))")
+            raise ValueError(
+                f"dfa.linear(x, layer): x must have shape [*batch, layer.in_features="
+                f"{layer.in_features}]; got {tuple(x.shape)}"
+            )
+        _refuse_sharded(
+            layer.weight,
+            "dfa.linear(x, layer)",
+            "use a plain point: dfa.point(f(layer(x))) (TransformerLM(fused=False))",
+        )
         activation = "none" if activation is None else activation
         if activation != "none":
             _check_activation(activation)
@@ -231,8 +258,10 @@ class DFA(nn.Module):
         if not points and self._mode in methods.LAYERWISE:  # the converted layers do the work: no point needed
             return y
         if not points:
-            raise RuntimeError("dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
-                               "on hidden tensors during the same forward pass")
+            raise RuntimeError(
+                "dfa(y) was called with no feedback point recorded: call h = dfa.point(h) "
+                "on hidden tensors during the same forward pass"
+            )
         points = self._without_stale(y, points)
         spec = self._spec_for(y, [r.tensor for r in points])
         if self._capture is not None:
@@ -260,21 +289,27 @@ class DFA(nn.Module):
         assert self.spec is not None  # fixed by this forward's _spec_for
         nb, K = self._batch_dims(y), self.spec.out_features
         if target is None:
-            raise ValueError(f"mode {self._mode!r} projects the class targets, not the error: pass them as "
-                             "dfa(y, target=t) or call dfa.targets(t) before the forward (t: class indices "
-                             f"shaped like y's batch dims {tuple(y.shape[:nb])}, or a float tensor shaped like y)")
+            raise ValueError(
+                f"mode {self._mode!r} projects the class targets, not the error: pass them as "
+                "dfa(y, target=t) or call dfa.targets(t) before the forward (t: class indices "
+                f"shaped like y's batch dims {tuple(y.shape[:nb])}, or a float tensor shaped like y)"
+            )
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"dfa(y, target=...): target must be a torch.Tensor; got {type(target).__name__}")
         if target.device != y.device:
             raise ValueError(f"dfa(y, target=...): target is on {target.device} but y is on {y.device}")
         if target.is_floating_point():
             if target.shape != y.shape:
-                raise ValueError(f"dfa(y, target=...): a float target must have y's shape {tuple(y.shape)}; got "
-                                 f"{tuple(target.shape)}")
+                raise ValueError(
+                    f"dfa(y, target=...): a float target must have y's shape {tuple(y.shape)}; got "
+                    f"{tuple(target.shape)}"
+                )
             return target.detach().reshape(-1, K)
         if target.dtype == torch.bool or target.is_complex() or tuple(target.shape) != tuple(y.shape[:nb]):
-            raise ValueError(f"dfa(y, target=...): class targets must be integer indices shaped like y's batch "
-                             f"dims {tuple(y.shape[:nb])}; got {target.dtype} {tuple(target.shape)}")
+            raise ValueError(
+                f"dfa(y, target=...): class targets must be integer indices shaped like y's batch "
+                f"dims {tuple(y.shape[:nb])}; got {target.dtype} {tuple(target.shape)}"
+            )
         return target.reshape(-1)
 
     def _learned(self, spec: FeedbackSpec, device: torch.device) -> nn.Parameter | None:
@@ -282,19 +317,25 @@ class DFA(nn.Module):
         if self._mode != "dkp":
             return None
         if self.feedback is None:
-            B = torch.cat(self.feedback_matrices(device=device, fixed=True), 1) if spec.layout == "independent" \
+            B = (
+                torch.cat(self.feedback_matrices(device=device, fixed=True), 1)
+                if spec.layout == "independent"
                 else spec.matrix(torch.float32, device) * spec.scales(self.scale)[0]
+            )
             self.feedback = nn.Parameter(B)
         return self.feedback
 
     def _refuse_layerwise(self, call: str, instead: str) -> None:
         if self._mode in methods.LAYERWISE:
-            raise ValueError(f"{call} owns its layers' backward, which has no layer-wise form: mode "
-                             f"{self._mode!r} changes each converted layer's input gradient; {instead}, or a "
-                             f"direct mode ({', '.join(map(repr, methods.DIRECT))})")
+            raise ValueError(
+                f"{call} owns its layers' backward, which has no layer-wise form: mode "
+                f"{self._mode!r} changes each converted layer's input gradient; {instead}, or a "
+                f"direct mode ({', '.join(map(repr, methods.DIRECT))})"
+            )
 
-    def linear_cross_entropy(self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor,
-                             ignore_index: int = -100) -> torch.Tensor:
+    def linear_cross_entropy(
+        self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, ignore_index: int = -100
+    ) -> torch.Tensor:
         """``F.cross_entropy(head(hidden), target)`` as the DFA output, without the [N, vocab] logits.
 
         Replaces ``dfa(head(hidden))`` + the loss when the error is taken after the vocabulary
@@ -305,21 +346,32 @@ class DFA(nn.Module):
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear; got {type(head).__name__}")
         if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[-1] != head.in_features:
-            raise ValueError(f"hidden must have shape [*batch, head.in_features={head.in_features}]; got "
-                             f"{tuple(getattr(hidden, 'shape', ()))}")
+            raise ValueError(
+                f"hidden must have shape [*batch, head.in_features={head.in_features}]; got "
+                f"{tuple(getattr(hidden, 'shape', ()))}"
+            )
         if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's batch dims); got "
-                             f"{tuple(getattr(target, 'shape', ()))}")
-        _refuse_sharded(head.weight, "dfa.linear_cross_entropy(hidden, head, target)",
-                        "take the error before the head: dfa(hidden), then the head and the loss "
-                        "(TransformerLM(error_at='hidden'))")
+            raise ValueError(
+                f"target must have shape {tuple(hidden.shape[:-1])} (hidden's batch dims); got "
+                f"{tuple(getattr(target, 'shape', ()))}"
+            )
+        _refuse_sharded(
+            head.weight,
+            "dfa.linear_cross_entropy(hidden, head, target)",
+            "take the error before the head: dfa(hidden), then the head and the loss "
+            "(TransformerLM(error_at='hidden'))",
+        )
         from . import lm_head
 
-        self._refuse_layerwise("dfa.linear_cross_entropy", "take the error before the head: dfa(hidden), then "
-                               "the (converted) head and the loss")
+        self._refuse_layerwise(
+            "dfa.linear_cross_entropy",
+            "take the error before the head: dfa(hidden), then the (converted) head and the loss",
+        )
         if self._mode == "dkp":
-            raise ValueError("mode 'dkp' materializes its learned B [vocab, D], which the chunked head never "
-                             "does: take the error before the head (dfa(hidden), TransformerLM(error_at='hidden'))")
+            raise ValueError(
+                "mode 'dkp' materializes its learned B [vocab, D], which the chunked head never "
+                "does: take the error before the head (dfa(hidden), TransformerLM(error_at='hidden'))"
+            )
         points, self._points = self._points, []
         self._target = None
         self._check_nonfinite()
@@ -332,19 +384,32 @@ class DFA(nn.Module):
         if self._capture is not None:
             self._start_capture(points, None)
         if self._mode not in methods.DIRECT or not torch.is_grad_enabled():
-            return lm_head.linear_cross_entropy(h2, head.weight, t1, head.bias, ignore_index=ignore_index,
-                                                backend=self.backend)
+            return lm_head.linear_cross_entropy(
+                h2, head.weight, t1, head.bias, ignore_index=ignore_index, backend=self.backend
+            )
         plan = self._plan(spec, points, hidden.device.type)
-        return DFALinearCrossEntropy.apply(h2, head.weight, head.bias, t1, plan, ignore_index,
-                                            *[t for r in points for t in r.inputs()])
+        return DFALinearCrossEntropy.apply(
+            h2, head.weight, head.bias, t1, plan, ignore_index, *[t for r in points for t in r.inputs()]
+        )
 
     def _plan(self, spec: FeedbackSpec, points: list[Record], device_type: str) -> Plan:
-        kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias")
-                      for r in points)
+        kinds = tuple("point" if r.weight is None else ("linear" if r.bias is None else "linear+bias") for r in points)
         method = self.method
-        return Plan(spec, tuple(spec.scales(self.scale)), self.storage, self.backend, self.check_finite,
-                    kinds, tuple(r.activation for r in points), self._error_dtype(device_type), method.signal,
-                    self.threshold, method.matrix == "learned", self._nonfinite, self._capture)
+        return Plan(
+            spec,
+            tuple(spec.scales(self.scale)),
+            self.storage,
+            self.backend,
+            self.check_finite,
+            kinds,
+            tuple(r.activation for r in points),
+            self._error_dtype(device_type),
+            method.signal,
+            self.threshold,
+            method.matrix == "learned",
+            self._nonfinite,
+            self._capture,
+        )
 
     def _check_nonfinite(self) -> None:
         """Raise for the non-finite errors of earlier backwards that the host has seen (no sync)."""
@@ -360,19 +425,21 @@ class DFA(nn.Module):
         if self.error_dtype != "auto":
             assert not isinstance(self.error_dtype, str)  # __init__ took 'auto', None or a float dtype
             return self.error_dtype
-        under_bf16 = (torch.is_autocast_enabled(device_type)
-                      and torch.get_autocast_dtype(device_type) == torch.bfloat16)
+        under_bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
         return torch.bfloat16 if under_bf16 else None
 
     def _batch_dims(self, y: torch.Tensor) -> int:
         if self.batch_dims is not None:
             if y.dim() <= self.batch_dims:
-                raise ValueError(f"dfa(y): y of shape {tuple(y.shape)} has no feature dim after "
-                                 f"batch_dims={self.batch_dims}")
+                raise ValueError(
+                    f"dfa(y): y of shape {tuple(y.shape)} has no feature dim after batch_dims={self.batch_dims}"
+                )
             return self.batch_dims
         if y.dim() < 2:
-            raise ValueError(f"dfa(y) expects y of shape [*batch, out_features] (at least 2-D); got "
-                             f"{tuple(y.shape)} (use y.unsqueeze(-1) for one output per row)")
+            raise ValueError(
+                f"dfa(y) expects y of shape [*batch, out_features] (at least 2-D); got "
+                f"{tuple(y.shape)} (use y.unsqueeze(-1) for one output per row)"
+            )
         return y.dim() - 1
 
     def _without_stale(self, y: torch.Tensor, points: list[Record]) -> list[Record]:
@@ -385,11 +452,19 @@ class DFA(nn.Module):
         count = len(spec.widths)
         nb = self._batch_dims(y)
         tail = points[-count:]
-        if all(tuple(r.tensor.shape[:nb]) == tuple(y.shape[:nb]) and r.tensor.dim() > nb
-               and math.prod(r.tensor.shape[nb:]) == w for r, w in zip(tail, spec.widths)):
-            warnings.warn(f"dfa(y): discarded {len(points) - count} stale feedback point(s) recorded before this "
-                          "forward pass (by a forward that raised before dfa(y), or dfa.point called outside a "
-                          "forward); dfa.discard_points() drops them explicitly", RuntimeWarning, stacklevel=3)
+        if all(
+            tuple(r.tensor.shape[:nb]) == tuple(y.shape[:nb])
+            and r.tensor.dim() > nb
+            and math.prod(r.tensor.shape[nb:]) == w
+            for r, w in zip(tail, spec.widths)
+        ):
+            warnings.warn(
+                f"dfa(y): discarded {len(points) - count} stale feedback point(s) recorded before this "
+                "forward pass (by a forward that raised before dfa(y), or dfa.point called outside a "
+                "forward); dfa.discard_points() drops them explicitly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return tail
         return points
 
@@ -403,26 +478,33 @@ class DFA(nn.Module):
                 raise ValueError(
                     f"feedback point #{index} has shape {tuple(p.shape)}, but the output y has batch dims "
                     f"{batch} (y: {tuple(y.shape)}): a point must start with the output's batch dims and "
-                    f"have at least one more (its width); points with other row counts are not supported")
+                    f"have at least one more (its width); points with other row counts are not supported"
+                )
             if p.device != y.device:
-                raise ValueError(f"feedback point #{index} is on {p.device} but the output y is on {y.device}: "
-                                 f"every point must be on the output's device")
+                raise ValueError(
+                    f"feedback point #{index} is on {p.device} but the output y is on {y.device}: "
+                    f"every point must be on the output's device"
+                )
             if math.prod(p.shape[nb:]) == 0:
-                raise ValueError(f"feedback point #{index} has shape {tuple(p.shape)}: zero width (no feature "
-                                 f"after the batch dims {batch}); a point needs at least one feature")
+                raise ValueError(
+                    f"feedback point #{index} has shape {tuple(p.shape)}: zero width (no feature "
+                    f"after the batch dims {batch}); a point needs at least one feature"
+                )
             widths.append(math.prod(p.shape[nb:]))
         if out_features == 0:
             raise ValueError(f"dfa(y): y of shape {tuple(y.shape)} has no output feature after the batch dims {batch}")
         if self.spec is None:
-            self.spec = FeedbackSpec(out_features, tuple(widths), self.seed, self.distribution, self.layout,
-                                     self.density)
+            self.spec = FeedbackSpec(
+                out_features, tuple(widths), self.seed, self.distribution, self.layout, self.density
+            )
         elif self.spec.widths != tuple(widths) or self.spec.out_features != out_features:
             raise ValueError(
                 f"this DFA was built for out_features={self.spec.out_features} and point widths "
                 f"{list(self.spec.widths)}, but this forward pass has out_features={out_features} and widths "
                 f"{widths}: the feedback matrix is fixed after the first step (call dfa.reset() to rebuild it; "
                 f"if the first forward recorded points that were not its own, e.g. left by a forward that raised "
-                f"before dfa(y), that is the fix too)")
+                f"before dfa(y), that is the fix too)"
+            )
         return self.spec
 
     # ------------------------------------------------------------ inspection and state
@@ -479,36 +561,51 @@ class DFA(nn.Module):
         storage = ops.resolve_storage(self.storage, self.spec, device)
         return ops.resolve_backend(self.backend, device, "project", storage, self.spec.out_features)
 
-    def feedback_matrices(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                          fixed: bool = False) -> list[torch.Tensor]:
+    def feedback_matrices(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fixed: bool = False
+    ) -> list[torch.Tensor]:
         """Effective [out_features, d_l] matrix of each point, scale applied, in point order: the
         learned ones in mode "dkp" (once made), else (or with fixed=True) the hash's."""
         if self.spec is None:
             raise RuntimeError("feedback_matrices() needs the point widths: run one forward pass first")
         if self._mode == "dkp" and self.feedback is not None and not fixed:
             B = self.feedback.detach()
-            return [B[:, off:off + w].to(dtype=dtype, device=device)
-                    for off, w in zip(self.spec.offsets, self.spec.widths)]
+            return [
+                B[:, off : off + w].to(dtype=dtype, device=device)
+                for off, w in zip(self.spec.offsets, self.spec.widths)
+            ]
         B = self.spec.matrix(torch.float32, device)
-        return [(B[:, off:off + w] * s).to(dtype)
-                for off, w, s in zip(self.spec.offsets, self.spec.widths, self.spec.scales(self.scale))]
+        return [
+            (B[:, off : off + w] * s).to(dtype)
+            for off, w, s in zip(self.spec.offsets, self.spec.widths, self.spec.scales(self.scale))
+        ]
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"spec": None if self.spec is None else self.spec.state(), "scale": self.scale,
-                "batch_dims": self.batch_dims}
+        return {
+            "spec": None if self.spec is None else self.spec.state(),
+            "scale": self.scale,
+            "batch_dims": self.batch_dims,
+        }
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not {"spec", "scale", "batch_dims"} <= state.keys():
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"DFA state (the '_extra_state' entry of a state_dict) must be a dict with keys "
-                             f"'spec', 'scale', 'batch_dims', as DFA.state_dict() saves it; got {got}")
+            raise ValueError(
+                f"DFA state (the '_extra_state' entry of a state_dict) must be a dict with keys "
+                f"'spec', 'scale', 'batch_dims', as DFA.state_dict() saves it; got {got}"
+            )
         spec = None if state["spec"] is None else FeedbackSpec.from_state(state["spec"])
-        if spec is not None and self.spec is not None and (spec.widths, spec.out_features) != (
-                self.spec.widths, self.spec.out_features):
-            raise ValueError(f"this DFA's points have widths {list(self.spec.widths)} and out_features "
-                             f"{self.spec.out_features}, but the state to load has widths {list(spec.widths)} and "
-                             f"out_features {spec.out_features}: it belongs to another model (dfa.reset() first to "
-                             f"take it anyway)")
+        if (
+            spec is not None
+            and self.spec is not None
+            and (spec.widths, spec.out_features) != (self.spec.widths, self.spec.out_features)
+        ):
+            raise ValueError(
+                f"this DFA's points have widths {list(self.spec.widths)} and out_features "
+                f"{self.spec.out_features}, but the state to load has widths {list(spec.widths)} and "
+                f"out_features {spec.out_features}: it belongs to another model (dfa.reset() first to "
+                f"take it anyway)"
+            )
         FeedbackSpec(1, (1,)).scales(state["scale"])  # a valid scale, or a ValueError naming it
         self.spec = spec
         self.scale, self.batch_dims = state["scale"], state["batch_dims"]
@@ -524,7 +621,9 @@ class DFA(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"mode={self._mode!r}, seed={self.seed}, distribution={self.distribution!r}, "
-                f"layout={self.layout!r}, scale={self.scale!r}, storage={self.storage!r}, "
-                f"backend={self.backend!r}, error_dtype={self.error_dtype!r}, widths={None if self.spec is None else list(self.spec.widths)}")
-
+        return (
+            f"mode={self._mode!r}, seed={self.seed}, distribution={self.distribution!r}, "
+            f"layout={self.layout!r}, scale={self.scale!r}, storage={self.storage!r}, "
+            f"backend={self.backend!r}, error_dtype={self.error_dtype!r}, "
+            f"widths={None if self.spec is None else list(self.spec.widths)}"
+        )

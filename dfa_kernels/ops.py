@@ -5,6 +5,7 @@ for them; the Triton backend registers the same schemas under ``triton_<name>`` 
 backend, so a call names its backend and ``torch.compile`` sees which kernel runs); the ``torch``
 backend is the plain-PyTorch reference, traceable as is.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,9 +36,11 @@ log = logging.getLogger("dfa_kernels")
 
 def _fallback_message(error: str) -> str:
     """What a failed load of the compiled library means for the user, and the fix."""
-    if error.startswith("built against"):   # found from the file, before loading it (_load_compiled)
-        what = (f"the compiled library dfa_kernels._C was {error}, so it was not loaded (a library built against "
-                "another torch fails to load with undefined symbols, or loads and misbehaves)")
+    if error.startswith("built against"):  # found from the file, before loading it (_load_compiled)
+        what = (
+            f"the compiled library dfa_kernels._C was {error}, so it was not loaded (a library built against "
+            "another torch fails to load with undefined symbols, or loads and misbehaves)"
+        )
     else:
         if "undefined symbol" in error:
             why = f"it was built against another torch than the one running ({torch.__version__})"
@@ -46,20 +49,24 @@ def _fallback_message(error: str) -> str:
         else:
             why = "see the error"
         what = f"the compiled library dfa_kernels._C failed to load ({error}): {why}"
-    return (f"dfa_kernels: {what}. The 'cpu' and 'cuda' backends (and the Triton ops' schemas) are unavailable, so "
-            "backend='auto' runs the plain-PyTorch 'torch' backend, far slower. Fix: rebuild it against this torch: "
-            f"{_rebuild_command()}; `dfa-kernels info` shows the build.")
+    return (
+        f"dfa_kernels: {what}. The 'cpu' and 'cuda' backends (and the Triton ops' schemas) are unavailable, so "
+        "backend='auto' runs the plain-PyTorch 'torch' backend, far slower. Fix: rebuild it against this torch: "
+        f"{_rebuild_command()}; `dfa-kernels info` shows the build."
+    )
 
 
 def _rebuild_command() -> str:
     """The command that rebuilds the library against the running torch, for this kind of install."""
     root = Path(__file__).resolve().parents[1]
-    if (root / "setup.py").is_file():   # a checkout (an editable install, or on sys.path)
+    if (root / "setup.py").is_file():  # a checkout (an editable install, or on sys.path)
         return f"`pip install --no-build-isolation -e {root}`"
     # --no-binary: from source, not from the wheel that holds this library (nor one pip cached)
-    return ("`pip install --no-build-isolation --force-reinstall --no-deps --no-cache-dir --no-binary dfa-kernels "
-            "dfa-kernels` (or, from a checkout or an sdist, `pip install --no-build-isolation --force-reinstall "
-            "--no-deps PATH`), or install the torch it was built against")
+    return (
+        "`pip install --no-build-isolation --force-reinstall --no-deps --no-cache-dir --no-binary dfa-kernels "
+        "dfa-kernels` (or, from a checkout or an sdist, `pip install --no-build-isolation --force-reinstall "
+        "--no-deps PATH`), or install the torch it was built against"
+    )
 
 
 TORCH_RECORD_SECTION = b".dfa_torch_version"
@@ -73,7 +80,7 @@ def recorded_torch_version(library: str | os.PathLike[str]) -> str | None:
         head = f.read(64)
         if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:  # 64-bit little-endian
             return None
-        shoff, = struct.unpack_from("<Q", head, 0x28)
+        (shoff,) = struct.unpack_from("<Q", head, 0x28)
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
         f.seek(shoff)
         table = f.read(shentsize * shnum)
@@ -82,7 +89,7 @@ def recorded_torch_version(library: str | os.PathLike[str]) -> str | None:
         f.seek(sections[shstrndx][4])
         names = f.read(sections[shstrndx][5])
         for name, _, _, _, offset, size in sections:
-            if names[name:names.find(b"\0", name)] == TORCH_RECORD_SECTION:
+            if names[name : names.find(b"\0", name)] == TORCH_RECORD_SECTION:
                 f.seek(offset)
                 return f.read(size).rstrip(b"\0").decode()
     return None
@@ -95,7 +102,7 @@ def _load_compiled() -> tuple[ModuleType | None, str | None]:
     try:
         built = recorded_torch_version(spec.origin) if spec is not None and spec.origin else None
     except (OSError, ValueError, IndexError, struct.error):
-        built = None   # a damaged file: the import below says what is wrong with it
+        built = None  # a damaged file: the import below says what is wrong with it
     if built is not None and built != torch.__version__:
         return None, f"built against torch {built}, running torch {torch.__version__}"
     try:  # loading the compiled library registers torch.ops.dfa_kernels.*
@@ -126,8 +133,9 @@ def _fake_project_materialized(e, B, scale, col_scale, out_dtype):
     return e.new_empty((e.shape[0], B.shape[1]), dtype=out_dtype or e.dtype)
 
 
-def _fake_project_points(e, B, seed, distribution, density, offsets, widths, scales, act_inputs, activations,
-                         out_dtype):
+def _fake_project_points(
+    e, B, seed, distribution, density, offsets, widths, scales, act_inputs, activations, out_dtype
+):
     return [e.new_empty((e.shape[0], w), dtype=out_dtype or e.dtype) for w in widths]
 
 
@@ -187,12 +195,16 @@ def _backward_project_points(ctx, grads):
         need_acts = needs[8] if isinstance(needs[8], (list, tuple)) else [False] * len(act_inputs)
         acts = [None if a is None else a.detach().requires_grad_(n) for a, n in zip(act_inputs, need_acts)]
         seed, distribution, density, offsets, widths, scales = ctx.spec_args
-        outs = reference.project_points(e_, B_, seed, distribution, density, offsets, widths, scales, acts,
-                                        ctx.activations, e.dtype)
+        outs = reference.project_points(
+            e_, B_, seed, distribution, density, offsets, widths, scales, acts, ctx.activations, e.dtype
+        )
         wrt = [t for t in (e_, B_, *acts) if t is not None and t.requires_grad]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-                     if pairs and wrt else [None] * len(wrt))
+        found = iter(
+            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            if pairs and wrt
+            else [None] * len(wrt)
+        )
     got = {id(t): next(found) for t in wrt}
     grad_e = got.get(id(e_))
     grad_B = None if B_ is None else got.get(id(B_))
@@ -208,7 +220,7 @@ def _setup_grouped_weight_grad(ctx, inputs, output):
 
 def _backward_grouped_weight_grad(ctx, douts):
     saved = ctx.saved_tensors
-    grads, xs = saved[:ctx.n], saved[ctx.n:]
+    grads, xs = saved[: ctx.n], saved[ctx.n :]
     d_grads = [(x.float() @ d.float().T).to(g.dtype) for g, x, d in zip(grads, xs, douts)]
     d_xs = [(g.float() @ d.float()).to(x.dtype) for g, x, d in zip(grads, xs, douts)]
     return d_grads, d_xs, None
@@ -222,7 +234,9 @@ def _scaled(grad, scale, col_scale):
 def _triton_impl(name):
     def impl(*args):
         from . import triton as dk_triton  # imported on first use: triton is heavy to import
+
         return getattr(dk_triton, name)(*args)
+
     return impl
 
 
@@ -234,17 +248,21 @@ def _register() -> None:
     global _LIBRARY
     _LIBRARY = lib  # keep the fragment alive
     fakes: dict[str, Callable[..., Any]] = {
-        "project": _fake_project, "project_materialized": _fake_project_materialized,
-        "project_points": _fake_project_points, "grouped_weight_grad": _fake_grouped_weight_grad,
-        "feedback_matrix": _fake_feedback_matrix}
+        "project": _fake_project,
+        "project_materialized": _fake_project_materialized,
+        "project_points": _fake_project_points,
+        "grouped_weight_grad": _fake_grouped_weight_grad,
+        "feedback_matrix": _fake_feedback_matrix,
+    }
     autograd: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
         "project": (_backward_project, _setup_project),
         "project_materialized": (_backward_project_materialized, _setup_project_materialized),
         "project_points": (_backward_project_points, _setup_project_points),
-        "grouped_weight_grad": (_backward_grouped_weight_grad, _setup_grouped_weight_grad)}
+        "grouped_weight_grad": (_backward_grouped_weight_grad, _setup_grouped_weight_grad),
+    }
     for name in _OPS:
         schema = str(getattr(torch.ops.dfa_kernels, name).default._schema)
-        signature = schema[schema.index("("):]
+        signature = schema[schema.index("(") :]
         lib.define(f"triton_{name}{signature}")
         lib.impl(f"triton_{name}", _triton_impl(name), "CompositeExplicitAutograd")
         for op in (name, f"triton_{name}"):
@@ -269,7 +287,7 @@ def _triton_available(device_type: str) -> bool:
 
 
 def _parse_arch(arch: str) -> tuple[int, int, bool, bool]:
-    """"9.0+PTX" -> (9, 0, ptx, arch-specific): TORCH_CUDA_ARCH_LIST's tokens ("9.0a" is arch-specific)."""
+    """ "9.0+PTX" -> (9, 0, ptx, arch-specific): TORCH_CUDA_ARCH_LIST's tokens ("9.0a" is arch-specific)."""
     ptx = arch.endswith("+PTX")
     version = arch.removesuffix("+PTX")
     specific = version[-1:].isalpha()
@@ -287,13 +305,15 @@ def cuda_arch_problem(capability: tuple[int, int], archs: Sequence[str]) -> str 
         M, m, ptx, specific = _parse_arch(arch)
         if (M, m) == (major, minor) or (M == major and m <= minor and not specific) or (ptx and (M, m) <= capability):
             return None
-    return (f"the CUDA kernels were compiled for {', '.join(archs) or 'no architecture'} "
-            f"(TORCH_CUDA_ARCH_LIST at build time), which cannot run on this GPU (compute capability "
-            f"{major}.{minor}): rebuild them for it, `TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install "
-            f"--no-build-isolation -e .`. Until then backend='auto' runs Triton (or torch) on it")
+    return (
+        f"the CUDA kernels were compiled for {', '.join(archs) or 'no architecture'} "
+        f"(TORCH_CUDA_ARCH_LIST at build time), which cannot run on this GPU (compute capability "
+        f'{major}.{minor}): rebuild them for it, `TORCH_CUDA_ARCH_LIST="{major}.{minor}" pip install '
+        f"--no-build-isolation -e .`. Until then backend='auto' runs Triton (or torch) on it"
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_arch_check(index: int) -> str | None:
     """cuda_arch_problem for GPU `index`, checked at its first use, and warned once."""
     assert _C is not None  # _cuda_unavailable checked it
@@ -363,7 +383,7 @@ def cpu_isas_supported() -> list[str]:
     """The paths this CPU can run, best first."""
     if _C is None:
         return []
-    return list(CPU_ISAS[CPU_ISAS.index(_C.cpu_isa_detected()):])
+    return list(CPU_ISAS[CPU_ISAS.index(_C.cpu_isa_detected()) :])
 
 
 def device_slug(device: torch.device | str) -> str:
@@ -381,7 +401,7 @@ def shape_class(out_features: int) -> str:
     return "narrow" if out_features <= 16 else ("medium" if out_features <= 1024 else "wide")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend_table(slug: str) -> dict[str, str]:
     """{"op|storage|shape_class": backend} measured on device model `slug` ({} if never measured)."""
     path = BACKEND_TABLES / f"{slug}.json"
@@ -390,8 +410,13 @@ def backend_table(slug: str) -> dict[str, str]:
     return dict(json.loads(path.read_text()).get("choices", {}))
 
 
-def resolve_backend(backend: str, device: torch.device | str, op: str | None = None, storage: str | None = None,
-                    out_features: int | None = None) -> str:
+def resolve_backend(
+    backend: str,
+    device: torch.device | str,
+    op: str | None = None,
+    storage: str | None = None,
+    out_features: int | None = None,
+) -> str:
     """The backend a call with `backend` runs on `device`; raises if it cannot run there.
 
     "auto" takes the measured choice for (op, storage, out_features) when the device's table has
@@ -400,8 +425,10 @@ def resolve_backend(backend: str, device: torch.device | str, op: str | None = N
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if op is not None and out_features is None:
-        raise ValueError(f"resolve_backend: out_features (the error's width, which picks the measured choice) is "
-                         f"needed with op={op!r}; got None")
+        raise ValueError(
+            f"resolve_backend: out_features (the error's width, which picks the measured choice) is "
+            f"needed with op={op!r}; got None"
+        )
     if backend == "auto":
         return _auto_backend(str(torch.device(device)), op, storage, out_features)
     available = available_backends(device)
@@ -411,8 +438,9 @@ def resolve_backend(backend: str, device: torch.device | str, op: str | None = N
             why = f" ({_self_test_problem(str(torch.device(device)), backend)})"
         elif backend == "cuda" and torch.device(device).type == "cuda" and _C is not None:
             why = f" ({_cuda_unavailable(torch.device(device))})"
-        raise RuntimeError(f"backend {backend!r} is not available on device {torch.device(device)}{why}; "
-                           f"available there: {available}")
+        raise RuntimeError(
+            f"backend {backend!r} is not available on device {torch.device(device)}{why}; available there: {available}"
+        )
     return backend
 
 
@@ -471,14 +499,17 @@ def _check_col_scale(col_scale: object, width: int, device: torch.device) -> Non
     if col_scale is None:
         return
     if not isinstance(col_scale, torch.Tensor) or col_scale.shape != (width,) or col_scale.dtype != torch.float32:
-        raise ValueError(f"col_scale must be a float32 tensor of shape [{width}]; got "
-                         f"{getattr(col_scale, 'dtype', type(col_scale))} {tuple(getattr(col_scale, 'shape', ()))}")
+        raise ValueError(
+            f"col_scale must be a float32 tensor of shape [{width}]; got "
+            f"{getattr(col_scale, 'dtype', type(col_scale))} {tuple(getattr(col_scale, 'shape', ()))}"
+        )
     if col_scale.device != device:
         raise ValueError(f"col_scale is on {col_scale.device} but e is on {device}")
 
 
-def resolve_storage(storage: str, spec: FeedbackSpec, device: torch.device | str | None = None,
-                    op: str = "project") -> str:
+def resolve_storage(
+    storage: str, spec: FeedbackSpec, device: torch.device | str | None = None, op: str = "project"
+) -> str:
     """The storage a call with `storage` uses. "auto": virtual when B would exceed 64 MiB (fp32);
     otherwise what the device's measured table found faster for (op, shape class) when it has it
     (bench_projection writes "storage|<op>|<class>"), else materialized (a stored B in the error's
@@ -499,8 +530,9 @@ def _measured_storage(device: str, op: str, out_features: int) -> str | None:
     return measured if measured in ("virtual", "materialized") else None
 
 
-def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    backend: str = "auto") -> torch.Tensor:
+def feedback_matrix(
+    spec: FeedbackSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", backend: str = "auto"
+) -> torch.Tensor:
     """Materialize B [out_features, total_width] of `spec` (unscaled)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
@@ -509,10 +541,12 @@ def feedback_matrix(spec: FeedbackSpec, dtype: torch.dtype = torch.float32, devi
         device = torch.device("cuda", torch.cuda.current_device())
     backend = resolve_backend(backend, device)
     if backend == "torch":
-        return reference.feedback_matrix(spec.seed, spec.distribution, spec.out_features, spec.total_width,
-                                         spec.density, dtype, device)
-    return _op(backend, "feedback_matrix")(spec.seed, spec.distribution, spec.density, spec.out_features,
-                                           spec.total_width, dtype, device)
+        return reference.feedback_matrix(
+            spec.seed, spec.distribution, spec.out_features, spec.total_width, spec.density, dtype, device
+        )
+    return _op(backend, "feedback_matrix")(
+        spec.seed, spec.distribution, spec.density, spec.out_features, spec.total_width, dtype, device
+    )
 
 
 _MATRIX_CACHE: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
@@ -528,8 +562,9 @@ def stored_dtype(e: torch.Tensor, backend: str) -> torch.dtype:
     return torch.float32
 
 
-def cached_matrix(spec: FeedbackSpec, device: torch.device | str, backend: str,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def cached_matrix(
+    spec: FeedbackSpec, device: torch.device | str, backend: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """B of `spec` on `device` in `dtype`, built once (least recently used of 8 evicted)."""
     key = (spec.seed, spec.distribution, spec.density, spec.out_features, spec.total_width, str(device), dtype)
     if torch.compiler.is_compiling():  # a traced graph builds B itself instead of reading a cache
@@ -552,9 +587,16 @@ def clear_matrix_cache() -> int:
     return count
 
 
-def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backend: str = "auto", *,
-            scale: float = 1.0, col_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def project(
+    e: torch.Tensor,
+    spec: FeedbackSpec,
+    storage: str = "virtual",
+    backend: str = "auto",
+    *,
+    scale: float = 1.0,
+    col_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """F = scale * (e @ B) [* col_scale]: e [N, out_features] -> F [N, spec.total_width].
 
     storage="virtual" generates B in tiles inside the kernel (zero bytes of B; the torch backend in
@@ -583,9 +625,14 @@ def project(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backe
     return _op(backend, "project_materialized")(e, B, float(scale), col_scale, out_dtype)
 
 
-def _check_points(spec: FeedbackSpec, N: int, scales: Sequence[float], act_inputs: Sequence[torch.Tensor | None] | None,
-                  activations: Sequence[str] | None, device: torch.device
-                  ) -> tuple[list[float], list[torch.Tensor | None], list[str]]:
+def _check_points(
+    spec: FeedbackSpec,
+    N: int,
+    scales: Sequence[float],
+    act_inputs: Sequence[torch.Tensor | None] | None,
+    activations: Sequence[str] | None,
+    device: torch.device,
+) -> tuple[list[float], list[torch.Tensor | None], list[str]]:
     count = len(spec.widths)
     for x in scales:
         _check_scale(x, "scales[l]")
@@ -593,25 +640,38 @@ def _check_points(spec: FeedbackSpec, N: int, scales: Sequence[float], act_input
     act_inputs = [None] * count if act_inputs is None else list(act_inputs)
     activations = ["none"] * count if activations is None else list(activations)
     if not len(scales) == len(act_inputs) == len(activations) == count:
-        raise ValueError(f"scales, act_inputs and activations need one entry per point ({count}); got "
-                         f"{len(scales)}, {len(act_inputs)} and {len(activations)}")
+        raise ValueError(
+            f"scales, act_inputs and activations need one entry per point ({count}); got "
+            f"{len(scales)}, {len(act_inputs)} and {len(activations)}"
+        )
     for l, (a, act, w) in enumerate(zip(act_inputs, activations, spec.widths)):
         if act not in ACTIVATIONS:
             raise ValueError(f"activations[{l}] must be one of {ACTIVATIONS}; got {act!r}")
         if (act == "none") != (a is None):
-            raise ValueError(f"act_inputs[{l}] must be the pre-activation [N, {w}] when activations[{l}] is "
-                             f"not 'none', and None when it is; got activation {act!r} with "
-                             f"{'None' if a is None else tuple(a.shape)}")
+            raise ValueError(
+                f"act_inputs[{l}] must be the pre-activation [N, {w}] when activations[{l}] is "
+                f"not 'none', and None when it is; got activation {act!r} with "
+                f"{'None' if a is None else tuple(a.shape)}"
+            )
         if a is not None and (a.shape != (N, w) or a.device != device or a.dtype not in FLOAT_DTYPES):
-            raise ValueError(f"act_inputs[{l}] must be a float tensor of shape [N, {w}] = [{N}, {w}] on {device}; "
-                             f"got {a.dtype} {tuple(a.shape)} on {a.device}")
+            raise ValueError(
+                f"act_inputs[{l}] must be a float tensor of shape [N, {w}] = [{N}, {w}] on {device}; "
+                f"got {a.dtype} {tuple(a.shape)} on {a.device}"
+            )
     return scales, [None if a is None else a.contiguous() for a in act_inputs], activations
 
 
-def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual", backend: str = "auto", *,
-                   scales: Sequence[float] | None = None, act_inputs: Sequence[torch.Tensor | None] | None = None,
-                   activations: Sequence[str] | None = None,
-                   out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def project_points(
+    e: torch.Tensor,
+    spec: FeedbackSpec,
+    storage: str = "virtual",
+    backend: str = "auto",
+    *,
+    scales: Sequence[float] | None = None,
+    act_inputs: Sequence[torch.Tensor | None] | None = None,
+    activations: Sequence[str] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
     """Every point's gradient in one launch: out[l] = (scales[l] * (e @ B_l)) * f_l'(act_inputs[l]).
 
     B_l is point l's column block of B (``spec.offsets``/``spec.widths``); scales default to
@@ -621,22 +681,38 @@ def project_points(e: torch.Tensor, spec: FeedbackSpec, storage: str = "virtual"
     """
     _check_spec(spec)
     check_error_tensor(e, spec.out_features)
-    scales, act_inputs, activations = _check_points(spec, e.shape[0], spec.scales() if scales is None else scales,
-                                                    act_inputs, activations, e.device)
+    scales, act_inputs, activations = _check_points(
+        spec, e.shape[0], spec.scales() if scales is None else scales, act_inputs, activations, e.device
+    )
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
     storage = resolve_storage(storage, spec, e.device, "project_points")
     backend = resolve_backend(backend, e.device, "project_points", storage, spec.out_features)
     B = cached_matrix(spec, e.device, backend, stored_dtype(e, backend)) if storage == "materialized" else None
-    args = (e, B, spec.seed, spec.distribution, spec.density, list(spec.offsets), list(spec.widths), scales,
-            act_inputs, activations, out_dtype)
+    args = (
+        e,
+        B,
+        spec.seed,
+        spec.distribution,
+        spec.density,
+        list(spec.offsets),
+        list(spec.widths),
+        scales,
+        act_inputs,
+        activations,
+        out_dtype,
+    )
     if backend == "torch":
         return reference.project_points(*args)
     return _op(backend, "project_points")(*args)
 
 
-def grouped_weight_grad(grads: Iterable[torch.Tensor], inputs: Iterable[torch.Tensor], backend: str = "auto",
-                        out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def grouped_weight_grad(
+    grads: Iterable[torch.Tensor],
+    inputs: Iterable[torch.Tensor],
+    backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
     """Weight gradients of independent linear layers in one launch: out[l] = grads[l]^T @ inputs[l].
 
     grads[l]: [N_l, out_l] (the layer's output gradient), inputs[l]: [N_l, in_l]; accumulated in
@@ -650,11 +726,15 @@ def grouped_weight_grad(grads: Iterable[torch.Tensor], inputs: Iterable[torch.Te
     device = grads[0].device
     for l, (g, x) in enumerate(zip(grads, inputs)):
         if g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]:
-            raise ValueError(f"grads[{l}] must be [N, out] and inputs[{l}] [N, in] with the same N; got "
-                             f"{tuple(g.shape)} and {tuple(x.shape)}")
+            raise ValueError(
+                f"grads[{l}] must be [N, out] and inputs[{l}] [N, in] with the same N; got "
+                f"{tuple(g.shape)} and {tuple(x.shape)}"
+            )
         if g.dtype not in FLOAT_DTYPES or g.dtype != x.dtype or g.device != device or x.device != device:
-            raise ValueError(f"grads[{l}] and inputs[{l}] must share one float dtype and the device {device}; got "
-                             f"{g.dtype} on {g.device} and {x.dtype} on {x.device}")
+            raise ValueError(
+                f"grads[{l}] and inputs[{l}] must share one float dtype and the device {device}; got "
+                f"{g.dtype} on {g.device} and {x.dtype} on {x.device}"
+            )
     backend = resolve_backend(backend, device)
     if backend == "torch":
         return reference.grouped_weight_grad(grads, inputs, out_dtype)
@@ -697,15 +777,19 @@ def build_info() -> dict[str, Any]:
             if problem:
                 found.append(f"{d} ({torch.cuda.get_device_name(d)}): the {b!r} backend is not offered: {problem}")
     if _C is not None and not backend_table(device_slug("cpu")):
-        found.append(f"no measured backend table for {device_slug('cpu')} (dfa_kernels/backend_tables/): "
-                     f"backend='auto' takes {available_backends('cpu')[0]!r} on the CPU unmeasured; "
-                     f"`dfa-kernels bench --which projection` measures one")
+        found.append(
+            f"no measured backend table for {device_slug('cpu')} (dfa_kernels/backend_tables/): "
+            f"backend='auto' takes {available_backends('cpu')[0]!r} on the CPU unmeasured; "
+            f"`dfa-kernels bench --which projection` measures one"
+        )
     grouped = runtime.get("grouped_gemm")
     if grouped and grouped.startswith("unavailable") and torch.cuda.is_available():
         found.append(f"grouped_weight_grad (cuda): {grouped} (update cuBLAS, e.g. the nvidia-cublas wheel, to >= 12.5)")
     if torch.cuda.is_available() and not _triton_available("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        found.append("Triton is not importable: the 'triton' backend (project_points on tensor cores, the LM head's "
-                     "cross-entropy kernel) is unavailable; pip install triton")
+        found.append(
+            "Triton is not importable: the 'triton' backend (project_points on tensor cores, the LM head's "
+            "cross-entropy kernel) is unavailable; pip install triton"
+        )
     return {
         "dfa_kernels": _version("dfa-kernels"),
         "torch": torch.__version__,
@@ -730,7 +814,6 @@ def build_info() -> dict[str, Any]:
         "self_test": self_test or "no GPU (only the GPU backends are self-tested)",
         "self_test_cache": str(selftest.cache_path()),
         # the measured table backend="auto" reads on each device (None: first available backend)
-        "backend_tables": {d: (f"{device_slug(d)}.json" if backend_table(device_slug(d)) else None)
-                           for d in devices},
+        "backend_tables": {d: (f"{device_slug(d)}.json" if backend_table(device_slug(d)) else None) for d in devices},
         "warnings": found,
     }

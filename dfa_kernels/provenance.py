@@ -4,6 +4,7 @@ Every result file the zoo, the studies and the benchmarks write carries :func:`p
 benchmarks their :func:`git_sha`), so a number in the README can be traced to the code and the
 command that produced it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,8 +19,17 @@ import sys
 from pathlib import Path
 
 # the libraries whose versions can change a result
-LIBRARIES = ("dfa-kernels", "torch", "triton", "numpy", "scipy", "scikit-learn", "torch_geometric",
-             "transformers", "tokenizers")
+LIBRARIES = (
+    "dfa-kernels",
+    "torch",
+    "triton",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "torch_geometric",
+    "transformers",
+    "tokenizers",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,13 +40,16 @@ def git_sha() -> str | None:
     directory's checkout is not consulted: the code that runs may not come from it. Read once per
     process: the code was loaded when it started."""
     package = Path(__file__).resolve().parent
-    try:   # the package's own files tracked by git: a checkout
-        subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, check=True,
-                       cwd=package)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=package).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=package).stdout.strip()
+    try:  # the package's own files tracked by git: a checkout
+        subprocess.run(
+            ["git", "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, check=True, cwd=package
+        )
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=package
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=package
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         pass
@@ -89,12 +102,14 @@ def gpu_driver() -> str | None:
     """The NVIDIA driver version (nvidia-smi), None without one."""
     import shutil
     import subprocess
+
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10).stdout.split()
+        out = subprocess.run(
+            [exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
     return out[0] if out else None
@@ -106,8 +121,14 @@ def machine() -> dict:
     import torch
 
     from . import ops
-    found = {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "cpu_isa": ops.cpu_isa(),
-             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+
+    found = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_isa": ops.cpu_isa(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         found.update(gpu=torch.cuda.get_device_name(0), gpu_driver=gpu_driver())
     return found
@@ -116,8 +137,12 @@ def machine() -> dict:
 def provenance() -> dict:
     """{git_sha, command, date, versions, machine, torch_threads} of the current process."""
     import torch
-    return {"git_sha": git_sha(), "command": command(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            "machine": machine(),
-            "torch_threads": torch.get_num_threads()}
+
+    return {
+        "git_sha": git_sha(),
+        "command": command(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "machine": machine(),
+        "torch_threads": torch.get_num_threads(),
+    }

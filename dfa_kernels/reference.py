@@ -3,6 +3,7 @@
 The hash transcribes ``csrc/include/dfa_kernels/hash.h`` on int64 tensors (torch has no wrapping
 uint32 multiply), masking to 32 bits after every step. Slow, obviously correct, device-agnostic.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,9 +73,17 @@ def values_from_hash(h: torch.Tensor, distribution: str, j: torch.Tensor, densit
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
-def feedback_matrix(seed: int, distribution: str, rows: int, cols: int, density: float = 0.1,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", col_offset: int = 0,
-                    row_offset: int = 0) -> torch.Tensor:
+def feedback_matrix(
+    seed: int,
+    distribution: str,
+    rows: int,
+    cols: int,
+    density: float = 0.1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    col_offset: int = 0,
+    row_offset: int = 0,
+) -> torch.Tensor:
     """B[i, j] for row_offset <= i < row_offset + rows, col_offset <= j < col_offset + cols, dense."""
     device = torch.device(device)
     i = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)[:, None]
@@ -88,8 +97,9 @@ def feedback_matrix(seed: int, distribution: str, rows: int, cols: int, density:
 BLOCK_ENTRIES = 1 << 20
 
 
-def virtual_product(e32: torch.Tensor, seed: int, distribution: str, density: float, col_offset: int,
-                    cols: int) -> torch.Tensor:
+def virtual_product(
+    e32: torch.Tensor, seed: int, distribution: str, density: float, col_offset: int, cols: int
+) -> torch.Tensor:
     """e32 @ B[:, col_offset : col_offset + cols] (fp32), B generated block by block, never whole."""
     N, K = e32.shape
     step_k = min(max(K, 1), BLOCK_ENTRIES // 32)
@@ -100,16 +110,24 @@ def virtual_product(e32: torch.Tensor, seed: int, distribution: str, density: fl
         F = e32.new_zeros(N, width)
         for k in range(0, K, step_k):
             rows = min(step_k, K - k)
-            B = feedback_matrix(seed, distribution, rows, width, density, device=e32.device,
-                                col_offset=col_offset + j, row_offset=k)
-            F = F + e32[:, k:k + rows] @ B
+            B = feedback_matrix(
+                seed, distribution, rows, width, density, device=e32.device, col_offset=col_offset + j, row_offset=k
+            )
+            F = F + e32[:, k : k + rows] @ B
         parts.append(F)
     return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
 
 
-def project(e: torch.Tensor, seed: int, distribution: str, density: float, width: int,
-            scale: float = 1.0, col_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def project(
+    e: torch.Tensor,
+    seed: int,
+    distribution: str,
+    density: float,
+    width: int,
+    scale: float = 1.0,
+    col_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """F = scale * (e @ B) [* col_scale], accumulated in fp32, returned in out_dtype (default e's).
 
     Same argument order as the ``dfa_kernels::project`` op. B is generated in bounded blocks.
@@ -120,9 +138,13 @@ def project(e: torch.Tensor, seed: int, distribution: str, density: float, width
     return F.to(out_dtype or e.dtype)
 
 
-def project_materialized(e: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
-                         col_scale: torch.Tensor | None = None,
-                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def project_materialized(
+    e: torch.Tensor,
+    B: torch.Tensor,
+    scale: float = 1.0,
+    col_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     F = (e.to(torch.float32) @ B.to(torch.float32)) * scale
     if col_scale is not None:
         F = F * col_scale.to(torch.float32)
@@ -136,8 +158,14 @@ def activation(a: torch.Tensor, name: str) -> torch.Tensor:
     """f(a) for the activations the fused epilogue knows (gelu: the exact, erf form)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
-    fns = {"none": lambda x: x, "relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh,
-           "sigmoid": torch.sigmoid, "silu": torch.nn.functional.silu}
+    fns = {
+        "none": lambda x: x,
+        "relu": torch.relu,
+        "gelu": torch.nn.functional.gelu,
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "silu": torch.nn.functional.silu,
+    }
     return fns[name](a)
 
 
@@ -174,10 +202,19 @@ def column_spans(offsets: Sequence[int], widths: Sequence[int]) -> list[tuple[in
     return [(a, b) for a, b in spans]
 
 
-def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribution: str, density: float,
-                   offsets: Sequence[int], widths: Sequence[int], scales: Sequence[float],
-                   act_inputs: Sequence[torch.Tensor | None], activations: Sequence[str],
-                   out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def project_points(
+    e: torch.Tensor,
+    B: torch.Tensor | None,
+    seed: int,
+    distribution: str,
+    density: float,
+    offsets: Sequence[int],
+    widths: Sequence[int],
+    scales: Sequence[float],
+    act_inputs: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
     """out[l] = (scales[l] * (e @ B[:, offsets[l]:offsets[l] + widths[l]])) * f_l'(act_inputs[l]).
 
     Same argument order as the ``dfa_kernels::project_points`` op; B None generates it. The product
@@ -187,8 +224,11 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
     e32 = e.to(torch.float32)
     products = []  # (start, stop, e @ B[:, start:stop])
     for start, stop in column_spans(offsets, widths):
-        F = (e32 @ B[:, start:stop].to(torch.float32) if B is not None else
-             virtual_product(e32, seed, distribution, density, start, stop - start))
+        F = (
+            e32 @ B[:, start:stop].to(torch.float32)
+            if B is not None
+            else virtual_product(e32, seed, distribution, density, start, stop - start)
+        )
         products.append((start, stop, F))
     outs = []
     for off, w, s, a, act in zip(offsets, widths, scales, act_inputs, activations):
@@ -196,7 +236,7 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
             outs.append(e.new_zeros(e.shape[0], 0, dtype=out_dtype or e.dtype))
             continue
         start, F_span = next((a0, F) for a0, b0, F in products if a0 <= off and off + w <= b0)
-        F = F_span[:, off - start:off - start + w] * s
+        F = F_span[:, off - start : off - start + w] * s
         if act != "none":
             assert a is not None  # a fused point passes its pre-activation
             F = F * activation_grad(a, act)
@@ -204,8 +244,9 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
     return outs
 
 
-def grouped_weight_grad(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-                        out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def grouped_weight_grad(
+    grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], out_dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
     """out[l] = grads[l]^T @ inputs[l], accumulated in fp32 (the ``dfa_kernels::grouped_weight_grad`` op)."""
     default = grads[0].dtype if len(grads) else torch.float32
     return [(g.to(torch.float32).T @ x.to(torch.float32)).to(out_dtype or default) for g, x in zip(grads, inputs)]

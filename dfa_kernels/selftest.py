@@ -16,6 +16,7 @@ and build, torch and triton versions) in ``$DFA_KERNELS_CACHE_DIR/selftest.json`
 rebuild or an edit of the kernels' sources changes the build and re-runs it. Delete the file to
 re-run it; ``DFA_KERNELS_SELF_TEST=0`` skips the test (every backend that can run is offered).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,8 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -48,10 +49,10 @@ OK = "ok"
 _EPS32 = torch.finfo(torch.float32).eps
 # fp32 operands of a GEMM path may be rounded to TF32 (Triton's tl.dot below "highest" matmul
 # precision, cuBLAS with TF32 allowed): a correct kernel may be this far off in each operand.
-_TF32_EPS = 2.0 ** -10
+_TF32_EPS = 2.0**-10
 # Generating B with the device's libm (the gaussian's log and cos) is off by an absolute amount,
 # not a relative one: the bounds add it to every |B| entry.
-_B_ABS = 2.0 ** -8
+_B_ABS = 2.0**-8
 
 
 def enabled() -> bool:
@@ -101,31 +102,52 @@ def _cases() -> list:
 
     cases = []
     # project, virtual B: K=3 runs the narrow kernels, K=17 the GEMM ones
-    for N, K, dtype, dist, scale, col, out in [(7, 3, f32, "gaussian", 0.5, True, None),
-                                               (1, 17, bf16, "uniform", -1.5, False, None)]:
+    for N, K, dtype, dist, scale, col, out in [
+        (7, 3, f32, "gaussian", 0.5, True, None),
+        (1, 17, bf16, "uniform", -1.5, False, None),
+    ]:
         e = randn(N, K, dtype=dtype)
         cs = torch.rand(WIDTH, generator=g) + 0.5 if col else None
         args = (e, SEED, dist, DENSITY, WIDTH, scale, cs, out)
         want = reference.project(*args[:-1], f32)
         mag = reference.project_materialized(e.abs(), _abs_b(B_of(dist, K)), abs(scale), cs, f32)
         out = out or dtype
-        cases.append(("project", f"N={N} K={K} width={WIDTH} {name[dtype]} {dist}", args, [want],
-                      [_bound(mag, want, _operand_eps(dtype, True), K, out)], [out]))
+        cases.append(
+            (
+                "project",
+                f"N={N} K={K} width={WIDTH} {name[dtype]} {dist}",
+                args,
+                [want],
+                [_bound(mag, want, _operand_eps(dtype, True), K, out)],
+                [out],
+            )
+        )
     # project_materialized: B stored in e's dtype
-    for N, K, dtype, dist, scale, col, out in [(1, 3, f16, "rademacher", 1.0, False, f32),
-                                               (7, 17, bf16, "gaussian", 2.0, True, None)]:
+    for N, K, dtype, dist, scale, col, out in [
+        (1, 3, f16, "rademacher", 1.0, False, f32),
+        (7, 17, bf16, "gaussian", 2.0, True, None),
+    ]:
         e, B = randn(N, K, dtype=dtype), B_of(dist, K).to(dtype)
         cs = torch.rand(WIDTH, generator=g) + 0.5 if col else None
         args = (e, B, scale, cs, out)
         want = reference.project_materialized(e, B, scale, cs, f32)
         mag = reference.project_materialized(e.abs(), _abs_b(B), abs(scale), cs, f32)
         out = out or dtype
-        cases.append(("project_materialized", f"N={N} K={K} width={WIDTH} {name[dtype]} {dist}", args, [want],
-                      [_bound(mag, want, _operand_eps(dtype, False), K, out)], [out]))
+        cases.append(
+            (
+                "project_materialized",
+                f"N={N} K={K} width={WIDTH} {name[dtype]} {dist}",
+                args,
+                [want],
+                [_bound(mag, want, _operand_eps(dtype, False), K, out)],
+                [out],
+            )
+        )
     # project_points: materialized, shared layout, silu; virtual, independent layout, gelu
     for N, K, dtype, dist, stored, offsets, widths, acts in [
-            (7, 3, f32, "sparse", True, [0, 0], [WIDTH, 5], ["none", "silu"]),
-            (7, 17, bf16, "uniform", False, [0, 13], [13, 24], ["gelu", "none"])]:
+        (7, 3, f32, "sparse", True, [0, 0], [WIDTH, 5], ["none", "silu"]),
+        (7, 17, bf16, "uniform", False, [0, 13], [13, 24], ["gelu", "none"]),
+    ]:
         e, B = randn(N, K, dtype=dtype), B_of(dist, K)
         B = B.to(dtype) if stored else None
         scales = [0.5, 2.0]
@@ -134,27 +156,52 @@ def _cases() -> list:
         wants = reference.project_points(*args[:-1], f32)
         bounds = []
         for off, w, s, a, act, want in zip(offsets, widths, scales, act_inputs, acts, wants):
-            mag = (e.float().abs() @ _abs_b(B_of(dist, K)[:, off:off + w])) * abs(s)
+            mag = (e.float().abs() @ _abs_b(B_of(dist, K)[:, off : off + w])) * abs(s)
             if act != "none":
                 mag = mag * reference.activation_grad(a, act).abs()
             bounds.append(_bound(mag, want, _operand_eps(dtype, not stored), K, dtype))
-        cases.append(("project_points", f"N={N} K={K} widths={widths} {name[dtype]} {dist} "
-                      f"{'materialized' if stored else 'virtual'} {acts}", args, wants, bounds, [dtype] * 2))
+        cases.append(
+            (
+                "project_points",
+                f"N={N} K={K} widths={widths} {name[dtype]} {dist} {'materialized' if stored else 'virtual'} {acts}",
+                args,
+                wants,
+                bounds,
+                [dtype] * 2,
+            )
+        )
     # grouped_weight_grad: two layers of different N, out and in
     for dtype, layers, out in [(f32, [(7, 3, WIDTH), (1, 17, 5)], None), (bf16, [(33, 17, WIDTH), (2, 3, 1)], f32)]:
         grads = [randn(n, o, dtype=dtype) for n, o, _ in layers]
         inputs = [randn(n, i, dtype=dtype) for n, _, i in layers]
         wants = reference.grouped_weight_grad(grads, inputs, f32)
-        bounds = [_bound(gr.float().abs().T @ x.float().abs(), want, _operand_eps(dtype, False), gr.shape[0],
-                         out or dtype) for gr, x, want in zip(grads, inputs, wants)]
-        cases.append(("grouped_weight_grad", f"{name[dtype]} layers (N, out, in) {layers}", (grads, inputs, out), wants,
-                      bounds, [out or dtype] * 2))
+        bounds = [
+            _bound(gr.float().abs().T @ x.float().abs(), want, _operand_eps(dtype, False), gr.shape[0], out or dtype)
+            for gr, x, want in zip(grads, inputs, wants)
+        ]
+        cases.append(
+            (
+                "grouped_weight_grad",
+                f"{name[dtype]} layers (N, out, in) {layers}",
+                (grads, inputs, out),
+                wants,
+                bounds,
+                [out or dtype] * 2,
+            )
+        )
     # feedback_matrix: the only op whose output is B itself
     for dist, rows, dtype in [("gaussian", 17, f32), ("sparse", 3, bf16)]:
         want = B_of(dist, rows)
-        cases.append(("feedback_matrix", f"{rows}x{WIDTH} {dist} {name[dtype]}",
-                      (SEED, dist, DENSITY, rows, WIDTH, dtype, torch.device("cpu")), [want],
-                      [torch.finfo(dtype).eps * want.abs() + 2.0 ** -16], [dtype]))  # libm: see _B_ABS
+        cases.append(
+            (
+                "feedback_matrix",
+                f"{rows}x{WIDTH} {dist} {name[dtype]}",
+                (SEED, dist, DENSITY, rows, WIDTH, dtype, torch.device("cpu")),
+                [want],
+                [torch.finfo(dtype).eps * want.abs() + 2.0**-16],
+                [dtype],
+            )
+        )  # libm: see _B_ABS
     return cases
 
 
@@ -190,9 +237,11 @@ def _mismatch(got, wants, bounds, dtypes) -> str | None:
         over = err > bound
         if over.any():
             at = tuple(int(i) for i in torch.unravel_index((err - bound).argmax(), want.shape))
-            return (f"{which}|error| {float(err[at]):.3g} exceeds its rounding bound {float(bound[at]):.3g} at {at} "
-                    f"(got {float(g[at]):.6g}, expected {float(want[at]):.6g}); {int(over.sum())} of "
-                    f"{want.numel()} values out of bounds")
+            return (
+                f"{which}|error| {float(err[at]):.3g} exceeds its rounding bound {float(bound[at]):.3g} at {at} "
+                f"(got {float(g[at]):.6g}, expected {float(want[at]):.6g}); {int(over.sum())} of "
+                f"{want.numel()} values out of bounds"
+            )
     return None
 
 
@@ -238,8 +287,11 @@ def build_id() -> str:
     reference and these tests, by size and modification time (a rebuild or an edit re-tests)."""
     package = Path(__file__).resolve().parent
     library = getattr(sys.modules.get(f"{__package__}._C"), "__file__", None)
-    files = ([Path(library)] if library else []) + sorted((package / "triton").glob("*.py")) + [
-        package / "reference.py", Path(__file__).resolve()]
+    files = (
+        ([Path(library)] if library else [])
+        + sorted((package / "triton").glob("*.py"))
+        + [package / "reference.py", Path(__file__).resolve()]
+    )
     digest = hashlib.sha256()
     for path in files:
         stat = path.stat()
@@ -249,8 +301,15 @@ def build_id() -> str:
 
 def cache_key(backend: str, device: torch.device) -> tuple[str, dict]:
     name, capability = device_model(device)
-    fields = {"backend": backend, "device": name, "capability": capability, "dfa_kernels": _version("dfa-kernels"),
-              "build": build_id(), "torch": torch.__version__, "triton": _version("triton")}
+    fields = {
+        "backend": backend,
+        "device": name,
+        "capability": capability,
+        "dfa_kernels": _version("dfa-kernels"),
+        "build": build_id(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+    }
     return "|".join(str(v) for v in fields.values()), fields
 
 
@@ -266,8 +325,12 @@ def _read(path: Path) -> dict:
 
 
 def _valid(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("ops"), dict) and bool(entry["ops"])
-            and all(isinstance(v, str) for v in entry["ops"].values()))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("ops"), dict)
+        and bool(entry["ops"])
+        and all(isinstance(v, str) for v in entry["ops"].values())
+    )
 
 
 def _write(path: Path, key: str, entry: dict) -> None:
@@ -279,8 +342,9 @@ def _write(path: Path, key: str, entry: dict) -> None:
         tmp.write_text(json.dumps({"format": FORMAT, "results": results}, indent=1, sort_keys=True))
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
     except OSError as err:
-        log.warning("dfa_kernels: the self-test result could not be cached in %s (%s): it re-runs in each process",
-                    path, err)
+        log.warning(
+            "dfa_kernels: the self-test result could not be cached in %s (%s): it re-runs in each process", path, err
+        )
         with contextlib.suppress(OSError):
             tmp.unlink()
 
@@ -297,8 +361,12 @@ def _decide(backend: str, device: torch.device, fns: Mapping[str, Callable]) -> 
         return entry
     start = time.perf_counter()
     ops = check_backend(fns, device)
-    entry = {**fields, "ops": ops, "seconds": round(time.perf_counter() - start, 4),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    entry = {
+        **fields,
+        "ops": ops,
+        "seconds": round(time.perf_counter() - start, 4),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     if not any(": OutOfMemoryError: " in why for why in ops.values()):  # a full GPU says nothing of the kernels
         _write(path, key, entry)
     return entry
@@ -336,9 +404,12 @@ def problem(backend: str, device: str, fns: Callable[[], Mapping[str, Callable]]
         why = why and f"{why} (cached in {cache_path()}: delete it to re-run the test; {ENV}=0 skips it)"
         _decided[memo] = entry, why
         if why:
-            warnings.warn(f"dfa_kernels: the {backend!r} backend is not offered on {memo[0]}: {why}. backend='auto' "
-                          f"uses another backend there, and asking for {backend!r} raises", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"dfa_kernels: the {backend!r} backend is not offered on {memo[0]}: {why}. backend='auto' "
+                f"uses another backend there, and asking for {backend!r} raises",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _decided[memo][1]
 
 

@@ -15,6 +15,7 @@ Run without TRITON_INTERPRET:
     python scripts/triton_compile_check.py --quick              # one job per kernel, sm_90
     --jobs N: compiles in parallel (default: every CPU). Exit status 1 if any compile fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,12 @@ def signature(job: Job) -> dict:
     unknown = set(job.fn.do_not_specialize) - set(params)
     if unknown:  # Triton ignores names that are not parameters
         raise ValueError(f"do_not_specialize names no parameter: {sorted(unknown)}")
-    return {name: "constexpr" if name in job.constexprs else job.pointers.get(name)
-            or ("fp32" if name in job.floats else "i32") for name in params}
+    return {
+        name: "constexpr"
+        if name in job.constexprs
+        else job.pointers.get(name) or ("fp32" if name in job.floats else "i32")
+        for name in params
+    }
 
 
 def _project(full):
@@ -78,9 +83,18 @@ def _project(full):
         if (not virtual and dist) or not (full or (dt, virtual, dist) in (("fp32", False, 0), ("bf16", True, 2))):
             continue
         ptrs = {"e_ptr": f"*{dt}", "b_ptr": f"*{dt}", "cs_ptr": "*fp32", "out_ptr": f"*{dt}"}
-        yield (f"{dt} virtual={virtual} dist={dist}", ptrs,
-               {"VIRTUAL": virtual, "DIST": dist, "HAS_COL_SCALE": True, "LIBDEVICE": True,
-                "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee"}, ("scale",))
+        yield (
+            f"{dt} virtual={virtual} dist={dist}",
+            ptrs,
+            {
+                "VIRTUAL": virtual,
+                "DIST": dist,
+                "HAS_COL_SCALE": True,
+                "LIBDEVICE": True,
+                "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee",
+            },
+            ("scale",),
+        )
 
 
 def _narrow(full):
@@ -91,7 +105,8 @@ def _narrow(full):
 
 def _points(narrow, full):
     for dt, has_act, (virtual, aligned), hints in itertools.product(
-            ("fp32", "bf16"), (False, True), ((True, True), (True, False), (False, False)), (False, True)):
+        ("fp32", "bf16"), (False, True), ((True, True), (True, False), (False, False)), (False, True)
+    ):
         if narrow and aligned:  # the narrow path has no aligned tile
             continue
         # as _project's: fp32 with stored B, bf16 with the rademacher tile (aligned unless narrow)
@@ -99,24 +114,52 @@ def _points(narrow, full):
         if not (full or representative):
             continue
         ptrs = {"e_ptr": f"*{dt}", "b_ptr": f"*{dt}", "ptr_tab": "*i64", "meta_tab": "*i64", "scale_tab": "*fp32"}
-        yield (f"{dt} act={has_act} virtual={virtual} aligned={aligned} hints={hints}", ptrs,
-               {"VIRTUAL": virtual, "DIST": 2, "HAS_ACT": has_act, "ALIGNED": aligned, "NARROW_KP": 4 if narrow else 0,
-                "HINTS": hints, "OUT_TYPE": FLOAT[dt], "ACT_TYPE": FLOAT[dt], "LIBDEVICE": True,
-                "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee"}, ())
+        yield (
+            f"{dt} act={has_act} virtual={virtual} aligned={aligned} hints={hints}",
+            ptrs,
+            {
+                "VIRTUAL": virtual,
+                "DIST": 2,
+                "HAS_ACT": has_act,
+                "ALIGNED": aligned,
+                "NARROW_KP": 4 if narrow else 0,
+                "HINTS": hints,
+                "OUT_TYPE": FLOAT[dt],
+                "ACT_TYPE": FLOAT[dt],
+                "LIBDEVICE": True,
+                "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee",
+            },
+            (),
+        )
 
 
 def _grouped(full):
     for dt, split, hints in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
         if full or (not split and hints == (dt == "fp32")):
             ptrs = {"ptr_tab": "*i64", "shape_tab": "*i64", "ws_ptr": "*fp32"}
-            yield (f"{dt} split={split} hints={hints}", ptrs,
-                   {"IN_TYPE": FLOAT[dt], "OUT_TYPE": tl.float32, "MAX_G": 16, "SPLIT": split, "HINTS": hints,
-                    "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee"}, ())
+            yield (
+                f"{dt} split={split} hints={hints}",
+                ptrs,
+                {
+                    "IN_TYPE": FLOAT[dt],
+                    "OUT_TYPE": tl.float32,
+                    "MAX_G": 16,
+                    "SPLIT": split,
+                    "HINTS": hints,
+                    "INPUT_PRECISION": "tf32x3" if dt == "fp32" else "ieee",
+                },
+                (),
+            )
 
 
 # autotuned kernel (tuning.TUNED) -> its variants, all (the first config) or the representative ones
-TUNED_VARIANTS = {"project": _project, "narrow": _narrow, "points": lambda full: _points(False, full),
-                  "narrow_points": lambda full: _points(True, full), "grouped": _grouped}
+TUNED_VARIANTS = {
+    "project": _project,
+    "narrow": _narrow,
+    "points": lambda full: _points(False, full),
+    "narrow_points": lambda full: _points(True, full),
+    "grouped": _grouped,
+}
 
 
 def jobs() -> list[Job]:
@@ -125,19 +168,55 @@ def jobs() -> list[Job]:
         tuned = tuning.TUNED[name]
         for index, config in enumerate(tuned.configs):
             for label, ptrs, consts, floats in variants(index == 0):
-                out.append(Job(f"{name} {label} config={index}", tuned.kernel, ptrs, {**consts, **config.kwargs},
-                               floats, config.num_warps, config.num_stages, name, index))
+                out.append(
+                    Job(
+                        f"{name} {label} config={index}",
+                        tuned.kernel,
+                        ptrs,
+                        {**consts, **config.kwargs},
+                        floats,
+                        config.num_warps,
+                        config.num_stages,
+                        name,
+                        index,
+                    )
+                )
     for dist in (0, 1, 2, 3):  # BR, BC and num_warps as feedback_matrix launches them
-        out.append(Job(f"feedback_matrix dist={dist}", project._feedback_kernel, {"out_ptr": "*bf16"},
-                       {"DIST": dist, "LIBDEVICE": True, "BR": 32, "BC": 128}, (), 4, 3))
+        out.append(
+            Job(
+                f"feedback_matrix dist={dist}",
+                project._feedback_kernel,
+                {"out_ptr": "*bf16"},
+                {"DIST": dist, "LIBDEVICE": True, "BR": 32, "BC": 128},
+                (),
+                4,
+                3,
+            )
+        )
     for dt, log_count in itertools.product(("i64", "fp32"), range(9)):  # every COUNT device_table launches
         count = 1 << log_count
-        out.append(Job(f"device_table {dt} x{count}", tables._fill_kernel,
-                       {"dst_ptr": f"*{dt}", "values": (dt,) * count},
-                       {"COUNT": count, "ENCODED": dt == "i64"}, (), 4, 3))
-    out.append(Job("cross_entropy", cross_entropy._ce_kernel,
-                   {"logits_ptr": "*fp32", "target_ptr": "*i64", "loss_ptr": "*fp32", "inv_count_ptr": "*fp32"},
-                   {"BLOCK": 8192}, (), 8, 3))
+        out.append(
+            Job(
+                f"device_table {dt} x{count}",
+                tables._fill_kernel,
+                {"dst_ptr": f"*{dt}", "values": (dt,) * count},
+                {"COUNT": count, "ENCODED": dt == "i64"},
+                (),
+                4,
+                3,
+            )
+        )
+    out.append(
+        Job(
+            "cross_entropy",
+            cross_entropy._ce_kernel,
+            {"logits_ptr": "*fp32", "target_ptr": "*i64", "loss_ptr": "*fp32", "inv_count_ptr": "*fp32"},
+            {"BLOCK": 8192},
+            (),
+            8,
+            3,
+        )
+    )
     return out
 
 
@@ -149,8 +228,9 @@ def compile_job(index: int, cc: int) -> tuple[str | None, int]:
     job = JOBS[index]
     try:
         src = ASTSource(fn=job.fn, signature=signature(job), constexprs=job.constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        kernel = triton.compile(
+            src, target=GPUTarget("cuda", cc, 32), options={"num_warps": job.num_warps, "num_stages": job.num_stages}
+        )
     except Exception as err:  # report every failing job, not just the first
         return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}", 0
     return None, kernel.metadata.shared
@@ -163,8 +243,20 @@ def triton_dir(version: str) -> Path:
     if not (target / "triton").is_dir():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
-                        f"triton=={version}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(tmp),
+                f"triton=={version}",
+            ],
+            check=True,
+        )
         try:
             tmp.rename(target)
         except OSError:  # another run installed it meanwhile
@@ -185,8 +277,11 @@ def main() -> int:
         if os.environ.get("DFA_COMPILE_CHECK_CHILD"):
             sys.exit(f"asked for Triton {args.triton}, imported {triton.__version__} from {triton.__file__}")
         path = triton_dir(args.triton)
-        env = {**os.environ, "DFA_COMPILE_CHECK_CHILD": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "DFA_COMPILE_CHECK_CHILD": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")])),
+        }
         return subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode
     archs = (90,) if args.quick else tuple(int(a) for a in args.arch.split(","))
     seen = set()
@@ -211,10 +306,12 @@ def main() -> int:
             failures += 1
             print(f"FAIL sm_{cc} {job.label}: {error}")
     configs = sum(len(t.configs) for t in tuning.TUNED.values())
-    print(f"{len(work) - failures}/{len(work)} Triton kernel jobs compiled with Triton {triton.__version__} for "
-          f"{'/'.join(f'sm_{cc}' for cc in archs)} in {time.time() - start:.0f} s ({len(tuning.TUNED)} autotuned "
-          f"kernels, {configs} configs{', first job of each kernel only' if args.quick else ', every one'}); "
-          f"{too_large} too large for shared memory, skipped by the autotuner there")
+    print(
+        f"{len(work) - failures}/{len(work)} Triton kernel jobs compiled with Triton {triton.__version__} for "
+        f"{'/'.join(f'sm_{cc}' for cc in archs)} in {time.time() - start:.0f} s ({len(tuning.TUNED)} autotuned "
+        f"kernels, {configs} configs{', first job of each kernel only' if args.quick else ', every one'}); "
+        f"{too_large} too large for shared memory, skipped by the autotuner there"
+    )
     return 1 if failures else 0
 
 

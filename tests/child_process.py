@@ -1,5 +1,6 @@
 """The environment for the tests' child Python processes. A module of its own, not conftest: the
 distributed tests' spawned workers import the test modules, and conftest may only run first."""
+
 import os
 from pathlib import Path
 

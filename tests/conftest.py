@@ -41,13 +41,18 @@ def _seed():
 # that file selects, in the order of their first matching rule (so the first rules run first, with
 # pytest-xdist too: its workers take tests in this order). The file's header says the syntax.
 def pytest_addoption(parser):
-    parser.addoption("--gpu-subset", default=None, metavar="FILE",
-                     help="run only the tests that FILE's rules select, in the rules' order (tests/gpu_subset.txt)")
+    parser.addoption(
+        "--gpu-subset",
+        default=None,
+        metavar="FILE",
+        help="run only the tests that FILE's rules select, in the rules' order (tests/gpu_subset.txt)",
+    )
 
 
 def read_gpu_subset(path) -> list[tuple[str, dict[str, list[str]]]]:
     """[(test glob, {parameter: [value globs]})] from a subset file, one rule a line."""
     import pathlib
+
     rules = []
     for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -73,11 +78,14 @@ def _param_text(value) -> str:
 
 def rule_matches(rule, nodeid: str, params: dict) -> bool:
     import fnmatch
+
     test, filters = rule
     if not fnmatch.fnmatchcase(nodeid.split("[", 1)[0], test):
         return False
-    return all(name in params and any(fnmatch.fnmatchcase(_param_text(params[name]), v) for v in values)
-               for name, values in filters.items())
+    return all(
+        name in params and any(fnmatch.fnmatchcase(_param_text(params[name]), v) for v in values)
+        for name, values in filters.items()
+    )
 
 
 def select_gpu_subset(rules, items):
@@ -86,6 +94,7 @@ def select_gpu_subset(rules, items):
     renamed test or a typo, which would select nothing silently. They are reported, not raised,
     so that one stale rule does not cost a GPU run its tests (the dry run's test fails on them)."""
     import fnmatch
+
     params = [getattr(item, "callspec", None) for item in items]
     params = [{} if c is None else c.params for c in params]
     problems = []
@@ -123,5 +132,8 @@ def pytest_report_collectionfinish(config, items):
     if report is None:
         return None
     counts, problems = report
-    return ([f"gpu subset: {len(items)} tests from {len(counts)} rules (tests per rule, first match)"]
-            + [f"  {n:5d}  {test}" for test, n in counts] + [f"gpu subset PROBLEM: {p}" for p in problems])
+    return (
+        [f"gpu subset: {len(items)} tests from {len(counts)} rules (tests per rule, first match)"]
+        + [f"  {n:5d}  {test}" for test, n in counts]
+        + [f"gpu subset PROBLEM: {p}" for p in problems]
+    )

@@ -1,6 +1,7 @@
 """Spawning a CPU process group (gloo) for the distributed tests: `spawn(worker, *args)` runs
 ``worker(world, *args)`` on every rank; an assertion failing on any rank fails the test (the other
 ranks are terminated, and collectives time out rather than hang)."""
+
 import datetime
 import os
 import tempfile
@@ -16,8 +17,9 @@ def _entry(rank, worker, size, store, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     # a file store, not a TCP port: no race for a free port with other processes on a busy machine
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=180))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=180)
+    )
     try:
         worker(World(rank, size, rank), *args)
     finally:

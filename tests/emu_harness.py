@@ -5,6 +5,7 @@ under ASan + UBSan or TSan. Used by tests/test_cuda_on_cpu.py.
 A run writes each case's inputs as raw files, one case per line of a case file, runs the harness once
 for all of them and reads back each case's plan, launches and outputs.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -56,8 +57,9 @@ def _cuda_include_dirs() -> list[str] | str:
             candidates += sorted(Path(location).glob("*/include"))
     dirs = []
     for name in ("cuda_runtime.h", "cublas_v2.h"):
-        found = next((d for d in candidates if (d / name).exists() and (name != "cuda_runtime.h" or (d / "crt").is_dir())),
-                     None)
+        found = next(
+            (d for d in candidates if (d / name).exists() and (name != "cuda_runtime.h" or (d / "crt").is_dir())), None
+        )
         if found is None:
             return f"no CUDA headers with {name} (looked in {', '.join(map(str, candidates)) or 'nothing'})"
         if found not in dirs:
@@ -74,6 +76,7 @@ def toolchain() -> tuple[str, list[str]] | str:
     if isinstance(cuda, str):
         return cuda
     from torch.utils.cpp_extension import include_paths
+
     torch_include = include_paths()[0]  # c10's Half/BFloat16 (header-only)
     flags = ["-isystem", torch_include]
     for d in cuda:
@@ -81,8 +84,14 @@ def toolchain() -> tuple[str, list[str]] | str:
     return cxx, flags
 
 
-def build(variant: str, out: Path, headers: Path = KERNEL_HEADERS, reuse: Path | None = None,
-          units: tuple[str, ...] = UNITS, opt: str = "-O0") -> Path:
+def build(
+    variant: str,
+    out: Path,
+    headers: Path = KERNEL_HEADERS,
+    reuse: Path | None = None,
+    units: tuple[str, ...] = UNITS,
+    opt: str = "-O0",
+) -> Path:
     """Compiles the harness with `variant`'s sanitizers into out/harness. headers: the include root of
     the kernel headers (a mutated copy, for the mutation tests); reuse: a build folder whose objects
     stand in for the units not listed."""
@@ -92,9 +101,21 @@ def build(variant: str, out: Path, headers: Path = KERNEL_HEADERS, reuse: Path |
     cxx, includes = tools
     out.mkdir(parents=True, exist_ok=True)
     san = SANITIZERS[variant]
-    common = [cxx, "-std=c++20", opt, "-g1", "-DDFA_CUDA_ON_CPU", "-Wall", "-Wno-unknown-pragmas",
-              f"-fsanitize={san}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-              f"-I{HARNESS_DIR}", f"-I{headers}", *includes]
+    common = [
+        cxx,
+        "-std=c++20",
+        opt,
+        "-g1",
+        "-DDFA_CUDA_ON_CPU",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        f"-fsanitize={san}",
+        "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer",
+        f"-I{HARNESS_DIR}",
+        f"-I{headers}",
+        *includes,
+    ]
 
     def compile_unit(unit):
         cmd = [*common, "-c", str(HARNESS_DIR / f"{unit}.cpp"), "-o", str(out / f"{unit}.o")]
@@ -121,8 +142,12 @@ def write_array(t: torch.Tensor, path: Path) -> None:
 
 
 def read_array(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
-    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16,
-                torch.float64: np.float64}[dtype]
+    np_dtype = {
+        torch.float32: np.float32,
+        torch.float16: np.float16,
+        torch.bfloat16: np.int16,
+        torch.float64: np.float64,
+    }[dtype]
     t = torch.from_numpy(np.fromfile(path, dtype=np_dtype).copy())
     if dtype == torch.bfloat16:
         t = t.view(torch.bfloat16)
@@ -188,8 +213,9 @@ class Run:
                 by_id[rec["id"]].result = rec
         if proc.returncode != 0:
             errors = [c.result.get("error") for c in self.cases if "error" in c.result]
-            raise AssertionError(f"harness failed (exit {proc.returncode}); case errors: {errors}\n"
-                                 f"stderr:\n{proc.stderr[-8000:]}")
+            raise AssertionError(
+                f"harness failed (exit {proc.returncode}); case errors: {errors}\nstderr:\n{proc.stderr[-8000:]}"
+            )
         missing = [c.id for c in self.cases if not c.result]
         assert not missing, f"no result for cases {missing}"
         return proc

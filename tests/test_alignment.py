@@ -1,4 +1,5 @@
 """dk.alignment: DFA's signal and updates against backprop's, measured without changing training."""
+
 import math
 import random
 
@@ -16,7 +17,12 @@ class Net(nn.Module):
 
     def __init__(self, dfa):
         super().__init__()
-        self.l1, self.bn, self.l2, self.head = nn.Linear(12, 32), nn.BatchNorm1d(32), nn.Linear(32, 24), nn.Linear(24, 5)
+        self.l1, self.bn, self.l2, self.head = (
+            nn.Linear(12, 32),
+            nn.BatchNorm1d(32),
+            nn.Linear(32, 24),
+            nn.Linear(24, 5),
+        )
         self.dfa = dfa
 
     def forward(self, x):
@@ -77,11 +83,11 @@ def test_closed_form_one_hidden_linear_layer():
 
     res = dk.alignment(model, loss, None)
     with torch.no_grad():
-        e = (W2(W1(x)) - t) * 2 / (N * d_out)          # dL/dy of the mean squared error
-        B1 = dfa.feedback_matrices()[0]                 # [d_out, d_h], scale applied
-        dfa_h, bp_h = e @ B1, e @ W2.weight             # the two signals at h
+        e = (W2(W1(x)) - t) * 2 / (N * d_out)  # dL/dy of the mean squared error
+        B1 = dfa.feedback_matrices()[0]  # [d_out, d_h], scale applied
+        dfa_h, bp_h = e @ B1, e @ W2.weight  # the two signals at h
         per_row = F.cosine_similarity(dfa_h.double(), bp_h.double(), dim=1)
-        dfa_W1, bp_W1 = dfa_h.T @ x, bp_h.T @ x           # dL/dW1 = delta^T x
+        dfa_W1, bp_W1 = dfa_h.T @ x, bp_h.T @ x  # dL/dW1 = delta^T x
         flat = F.cosine_similarity(dfa_W1.flatten().double(), bp_W1.flatten().double(), dim=0)
     point = res["dfa_modules"]["dfa"]["points"][0]
     assert point["trains"] == ["W1.weight"]
@@ -103,11 +109,11 @@ def test_measurement_changes_nothing(batch):
         opt.zero_grad()
         loss_fn(model, batch).backward()
         opt.step()
-    loss_fn(model, batch).backward()           # leave gradients in place: they must survive
+    loss_fn(model, batch).backward()  # leave gradients in place: they must survive
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt_state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()}
-    model.l2.eval()                              # a mixed train/eval state is restored as it was
+    model.l2.eval()  # a mixed train/eval state is restored as it was
     rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
 
     dk.alignment(model, loss_fn, batch)
@@ -123,6 +129,7 @@ def test_measurement_changes_nothing(batch):
 
 def test_eval_mode_and_fused_points(batch):
     """Fused points (dfa.linear, dfa.point with an activation) are measured on their pre-activation."""
+
     class Fused(nn.Module):
         def __init__(self):
             super().__init__()
@@ -155,6 +162,7 @@ def test_align_command_on_a_zoo_task(tmp_path):
     import json
 
     from dfa_kernels import cli
+
     cli.main(["align", "gcn-cora", "--epochs", "6", "--every", "3", "--out", str(tmp_path), "--no-progress"])
     report = json.loads((tmp_path / "gcn-cora" / "alignment.json").read_text())
     assert [m["step"] for m in report["measurements"]] == [3, 6]

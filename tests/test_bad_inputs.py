@@ -5,6 +5,7 @@ what was expected. Where a misuse is *handled* instead of refused (an empty batc
 on fake tensors, a non-contiguous input to a kernel that reads strides), the test checks the
 result against the reference: handled, never wrong.
 """
+
 import json
 import pickle
 import re
@@ -15,12 +16,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from child_process import child_env
 from torch import nn
 
 import dfa_kernels as dk
 from dfa_kernels import cli, ops, reference
-
-from child_process import child_env
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_OPS = ops._C is not None
@@ -51,23 +51,27 @@ def _step(model, x, target=None):
 
 
 # ================================================================ FeedbackSpec
-@pytest.mark.parametrize("kwargs, kind, words", [
-    (dict(distribution="normal"), ValueError, ["distribution must be one of", "'uniform'", "'normal'"]),
-    (dict(layout="tied"), ValueError, ["layout must be one of", "'independent'", "'tied'"]),
-    (dict(widths=[]), ValueError, ["widths must be a non-empty list of positive ints", "[]"]),
-    (dict(widths=[3, 0]), ValueError, ["widths must be a non-empty list of positive ints", "[3, 0]"]),
-    (dict(widths=[2.5]), ValueError, ["widths must be a non-empty list of positive ints", "2.5"]),
-    (dict(widths="16"), ValueError, ["widths must be a non-empty list of positive ints", "'16'"]),
-    (dict(out_features=0), ValueError, ["out_features must be a positive int", "0"]),
-    (dict(out_features=4.0), ValueError, ["out_features must be a positive int", "4.0"]),
-    (dict(seed=-1), ValueError, ["seed must be an int in [0, 2**32)", "-1"]),
-    (dict(seed=2**32), ValueError, ["seed must be an int in [0, 2**32)"]),
-    (dict(seed=True), ValueError, ["seed must be an int", "True"]),
-    (dict(density=0.0), ValueError, ["density must be in (0, 1]", "0.0"]),
-    (dict(density=float("nan")), ValueError, ["density must be in (0, 1]", "nan"]),
-    (dict(out_features=2**32 + 1), ValueError, ["out_features (4294967297)", "at most 2**32", "32-bit"]),
-    (dict(widths=[2**31, 2**31 + 1]), ValueError, ["total width (4294967297)", "at most 2**32"]),
-], ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize(
+    "kwargs, kind, words",
+    [
+        (dict(distribution="normal"), ValueError, ["distribution must be one of", "'uniform'", "'normal'"]),
+        (dict(layout="tied"), ValueError, ["layout must be one of", "'independent'", "'tied'"]),
+        (dict(widths=[]), ValueError, ["widths must be a non-empty list of positive ints", "[]"]),
+        (dict(widths=[3, 0]), ValueError, ["widths must be a non-empty list of positive ints", "[3, 0]"]),
+        (dict(widths=[2.5]), ValueError, ["widths must be a non-empty list of positive ints", "2.5"]),
+        (dict(widths="16"), ValueError, ["widths must be a non-empty list of positive ints", "'16'"]),
+        (dict(out_features=0), ValueError, ["out_features must be a positive int", "0"]),
+        (dict(out_features=4.0), ValueError, ["out_features must be a positive int", "4.0"]),
+        (dict(seed=-1), ValueError, ["seed must be an int in [0, 2**32)", "-1"]),
+        (dict(seed=2**32), ValueError, ["seed must be an int in [0, 2**32)"]),
+        (dict(seed=True), ValueError, ["seed must be an int", "True"]),
+        (dict(density=0.0), ValueError, ["density must be in (0, 1]", "0.0"]),
+        (dict(density=float("nan")), ValueError, ["density must be in (0, 1]", "nan"]),
+        (dict(out_features=2**32 + 1), ValueError, ["out_features (4294967297)", "at most 2**32", "32-bit"]),
+        (dict(widths=[2**31, 2**31 + 1]), ValueError, ["total width (4294967297)", "at most 2**32"]),
+    ],
+    ids=lambda v: str(v)[:40],
+)
 def test_feedback_spec_refuses(kwargs, kind, words):
     with raises(kind, *words):
         dk.FeedbackSpec(**{"out_features": 4, "widths": [8], **kwargs})
@@ -83,47 +87,65 @@ def test_feedback_spec_matrix_dtype_and_state():
 
 
 # ================================================================ dk.project and project_points
-@pytest.mark.parametrize("e, kind, words", [
-    (torch.ones(2, 4, dtype=torch.int32), TypeError, ["e must be float32, float16 or bfloat16", "torch.int32"]),
-    (torch.ones(2, 4, dtype=torch.float64), TypeError, ["e must be float32, float16 or bfloat16", "torch.float64"]),
-    (torch.ones(2, 4, dtype=torch.complex64), TypeError, ["e must be float32, float16 or bfloat16", "complex64"]),
-    (torch.ones(4), ValueError, ["e must have shape [N, out_features=4]", "(4,)"]),
-    (torch.ones(2, 5), ValueError, ["e must have shape [N, out_features=4]", "(2, 5)"]),
-    (torch.ones(2, 0), ValueError, ["e must have shape [N, out_features=4]", "(2, 0)"]),
-    ([[1.0] * 4], TypeError, ["e must be a torch.Tensor", "list"]),
-    (torch.ones(4, 2).t(), ValueError, ["e must be contiguous", "e.contiguous()"]),
-    (torch.ones(1, 4).expand(3, 4), ValueError, ["e must be contiguous"]),  # overlapping (zero) strides
-], ids=["int32", "float64", "complex", "1-D", "wrong width", "zero width", "list", "transposed", "expanded"])
+@pytest.mark.parametrize(
+    "e, kind, words",
+    [
+        (torch.ones(2, 4, dtype=torch.int32), TypeError, ["e must be float32, float16 or bfloat16", "torch.int32"]),
+        (torch.ones(2, 4, dtype=torch.float64), TypeError, ["e must be float32, float16 or bfloat16", "torch.float64"]),
+        (torch.ones(2, 4, dtype=torch.complex64), TypeError, ["e must be float32, float16 or bfloat16", "complex64"]),
+        (torch.ones(4), ValueError, ["e must have shape [N, out_features=4]", "(4,)"]),
+        (torch.ones(2, 5), ValueError, ["e must have shape [N, out_features=4]", "(2, 5)"]),
+        (torch.ones(2, 0), ValueError, ["e must have shape [N, out_features=4]", "(2, 0)"]),
+        ([[1.0] * 4], TypeError, ["e must be a torch.Tensor", "list"]),
+        (torch.ones(4, 2).t(), ValueError, ["e must be contiguous", "e.contiguous()"]),
+        (torch.ones(1, 4).expand(3, 4), ValueError, ["e must be contiguous"]),  # overlapping (zero) strides
+    ],
+    ids=["int32", "float64", "complex", "1-D", "wrong width", "zero width", "list", "transposed", "expanded"],
+)
 def test_project_refuses_bad_error_tensors(e, kind, words):
     with raises(kind, *words):
         dk.project(e, SPEC)
 
 
-@pytest.mark.parametrize("kwargs, kind, words", [
-    (dict(spec="spec"), TypeError, ["spec must be a dk.FeedbackSpec", "str"]),
-    (dict(storage="disk"), ValueError, ["storage must be one of", "'virtual'", "'disk'"]),
-    (dict(backend="tpu"), ValueError, ["backend must be 'auto' or one of", "'tpu'"]),
-    (dict(backend="cuda"), RuntimeError, ["backend 'cuda' is not available on device cpu", "available there"]),
-    (dict(scale=float("nan")), ValueError, ["scale must be a finite number", "nan"]),
-    (dict(scale="big"), ValueError, ["scale must be a finite number", "'big'"]),
-    (dict(out_dtype=torch.int32), TypeError, ["out_dtype must be float32, float16 or bfloat16", "torch.int32"]),
-    (dict(col_scale=torch.ones(3)), ValueError, ["col_scale must be a float32 tensor of shape [8]", "(3,)"]),
-], ids=lambda v: str(v)[:30])
+@pytest.mark.parametrize(
+    "kwargs, kind, words",
+    [
+        (dict(spec="spec"), TypeError, ["spec must be a dk.FeedbackSpec", "str"]),
+        (dict(storage="disk"), ValueError, ["storage must be one of", "'virtual'", "'disk'"]),
+        (dict(backend="tpu"), ValueError, ["backend must be 'auto' or one of", "'tpu'"]),
+        (dict(backend="cuda"), RuntimeError, ["backend 'cuda' is not available on device cpu", "available there"]),
+        (dict(scale=float("nan")), ValueError, ["scale must be a finite number", "nan"]),
+        (dict(scale="big"), ValueError, ["scale must be a finite number", "'big'"]),
+        (dict(out_dtype=torch.int32), TypeError, ["out_dtype must be float32, float16 or bfloat16", "torch.int32"]),
+        (dict(col_scale=torch.ones(3)), ValueError, ["col_scale must be a float32 tensor of shape [8]", "(3,)"]),
+    ],
+    ids=lambda v: str(v)[:30],
+)
 def test_project_refuses_bad_arguments(kwargs, kind, words):
     spec = kwargs.pop("spec", SPEC)
     with raises(kind, *words):
         dk.project(torch.ones(2, 4), spec, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, kind, words", [
-    (dict(activations=["swish"], act_inputs=[torch.ones(2, 8)]), ValueError,
-     ["activations[0] must be one of", "'swish'"]),
-    (dict(activations=["relu"]), ValueError, ["act_inputs[0] must be the pre-activation [N, 8]", "'relu'"]),
-    (dict(activations=["relu"], act_inputs=[torch.ones(2, 7)]), ValueError,
-     ["act_inputs[0] must be a float tensor of shape [N, 8]", "(2, 7)"]),
-    (dict(scales=[1.0, 2.0]), ValueError, ["one entry per point (1)", "2"]),
-    (dict(scales=[float("inf")]), ValueError, ["scales[l] must be a finite number", "inf"]),
-], ids=["activation", "missing pre-activation", "pre-activation shape", "scales count", "inf scale"])
+@pytest.mark.parametrize(
+    "kwargs, kind, words",
+    [
+        (
+            dict(activations=["swish"], act_inputs=[torch.ones(2, 8)]),
+            ValueError,
+            ["activations[0] must be one of", "'swish'"],
+        ),
+        (dict(activations=["relu"]), ValueError, ["act_inputs[0] must be the pre-activation [N, 8]", "'relu'"]),
+        (
+            dict(activations=["relu"], act_inputs=[torch.ones(2, 7)]),
+            ValueError,
+            ["act_inputs[0] must be a float tensor of shape [N, 8]", "(2, 7)"],
+        ),
+        (dict(scales=[1.0, 2.0]), ValueError, ["one entry per point (1)", "2"]),
+        (dict(scales=[float("inf")]), ValueError, ["scales[l] must be a finite number", "inf"]),
+    ],
+    ids=["activation", "missing pre-activation", "pre-activation shape", "scales count", "inf scale"],
+)
 def test_project_points_refuses(kwargs, kind, words):
     with raises(kind, *words):
         ops.project_points(torch.ones(2, 4), SPEC, **kwargs)
@@ -136,12 +158,19 @@ def test_project_handles_empty_batches_and_huge_fake_shapes():
     # N * D = 2**32 output entries, beyond 32-bit indexing (the kernels index rows in 64 bits):
     # shapes only, on fake tensors (nothing allocated) through every backend's op
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     big = dk.FeedbackSpec(64, [2**12])
     for backend in backends:
         with FakeTensorMode():
             out = dk.project(torch.empty(2**20, 64), big, "virtual", backend)
-            points = ops.project_points(torch.empty(2**21, 64), big, "virtual", backend,
-                                        act_inputs=[torch.empty(2**21, 2**12)], activations=["gelu"])
+            points = ops.project_points(
+                torch.empty(2**21, 64),
+                big,
+                "virtual",
+                backend,
+                act_inputs=[torch.empty(2**21, 2**12)],
+                activations=["gelu"],
+            )
         assert out.shape == (2**20, 2**12) and points[0].shape == (2**21, 2**12), backend
     assert dk.project(torch.empty(2**20, 64, device="meta"), big).shape == (2**20, 2**12)
 
@@ -159,8 +188,7 @@ def test_project_refuses_mixed_devices():
     with raises(ValueError, "col_scale is on cpu but e is on cuda"):
         dk.project(torch.ones(2, 4, device="cuda"), SPEC, col_scale=torch.ones(8))
     with raises(ValueError, "act_inputs[0] must be a float tensor of shape [N, 8]", "on cuda"):
-        ops.project_points(torch.ones(2, 4, device="cuda"), SPEC, act_inputs=[torch.ones(2, 8)],
-                           activations=["relu"])
+        ops.project_points(torch.ones(2, 4, device="cuda"), SPEC, act_inputs=[torch.ones(2, 8)], activations=["relu"])
     dfa = dk.DFA()
     dfa.point(torch.ones(2, 8, device="cuda"))
     with raises(ValueError, "feedback point #0 is on cuda:0 but the output y is on cpu"):
@@ -170,8 +198,11 @@ def test_project_refuses_mixed_devices():
 # ================================================================ the ops
 OP_CASES = [
     ("project", (torch.ones(2, 4), 0, "normal", 0.1, 8, 1.0, None, None), ["distribution must be one of", '"normal"']),
-    ("project", (torch.ones(2, 4, dtype=torch.float64), 0, "uniform", 0.1, 8, 1.0, None, None),
-     ["e must be float32, float16 or bfloat16", "Double"]),
+    (
+        "project",
+        (torch.ones(2, 4, dtype=torch.float64), 0, "uniform", 0.1, 8, 1.0, None, None),
+        ["e must be float32, float16 or bfloat16", "Double"],
+    ),
     ("project", (torch.ones(4), 0, "uniform", 0.1, 8, 1.0, None, None), ["e must be a 2-D tensor [N, out_features]"]),
     ("project", (torch.ones(4, 2).t(), 0, "uniform", 0.1, 8, 1.0, None, None), ["e must be contiguous"]),
     ("project", (torch.ones(1, 4).expand(3, 4), 0, "uniform", 0.1, 8, 1.0, None, None), ["e must be contiguous"]),
@@ -179,17 +210,29 @@ OP_CASES = [
     ("project", (torch.ones(2, 4), 0, "uniform", 0.1, -8, 1.0, None, None), ["width must be in [0, 2^32]", "-8"]),
     ("project", (torch.ones(2, 4), 0, "uniform", 0.1, 2**40, 1.0, None, None), ["width must be in [0, 2^32]"]),
     ("project", (torch.ones(2, 4), 0, "sparse", -0.5, 8, 1.0, None, None), ["density must be in [0, 1]", "-0.5"]),
-    ("project", (torch.ones(2, 4), 0, "uniform", 0.1, 8, 1.0, torch.ones(3), None),
-     ["col_scale must have shape [width] = [8]"]),
+    (
+        "project",
+        (torch.ones(2, 4), 0, "uniform", 0.1, 8, 1.0, torch.ones(3), None),
+        ["col_scale must have shape [width] = [8]"],
+    ),
     ("project_materialized", (torch.ones(2, 4), torch.ones(5, 8), 1.0, None, None), ["B.size(0) must equal e.size(1)"]),
-    ("project_materialized", (torch.ones(2, 4), torch.ones(4, 8, dtype=torch.long), 1.0, None, None),
-     ["B must be a floating-point tensor", "Long"]),
+    (
+        "project_materialized",
+        (torch.ones(2, 4), torch.ones(4, 8, dtype=torch.long), 1.0, None, None),
+        ["B must be a floating-point tensor", "Long"],
+    ),
     ("feedback_matrix", (0, "uniform", 0.1, 2**40, 4, torch.float32, "cpu"), ["rows must be in [0, 2^32]"]),
     ("feedback_matrix", (0, "uniform", 0.1, 2, 4, torch.int32, "cpu"), ["dtype must be float32", "Int"]),
-    ("project_points", (torch.ones(2, 4), None, 0, "uniform", 0.1, [0], [8, 3], [1.0], [None], ["none"], None),
-     ["must have one entry per point", "1, 2, 1, 1 and 1"]),
-    ("project_points", (torch.ones(2, 4), None, 0, "uniform", 0.1, [0], [8], [1.0], [torch.ones(2, 8)], ["swish"], None),
-     ["activation must be one of", '"swish"']),
+    (
+        "project_points",
+        (torch.ones(2, 4), None, 0, "uniform", 0.1, [0], [8, 3], [1.0], [None], ["none"], None),
+        ["must have one entry per point", "1, 2, 1, 1 and 1"],
+    ),
+    (
+        "project_points",
+        (torch.ones(2, 4), None, 0, "uniform", 0.1, [0], [8], [1.0], [torch.ones(2, 8)], ["swish"], None),
+        ["activation must be one of", '"swish"'],
+    ),
     ("grouped_weight_grad", ([torch.ones(2, 3)], [torch.ones(3, 4)], None), ["same N", "[2, 3]", "[3, 4]"]),
     ("grouped_weight_grad", ([torch.ones(2, 3)], [], None), ["one tensor per layer", "1 and 0"]),
 ]
@@ -220,18 +263,22 @@ def test_triton_ops_refuse_or_read_strides():
 
 
 # ================================================================ the DFA module
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(mode="backprop"), ["mode must be one of", "'dfa'", "'backprop'"]),
-    (dict(distribution="normal"), ["distribution must be one of", "'normal'"]),
-    (dict(layout="tied"), ["layout must be one of", "'tied'"]),
-    (dict(backend="tpu"), ["backend must be 'auto' or one of", "'tpu'"]),
-    (dict(storage="disk"), ["storage must be one of", "'disk'"]),
-    (dict(scale="big"), ["scale must be 'auto' or a finite number", "'big'"]),
-    (dict(scale=float("inf")), ["scale must be 'auto' or a finite number", "inf"]),
-    (dict(error_dtype=torch.float64), ["error_dtype must be 'auto', None or one of", "torch.float64"]),
-    (dict(batch_dims=0), ["batch_dims must be None or a positive int", "0"]),
-    (dict(seed=-3), ["seed must be an int in [0, 2**32)", "-3"]),
-], ids=lambda v: str(v)[:30])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(mode="backprop"), ["mode must be one of", "'dfa'", "'backprop'"]),
+        (dict(distribution="normal"), ["distribution must be one of", "'normal'"]),
+        (dict(layout="tied"), ["layout must be one of", "'tied'"]),
+        (dict(backend="tpu"), ["backend must be 'auto' or one of", "'tpu'"]),
+        (dict(storage="disk"), ["storage must be one of", "'disk'"]),
+        (dict(scale="big"), ["scale must be 'auto' or a finite number", "'big'"]),
+        (dict(scale=float("inf")), ["scale must be 'auto' or a finite number", "inf"]),
+        (dict(error_dtype=torch.float64), ["error_dtype must be 'auto', None or one of", "torch.float64"]),
+        (dict(batch_dims=0), ["batch_dims must be None or a positive int", "0"]),
+        (dict(seed=-3), ["seed must be an int in [0, 2**32)", "-3"]),
+    ],
+    ids=lambda v: str(v)[:30],
+)
 def test_dfa_options_refused_at_construction(kwargs, words):
     with raises(ValueError, *words):
         dk.DFA(**kwargs)
@@ -244,38 +291,77 @@ def test_dfa_mode_setter_refuses_unknown_modes():
     assert dfa.mode == "dfa"
 
 
-@pytest.mark.parametrize("call, kind, words", [
-    (lambda d: d.point(torch.ones(2, 3), activation="swish"), ValueError, ["activation must be one of", "'swish'"]),
-    (lambda d: d.point(torch.ones(2, 3, dtype=torch.long)), TypeError,
-     ["dfa.point(h) expects a float32", "torch.int64"]),
-    (lambda d: d.point(torch.ones(2, 3, dtype=torch.float64)), TypeError,
-     ["dfa.point(h)", "torch.float64", "model.float()"]),
-    (lambda d: d.point(torch.ones(2, 3, dtype=torch.complex64)), TypeError, ["dfa.point(h)", "complex64"]),
-    (lambda d: d.point([1.0, 2.0]), TypeError, ["dfa.point(h) expects a torch.Tensor", "list"]),
-    (lambda d: d.linear(torch.ones(2, 3), nn.Conv1d(3, 3, 1)), TypeError,
-     ["expects layer to be an nn.Linear", "Conv1d"]),
-    (lambda d: d.linear(torch.ones(2, 5), nn.Linear(3, 3)), ValueError,
-     ["x must have shape [*batch, layer.in_features=3]", "(2, 5)"]),
-    (lambda d: d.linear(torch.ones(2, 3), nn.Linear(3, 3), activation="swish"), ValueError,
-     ["activation must be one of"]),
-    (lambda d: d(torch.ones(2, 3)), RuntimeError,
-     ["dfa(y) was called with no feedback point recorded", "dfa.point(h)"]),
-    (lambda d: d.linear_cross_entropy(torch.ones(2, 3), nn.Linear(3, 5), torch.zeros(2, dtype=torch.long)),
-     RuntimeError, ["linear_cross_entropy was called with no feedback point recorded"]),
-], ids=["activation", "int point", "float64 point", "complex point", "list point", "conv layer", "linear x shape",
-        "linear activation", "no points", "no points (lce)"])
+@pytest.mark.parametrize(
+    "call, kind, words",
+    [
+        (lambda d: d.point(torch.ones(2, 3), activation="swish"), ValueError, ["activation must be one of", "'swish'"]),
+        (
+            lambda d: d.point(torch.ones(2, 3, dtype=torch.long)),
+            TypeError,
+            ["dfa.point(h) expects a float32", "torch.int64"],
+        ),
+        (
+            lambda d: d.point(torch.ones(2, 3, dtype=torch.float64)),
+            TypeError,
+            ["dfa.point(h)", "torch.float64", "model.float()"],
+        ),
+        (lambda d: d.point(torch.ones(2, 3, dtype=torch.complex64)), TypeError, ["dfa.point(h)", "complex64"]),
+        (lambda d: d.point([1.0, 2.0]), TypeError, ["dfa.point(h) expects a torch.Tensor", "list"]),
+        (
+            lambda d: d.linear(torch.ones(2, 3), nn.Conv1d(3, 3, 1)),
+            TypeError,
+            ["expects layer to be an nn.Linear", "Conv1d"],
+        ),
+        (
+            lambda d: d.linear(torch.ones(2, 5), nn.Linear(3, 3)),
+            ValueError,
+            ["x must have shape [*batch, layer.in_features=3]", "(2, 5)"],
+        ),
+        (
+            lambda d: d.linear(torch.ones(2, 3), nn.Linear(3, 3), activation="swish"),
+            ValueError,
+            ["activation must be one of"],
+        ),
+        (
+            lambda d: d(torch.ones(2, 3)),
+            RuntimeError,
+            ["dfa(y) was called with no feedback point recorded", "dfa.point(h)"],
+        ),
+        (
+            lambda d: d.linear_cross_entropy(torch.ones(2, 3), nn.Linear(3, 5), torch.zeros(2, dtype=torch.long)),
+            RuntimeError,
+            ["linear_cross_entropy was called with no feedback point recorded"],
+        ),
+    ],
+    ids=[
+        "activation",
+        "int point",
+        "float64 point",
+        "complex point",
+        "list point",
+        "conv layer",
+        "linear x shape",
+        "linear activation",
+        "no points",
+        "no points (lce)",
+    ],
+)
 def test_dfa_calls_refused(call, kind, words):
     with raises(kind, *words):
         call(dk.DFA())
 
 
-@pytest.mark.parametrize("point, y, words", [
-    (torch.ones(3, 4), torch.ones(2, 3), ["feedback point #0 has shape (3, 4)", "batch dims (2,)"]),
-    (torch.ones(3, 4), torch.ones(3), ["dfa(y) expects y of shape [*batch, out_features] (at least 2-D)", "(3,)"]),
-    (torch.ones(3, 0), torch.ones(3, 2), ["feedback point #0 has shape (3, 0): zero width"]),
-    (torch.ones(3, 4), torch.ones(3, 0), ["y of shape (3, 0) has no output feature"]),
-    (torch.ones(3, 4), torch.ones(3, 2, dtype=torch.float64), ["dfa(y) expects a float32", "torch.float64"]),
-], ids=["row mismatch", "1-D output", "zero-width point", "zero-width output", "float64 output"])
+@pytest.mark.parametrize(
+    "point, y, words",
+    [
+        (torch.ones(3, 4), torch.ones(2, 3), ["feedback point #0 has shape (3, 4)", "batch dims (2,)"]),
+        (torch.ones(3, 4), torch.ones(3), ["dfa(y) expects y of shape [*batch, out_features] (at least 2-D)", "(3,)"]),
+        (torch.ones(3, 0), torch.ones(3, 2), ["feedback point #0 has shape (3, 0): zero width"]),
+        (torch.ones(3, 4), torch.ones(3, 0), ["y of shape (3, 0) has no output feature"]),
+        (torch.ones(3, 4), torch.ones(3, 2, dtype=torch.float64), ["dfa(y) expects a float32", "torch.float64"]),
+    ],
+    ids=["row mismatch", "1-D output", "zero-width point", "zero-width output", "float64 output"],
+)
 def test_dfa_output_refuses_shapes(point, y, words):
     dfa = dk.DFA()
     dfa.point(point)
@@ -284,15 +370,23 @@ def test_dfa_output_refuses_shapes(point, y, words):
     assert not dfa.pending_points  # the refused forward leaves nothing behind
 
 
-@pytest.mark.parametrize("target, head, kind, words", [
-    (torch.zeros(3), nn.Linear(5, 7), ValueError, ["target must be an int64 tensor [N = 3]", "torch.float32"]),
-    # checked on the device, without a sync: a RuntimeError on a CPU, a device-side assert on a GPU
-    (torch.full((3,), 9), nn.Linear(5, 7), RuntimeError, ["class indices outside [0, vocab = 7)", "ignore_index"]),
-    (torch.zeros(4, dtype=torch.long), nn.Linear(5, 7), ValueError, ["target must have shape (3,)", "(4,)"]),
-    (torch.zeros(3, dtype=torch.long), nn.Conv1d(5, 7, 1), TypeError, ["head must be an nn.Linear", "Conv1d"]),
-    (torch.zeros(3, dtype=torch.long), nn.Linear(6, 7), ValueError,
-     ["hidden must have shape [*batch, head.in_features=6]"]),
-], ids=["float target", "target out of range", "target shape", "conv head", "hidden width"])
+@pytest.mark.parametrize(
+    "target, head, kind, words",
+    [
+        (torch.zeros(3), nn.Linear(5, 7), ValueError, ["target must be an int64 tensor [N = 3]", "torch.float32"]),
+        # checked on the device, without a sync: a RuntimeError on a CPU, a device-side assert on a GPU
+        (torch.full((3,), 9), nn.Linear(5, 7), RuntimeError, ["class indices outside [0, vocab = 7)", "ignore_index"]),
+        (torch.zeros(4, dtype=torch.long), nn.Linear(5, 7), ValueError, ["target must have shape (3,)", "(4,)"]),
+        (torch.zeros(3, dtype=torch.long), nn.Conv1d(5, 7, 1), TypeError, ["head must be an nn.Linear", "Conv1d"]),
+        (
+            torch.zeros(3, dtype=torch.long),
+            nn.Linear(6, 7),
+            ValueError,
+            ["hidden must have shape [*batch, head.in_features=6]"],
+        ),
+    ],
+    ids=["float target", "target out of range", "target shape", "conv head", "hidden width"],
+)
 def test_linear_cross_entropy_refuses(target, head, kind, words):
     dfa = dk.DFA()
     dfa.point(torch.ones(3, 4))
@@ -434,38 +528,85 @@ class DictOut(nn.Module):
         return self.result(self.head(self.act(self.l(x))))
 
 
-@pytest.mark.parametrize("make, kind, words", [
-    (lambda: dk.convert(3), TypeError, ["convert expects an nn.Module", "int"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="layer.*"), ValueError,
-     ["the glob 'layer.*' matches no module name", "'*' matches one dotted component"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points=[3]), TypeError,
-     ["points must be module-name globs (str), nn.Module subclasses or a callable", "3"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points=[]), ValueError,
-     ["points must name at least one module"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", after=(nn.Linear,)), TypeError, ["not both"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), after=nn.Linear), TypeError,
-     ["after must be a non-empty tuple"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", output_module="1"), ValueError,
-     ["output_module must name a submodule", "'1'"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", output=0, output_module="0"), TypeError,
-     ["output=", "output_module=", "not both"]),
-    (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", input_points="nope"), ValueError,
-     ["input_points: the glob 'nope' matches no module name"]),
-], ids=["not a module", "glob", "points type", "empty points", "points and after", "after type",
-        "output_module", "output and output_module", "input_points glob"])
+@pytest.mark.parametrize(
+    "make, kind, words",
+    [
+        (lambda: dk.convert(3), TypeError, ["convert expects an nn.Module", "int"]),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="layer.*"),
+            ValueError,
+            ["the glob 'layer.*' matches no module name", "'*' matches one dotted component"],
+        ),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points=[3]),
+            TypeError,
+            ["points must be module-name globs (str), nn.Module subclasses or a callable", "3"],
+        ),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points=[]),
+            ValueError,
+            ["points must name at least one module"],
+        ),
+        (lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", after=(nn.Linear,)), TypeError, ["not both"]),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), after=nn.Linear),
+            TypeError,
+            ["after must be a non-empty tuple"],
+        ),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", output_module="1"),
+            ValueError,
+            ["output_module must name a submodule", "'1'"],
+        ),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", output=0, output_module="0"),
+            TypeError,
+            ["output=", "output_module=", "not both"],
+        ),
+        (
+            lambda: dk.convert(nn.Sequential(nn.Linear(4, 4)), points="0", input_points="nope"),
+            ValueError,
+            ["input_points: the glob 'nope' matches no module name"],
+        ),
+    ],
+    ids=[
+        "not a module",
+        "glob",
+        "points type",
+        "empty points",
+        "points and after",
+        "after type",
+        "output_module",
+        "output and output_module",
+        "input_points glob",
+    ],
+)
 def test_convert_refuses(make, kind, words):
     with raises(kind, *words):
         make()
 
 
-@pytest.mark.parametrize("result, output, kind, words", [
-    (lambda h: {"logits": h}, "nope", ValueError, ["output='nope' is not a key of the model's output", "['logits']"]),
-    (lambda h: (h, h), 5, ValueError, ["output=5 is not an index of the model's 2-item tuple output"]),
-    (lambda h: "text", None, TypeError, ["the model returned str with no tensor to take as the DFA output"]),
-    (lambda h: {"n": 3}, None, TypeError, ["the model returned dict with no tensor", "output=KEY"]),
-    (lambda h: {"logits": h, "loss": h.sum()}, None, RuntimeError,
-     ["computed output['loss'] inside its forward", "output_module="]),
-], ids=["missing key", "bad index", "string result", "no tensor", "loss inside forward"])
+@pytest.mark.parametrize(
+    "result, output, kind, words",
+    [
+        (
+            lambda h: {"logits": h},
+            "nope",
+            ValueError,
+            ["output='nope' is not a key of the model's output", "['logits']"],
+        ),
+        (lambda h: (h, h), 5, ValueError, ["output=5 is not an index of the model's 2-item tuple output"]),
+        (lambda h: "text", None, TypeError, ["the model returned str with no tensor to take as the DFA output"]),
+        (lambda h: {"n": 3}, None, TypeError, ["the model returned dict with no tensor", "output=KEY"]),
+        (
+            lambda h: {"logits": h, "loss": h.sum()},
+            None,
+            RuntimeError,
+            ["computed output['loss'] inside its forward", "output_module="],
+        ),
+    ],
+    ids=["missing key", "bad index", "string result", "no tensor", "loss inside forward"],
+)
 def test_converted_forward_refuses_outputs(result, output, kind, words):
     converted = dk.convert(DictOut(result), output=output)
     with raises(kind, *words):
@@ -489,8 +630,9 @@ def test_huggingface_misuses(tmp_path):
     transformers.logging.set_verbosity_error()
     from dfa_kernels import huggingface as dkh
 
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30,
-                                                                n_positions=16))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=16)
+    )
     with raises(ValueError, "placement must be one of", "'macro'", "'diagonal'"):
         dkh.convert(gpt2, placement="diagonal")
     with raises(ValueError, "error_at must be one of", "'hidden'", "'loss'"):
@@ -507,9 +649,11 @@ def test_huggingface_misuses(tmp_path):
         converted(ids, labels=torch.zeros(2, 4, dtype=torch.long))
     converted.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for entry, words in (("garbage", ["config.json's 'dfa' entry must be a dict", "'garbage'"]),
-                         ({"placement": "macro", "colour": "red"}, ["config.json's 'dfa' entry", "['colour']"]),
-                         ({"placement": "diagonal"}, ["placement must be one of", "'diagonal'"])):
+    for entry, words in (
+        ("garbage", ["config.json's 'dfa' entry must be a dict", "'garbage'"]),
+        ({"placement": "macro", "colour": "red"}, ["config.json's 'dfa' entry", "['colour']"]),
+        ({"placement": "diagonal"}, ["placement must be one of", "'diagonal'"]),
+    ):
         (tmp_path / "config.json").write_text(json.dumps({**config, "dfa": entry}))
         with raises(ValueError, *words):
             dkh.DFAForCausalLM.from_pretrained(tmp_path)
@@ -560,13 +704,30 @@ def test_cli_bad_data_file_exits_2_without_traceback(tmp_path):
     """In a real process: a corrupt --data file (not UTF-8) ends in one line on stderr, status 2."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"\xff\xfe\x00 not text\n" * 5)
-    run = subprocess.run([sys.executable, "-m", "dfa_kernels.cli", "train", "lm-pydoc", "--data", str(corpus),
-                          "--out", str(tmp_path / "runs"), "--no-progress"], capture_output=True, text=True,
-                         timeout=300, env=child_env())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfa_kernels.cli",
+            "train",
+            "lm-pydoc",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     lines = run.stderr.strip().splitlines()
-    assert lines == [f"dfa-kernels train: error: {corpus} is not UTF-8 text (invalid start byte at byte 0); "
-                     "expected a plain text file"]
+    assert lines == [
+        f"dfa-kernels train: error: {corpus} is not UTF-8 text (invalid start byte at byte 0); "
+        "expected a plain text file"
+    ]
 
 
 # ================================================================ the data loaders
@@ -594,14 +755,18 @@ def test_text_loaders(tmp_path, monkeypatch):
 CRITEO_ROW = "\t".join(["1"] + ["3"] * 13 + ["a1"] * 26)
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"", ["is empty", "label, I1..I13, C1..C26"]),
-    (b"1\t2\t3\n", ["the first line has 3 tab-separated columns; expected 40"]),
-    ((CRITEO_ROW + "\n" + "0\t1\t2\t3\t4\t5").encode(), ["the last line has 6 tab-separated columns", "cut short"]),
-    (("\t".join(["x"] + ["3"] * 13 + ["a1"] * 26) + "\n").encode(), ["40 tab-separated columns with a 0/1 label"]),
-    (("\t".join(["7"] + ["3"] * 13 + ["a1"] * 26) + "\n").encode(), ["0/1 label first"]),
-    (b"\x00\xff\xfe\x01" * 50, ["tab-separated columns; expected 40"]),
-], ids=["empty", "few columns", "truncated", "text label", "label 7", "binary"])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", ["is empty", "label, I1..I13, C1..C26"]),
+        (b"1\t2\t3\n", ["the first line has 3 tab-separated columns; expected 40"]),
+        ((CRITEO_ROW + "\n" + "0\t1\t2\t3\t4\t5").encode(), ["the last line has 6 tab-separated columns", "cut short"]),
+        (("\t".join(["x"] + ["3"] * 13 + ["a1"] * 26) + "\n").encode(), ["40 tab-separated columns with a 0/1 label"]),
+        (("\t".join(["7"] + ["3"] * 13 + ["a1"] * 26) + "\n").encode(), ["0/1 label first"]),
+        (b"\x00\xff\xfe\x01" * 50, ["tab-separated columns; expected 40"]),
+    ],
+    ids=["empty", "few columns", "truncated", "text label", "label 7", "binary"],
+)
 def test_criteo_loader_refuses(tmp_path, content, words):
     pytest.importorskip("pandas")
     from dfa_kernels.zoo.data import DataFormatError
@@ -637,6 +802,7 @@ def test_planetoid_loader_refuses(tmp_path):
 
 def test_nerf_blender_loader_refuses(tmp_path):
     import numpy as np
+
     from dfa_kernels.zoo.data import DataFormatError, DataNotFoundError
     from dfa_kernels.zoo.data.nerf_scenes import load_blender
 
@@ -661,6 +827,7 @@ def test_nerf_blender_loader_refuses(tmp_path):
     with raises(DataFormatError, "r_0.png is not a readable PNG image"):
         load_blender(tmp_path)
     import matplotlib.image
+
     matplotlib.image.imsave(tmp_path / "r_0.png", np.zeros((4, 4, 4)))
     write({"camera_angle_x": 0.7, "frames": [{**frame, "transform_matrix": [[1.0, 0.0]]}]})
     with raises(DataFormatError, "transform_matrix of ./r_0 must be 4x4", "(1, 2)"):

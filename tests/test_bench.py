@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark suite: it runs at tiny sizes and writes complete results; the
 summary script rewrites only the marked blocks of docs/benchmarks.md (and docs/zoo.md's)."""
+
 import json
 import shutil
 import subprocess
@@ -8,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_process import child_env
 
 import dfa_kernels as dk
 from dfa_kernels import cli, ops
 from dfa_kernels.bench import common, projection, step, summary
 from dfa_kernels.bench.suite import run_suite
-
-from child_process import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,11 +51,17 @@ def test_step_suite_tiny(tmp_path):
 
 
 def test_step_targets():
-    w = {"ours": {"variant": "dfa", "ratio_over_bp": 0.7}, "speedup_over_tinydfa_style": 1.6,
-         "peak_memory_bytes": {"bp": 10, "dfa": 9}}
+    w = {
+        "ours": {"variant": "dfa", "ratio_over_bp": 0.7},
+        "speedup_over_tinydfa_style": 1.6,
+        "peak_memory_bytes": {"bp": 10, "dfa": 9},
+    }
     found = step.targets({"lm_micro": w, "lm_macro": w}, "cuda", "gpu")
-    assert {t["name"] for t in found} >= {"lm_micro: DFA step / BP step", "lm_macro: TinyDFA-style step / DFA step",
-                                          "lm_micro: DFA peak memory / BP peak memory"}
+    assert {t["name"] for t in found} >= {
+        "lm_micro: DFA step / BP step",
+        "lm_macro: TinyDFA-style step / DFA step",
+        "lm_micro: DFA peak memory / BP peak memory",
+    }
     assert all(t["met"] for t in found)
     cpu = step.targets({"mlp": {**w, "ours": {"variant": "dfa", "ratio_over_bp": 0.8}}}, "cpu", "cpu")
     assert [(t["name"], t["met"]) for t in cpu] == [("mlp: DFA step / BP step", False)]
@@ -104,13 +110,18 @@ def test_projection_rows_and_backend_table(tmp_path, tables):
     assert [r["N"] for r in rows if r["sweep"] and r["impl"] == "torch.mm" and r["shape"] == "recsys"] == [16, 64]
     assert all(r["ms"] > 0 for r in rows)
     assert {r["bound"] for r in rows} == {"memory", "compute"}
-    assert {r["shape"] for r in rows if r["op"] == "project_points"} == {"points_narrow", "points_medium", "points_wide"}
+    assert {r["shape"] for r in rows if r["op"] == "project_points"} == {
+        "points_narrow",
+        "points_medium",
+        "points_wide",
+    }
     assert json.loads((tmp_path / "p.json").read_text())["rows"] == json.loads(json.dumps(rows))
     table = json.loads((tables / f"{ops.device_slug('cpu')}.json").read_text())  # the path's own table
     assert set(table) >= {"device", "git_sha", "date", "choices", "times_ms"}
     classes = ("narrow", "medium", "wide")
-    backend_keys = {f"{op}|{s}|{c}" for op in ("project", "project_points") for s in ("virtual", "materialized")
-                    for c in classes}
+    backend_keys = {
+        f"{op}|{s}|{c}" for op in ("project", "project_points") for s in ("virtual", "materialized") for c in classes
+    }
     storage_keys = {f"storage|{op}|{c}" for op in ("project", "project_points") for c in classes}
     assert set(table["choices"]) == backend_keys | storage_keys
     for key in backend_keys:
@@ -137,8 +148,20 @@ def test_device_peaks_match_names(monkeypatch):
     peak = common.device_peak(torch.device("cuda"))
     assert peak["gbps"] == 4800.0 and set(peak["tflops"]) == {"fp32", "tf32", "bf16", "fp16"}
     assert common.device_peak(torch.device("cpu")) is None
-    rows = [{"op": "project", "sweep": False, "dtype": "bfloat16", "impl": "cuda", "storage": "virtual",
-             "distribution": "uniform", "shape": "recsys", "bound": "memory", "gbps": 3000.0, "tflops": 1.0}]
+    rows = [
+        {
+            "op": "project",
+            "sweep": False,
+            "dtype": "bfloat16",
+            "impl": "cuda",
+            "storage": "virtual",
+            "distribution": "uniform",
+            "shape": "recsys",
+            "bound": "memory",
+            "gbps": 3000.0,
+            "tflops": 1.0,
+        }
+    ]
     projection._add_peaks(rows, peak)
     (t,) = projection.targets(rows, peak, "bfloat16")
     assert t["met"] is False and round(t["value"]) == 62
@@ -149,8 +172,12 @@ def test_cli_bench_tiny_writes_json_and_plots(tmp_path, tables, monkeypatch):
     cli.main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), "--no-progress"])
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     tag = ops.device_slug("cpu")  # cpu_<instruction-set path>
-    assert names == [f"projection_{tag}_tiny.json", f"projection_{tag}_tiny.png", f"step_{tag}_tiny.json",
-                     f"step_{tag}_tiny.png"]
+    assert names == [
+        f"projection_{tag}_tiny.json",
+        f"projection_{tag}_tiny.png",
+        f"step_{tag}_tiny.json",
+        f"step_{tag}_tiny.png",
+    ]
     for name in names:
         if name.endswith(".json"):
             assert json.loads((tmp_path / "out" / name).read_text())["environment"]["device_type"] == "cpu"
@@ -165,7 +192,7 @@ def _fake_checkout(tmp_path) -> Path:
     for path in (ROOT / "benchmarks" / "results").glob("*_cpu*.json"):  # every CPU path's step and projection
         if path.stem.startswith(("step_", "projection_")):
             shutil.copy(path, root / "benchmarks" / "results" / path.name)
-    shutil.copy(ROOT / "docs" / "zoo.md", root / "docs" / "zoo.md")   # the zoo tables and departures
+    shutil.copy(ROOT / "docs" / "zoo.md", root / "docs" / "zoo.md")  # the zoo tables and departures
     if (ROOT / "benchmarks" / "results" / "zoo").is_dir():
         shutil.copytree(ROOT / "benchmarks" / "results" / "zoo", root / "benchmarks" / "results" / "zoo")
     return root
@@ -177,22 +204,30 @@ def test_summarize_rewrites_only_the_marked_block(tmp_path):
     (root / "benchmarks" / "results" / "step_cuda.json").write_text(json.dumps(res))
     (root / "benchmarks" / "results" / "step_cuda_quick.json").write_text(json.dumps(res))  # left out
     before = (root / summary.PAGE).read_text()
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root)], check=True,
-                   capture_output=True, env=child_env())
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root)],
+        check=True,
+        capture_output=True,
+        env=child_env(),
+    )
     after = (root / summary.PAGE).read_text()
     head, tail = before.split(summary.START)[0], before.split(summary.END)[1]
     assert after.startswith(head + summary.START + "\n") and after.endswith(summary.END + tail)
-    block = after[len(head) + len(summary.START):-len(summary.END + tail)]
+    block = after[len(head) + len(summary.START) : -len(summary.END + tail)]
     assert "| mlp |" in block and "![step_cuda](plots/step_cuda.png)" in block
     cpu_steps = [p for p in (root / "benchmarks" / "results").glob("step_cpu*.json") if not p.stem.endswith("_quick")]
     assert block.count("Training step") == 1 + len(cpu_steps)
     assert (root / "benchmarks" / "plots" / "step_cuda.png").exists()
     # idempotent
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root), "--no-plots"],
-                   check=True, capture_output=True, env=child_env())
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--root", str(root), "--no-plots"],
+        check=True,
+        capture_output=True,
+        env=child_env(),
+    )
     assert (root / summary.PAGE).read_text() == after
     zoo_page = (root / "docs" / "zoo.md").read_text()
-    assert zoo_page == (ROOT / "docs" / "zoo.md").read_text()   # the committed page is what the script writes
+    assert zoo_page == (ROOT / "docs" / "zoo.md").read_text()  # the committed page is what the script writes
     assert "<!-- zoo-tables:start -->\nCommands:" in zoo_page and "<!-- tuning-departures:start -->\n- `" in zoo_page
 
 
@@ -221,18 +256,45 @@ def test_pytest_benchmark_runs_the_suite_cases(tmp_path):
     here), each with its ratio to the torch baseline in extra_info; plain `pytest` collects tests/."""
     pytest.importorskip("pytest_benchmark")
     import tomllib
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"] == [
+        "tests"
+    ]
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--dfa-device", "cpu",
-                           "--dfa-size", "tiny", "--dfa-quick", "-q", "-p", "no:cacheprovider",
-                           "--benchmark-max-time=0.002", "--benchmark-min-rounds=1", "--benchmark-warmup=off",
-                           f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=child_env(ROOT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/",
+            "--benchmark-only",
+            "--dfa-device",
+            "cpu",
+            "--dfa-size",
+            "tiny",
+            "--dfa-quick",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-max-time=0.002",
+            "--benchmark-min-rounds=1",
+            "--benchmark-warmup=off",
+            f"--benchmark-json={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=child_env(ROOT),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = json.loads(out.read_text())["benchmarks"]
     want = projection.cases("tiny", projection._compiled_backends(torch.device("cpu")), [torch.float32], quick=True)
     assert sorted(b["param"] for b in found) == sorted(c.id for c in want)
-    assert {c.op for c in want} == {"project", "project_points"} and {c.storage for c in want} == {"virtual", "materialized"}
+    assert {c.op for c in want} == {"project", "project_points"} and {c.storage for c in want} == {
+        "virtual",
+        "materialized",
+    }
     for b in found:
         assert b["extra_info"]["ratio_vs_baseline"] > 0 and b["extra_info"]["baseline_ms"] > 0
 

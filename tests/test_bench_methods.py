@@ -1,5 +1,6 @@
 """benchmarks/methods.py at the tiniest settings: the result file's fields, and the memory claim
 (a virtual B keeps no bytes after a step; a materialized one keeps B)."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -19,14 +20,17 @@ def load():
 def test_result_file_has_every_method_ratios_and_provenance(tmp_path):
     bench = load()
     biotorch = importlib.util.find_spec("biotorch") is not None
-    bench.main(["--repeats", "1", "--min-time", "0.001", "--workloads", "cnn", "--out", str(tmp_path)]
-               + ([] if biotorch else ["--no-biotorch"]))
-    path, = (tmp_path / "results").glob("methods_cpu_*.json")
+    bench.main(
+        ["--repeats", "1", "--min-time", "0.001", "--workloads", "cnn", "--out", str(tmp_path)]
+        + ([] if biotorch else ["--no-biotorch"])
+    )
+    (path,) = (tmp_path / "results").glob("methods_cpu_*.json")
     result = json.loads(path.read_text())
     assert result["command"] and result["environment"]["git_sha"] and result["machine"]["cpu_model"]
     w = result["workloads"]["cnn"]
     assert w["ratio_over_bp"]["bp"] == 1.0 and all(t > 0 for t in w["ms"].values())
     from dfa_kernels import methods
+
     assert set(methods.MODES) - {"shallow"} <= set(w["ms"])
     if biotorch:
         assert set(w["speedup_over_biotorch"]) == set(bench.BIOTORCH_MODES)

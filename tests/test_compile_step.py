@@ -7,6 +7,7 @@ be in the captured backward graph; a few compiled steps match eager ones.
 The zoo models compile with a backend that records AOTAutograd's graphs and runs them with eager
 kernels (aot_eager's path; the same dropout masks as eager, the sums in another order); the MLP
 also runs through inductor (C++ code generation: tens of seconds on a CPU)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,16 @@ from dfa_kernels.zoo.trainer import Run, Shuffled, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PLACEMENTS = getattr(T, "PLACEMENTS", ("macro", "micro"))   # "linear" where the model has it
+PLACEMENTS = getattr(T, "PLACEMENTS", ("macro", "micro"))  # "linear" where the model has it
 DFA_OPS = ("dfa_kernels.",)
 # the projection e @ B: with B generated in the kernel (virtual storage), or written out first
 # (feedback_matrix, then project_materialized: storage="auto" for a small B), or fused with the
 # points' activation derivatives (project_points)
-PROJECTIONS = {"dfa_kernels.project.default", "dfa_kernels.project_materialized.default",
-               "dfa_kernels.project_points.default"}
+PROJECTIONS = {
+    "dfa_kernels.project.default",
+    "dfa_kernels.project_materialized.default",
+    "dfa_kernels.project_points.default",
+}
 
 
 class Recorder:
@@ -41,6 +45,7 @@ class Recorder:
         def compiler(gm, example_inputs):
             self.graphs[kind].append(gm)
             return make_boxed_func(gm.forward)
+
         return compiler
 
     def __call__(self, gm, example_inputs):
@@ -64,7 +69,7 @@ def compiled_vs_eager(build, compile):
     eager = Trainer(build(), progress=False).fit()
     torch._dynamo.reset()
     run = build()
-    with torch._dynamo.config.patch(error_on_recompile=True):   # one trace per step function
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one trace per step function
         fitted = Trainer(run, progress=False, compile=compile).fit()
     return eager, fitted, run
 
@@ -98,32 +103,41 @@ def mlp_run():
     X, Y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
     model = MLP()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    return Run(model=model, optimizer=opt, batches=Shuffled(64, 16, seed=0),
-               loss=lambda model, rows: F.cross_entropy(model(X[rows]), Y[rows]),
-               evaluate=lambda model, split: {"loss": F.cross_entropy(model(X), Y).item()}, select="loss",
-               higher_is_better=False, epochs=2, steps_per_epoch=3,
-               scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)))
+    return Run(
+        model=model,
+        optimizer=opt,
+        batches=Shuffled(64, 16, seed=0),
+        loss=lambda model, rows: F.cross_entropy(model(X[rows]), Y[rows]),
+        evaluate=lambda model, split: {"loss": F.cross_entropy(model(X), Y).item()},
+        select="loss",
+        higher_is_better=False,
+        epochs=2,
+        steps_per_epoch=3,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)),
+    )
 
 
 def test_mlp_step_compiled_with_inductor_matches_eager():
     """Forward, backward (project + grouped weight gradient in the compiled backward) and Adam with
     a scheduled (tensor) learning rate, through inductor; no graph break, no recompile per step."""
     eager, compiled, run = compiled_vs_eager(mlp_run, True)
-    assert [h["train_loss"] for h in compiled.history] == pytest.approx([h["train_loss"] for h in eager.history],
-                                                                       rel=1e-5)
+    assert [h["train_loss"] for h in compiled.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], rel=1e-5
+    )
     want = Trainer(mlp_run(), progress=False)
     want.fit()
     for p, q in zip(run.model.parameters(), want.run.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     assert isinstance(run.optimizer.param_groups[0]["lr"], torch.Tensor)
-    assert run.optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-2 / 7)     # the scheduler's value
+    assert run.optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-2 / 7)  # the scheduler's value
 
 
 def test_mlp_step_graphs_hold_the_projection():
     recorder = Recorder()
     eager, compiled, _ = compiled_vs_eager(mlp_run, recorder)
-    assert [h["train_loss"] for h in compiled.history] == pytest.approx([h["train_loss"] for h in eager.history],
-                                                                       rel=1e-6)
+    assert [h["train_loss"] for h in compiled.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], rel=1e-6
+    )
     assert_captured(recorder, fused=True)
 
 
@@ -134,9 +148,10 @@ def test_gcn_step_compiled():
     config = tasks.TrainConfig("gcn-cora", epochs=3, progress=False)
     recorder = Recorder()
     eager, compiled, _ = compiled_vs_eager(lambda: tasks.get("gcn-cora").build(config), recorder)
-    assert [h["train_loss"] for h in compiled.history] == pytest.approx([h["train_loss"] for h in eager.history],
-                                                                       rel=1e-6)
-    assert compiled.final["test_acc"] == pytest.approx(eager.final["test_acc"], abs=2e-3)   # 2 nodes of 1000
+    assert [h["train_loss"] for h in compiled.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], rel=1e-6
+    )
+    assert compiled.final["test_acc"] == pytest.approx(eager.final["test_acc"], abs=2e-3)  # 2 nodes of 1000
     assert_captured(recorder, fused=False)
 
 
@@ -147,22 +162,32 @@ def test_transformer_step_compiled(placement):
     from dfa_kernels.zoo.recipes import transformer as R
 
     def build():
-        run = R.build_lm("lm-pydoc", tasks.TrainConfig("lm-pydoc", placement=placement, epochs=2),
-                         layers=2, d_model=32, heads=2, d_ff=64, context=16)
+        run = R.build_lm(
+            "lm-pydoc",
+            tasks.TrainConfig("lm-pydoc", placement=placement, epochs=2),
+            layers=2,
+            d_model=32,
+            heads=2,
+            d_ff=64,
+            context=16,
+        )
         run.steps_per_epoch = 3
         run.evaluate = lambda model, split: {"loss": 0.0}
         return run
+
     recorder = Recorder()
     eager, compiled, run = compiled_vs_eager(build, recorder)
-    assert [h["train_loss"] for h in compiled.history] == pytest.approx([h["train_loss"] for h in eager.history],
-                                                                       rel=1e-6)
-    fused = run.model.fused and placement != "macro"       # dfa.linear points: project_points + grouped GEMM
+    assert [h["train_loss"] for h in compiled.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], rel=1e-6
+    )
+    fused = run.model.fused and placement != "macro"  # dfa.linear points: project_points + grouped GEMM
     assert_captured(recorder, fused)
 
 
 def test_bench_step_times_the_compiled_step(monkeypatch):
     """bench_step's compile option (here one compiled variant, tiny MLP: the C++ compile is slow)."""
     from dfa_kernels.bench import step
+
     monkeypatch.setattr(step, "COMPILED", {"dfa_compiled": "dfa"})
     result = step.run_workload("mlp", "cpu", "tiny", 1, progress=False, compile=True)
     assert not result["failed_variants"] and set(result["compiled_over_eager"]) == {"dfa_compiled"}

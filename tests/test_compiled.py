@@ -11,6 +11,7 @@ generated inside the kernel, the tolerance has a term of B_ROUND_UNITS * eps * s
 rms(B) (see tests/test_cuda_kernels.py's doc; test_b_rounding_tolerance_covers_simulated_rounding
 checks the term against a simulation of the rounding on the CPU).
 """
+
 import math
 import sys
 
@@ -51,14 +52,16 @@ def materialized_B(B, device, dtype):
     return B.to(dtype) if device == "cuda" and dtype in B_EPS and B.shape[0] > NARROW_MAX_K else B
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU: CUDA kernels compiled but not run")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: CUDA kernels compiled but not run")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 # (N, out_features, width): N in {0, 1, 7, 33, 1000}, out_features in {1, 3, 10, 50257 (small
 # widths only)}, width in {1, 17, 128, 4096 (small out_features only)}.
-SHAPES = ([(n, k, w) for n in (0, 1, 7, 33, 1000) for k in (1, 3, 10) for w in (1, 17, 128, 4096)]
-          + [(n, 50257, w) for n in (0, 1, 7) for w in (1, 17)] + [(1000, 50257, 17)])
+SHAPES = (
+    [(n, k, w) for n in (0, 1, 7, 33, 1000) for k in (1, 3, 10) for w in (1, 17, 128, 4096)]
+    + [(n, 50257, w) for n in (0, 1, 7) for w in (1, 17)]
+    + [(1000, 50257, 17)]
+)
 
 _B_CACHE = {}
 _E_CACHE = {}
@@ -81,8 +84,9 @@ def reference_B(distribution, rows, cols, seed=SEED, density=DENSITY):
 def assert_matches_reference(got, e, B, scale=1.0, col_scale=None, out_dtype=None, b_round=0.0):
     """got == reference up to fp32 summation order and the final rounding; b_round: eps * rms(B)
     where the kernel rounded B to e's dtype (virtual_b_round), else 0."""
-    want = reference.project_materialized(e.cpu(), B.cpu(), scale, None if col_scale is None else col_scale.cpu(),
-                                          torch.float32)
+    want = reference.project_materialized(
+        e.cpu(), B.cpu(), scale, None if col_scale is None else col_scale.cpu(), torch.float32
+    )
     out_dtype = out_dtype or e.dtype
     assert got.shape == want.shape and got.dtype == out_dtype
     K = e.shape[1]
@@ -95,8 +99,7 @@ def assert_matches_reference(got, e, B, scale=1.0, col_scale=None, out_dtype=Non
 
 def test_build_config():
     config = _C.build_config()
-    assert set(config) == {"cuda_compiled", "cuda_archs", "torch_version_built", "cuda_version_built",
-                           "openmp"}
+    assert set(config) == {"cuda_compiled", "cuda_archs", "torch_version_built", "cuda_version_built", "openmp"}
     assert isinstance(config["cuda_compiled"], bool)
     assert isinstance(config["openmp"], bool)
     assert isinstance(config["cuda_archs"], list) and all(isinstance(a, str) for a in config["cuda_archs"])
@@ -167,8 +170,9 @@ def test_project_matches_reference(device, dtype, distribution, shape):
     e = activations(N, K, dtype)
     got = ops.project(e.to(device), SEED, distribution, DENSITY, W, 1.0, None, None)
     assert got.device.type == device
-    assert_matches_reference(got, e, reference_B(distribution, K, W),
-                             b_round=virtual_b_round(device, dtype, distribution, K))
+    assert_matches_reference(
+        got, e, reference_B(distribution, K, W), b_round=virtual_b_round(device, dtype, distribution, K)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -183,8 +187,9 @@ def test_project_scale_col_scale_out_dtype(device, distribution, dtype, out_dtyp
     dev_cs = None if col_scale is None else col_scale.to(device)
     B = reference_B(distribution, K, W)
     got = ops.project(e.to(device), SEED, distribution, DENSITY, W, -0.125, dev_cs, out_dtype)
-    assert_matches_reference(got, e, B, -0.125, col_scale, out_dtype,
-                             b_round=virtual_b_round(device, dtype, distribution, K))
+    assert_matches_reference(
+        got, e, B, -0.125, col_scale, out_dtype, b_round=virtual_b_round(device, dtype, distribution, K)
+    )
     got = ops.project_materialized(e.to(device), B.to(device), -0.125, dev_cs, out_dtype)
     assert_matches_reference(got, e, materialized_B(B, device, dtype), -0.125, col_scale, out_dtype)
 
@@ -206,8 +211,10 @@ def test_project_empty_shapes(device, shape):
     N, K, W = shape
     e = torch.randn(N, K, device=device, dtype=torch.float16)
     col_scale = torch.ones(W, device=device)
-    for got in (ops.project(e, SEED, "uniform", DENSITY, W, 2.0, col_scale, torch.float32),
-                ops.project_materialized(e, torch.randn(K, W, device=device), 2.0, col_scale, torch.float32)):
+    for got in (
+        ops.project(e, SEED, "uniform", DENSITY, W, 2.0, col_scale, torch.float32),
+        ops.project_materialized(e, torch.randn(K, W, device=device), 2.0, col_scale, torch.float32),
+    ):
         assert got.shape == (N, W) and got.dtype == torch.float32 and got.device.type == device
         assert not got.any()
 
@@ -223,8 +230,9 @@ def test_project_materialized_any_B(device, b_dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-@pytest.mark.parametrize("shape", [(1, 50257, 300), (16, 5000, 4096), (17, 999, 130), (64, 4096, 1000),
-                                   (4099, 129, 515)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 50257, 300), (16, 5000, 4096), (17, 999, 130), (64, 4096, 1000), (4099, 129, 515)], ids=str
+)
 def test_cuda_matches_cpu(distribution, shape):
     """Kernel configurations (row tiles, split-K, edge tiles) against the CPU op, which does not
     round B: the bf16 tensor-core kernel does (uniform and gaussian), hence the b_round term."""
@@ -252,8 +260,12 @@ def simulated_rounding(e, B, distribution, seed=0):
 # The shapes of the tests that take a rounding path on the GPU, the largest errors first: out_features
 # 17 (few terms: heavy tails), the tensor-core tiles, a vocabulary-sized K. (N, K, W, scale, col_scale)
 ROUNDING_SHAPES = {
-    "test_compiled": [(7, 50257, 17, 1.0, False), (37, 300, 259, -0.125, True), (17, 999, 130, 1.0, False),
-                      (4099, 129, 515, 1.0, False)],
+    "test_compiled": [
+        (7, 50257, 17, 1.0, False),
+        (37, 300, 259, -0.125, True),
+        (17, 999, 130, 1.0, False),
+        (4099, 129, 515, 1.0, False),
+    ],
     "test_cuda_kernels": [(1000, 17, 1000, 0.5, False), (64, 700, 515, 2.0, True), (256, 1000, 256, 0.5, False)],
 }
 
@@ -266,6 +278,7 @@ def test_b_rounding_tolerance_covers_simulated_rounding(dtype, distribution, mon
     rounding on those tests' shapes: each passes with the rounding term at 3/4 of its size (a
     margin), and fails without it (the term is needed: the old tolerances had none)."""
     import test_cuda_kernels as tck  # its helpers; its tests themselves need a GPU
+
     this = sys.modules[__name__]
     for N, K, W, scale, with_cs in ROUNDING_SHAPES["test_compiled"]:
         e = activations(N, K, dtype)
@@ -300,8 +313,13 @@ def test_b_rounding_tolerance_covers_simulated_rounding(dtype, distribution, mon
 
 def test_rounding_constants_agree_with_test_cuda_kernels():
     import test_cuda_kernels as tck
+
     assert (NARROW_MAX_K, B_ROUND_UNITS, B_RMS["uniform"], B_RMS["gaussian"]) == (
-        tck.NARROW_MAX_K, tck.B_ROUND_UNITS, tck.B_RMS["uniform"], tck.B_RMS["gaussian"])
+        tck.NARROW_MAX_K,
+        tck.B_ROUND_UNITS,
+        tck.B_RMS["uniform"],
+        tck.B_RMS["gaussian"],
+    )
     assert all(B_EPS[d] == tck.EPS[d] for d in B_EPS)
     B = torch.randn(40, 9)
     assert materialized_B(B, "cuda", torch.bfloat16).dtype == tck._materialized_b(B, torch.bfloat16, 40).dtype
@@ -313,44 +331,84 @@ def _e(shape=(4, 6), dtype=torch.float32):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("call,match", [
-    (lambda d: ops.project(_e((24,)).to(d), 0, "uniform", 0.1, 8, 1.0, None, None), "e must be a 2-D tensor"),
-    (lambda d: ops.project(_e((2, 3, 4)).to(d), 0, "uniform", 0.1, 8, 1.0, None, None), "e must be a 2-D tensor"),
-    (lambda d: ops.project(_e(dtype=torch.float64).to(d), 0, "uniform", 0.1, 8, 1.0, None, None),
-     "e must be float32, float16 or bfloat16"),
-    (lambda d: ops.project(torch.ones(4, 6, dtype=torch.int32, device=d), 0, "uniform", 0.1, 8, 1.0, None, None),
-     "e must be float32, float16 or bfloat16"),
-    (lambda d: ops.project(_e((6, 4)).to(d).t(), 0, "uniform", 0.1, 8, 1.0, None, None), "e must be contiguous"),
-    (lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, -1, 1.0, None, None), r"width must be in \[0, 2\^32\]"),
-    (lambda d: ops.project(_e().to(d), -1, "uniform", 0.1, 8, 1.0, None, None), r"seed must be in \[0, 2\^32\)"),
-    (lambda d: ops.project(_e().to(d), 2**32, "uniform", 0.1, 8, 1.0, None, None), r"seed must be in \[0, 2\^32\)"),
-    (lambda d: ops.project(_e().to(d), 0, "normal", 0.1, 8, 1.0, None, None),
-     'distribution must be one of "uniform", "gaussian", "rademacher", "sparse"; got "normal"'),
-    (lambda d: ops.project(_e().to(d), 0, "sparse", 1.5, 8, 1.0, None, None), r"density must be in \[0, 1\]"),
-    (lambda d: ops.project(_e().to(d), 0, "sparse", float("nan"), 8, 1.0, None, None), r"density must be in \[0, 1\]"),
-    (lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, 8, 1.0, torch.ones(7, device=d), None),
-     r"col_scale must have shape \[width\] = \[8\]"),
-    (lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, 8, 1.0, torch.ones(8, dtype=torch.float16, device=d),
-                           None), "col_scale must be float32"),
-    (lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, 8, 1.0, None, torch.float64),
-     "out_dtype must be float32, float16 or bfloat16"),
-    (lambda d: ops.project_materialized(_e().to(d), torch.randn(5, 8, device=d), 1.0, None, None),
-     r"B.size\(0\) must equal e.size\(1\) \(out_features = 6\)"),
-    (lambda d: ops.project_materialized(_e().to(d), torch.randn(6, device=d), 1.0, None, None),
-     "B must be a 2-D tensor"),
-    (lambda d: ops.project_materialized(_e().to(d), torch.ones(6, 8, dtype=torch.int64, device=d), 1.0, None,
-                                        None), "B must be a floating-point tensor"),
-    (lambda d: ops.project_materialized(_e().to(d), torch.randn(6, 8, device=d), 1.0, torch.ones(3, device=d),
-                                        None), r"col_scale must have shape \[width\] = \[8\]"),
-    (lambda d: ops.feedback_matrix(0, "uniform", 0.1, -1, 4, torch.float32, torch.device(d)),
-     r"rows must be in \[0, 2\^32\]"),
-    (lambda d: ops.feedback_matrix(0, "uniform", 0.1, 4, -4, torch.float32, torch.device(d)),
-     r"cols must be in \[0, 2\^32\]"),
-    (lambda d: ops.feedback_matrix(0, "uniform", 0.1, 4, 4, torch.int32, torch.device(d)),
-     "dtype must be float32, float64, float16 or bfloat16"),
-    (lambda d: ops.feedback_matrix(0, "cauchy", 0.1, 4, 4, torch.float32, torch.device(d)),
-     "distribution must be one of"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda d: ops.project(_e((24,)).to(d), 0, "uniform", 0.1, 8, 1.0, None, None), "e must be a 2-D tensor"),
+        (lambda d: ops.project(_e((2, 3, 4)).to(d), 0, "uniform", 0.1, 8, 1.0, None, None), "e must be a 2-D tensor"),
+        (
+            lambda d: ops.project(_e(dtype=torch.float64).to(d), 0, "uniform", 0.1, 8, 1.0, None, None),
+            "e must be float32, float16 or bfloat16",
+        ),
+        (
+            lambda d: ops.project(torch.ones(4, 6, dtype=torch.int32, device=d), 0, "uniform", 0.1, 8, 1.0, None, None),
+            "e must be float32, float16 or bfloat16",
+        ),
+        (lambda d: ops.project(_e((6, 4)).to(d).t(), 0, "uniform", 0.1, 8, 1.0, None, None), "e must be contiguous"),
+        (lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, -1, 1.0, None, None), r"width must be in \[0, 2\^32\]"),
+        (lambda d: ops.project(_e().to(d), -1, "uniform", 0.1, 8, 1.0, None, None), r"seed must be in \[0, 2\^32\)"),
+        (lambda d: ops.project(_e().to(d), 2**32, "uniform", 0.1, 8, 1.0, None, None), r"seed must be in \[0, 2\^32\)"),
+        (
+            lambda d: ops.project(_e().to(d), 0, "normal", 0.1, 8, 1.0, None, None),
+            'distribution must be one of "uniform", "gaussian", "rademacher", "sparse"; got "normal"',
+        ),
+        (lambda d: ops.project(_e().to(d), 0, "sparse", 1.5, 8, 1.0, None, None), r"density must be in \[0, 1\]"),
+        (
+            lambda d: ops.project(_e().to(d), 0, "sparse", float("nan"), 8, 1.0, None, None),
+            r"density must be in \[0, 1\]",
+        ),
+        (
+            lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, 8, 1.0, torch.ones(7, device=d), None),
+            r"col_scale must have shape \[width\] = \[8\]",
+        ),
+        (
+            lambda d: ops.project(
+                _e().to(d), 0, "uniform", 0.1, 8, 1.0, torch.ones(8, dtype=torch.float16, device=d), None
+            ),
+            "col_scale must be float32",
+        ),
+        (
+            lambda d: ops.project(_e().to(d), 0, "uniform", 0.1, 8, 1.0, None, torch.float64),
+            "out_dtype must be float32, float16 or bfloat16",
+        ),
+        (
+            lambda d: ops.project_materialized(_e().to(d), torch.randn(5, 8, device=d), 1.0, None, None),
+            r"B.size\(0\) must equal e.size\(1\) \(out_features = 6\)",
+        ),
+        (
+            lambda d: ops.project_materialized(_e().to(d), torch.randn(6, device=d), 1.0, None, None),
+            "B must be a 2-D tensor",
+        ),
+        (
+            lambda d: ops.project_materialized(
+                _e().to(d), torch.ones(6, 8, dtype=torch.int64, device=d), 1.0, None, None
+            ),
+            "B must be a floating-point tensor",
+        ),
+        (
+            lambda d: ops.project_materialized(
+                _e().to(d), torch.randn(6, 8, device=d), 1.0, torch.ones(3, device=d), None
+            ),
+            r"col_scale must have shape \[width\] = \[8\]",
+        ),
+        (
+            lambda d: ops.feedback_matrix(0, "uniform", 0.1, -1, 4, torch.float32, torch.device(d)),
+            r"rows must be in \[0, 2\^32\]",
+        ),
+        (
+            lambda d: ops.feedback_matrix(0, "uniform", 0.1, 4, -4, torch.float32, torch.device(d)),
+            r"cols must be in \[0, 2\^32\]",
+        ),
+        (
+            lambda d: ops.feedback_matrix(0, "uniform", 0.1, 4, 4, torch.int32, torch.device(d)),
+            "dtype must be float32, float64, float16 or bfloat16",
+        ),
+        (
+            lambda d: ops.feedback_matrix(0, "cauchy", 0.1, 4, 4, torch.float32, torch.device(d)),
+            "distribution must be one of",
+        ),
+    ],
+)
 def test_validation_errors(device, call, match):
     with pytest.raises(RuntimeError, match=match):
         call(device)

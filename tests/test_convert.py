@@ -1,5 +1,6 @@
 """dk.convert: where points go (globs, types, callables, library activations), models that return
 mappings or tuples, shared modules, eval mode, a CNN, and the residual-stream check."""
+
 import collections
 import copy
 import io
@@ -90,13 +91,27 @@ def test_parameter_names_unchanged_and_state_dict_round_trip():
 
 def test_convert_fuse_folds_linear_and_activation():  # moved from test_fused.py
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.GELU(approximate="tanh"),
-                        nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+    net = nn.Sequential(
+        nn.Linear(6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 12),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(12, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
     x, target = torch.randn(5, 6), torch.randint(0, 3, (5,))
     plain = dk.convert(net, seed=3)
     fused = dk.convert(net, seed=3, fuse=True)
-    assert [type(m).__name__ for m in fused.model] == ["DFALinear", "Identity", "Linear", "GELU",
-                                                         "DFALinear", "Identity", "Linear"]
+    assert [type(m).__name__ for m in fused.model] == [
+        "DFALinear",
+        "Identity",
+        "Linear",
+        "GELU",
+        "DFALinear",
+        "Identity",
+        "Linear",
+    ]
     assert fused.model[0].activation == "relu" and fused.model[4].activation == "tanh"
     assert fused.state_dict().keys() == plain.state_dict().keys() == dk.convert(net).state_dict().keys()
     torch.testing.assert_close(fused(x), net(x))
@@ -132,15 +147,18 @@ def test_glob_star_is_one_name_component():
     assert glob_regex("la?ers.0").match("layers.0")
 
 
-@pytest.mark.parametrize("points, expected", [
-    ("layers.*", ("layers.0", "layers.1", "layers.2")),
-    (["layers.0", "layers.2.1"], ("layers.0", "layers.2.1")),
-    ("layers.*.1", ("layers.0.1", "layers.1.1", "layers.2.1")),
-    (nn.Tanh, ("layers.0.1", "layers.1.1", "layers.2.1")),
-    ((nn.Linear,), ("inp", "layers.0.0", "layers.1.0", "layers.2.0", "head")),
-    (lambda name, m: name in ("inp", "layers.1"), ("inp", "layers.1")),
-    (["inp", nn.Tanh], ("inp", "layers.0.1", "layers.1.1", "layers.2.1")),
-])
+@pytest.mark.parametrize(
+    "points, expected",
+    [
+        ("layers.*", ("layers.0", "layers.1", "layers.2")),
+        (["layers.0", "layers.2.1"], ("layers.0", "layers.2.1")),
+        ("layers.*.1", ("layers.0.1", "layers.1.1", "layers.2.1")),
+        (nn.Tanh, ("layers.0.1", "layers.1.1", "layers.2.1")),
+        ((nn.Linear,), ("inp", "layers.0.0", "layers.1.0", "layers.2.0", "head")),
+        (lambda name, m: name in ("inp", "layers.1"), ("inp", "layers.1")),
+        (["inp", nn.Tanh], ("inp", "layers.0.1", "layers.1.1", "layers.2.1")),
+    ],
+)
 def test_points_by_glob_type_and_callable(points, expected):
     model = Blocks()
     x = torch.randn(5, 4)
@@ -170,8 +188,9 @@ def test_activation_modules_of_transformers_and_timm_count_without_importing_the
     Linear = _library_class("transformers.activations", "LinearActivation")
     assert is_activation(NewGELU()) and is_activation(Swish()) and not is_activation(Linear())
     assert is_activation(nn.GELU()) and not is_activation(nn.Linear(2, 2))
-    net = nn.Sequential(nn.Linear(4, 8), NewGELU(), nn.Linear(8, 8), Swish(), nn.Linear(8, 8), Linear(),
-                        nn.Linear(8, 2))
+    net = nn.Sequential(
+        nn.Linear(4, 8), NewGELU(), nn.Linear(8, 8), Swish(), nn.Linear(8, 8), Linear(), nn.Linear(8, 2)
+    )
     assert dk.convert(net).points == ("1", "3")
 
 
@@ -300,8 +319,15 @@ class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, 5)
 

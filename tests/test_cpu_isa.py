@@ -3,15 +3,16 @@ each hand-tiled loop (the narrow outer product, the B generator, the relu epilog
 epilogue) is compiled once per path with its own tile sizes, so each path is tested against the
 reference here, forced in-process (`_C.set_cpu_isa`) or by DFA_KERNELS_CPU_ISA. A path this CPU
 cannot run is skipped with the reason (CI's CPU decides which run)."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
+from child_process import child_env
 
 import dfa_kernels as dk
 from dfa_kernels import ops, reference
-from child_process import child_env
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="the compiled library is not loaded")
 torch_ops = torch.ops.dfa_kernels
@@ -74,10 +75,12 @@ def test_project_points_every_path(isa):
     for activations in (["relu"] * 4, ["gelu", "tanh", "sigmoid", "silu"]):
         acts = [torch.randn(N, w) for w in widths]
         for B in (None, torch_ops.feedback_matrix(SEED, "rademacher", DENSITY, K, 234, torch.float32, "cpu")):
-            got = torch_ops.project_points(e, B, SEED, "rademacher", DENSITY, offsets, widths, [1.0, 0.5, 2.0, 1.5],
-                                           acts, activations, None)
-            want = reference.project_points(e, B, SEED, "rademacher", DENSITY, offsets, widths, [1.0, 0.5, 2.0, 1.5],
-                                            acts, activations, None)
+            got = torch_ops.project_points(
+                e, B, SEED, "rademacher", DENSITY, offsets, widths, [1.0, 0.5, 2.0, 1.5], acts, activations, None
+            )
+            want = reference.project_points(
+                e, B, SEED, "rademacher", DENSITY, offsets, widths, [1.0, 0.5, 2.0, 1.5], acts, activations, None
+            )
             for g, w in zip(got, want):
                 _close(g, w, K)
 
@@ -93,10 +96,13 @@ def test_feedback_matrix_every_path(isa, distribution):
 
 
 def _run(env_isa: str) -> subprocess.CompletedProcess:
-    code = "import dfa_kernels as dk; from dfa_kernels import ops; print(ops.cpu_isa()); print(dk.build_info()['cpu_isa'])"
+    code = (
+        "import dfa_kernels as dk; from dfa_kernels import ops; print(ops.cpu_isa()); print(dk.build_info()['cpu_isa'])"
+    )
     # child_env: the dfa_kernels this process imported (after `pip install .`, not the checkout's)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=child_env(DFA_KERNELS_CPU_ISA=env_isa))
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(DFA_KERNELS_CPU_ISA=env_isa)
+    )
 
 
 def test_environment_variable_forces_the_path():
@@ -109,8 +115,12 @@ def test_a_bad_path_is_refused_by_name():
     got = _run("avx9000")
     assert got.returncode != 0
     assert "DFA_KERNELS_CPU_ISA must be one of avx512, avx2, baseline" in got.stderr
-    cli = subprocess.run([sys.executable, "-m", "dfa_kernels", "info"], capture_output=True, text=True,
-                         env=child_env(DFA_KERNELS_CPU_ISA="avx9000"))
+    cli = subprocess.run(
+        [sys.executable, "-m", "dfa_kernels", "info"],
+        capture_output=True,
+        text=True,
+        env=child_env(DFA_KERNELS_CPU_ISA="avx9000"),
+    )
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
     assert "DFA_KERNELS_CPU_ISA must be one of" in cli.stderr
 

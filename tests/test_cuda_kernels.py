@@ -18,6 +18,7 @@ between libm and CUDA. Two CUDA paths round B to e's 16-bit dtype before an fp32
   K <= 16 takes the narrow kernel, which reads or generates B in fp32 (or B's own 16-bit dtype), and
   project_points runs the SIMT tile in fp32: neither rounds B, and their tolerances have no B term.
 """
+
 import math
 
 import pytest
@@ -105,8 +106,9 @@ def test_project_out_dtype_and_col_scale(distribution, out_dtype):
             cs = torch.rand(W) + 0.5
             got = torch_ops.project(e.cuda(), SEED, distribution, DENSITY, W, 2.0, cs.cuda(), out_dtype)
             want = torch_ops.project(e, SEED, distribution, DENSITY, W, 2.0, cs, out_dtype)
-            _close(got, want, 1.5 * _atol(e, K, 2.0, _b_round(dtype, distribution, K)), out_dtype,
-                   f"{dtype} {N} {K} {W}")
+            _close(
+                got, want, 1.5 * _atol(e, K, 2.0, _b_round(dtype, distribution, K)), out_dtype, f"{dtype} {N} {K} {W}"
+            )
 
 
 @pytest.mark.parametrize("b_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -144,8 +146,13 @@ def test_project_tensor_core_path(dtype, distribution):
         want = torch_ops.project(e, SEED, distribution, DENSITY, W, 0.5, None, torch.float32)
         for out_dtype in (dtype, torch.float32):
             got = torch_ops.project(ec, SEED, distribution, DENSITY, W, 0.5, None, out_dtype)
-            _close(got, want.to(out_dtype), _atol(e, K, 0.5, _b_round(dtype, distribution, K)), out_dtype,
-                   f"N={N} K={K} W={W}")
+            _close(
+                got,
+                want.to(out_dtype),
+                _atol(e, K, 0.5, _b_round(dtype, distribution, K)),
+                out_dtype,
+                f"N={N} K={K} W={W}",
+            )
 
 
 def test_project_large_vocab_split_k():
@@ -188,17 +195,30 @@ def _points(N, widths, dtype, act_dtype=None, activations=None, layout="independ
         offsets = [0] * len(widths)
     activations = activations or [ACTIVATIONS[i % len(ACTIVATIONS)] for i in range(len(widths))]
     scales = [0.5 + 0.25 * i for i in range(len(widths))]
-    acts = [None if a == "none" else (torch.randn(N, w, generator=g) * 2).to(act_dtype or dtype)
-            for a, w in zip(activations, widths)]
+    acts = [
+        None if a == "none" else (torch.randn(N, w, generator=g) * 2).to(act_dtype or dtype)
+        for a, w in zip(activations, widths)
+    ]
     return offsets, scales, acts, activations
 
 
 def _run_points(e, B, offsets, widths, scales, acts, activations, out_dtype, distribution="uniform"):
-    cuda = torch_ops.project_points(e.cuda(), None if B is None else B.cuda(), SEED, distribution, DENSITY,
-                                    offsets, widths, scales, [None if a is None else a.cuda() for a in acts],
-                                    activations, out_dtype)
-    cpu = torch_ops.project_points(e, B, SEED, distribution, DENSITY, offsets, widths, scales, acts, activations,
-                                   out_dtype)
+    cuda = torch_ops.project_points(
+        e.cuda(),
+        None if B is None else B.cuda(),
+        SEED,
+        distribution,
+        DENSITY,
+        offsets,
+        widths,
+        scales,
+        [None if a is None else a.cuda() for a in acts],
+        activations,
+        out_dtype,
+    )
+    cpu = torch_ops.project_points(
+        e, B, SEED, distribution, DENSITY, offsets, widths, scales, acts, activations, out_dtype
+    )
     return cuda, cpu
 
 
@@ -265,8 +285,19 @@ def test_project_points_split_k():
     e = _e(N, K, torch.bfloat16)
     offsets, scales, acts, activations = _points(N, widths, torch.bfloat16, torch.float32)
     got, want = _run_points(e, None, offsets, widths, scales, acts, activations, torch.float32, "gaussian")
-    again = torch_ops.project_points(e.cuda(), None, SEED, "gaussian", DENSITY, offsets, widths, scales,
-                                     [None if a is None else a.cuda() for a in acts], activations, torch.float32)
+    again = torch_ops.project_points(
+        e.cuda(),
+        None,
+        SEED,
+        "gaussian",
+        DENSITY,
+        offsets,
+        widths,
+        scales,
+        [None if a is None else a.cuda() for a in acts],
+        activations,
+        torch.float32,
+    )
     for l, (g, w, a) in enumerate(zip(got, want, again)):
         assert torch.equal(g, a), f"point {l}: split-K sums must be deterministic"
         _close(g, w, _atol(e, K, 2.0 * scales[l]), torch.float32, f"point {l}")
@@ -286,11 +317,14 @@ def test_project_points_opcheck(storage):
     e = _e(N, K, torch.float32).cuda().requires_grad_()
     B = torch.randn(K, 20, device="cuda", requires_grad=True) if storage == "materialized" else None
     acts = [torch.randn(N, 5, device="cuda", requires_grad=True), torch.randn(N, 12, device="cuda")]
-    torch.library.opcheck(torch_ops.project_points.default,
-                          (e, B, SEED, "uniform", DENSITY, [0, 8], widths, [1.0, 0.5], acts, ["tanh", "silu"], None))
-    torch.library.opcheck(torch_ops.project_points.default,
-                          (e, B, SEED, "uniform", DENSITY, [0, 8], widths, [1.0, 0.5], [None, acts[1]],
-                           ["none", "gelu"], torch.bfloat16))
+    torch.library.opcheck(
+        torch_ops.project_points.default,
+        (e, B, SEED, "uniform", DENSITY, [0, 8], widths, [1.0, 0.5], acts, ["tanh", "silu"], None),
+    )
+    torch.library.opcheck(
+        torch_ops.project_points.default,
+        (e, B, SEED, "uniform", DENSITY, [0, 8], widths, [1.0, 0.5], [None, acts[1]], ["none", "gelu"], torch.bfloat16),
+    )
 
 
 def test_project_points_gradients():
@@ -302,8 +336,9 @@ def test_project_points_gradients():
     for device in ("cpu", "cuda"):
         x = e.to(device).requires_grad_()
         a = [t.to(device).requires_grad_() for t in acts]
-        outs = torch_ops.project_points(x, None, SEED, "rademacher", DENSITY, [0, 6], widths, [1.0, 0.5], a,
-                                        ["sigmoid", "gelu"], None)
+        outs = torch_ops.project_points(
+            x, None, SEED, "rademacher", DENSITY, [0, 6], widths, [1.0, 0.5], a, ["sigmoid", "gelu"], None
+        )
         loss = sum((o * w.to(device)).sum() for o, w in zip(outs, ws))
         grads[device] = [t.cpu() for t in torch.autograd.grad(loss, [x, *a])]
     for g, w in zip(grads["cuda"], grads["cpu"]):
@@ -332,8 +367,16 @@ def _gwg_check(grads, inputs, out_dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 def test_grouped_weight_grad_matches_reference(dtype, out_dtype):
     # (N, out, in): shared shapes (one cuBLAS group), odd sizes, N = 0, 1 and an empty side
-    shapes = [(129, 64, 33), (129, 64, 33), (129, 17, 1000), (1, 3, 7), (0, 5, 4), (1000, 1, 10), (7, 0, 5),
-              (129, 64, 33)]
+    shapes = [
+        (129, 64, 33),
+        (129, 64, 33),
+        (129, 17, 1000),
+        (1, 3, 7),
+        (0, 5, 4),
+        (1000, 1, 10),
+        (7, 0, 5),
+        (129, 64, 33),
+    ]
     grads, inputs = _gwg_case(dtype, shapes)
     _gwg_check(grads, inputs, out_dtype)
 
@@ -359,8 +402,9 @@ def test_grouped_weight_grad_opcheck():
     args = ([t.cuda().requires_grad_() for t in grads], [t.cuda() for t in inputs], None)
     torch.library.opcheck(torch_ops.grouped_weight_grad.default, args)
     grads, inputs = _gwg_case(torch.bfloat16, [(9, 4, 6), (5, 3, 2)])
-    torch.library.opcheck(torch_ops.grouped_weight_grad.default,
-                          ([t.cuda() for t in grads], [t.cuda() for t in inputs], torch.float32))
+    torch.library.opcheck(
+        torch_ops.grouped_weight_grad.default, ([t.cuda() for t in grads], [t.cuda() for t in inputs], torch.float32)
+    )
 
 
 def test_grouped_weight_grad_gradients():

@@ -10,6 +10,7 @@ a float64 product of e and B rounded to e's dtype (as that kernel rounds it).
 What this cannot show: tensor-core rounding, speed, register pressure, streams; a GPU run does
 (scripts/gpu_check.sh). Skipped, with the reason, where no host compiler or CUDA headers are found.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -18,10 +19,10 @@ import os
 import re
 import shutil
 
+import emu_harness as emu
 import pytest
 import torch
 
-import emu_harness as emu
 from dfa_kernels import reference
 
 TOOLS = emu.toolchain()
@@ -72,8 +73,13 @@ class Checks:
         for case, name, expected, atol, what in self.expect:
             got = case.output(name)
             assert got.dtype == expected.dtype and got.shape == expected.shape, (what, got.dtype, got.shape)
-            torch.testing.assert_close(got.double(), expected.double(), atol=atol, rtol=RTOL.get(expected.dtype, 0.0),
-                                       msg=lambda m: f"{what} ({case.id}, plan {case.result}): {m}")
+            torch.testing.assert_close(
+                got.double(),
+                expected.double(),
+                atol=atol,
+                rtol=RTOL.get(expected.dtype, 0.0),
+                msg=lambda m, what=what, case=case: f"{what} ({case.id}, plan {case.result}): {m}",
+            )
         return self
 
 
@@ -84,15 +90,30 @@ def kernel_name(launch) -> str:
 
 
 # ------------------------------------------------------------------ project (virtual B)
-def add_project(c: Checks, N, K, W, dtype, dist, out_dtype=None, *, col_scale=False, sms=H100_SMS, cc_major=9,
-                misalign=0, scale=0.5):
+def add_project(
+    c: Checks, N, K, W, dtype, dist, out_dtype=None, *, col_scale=False, sms=H100_SMS, cc_major=9, misalign=0, scale=0.5
+):
     out_dtype = out_dtype or dtype
     e = _e(N, K, dtype, seed=N * 7 + K)
     cs = torch.rand(W, generator=torch.Generator().manual_seed(W)) + 0.5 if col_scale else None
     inputs = {"e": e} | ({"col_scale": cs} if cs is not None else {})
-    case = c.run.add("project", inputs, {"out": (out_dtype, (N, W))}, N=N, K=K, W=W, e_kind=emu.KIND[dtype],
-                     out_kind=emu.KIND[out_dtype], seed=SEED, dist=dist, density=DENSITY, scale=scale, sms=sms,
-                     cc_major=cc_major, misalign=misalign)
+    case = c.run.add(
+        "project",
+        inputs,
+        {"out": (out_dtype, (N, W))},
+        N=N,
+        K=K,
+        W=W,
+        e_kind=emu.KIND[dtype],
+        out_kind=emu.KIND[out_dtype],
+        seed=SEED,
+        dist=dist,
+        density=DENSITY,
+        scale=scale,
+        sms=sms,
+        cc_major=cc_major,
+        misalign=misalign,
+    )
     tensor_cores = dtype != torch.float32 and cc_major >= 8 and K > 16
     atol = _atol(e, K, scale * (1.5 if cs is not None else 1.0))
     if tensor_cores:  # the kernel rounds B to e's dtype; float64 product of the rounded values
@@ -105,8 +126,12 @@ def add_project(c: Checks, N, K, W, dtype, dist, out_dtype=None, *, col_scale=Fa
             atol += 8 * torch.finfo(dtype).eps * float(e.abs().max()) * 4 * scale * 1.5  # the other way in 16 bits
     else:
         want = ops.project(e, SEED, dist, DENSITY, W, scale, cs, out_dtype)
-    c.want(case, want, atol,
-           f"project N={N} K={K} W={W} {dtype}->{out_dtype} {dist} cc{cc_major} sms={sms} misalign={misalign}")
+    c.want(
+        case,
+        want,
+        atol,
+        f"project N={N} K={K} W={W} {dtype}->{out_dtype} {dist} cc{cc_major} sms={sms} misalign={misalign}",
+    )
     return case
 
 
@@ -115,11 +140,16 @@ def project_suite(c: Checks, full=True):
     aligned and misaligned e), split-K on and off, every distribution, ragged tiles. full=False: one
     small case per path and split-K (TSan runs each thread ~10x slower)."""
     if not full:
-        return [add_project(c, 70, 16, 256, torch.float32, "uniform"), add_project(c, 7, 3, 130, torch.float16, "sparse"),
-                add_project(c, 70, 40, 130, torch.float32, "gaussian"), add_project(c, 1, 17, 37, torch.float32, "uniform"),
-                add_project(c, 5, 512, 130, torch.float32, "rademacher", sms=4),
-                add_project(c, 7, 17, 37, torch.bfloat16, "uniform"), add_project(c, 129, 40, 130, torch.float16, "rademacher"),
-                add_project(c, 64, 512, 64, torch.float16, "gaussian", sms=4)]
+        return [
+            add_project(c, 70, 16, 256, torch.float32, "uniform"),
+            add_project(c, 7, 3, 130, torch.float16, "sparse"),
+            add_project(c, 70, 40, 130, torch.float32, "gaussian"),
+            add_project(c, 1, 17, 37, torch.float32, "uniform"),
+            add_project(c, 5, 512, 130, torch.float32, "rademacher", sms=4),
+            add_project(c, 7, 17, 37, torch.bfloat16, "uniform"),
+            add_project(c, 129, 40, 130, torch.float16, "rademacher"),
+            add_project(c, 64, 512, 64, torch.float16, "gaussian", sms=4),
+        ]
     cases = []
     for dist in reference.DISTRIBUTIONS:
         for N, K, W in [(1, 1, 37), (7, 3, 130), (70, 16, 256), (129, 10, 1), (300, 4, 513)]:  # narrow
@@ -127,8 +157,11 @@ def project_suite(c: Checks, full=True):
         for N, K, W in [(1, 17, 37), (70, 40, 130), (129, 300, 256), (5, 1000, 130)]:  # SIMT (tm 1/8/8/1), split-K
             cases.append(add_project(c, N, K, W, torch.float32, dist))
         cases.append(add_project(c, 33, 600, 70, torch.bfloat16, dist, torch.float32, cc_major=7))  # SIMT, 16-bit
-        for N, K, W, dtype in [(129, 40, 130, torch.float16), (7, 17, 37, torch.bfloat16),
-                               (130, 520, 131, torch.float16)]:  # tensor cores: padded e (17), split-K (520)
+        for N, K, W, dtype in [
+            (129, 40, 130, torch.float16),
+            (7, 17, 37, torch.bfloat16),
+            (130, 520, 131, torch.float16),
+        ]:  # tensor cores: padded e (17), split-K (520)
             cases.append(add_project(c, N, K, W, dtype, dist))
     for dtype in (torch.float16, torch.bfloat16):
         for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -160,9 +193,20 @@ def add_materialized(c: Checks, N, K, W, dtype, b_dtype, out_dtype=None, col_sca
     B = torch.randn(K, W, generator=torch.Generator().manual_seed(W)).to(b_dtype)
     cs = torch.rand(W) + 0.5 if col_scale else None
     inputs = {"e": e, "B": B} | ({"col_scale": cs} if cs is not None else {})
-    case = c.run.add("project_materialized", inputs, {"out": (out_dtype, (N, W))}, N=N, K=K, W=W,
-                     e_kind=emu.KIND[dtype], b_kind=emu.KIND[b_dtype], out_kind=emu.KIND[out_dtype], scale=scale,
-                     sms=H100_SMS, cc_major=9)
+    case = c.run.add(
+        "project_materialized",
+        inputs,
+        {"out": (out_dtype, (N, W))},
+        N=N,
+        K=K,
+        W=W,
+        e_kind=emu.KIND[dtype],
+        b_kind=emu.KIND[b_dtype],
+        out_kind=emu.KIND[out_dtype],
+        scale=scale,
+        sms=H100_SMS,
+        cc_major=9,
+    )
     want = ops.project_materialized(e, B, scale, cs, out_dtype)
     c.want(case, want, _atol(e, K, scale * 1.5, _rms(B)), f"project_materialized N={N} K={K} W={W} {dtype} B {b_dtype}")
     return case
@@ -178,18 +222,43 @@ def test_project_materialized_and_feedback_matrix(asan, tmp_path):
         cases.append(add_materialized(c, 33, 40, 131, dtype, dtype))  # cuBLAS, written directly
         cases.append(add_materialized(c, 33, 40, 70, dtype, dtype, col_scale=True))  # cuBLAS + epilogue
         if dtype != torch.float32:
-            cases.append(add_materialized(c, 33, 40, 70, dtype, dtype, torch.bfloat16 if dtype == torch.float16
-                                          else torch.float16))  # a 16-bit output of the other type
+            cases.append(
+                add_materialized(
+                    c, 33, 40, 70, dtype, dtype, torch.bfloat16 if dtype == torch.float16 else torch.float16
+                )
+            )  # a 16-bit output of the other type
     for dist in reference.DISTRIBUTIONS:
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             rows, cols = (7, 300) if dtype == torch.float32 else (33, 70)
-            case = c.run.add("feedback_matrix", {}, {"out": (dtype, (rows, cols))}, rows=rows, cols=cols,
-                             out_kind=emu.KIND[dtype], seed=SEED, dist=dist, density=DENSITY)
-            c.want(case, ops.feedback_matrix(SEED, dist, DENSITY, rows, cols, dtype, "cpu"), 1e-6 if
-                   dist == "gaussian" else 0.0, f"feedback_matrix {dist} {dtype}")
+            case = c.run.add(
+                "feedback_matrix",
+                {},
+                {"out": (dtype, (rows, cols))},
+                rows=rows,
+                cols=cols,
+                out_kind=emu.KIND[dtype],
+                seed=SEED,
+                dist=dist,
+                density=DENSITY,
+            )
+            c.want(
+                case,
+                ops.feedback_matrix(SEED, dist, DENSITY, rows, cols, dtype, "cpu"),
+                1e-6 if dist == "gaussian" else 0.0,
+                f"feedback_matrix {dist} {dtype}",
+            )
     # a grid clipped at 1024 x 65535 blocks with the grid-stride loops covering the rest
-    case = c.run.add("feedback_matrix", {}, {"out": (torch.float32, (9, 40000))}, rows=9, cols=40000, out_kind="f32",
-                     seed=SEED, dist="rademacher", density=DENSITY)
+    case = c.run.add(
+        "feedback_matrix",
+        {},
+        {"out": (torch.float32, (9, 40000))},
+        rows=9,
+        cols=40000,
+        out_kind="f32",
+        seed=SEED,
+        dist="rademacher",
+        density=DENSITY,
+    )
     c.want(case, ops.feedback_matrix(SEED, "rademacher", DENSITY, 9, 40000, torch.float32, "cpu"), 0.0, "feedback wide")
     c.verify(asan)
     assert {case.result["path"] for case in cases} == {"narrow", "gemm"}
@@ -197,8 +266,21 @@ def test_project_materialized_and_feedback_matrix(asan, tmp_path):
 
 
 # ------------------------------------------------------------------ project_points
-def add_points(c: Checks, N, K, widths, dtype, *, dist="uniform", layout="independent", stored=None, out_dtype=None,
-               act_dtype=None, activations=None, sms=H100_SMS):
+def add_points(
+    c: Checks,
+    N,
+    K,
+    widths,
+    dtype,
+    *,
+    dist="uniform",
+    layout="independent",
+    stored=None,
+    out_dtype=None,
+    act_dtype=None,
+    activations=None,
+    sms=H100_SMS,
+):
     out_dtype = out_dtype or dtype
     act_dtype = act_dtype or dtype
     g = torch.Generator().manual_seed(N + K)
@@ -206,7 +288,9 @@ def add_points(c: Checks, N, K, widths, dtype, *, dist="uniform", layout="indepe
     offsets = [sum(widths[:i]) for i in range(len(widths))] if layout == "independent" else [0] * len(widths)
     activations = activations or [reference.ACTIVATIONS[i % len(reference.ACTIVATIONS)] for i in range(len(widths))]
     scales = [0.5 + 0.25 * (i % 4) for i in range(len(widths))]
-    acts = [None if a == "none" else (torch.randn(N, w, generator=g) * 2).to(act_dtype) for a, w in zip(activations, widths)]
+    acts = [
+        None if a == "none" else (torch.randn(N, w, generator=g) * 2).to(act_dtype) for a, w in zip(activations, widths)
+    ]
     B = None
     inputs = {"e": e}
     fields = {}
@@ -218,39 +302,81 @@ def add_points(c: Checks, N, K, widths, dtype, *, dist="uniform", layout="indepe
     case_id = f"c{len(c.run.cases)}"
     act_files = ["-" if a is None else c.run.input(case_id, f"act{l}", a) for l, a in enumerate(acts)]
     outputs = {f"out{l}": (out_dtype, (N, w)) for l, w in enumerate(widths)}
-    case = c.run.add("project_points", inputs, outputs, N=N, K=K, e_kind=emu.KIND[dtype], out_kind=emu.KIND[out_dtype],
-                     seed=SEED, dist=dist, density=DENSITY, offsets=offsets, widths=widths, scales=scales,
-                     acts=activations, act_kinds=[emu.KIND[act_dtype]] * len(widths), act_files=act_files,
-                     sms=sms, cc_major=9, **fields)
+    case = c.run.add(
+        "project_points",
+        inputs,
+        outputs,
+        N=N,
+        K=K,
+        e_kind=emu.KIND[dtype],
+        out_kind=emu.KIND[out_dtype],
+        seed=SEED,
+        dist=dist,
+        density=DENSITY,
+        offsets=offsets,
+        widths=widths,
+        scales=scales,
+        acts=activations,
+        act_kinds=[emu.KIND[act_dtype]] * len(widths),
+        act_files=act_files,
+        sms=sms,
+        cc_major=9,
+        **fields,
+    )
     case.fields["outs"] = ",".join(str(outputs_path) for outputs_path, _, _ in case.outputs.values())
     want = ops.project_points(e, B, SEED, dist, DENSITY, offsets, widths, scales, acts, activations, out_dtype)
     b_rms = _rms(B) if B is not None else 1.0
     for l, w in enumerate(want):
-        c.want(case, w, 2 * _atol(e, K, scales[l] * 1.2, b_rms),
-               f"project_points N={N} K={K} {dtype} {dist} {layout} B={stored} point {l}", name=f"out{l}")
+        c.want(
+            case,
+            w,
+            2 * _atol(e, K, scales[l] * 1.2, b_rms),
+            f"project_points N={N} K={K} {dtype} {dist} {layout} B={stored} point {l}",
+            name=f"out{l}",
+        )
     return case
 
 
 def points_suite(c: Checks, full=True):
     if not full:
-        return [add_points(c, 129, 17, [1, 33, 130, 7, 64, 5], torch.float32),
-                add_points(c, 9, 12, [(7 * i) % 45 for i in range(70)], torch.float16, dist="sparse", layout="shared"),
-                add_points(c, 2, 512, [130, 17], torch.bfloat16, stored=torch.float16, sms=4)]
+        return [
+            add_points(c, 129, 17, [1, 33, 130, 7, 64, 5], torch.float32),
+            add_points(c, 9, 12, [(7 * i) % 45 for i in range(70)], torch.float16, dist="sparse", layout="shared"),
+            add_points(c, 2, 512, [130, 17], torch.bfloat16, stored=torch.float16, sms=4),
+        ]
     cases = [
         add_points(c, 129, 17, [1, 33, 130, 7, 64, 5], torch.float32),
         add_points(c, 7, 40, [3, 130, 64], torch.bfloat16, out_dtype=torch.float32, act_dtype=torch.float16),
-        add_points(c, 50, 12, [(7 * i) % 45 for i in range(70)], torch.float16, dist="sparse", layout="shared",
-                   out_dtype=torch.float32),  # > 64 points: two chunks; width 0; overlapping columns
+        add_points(
+            c,
+            50,
+            12,
+            [(7 * i) % 45 for i in range(70)],
+            torch.float16,
+            dist="sparse",
+            layout="shared",
+            out_dtype=torch.float32,
+        ),  # > 64 points: two chunks; width 0; overlapping columns
         add_points(c, 2, 2000, [300, 17, 129], torch.bfloat16, dist="gaussian", out_dtype=torch.float32),  # split-K
         add_points(c, 77, 10, [5, 200, 31], torch.bfloat16, stored=torch.float32, out_dtype=torch.float32),
     ]
     for stored in (torch.float16, torch.bfloat16):
         cases.append(add_points(c, 33, 600, [64, 19], torch.float32, dist="rademacher", stored=stored, sms=16))
     for act_dtype in (torch.float32, torch.bfloat16):
-        cases.append(add_points(c, 16, 9, [3, 130, 64, 8], torch.float32, act_dtype=act_dtype,
-                                activations=list(reference.ACTIVATIONS[:4])))
-    cases.append(add_points(c, 60, 1500, [(3 * i) % 20 + 1 for i in range(66)], torch.float32, layout="shared",
-                            sms=8))  # split-K with two chunks
+        cases.append(
+            add_points(
+                c,
+                16,
+                9,
+                [3, 130, 64, 8],
+                torch.float32,
+                act_dtype=act_dtype,
+                activations=list(reference.ACTIVATIONS[:4]),
+            )
+        )
+    cases.append(
+        add_points(c, 60, 1500, [(3 * i) % 20 + 1 for i in range(66)], torch.float32, layout="shared", sms=8)
+    )  # split-K with two chunks
     return cases
 
 
@@ -282,21 +408,44 @@ def add_grouped(c: Checks, layers, dtype, out_dtype=None, grouped=True):
             lds[name].append(ld)
             offs[name].append(off)
     outputs = {f"out{l}": (out_dtype, (O, I)) for l, (N, O, I, *_) in enumerate(layers)}
-    case = c.run.add("grouped_weight_grad", {}, outputs, N=[lay[0] for lay in layers], O=[lay[1] for lay in layers],
-                     I=[lay[2] for lay in layers], ld_g=lds["g"], ld_x=lds["x"], off_g=offs["g"], off_x=offs["x"],
-                     g=files["g"], x=files["x"], kind=emu.KIND[dtype], out_kind=emu.KIND[out_dtype],
-                     grouped=int(grouped))
+    case = c.run.add(
+        "grouped_weight_grad",
+        {},
+        outputs,
+        N=[lay[0] for lay in layers],
+        O=[lay[1] for lay in layers],
+        I=[lay[2] for lay in layers],
+        ld_g=lds["g"],
+        ld_x=lds["x"],
+        off_g=offs["g"],
+        off_x=offs["x"],
+        g=files["g"],
+        x=files["x"],
+        kind=emu.KIND[dtype],
+        out_kind=emu.KIND[out_dtype],
+        grouped=int(grouped),
+    )
     case.fields["outs"] = ",".join(str(p) for p, _, _ in case.outputs.values())
     want = reference.grouped_weight_grad(views["g"], views["x"], out_dtype)
     for l, w in enumerate(want):
         N = layers[l][0]
-        c.want(case, w, 4e-6 * math.sqrt(max(N, 1)) * 4 + 1e-6, f"grouped {dtype}->{out_dtype} layer {l}", name=f"out{l}")
+        c.want(
+            case, w, 4e-6 * math.sqrt(max(N, 1)) * 4 + 1e-6, f"grouped {dtype}->{out_dtype} layer {l}", name=f"out{l}"
+        )
     return case
 
 
 def grouped_suite(c: Checks, full=True):
-    shapes = [(129, 64, 33, 0, 0, 0, 0), (129, 64, 33, 0, 0, 0, 0), (129, 17, 100, 0, 0, 0, 0), (1, 3, 7, 0, 0, 0, 0),
-              (0, 5, 4, 0, 0, 0, 0), (100, 1, 10, 0, 0, 0, 0), (7, 0, 5, 0, 0, 0, 0), (129, 64, 33, 0, 0, 0, 0)]
+    shapes = [
+        (129, 64, 33, 0, 0, 0, 0),
+        (129, 64, 33, 0, 0, 0, 0),
+        (129, 17, 100, 0, 0, 0, 0),
+        (1, 3, 7, 0, 0, 0, 0),
+        (0, 5, 4, 0, 0, 0, 0),
+        (100, 1, 10, 0, 0, 0, 0),
+        (7, 0, 5, 0, 0, 0, 0),
+        (129, 64, 33, 0, 0, 0, 0),
+    ]
     strided = [(40, 17, 13, 83, 1, 0, 0), (40, 9, 5, 3, 0, 7, 8), (40, 9, 5, 3, 0, 7, 8)]  # slices, misaligned
     if not full:
         return [add_grouped(c, [(9, 4, 6, 0, 0, 0, 0)] * 3 + [(5, 3, 2, 0, 0, 0, 0)], torch.float32)]
@@ -325,21 +474,34 @@ def test_every_kernel_under_tsan(tsan, tmp_path):
     cases = project_suite(c, full=False) + points_suite(c, full=False) + grouped_suite(c, full=False)
     c.verify(tsan)
     kernels = {kernel_name(launch) for case in cases for launch in case.result["launches"]}
-    assert {"project_virtual_kernel", "project_tc_kernel", "project_narrow_kernel", "epilogue_kernel",
-            "project_points_kernel", "project_points_reduce_kernel", "fill_kernel"} <= kernels, kernels
+    assert {
+        "project_virtual_kernel",
+        "project_tc_kernel",
+        "project_narrow_kernel",
+        "epilogue_kernel",
+        "project_points_kernel",
+        "project_points_reduce_kernel",
+        "fill_kernel",
+    } <= kernels, kernels
 
 
 # ------------------------------------------------------------------ the harness catches real bugs
 # Each mutation is a bug the harness exists for, applied to a copy of the kernel headers: the copy is
 # built (only the harness units that include the header, the rest reused), the mutation's cases run,
 # and they must fail. The unmutated cases pass on the same build (the other tests, and the check below).
-UNITS_OF = {"common.cuh": ("harness_project", "harness_points"), "project.cuh": ("harness_project",),
-            "project_points.cuh": ("harness_points",), "gemm.cuh": ("harness_project", "harness_gemm")}
+UNITS_OF = {
+    "common.cuh": ("harness_project", "harness_points"),
+    "project.cuh": ("harness_project",),
+    "project_points.cuh": ("harness_points",),
+    "gemm.cuh": ("harness_project", "harness_gemm"),
+}
 
 
 def _simt(c):
-    return [add_project(c, 70, 40, 130, torch.float32, "uniform"),
-            add_project(c, 5, 512, 130, torch.float32, "rademacher", sms=4)]
+    return [
+        add_project(c, 70, 40, 130, torch.float32, "uniform"),
+        add_project(c, 5, 512, 130, torch.float32, "rademacher", sms=4),
+    ]
 
 
 def _narrow(c):
@@ -347,7 +509,10 @@ def _narrow(c):
 
 
 def _tensor_cores(c):
-    return [add_project(c, 129, 40, 130, torch.float16, "rademacher"), add_project(c, 7, 17, 37, torch.bfloat16, "uniform")]
+    return [
+        add_project(c, 129, 40, 130, torch.float16, "rademacher"),
+        add_project(c, 7, 17, 37, torch.bfloat16, "uniform"),
+    ]
 
 
 def _points(c):
@@ -360,28 +525,62 @@ def _grouped(c):
 
 MUTATIONS = {  # name: (header, original, mutated, sanitizer, cases)
     "simt: no barrier after the K step": (
-        "common.cuh", "      store(cur ^ 1);  // the other buffer was last read before the previous barrier\n    }\n"
-        "    __syncthreads();\n", "      store(cur ^ 1);  // the other buffer was last read before the previous barrier\n"
-        "    }\n", "tsan", _simt),
+        "common.cuh",
+        "      store(cur ^ 1);  // the other buffer was last read before the previous barrier\n    }\n"
+        "    __syncthreads();\n",
+        "      store(cur ^ 1);  // the other buffer was last read before the previous barrier\n    }\n",
+        "tsan",
+        _simt,
+    ),
     "simt: no row guard on the e tile": (
-        "common.cuh", "(idx < BM * kSimtBK && r < N && k < k_end)", "(idx < BM * kSimtBK && k < k_end)", "asan", _simt),
+        "common.cuh",
+        "(idx < BM * kSimtBK && r < N && k < k_end)",
+        "(idx < BM * kSimtBK && k < k_end)",
+        "asan",
+        _simt,
+    ),
     "split-K: the reduction skips the last slice": (
-        "project.cuh", "for (int z = 0; z < splits; ++z) s += partial[z * numel + idx];",
-        "for (int z = 0; z < splits - 1; ++z) s += partial[z * numel + idx];", "asan", _simt),
+        "project.cuh",
+        "for (int z = 0; z < splits; ++z) s += partial[z * numel + idx];",
+        "for (int z = 0; z < splits - 1; ++z) s += partial[z * numel + idx];",
+        "asan",
+        _simt,
+    ),
     "narrow: one row past the block (off by one)": (
-        "project.cuh", "for (int64_t r = threadIdx.x / 32; r < rows; r += kNarrowThreads / 32)",
-        "for (int64_t r = threadIdx.x / 32; r <= rows; r += kNarrowThreads / 32)", "asan", _narrow),
+        "project.cuh",
+        "for (int64_t r = threadIdx.x / 32; r < rows; r += kNarrowThreads / 32)",
+        "for (int64_t r = threadIdx.x / 32; r <= rows; r += kNarrowThreads / 32)",
+        "asan",
+        _narrow,
+    ),
     "tensor cores: A fragment one column off": (
-        "project.cuh", "&sm.tiles.A[cur][wm * 64 + i * 16][kk]", "&sm.tiles.A[cur][wm * 64 + i * 16][kk + 1]", "asan",
-        _tensor_cores),
+        "project.cuh",
+        "&sm.tiles.A[cur][wm * 64 + i * 16][kk]",
+        "&sm.tiles.A[cur][wm * 64 + i * 16][kk + 1]",
+        "asan",
+        _tensor_cores,
+    ),
     "tensor cores: no __syncwarp before reading the staged fragment": (
-        "project.cuh", "wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);\n      __syncwarp();",
-        "wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);", "tsan", _tensor_cores),
+        "project.cuh",
+        "wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);\n      __syncwarp();",
+        "wmma::store_matrix_sync(stage, acc[i][j], kTcLdC, wmma::mem_row_major);",
+        "tsan",
+        _tensor_cores,
+    ),
     "points: no width guard on a ragged point": (
-        "project_points.cuh", "if (q < n && c + q >= 0 && c + q < pt.width)", "if (q < n && c + q >= 0)", "asan", _points),
+        "project_points.cuh",
+        "if (q < n && c + q >= 0 && c + q < pt.width)",
+        "if (q < n && c + q >= 0)",
+        "asan",
+        _points,
+    ),
     "grouped GEMM: the fill kernel writes one pointer too many": (
-        "gemm.cuh", "for (int i = threadIdx.x; i < p.count; i += blockDim.x)",
-        "for (int i = threadIdx.x; i <= p.count; i += blockDim.x)", "asan", _grouped),
+        "gemm.cuh",
+        "for (int i = threadIdx.x; i < p.count; i += blockDim.x)",
+        "for (int i = threadIdx.x; i <= p.count; i += blockDim.x)",
+        "asan",
+        _grouped,
+    ),
 }
 
 
@@ -402,21 +601,32 @@ def _mutant_fails(name, base: dict, tmp) -> str:
         report = str(caught)
         for marker in ("SUMMARY: ", "runtime error", "cuda_emu:", "Tensor-likes are not close", "host GEMM: rejected"):
             if marker in report:  # what caught it, for the log
-                return report[report.index(marker):].splitlines()[0][:160]
+                return report[report.index(marker) :].splitlines()[0][:160]
         return report.strip().splitlines()[0][:160]
     return ""
 
 
 def test_harness_catches_mutations(asan, tsan, tmp_path):
     base = {"asan": asan, "tsan": tsan}
-    for variant, cases in {("asan", _simt), ("asan", _narrow), ("asan", _tensor_cores), ("asan", _points),
-                           ("asan", _grouped), ("tsan", _simt), ("tsan", _tensor_cores)}:
+    for variant, cases in {
+        ("asan", _simt),
+        ("asan", _narrow),
+        ("asan", _tensor_cores),
+        ("asan", _points),
+        ("asan", _grouped),
+        ("tsan", _simt),
+        ("tsan", _tensor_cores),
+    }:
         c = Checks(emu.Run(tmp_path / f"clean_{variant}_{cases.__name__}"))
         cases(c)
         c.verify(base[variant])  # the mutations' cases pass on the unmutated kernels
     with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = dict(zip(MUTATIONS, pool.map(lambda n: _mutant_fails(n, base, tmp_path / f"m{list(MUTATIONS).index(n)}"),
-                                               MUTATIONS)))
+        results = dict(
+            zip(
+                MUTATIONS,
+                pool.map(lambda n: _mutant_fails(n, base, tmp_path / f"m{list(MUTATIONS).index(n)}"), MUTATIONS),
+            )
+        )
     for name, why in results.items():
         print(f"{name}: {why or 'SURVIVED'}")
     survived = [name for name, why in results.items() if not why]

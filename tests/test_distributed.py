@@ -6,6 +6,7 @@ and only gradients are communicated; shallow mode needs find_unused_parameters (
 Full-batch graph training splits the training nodes. FSDP2 (fully_shard) on the zoo's Transformer
 LM matches the unsharded run; the fused forms refuse sharded weights by name. The CLI's --nproc.
 """
+
 import dataclasses
 import json
 import os
@@ -14,8 +15,9 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from child_process import child_env
+from distributed_utils import gather_all, spawn
 from torch import nn
 
 import dfa_kernels as dk
@@ -23,9 +25,6 @@ from dfa_kernels.zoo import tasks
 from dfa_kernels.zoo.distributed import LossModule
 from dfa_kernels.zoo.trainer import Run, Shuffled, Trainer, shard_rows
 from dfa_kernels.zoo.training import train
-
-from child_process import child_env
-from distributed_utils import gather_all, spawn
 
 STEPS = 5
 
@@ -53,9 +52,19 @@ def mlp_run(mode: str, steps: int = STEPS) -> Run:
 
     def loss(model, rows):
         return F.cross_entropy(model(X[rows]), Y[rows])
-    return Run(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-               batches=Shuffled(96, 31, seed=2), loss=loss, evaluate=lambda model, split: {"loss": 0.0},
-               select="loss", higher_is_better=False, epochs=1, steps_per_epoch=steps, shard=shard_rows)
+
+    return Run(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        batches=Shuffled(96, 31, seed=2),
+        loss=loss,
+        evaluate=lambda model, split: {"loss": 0.0},
+        select="loss",
+        higher_is_better=False,
+        epochs=1,
+        steps_per_epoch=steps,
+        shard=shard_rows,
+    )
 
 
 def assert_same_parameters(got: nn.Module, want: nn.Module, atol=1e-6, rtol=1e-5):
@@ -66,6 +75,7 @@ def assert_same_parameters(got: nn.Module, want: nn.Module, atol=1e-6, rtol=1e-5
 def _ddp_worker(world):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     for mode in ("dfa", "bp", "shallow"):
         single = mlp_run(mode)
         expected = Trainer(single, progress=False).fit()
@@ -74,9 +84,10 @@ def _ddp_worker(world):
         assert trainer.wrapper.find_unused_parameters == (mode == "shallow")
         sent = []
 
-        def counting_hook(state, bucket):          # what DDP communicates: the gradient buckets
+        def counting_hook(state, bucket, sent=sent):  # what DDP communicates: the gradient buckets
             sent.append(bucket.buffer().numel())
             return allreduce_hook(state, bucket)
+
         trainer.wrapper.register_comm_hook(None, counting_hook)
         got = trainer.fit()
         assert_same_parameters(run.model, single.model)
@@ -85,8 +96,8 @@ def _ddp_worker(world):
         # unused parameters are sent too (zeros), as DDP does with find_unused_parameters
         assert sum(sent) == STEPS * sum(p.numel() for p in run.model.parameters())
         params = gather_all(world, [p.detach() for p in run.model.parameters()])
-        assert all(torch.equal(a, b) for a, b in zip(*params))          # DDP keeps the ranks in sync
-        if mode == "dfa":        # every rank regenerated the same matrices from the seed
+        assert all(torch.equal(a, b) for a, b in zip(*params))  # DDP keeps the ranks in sync
+        if mode == "dfa":  # every rank regenerated the same matrices from the seed
             specs = gather_all(world, run.model.dfa.spec)
             matrices = gather_all(world, run.model.dfa.feedback_matrices())
             assert specs[0] == specs[1] and specs[0].widths == (32, 24)
@@ -110,12 +121,12 @@ def _graph_worker(world):
     config = tasks.TrainConfig("gcn-cora", epochs=3, progress=False)
     single = train(tasks.get("gcn-cora"), config)
     got = train(tasks.get("gcn-cora"), config, world=world)
-    assert [h["train_loss"] for h in got.history] == pytest.approx([h["train_loss"] for h in single.history],
-                                                                   rel=1e-6)
+    assert [h["train_loss"] for h in got.history] == pytest.approx([h["train_loss"] for h in single.history], rel=1e-6)
     assert got.final["val_acc"] == single.final["val_acc"]
     assert_same_parameters(got.model, single.model)
     data = tasks.get("gcn-cora").build(config).batches.batch
     from dfa_kernels.zoo.recipes.graph import shard_nodes
+
     parts = [shard_nodes(data, r, world.size) for r in range(world.size)]
     assert sum(share for _, share in parts) == 1.0
     assert not (parts[0][0].train_mask & parts[1][0].train_mask).any()
@@ -134,16 +145,18 @@ def _fsdp_worker(world):
     from dfa_kernels.zoo.distributed import full_model_state
     from dfa_kernels.zoo.models.transformer import TransformerLM
     from dfa_kernels.zoo.recipes import transformer as R
-    R.TRAIN["lm-pydoc"]["cpu"].update(steps_per_epoch=3, eval_tokens=1024)   # this process only
+
+    R.TRAIN["lm-pydoc"]["cpu"].update(steps_per_epoch=3, eval_tokens=1024)  # this process only
     task = tasks.get("lm-pydoc")
     for placement, error_at in (("macro", "hidden"), ("micro", "hidden"), ("macro", "logits")):
         config = tasks.TrainConfig("lm-pydoc", epochs=2, placement=placement, progress=False)
         single = train(task, config, run=R.build_lm("lm-pydoc", config, error_at=error_at))
         run = R.build_lm("lm-pydoc", config, error_at=error_at)
         got = train(task, dataclasses.replace(config, fsdp=True), run=run, world=world)
-        assert type(run.model.blocks[0].fc1.weight).__name__ == "DTensor"     # trained sharded
-        assert [h["train_loss"] for h in got.history] == pytest.approx([h["train_loss"] for h in single.history],
-                                                                       rel=1e-5)
+        assert type(run.model.blocks[0].fc1.weight).__name__ == "DTensor"  # trained sharded
+        assert [h["train_loss"] for h in got.history] == pytest.approx(
+            [h["train_loss"] for h in single.history], rel=1e-5
+        )
         assert got.final["test_loss"] == pytest.approx(single.final["test_loss"], rel=1e-5)
         full = full_model_state(run.model)
         for name, value in single.model.state_dict().items():
@@ -157,8 +170,13 @@ def _fsdp_worker(world):
     whole = train(task, config, world=world, on_step=lambda t: whole_losses.append(t.epoch_losses[-1]))
     with pytest.raises(Exception, match="stopped after step 2"):
         train(task, config, world=world, checkpoints=Checkpoints(path, stop_after=2))
-    resumed = train(task, config, world=world, checkpoints=Checkpoints(path, resume=path),
-                    on_step=lambda t: rest.append(t.epoch_losses[-1]))
+    resumed = train(
+        task,
+        config,
+        world=world,
+        checkpoints=Checkpoints(path, resume=path),
+        on_step=lambda t: rest.append(t.epoch_losses[-1]),
+    )
     assert rest == whole_losses[2:]
     assert resumed.final["test_loss"] == whole.final["test_loss"]
 
@@ -166,7 +184,9 @@ def _fsdp_worker(world):
     # dfa.linear weight freed before the DFA backward needs is reported with the alternatives
     layer = fully_shard(nn.Linear(8, 8))
     dfa = dk.DFA()
-    with pytest.raises(TypeError, match=r"dfa.linear\(x, layer\): the layer's weight is a sharded DTensor.*plain point"):
+    with pytest.raises(
+        TypeError, match=r"dfa.linear\(x, layer\): the layer's weight is a sharded DTensor.*plain point"
+    ):
         dfa.linear(torch.randn(2, 8), layer)
     dfa.point(torch.randn(2, 3, 4, requires_grad=True))
     with pytest.raises(TypeError, match=r"linear_cross_entropy.*sharded DTensor.*error_at='hidden'"):
@@ -193,6 +213,7 @@ def test_a_task_whose_batches_cannot_be_split_is_refused():
     shard, so a distributed run stops before any communication, saying why."""
     pytest.importorskip("torch_geometric")
     from dfa_kernels.zoo.distributed import World
+
     run = tasks.get("gae-cora").build(tasks.TrainConfig("gae-cora", epochs=1))
     with pytest.raises(ValueError, match="cannot be split across processes"):
         Trainer(run, world=World(0, 2))
@@ -204,13 +225,31 @@ def test_cli_nproc_2_writes_one_metrics_file(tmp_path):
     """``dfa-kernels train gcn-cora --nproc 2`` (torch.distributed.run, 2 workers): one result line,
     one metrics.json, the single-process losses."""
     pytest.importorskip("torch_geometric")
-    out = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "gcn-cora", "--epochs", "2", "--nproc", "2",
-                          "--no-progress", "--out", str(tmp_path)], capture_output=True, text=True, env=child_env(),
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfa_kernels",
+            "train",
+            "gcn-cora",
+            "--epochs",
+            "2",
+            "--nproc",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("test_acc =") == 1, out.stdout
     metrics = json.loads((tmp_path / "gcn-cora" / "dfa" / "metrics.json").read_text())
     assert metrics["distributed"] == {"world_size": 2, "strategy": "ddp", "backend": "gloo"}
     single = train(tasks.get("gcn-cora"), tasks.TrainConfig("gcn-cora", epochs=2, progress=False))
     assert [h["train_loss"] for h in metrics["history"]] == pytest.approx(
-        [h["train_loss"] for h in single.history], rel=1e-6)
+        [h["train_loss"] for h in single.history], rel=1e-6
+    )

@@ -6,6 +6,7 @@ needs a GPU, several processes, an install or minutes of training is marked by a
 the line before it, ``<!-- skip: REASON -->``: it is skipped with that reason, so pytest lists and
 counts it, and ``-m slow`` runs the "minutes" ones. ```text blocks are output, not code. The site
 itself must build with ``mkdocs build --strict``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REASONS = {"gpu": "needs a CUDA GPU", "multi-process": "starts several processes",
-           "minutes": "minutes of training (run with -m slow)", "installs": "installs packages"}
+REASONS = {
+    "gpu": "needs a CUDA GPU",
+    "multi-process": "starts several processes",
+    "minutes": "minutes of training (run with -m slow)",
+    "installs": "installs packages",
+}
 LANGUAGES = ("python", "bash", "text")
 SKIP = re.compile(r"<!--\s*skip:\s*(\S+)\s*-->")
 FENCE = re.compile(r"(\s*)```(\S*)\s*$")
@@ -29,8 +34,8 @@ FENCE = re.compile(r"(\s*)```(\S*)\s*$")
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    page: str        # path relative to the root
-    line: int        # of the opening fence, 1-based
+    page: str  # path relative to the root
+    line: int  # of the opening fence, 1-based
     lang: str
     code: str
     skip: str | None
@@ -54,14 +59,16 @@ def collect(path: Path, root: Path = ROOT) -> list[Block]:
             raise ValueError(f"{page}:{start + 1}: a code block's language must be one of {LANGUAGES}, got {lang!r}")
         body, i = [], i + 1
         while i < len(lines) and lines[i].strip() != "```":
-            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
             i += 1
         if i == len(lines):
             raise ValueError(f"{page}:{start + 1}: code block never closed")
         before = next((s.strip() for s in reversed(lines[:start]) if s.strip()), "")
         marker = SKIP.fullmatch(before)
         if marker and marker.group(1) not in REASONS:
-            raise ValueError(f"{page}:{start}: unknown skip reason {marker.group(1)!r}; expected one of {sorted(REASONS)}")
+            raise ValueError(
+                f"{page}:{start}: unknown skip reason {marker.group(1)!r}; expected one of {sorted(REASONS)}"
+            )
         blocks.append(Block(page, start + 1, lang, "\n".join(body) + "\n", marker.group(1) if marker else None))
         i += 1
     return blocks
@@ -94,7 +101,7 @@ def bash_commands(code: str) -> list[str]:
 
 
 def run_bash(block: Block, cwd: Path) -> None:
-    timeout = 3600 if block.skip == "minutes" else 120   # seconds per command
+    timeout = 3600 if block.skip == "minutes" else 120  # seconds per command
     for command in bash_commands(block.code):
         words = shlex.split(command)
         if words[0] == "dfa-kernels":
@@ -103,8 +110,9 @@ def run_bash(block: Block, cwd: Path) -> None:
             done = subprocess.run(words, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as err:
             raise AssertionError(f"the bash block at {block.where}: `{command}` ran over {timeout} s") from err
-        assert done.returncode == 0, \
+        assert done.returncode == 0, (
             f"the bash block at {block.where}: `{command}` exited with {done.returncode}:\n{done.stderr[-2000:]}"
+        )
 
 
 BLOCKS = [b for p in pages() for b in collect(p)]
@@ -116,7 +124,7 @@ def _param(block: Block):
     return pytest.param(block, id=block.where, marks=marks)
 
 
-_pages_state: dict[str, tuple[dict, Path, set]] = {}   # page -> (namespace, folder, lines of blocks run)
+_pages_state: dict[str, tuple[dict, Path, set]] = {}  # page -> (namespace, folder, lines of blocks run)
 
 
 def _minutes_enabled(config) -> bool:
@@ -134,8 +142,13 @@ def test_code_block_runs(block, request, tmp_path_factory, monkeypatch):
     monkeypatch.chdir(folder)
     # the page's earlier blocks first (in order), when this one was selected alone
     for earlier in RUNNABLE:
-        if earlier.page == block.page and earlier.line < block.line and earlier.line not in done \
-                and earlier.lang == "python" and (not earlier.skip or (earlier.skip == "minutes" and run_minutes)):
+        if (
+            earlier.page == block.page
+            and earlier.line < block.line
+            and earlier.line not in done
+            and earlier.lang == "python"
+            and (not earlier.skip or (earlier.skip == "minutes" and run_minutes))
+        ):
             run_python(earlier, namespace)
             done.add(earlier.line)
     if block.lang == "python":
@@ -148,8 +161,10 @@ def test_code_block_runs(block, request, tmp_path_factory, monkeypatch):
 def test_marked_blocks_are_listed_and_counted(capsys):
     marked = [b for b in RUNNABLE if b.skip]
     with capsys.disabled():
-        print(f"\n{len(marked)} of {len(RUNNABLE)} code blocks are marked: "
-              + ", ".join(f"{r} {sum(b.skip == r for b in marked)}" for r in REASONS))
+        print(
+            f"\n{len(marked)} of {len(RUNNABLE)} code blocks are marked: "
+            + ", ".join(f"{r} {sum(b.skip == r for b in marked)}" for r in REASONS)
+        )
         for b in marked:
             print(f"  {b.where} ({b.lang}): {b.skip}")
     assert 2 * len(marked) <= len(RUNNABLE), "most blocks must run: mark only what cannot run here"
@@ -169,9 +184,11 @@ def test_docs_install_commands_are_the_readme_quickstart():
 def test_collector_catches_broken_blocks(tmp_path):
     page = tmp_path / "docs" / "broken.md"
     page.parent.mkdir()
-    page.write_text("# A page\n\n```python\nx = 1\n```\n\ntext\n\n```python\ny = x / 0\n```\n\n"
-                    "<!-- skip: gpu -->\n```python\nimport nothing_here\n```\n\n"
-                    "```bash\ndfa-kernels no-such-command  # a comment\n```\n")
+    page.write_text(
+        "# A page\n\n```python\nx = 1\n```\n\ntext\n\n```python\ny = x / 0\n```\n\n"
+        "<!-- skip: gpu -->\n```python\nimport nothing_here\n```\n\n"
+        "```bash\ndfa-kernels no-such-command  # a comment\n```\n"
+    )
     first, broken, gpu, bash = collect(page, tmp_path)
     assert (broken.page, broken.line, broken.skip, gpu.skip) == ("docs/broken.md", 9, None, "gpu")
     namespace = {}
@@ -197,14 +214,21 @@ def test_bash_commands_join_continuations():
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs not installed (extra docs)")
 def test_site_builds_strictly(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "site" / "plots" / "step_cpu_avx2.png").exists()   # benchmarks/plots, served by the hook
+    assert (tmp_path / "site" / "plots" / "step_cpu_avx2.png").exists()  # benchmarks/plots, served by the hook
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
-    assert "Direct Feedback Alignment for one network" in api and "dfa-kernels train" in \
-        (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+    assert (
+        "Direct Feedback Alignment for one network" in api
+        and "dfa-kernels train" in (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+    )
 
 
 def test_docstring_fields_render_as_lists():
@@ -212,8 +236,11 @@ def test_docstring_fields_render_as_lists():
     spec = importlib.util.spec_from_file_location("docstrings_hook", ROOT / "docs" / "_hooks" / "docstrings.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    text = ("Summary, see :class:`FeedbackSpec`.\nmode: one\n  continued\nseed, layout: two\n\n"
-            "```python\nx: int = 1\n```\nA sentence: not a field.")
+    text = (
+        "Summary, see :class:`FeedbackSpec`.\nmode: one\n  continued\nseed, layout: two\n\n"
+        "```python\nx: int = 1\n```\nA sentence: not a field."
+    )
     assert module.fields_as_list(text) == (
         "Summary, see `FeedbackSpec`.\n\n- `mode`: one\n  continued\n- `seed`, `layout`: two\n\n"
-        "```python\nx: int = 1\n```\nA sentence: not a field.")
+        "```python\nx: int = 1\n```\nA sentence: not a field."
+    )

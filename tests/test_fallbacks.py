@@ -1,6 +1,7 @@
 """Every fallback is visible: a compiled library that fails to load, a GPU the CUDA kernels were
 not compiled for, a cuBLAS without the grouped GEMM. Each says why and how to fix it, at import or
 first use and in ``dfa-kernels info``."""
+
 import ast
 import os
 import subprocess
@@ -25,10 +26,12 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_a_missing_compiled_library_warns_once_at_import():
-    done = _run(HIDE + "import dfa_kernels as dk\nimport dfa_kernels.ops, dfa_kernels.nn\n"
-                "print(dk.available_backends('cpu'))\n"
-                "import torch\nspec = dk.FeedbackSpec(3, [5])\n"
-                "print(dk.project(torch.randn(2, 3), spec).shape)\n")
+    done = _run(
+        HIDE + "import dfa_kernels as dk\nimport dfa_kernels.ops, dfa_kernels.nn\n"
+        "print(dk.available_backends('cpu'))\n"
+        "import torch\nspec = dk.FeedbackSpec(3, [5])\n"
+        "print(dk.project(torch.randn(2, 3), spec).shape)\n"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("RuntimeWarning: dfa_kernels: the compiled library dfa_kernels._C failed to load") == 1
     assert "Fix: rebuild it against this torch" in done.stderr and "pip install --no-build-isolation" in done.stderr
@@ -36,8 +39,9 @@ def test_a_missing_compiled_library_warns_once_at_import():
 
 
 def test_info_shows_the_fallback():
-    done = _run(HIDE + "import warnings; warnings.simplefilter('ignore')\n"
-                "from dfa_kernels.cli import main; main(['info'])\n")
+    done = _run(
+        HIDE + "import warnings; warnings.simplefilter('ignore')\nfrom dfa_kernels.cli import main; main(['info'])\n"
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(line.split() == ["extension_loaded", "False"] for line in lines)
@@ -68,15 +72,18 @@ def test_default_arch_list_carries_ptx_for_newer_gpus():
     assert "compute capability 7.5" in problem and 'TORCH_CUDA_ARCH_LIST="7.5"' in problem
 
 
-@pytest.mark.parametrize("capability,archs,runs", [
-    ((9, 0), ["8.0"], False),          # sm_80 cubins do not run on sm_90 (another major), no PTX
-    ((8, 6), ["8.0"], True),           # same major, newer minor
-    ((8, 0), ["8.6"], False),          # same major, older minor
-    ((9, 0), ["9.0a"], True),          # arch-specific: that exact GPU only
-    ((10, 0), ["9.0a"], False),
-    ((10, 0), ["8.0+PTX"], True),      # PTX: any newer GPU
-    ((7, 5), ["8.0+PTX"], False),
-])
+@pytest.mark.parametrize(
+    "capability,archs,runs",
+    [
+        ((9, 0), ["8.0"], False),  # sm_80 cubins do not run on sm_90 (another major), no PTX
+        ((8, 6), ["8.0"], True),  # same major, newer minor
+        ((8, 0), ["8.6"], False),  # same major, older minor
+        ((9, 0), ["9.0a"], True),  # arch-specific: that exact GPU only
+        ((10, 0), ["9.0a"], False),
+        ((10, 0), ["8.0+PTX"], True),  # PTX: any newer GPU
+        ((7, 5), ["8.0+PTX"], False),
+    ],
+)
 def test_cuda_arch_problem(capability, archs, runs):
     assert (ops.cuda_arch_problem(capability, archs) is None) == runs
 
@@ -90,8 +97,11 @@ def test_cuda_backend_refused_with_the_arch_reason(monkeypatch):
     monkeypatch.setattr(ops, "_cuda_arch_check", lambda index: ops.cuda_arch_problem((7, 5), ["8.0", "9.0+PTX"]))
     monkeypatch.setattr(ops, "_triton_available", lambda device_type: False)
     assert "cuda" not in ops.available_backends("cuda:0")
-    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on device cuda:0 \(the CUDA kernels "
-                                           r"were compiled for 8.0, 9.0\+PTX .*compute capability 7.5"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"backend 'cuda' is not available on device cuda:0 \(the CUDA kernels "
+        r"were compiled for 8.0, 9.0\+PTX .*compute capability 7.5",
+    ):
         ops.resolve_backend("cuda", "cuda:0")
 
 

@@ -1,4 +1,5 @@
 """FLOP formulas of the ops (torch.utils.flop_counter) and the step FLOP counts of bench_step."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,8 +20,9 @@ def test_flop_counter_counts_our_ops(backend, storage):
     with FlopCounterMode(display=False) as counter:
         dk.project(e, spec, storage, backend)
         dk.ops.project_points(e, spec, storage, backend, act_inputs=[a, None], activations=["relu", "none"])
-        dk.ops.grouped_weight_grad([torch.randn(N, 4), torch.randn(N, 2)], [torch.randn(N, 7), torch.randn(N, 9)],
-                                   backend)
+        dk.ops.grouped_weight_grad(
+            [torch.randn(N, 4), torch.randn(N, 2)], [torch.randn(N, 7), torch.randn(N, 9)], backend
+        )
     gemm = 2 * N * K * sum(widths)
     assert counter.get_total_flops() == 2 * gemm + 2 * N * (4 * 7 + 2 * 9)
 
@@ -37,8 +39,9 @@ def test_project_points_counts_the_union_of_columns(backend):
         assert counter.get_total_flops() == 2 * N * K * union, layout
     with FlopCounterMode(display=False) as counter:  # [0, 10) and [20, 23) with a gap: 13 columns
         dk.ops.project_points(e, dk.FeedbackSpec(K, [10, 3]), "virtual", backend)
-        torch.ops.dfa_kernels.project_points(e, None, 1, "uniform", 0.1, [0, 5, 20], [10, 3, 3], [1.0] * 3,
-                                             [None] * 3, ["none"] * 3, None)
+        torch.ops.dfa_kernels.project_points(
+            e, None, 1, "uniform", 0.1, [0, 5, 20], [10, 3, 3], [1.0] * 3, [None] * 3, ["none"] * 3, None
+        )
     assert counter.get_total_flops() == 2 * N * K * 13 + 2 * N * K * 13
 
 
@@ -50,11 +53,13 @@ def test_step_flops_by_hand():
     assert flops["counted_on"] == "fake tensors"
     hidden, head, projection = 2 * 16 * 32 * 32, 2 * 16 * 32 * 4, 2 * 16 * 4 * 64
     forward = 2 * hidden + head
-    expected = {"bp": forward + (2 * head) + (2 * hidden) + hidden,
-                "dfa": forward + head + 2 * hidden + projection,
-                "dfa_fused": forward + head + 2 * hidden + projection,
-                # TinyDFA's points are leaves that require grad: BP's input gradients, plus e @ B
-                "tinydfa_style": forward + 2 * head + 3 * hidden + projection}
+    expected = {
+        "bp": forward + (2 * head) + (2 * hidden) + hidden,
+        "dfa": forward + head + 2 * hidden + projection,
+        "dfa_fused": forward + head + 2 * hidden + projection,
+        # TinyDFA's points are leaves that require grad: BP's input gradients, plus e @ B
+        "tinydfa_style": forward + 2 * head + 3 * hidden + projection,
+    }
     assert {v: round(g * 1e9) for v, g in flops["gflop_per_step"].items()} == expected
     assert flops["flop_ratio_over_bp"]["dfa"] == pytest.approx(expected["dfa"] / expected["bp"])
 

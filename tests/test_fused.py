@@ -3,15 +3,17 @@
 Each must give the same gradients as the plain form (a point after the activation) in every mode,
 and the op behind them (project_points) must match the reference on every backend.
 """
+
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backend_device_pairs
 from torch import nn
 
 import dfa_kernels as dk
 from dfa_kernels import ops, reference
-
-from conftest import backend_device_pairs
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu")
 CPU_BACKENDS = dk.available_backends("cpu")
@@ -48,8 +50,9 @@ def _grads(model, tokens, target):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", ["dfa", "bp", "shallow"])
-@pytest.mark.parametrize("layout,storage", [("independent", "virtual"), ("independent", "materialized"),
-                                            ("shared", "virtual")])
+@pytest.mark.parametrize(
+    "layout,storage", [("independent", "virtual"), ("independent", "materialized"), ("shared", "virtual")]
+)
 def test_fused_forms_match_plain(backend, mode, layout, storage):
     tokens, target = torch.randint(0, 11, (4, 6)), torch.randint(0, 5, (4, 6))  # [B, T] points
     torch.manual_seed(0)
@@ -92,8 +95,13 @@ def test_linear_point_skips_the_layer_graph_and_mixes_with_plain_points():
     y = dfa(head(h))
     y.sum().backward()
     assert l1.weight.grad is not None and l2.weight.grad is not None
-    G = ops.project_points(torch.ones(5, 3), dfa.spec, scales=dfa.spec.scales(),
-                           act_inputs=[l1(x).detach(), None], activations=["relu", "none"])
+    G = ops.project_points(
+        torch.ones(5, 3),
+        dfa.spec,
+        scales=dfa.spec.scales(),
+        act_inputs=[l1(x).detach(), None],
+        activations=["relu", "none"],
+    )
     torch.testing.assert_close(l1.weight.grad, G[0].T @ x)
     torch.testing.assert_close(l1.bias.grad, G[0].sum(0))
 
@@ -107,8 +115,9 @@ def test_fused_errors():
     with pytest.raises(ValueError, match=r"act_inputs\[0\] must be the pre-activation"):
         ops.project_points(torch.randn(2, 3), dk.FeedbackSpec(3, (4,)), activations=["relu"])
     with pytest.raises(ValueError, match=r"act_inputs\[0\] must be a float tensor of shape \[N, 4\]"):
-        ops.project_points(torch.randn(2, 3), dk.FeedbackSpec(3, (4,)), act_inputs=[torch.randn(2, 5)],
-                           activations=["relu"])
+        ops.project_points(
+            torch.randn(2, 3), dk.FeedbackSpec(3, (4,)), act_inputs=[torch.randn(2, 5)], activations=["relu"]
+        )
     with pytest.raises(ValueError, match="same N"):
         ops.grouped_weight_grad([torch.randn(3, 2)], [torch.randn(4, 2)])
 
@@ -145,8 +154,9 @@ def test_project_points_matches_reference(backend, device, case, storage, distri
     acts = [None if a == "none" else torch.randn(N, w, device=device) for w, a in zip(widths, activations)]
     scales = [0.5 + l for l in range(len(widths))]
     got = ops.project_points(e, spec, storage, backend, scales=scales, act_inputs=acts, activations=activations)
-    want = reference.project_points(e, None, 7, distribution, spec.density, spec.offsets, widths, scales, acts,
-                                    activations)
+    want = reference.project_points(
+        e, None, 7, distribution, spec.density, spec.offsets, widths, scales, acts, activations
+    )
     tol = dict(atol=1e-4, rtol=1e-4) if distribution == "gaussian" else dict(atol=1e-5, rtol=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
@@ -156,7 +166,7 @@ def _per_point(e, B, offsets, widths, scales, acts, activations):
     """Each point's product on its own (what project_points computed before spans were shared)."""
     outs = []
     for off, w, s, a, act in zip(offsets, widths, scales, acts, activations):
-        F = (e.float() @ B[:, off:off + w].float()) * s
+        F = (e.float() @ B[:, off : off + w].float()) * s
         outs.append(F if act == "none" else F * reference.activation_grad(a, act))
     return outs
 
@@ -205,7 +215,8 @@ def test_project_points_overlapping_ranges(backend, device, stored):
     scales = [0.5, -1.0, 2.0, 0.125, 3.0, 1.0]
     B = reference.feedback_matrix(9, "rademacher", K, 140, device=device)
     got = getattr(torch.ops.dfa_kernels, f"{prefix}project_points")(
-        e, B if stored else None, 9, "rademacher", 0.1, offsets, widths, scales, pre, acts, None)
+        e, B if stored else None, 9, "rademacher", 0.1, offsets, widths, scales, pre, acts, None
+    )
     want = _per_point(e, B, offsets, widths, scales, pre, acts)
     assert reference.column_spans(offsets, widths) == [(3, 75), (100, 133)]
     for g, w in zip(got, want):
@@ -224,10 +235,12 @@ def test_project_points_dtypes(backend, device, dtype):
     spec = dk.FeedbackSpec(10, (24, 9), seed=1, distribution="rademacher")
     e = torch.randn(13, 10, device=device).to(dtype)
     acts = [torch.randn(13, 24, device=device).to(dtype), None]
-    got = ops.project_points(e, spec, "virtual", backend, act_inputs=acts, activations=["gelu", "none"],
-                             out_dtype=torch.float32)
-    want = reference.project_points(e, None, 1, "rademacher", 0.1, spec.offsets, spec.widths, spec.scales(), acts,
-                                    ["gelu", "none"], torch.float32)
+    got = ops.project_points(
+        e, spec, "virtual", backend, act_inputs=acts, activations=["gelu", "none"], out_dtype=torch.float32
+    )
+    want = reference.project_points(
+        e, None, 1, "rademacher", 0.1, spec.offsets, spec.widths, spec.scales(), acts, ["gelu", "none"], torch.float32
+    )
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-3)
@@ -244,7 +257,7 @@ def test_grouped_weight_grad_matches_reference(backend, device, dtype):
     got = ops.grouped_weight_grad(grads, inputs, backend, out_dtype=torch.float32)
     want = reference.grouped_weight_grad(grads, inputs, torch.float32)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for g, w, (n, o, i) in zip(got, want, shapes):
+    for g, w, (_, o, i) in zip(got, want, shapes):
         assert g.shape == (o, i)
         torch.testing.assert_close(g, w, atol=tol, rtol=tol)
 
@@ -256,11 +269,14 @@ def test_new_ops_opcheck(backend, device):
     a = torch.randn(6, 7, device=device, requires_grad=True)
     b = torch.randn(6, 3, device=device, requires_grad=True)
     for B in (None, torch.randn(5, 12, device=device, requires_grad=True)):
-        torch.library.opcheck(getattr(torch.ops.dfa_kernels, f"{prefix}project_points").default,
-                              (e, B, 4, "uniform", 0.1, [0, 7], [7, 3], [0.5, 2.0], [a, b], ["gelu", "tanh"], None))
-        torch.library.opcheck(getattr(torch.ops.dfa_kernels, f"{prefix}project_points").default,
-                              (e, B, 4, "uniform", 0.1, [0, 2], [7, 3], [1.0, 1.0], [a, None], ["relu", "none"],
-                               None))
+        torch.library.opcheck(
+            getattr(torch.ops.dfa_kernels, f"{prefix}project_points").default,
+            (e, B, 4, "uniform", 0.1, [0, 7], [7, 3], [0.5, 2.0], [a, b], ["gelu", "tanh"], None),
+        )
+        torch.library.opcheck(
+            getattr(torch.ops.dfa_kernels, f"{prefix}project_points").default,
+            (e, B, 4, "uniform", 0.1, [0, 2], [7, 3], [1.0, 1.0], [a, None], ["relu", "none"], None),
+        )
     g = [torch.randn(9, 4, device=device, requires_grad=True), torch.randn(2, 3, device=device)]
     x = [torch.randn(9, 6, device=device), torch.randn(2, 5, device=device, requires_grad=True)]
     torch.library.opcheck(getattr(torch.ops.dfa_kernels, f"{prefix}grouped_weight_grad").default, (g, x, None))
@@ -272,8 +288,9 @@ def test_project_points_gradcheck():
     a, a2 = torch.randn(4, 6).requires_grad_(), torch.randn(4, 2).requires_grad_()
 
     def f(e, a, a2):
-        return torch.ops.dfa_kernels.project_points(e, None, 2, "uniform", 0.1, [0, 6], [6, 2], [1.0, 0.5],
-                                                    [a, a2], ["gelu", "silu"], None)
+        return torch.ops.dfa_kernels.project_points(
+            e, None, 2, "uniform", 0.1, [0, 6], [6, 2], [1.0, 0.5], [a, a2], ["gelu", "silu"], None
+        )
 
     # fp32 op: gradcheck with a loose tolerance against finite differences
     torch.autograd.gradcheck(f, (e, a, a2), eps=1e-3, atol=1e-2, rtol=1e-2, nondet_tol=1e-5)
@@ -285,8 +302,10 @@ def test_auto_backend_reads_the_measured_table(monkeypatch, tmp_path):
         pytest.skip("one backend only: nothing to choose")
     slow_first = available[-1]  # a table that names the last backend must win over the default order
     (tmp_path / f"{ops.device_slug('cpu')}.json").write_text(
-        '{"device": "cpu", "choices": {"project|virtual|narrow": "%s", "project|virtual|wide": "no-such"}}'
-        % slow_first)
+        json.dumps(
+            {"device": "cpu", "choices": {"project|virtual|narrow": slow_first, "project|virtual|wide": "no-such"}}
+        )
+    )
     monkeypatch.setattr(ops, "BACKEND_TABLES", tmp_path)
     ops.backend_table.cache_clear()
     try:

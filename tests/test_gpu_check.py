@@ -4,18 +4,17 @@ printed. What a GPU run sends back is limited (8 files in $OUT, 2 folders down, 
 characters of output), so the dry run fails when the run would break those limits or its scaled
 time budget, and must leave nothing in the checkout. Also: the subset rules of tests/gpu_subset.txt
 (tests/conftest.py) and the summary's reading of pytest logs, with and without pytest-xdist."""
+
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import read_gpu_subset, rule_matches, select_gpu_subset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,13 +36,20 @@ def _run(tmp_path: Path, *args, root: Path = ROOT, **env) -> subprocess.Complete
     environ = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"), **env}
     environ.pop("TRITON_INTERPRET", None)  # the script's own pytest run decides
     environ.pop("PYTHONDONTWRITEBYTECODE", None)  # and the script keeps its Python from writing bytecode
-    return subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), *args], capture_output=True, text=True,
-                          env=environ, cwd=root, timeout=900)
+    return subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=root,
+        timeout=900,
+    )
 
 
 def _git(cwd: Path, *args) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _snapshot(dest: Path) -> Path:
@@ -81,10 +87,19 @@ def test_dry_run_runs_every_stage_within_budget_and_leaves_three_files(tmp_path)
     assert summary["projection"]["rows"] > 0 and not summary["projection"]["failed"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"stages.jsonl", "versions.json", "build_info.json", "tests.log", "step_mlp_dcn.json", "step_lm.json",
-            "projection_cpu_quick.json", "summary.txt", "preflight.log"} <= names, names
+    assert {
+        "stages.jsonl",
+        "versions.json",
+        "build_info.json",
+        "tests.log",
+        "step_mlp_dcn.json",
+        "step_lm.json",
+        "projection_cpu_quick.json",
+        "summary.txt",
+        "preflight.log",
+    } <= names, names
     # the summary alone must fit the 12,000 characters of output that come back
-    text = done.stdout[done.stdout.index("=== gpu_check summary (dry run, CPU"):]
+    text = done.stdout[done.stdout.index("=== gpu_check summary (dry run, CPU") :]
     assert len(text) < 12_000 and "verdict: every stage passed" in text and "BUDGET:" in text
     assert (out / "summary.txt").read_text() in done.stdout
 
@@ -166,29 +181,43 @@ def _item(nodeid, **params):
 
 def test_subset_rules_select_in_rule_order_and_report_problems(tmp_path):
     rules_file = tmp_path / "subset.txt"
-    rules_file.write_text("# first the graph test\n"
-                          "tests/a.py::test_graph\n"
-                          "tests/b.py::test_op  device=cuda  shape=(7,3,128)|(1,1,1)   # two shapes\n"
-                          "tests/b.py::test_*  dtype=torch.float16\n")
+    rules_file.write_text(
+        "# first the graph test\n"
+        "tests/a.py::test_graph\n"
+        "tests/b.py::test_op  device=cuda  shape=(7,3,128)|(1,1,1)   # two shapes\n"
+        "tests/b.py::test_*  dtype=torch.float16\n"
+    )
     rules = read_gpu_subset(rules_file)
     assert rules[1] == ("tests/b.py::test_op", {"device": ["cuda"], "shape": ["(7,3,128)", "(1,1,1)"]})
     import torch
-    items = [_item("tests/b.py::test_op[a]", device="cuda", shape=(7, 3, 128), dtype=torch.float32),
-             _item("tests/b.py::test_op[b]", device="cpu", shape=(7, 3, 128), dtype=torch.float32),
-             _item("tests/b.py::test_op[c]", device="cuda", shape=(2, 2, 2), dtype=torch.float16),
-             _item("tests/b.py::test_other[d]", dtype=torch.bfloat16),
-             _item("tests/a.py::test_graph"),
-             _item("tests/c.py::test_unrelated")]
+
+    items = [
+        _item("tests/b.py::test_op[a]", device="cuda", shape=(7, 3, 128), dtype=torch.float32),
+        _item("tests/b.py::test_op[b]", device="cpu", shape=(7, 3, 128), dtype=torch.float32),
+        _item("tests/b.py::test_op[c]", device="cuda", shape=(2, 2, 2), dtype=torch.float16),
+        _item("tests/b.py::test_other[d]", dtype=torch.bfloat16),
+        _item("tests/a.py::test_graph"),
+        _item("tests/c.py::test_unrelated"),
+    ]
     assert rule_matches(rules[1], items[0].nodeid, items[0].callspec.params)
     assert not rule_matches(rules[1], items[1].nodeid, items[1].callspec.params)
     selected, deselected, counts, problems = select_gpu_subset(rules, items)
-    assert [i.nodeid for i in selected] == ["tests/a.py::test_graph", "tests/b.py::test_op[a]", "tests/b.py::test_op[c]"]
-    assert {i.nodeid for i in deselected} == {"tests/b.py::test_op[b]", "tests/b.py::test_other[d]",
-                                              "tests/c.py::test_unrelated"}
+    assert [i.nodeid for i in selected] == [
+        "tests/a.py::test_graph",
+        "tests/b.py::test_op[a]",
+        "tests/b.py::test_op[c]",
+    ]
+    assert {i.nodeid for i in deselected} == {
+        "tests/b.py::test_op[b]",
+        "tests/b.py::test_other[d]",
+        "tests/c.py::test_unrelated",
+    }
     assert counts == [1, 1, 1] and problems == []
     stale = [("tests/a.py::test_renamed", {}), ("tests/b.py::test_op", {"dvice": ["cuda"]})]
-    assert select_gpu_subset(stale, items)[3] == ["tests/a.py::test_renamed: matches no collected test",
-                                                  "tests/b.py::test_op: no such parameter 'dvice'"]
+    assert select_gpu_subset(stale, items)[3] == [
+        "tests/a.py::test_renamed: matches no collected test",
+        "tests/b.py::test_op: no such parameter 'dvice'",
+    ]
     rules_file.write_text("tests/a.py::test_graph device\n")
     with pytest.raises(pytest.UsageError, match="not name=glob"):
         read_gpu_subset(rules_file)
@@ -258,8 +287,9 @@ def test_the_printed_summary_fits_what_comes_back_however_many_failures(tmp_path
     sends back the last 12,000 of output), lists as many ids as fit, and summary.json has them all."""
     work = tmp_path / "work"
     work.mkdir()
-    (work / "stages.jsonl").write_text(json.dumps({"stage": "tests", "status": "failed", "rc": 1, "seconds": 90,
-                                                   "limit_s": 150, "base_s": 150}) + "\n")
+    (work / "stages.jsonl").write_text(
+        json.dumps({"stage": "tests", "status": "failed", "rc": 1, "seconds": 90, "limit_s": 150, "base_s": 150}) + "\n"
+    )
     ids = [f"tests/test_compiled.py::test_project_matches_reference[{'x' * 120}-{i}-cuda]" for i in range(300)]
     log = ["8 workers [300 items]"] + [f"[gw{i % 8}] [ 50%] FAILED {t}" for i, t in enumerate(ids)]
     log += ["=========================== short test summary info ============================"]

@@ -1,13 +1,14 @@
 """The published test vectors of csrc/include/dfa_kernels/hash.h, on every backend."""
+
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import backend_device_pairs
 
 import dfa_kernels as dk
 from dfa_kernels import reference
-from conftest import backend_device_pairs
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "dfa_kernels" / "hash.h"
 VECTORS = [  # (seed, i, j, hash, uniform, rademacher, gaussian ~)
@@ -41,7 +42,7 @@ def _hash_python(seed, i, j):
 
 def test_vectors_are_published_in_the_header():
     text = HEADER.read_text()
-    for seed, i, j, h, u, r, g in VECTORS:
+    for seed, i, j, h, u, _, _ in VECTORS:
         assert re.search(rf"\({seed}, {i}, {j}\)\s+-> 0x{h:08x}", text), (seed, i, j)
         assert repr(u) in text
 
@@ -72,8 +73,12 @@ def test_backends_generate_the_same_matrix(backend, device, seed, distribution):
 
 def test_distribution_statistics():
     n = 200_000
-    for dist, mean, var in (("uniform", 0.0, 1 / 3), ("gaussian", 0.0, 1.0), ("rademacher", 0.0, 1.0),
-                            ("sparse", 0.0, 0.1)):
+    for dist, mean, var in (
+        ("uniform", 0.0, 1 / 3),
+        ("gaussian", 0.0, 1.0),
+        ("rademacher", 0.0, 1.0),
+        ("sparse", 0.0, 0.1),
+    ):
         B = reference.feedback_matrix(7, dist, 200, n // 200)
         assert abs(B.mean().item() - mean) < 0.01, dist
         assert abs(B.var().item() - var) < 0.02 * max(var, 0.1), dist

@@ -1,5 +1,6 @@
 """Hugging Face causal LMs with DFA (dfa_kernels.huggingface): tiny GPT-2 and Llama models built
 from configs (nothing downloaded), every placement and error position."""
+
 import warnings
 
 import pytest
@@ -17,16 +18,34 @@ CASES = [(p, e) for p in dkh.PLACEMENTS for e in dkh.ERROR_AT]
 
 
 def tiny_gpt2():
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                     eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def tiny_llama():
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -56,13 +75,24 @@ def _grads(model):
 def test_layout_is_read_from_the_modules():
     gpt2 = dkh.find_layout(tiny_gpt2())
     assert (gpt2.blocks, gpt2.count, gpt2.final_norm, gpt2.head, gpt2.attention, gpt2.mlp_down) == (
-        "transformer.h", 2, "transformer.ln_f", "lm_head", "attn", "mlp.c_proj")
+        "transformer.h",
+        2,
+        "transformer.ln_f",
+        "lm_head",
+        "attn",
+        "mlp.c_proj",
+    )
     assert gpt2.linears == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # transformers' Conv1D
     llama = dkh.find_layout(tiny_llama())
     assert (llama.blocks, llama.final_norm, llama.attention, llama.mlp_down) == (
-        "model.layers", "model.norm", "self_attn", "mlp.down_proj")
-    assert set(llama.linears) == ({f"self_attn.{n}_proj" for n in "qkvo"}
-                                  | {f"mlp.{n}_proj" for n in ("gate", "up", "down")})
+        "model.layers",
+        "model.norm",
+        "self_attn",
+        "mlp.down_proj",
+    )
+    assert set(llama.linears) == (
+        {f"self_attn.{n}_proj" for n in "qkvo"} | {f"mlp.{n}_proj" for n in ("gate", "up", "down")}
+    )
     assert llama.norms == ("input_layernorm", "post_attention_layernorm")
 
 
@@ -162,8 +192,9 @@ def test_save_pretrained_from_pretrained_round_trip(model, placement, error_at, 
     # transformers alone loads the trained weights, without DFA
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, converted(ids).logits if error_at == "hidden"
-                                   else converted.model(ids).logits)
+        torch.testing.assert_close(
+            plain(ids).logits, converted(ids).logits if error_at == "hidden" else converted.model(ids).logits
+        )
 
 
 def test_from_pretrained_converts_a_plain_checkpoint(model, tmp_path):
@@ -192,7 +223,7 @@ def test_attributes_reach_the_transformers_model(model):
     assert converted.config is converted.model.config
     assert converted.get_output_embeddings() is converted.model.lm_head
     with pytest.raises(AttributeError):
-        converted.no_such_attribute
+        _ = converted.no_such_attribute
 
 
 def test_tied_embeddings_stay_tied():

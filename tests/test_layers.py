@@ -3,6 +3,7 @@ higher layer, and no modules import each other in a circle. Every import counts,
 functions too (a deferred import is still a dependency). The benchmarks time the zoo's models, and
 the scaling study records its machine as they do (bench.common); the pipeline splits the zoo's models
 and runs the zoo's training loop stage by stage."""
+
 import ast
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def _imports(name: str, path: Path, modules) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             # `from pkg import sub` imports the module pkg.sub; `from mod import name`, the module mod
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
@@ -58,7 +59,7 @@ def test_no_import_circles():
     graph = _graph()
     index, low, stack, on_stack, circles = {}, {}, [], set(), []
 
-    def visit(v):   # Tarjan's strongly connected components
+    def visit(v):  # Tarjan's strongly connected components
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
@@ -88,8 +89,8 @@ def test_no_import_circles():
 def test_the_graph_sees_imports():
     """The scan itself: the edges this test relies on are found (a broken scan would pass vacuously)."""
     graph = _graph()
-    assert "dfa_kernels.ops" in graph["dfa_kernels.nn"]                      # from . import ops
-    assert "dfa_kernels.feedback" in graph["dfa_kernels.ops"]                # from .feedback import FeedbackSpec
-    assert "dfa_kernels.zoo.training" in graph["dfa_kernels.studies.alignment"]   # from ..zoo.training import
-    assert "dfa_kernels" in graph["dfa_kernels.zoo.trainer"]                 # import dfa_kernels as dk
+    assert "dfa_kernels.ops" in graph["dfa_kernels.nn"]  # from . import ops
+    assert "dfa_kernels.feedback" in graph["dfa_kernels.ops"]  # from .feedback import FeedbackSpec
+    assert "dfa_kernels.zoo.training" in graph["dfa_kernels.studies.alignment"]  # from ..zoo.training import
+    assert "dfa_kernels" in graph["dfa_kernels.zoo.trainer"]  # import dfa_kernels as dk
     assert _layer("dfa_kernels.zoo.recipes.graph") == 1 and _layer("dfa_kernels.align") == 0

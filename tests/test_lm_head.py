@@ -1,5 +1,6 @@
 """Fused linear + cross-entropy (dfa_kernels.lm_head) and the DFA error after a vocabulary head
 (DFA.linear_cross_entropy), against torch's F.linear + F.cross_entropy with autograd."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,8 @@ def test_chunked_matches_torch(backend, N, V, d, chunk, with_bias):
     loss, (g_logits, gh, gW, *gb) = _reference(h, W, b, t)
     chunks = []
     got, got_h, got_W, got_b = lm_head.chunked_linear_cross_entropy(
-        h, W, t, b, chunk_rows=chunk, backend=backend, on_chunk=lambda s, e, g: chunks.append((s, e, g.clone())))
+        h, W, t, b, chunk_rows=chunk, backend=backend, on_chunk=lambda s, e, g: chunks.append((s, e, g.clone()))
+    )
     torch.testing.assert_close(got, loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_h, gh, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_W, gW, atol=1e-5, rtol=1e-4)
@@ -64,8 +66,13 @@ def test_chunk_buffer_is_bounded():
     assert lm_head.default_chunk_rows(10**6, 50257, "cuda") * 50257 * 4 <= lm_head.CHUNK_BYTES["cuda"]
     assert lm_head.default_chunk_rows(3, 10, "cpu") == 3
     sizes = []
-    lm_head.chunked_linear_cross_entropy(torch.randn(50, 4), torch.randn(11, 4), torch.randint(0, 11, (50,)),
-                                         chunk_rows=8, on_chunk=lambda s, e, g: sizes.append(g.shape))
+    lm_head.chunked_linear_cross_entropy(
+        torch.randn(50, 4),
+        torch.randn(11, 4),
+        torch.randint(0, 11, (50,)),
+        chunk_rows=8,
+        on_chunk=lambda s, e, g: sizes.append(g.shape),
+    )
     assert max(s[0] for s in sizes) == 8 and all(s[1] == 11 for s in sizes)
 
 

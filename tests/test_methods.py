@@ -6,6 +6,7 @@ sDFA, labels @ B for DRTP, y the softmax output for a cross-entropy loss) and th
 (webstah/dkp-gist, utils/gradfunctions.py: a point's gradient is e @ B, B's gradient e^T h). Each
 layer's gradients come from autograd on that layer alone, fed the point's signal.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,11 @@ CLASSES = 5
 
 # ---------------------------------------------------------------- the method space
 def test_every_mode_is_one_point_of_the_method_space():
-    assert set(dk.MODES) == set(dk.METHODS) >= {"dfa", "bp", "shallow", "sdfa", "drtp", "ternary", "dkp", "fa",
-                                                  "usf", "brsf", "frsf"}
+    assert (
+        set(dk.MODES)
+        == set(dk.METHODS)
+        >= {"dfa", "bp", "shallow", "sdfa", "drtp", "ternary", "dkp", "fa", "usf", "brsf", "frsf"}
+    )
     for name, m in dk.METHODS.items():
         assert m.name == name and m.signal in methods.SIGNALS
         assert (m.entry is None) == (name in ("bp", "shallow"))
@@ -35,12 +39,14 @@ def test_every_mode_is_one_point_of_the_method_space():
 
 
 def test_ternarize_is_the_documented_rule():
-    e = torch.tensor([[0.5, -0.04, 0.06, -0.2, 0.0],
-                      [0.0, 0.0, 0.0, 0.0, 0.0],
-                      [-1e-3, 2e-4, 5e-5, -9e-5, 5e-4]])
-    expected = torch.tensor([[1.0, 0.0, 1.0, -1.0, 0.0],   # kept where |e| >= 0.1 * 0.5
-                             [0.0, 0.0, 0.0, 0.0, 0.0],    # a zero row sends nothing
-                             [-1.0, 1.0, 0.0, 0.0, 1.0]])  # relative to the row's own max: scale-free
+    e = torch.tensor([[0.5, -0.04, 0.06, -0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-1e-3, 2e-4, 5e-5, -9e-5, 5e-4]])
+    expected = torch.tensor(
+        [
+            [1.0, 0.0, 1.0, -1.0, 0.0],  # kept where |e| >= 0.1 * 0.5
+            [0.0, 0.0, 0.0, 0.0, 0.0],  # a zero row sends nothing
+            [-1.0, 1.0, 0.0, 0.0, 1.0],
+        ]
+    )  # relative to the row's own max: scale-free
     assert torch.equal(methods.ternarize(e, 0.1), expected)
     assert torch.equal(methods.ternarize(e, 0.0), torch.sign(e))
     for bad in (-0.1, 1.5, "0.1", True):
@@ -207,22 +213,28 @@ def test_drtp_ignored_rows_send_nothing():
         y.sum().backward()
     (signal,) = cap.signals
     (B,) = dfa.feedback_matrices()
-    torch.testing.assert_close(signal, F.one_hot(torch.tensor([1, 0, 0, 4]), CLASSES).float() @ B
-                               * torch.tensor([1.0, 0.0, 1.0, 1.0])[:, None])
+    torch.testing.assert_close(
+        signal, F.one_hot(torch.tensor([1, 0, 0, 4]), CLASSES).float() @ B * torch.tensor([1.0, 0.0, 1.0, 1.0])[:, None]
+    )
 
 
 def test_drtp_without_targets_refuses_naming_them():
     dfa = dk.DFA(mode="drtp")
     model = MLP(dfa)
     x, target = torch.randn(4, 6), torch.randint(0, CLASSES, (4,))
-    with pytest.raises(ValueError, match=r"mode 'drtp' projects the class targets.*dfa\(y, target=t\).*"
-                                         r"dfa\.targets\(t\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mode 'drtp' projects the class targets.*dfa\(y, target=t\).*"
+        r"dfa\.targets\(t\)",
+    ):
         model(x)
     with torch.no_grad():  # evaluation needs no targets
         model(x)
-    for bad, match in ((target[:3], "class targets must be integer indices shaped like"),
-                       (torch.randn(4, 3), "a float target must have y's shape"),
-                       (target.bool(), "class targets must be integer")):
+    for bad, match in (
+        (target[:3], "class targets must be integer indices shaped like"),
+        (torch.randn(4, 3), "a float target must have y's shape"),
+        (target.bool(), "class targets must be integer"),
+    ):
         with pytest.raises(ValueError, match=match):
             model(x, bad)
     with pytest.raises(TypeError, match="expects a torch.Tensor"):
@@ -279,14 +291,14 @@ def test_dkp_gradients_and_learned_matrix_follow_the_reference_over_steps():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     oracle_opt = torch.optim.SGD(oracle.parameters(), lr=0.5)
     assert any(p is dfa.feedback for p in model.parameters())
-    for step in range(3):
+    for _ in range(3):
         got = model_grads(model, x, target)
         expected, e, hs = oracle_grads(oracle, x, target, "dkp", Bs)
         assert_grads_equal(got, {id(p): expected[id(q)] for p, q in zip(model.parameters(), oracle.parameters())})
         B_grads = [e.T @ h for h in hs[1:]]  # grad_weights_B = grad_at_output.t().mm(layer_out_view)
         torch.testing.assert_close(dfa.feedback.grad, torch.cat(B_grads, 1), atol=1e-6, rtol=1e-5)
         opt.step()
-        for p, q in zip(model.parameters(), oracle.parameters()):
+        for q in oracle.parameters():
             q.grad = expected[id(q)]
         oracle_opt.step()
         Bs = [B - 0.5 * g for B, g in zip(Bs, B_grads)]
@@ -304,7 +316,7 @@ def test_dkp_shared_layout_and_state_dict():
     assert_grads_equal(got, expected)
     grad_B = torch.zeros(CLASSES, 16)
     for h in hs[1:]:  # shared columns: each point's rule adds into its prefix
-        grad_B[:, :h.shape[1]] += e.T @ h
+        grad_B[:, : h.shape[1]] += e.T @ h
     torch.testing.assert_close(dfa.feedback.grad, grad_B)
     with torch.no_grad():
         dfa.feedback.add_(1.0)

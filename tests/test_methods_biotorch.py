@@ -1,12 +1,14 @@
 """The layer-wise methods against biotorch itself (jsalbert/biotorch 0.0.16, its default Xavier preset).
 
 biotorch is pinned in requirements/oracles.txt, which the README's test command installs with
-``--no-deps`` (its layers need only torch; its own pins would downgrade torch), so CI runs this file;
-elsewhere it skips with that command as the reason. Each case hands biotorch the matrices ours uses
-(``feedback_matrix()``): fa's B as ``weight_backward``; for frsf fa's B too (biotorch keeps |B| and
-multiplies by sign(W) itself); for brsf this step's |R_t| through biotorch's own redraw (``xavier_uniform_``, patched for the step);
-usf gets nothing: biotorch computes its σ·sign(W) from its own scaling factor.
+``--no-deps`` (its layers need only torch; its own pins would downgrade torch), so CI runs this
+file; elsewhere it skips with that command as the reason. Each case hands biotorch the matrices ours
+uses (``feedback_matrix()``): fa's B as ``weight_backward``; for frsf fa's B too (biotorch keeps |B|
+and multiplies by sign(W) itself); for brsf this step's |R_t| through biotorch's own redraw
+(``xavier_uniform_``, patched for the step); usf gets nothing: biotorch computes its σ·sign(W) from
+its own scaling factor.
 """
+
 import copy
 
 import pytest
@@ -14,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 import dfa_kernels as dk
 from dfa_kernels import layerwise
 
-biotorch = pytest.importorskip("biotorch", reason="biotorch not installed: pip install --no-deps -r requirements/oracles.txt")
+biotorch = pytest.importorskip(
+    "biotorch", reason="biotorch not installed: pip install --no-deps -r requirements/oracles.txt"
+)
 from biotorch.layers import fa_constructor  # noqa: E402
 from biotorch.module.biomodule import BioModule  # noqa: E402
 
@@ -28,8 +31,9 @@ OPTIONS = {"init": "xavier", "constrain_weights": False, "gradient_clip": False}
 
 def fa_matrix(layer):
     """Our layer's fa matrix (frsf's |B| is its magnitude)."""
-    return layerwise.Rule("fa", layer.seed, layer.distribution, layer.density, layer.init, layer.storage,
-                          layer.backend).matrix(layer.weight)
+    return layerwise.Rule(
+        "fa", layer.seed, layer.distribution, layer.density, layer.init, layer.storage, layer.backend
+    ).matrix(layer.weight)
 
 
 def hand_matrices(ours, theirs, mode, monkeypatch):
@@ -68,15 +72,25 @@ def test_layer_gradients_equal_biotorchs(mode, kind, monkeypatch):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     if mode != "brsf":  # biotorch records the matrix it used (brsf's too, but drawn by the patch)
-        torch.testing.assert_close(ours.feedback_matrix(), theirs.weight_backward * (
-            torch.sign(theirs.weight.detach()) if mode == "frsf" else 1))
+        torch.testing.assert_close(
+            ours.feedback_matrix(),
+            theirs.weight_backward * (torch.sign(theirs.weight.detach()) if mode == "frsf" else 1),
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_converted_model_equals_biotorchs_biomodule(mode, monkeypatch):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 10), nn.Tanh(), nn.Linear(10, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 10),
+        nn.Tanh(),
+        nn.Linear(10, 5),
+    )
     ours = dk.convert(model, mode=mode)
     theirs = BioModule(copy.deepcopy(model), mode=mode)
     x, target = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))

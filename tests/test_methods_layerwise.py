@@ -7,6 +7,7 @@ computation written with those functions, each layer handed ``layer.feedback_mat
 matrices themselves are checked against biotorch's formulas separately (Xavier-uniform bound, σ).
 tests/test_methods_biotorch.py checks against biotorch itself where it is installed.
 """
+
 import math
 
 import pytest
@@ -200,7 +201,7 @@ def test_conv_padding_same_and_reflect_pad_before_the_function():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = nn.Conv2d(2, 3, 4, padding="same")            # even kernel: uneven sides
+            self.a = nn.Conv2d(2, 3, 4, padding="same")  # even kernel: uneven sides
             self.b = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
             self.head = nn.Linear(3 * 6 * 6, 5)
 
@@ -212,11 +213,30 @@ def test_conv_padding_same_and_reflect_pad_before_the_function():
 
     def oracle_forward(x, twin):
         a, b, head = twin[id(model.a)], twin[id(model.b)], twin[id(model.head)]
-        h = torch.relu(OracleConv.apply(F.pad(x, a._reversed_padding_repeated_twice), model.a.weight, model.a.bias,
-                                        a.feedback_matrix(), a.stride, 0, a.dilation, a.groups))
-        h = torch.relu(OracleConv.apply(F.pad(h, b._reversed_padding_repeated_twice, mode="reflect"),
-                                        model.b.weight, model.b.bias, b.feedback_matrix(), b.stride, 0, b.dilation,
-                                        b.groups))
+        h = torch.relu(
+            OracleConv.apply(
+                F.pad(x, a._reversed_padding_repeated_twice),
+                model.a.weight,
+                model.a.bias,
+                a.feedback_matrix(),
+                a.stride,
+                0,
+                a.dilation,
+                a.groups,
+            )
+        )
+        h = torch.relu(
+            OracleConv.apply(
+                F.pad(h, b._reversed_padding_repeated_twice, mode="reflect"),
+                model.b.weight,
+                model.b.bias,
+                b.feedback_matrix(),
+                b.stride,
+                0,
+                b.dilation,
+                b.groups,
+            )
+        )
         return oracle_call(head, h.flatten(1), model.head)
 
     torch.manual_seed(3)
@@ -253,7 +273,9 @@ def test_matrices_are_biotorchs_formulas(init):
             fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
             # biotorch: scaling_factor = sqrt(2 / (fan_in + fan_out)) (Xavier), 1 / sqrt(3 fan_in) (kaiming)
             sigma = math.sqrt(2.0 / (fan_in + fan_out)) if init == "xavier" else 1 / math.sqrt(3 * fan_in)
-            bound = math.sqrt(3) * sigma  # xavier_uniform_'s bound sqrt(6 / (fan_in + fan_out)); kaiming's 1/sqrt(fan_in)
+            bound = (
+                math.sqrt(3) * sigma
+            )  # xavier_uniform_'s bound sqrt(6 / (fan_in + fan_out)); kaiming's 1/sqrt(fan_in)
             H = _hash(layer, layer.seed)
             sign = torch.sign(layer.weight.detach())
             converted.dfa.mode = "fa"
@@ -272,7 +294,7 @@ def test_each_layer_its_own_matrix_and_brsf_redraws_every_step():
     assert len({layer.seed for layer in layers}) == 3
     x = torch.randn(4, 6)
     draws = []
-    for step in range(3):
+    for _ in range(3):
         converted(x).sum().backward()
         B = layers[1].feedback_matrix()
         sign = torch.sign(layers[1].weight.detach())

@@ -1,4 +1,5 @@
 """DFA/BP/shallow gradients against hand-written references computed from feedback_matrices()."""
+
 import math
 
 import pytest
@@ -71,9 +72,9 @@ def test_dfa_gradients_match_hand_reference(backend, layout, distribution):
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
     # the scale: 1/sqrt(d_l) per point (independent) or 1/sqrt(max d) (shared)
     B = model.dfa.spec.matrix()
-    for l, (Bl, w, off) in enumerate(zip(model.dfa.feedback_matrices(), (16, 12, 10), model.dfa.spec.offsets)):
+    for Bl, w, off in zip(model.dfa.feedback_matrices(), (16, 12, 10), model.dfa.spec.offsets):
         s = 1 / math.sqrt(w if layout == "independent" else 16)
-        torch.testing.assert_close(Bl, B[:, off:off + w] * s)
+        torch.testing.assert_close(Bl, B[:, off : off + w] * s)
 
 
 def test_bp_mode_gives_exact_gradients_and_shallow_only_trains_the_head():
@@ -87,6 +88,7 @@ def test_bp_mode_gives_exact_gradients_and_shallow_only_trains_the_head():
         for layer in plain.layers[:-1]:
             x = torch.tanh(layer(x))
         return plain.layers[-1](x)
+
     _loss(plain_forward(x), target).backward()
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(got[id(p)], q.grad)
@@ -170,9 +172,14 @@ def test_bad_points_and_changing_widths():
     dfa.reset()
     dfa.point(torch.randn(4, 9))
     dfa(torch.randn(4, 2))
-    for kwargs, match in (({"mode": "backprop"}, "mode must be one of"), ({"distribution": "x"}, "distribution"),
-                          ({"layout": "x"}, "layout"), ({"scale": "x"}, "scale must be"),
-                          ({"storage": "x"}, "storage"), ({"backend": "x"}, "backend")):
+    for kwargs, match in (
+        ({"mode": "backprop"}, "mode must be one of"),
+        ({"distribution": "x"}, "distribution"),
+        ({"layout": "x"}, "layout"),
+        ({"scale": "x"}, "scale must be"),
+        ({"storage": "x"}, "storage"),
+        ({"backend": "x"}, "backend"),
+    ):
         with pytest.raises(ValueError, match=match):
             dk.DFA(**kwargs)
     with pytest.raises(TypeError, match="expects a torch.Tensor"):
@@ -216,8 +223,11 @@ def test_state_dict_holds_the_spec_not_the_matrix():
     model = MLP(dk.DFA(seed=123, distribution="rademacher"))
     model(torch.randn(2, 6))
     state = model.state_dict()
-    assert not any(v.numel() == model.dfa.spec.out_features * model.dfa.spec.total_width
-                   for v in state.values() if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == 3)
+    assert not any(
+        v.numel() == model.dfa.spec.out_features * model.dfa.spec.total_width
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == 3
+    )
     restored = MLP(dk.DFA())
     restored.load_state_dict(state)
     assert restored.dfa.spec == model.dfa.spec
@@ -238,8 +248,8 @@ def test_tinydfa_preset_matches_tinydfa_formulas():
     B = dfa.spec.matrix()
     assert B.shape == (35, 42) and B.min() >= -1 and B.max() < 1
     rp = e.reshape(2, -1) @ B / math.sqrt(42)
-    g1, = torch.autograd.grad(torch.relu(lin1(x)), lin1.weight, rp[:, :42].reshape(2, 7, 6))
-    g2, = torch.autograd.grad(torch.relu(lin2(h1.detach())), lin2.weight, rp[:, :21].reshape(2, 7, 3))
+    (g1,) = torch.autograd.grad(torch.relu(lin1(x)), lin1.weight, rp[:, :42].reshape(2, 7, 6))
+    (g2,) = torch.autograd.grad(torch.relu(lin2(h1.detach())), lin2.weight, rp[:, :21].reshape(2, 7, 3))
     torch.testing.assert_close(lin1.weight.grad, g1)
     torch.testing.assert_close(lin2.weight.grad, g2)
 
@@ -290,6 +300,7 @@ def _record_projections(monkeypatch):
             outs = out if isinstance(out, list) else [out]
             calls.append((_name, e.dtype, {o.dtype for o in outs}))
             return out
+
         monkeypatch.setattr(dk.ops, name, recording)
     return calls
 
@@ -306,7 +317,7 @@ def test_error_is_projected_in_bf16_under_bf16_autocast(monkeypatch, fused):
             loss = _loss(model(x).float(), target)
         loss.backward()
         monkeypatch.undo()
-        (op, e_dtype, out_dtypes), = calls
+        ((op, e_dtype, out_dtypes),) = calls
         assert op == ("project_points" if fused else "project")
         # "auto": e (fp32 after the fp32 head) is cast to bf16; None: projected in fp32. Either way the
         # projection writes the points' dtype (bf16 under autocast) itself.
@@ -320,8 +331,12 @@ def test_error_is_projected_in_bf16_under_bf16_autocast(monkeypatch, fused):
 
 def test_error_dtype_outside_autocast_and_explicit(monkeypatch):
     x, target = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    for error_dtype, expected in (("auto", torch.float32), (None, torch.float32),
-                                  (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)):
+    for error_dtype, expected in (
+        ("auto", torch.float32),
+        (None, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+    ):
         model = MLP(dk.DFA(error_dtype=error_dtype))
         calls = _record_projections(monkeypatch)
         _loss(model(x), target).backward()

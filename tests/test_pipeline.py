@@ -56,13 +56,15 @@ def mlp(mode, depth):
         for block in parts.blocks:
             h = block(h)
         return F.cross_entropy(dfa(parts.suffix(h)), t)
+
     return parts, model, reference_loss
 
 
 def lm(mode, layers, placement="macro", error_at="hidden"):
     torch.manual_seed(0)
-    model = TransformerLM(17, context=8, layers=layers, d_model=16, heads=2, mode=mode, placement=placement,
-                          error_at=error_at, seed=5)
+    model = TransformerLM(
+        17, context=8, layers=layers, d_model=16, heads=2, mode=mode, placement=placement, error_at=error_at, seed=5
+    )
     return model, model, lambda x, t: F.cross_entropy(model(x).float().flatten(0, 1), t.flatten())
 
 
@@ -70,8 +72,9 @@ def batches(kind, count):
     g = torch.Generator().manual_seed(1)
     if kind == "mlp":
         return [(torch.randn(12, 12, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(count)]
-    return [(torch.randint(0, 17, (4, 8), generator=g), torch.randint(0, 17, (4, 8), generator=g))
-            for _ in range(count)]
+    return [
+        (torch.randint(0, 17, (4, 8), generator=g), torch.randint(0, 17, (4, 8), generator=g)) for _ in range(count)
+    ]
 
 
 def run_case(world, build, kind, schedule, M, adam):
@@ -82,6 +85,7 @@ def run_case(world, build, kind, schedule, M, adam):
 
     def optimizer(m):
         return torch.optim.Adam(m.parameters(), lr=1e-2) if adam else torch.optim.SGD(m.parameters(), lr=0.1)
+
     opt, ref_opt = optimizer(model), optimizer(ref)
     pipe = pl.Pipeline(parts, world.size, M, data[0][0][:2], schedule=schedule)
     for x, t in data:
@@ -108,13 +112,14 @@ def run_case(world, build, kind, schedule, M, adam):
         mats = [m for stage in gather_all(world, pipe.feedback_matrices()) for m in stage]
         ref_mats = next(m for m in ref.modules() if isinstance(m, dk.DFA)).feedback_matrices()
         assert len(mats) == len(ref_mats) and all(torch.equal(a, b) for a, b in zip(mats, ref_mats))
-        assert all(s.bytes_gradients == 0 for s in stats)           # no activation gradient travels
+        assert all(s.bytes_gradients == 0 for s in stats)  # no activation gradient travels
         e_bytes = 4 * (x.shape[0] * 5 if kind == "mlp" else x.numel() * (16 if pipe.parts.head is not None else 17))
         assert stats[-1].bytes_errors == (world.size - 1) * e_bytes  # e once to every other stage
         assert all(s.bytes_errors == 0 for s in stats[:-1])
         order = [(k, m) for k, m, *_ in stats[0].events]
-        assert [m for k, m in order if k == "F"] == list(range(M)) and sorted(m for k, m in order if k == "B") == \
-            list(range(M))
+        assert [m for k, m in order if k == "F"] == list(range(M)) and sorted(m for k, m in order if k == "B") == list(
+            range(M)
+        )
     else:
         assert all(s.bytes_errors == 0 for s in stats) and stats[1].bytes_gradients > 0
 
@@ -145,14 +150,24 @@ def _lm_micro4(mode):
 
 
 def test_two_stages_equal_one_process():
-    spawn(_equivalence_worker, [(_mlp2, "mlp", "dfa", 3, False), (_lm_macro, "lm", "dfa", 2, True),
-                                (_lm_linear_logits, "lm", "dfa", 4, True), (_mlp2, "mlp", "gpipe", 3, False),
-                                (_lm_macro, "lm", "1f1b", 2, True)])
+    spawn(
+        _equivalence_worker,
+        [
+            (_mlp2, "mlp", "dfa", 3, False),
+            (_lm_macro, "lm", "dfa", 2, True),
+            (_lm_linear_logits, "lm", "dfa", 4, True),
+            (_mlp2, "mlp", "gpipe", 3, False),
+            (_lm_macro, "lm", "1f1b", 2, True),
+        ],
+    )
 
 
 def test_four_stages_equal_one_process():
-    spawn(_equivalence_worker, [(_mlp4, "mlp", "dfa", 4, False), (_lm_micro4, "lm", "dfa", 4, True),
-                                (_mlp4, "mlp", "1f1b", 4, False)], size=4)
+    spawn(
+        _equivalence_worker,
+        [(_mlp4, "mlp", "dfa", 4, False), (_lm_micro4, "lm", "dfa", 4, True), (_mlp4, "mlp", "1f1b", 4, False)],
+        size=4,
+    )
 
 
 # ---------------------------------------------------------------- refusals
@@ -170,17 +185,21 @@ class Plain(nn.Module):
 def _refusal_worker(world):
     def point_block(dfa):
         return pl.parts._Point(nn.Linear(6, 6), dfa, "relu")
+
     x = torch.randn(4, 6)
 
     def refused(match, parts, **kw):
         with pytest.raises(ValueError, match=match):
             pl.Pipeline(parts, kw.pop("stages", 2), kw.pop("microbatches", 2), x, **kw)
+
     dfa = dk.DFA(seed=0)
     refused("larger than the model's 1 cuttable blocks", pl.Parts(dfa, [point_block(dfa)], suffix=nn.Linear(6, 3)))
     refused("stage 1 .* has no feedback point", pl.Parts(dfa, [point_block(dfa), Plain()], suffix=nn.Linear(6, 3)))
     refused("spans the cut between stages 0 and 1", pl.Parts(dfa, [Plain(), point_block(dfa)], suffix=nn.Linear(6, 3)))
     refused("must equal the process group's size", pl.Parts(dfa, [point_block(dfa)] * 3), stages=3)
-    refused("cuts must be 3 increasing block indices", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), cuts=[0, 2, 2])
+    refused(
+        "cuts must be 3 increasing block indices", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), cuts=[0, 2, 2]
+    )
     shared = point_block(dfa)
     refused("used by stages 0 and 1", pl.Parts(dfa, [shared, shared], suffix=nn.Linear(6, 3)))
     for mode in ("shallow", "fa", "drtp", "bp"):
@@ -221,8 +240,7 @@ def test_stage_spec_is_the_global_columns():
     for layout in ("independent", "shared"):
         spec = dk.FeedbackSpec(5, (3, 8, 4, 6), seed=9, layout=layout)
         whole = dk.ops.project_points(e, spec, "virtual", "cpu")
-        part = dk.ops.project_points(e, pl.stage_spec(spec, 1, 3), "virtual", "cpu",
-                                     scales=spec.scales()[1:3])
+        part = dk.ops.project_points(e, pl.stage_spec(spec, 1, 3), "virtual", "cpu", scales=spec.scales()[1:3])
         ref = dk.ops.project_points(e, spec, "virtual", "torch")
         for a, b, c in zip(part, whole[1:3], ref[1:3]):
             assert torch.equal(a, b)
@@ -238,9 +256,22 @@ def lm_run():
         x, t = batches("lm", 1)[0]
         with torch.no_grad():
             return {"loss": F.cross_entropy(m(x).flatten(0, 1), t.flatten()).item()}
-    draw = lambda g: (torch.randint(0, 17, (4, 8), generator=g), torch.randint(0, 17, (4, 8), generator=g))
-    return Run(model=model, optimizer=opt, batches=Sampled(draw, 0), loss=None, evaluate=evaluate, select="loss",
-               higher_is_better=False, epochs=2, steps_per_epoch=3, clip_grad=1.0)
+
+    def draw(g):
+        return torch.randint(0, 17, (4, 8), generator=g), torch.randint(0, 17, (4, 8), generator=g)
+
+    return Run(
+        model=model,
+        optimizer=opt,
+        batches=Sampled(draw, 0),
+        loss=None,
+        evaluate=evaluate,
+        select="loss",
+        higher_is_better=False,
+        epochs=2,
+        steps_per_epoch=3,
+        clip_grad=1.0,
+    )
 
 
 def _resume_worker(world):
@@ -251,6 +282,7 @@ def _resume_worker(world):
     def stop_at_4(trainer):
         if trainer.step == 4:
             raise Stopped("4")
+
     first = PipelineTrainer(lm_run(), world, 2, progress=False)
     with pytest.raises(Stopped):
         first.fit(stop_at_4)
@@ -269,16 +301,47 @@ def test_trainer_resumes_exactly():
 
 def test_cli_pipeline_trains_a_task(tmp_path):
     """``dfa-kernels train lm-pydoc --pipeline 2``: two workers, one metrics file with the pipeline."""
-    out = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--epochs", "1", "--pipeline", "2",
-                          "--microbatches", "2", "--no-progress", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfa_kernels",
+            "train",
+            "lm-pydoc",
+            "--epochs",
+            "1",
+            "--pipeline",
+            "2",
+            "--microbatches",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "lm-pydoc" / "dfa-macro-pipeline2x2" / "metrics.json").read_text())
-    assert metrics["pipeline"] == {"stages": 2, "microbatches": 2, "schedule": "dfa", "cuts": [0, 1, 2],
-                                   "backend": "gloo"}
+    assert metrics["pipeline"] == {
+        "stages": 2,
+        "microbatches": 2,
+        "schedule": "dfa",
+        "cuts": [0, 1, 2],
+        "backend": "gloo",
+    }
     assert math.isfinite(metrics["final"]["test_loss"]) and metrics["provenance"]["git_sha"]
-    bad = subprocess.run([sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--pipeline", "1"],
-                         capture_output=True, text=True, env=child_env(), timeout=120, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dfa_kernels", "train", "lm-pydoc", "--pipeline", "1"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+        check=False,
+    )
     assert bad.returncode == 2 and "--pipeline S needs S >= 2" in bad.stderr
 
 
@@ -303,7 +366,7 @@ def test_simulated_dfa_schedule():
     assert out["step_s"] == pytest.approx(3 + 8 * 1.25)
     assert out["bytes"] == simulate.bytes_per_step("dfa", costs, 8) == 8 * 30 + 8 * 3 * 4
     slow = simulate.simulate("dfa", costs, 8, simulate.Link(latency_s=0.5))
-    assert slow["step_s"] == pytest.approx(3 + 8 * 1.25 + 3 * 0.5)   # 3 hops; e's own hop overlaps
+    assert slow["step_s"] == pytest.approx(3 + 8 * 1.25 + 3 * 0.5)  # 3 hops; e's own hop overlaps
     shared = simulate.simulate("dfa", simulate.Costs([1.0] * 2, [0.0] * 2, [0]), 1, cores=1)
     assert shared["step_s"] == pytest.approx(2.0)
     assert simulate.simulate("gpipe", costs, 8)["step_s"] > out["step_s"]

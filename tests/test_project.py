@@ -1,16 +1,25 @@
 """dk.project on every available backend against the plain-PyTorch reference."""
+
 import math
 
 import pytest
 import torch
+from conftest import backend_device_pairs
 
 import dfa_kernels as dk
 from dfa_kernels import reference
-from conftest import backend_device_pairs
 
 # (N, out_features, width): every awkward value appears; the big ones only beside small ones.
-SHAPES = [(0, 10, 17), (1, 1, 1), (7, 3, 128), (1000, 10, 17), (7, 50257, 17), (7, 10, 4096),
-          (1000, 3, 128), (1, 50257, 1)]
+SHAPES = [
+    (0, 10, 17),
+    (1, 1, 1),
+    (7, 3, 128),
+    (1000, 10, 17),
+    (7, 50257, 17),
+    (7, 10, 4096),
+    (1000, 3, 128),
+    (1, 50257, 1),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative error allowed on |F| ~ sqrt(out_features): 16-bit paths may round B to the input dtype.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -96,8 +105,10 @@ def test_opcheck(backend, device):
     torch.library.opcheck(getattr(ops, prefix + "project").default, (e, 7, "sparse", 0.3, 9, 1.0, None, torch.float16))
     B = torch.randn(5, 9, device=device, requires_grad=True)
     torch.library.opcheck(getattr(ops, prefix + "project_materialized").default, (e, B, 2.0, None, None))
-    torch.library.opcheck(getattr(ops, prefix + "feedback_matrix").default,
-                          (3, "rademacher", 0.1, 4, 40, torch.float32, torch.device(device)))
+    torch.library.opcheck(
+        getattr(ops, prefix + "feedback_matrix").default,
+        (3, "rademacher", 0.1, 4, 40, torch.float32, torch.device(device)),
+    )
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_device_pairs() if p[0] != "torch"])
@@ -108,10 +119,12 @@ def test_gradients_of_the_ops(backend, device):
     B = torch.randn(6, 5, device=device, requires_grad=True)
     col_scale = torch.rand(5, device=device) + 0.5
     kw = dict(eps=1e-2, atol=2e-2, rtol=2e-2)  # fp32 ops on a linear map: finite differences are exact-ish
-    assert torch.autograd.gradcheck(lambda x: getattr(ops, prefix + "project")(x, 1, "gaussian", 0.1, 5, 0.5,
-                                                                             col_scale, None), (e,), **kw)
-    assert torch.autograd.gradcheck(lambda x, b: getattr(ops, prefix + "project_materialized")(x, b, 1.5, None, None),
-                                    (e, B), **kw)
+    assert torch.autograd.gradcheck(
+        lambda x: getattr(ops, prefix + "project")(x, 1, "gaussian", 0.1, 5, 0.5, col_scale, None), (e,), **kw
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, b: getattr(ops, prefix + "project_materialized")(x, b, 1.5, None, None), (e, B), **kw
+    )
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
@@ -120,8 +133,7 @@ def test_compile_fullgraph(backend, device):
     e = torch.randn(12, 10, device=device)
     # the reference backend is a long elementwise hash: inductor's C++ build of it alone takes minutes
     compiler = "aot_eager" if backend == "torch" else "inductor"
-    fn = torch.compile(lambda x: dk.project(x, spec, "virtual", backend, scale=0.5), fullgraph=True,
-                       backend=compiler)
+    fn = torch.compile(lambda x: dk.project(x, spec, "virtual", backend, scale=0.5), fullgraph=True, backend=compiler)
     torch.testing.assert_close(fn(e), dk.project(e, spec, "virtual", backend, scale=0.5), atol=1e-5, rtol=1e-5)
 
 
@@ -133,6 +145,7 @@ def test_auto_backend_and_storage_are_visible(caplog):
         dk.project(torch.randn(2, 3), dk.FeedbackSpec(3, [4]))
     assert f"-> {backends[0]!r}" in caplog.text
     from dfa_kernels import ops
+
     assert ops.resolve_storage("auto", dk.FeedbackSpec(10, [1024])) == "materialized"
     assert ops.resolve_storage("auto", dk.FeedbackSpec(50257, [4096] * 4)) == "virtual"
 
@@ -150,16 +163,19 @@ def test_build_info_keys():
 SPEC = dk.FeedbackSpec(4, [8])
 
 
-@pytest.mark.parametrize("e,error,match", [
-    (torch.randn(3, 5), ValueError, r"shape \[N, out_features=4\]"),
-    (torch.randn(3), ValueError, r"shape \[N, out_features=4\]"),
-    (torch.randn(2, 3, 4), ValueError, r"shape \[N, out_features=4\]"),
-    (torch.ones(3, 4, dtype=torch.int64), TypeError, "float32, float16 or bfloat16"),
-    (torch.ones(3, 4, dtype=torch.complex64), TypeError, "float32, float16 or bfloat16"),
-    (torch.ones(3, 4, dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
-    (torch.randn(4, 3).T, ValueError, "contiguous"),
-    ([[1.0] * 4], TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "e,error,match",
+    [
+        (torch.randn(3, 5), ValueError, r"shape \[N, out_features=4\]"),
+        (torch.randn(3), ValueError, r"shape \[N, out_features=4\]"),
+        (torch.randn(2, 3, 4), ValueError, r"shape \[N, out_features=4\]"),
+        (torch.ones(3, 4, dtype=torch.int64), TypeError, "float32, float16 or bfloat16"),
+        (torch.ones(3, 4, dtype=torch.complex64), TypeError, "float32, float16 or bfloat16"),
+        (torch.ones(3, 4, dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
+        (torch.randn(4, 3).T, ValueError, "contiguous"),
+        ([[1.0] * 4], TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_error_tensor(e, error, match):
     with pytest.raises(error, match=match):
         dk.project(e, SPEC)
@@ -212,8 +228,9 @@ def test_materialized_matrices_are_cached_and_can_be_dropped():
 def test_storage_auto_follows_the_measured_table(monkeypatch, tmp_path):
     """storage="auto": virtual above 64 MiB; else the device's measured choice per op and shape
     class when there is one; else materialized."""
-    (tmp_path / f"{dk.ops.device_slug('cpu')}.json").write_text('{"choices": {"storage|project|medium": "virtual", '
-                                       '"storage|project_points|narrow": "materialized"}}')
+    (tmp_path / f"{dk.ops.device_slug('cpu')}.json").write_text(
+        '{"choices": {"storage|project|medium": "virtual", "storage|project_points|narrow": "materialized"}}'
+    )
     monkeypatch.setattr(dk.ops, "BACKEND_TABLES", tmp_path)
     dk.ops.backend_table.cache_clear()
     try:
@@ -241,6 +258,7 @@ def test_torch_backend_virtual_B_in_bounded_blocks(monkeypatch):
     """The torch backend honours storage="virtual": B is generated block by block (never [K, D]
     whole, nor its int64 hash temporaries), and the product equals the one with B materialized."""
     from dfa_kernels import reference
+
     monkeypatch.setattr(reference, "BLOCK_ENTRIES", 64 * 32)
     largest = []
     generate = reference.feedback_matrix

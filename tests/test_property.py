@@ -5,23 +5,29 @@ Examples are drawn deterministically (``derandomize=True``: the same cases on ev
 reproducible) and kept small (Triton runs under its interpreter on a CPU): the file takes well
 under a minute. Set ``DFA_HYPOTHESIS_EXAMPLES`` to draw more (e.g. 500) when exploring.
 """
+
 import math
 import os
 
 import pytest
 import torch
+from conftest import backend_device_pairs
 
 import dfa_kernels as dk
 from dfa_kernels import ops, reference
 
-from conftest import backend_device_pairs
-
 hypothesis = pytest.importorskip("hypothesis", reason='needs the test extra: pip install "dfa-kernels[test]"')
-from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("DFA_HYPOTHESIS_EXAMPLES", "25"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(hypothesis.HealthCheck))
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
 BACKENDS = backend_device_pairs()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative error allowed on |F| ~ sqrt(out_features) (as tests/test_project.py): 16-bit paths may
@@ -40,13 +46,19 @@ def problems(draw):
     widths = draw(st.lists(st.integers(1, 300), min_size=1, max_size=4))
     N = draw(st.integers(0, 70))
     assume(not interpreted or N * out_features * sum(widths) <= 300_000)  # interpreter: keep it quick
-    spec = dk.FeedbackSpec(out_features, widths, seed=draw(st.integers(0, 2**32 - 1)),
-                           distribution=draw(st.sampled_from(dk.DISTRIBUTIONS)),
-                           layout=draw(st.sampled_from(dk.LAYOUTS)),
-                           density=draw(st.floats(0.01, 1.0)))
+    spec = dk.FeedbackSpec(
+        out_features,
+        widths,
+        seed=draw(st.integers(0, 2**32 - 1)),
+        distribution=draw(st.sampled_from(dk.DISTRIBUTIONS)),
+        layout=draw(st.sampled_from(dk.LAYOUTS)),
+        density=draw(st.floats(0.01, 1.0)),
+    )
     e_seed = draw(st.integers(0, 2**16))
-    e = (torch.randn(N, out_features, generator=torch.Generator().manual_seed(e_seed)) *
-         draw(st.sampled_from([1e-3, 1.0, 30.0]))).to(device=device, dtype=dtype)
+    e = (
+        torch.randn(N, out_features, generator=torch.Generator().manual_seed(e_seed))
+        * draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    ).to(device=device, dtype=dtype)
     storage = draw(st.sampled_from(["virtual", "materialized"]))
     scale = draw(st.floats(-4.0, 4.0, allow_nan=False).filter(lambda s: abs(s) > 1e-3))
     out_dtype = draw(st.sampled_from([None, torch.float32, torch.float16, torch.bfloat16]))
@@ -89,15 +101,28 @@ def test_project_points_matches_the_reference(problem, activations):
     count = len(spec.widths)
     activations = activations[:count]
     g = torch.Generator().manual_seed(spec.seed % 1000)
-    acts = [None if a == "none" else torch.randn(e.shape[0], w, generator=g).to(device=device, dtype=e.dtype)
-            for w, a in zip(spec.widths, activations)]
+    acts = [
+        None if a == "none" else torch.randn(e.shape[0], w, generator=g).to(device=device, dtype=e.dtype)
+        for w, a in zip(spec.widths, activations)
+    ]
     scales = [scale * (l + 1) for l in range(count)]
-    got = ops.project_points(e, spec, storage, backend, scales=scales, act_inputs=acts, activations=activations,
-                             out_dtype=out_dtype)
+    got = ops.project_points(
+        e, spec, storage, backend, scales=scales, act_inputs=acts, activations=activations, out_dtype=out_dtype
+    )
     target = out_dtype or e.dtype
-    want = reference.project_points(e.cpu(), None, spec.seed, spec.distribution, spec.density, spec.offsets,
-                                    spec.widths, scales, [None if a is None else a.cpu() for a in acts],
-                                    activations, torch.float32)
+    want = reference.project_points(
+        e.cpu(),
+        None,
+        spec.seed,
+        spec.distribution,
+        spec.density,
+        spec.offsets,
+        spec.widths,
+        scales,
+        [None if a is None else a.cpu() for a in acts],
+        activations,
+        torch.float32,
+    )
     assert len(got) == count
     for l, (g_l, w_l) in enumerate(zip(got, want)):
         assert g_l.shape == (e.shape[0], spec.widths[l]) and g_l.dtype == target
@@ -106,8 +131,14 @@ def test_project_points_matches_the_reference(problem, activations):
 
 
 @SETTINGS
-@given(st.sampled_from(BACKENDS), st.integers(1, 70), st.integers(1, 300), st.integers(0, 2**32 - 1),
-       st.sampled_from(dk.DISTRIBUTIONS), st.floats(0.01, 1.0))
+@given(
+    st.sampled_from(BACKENDS),
+    st.integers(1, 70),
+    st.integers(1, 300),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(dk.DISTRIBUTIONS),
+    st.floats(0.01, 1.0),
+)
 def test_feedback_matrix_matches_the_reference(backend_device, rows, cols, seed, distribution, density):
     """Uniform, Rademacher and sparse B are bit-identical on every backend; Gaussian to 1e-5."""
     backend, device = backend_device

@@ -3,17 +3,17 @@ continues with the same losses, bit for bit (CPU), and ends with the same result
 each zoo family, a distributed run, the CLI's metrics.json; checkpoints of another run are refused
 by name; a crash while saving never leaves a partial checkpoint. And the numbers of the
 single-process trainer are pinned to those of the loop before it became resumable."""
+
 import dataclasses
 import json
 
 import pytest
 import torch
+from distributed_utils import spawn
 
 from dfa_kernels.zoo import checkpoint, tasks
 from dfa_kernels.zoo.checkpoint import Checkpoints
 from dfa_kernels.zoo.training import run_task, train
-
-from distributed_utils import spawn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,6 +30,7 @@ def session(task, config, checkpoints=None, crash_after=None, world=None):
         losses.append(trainer.epoch_losses[-1])
         if trainer.step == crash_after:
             raise Crash
+
     try:
         return losses, train(tasks.get(task), config, checkpoints=checkpoints, on_step=on_step, world=world)
     except Crash:
@@ -37,9 +38,12 @@ def session(task, config, checkpoints=None, crash_after=None, world=None):
 
 
 def without_wall_time(result) -> dict:
-    return {"history": [{k: v for k, v in row.items() if k != "seconds"} for row in result.history],
-            "final": {k: v for k, v in result.final.items() if k != "train_seconds"},
-            "alignment": result.alignment, "config": result.config}
+    return {
+        "history": [{k: v for k, v in row.items() if k != "seconds"} for row in result.history],
+        "final": {k: v for k, v in result.final.items() if k != "train_seconds"},
+        "alignment": result.alignment,
+        "config": result.config,
+    }
 
 
 def assert_resumes_exactly(task, config, path, every, crash_after, world=None):
@@ -50,7 +54,7 @@ def assert_resumes_exactly(task, config, path, every, crash_after, world=None):
     saved_at = crash_after // every * every
     assert torch.load(path, weights_only=True)["trainer"]["step"] == saved_at
     rest, resumed = session(task, config, Checkpoints(path, every=every, resume=path), world=world)
-    assert rest == full_losses[saved_at:]                 # float equality: bit for bit
+    assert rest == full_losses[saved_at:]  # float equality: bit for bit
     assert done[:saved_at] == full_losses[:saved_at]
     assert without_wall_time(resumed) == without_wall_time(full)
     assert resumed.resumed_at == [saved_at]
@@ -67,7 +71,8 @@ def test_pinned_losses_of_the_loop_before_resume():
     pytest.importorskip("torch_geometric")
     gcn = train(tasks.get("gcn-cora"), tasks.TrainConfig("gcn-cora", epochs=4, progress=False))
     assert [h["train_loss"] for h in gcn.history] == pytest.approx(
-        [1.9459197521209717, 1.9461262226104736, 1.9459383487701416, 1.944129467010498], rel=1e-6)
+        [1.9459197521209717, 1.9461262226104736, 1.9459383487701416, 1.944129467010498], rel=1e-6
+    )
     assert gcn.final["val_loss"] == pytest.approx(1.9459971189498901, rel=1e-6)
     assert gcn.final["test_acc"] == pytest.approx(0.1850000023841858, rel=1e-6)
     lm = train(tasks.get("lm-pydoc"), tasks.TrainConfig("lm-pydoc", epochs=1, placement="micro", progress=False))
@@ -89,9 +94,11 @@ def test_graph_resumes_exactly(tmp_path):
 def test_recsys_resumes_exactly(tmp_path, monkeypatch):
     """DeepFM (dropout, BatchNorm buffers) on shuffled mini-batches: the stream's pass and position."""
     from dfa_kernels.zoo.recipes import recsys as R
-    monkeypatch.setattr(R, "BATCH_SIZE", 16384)           # 5 steps per pass over MovieLens' 80k rows
-    monkeypatch.setitem(R.PRESETS, "cpu", {**R.PRESETS["cpu"], "deepfm": dict(embed_dim=4, hidden=(16, 16),
-                                                                              dropout=0.5)})
+
+    monkeypatch.setattr(R, "BATCH_SIZE", 16384)  # 5 steps per pass over MovieLens' 80k rows
+    monkeypatch.setitem(
+        R.PRESETS, "cpu", {**R.PRESETS["cpu"], "deepfm": dict(embed_dim=4, hidden=(16, 16), dropout=0.5)}
+    )
     config = tasks.TrainConfig("deepfm-ml100k", epochs=3, progress=False)
     assert_resumes_exactly("deepfm-ml100k", config, tmp_path / "ckpt.pt", every=4, crash_after=6)
 
@@ -100,8 +107,10 @@ def test_transformer_resumes_exactly(tmp_path, monkeypatch):
     """The LM (fused micro placement, warmup + cosine LambdaLR, gradient clipping), checkpoints in
     the middle of an epoch."""
     from dfa_kernels.zoo.recipes import transformer as R
-    monkeypatch.setitem(R.TRAIN, "lm-pydoc", {"cpu": {**R.TRAIN["lm-pydoc"]["cpu"], "steps_per_epoch": 4,
-                                                      "eval_tokens": 1024}})
+
+    monkeypatch.setitem(
+        R.TRAIN, "lm-pydoc", {"cpu": {**R.TRAIN["lm-pydoc"]["cpu"], "steps_per_epoch": 4, "eval_tokens": 1024}}
+    )
     config = tasks.TrainConfig("lm-pydoc", epochs=3, placement="micro", progress=False)
     assert_resumes_exactly("lm-pydoc", config, tmp_path / "ckpt.pt", every=3, crash_after=8)
 
@@ -109,11 +118,14 @@ def test_transformer_resumes_exactly(tmp_path, monkeypatch):
 def test_nerf_resumes_exactly(tmp_path, monkeypatch):
     """NeRF (stratified sample jitter from the global RNG, exponential LambdaLR) on a small
     NeRF-synthetic folder."""
+    from test_zoo_nerf import TINY, synthetic_scene
+
     from dfa_kernels.zoo.data import nerf_scenes as S
     from dfa_kernels.zoo.recipes import nerf as R
-    from test_zoo_nerf import TINY, synthetic_scene
-    monkeypatch.setitem(R.PRESETS, "tiny", dict(scene="duck", size=8, views=(4, 1, 1), batch_rays=32, blocks=2,
-                                                block_iters=3, **TINY))
+
+    monkeypatch.setitem(
+        R.PRESETS, "tiny", dict(scene="duck", size=8, views=(4, 1, 1), batch_rays=32, blocks=2, block_iters=3, **TINY)
+    )
     monkeypatch.setitem(R.LR, "tiny", {"bp": 5e-3, "dfa": 5e-3, "shallow": 5e-3})
     S.write_blender(synthetic_scene(n=(4, 1, 1), size=8), tmp_path / "scene")
     config = tasks.TrainConfig("nerf", preset="tiny", data=str(tmp_path / "scene"), progress=False)
@@ -164,32 +176,46 @@ def test_stop_and_resume_writes_the_same_metrics(tmp_path):
 def test_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch):
     pytest.importorskip("torch_geometric")
     from dfa_kernels.zoo.recipes import graph as G
+
     path = tmp_path / "ckpt.pt"
     config = tasks.TrainConfig("gcn-cora", epochs=3, progress=False)
     with pytest.raises(Exception, match="stopped after step 1"):
         train(tasks.get("gcn-cora"), config, checkpoints=Checkpoints(path, stop_after=1))
 
     def resume(task="gcn-cora", run=None, **changes):
-        train(tasks.get(task), dataclasses.replace(config, task=task, **changes), run=run,
-              checkpoints=Checkpoints(path, resume=path))
+        train(
+            tasks.get(task),
+            dataclasses.replace(config, task=task, **changes),
+            run=run,
+            checkpoints=Checkpoints(path, resume=path),
+        )
 
     with pytest.raises(ValueError, match=r"config\.seed: 0 in the checkpoint, 1 here"):
         resume(seed=1)
-    with pytest.raises(ValueError, match=r"(?s)config\.feedback: 'paper' in the checkpoint, 'ours' here.*"
-                                         r"feedback\.dfa\.layout: 'shared' in the checkpoint, 'independent' here"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)config\.feedback: 'paper' in the checkpoint, 'ours' here.*"
+        r"feedback\.dfa\.layout: 'shared' in the checkpoint, 'independent' here",
+    ):
         resume(feedback="ours")
     with pytest.raises(ValueError, match=r"task: 'gcn-cora' in the checkpoint, 'gat-cora' here"):
         resume("gat-cora")
-    monkeypatch.setitem(G.PRESETS["cpu"], "gcn", dict(hidden=32))      # other widths
-    with pytest.raises(ValueError, match=r"(?s)hyper_parameters\.hidden: 16 in the checkpoint, 32 here.*"
-                                         r"model\.parameters\.conv1\.lin\.weight: \[16, 1433\] in the checkpoint, "
-                                         r"\[32, 1433\] here"):
+    monkeypatch.setitem(G.PRESETS["cpu"], "gcn", dict(hidden=32))  # other widths
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)hyper_parameters\.hidden: 16 in the checkpoint, 32 here.*"
+        r"model\.parameters\.conv1\.lin\.weight: \[16, 1433\] in the checkpoint, "
+        r"\[32, 1433\] here",
+    ):
         resume()
     monkeypatch.undo()
-    run = tasks.get("gcn-cora").build(config)           # the same config, another feedback matrix
+    run = tasks.get("gcn-cora").build(config)  # the same config, another feedback matrix
     run.model.dfa.seed, run.model.dfa.distribution = 5, "rademacher"
-    with pytest.raises(ValueError, match=r"(?s)feedback\.dfa\.seed: 0 in the checkpoint, 5 here.*"
-                                         r"feedback\.dfa\.distribution: 'uniform' in the checkpoint, 'rademacher'"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)feedback\.dfa\.seed: 0 in the checkpoint, 5 here.*"
+        r"feedback\.dfa\.distribution: 'uniform' in the checkpoint, 'rademacher'",
+    ):
         resume(run=run)
     same = checkpoint.identity("gcn-cora", config, tasks.get("gcn-cora").build(config))
     with pytest.raises(ValueError, match=r"world_size: 1 in the checkpoint, 2 here"):
@@ -202,15 +228,16 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     path = tmp_path / "checkpoint.pt"
     checkpoint.atomic_save({"step": torch.tensor(1)}, path)
 
-    def broken_save(obj, f):           # dies half way through writing
+    def broken_save(obj, f):  # dies half way through writing
         f.write(b"\x80\x02partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.atomic_save({"step": torch.tensor(2)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"].item() == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]      # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
 
 
 def test_checkpoint_options_are_checked():

@@ -1,6 +1,7 @@
 """Resuming with another --epochs: the budget of a resumed run may change (a finished run trains for
 longer), nothing else; the learning-rate schedule stays the first run's. Every refusal of
 `dfa-kernels train --resume` is one line on stderr with exit status 2."""
+
 import dataclasses
 import json
 
@@ -36,7 +37,7 @@ def test_a_finished_run_trains_for_longer(tmp_path):
     assert _history(longer) == _history(fresh) and _final(longer) == _final(fresh)
     assert longer.resumed_at == [3] and torch.load(path, weights_only=True)["epochs"] == 6
     assert longer.config["epochs_changed_on_resume"].startswith("built for 3 epochs")
-    assert longer.config["epochs_max"] == 3          # the hyper-parameters the run was built with
+    assert longer.config["epochs_max"] == 3  # the hyper-parameters the run was built with
     assert "epochs_changed_on_resume" not in fresh.config
 
     # resumed again without epochs: the checkpoint's budget (6), not the preset's nor the first run's
@@ -48,8 +49,10 @@ def test_the_schedule_stays_the_first_runs(tmp_path, monkeypatch):
     """The LM's warmup + cosine schedule, planned for 2 epochs of 2 steps: resumed to 4 epochs it
     stays at its floor (0.1 x lr) past step 4, where a 4-epoch run planned from the start is mid-decay."""
     from dfa_kernels.zoo.recipes import transformer as R
-    monkeypatch.setitem(R.TRAIN, "lm-pydoc", {"cpu": {**R.TRAIN["lm-pydoc"]["cpu"], "steps_per_epoch": 2,
-                                                      "eval_tokens": 1024}})
+
+    monkeypatch.setitem(
+        R.TRAIN, "lm-pydoc", {"cpu": {**R.TRAIN["lm-pydoc"]["cpu"], "steps_per_epoch": 2, "eval_tokens": 1024}}
+    )
     task, path = tasks.get("lm-pydoc"), tmp_path / "ckpt.pt"
     config = tasks.TrainConfig("lm-pydoc", epochs=2, placement="micro", progress=False)
     first = train(task, config, checkpoints=Checkpoints(path, every=2))
@@ -58,7 +61,7 @@ def test_the_schedule_stays_the_first_runs(tmp_path, monkeypatch):
     floor = first.history[-1]["lr"]
     assert floor == pytest.approx(0.1 * first.config["lr"])
     assert [row["lr"] for row in longer.history] == [row["lr"] for row in first.history] + [floor, floor]
-    assert planned.history[2]["lr"] > 2 * floor      # restarted schedules would differ from kept ones here
+    assert planned.history[2]["lr"] > 2 * floor  # restarted schedules would differ from kept ones here
 
 
 def test_a_budget_behind_the_checkpoint_is_refused(tmp_path):
@@ -67,8 +70,11 @@ def test_a_budget_behind_the_checkpoint_is_refused(tmp_path):
     config = tasks.TrainConfig("gcn-cora", epochs=4, progress=False)
     with pytest.raises(Exception, match="stopped after step 3"):
         train(task, config, checkpoints=Checkpoints(path, stop_after=3))
-    with pytest.raises(CheckpointError, match=r"is at step 3, past a budget of 2 epochs \(2 steps\): resume with "
-                                              r"--epochs 3 or more"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"is at step 3, past a budget of 2 epochs \(2 steps\): resume with "
+        r"--epochs 3 or more",
+    ):
         train(task, dataclasses.replace(config, epochs=2), checkpoints=Checkpoints(path, resume=path))
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a dfa-kernels checkpoint"):
@@ -95,13 +101,15 @@ def test_cli_resumes_for_longer_and_refuses_in_one_line(tmp_path, capsys):
     assert code == 0, err
     assert len(json.loads((folder / "metrics.json").read_text())["history"]) == 6
 
-    for extra, message in ((["--epochs", "6", "--seed", "1"], "was written by another run"),
-                           (["--epochs", "2"], "past a budget of 2 epochs"),
-                           (["--epochs", "6", "--lr", "0.5"], "was written by another run")):
+    for extra, message in (
+        (["--epochs", "6", "--seed", "1"], "was written by another run"),
+        (["--epochs", "2"], "past a budget of 2 epochs"),
+        (["--epochs", "6", "--lr", "0.5"], "was written by another run"),
+    ):
         code, _, err = _cli(run + extra + ["--resume", str(folder)], capsys)
         lines = [line for line in err.splitlines() if "Warning" not in line and line.strip() != "warnings.warn("]
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith(f"dfa-kernels train: error: --resume {folder}: ") and message in lines[0]
-    assert "a larger --epochs trains it for longer" in lines[0] and "; " in lines[0]   # differences listed
+    assert "a larger --epochs trains it for longer" in lines[0] and "; " in lines[0]  # differences listed
     code, _, err = _cli(run + ["--resume", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "no checkpoint at" in err and "Traceback" not in err

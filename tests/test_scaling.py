@@ -1,5 +1,6 @@
 """The scaling-law harness: the fits recover known laws, the analytic FLOPs match the flop counter,
 an interrupted sweep resumes without redoing finished runs, the corpus and the CLI."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def noisy_law(compute, alpha, E, A, noise, seed=0):
     rng = np.random.default_rng(seed)
-    return (E + A * compute ** -alpha) * np.exp(rng.normal(0, noise, len(compute)))
+    return (E + A * compute**-alpha) * np.exp(rng.normal(0, noise, len(compute)))
 
 
 @pytest.mark.parametrize("alpha,E,A", [(0.12, 1.8, 36.0), (0.3, 0.9, 1000.0), (0.2, 2.5, 250.0)])
@@ -28,7 +29,7 @@ def test_power_law_fit_recovers_alpha_and_E(alpha, E, A):
     law = fit.fit_power_law(compute, noisy_law(compute, alpha, E, A, noise=0.003))
     assert law["alpha"] == pytest.approx(alpha, rel=0.15)
     assert law["E"] == pytest.approx(E, rel=0.05)
-    assert fit.predict(law, 1e12) == pytest.approx(E + A * 1e12 ** -alpha, rel=0.01)
+    assert fit.predict(law, 1e12) == pytest.approx(E + A * 1e12**-alpha, rel=0.01)
 
 
 def test_frontier_and_bootstrap_interval():
@@ -36,13 +37,13 @@ def test_frontier_and_bootstrap_interval():
     over runs covers the true exponent."""
     alpha, E, A = 0.15, 1.5, 80.0
     curves = []
-    for k, c_end in enumerate(np.logspace(10, 13, 8)):            # a run: above the law, on it at its end
+    for k, c_end in enumerate(np.logspace(10, 13, 8)):  # a run: above the law, on it at its end
         c = np.logspace(np.log10(c_end) - 1, np.log10(c_end), 6)
         loss = noisy_law(c, alpha, E, A, 0.002, k) * (1 + 0.005 * np.log(c_end / c) ** 2)
         curves.append(fit.curve(list(zip(c, loss))))
     grid = fit.budget_grid(curves)
     c, l = fit.frontier(curves, grid)
-    assert len(c) == len(grid) and l[-1] < l[0]                     # covered everywhere
+    assert len(c) == len(grid) and l[-1] < l[0]  # covered everywhere
     law = fit.fit_power_law(c, l)
     boot = fit.bootstrap_laws(curves, grid, law, 40, np.random.default_rng(0))
     lo, hi = fit.interval([b["alpha"] for b in boot if b is not None])
@@ -54,20 +55,24 @@ def test_frontier_chooses_on_validation_and_reports_the_held_out_loss():
     its test loss, even where the other is lower on test; seeds are averaged; a rise is named."""
     c = [1e9, 1e10, 1e11]
     a = fit.seeds_curve([[(x, v, t) for x, v, t in zip(c, (3.0, 2.5, 2.2), (3.1, 2.6, 2.4))]])
-    b = fit.seeds_curve([[(x, v, t) for x, v, t in zip(c, (3.2, 2.4, 2.3), (3.0, 2.5, 2.1))],
-                         [(x, v, t) for x, v, t in zip(c, (3.2, 2.6, 2.3), (3.0, 2.7, 2.1))]])
+    b = fit.seeds_curve(
+        [
+            [(x, v, t) for x, v, t in zip(c, (3.2, 2.4, 2.3), (3.0, 2.5, 2.1))],
+            [(x, v, t) for x, v, t in zip(c, (3.2, 2.6, 2.3), (3.0, 2.7, 2.1))],
+        ]
+    )
     compute, loss = fit.frontier([a, b], np.array(c))
-    assert loss.tolist() == pytest.approx([3.1, 2.6, 2.4])        # b's mean validation 2.5 ties a's: a kept
+    assert loss.tolist() == pytest.approx([3.1, 2.6, 2.4])  # b's mean validation 2.5 ties a's: a kept
     _, loss = fit.frontier([a, b], np.array(c), seeds=[np.array([0]), np.array([0, 0])])
-    assert loss.tolist() == pytest.approx([3.1, 2.5, 2.4])        # b's first seed alone: 2.4 < 2.5 at 1e10
+    assert loss.tolist() == pytest.approx([3.1, 2.5, 2.4])  # b's first seed alone: 2.4 < 2.5 at 1e10
     assert fit.rises([1, 2, 3], [3.0, 2.9, 3.1]) == [{"from_flops": 2.0, "to_flops": 3.0, "rise": pytest.approx(0.2)}]
 
 
 def test_verdicts_and_crossovers():
     bp = fit.law(0.10, 1.5, 50.0)
-    assert fit.verdict(bp, fit.law(0.10, 1.7, 50.0), 1e10, 1e16) == "D"        # worse everywhere
-    assert fit.verdict(bp, fit.law(0.10, 1.3, 50.0), 1e10, 1e16) == "A"        # better everywhere
-    better_at_scale = fit.law(0.10, 1.2, 60.0)                                 # worse small, better large
+    assert fit.verdict(bp, fit.law(0.10, 1.7, 50.0), 1e10, 1e16) == "D"  # worse everywhere
+    assert fit.verdict(bp, fit.law(0.10, 1.3, 50.0), 1e10, 1e16) == "A"  # better everywhere
+    better_at_scale = fit.law(0.10, 1.2, 60.0)  # worse small, better large
     cross = fit.crossovers(bp, better_at_scale, 1e6, 1e20)
     assert fit.verdict(bp, better_at_scale, 1e6, 1e20) == "B" and len(cross) == 1
     assert fit.predict(bp, cross[0]) == pytest.approx(fit.predict(better_at_scale, cross[0]), rel=1e-3)
@@ -82,7 +87,7 @@ def test_verdicts_and_crossovers():
 def test_nd_fit_recovers_exponents():
     n, d = np.meshgrid(np.logspace(5, 8, 5), np.logspace(7, 10, 5))
     n, d = n.ravel(), d.ravel()
-    loss = (1.7 + 400 / n ** 0.34 + 900 / d ** 0.28) * np.exp(np.random.default_rng(0).normal(0, 0.002, n.size))
+    loss = (1.7 + 400 / n**0.34 + 900 / d**0.28) * np.exp(np.random.default_rng(0).normal(0, 0.002, n.size))
     law = fit.fit_nd(n, d, loss)
     assert law["alpha"] == pytest.approx(0.34, abs=0.06) and law["beta"] == pytest.approx(0.28, abs=0.06)
     assert law["E"] == pytest.approx(1.7, rel=0.1)
@@ -142,8 +147,10 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, corpus_file, m
     resumed = []
     monkeypatch.setattr(scaling, "train_run", lambda *a, **k: resumed.append(a[1]) or real(*a, **k))
     result = scaling.sweep("tiny", out, data=str(corpus_file), progress=False, command=["dfa-kernels", "scaling"])
-    assert len(resumed) == total - 5 and not set(resumed) & set(calls)     # only the unfinished runs
-    assert len(result["runs"]) == total and (out / "scaling.png").is_file() and (out / "scaling_frontiers.png").is_file()
+    assert len(resumed) == total - 5 and not set(resumed) & set(calls)  # only the unfinished runs
+    assert (
+        len(result["runs"]) == total and (out / "scaling.png").is_file() and (out / "scaling_frontiers.png").is_file()
+    )
     saved = json.loads((out / "scaling.json").read_text())
     assert set(saved["verdicts"]) == set(scaling.DFA_METHODS) and saved["git_sha"] and saved["command"]
     assert {v["verdict"] for v in saved["verdicts"].values()} <= set(fit.VERDICTS)
@@ -152,13 +159,15 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, corpus_file, m
     assert len(saved["flop_check"]) == len(preset.sizes)
     assert all(abs(r["relative_difference"]) < 0.02 for check in saved["flop_check"] for r in check["methods"].values())
     assert saved["cost_ratios"]["1x16x2"]["bp"] == {"flops": 1.0, "wall": 1.0}
-    assert saved["cost_ratios"]["1x16x2"]["dfa-linear"]["flops"] < 0.9     # the head dominates this size
+    assert saved["cost_ratios"]["1x16x2"]["dfa-linear"]["flops"] < 0.9  # the head dominates this size
     # the verdict under every reading of the frontier, with its bootstrap
     assert set(saved["sensitivity"]) == {"primary", "all_evaluations", "late_evaluations", "no_short_budgets"}
     for reading in saved["sensitivity"].values():
         assert set(reading["verdicts"]) == set(scaling.METHODS) - {"bp"}
         assert all(len(v["E_difference_ci"]) == 2 for v in reading["verdicts"].values())
-    assert saved["sensitivity"]["primary"]["verdicts"]["dfa-macro"]["verdict"] == saved["verdicts"]["dfa-macro"]["verdict"]
+    assert (
+        saved["sensitivity"]["primary"]["verdicts"]["dfa-macro"]["verdict"] == saved["verdicts"]["dfa-macro"]["verdict"]
+    )
     # every method tuned every group it trains on the same values, at every tuning budget
     tried = {}
     for row in saved["tuning"]:
@@ -174,7 +183,7 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, corpus_file, m
     assert saved["seed_spread"]["bp"]["configurations"] == len(preset.sizes) * len(preset.extra_seed_budgets)
     assert all("test_loss" in e for r in saved["runs"] for e in r["evals"])
 
-    again = []                                                       # finished: nothing to run
+    again = []  # finished: nothing to run
     monkeypatch.setattr(scaling, "train_run", lambda *a, **k: again.append(1))
     scaling.sweep("tiny", out, resume=True, progress=False)
     assert again == []
@@ -182,8 +191,9 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, corpus_file, m
         scaling.sweep("tiny", out, data=str(tmp_path / "other.txt"), progress=False)
 
 
-def test_staged_sweep_resumes_across_invocations_and_reuses_runs_of_the_same_setup(tmp_path, corpus_file,
-                                                                                   monkeypatch, fewer_starts):
+def test_staged_sweep_resumes_across_invocations_and_reuses_runs_of_the_same_setup(
+    tmp_path, corpus_file, monkeypatch, fewer_starts
+):
     """Stage by stage, each invocation cut short by its time budget, the sweep finishes; a second
     sweep seeded with the first's run files trains nothing; a run of another setup is refused."""
     preset = scaling.PRESETS["tiny"]
@@ -197,7 +207,7 @@ def test_staged_sweep_resumes_across_invocations_and_reuses_runs_of_the_same_set
             log = json.loads((out / "invocations.json").read_text())
             if log[-1]["runs_trained"] == 0:
                 break
-    assert invocations > len(stages) + 1                              # the time budget cut some short
+    assert invocations > len(stages) + 1  # the time budget cut some short
     result = scaling.sweep("tiny", out, data=str(corpus_file), stage="fit", progress=False)
     assert result["finished"] and len(result["runs"]) == len(scaling.jobs(preset))
 
@@ -220,11 +230,20 @@ def test_cpu_presets_span_their_decades_and_the_long_one_is_staged():
     """cpu: about 3 decades of compute for BP and each DFA placement at about 20 minutes (estimated,
     idle machine); cpu-long: 3.5+ decades, about an hour, stages of about 10 minutes; every cpu run
     is one of its."""
+
     def decades(preset, method):
-        lo = scaling.flops_per_token(preset.sizes[0], method, 256, preset.context)["total"] * preset.batch * \
-            preset.context * max(1, round(preset.min_fraction * min(preset.budgets)))
-        hi = scaling.flops_per_token(preset.sizes[-1], method, 256, preset.context)["total"] * preset.batch * \
-            preset.context * max(preset.budgets)
+        lo = (
+            scaling.flops_per_token(preset.sizes[0], method, 256, preset.context)["total"]
+            * preset.batch
+            * preset.context
+            * max(1, round(preset.min_fraction * min(preset.budgets)))
+        )
+        hi = (
+            scaling.flops_per_token(preset.sizes[-1], method, 256, preset.context)["total"]
+            * preset.batch
+            * preset.context
+            * max(preset.budgets)
+        )
         return math.log10(hi / lo)
 
     def minutes(preset):
@@ -239,8 +258,9 @@ def test_cpu_presets_span_their_decades_and_the_long_one_is_staged():
     shared = {k: v for k, v in scaling.plan_dict("cpu", cpu, None, "byte", 0, "cpu").items() if k in scaling.SETUP_KEYS}
     assert shared == scaling.setup_of(scaling.plan_dict("cpu-long", long, None, "byte", 0, "cpu"))
     long_jobs = {(long.sizes[j.size], j.method, j.steps, j.stage, j.lr, j.warmup, j.seed) for j in scaling.jobs(long)}
-    assert {(cpu.sizes[j.size], j.method, j.steps, j.stage, j.lr, j.warmup, j.seed)
-            for j in scaling.jobs(cpu)} <= long_jobs
+    assert {
+        (cpu.sizes[j.size], j.method, j.steps, j.stage, j.lr, j.warmup, j.seed) for j in scaling.jobs(cpu)
+    } <= long_jobs
 
 
 def test_gpu_preset_stages_fit_a_device_call(capsys):
@@ -250,7 +270,7 @@ def test_gpu_preset_stages_fit_a_device_call(capsys):
     for stage in stages:
         jobs = [scaling.estimated_seconds(j, preset, 256) for j in stage]
         assert sum(jobs) <= preset.stage_seconds or len(jobs) == 1
-        assert max(jobs) < 540                                       # any single run fits a 10-minute call
+        assert max(jobs) < 540  # any single run fits a 10-minute call
     sizes = [12 * layers * d * d for layers, d, _ in preset.sizes]
     assert max(sizes) > 8e7 and sizes == sorted(sizes)
     cli.main(["scaling", "--preset", "gpu", "--plan"])
@@ -258,14 +278,18 @@ def test_gpu_preset_stages_fit_a_device_call(capsys):
 
 
 def test_wikitext_cleaning():
-    markup = ("'''Anarchism''' is a [[political philosophy|philosophy]]{{sfn|Ref|{{nested}}}} that [[Liberty]].<ref>"
-              "cite</ref>\n== History ==\n* item [http://x.org label]\n{| class=\"wikitable\"\n| a || b\n|}\n"
-              "[[File:x.png|thumb|a [[cat]] caption]]\n[[Category:Things]]\n&lt;!-- hidden --&gt;done")
+    markup = (
+        "'''Anarchism''' is a [[political philosophy|philosophy]]{{sfn|Ref|{{nested}}}} that [[Liberty]].<ref>"
+        'cite</ref>\n== History ==\n* item [http://x.org label]\n{| class="wikitable"\n| a || b\n|}\n'
+        "[[File:x.png|thumb|a [[cat]] caption]]\n[[Category:Things]]\n&lt;!-- hidden --&gt;done"
+    )
     assert text.clean_wikitext(markup) == "Anarchism is a philosophy that Liberty.\n\nHistory\n\nitem label\n\ndone\n"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
-                    reason="the Wikipedia articles need gensim (data only): pip install --no-deps -r requirements/data.txt")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gensim") is None,
+    reason="the Wikipedia articles need gensim (data only): pip install --no-deps -r requirements/data.txt",
+)
 def test_wikipedia_articles():
     articles = text.wikipedia_articles()
     assert len(articles) > 90 and 2.5e6 < sum(map(len, articles.values())) < 3.5e6
@@ -281,12 +305,13 @@ def test_bpe_tokenizer(corpus_file):
     assert data.tokenizer == "bpe" and 256 < data.vocab_size <= 300
     sample = data.splits["val"][:40]
     assert data.encode(data.decode(sample)).tolist() == sample.tolist()
-    assert len(data.splits["train"]) < 0.8 * len(corpus_file.read_bytes()) * 0.9   # merges shorten the text
+    assert len(data.splits["train"]) < 0.8 * len(corpus_file.read_bytes()) * 0.9  # merges shorten the text
 
 
 def test_the_cli_offers_every_user_preset():
     """Every preset but the tests' own "tiny" is reachable from `dfa-kernels scaling --preset`."""
     from dfa_kernels import cli
+
     parser = cli.build_parser()
     for name in scaling.PRESETS:
         if name != "tiny":

@@ -1,4 +1,5 @@
 """The scaling harness with the family's methods (`dfa-kernels scaling --methods`, issue 22)."""
+
 import pytest
 
 from dfa_kernels import cli
@@ -12,7 +13,7 @@ def test_analytic_flops_match_the_counter_for_family_methods():
     for method, row in check["methods"].items():
         assert abs(row["relative_difference"]) < 1e-9, (method, row)
     rows = check["methods"]
-    assert rows["fa"]["analytic"] == rows["bp"]["analytic"]            # B in place of W: the same GEMMs
+    assert rows["fa"]["analytic"] == rows["bp"]["analytic"]  # B in place of W: the same GEMMs
     assert rows["dkp-macro"]["analytic"] > rows["dfa-macro"]["analytic"]  # plus B's own gradient
 
 
@@ -33,6 +34,7 @@ def test_family_models_train_a_step():
     import torch
 
     from dfa_kernels.layerwise import FeedbackLinear
+
     for method in ("sdfa-micro", "dkp-macro", "usf"):
         model = scaling.build_model((1, 16, 2), method, 64, 8)
         tokens = torch.randint(0, 64, (2, 9))

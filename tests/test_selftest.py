@@ -1,6 +1,7 @@
 """The GPU backends' self-test (dfa_kernels.selftest): it catches a broken kernel, records the
 failure on disk, warns once, and the backend is no longer offered on that device. Without a GPU the
 device is simulated and the kernels under test are the CPU ones, some made to fail."""
+
 import json
 import logging
 import warnings
@@ -21,18 +22,20 @@ def _fns(backend="cpu", **broken):
 
 def _wrong(op, how):
     """op's CPU kernel, broken in one of the ways a GPU kernel goes wrong."""
+
     def run(*args):
         if how == "raises":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         outs = op(*args)
         for out in [outs] if isinstance(outs, torch.Tensor) else outs:
-            if how == "last column":   # a tile that skipped the ragged edge
+            if how == "last column":  # a tile that skipped the ragged edge
                 out[..., -1] = 0
-            elif how == "scaled":      # 3% off: far above rounding in fp32
+            elif how == "scaled":  # 3% off: far above rounding in fp32
                 out.mul_(1.03)
             elif how == "nan":
                 out.view(-1)[0] = float("nan")
         return outs
+
     return run
 
 
@@ -52,7 +55,9 @@ def _counted(fns):
         def run(*args):
             calls.append(name)
             return fn(*args)
+
         return run
+
     return {name: wrap(name, fn) for name, fn in fns.items()}, calls
 
 
@@ -81,10 +86,15 @@ def test_triton_passes_but_for_bf16_dot_under_the_interpreter():
         assert result == "ok" or "bf16" in result.split(": ")[0].split(), (op, result)  # the failing case's dtype
 
 
-@pytest.mark.parametrize("how,message", [("last column", "exceeds its rounding bound"),
-                                         ("scaled", "exceeds its rounding bound"),
-                                         ("nan", "non-finite values"),
-                                         ("raises", "RuntimeError: CUDA error: an illegal memory access")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("last column", "exceeds its rounding bound"),
+        ("scaled", "exceeds its rounding bound"),
+        ("nan", "non-finite values"),
+        ("raises", "RuntimeError: CUDA error: an illegal memory access"),
+    ],
+)
 @pytest.mark.parametrize("op", ops._OPS)
 def test_a_broken_op_fails(op, how, message):
     results = selftest.check_backend(_fns(**{op: _wrong(ops._op("cpu", op), how)}), "cpu")
@@ -94,21 +104,26 @@ def test_a_broken_op_fails(op, how, message):
 
 def test_a_wrong_dtype_fails():
     wrong = _fns(project=lambda *args: ops._op("cpu", "project")(*args).float())
-    assert "returned torch.float32 (1, 37); expected torch.bfloat16 (1, 37)" in selftest.check_backend(
-        wrong, "cpu")["project"]
+    assert (
+        "returned torch.float32 (1, 37); expected torch.bfloat16 (1, 37)"
+        in selftest.check_backend(wrong, "cpu")["project"]
+    )
 
 
 # ---------------------------------------------------------------- the decision and its cache
 def test_a_failing_backend_warns_once_and_is_cached(cache):
     fns, calls = _counted(_fns(project_points=_wrong(ops._op("cpu", "project_points"), "scaled")))
-    with pytest.warns(RuntimeWarning, match=r"the 'broken' backend is not offered on cpu: its self-test on .* "
-                                            r"failed: project_points: N=7 K=3 .*exceeds its rounding bound"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"the 'broken' backend is not offered on cpu: its self-test on .* "
+        r"failed: project_points: N=7 K=3 .*exceeds its rounding bound",
+    ):
         problem = selftest.problem("broken", "cpu", lambda: fns)
     assert problem.startswith("its self-test on ") and f"cached in {cache}" in problem
     ran = len(calls)
     assert ran >= len(ops._OPS)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # once per process
+        warnings.simplefilter("error")  # once per process
         assert selftest.problem("broken", "cpu", lambda: fns) == problem
     assert selftest.status("broken", "cpu").startswith("failed: project_points: N=7 K=3")
 
@@ -119,7 +134,7 @@ def test_a_failing_backend_warns_once_and_is_cached(cache):
     assert {k: entry[k] for k in fields} == fields and entry["ops"]["project"] == "ok"
     assert "exceeds its rounding bound" in entry["ops"]["project_points"]
 
-    selftest._decided.clear()   # the next process: the failure is read back, and still warned about
+    selftest._decided.clear()  # the next process: the failure is read back, and still warned about
     with pytest.warns(RuntimeWarning, match="project_points"):
         assert selftest.problem("broken", "cpu", lambda: fns) == problem
     assert len(calls) == ran
@@ -149,7 +164,7 @@ def test_switched_off(cache, monkeypatch):
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 0, "results": {}}', "entry"])
 def test_a_corrupt_cache_is_ignored_and_rewritten(cache, content):
     key, _ = selftest.cache_key("good", torch.device("cpu"))
-    if content == "entry":   # the right key, a value that is not a result
+    if content == "entry":  # the right key, a value that is not a result
         content = json.dumps({"format": selftest.FORMAT, "results": {key: {"ops": "passed"}}})
     cache.write_text(content)
     fns, calls = _counted(_fns())
@@ -161,14 +176,15 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(cache, content):
 def test_out_of_memory_is_not_cached(cache):
     def oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
     with pytest.warns(RuntimeWarning, match="grouped_weight_grad: .*OutOfMemoryError"):
         assert selftest.problem("full", "cpu", lambda: _fns(grouped_weight_grad=oom))
-    assert not cache.exists()   # a full GPU says nothing of the kernels: the next process re-tests
+    assert not cache.exists()  # a full GPU says nothing of the kernels: the next process re-tests
 
 
 def test_an_unwritable_cache_only_costs_a_rerun(cache, monkeypatch, caplog):
     cache.write_text("")
-    monkeypatch.setenv("DFA_KERNELS_CACHE_DIR", str(cache))   # a file where the folder should be
+    monkeypatch.setenv("DFA_KERNELS_CACHE_DIR", str(cache))  # a file where the folder should be
     with caplog.at_level(logging.WARNING, logger="dfa_kernels"):
         assert selftest.problem("good", "cpu", lambda: _fns()) is None
     assert "could not be cached" in caplog.text
@@ -205,17 +221,24 @@ def _check_on_cpu(monkeypatch, broken_in_triton=None):
         backend = "triton" if fns["project"] is torch.ops.dfa_kernels.triton_project else "cuda"
         assert fns["project"] is ops._op(backend, "project")
         runs.append((str(device), backend))
-        broken = {broken_in_triton: _wrong(ops._op("cpu", broken_in_triton), "last column")} \
-            if backend == "triton" and broken_in_triton else {}
+        broken = (
+            {broken_in_triton: _wrong(ops._op("cpu", broken_in_triton), "last column")}
+            if backend == "triton" and broken_in_triton
+            else {}
+        )
         return real(_fns(**broken), "cpu")
+
     monkeypatch.setattr(selftest, "check_backend", check)
     return runs
 
 
 def test_a_gpu_backend_failing_one_op_is_not_offered(fake_gpu, monkeypatch, capsys):
     runs = _check_on_cpu(monkeypatch, broken_in_triton="project_points")
-    with pytest.warns(RuntimeWarning, match=r"the 'triton' backend is not offered on cuda:0: its self-test on Fake "
-                                            r"GPU failed: project_points: .*exceeds its rounding bound"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"the 'triton' backend is not offered on cuda:0: its self-test on Fake "
+        r"GPU failed: project_points: .*exceeds its rounding bound",
+    ):
         available = ops.available_backends("cuda:0")
     passing = [b for b in fake_gpu if b != "triton"]
     assert available == passing + ["torch"]
@@ -223,8 +246,11 @@ def test_a_gpu_backend_failing_one_op_is_not_offered(fake_gpu, monkeypatch, caps
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ops.available_backends("cuda:0") == available and len(runs) == len(fake_gpu)
-        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on device cuda:0 \(its self-test "
-                                               r"on Fake GPU failed: project_points: .*DFA_KERNELS_SELF_TEST=0"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"backend 'triton' is not available on device cuda:0 \(its self-test "
+            r"on Fake GPU failed: project_points: .*DFA_KERNELS_SELF_TEST=0",
+        ):
             ops.resolve_backend("triton", "cuda:0")
         for op in ("project", "project_points"):
             assert ops.resolve_backend("auto", "cuda:0", op, "virtual", 3) == available[0]

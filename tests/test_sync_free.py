@@ -7,6 +7,7 @@ On a GPU a sync is a read of a device value on the host (``.item()``, ``bool(t)`
 (forward, backward, optimizer): a CPU run takes the code paths a GPU run takes, so a count of
 zero here means none of those calls is made. The GPU tests below check the real thing.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,14 +20,19 @@ import dfa_kernels as dk
 aten = torch.ops.aten
 READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
 # Output shapes that depend on the values: the host waits for the device to learn them.
-DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
-                  aten.unique_consecutive.default}
+DATA_DEPENDENT = {
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
 MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}  # with a boolean mask
 COPIES = {aten._to_copy.default, aten.copy_.default}
 # A mode handles an op with itself switched off; our ops are re-run below the Python key with the
 # mode on, so that the calls inside them are seen as well.
 BELOW_PYTHON = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python).remove(
-    torch._C.DispatchKey.PythonDispatcher)
+    torch._C.DispatchKey.PythonDispatcher
+)
 
 
 class SyncCounter(TorchDispatchMode):
@@ -40,8 +46,10 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in READS:
             self.calls.append(f"{func} (a device value read on the host)")
-        elif func in DATA_DEPENDENT or (func in MASK_INDEXING and any(
-                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])):
+        elif func in DATA_DEPENDENT or (
+            func in MASK_INDEXING
+            and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        ):
             self.calls.append(f"{func} (an output shape that depends on device values)")
         elif func is aten.lift_fresh.default:
             self.calls.append(f"{func} (a tensor built from Python data: a host-to-device copy on a GPU)")
@@ -84,6 +92,7 @@ def _mlp(device, fused=False, **dfa_kwargs):
 
 def _lm(device, **dfa_kwargs):
     from dfa_kernels.zoo.models.transformer import TransformerLM
+
     torch.manual_seed(0)
     model = TransformerLM(64, context=16, layers=2, d_model=32, heads=2, error_at="logits", **dfa_kwargs).to(device)
     tokens = torch.randint(0, 64, (2, 17)).to(device)
@@ -107,8 +116,7 @@ def _syncs_of_a_step(model, loss_fn, warmup: int = 1) -> list[str]:
     return counter.calls
 
 
-CASES = {"mlp": lambda d, **k: _mlp(d, **k), "mlp_fused": lambda d, **k: _mlp(d, fused=True, **k),
-         "lm_fused_head": _lm}
+CASES = {"mlp": lambda d, **k: _mlp(d, **k), "mlp_fused": lambda d, **k: _mlp(d, fused=True, **k), "lm_fused_head": _lm}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -151,8 +159,9 @@ def test_the_counter_sees_syncs():
 
 
 # ---------------------------------------------------------------- on a GPU
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU tests above count "
-                                                                "the same calls)")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU tests above count the same calls)"
+)
 
 
 @cuda

@@ -1,6 +1,6 @@
 """The zoo's shared training loop: selection on validation only, early stopping, resumable streams;
 the comparison runner (seeds, feedbacks, paper numbers only where comparable) and the tuning runner."""
-import dataclasses
+
 import json
 
 import pytest
@@ -28,20 +28,30 @@ def scripted_run(val_curve, patience=None, calls=None, min_epochs=0):
             with torch.no_grad():
                 model.weight.fill_(epoch["n"])
             return {"acc": val_curve[epoch["n"] - 1]}
-        return {"acc": float(model.weight.detach())}   # "test": which epoch's weights are loaded
+        return {"acc": float(model.weight.detach())}  # "test": which epoch's weights are loaded
 
-    return Run(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), batches=FullBatch(None),
-               loss=loss, evaluate=evaluate, select="acc", higher_is_better=True, epochs=len(val_curve),
-               steps_per_epoch=1, patience=patience, min_epochs=min_epochs)
+    return Run(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        batches=FullBatch(None),
+        loss=loss,
+        evaluate=evaluate,
+        select="acc",
+        higher_is_better=True,
+        epochs=len(val_curve),
+        steps_per_epoch=1,
+        patience=patience,
+        min_epochs=min_epochs,
+    )
 
 
 def test_selects_the_best_validation_epoch_and_evaluates_test_once():
     calls = []
     fitted = fit(scripted_run([0.1, 0.5, 0.3, 0.4], calls=calls), progress=False)
-    assert fitted.final["best_epoch"] == 2 and fitted.final["test_acc"] == 2.0     # epoch 2's weights
+    assert fitted.final["best_epoch"] == 2 and fitted.final["test_acc"] == 2.0  # epoch 2's weights
     assert fitted.final["val_acc"] == 0.5 and fitted.final["stopped"] == "budget"
     assert not fitted.final["still_improving_at_budget"]
-    assert calls.count("test") == 1 and calls[-1] == "test"      # test only once, after selection
+    assert calls.count("test") == 1 and calls[-1] == "test"  # test only once, after selection
 
 
 def test_early_stopping_and_the_still_improving_flag():
@@ -72,8 +82,10 @@ def test_alignment_of_a_model_without_dfa_is_refused_before_training():
 
 
 def test_streams_resume_exactly():
-    for make in (lambda: Shuffled(10, 3, seed=4, min_size=2),
-                 lambda: Sampled(lambda g: torch.randint(0, 100, (4,), generator=g), seed=4)):
+    for make in (
+        lambda: Shuffled(10, 3, seed=4, min_size=2),
+        lambda: Sampled(lambda g: torch.randint(0, 100, (4,), generator=g), seed=4),
+    ):
         a = make()
         for _ in range(5):
             next(a)
@@ -82,7 +94,7 @@ def test_streams_resume_exactly():
         b = make()
         b.load_state_dict(state)
         assert all(torch.equal(x, y) for x, y in zip(want, [next(b) for _ in range(7)]))
-    s = Shuffled(10, 3, seed=0, min_size=2)        # 10 rows: batches 3, 3, 3 and a skipped 1
+    s = Shuffled(10, 3, seed=0, min_size=2)  # 10 rows: batches 3, 3, 3 and a skipped 1
     assert len(s) == 3 and sorted(torch.cat([next(s) for _ in range(3)]).tolist()) != list(range(10))
 
 
@@ -92,7 +104,7 @@ def test_every_task_has_equal_tuning_budgets():
         if task.grid is None:
             continue
         sizes = {}
-        for mode in task.modes:   # the modes it trains (Task.unsupported refuses the others)
+        for mode in task.modes:  # the modes it trains (Task.unsupported refuses the others)
             config = tasks.TrainConfig(task=name, mode=mode)
             sizes[mode] = len(task.grid(config))
             assert task.tuned(config) in task.grid(config), (name, mode)
@@ -101,11 +113,18 @@ def test_every_task_has_equal_tuning_budgets():
 
 def test_compare_writes_every_run_and_says_not_comparable(tmp_path):
     from dfa_kernels.zoo.training import compare_task
+
     task = tasks.get("lm-pydoc")
     base = tasks.TrainConfig(task="lm-pydoc", epochs=1, out=tmp_path, progress=False)
     report = compare_task(task, base, seeds=[0, 1], modes=["bp", "dfa"], feedbacks=["paper", "ours"])
-    assert [r["variant"] for r in report["runs"]] == ["bp", "bp", "dfa-macro", "dfa-macro", "dfa-ours-macro",
-                                                     "dfa-ours-macro"]
+    assert [r["variant"] for r in report["runs"]] == [
+        "bp",
+        "bp",
+        "dfa-macro",
+        "dfa-macro",
+        "dfa-ours-macro",
+        "dfa-ours-macro",
+    ]
     assert report["summary"]["bp"]["n"] == 2 and report["summary"]["bp"]["std"] is not None
     assert report["runs"][2]["config"]["feedback"] == "paper" and report["runs"][4]["config"]["feedback"] == "ours"
     table = (tmp_path / "lm-pydoc" / "compare.txt").read_text()
@@ -117,14 +136,16 @@ def test_compare_writes_every_run_and_says_not_comparable(tmp_path):
 def test_paper_feedback_is_the_shared_layout():
     pytest.importorskip("torch_geometric")
     from dfa_kernels.zoo.training import train
+
     for feedback, layout in tasks.FEEDBACK.items():
         r = train(tasks.get("dna-cora"), tasks.TrainConfig("dna-cora", epochs=1, progress=False, feedback=feedback))
         assert r.model.dfa.spec.layout == layout and r.config["feedback"] == feedback
-        assert r.model.error_at == ("log_softmax" if feedback == "paper" else "logits")   # paper 1's DNA
+        assert r.model.error_at == ("log_softmax" if feedback == "paper" else "logits")  # paper 1's DNA
 
 
 def test_tune_runs_the_grid_on_validation(tmp_path, monkeypatch):
     from dfa_kernels.zoo.tuning import tune
+
     task = tasks.get("lm-pydoc")
     grid = {"bp": [dict(lr=1e-3, head_lr=1e-3), dict(lr=3e-3, head_lr=3e-3)]}
     monkeypatch.setattr(task, "grid", lambda config: grid[config.mode])
@@ -141,6 +162,7 @@ def test_recipe_tables_hold_the_tuning_winners():
     """Every tuned hyper-parameter in a recipe is the winner of its committed tuning report
     (benchmarks/results/zoo/tuning/TASK.json, made by `dfa-kernels tune`)."""
     from pathlib import Path
+
     reports = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo" / "tuning").glob("*.json"))
     assert reports, "no tuning report committed"
     for path in reports:
@@ -159,6 +181,7 @@ def test_zoo_driver_commands_parse():
     from pathlib import Path
 
     from dfa_kernels import cli
+
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
     spec = importlib.util.spec_from_file_location("zoo_driver", path)
     driver = importlib.util.module_from_spec(spec)

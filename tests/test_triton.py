@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 before triton is imported). The interpreter rounds fp32 -> bf
 and computes bf16 tl.dot wrongly, so bf16 is only tested on a GPU. Shapes are chosen so that every
 size of interest appears without running the full product (the interpreter is slow per operation).
 """
+
 import ast
 import contextlib
 import importlib
@@ -31,7 +32,8 @@ try:
     from dfa_kernels import reference
 except ImportError:  # the package __init__ is not importable: load reference.py on its own
     _spec = importlib.util.spec_from_file_location(
-        "dfa_reference", Path(__file__).resolve().parents[1] / "dfa_kernels" / "reference.py")
+        "dfa_reference", Path(__file__).resolve().parents[1] / "dfa_kernels" / "reference.py"
+    )
     reference = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(reference)
 
@@ -208,8 +210,14 @@ MATERIALIZED_CASES = [
     (1, 50257, 17, torch.float32, torch.float32, False, 1.0, False, None),
     (3, 10, 4096, torch.float16, torch.float32, False, 2.0, False, torch.float32),
     (1000, 1, 1, torch.float32, torch.float16, False, 1.0, True, None),
-] + ([(64, 300, 200, torch.bfloat16, torch.float32, False, 1.0, True, None),
-      (64, 300, 200, torch.float32, torch.bfloat16, True, 1.0, False, torch.bfloat16)] if DEVICE == "cuda" else [])
+] + (
+    [
+        (64, 300, 200, torch.bfloat16, torch.float32, False, 1.0, True, None),
+        (64, 300, 200, torch.float32, torch.bfloat16, True, 1.0, False, torch.bfloat16),
+    ]
+    if DEVICE == "cuda"
+    else []
+)
 
 
 @pytest.mark.parametrize("N,K,W,dtype,b_dtype,transposed,scale,has_cs,out_dtype", MATERIALIZED_CASES)
@@ -227,8 +235,9 @@ def test_project_materialized_matches_reference(N, K, W, dtype, b_dtype, transpo
 def test_virtual_and_materialized_agree(distribution):
     e = randn(50, 70)
     B = dkt.feedback_matrix(8, distribution, 0.1, 70, 45, torch.float32, DEVICE)
-    torch.testing.assert_close(dkt.project(e, 8, distribution, 0.1, 45), dkt.project_materialized(e, B),
-                               atol=1e-4 * math.sqrt(70), rtol=1e-4)
+    torch.testing.assert_close(
+        dkt.project(e, 8, distribution, 0.1, 45), dkt.project_materialized(e, B), atol=1e-4 * math.sqrt(70), rtol=1e-4
+    )
 
 
 # ------------------------------------------------------------------------------- edges
@@ -287,6 +296,7 @@ def test_is_available():
 def test_device_tables_are_written_by_a_kernel():
     """Per-launch tables go to the device as kernel arguments (no host copy), 256 values a launch."""
     from dfa_kernels.triton.tables import cached_table, device_table
+
     values = [2**40 + 3, -5, 1, 0] + list(range(300))
     assert device_table(values, torch.int64, DEVICE).tolist() == values
     scales = [0.5, -1.25, 3.0]
@@ -298,8 +308,11 @@ def test_grouped_weight_grad_split_over_rows():
     """The split-K path (rows split over the grid, summed from an fp32 workspace) gives the same
     result as one pass; uneven row counts and splits that get no rows of a short layer."""
     from dfa_kernels.triton.grouped_gemm import grouped_weight_grad
-    for shapes in ([(70, 5, 9), (3, 33, 17), (129, 16, 16)],  # (N, out, in)
-                   [(40, 16, 32), (9, 32, 16)]):  # every width a multiple of 16: the alignment hints
+
+    for shapes in (
+        [(70, 5, 9), (3, 33, 17), (129, 16, 16)],  # (N, out, in)
+        [(40, 16, 32), (9, 32, 16)],
+    ):  # every width a multiple of 16: the alignment hints
         grads = [torch.randn(n, o, device=DEVICE) for n, o, _ in shapes]
         inputs = [torch.randn(n, i, device=DEVICE) for n, _, i in shapes]
         want = reference.grouped_weight_grad(grads, inputs)
@@ -321,12 +334,15 @@ def _run_tuned(name):
     if name in ("points", "narrow_points"):
         args = (e, None, 5, "gaussian", 0.1, [0, 40], [200, 33], [1.0, 0.5], [None, randn(7, 33)], ["none", "silu"])
         got = dkt.project_points(*args)
-        want = reference.project_points(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:8]],
-                                        [None, args[8][1].cpu()], args[9])
+        want = reference.project_points(
+            *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:8]], [None, args[8][1].cpu()], args[9]
+        )
         return torch.cat(got, 1), torch.cat(want, 1)
     grads, inputs = [randn(50, 20), randn(9, 40)], [randn(50, 33), randn(9, 16)]
-    return (torch.cat([g.flatten() for g in dkt.grouped_weight_grad(grads, inputs)]),
-            torch.cat([g.flatten() for g in reference.grouped_weight_grad(grads, inputs)]))
+    return (
+        torch.cat([g.flatten() for g in dkt.grouped_weight_grad(grads, inputs)]),
+        torch.cat([g.flatten() for g in reference.grouped_weight_grad(grads, inputs)]),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TUNED_NAMES))
@@ -346,9 +362,11 @@ def _import_in_subprocess(switch):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DFA_TRITON_AUTOTUNE")}
     if switch is not None:
         env["DFA_TRITON_AUTOTUNE"] = switch
-    code = ("import dfa_kernels.triton\nfrom dfa_kernels.triton import tuning\n"
-            "print({n: (len(t.launch.configs), t.launch.configs[0] is t.configs[0], len(t.configs)) "
-            "for n, t in tuning.TUNED.items()})")
+    code = (
+        "import dfa_kernels.triton\nfrom dfa_kernels.triton import tuning\n"
+        "print({n: (len(t.launch.configs), t.launch.configs[0] is t.configs[0], len(t.configs)) "
+        "for n, t in tuning.TUNED.items()})"
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -388,18 +406,29 @@ def test_fit_tiles():
 def test_kernel_prunes():
     """Each autotuned kernel's early_config_prune on its own configs: a tiny problem keeps one small
     tile (no benchmarking), a large one keeps every config."""
-    big = {"N": 1 << 16, "K": 4096, "W": 4096, "span_w": 4096, "o_bucket": 4096, "i_bucket": 4096,
-           "rows_per_split": 1 << 16}
-    cases = [(project_mod.prune_project, "project", {"N": 8, "K": 40, "W": 17}, [(32, 32, 32)]),
-             (project_mod.prune_narrow, "narrow", {"N": 7, "W": 200}, [(32, 256)]),
-             (project_mod.prune_narrow, "narrow", {"N": 1, "W": 1}, [(32, 256)]),  # none fits: least padding
-             (points_mod.prune_points, "points", {"N": 8, "K": 40, "span_w": 17}, [(32, 32, 32)]),
-             (points_mod.prune_points, "narrow_points", {"N": 1000, "K": 3, "span_w": 100},
-              [(64, 128, 16), (128, 128, 16)]),
-             (grouped_gemm.prune_grouped, "grouped", {"o_bucket": 16, "i_bucket": 16, "rows_per_split": 1000},
-              [(32, 32, 64)]),
-             (grouped_gemm.prune_grouped, "grouped", {"o_bucket": 16, "i_bucket": 16, "rows_per_split": 9},
-              [(32, 32, 64)])]
+    big = {
+        "N": 1 << 16,
+        "K": 4096,
+        "W": 4096,
+        "span_w": 4096,
+        "o_bucket": 4096,
+        "i_bucket": 4096,
+        "rows_per_split": 1 << 16,
+    }
+    cases = [
+        (project_mod.prune_project, "project", {"N": 8, "K": 40, "W": 17}, [(32, 32, 32)]),
+        (project_mod.prune_narrow, "narrow", {"N": 7, "W": 200}, [(32, 256)]),
+        (project_mod.prune_narrow, "narrow", {"N": 1, "W": 1}, [(32, 256)]),  # none fits: least padding
+        (points_mod.prune_points, "points", {"N": 8, "K": 40, "span_w": 17}, [(32, 32, 32)]),
+        (points_mod.prune_points, "narrow_points", {"N": 1000, "K": 3, "span_w": 100}, [(64, 128, 16), (128, 128, 16)]),
+        (
+            grouped_gemm.prune_grouped,
+            "grouped",
+            {"o_bucket": 16, "i_bucket": 16, "rows_per_split": 1000},
+            [(32, 32, 64)],
+        ),
+        (grouped_gemm.prune_grouped, "grouped", {"o_bucket": 16, "i_bucket": 16, "rows_per_split": 9}, [(32, 32, 64)]),
+    ]
     for prune, name, args, want in cases:
         configs = tuning.TUNED[name].configs
         assert _blocks(prune(configs, args)) == want, (name, args)
@@ -468,10 +497,18 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
     for name in sorted(TUNED_NAMES):
         _run_tuned(name)
     dkt.feedback_matrix(0, "uniform", 0.1, 3, 5, torch.float32, DEVICE)
-    cross_entropy.cross_entropy_grad_(randn(3, 10), torch.tensor([1, 2, -100], device=DEVICE), -100,
-                                      torch.tensor([0.5], device=DEVICE))
-    assert {name for name, _ in launches} == {"_project_kernel", "_narrow_kernel", "_points_kernel", "_grouped_kernel",
-                                              "_fill_kernel", "_feedback_kernel", "_ce_kernel"}
+    cross_entropy.cross_entropy_grad_(
+        randn(3, 10), torch.tensor([1, 2, -100], device=DEVICE), -100, torch.tensor([0.5], device=DEVICE)
+    )
+    assert {name for name, _ in launches} == {
+        "_project_kernel",
+        "_narrow_kernel",
+        "_points_kernel",
+        "_grouped_kernel",
+        "_fill_kernel",
+        "_feedback_kernel",
+        "_ce_kernel",
+    }
     assert all(devices == [torch.device(DEVICE)] for _, devices in launches), launches
 
 

@@ -1,4 +1,5 @@
 """The t-SNE study: separability numbers, and `dfa-kernels tsne` on a zoo task."""
+
 import json
 
 import numpy as np
@@ -21,6 +22,7 @@ def test_separability_numbers_tell_clusters_from_noise():
 def test_tsne_command_on_a_zoo_task(tmp_path):
     pytest.importorskip("torch_geometric")
     from dfa_kernels import cli
+
     cli.main(["tsne", "gcn-cora", "--epochs", "3", "--max-points", "400", "--out", str(tmp_path), "--no-progress"])
     report = json.loads((tmp_path / "gcn-cora" / "tsne.json").read_text())
     assert list(report["modes"]) == ["bp", "dfa", "shallow"]
@@ -42,5 +44,6 @@ def test_subsample_is_stratified_and_seeded():
 def test_tsne_refuses_a_task_without_a_representation(tmp_path):
     from dfa_kernels.studies.tsne import run_study
     from dfa_kernels.zoo.tasks import TrainConfig
+
     with pytest.raises(ValueError, match="exposes no representation"):
         run_study("nerf", TrainConfig("nerf", epochs=1, out=tmp_path, progress=False), modes=["bp"])

@@ -1,20 +1,35 @@
 """The type check of the core package: mypy, configured in pyproject.toml ([tool.mypy]: the public
 API's modules and what they are built on), reports no error; the package ships its py.typed marker,
 so users' type checkers read these annotations."""
+
 import importlib.util
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # the core package: the public API (DESIGN.md section 7) and the modules it is built on
-CORE = ["__init__", "nn", "ops", "feedback", "convert", "methods", "layerwise", "autograd", "align", "reference",
-        "lm_head", "provenance"]
-needs_mypy = pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
-                                reason="mypy is not installed (the test extra installs it: pip install '.[test]')")
+CORE = [
+    "__init__",
+    "nn",
+    "ops",
+    "feedback",
+    "convert",
+    "methods",
+    "layerwise",
+    "autograd",
+    "align",
+    "reference",
+    "lm_head",
+    "provenance",
+]
+needs_mypy = pytest.mark.skipif(
+    importlib.util.find_spec("mypy") is None,
+    reason="mypy is not installed (the test extra installs it: pip install '.[test]')",
+)
 
 
 def _pyproject() -> dict:
@@ -73,10 +88,11 @@ def test_the_documented_usage_type_checks(tmp_path):
     usage = tmp_path / "usage.py"
     usage.write_text(USAGE)
     misuse = len(USAGE.splitlines())  # the last line's number
-    done = subprocess.run([sys.executable, "-m", "mypy", str(usage)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)   # from the checkout: mypy finds dfa_kernels there, with pyproject's config
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", str(usage)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )  # from the checkout: mypy finds dfa_kernels there, with pyproject's config
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 1 and f"usage.py:{misuse}: error: Argument \"scale\" to \"DFA\"" in errors[0], done.stdout
+    assert len(errors) == 1 and f'usage.py:{misuse}: error: Argument "scale" to "DFA"' in errors[0], done.stdout
 
 
 def test_the_package_ships_its_py_typed_marker():

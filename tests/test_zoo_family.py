@@ -1,5 +1,6 @@
 """The zoo trains every method of the random-feedback family (issue 22): the cnn-digits task, the
 layer conversion, drtp's class targets, dkp's learned matrices in the optimizer, the refusals."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,21 +25,21 @@ def test_digits_split_is_stratified_disjoint_and_fixed():
     data = image.load_data()
     sizes = {k: len(y) for k, (_, y) in data.items()}
     assert sizes == {"train": 1078, "val": 359, "test": 360}
-    for _, y in data.values():   # every class in every split, in the dataset's proportions
+    for _, y in data.values():  # every class in every split, in the dataset's proportions
         share = torch.bincount(y, minlength=10).float() / len(y)
         assert (share - 0.1).abs().max() < 0.015
     rows = {k: {tuple(x.flatten().tolist()) for x in xs} for k, (xs, _) in data.items()}
     assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
     image.load_data.cache_clear()
     again = image.load_data()
-    assert all(torch.equal(again[k][1], data[k][1]) for k in data)   # split seed fixed, not the run's
+    assert all(torch.equal(again[k][1], data[k][1]) for k in data)  # split seed fixed, not the run's
     assert abs(float(data["train"][0].mean())) < 1e-5 and abs(float(data["train"][0].std()) - 1) < 1e-3
 
 
 @pytest.mark.parametrize("mode", methods.MODES)
 def test_cnn_digits_trains_in_every_mode(mode):
     result = train(tasks.get("cnn-digits"), config(mode, epochs=2))
-    assert result.final["test_acc"] > 0.3, result.final       # well above chance (0.1) after 2 epochs
+    assert result.final["test_acc"] > 0.3, result.final  # well above chance (0.1) after 2 epochs
     converted = [m for m in result.model.modules() if isinstance(m, (FeedbackLinear, FeedbackConv2d))]
     assert len(converted) == (3 if mode in methods.LAYERWISE else 0)
 
@@ -128,9 +129,18 @@ class Regression(nn.Module):
 
 def small_run(model, targets=None):
     x = torch.randn(8, 4)
-    return Run(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), batches=FullBatch(x),
-               loss=lambda m, b: m(b).square().mean(), evaluate=lambda m, s: {"loss": 0.0}, select="loss",
-               higher_is_better=False, epochs=1, steps_per_epoch=1, targets=targets)
+    return Run(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        batches=FullBatch(x),
+        loss=lambda m, b: m(b).square().mean(),
+        evaluate=lambda m, s: {"loss": 0.0},
+        select="loss",
+        higher_is_better=False,
+        epochs=1,
+        steps_per_epoch=1,
+        targets=targets,
+    )
 
 
 def test_refusals_name_the_problem():
@@ -157,6 +167,7 @@ def test_cli_refuses_an_unsupported_mode_in_one_line(capsys):
 
 def test_tuning_variants_cover_the_tasks_modes():
     from dfa_kernels.zoo import tuning
+
     assert [c.mode for c in tuning.variants(tasks.get("cnn-digits"))] == list(tasks.get("cnn-digits").modes)
     assert set(tasks.get("cnn-digits").modes) == set(methods.MODES)
     assert "fa" not in tasks.get("gcn-cora").modes and "drtp" in tasks.get("gcn-cora").modes
@@ -168,13 +179,15 @@ def test_stop_and_resume_continues_a_family_run_exactly(mode, tmp_path):
     """A learned B (dkp: a parameter and an optimizer group), a redraw counter (brsf) and the targets
     (drtp) survive --stop-after / --resume: the same final weights as the uninterrupted run."""
     from dfa_kernels.zoo import checkpoint
+
     task = tasks.get("cnn-digits")
     full = train(task, config(mode, epochs=2))
     folder = tmp_path / "run"
     with pytest.raises(Stopped):
         train(task, config(mode, epochs=2), checkpoints=checkpoint.Checkpoints(folder / "c.pt", stop_after=40))
-    resumed = train(task, config(mode, epochs=2), checkpoints=checkpoint.Checkpoints(folder / "c.pt",
-                                                                                       resume=folder / "c.pt"))
+    resumed = train(
+        task, config(mode, epochs=2), checkpoints=checkpoint.Checkpoints(folder / "c.pt", resume=folder / "c.pt")
+    )
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name

@@ -1,4 +1,5 @@
 """The NeRF zoo: encoding, rays, renderer, modes, the pybullet scenes, the NeRF-synthetic loader, the task."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +18,16 @@ from dfa_kernels.zoo.training import train
 HAS_PYBULLET = importlib.util.find_spec("pybullet") is not None
 needs_pybullet = pytest.mark.skipif(not HAS_PYBULLET, reason=f"pybullet scenes need pybullet: {S.INSTALL}")
 TINY = dict(depth=3, width=16, skips=(1,), pos_freqs=3, dir_freqs=1, n_coarse=8, n_fine=8)
-HEADS = {"coarse.sigma.weight", "coarse.sigma.bias", "coarse.rgb.weight", "coarse.rgb.bias",
-         "fine.sigma.weight", "fine.sigma.bias", "fine.rgb.weight", "fine.rgb.bias"}
+HEADS = {
+    "coarse.sigma.weight",
+    "coarse.sigma.bias",
+    "coarse.rgb.weight",
+    "coarse.rgb.bias",
+    "fine.sigma.weight",
+    "fine.sigma.bias",
+    "fine.rgb.weight",
+    "fine.rgb.bias",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -51,20 +60,20 @@ def test_render_and_sampling():
     z = torch.linspace(3, 5, 8).expand(2, 8)
     d = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, -2.0]])
     empty = torch.zeros(2, 8, 4)
-    empty[..., 3] = -1.0                                     # relu(sigma) = 0: nothing there
+    empty[..., 3] = -1.0  # relu(sigma) = 0: nothing there
     rgb, weights, _, opacity = render(empty, z, d, background=1.0, far=5.0)
     torch.testing.assert_close(rgb, torch.ones(2, 3))
     assert opacity.abs().max() < 1e-6
     wall = torch.zeros(2, 8, 4)
-    wall[:, 4:, 3] = 1e4                                     # opaque from the 5th sample on, colour sigmoid(0)
+    wall[:, 4:, 3] = 1e4  # opaque from the 5th sample on, colour sigmoid(0)
     rgb, weights, depth, opacity = render(wall, z, d, background=1.0, far=5.0)
     torch.testing.assert_close(rgb, torch.full((2, 3), 0.5))
     torch.testing.assert_close(depth, z[:, 4])
     haze = torch.zeros(2, 8, 4)
-    haze[..., 3] = 0.1                                       # thin medium: transmittance exp(-0.1 * length)
+    haze[..., 3] = 0.1  # thin medium: transmittance exp(-0.1 * length)
     _, _, _, opacity = render(haze, z, d, background=torch.zeros(2, 3), far=5.0)
     torch.testing.assert_close(opacity, 1 - torch.exp(-0.1 * 2 * d.norm(dim=-1)))
-    _, _, _, opacity = render(haze, z, d)                    # far=None: the reference code's infinite last interval
+    _, _, _, opacity = render(haze, z, d)  # far=None: the reference code's infinite last interval
     torch.testing.assert_close(opacity, torch.ones(2))
     samples = sample_pdf(torch.linspace(0, 1, 5).expand(3, 5), torch.tensor([[0, 0, 1.0]]).expand(3, 3), 50)
     assert ((samples >= 0.5 - 1e-3) & (samples <= 0.75 + 1e-3)).float().mean() > 0.95
@@ -82,7 +91,7 @@ def test_modes_shapes_gradients_and_learning(mode):
     learning = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     names = {n for n, _ in model.named_parameters()}
     assert learning == (HEADS if mode == "shallow" else names), sorted(names ^ learning)
-    if mode != "bp":   # one feedback point per ReLU layer + feature layer + direction layer, per network
+    if mode != "bp":  # one feedback point per ReLU layer + feature layer + direction layer, per network
         assert model.coarse.dfa.spec.widths == (16,) * 3 + (16, 8)
         assert model.coarse.dfa.spec.out_features == 4 and model.fine.dfa.seed != model.coarse.dfa.seed
 
@@ -116,9 +125,9 @@ def test_ray_convention():
     c2w[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
     o, d = S.get_rays(4, 6, 5.0, c2w)
     assert o.shape == d.shape == (4, 6, 3)
-    assert d[0, 0, 0] < 0 and d[0, 0, 1] > 0 and (d[..., 2] == -1).all()   # row 0 is the top, looks down -z
-    torch.testing.assert_close(d[0, 0], torch.tensor([-0.5, 0.3, -1.0]))           # (0.5 - W/2)/f, -(0.5 - H/2)/f
-    torch.testing.assert_close(d.mean((0, 1)), torch.tensor([0.0, 0.0, -1.0]))      # the image centre is on -z
+    assert d[0, 0, 0] < 0 and d[0, 0, 1] > 0 and (d[..., 2] == -1).all()  # row 0 is the top, looks down -z
+    torch.testing.assert_close(d[0, 0], torch.tensor([-0.5, 0.3, -1.0]))  # (0.5 - W/2)/f, -(0.5 - H/2)/f
+    torch.testing.assert_close(d.mean((0, 1)), torch.tensor([0.0, 0.0, -1.0]))  # the image centre is on -z
     j, i, z = S.project(o + 2.5 * d, 4, 6, 5.0, c2w)
     grid_j, grid_i = torch.meshgrid(torch.arange(4.0), torch.arange(6.0), indexing="ij")
     torch.testing.assert_close(j, grid_j)
@@ -146,15 +155,19 @@ def test_pybullet_scene_and_depth_backprojection(scene, monkeypatch):
     dist = torch.cdist(centres, centres).fill_diagonal_(math.inf)
     a = int(dist.min(1).values.argmin())
     b = int(dist[a].argmin())
-    def agreement():       # both ways between the two closest cameras
+
+    def agreement():  # both ways between the two closest cameras
         return sum(S.reprojection_agreement(v, x, y, scene.H, scene.W, scene.focal) for x, y in ((a, b), (b, a))) / 2
+
     right = agreement()
     assert right >= 0.9, right
 
-    def flipped(H, W, focal, c2w):    # the classic mistake: image y not flipped
+    def flipped(H, W, focal, c2w):  # the classic mistake: image y not flipped
         o, d = get_rays(H, W, focal, c2w)
-        return o, d @ torch.as_tensor(c2w)[:3, :3] @ torch.diag(torch.tensor([1.0, -1.0, 1.0])) @ \
-            torch.as_tensor(c2w)[:3, :3].T
+        return o, d @ torch.as_tensor(c2w)[:3, :3] @ torch.diag(torch.tensor([1.0, -1.0, 1.0])) @ torch.as_tensor(c2w)[
+            :3, :3
+        ].T
+
     get_rays = S.get_rays
     monkeypatch.setattr(S, "get_rays", flipped)
     wrong = agreement()
@@ -216,15 +229,20 @@ def test_task_registered():
 
 @pytest.fixture
 def tiny_preset(monkeypatch):
-    monkeypatch.setitem(R.PRESETS, "tiny", dict(scene="duck", size=12, views=(6, 1, 2), batch_rays=64,
-                                                blocks=2, block_iters=3, **TINY))
+    monkeypatch.setitem(
+        R.PRESETS, "tiny", dict(scene="duck", size=12, views=(6, 1, 2), batch_rays=64, blocks=2, block_iters=3, **TINY)
+    )
     monkeypatch.setitem(R.LR, "tiny", {"bp": 5e-3, "dfa": 5e-3, "shallow": 5e-3})
 
 
 def test_run_on_a_nerf_synthetic_folder(tmp_path, tiny_preset):
     S.write_blender(synthetic_scene(n=(4, 3, 3), size=12), tmp_path / "scene")
-    res = train(get("nerf"), TrainConfig(task="nerf", mode="dfa", preset="tiny", data=str(tmp_path / "scene"),
-                                      out=tmp_path / "out", progress=False))
+    res = train(
+        get("nerf"),
+        TrainConfig(
+            task="nerf", mode="dfa", preset="tiny", data=str(tmp_path / "scene"), out=tmp_path / "out", progress=False
+        ),
+    )
     assert math.isfinite(res.final["test_psnr"]) and res.config["views"] == {"train": 4, "val": 1, "test": 2}
     assert res.config["near"] == 2.0 and len(res.artefacts) == 4
 
@@ -234,8 +252,9 @@ def test_run_end_to_end(tmp_path, monkeypatch, tiny_preset):
     monkeypatch.setenv("DFA_KERNELS_CACHE", str(tmp_path / "cache"))
     results = {}
     for mode in ("bp", "dfa", "shallow"):
-        res = train(get("nerf"), TrainConfig(task="nerf", mode=mode, preset="tiny", out=tmp_path / mode,
-                                          progress=False))
+        res = train(
+            get("nerf"), TrainConfig(task="nerf", mode=mode, preset="tiny", out=tmp_path / mode, progress=False)
+        )
         assert [h["epoch"] for h in res.history] == [1, 2]
         assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_psnr"]) for h in res.history)
         assert math.isfinite(res.final["test_psnr"]) and res.config["lr"] == 5e-3

@@ -1,4 +1,5 @@
 """The recommender zoo: models in every mode, the MovieLens and Criteo loaders, the tasks."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 import dfa_kernels as dk
-from dfa_kernels.zoo.data.criteo import CTRData, load_criteo
 from dfa_kernels.zoo.data import movielens
+from dfa_kernels.zoo.data.criteo import CTRData, load_criteo
 from dfa_kernels.zoo.models.recsys import MODELS
 from dfa_kernels.zoo.recipes import recsys as R
 from dfa_kernels.zoo.tasks import TrainConfig, get
@@ -17,14 +18,20 @@ from dfa_kernels.zoo.training import train
 
 HAS_ML = importlib.util.find_spec("recbole") is not None
 NO_ML = "MovieLens-100k needs recbole (data only): pip install --no-deps -r requirements/data.txt"
-TINY = {"fm": dict(embed_dim=4), "deepfm": dict(embed_dim=4, hidden=(16, 16, 16)),
-        "dcn": dict(embed_dim=4, cross_layers=6, hidden=(16, 16)),
-        "autoint": dict(embed_dim=4, layers=3, heads=2, d_att=8),
-        "afn": dict(embed_dim=4, lnn=12, hidden=(16, 16, 16))}
+TINY = {
+    "fm": dict(embed_dim=4),
+    "deepfm": dict(embed_dim=4, hidden=(16, 16, 16)),
+    "dcn": dict(embed_dim=4, cross_layers=6, hidden=(16, 16)),
+    "autoint": dict(embed_dim=4, layers=3, heads=2, d_att=8),
+    "afn": dict(embed_dim=4, lnn=12, hidden=(16, 16, 16)),
+}
 # Parameters after the last feedback point: exact in dfa mode, the only ones learning in shallow mode.
-EXACT = {"deepfm": {"embed.emb.weight", "linear.emb.weight", "bias", "out.weight", "out.bias"},
-         "dcn": {"out.weight", "out.bias"}, "autoint": {"out.weight", "out.bias"},
-         "afn": {"out.weight", "out.bias"}}
+EXACT = {
+    "deepfm": {"embed.emb.weight", "linear.emb.weight", "bias", "out.weight", "out.bias"},
+    "dcn": {"out.weight", "out.bias"},
+    "autoint": {"out.weight", "out.bias"},
+    "afn": {"out.weight", "out.bias"},
+}
 
 
 def synthetic(n=256, seed=0) -> CTRData:
@@ -36,8 +43,12 @@ def synthetic(n=256, seed=0) -> CTRData:
     bag = bag / bag.sum(1, keepdim=True).clamp_min(1)
     label = ((idx[:, 0] % 2 == 0) ^ (bag[:, 0] > 0)).float()
     split = (idx, bag, label)
-    return CTRData(field_names=["a", "b", "c", "d", "tags"], vocab_size=26 + 5, bags=[(26, 5)],
-                   splits={"train": split, "val": split, "test": split})
+    return CTRData(
+        field_names=["a", "b", "c", "d", "tags"],
+        vocab_size=26 + 5,
+        bags=[(26, 5)],
+        splits={"train": split, "val": split, "test": split},
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -57,8 +68,9 @@ def grads(model, split):
     model.zero_grad(set_to_none=True)
     loss = bce(model, split)
     loss.backward()
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters()
-                  if p.grad is not None and p.grad.abs().sum() > 0}
+    return loss, {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
 
 
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "fm"])
@@ -174,9 +186,9 @@ def test_movielens_counts():
     assert sum(len(s[2]) for s in d.splits.values()) == 100_000
     idx, bag, label = d.splits["train"]
     assert idx.shape[1] == 7 and bag.shape[1] == 19 and idx.max() < d.vocab_size - 19
-    assert torch.allclose(bag.sum(1), torch.ones(len(bag)))            # every movie has a genre
+    assert torch.allclose(bag.sum(1), torch.ones(len(bag)))  # every movie has a genre
     train_users = set(idx[:, 0].tolist())
-    assert set(d.splits["test"][0][:, 0].tolist()) <= train_users      # per-user split: warm users
+    assert set(d.splits["test"][0][:, 0].tolist()) <= train_users  # per-user split: warm users
     g = movielens.load_movielens(split="global")
     assert [len(g.splits[k][2]) for k in ("train", "val", "test")] == [80_000, 10_000, 10_000]
 

@@ -1,4 +1,5 @@
 """Timing, device peaks and result files shared by the benchmarks."""
+
 from __future__ import annotations
 
 import datetime
@@ -15,6 +16,7 @@ from ..provenance import cpu_model, git_sha, machine
 try:  # the progress bars are optional: a bare GPU machine may lack tqdm
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
+
     class tqdm:  # noqa: N801 - the same name and the calls the benchmarks use
         def __init__(self, iterable=None, **kwargs):
             self.iterable = iterable
@@ -24,6 +26,7 @@ except ImportError:  # pragma: no cover
 
         def set_postfix_str(self, *args, **kwargs):
             pass
+
 
 # Dense peaks (no sparsity) from the vendors' data sheets: TFLOP/s by dtype ("fp32": the CUDA cores;
 # "tf32"/"bf16"/"fp16": the tensor cores), HBM GB/s. Matched against torch.cuda.get_device_name in
@@ -83,8 +86,9 @@ def summarise(samples, device: torch.device) -> float:
     return min(samples) if statistic(device) == "min" else statistics.median(samples)
 
 
-def time_interleaved(fns, device: torch.device, warmup: int = 3, repeats: int = 10,
-                     min_time_s: float = 0.05) -> list[float]:
+def time_interleaved(
+    fns, device: torch.device, warmup: int = 3, repeats: int = 10, min_time_s: float = 0.05
+) -> list[float]:
     """Wall time of each fn() in ms (see `statistic`); each sample runs fn enough times to last
     min_time_s, and the functions' samples alternate (a, b, a, b, ...), so that a ratio of two compares
     the same moments of a shared machine and the same state of its allocator."""
@@ -113,8 +117,9 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10, min_ti
     return time_interleaved([fn], device, warmup, repeats, min_time_s)[0]
 
 
-def time_pair_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int = 10,
-                 min_time_s: float = 0.05) -> tuple[float, float]:
+def time_pair_ms(
+    fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int = 10, min_time_s: float = 0.05
+) -> tuple[float, float]:
     """Wall times of fn_a() and fn_b() in ms from interleaved samples (time_interleaved)."""
     a, b = time_interleaved([fn_a, fn_b], device, warmup, repeats, min_time_s)
     return a, b
@@ -122,6 +127,7 @@ def time_pair_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int
 
 def environment(device: torch.device) -> dict:
     from .. import build_info
+
     info = build_info()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -131,15 +137,22 @@ def environment(device: torch.device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "machine": machine(),  # CPU model, cores, the CPU kernels' instruction-set path; GPU and driver
         "python": platform.python_version(),
-        "torch": info["torch"], "triton": info["triton"], "cuda": info["torch_cuda"],
-        "cuda_compiled": info["cuda_compiled"], "cuda_archs": info["cuda_archs"],
+        "torch": info["torch"],
+        "triton": info["triton"],
+        "cuda": info["torch_cuda"],
+        "cuda_compiled": info["cuda_compiled"],
+        "cuda_archs": info["cuda_archs"],
     }
 
 
 # Everything a process needs to run as on a CPU whose best path is `isa`: our kernels' path, and
 # ATen's, MKL's and oneDNN's own dispatch (the BLAS baseline must not keep AVX-512 on an "AVX2" run).
 ISA_ENV = {
-    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+    },
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }

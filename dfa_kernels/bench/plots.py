@@ -1,22 +1,35 @@
 """Plots of the benchmark results (matplotlib, files only): step-time ratio bars per workload and
 variant, and projection throughput vs N with the device's peak line (plus the ratio bars to
 torch.mm at the zoo's shapes)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..figures import save_figure
 
-VARIANT_LABELS = {"bp": "BP", "dfa": "DFA unfused (ours)", "dfa_fused": "DFA fused (ours)",
-                  "dfa_shared": "DFA shared layout (ours)", "tinydfa_style": "TinyDFA-style"}
-COLORS = {"bp": "#7f7f7f", "dfa": "#1f77b4", "dfa_fused": "#2ca02c", "dfa_shared": "#17becf",
-          "tinydfa_style": "#d62728"}
+VARIANT_LABELS = {
+    "bp": "BP",
+    "dfa": "DFA unfused (ours)",
+    "dfa_fused": "DFA fused (ours)",
+    "dfa_shared": "DFA shared layout (ours)",
+    "tinydfa_style": "TinyDFA-style",
+}
+COLORS = {
+    "bp": "#7f7f7f",
+    "dfa": "#1f77b4",
+    "dfa_fused": "#2ca02c",
+    "dfa_shared": "#17becf",
+    "tinydfa_style": "#d62728",
+}
 
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -28,6 +41,7 @@ def _title(res: dict, what: str) -> str:
 def plot_step(res: dict, path: Path) -> Path | None:
     """Grouped bars: each variant's step time over BP's, per workload; target marks where set."""
     from .step import RATIO_TARGETS
+
     workloads = res.get("workloads", {})
     if not workloads:
         return None
@@ -58,14 +72,27 @@ def plot_step(res: dict, path: Path) -> Path | None:
     for k, name in enumerate(names):
         bar = RATIO_TARGETS.get((name, kind)) if full_size else None
         if bar is not None:
-            ax.plot([k - 0.45, k + 0.45], [bar, bar], color="orange", ls="--", lw=1.5,
-                    label="target" if "target" not in ax.get_legend_handles_labels()[1] else None)
+            ax.plot(
+                [k - 0.45, k + 0.45],
+                [bar, bar],
+                color="orange",
+                ls="--",
+                lw=1.5,
+                label="target" if "target" not in ax.get_legend_handles_labels()[1] else None,
+            )
     ax.legend(fontsize=8)
     ax.set_title(f"training step ({res.get('size')} sizes)")
     if mem:
         ax = axes[0][1]
-        bars(ax, lambda w: {v: b / w["peak_memory_bytes"]["bp"] for v, b in w["peak_memory_bytes"].items()}
-             if isinstance(w.get("peak_memory_bytes"), dict) else {}, "peak memory / BP peak memory")
+        bars(
+            ax,
+            lambda w: (
+                {v: b / w["peak_memory_bytes"]["bp"] for v, b in w["peak_memory_bytes"].items()}
+                if isinstance(w.get("peak_memory_bytes"), dict)
+                else {}
+            ),
+            "peak memory / BP peak memory",
+        )
         ax.set_title("peak memory (each variant alone on the device)")
     fig.suptitle(_title(res, "bench_step"), fontsize=10)
     return save_figure(fig, path)
@@ -93,8 +120,11 @@ def plot_projection(res: dict, path: Path) -> Path | None:
             ax.plot(*zip(*line), marker="o", label=label, ls=":" if impl == "torch.mm" else "-")
         if peak:
             from .common import DTYPE_KEYS
+
             level = peak["gbps"] if memory else peak["tflops"][DTYPE_KEYS[dtype]]
-            ax.axhline(level, color="red", ls="--", label=f"peak {'HBM' if memory else DTYPE_KEYS[dtype]} {level:g} {unit}")
+            ax.axhline(
+                level, color="red", ls="--", label=f"peak {'HBM' if memory else DTYPE_KEYS[dtype]} {level:g} {unit}"
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (rows of the error)")
         ax.set_ylabel(f"achieved {unit}")
@@ -102,8 +132,15 @@ def plot_projection(res: dict, path: Path) -> Path | None:
         ax.set_title(f"{shape}: out_features {K}, D {D}, {dtype}" + ("" if peak else " (peak unknown)"), fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[0][-1]
-    main = [r for r in rows if r["op"] == "project" and not r.get("sweep") and r["impl"] != "torch.mm"
-            and r["distribution"] == "uniform" and r.get("dtype", dtype) == dtype]
+    main = [
+        r
+        for r in rows
+        if r["op"] == "project"
+        and not r.get("sweep")
+        and r["impl"] != "torch.mm"
+        and r["distribution"] == "uniform"
+        and r.get("dtype", dtype) == dtype
+    ]
     cases = list(dict.fromkeys(f"{r['impl']} {r['storage']}" for r in main))
     names = list(dict.fromkeys(r["shape"] for r in main))
     width = 0.8 / max(1, len(cases))

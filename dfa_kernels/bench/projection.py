@@ -9,14 +9,16 @@ three shape classes. The baseline is ``torch.mm(e * scale, B)`` (the scale folde
 input dtype, eager, measured in the same run.
 
 Rates are reported as a share of the device's peak: GB/s of HBM for out_features <= 16 (memory
-bound), else TFLOP/s of the dtype's tensor-core peak (fp32 inputs: TF32's; fp32 rows also give
-the share of the CUDA cores' fp32 peak, which cuBLAS's fp32 GEMM runs on by default). The fastest backend per (op, storage, shape class) is written
-to ``dfa_kernels/backend_tables/<device>.json``, which ``backend="auto"`` reads.
+bound), else TFLOP/s of the dtype's tensor-core peak (fp32 inputs: TF32's; fp32 rows also give the
+share of the CUDA cores' fp32 peak, which cuBLAS's fp32 GEMM runs on by default). The fastest
+backend per (op, storage, shape class) is written to ``dfa_kernels/backend_tables/<device>.json``,
+which ``backend="auto"`` reads.
 
 Work is done in priority order (uniform B at every shape and project_points, the same in a
 second dtype, the N sweeps, then the other distributions) and stops at a deadline: what was not
 measured is listed under "skipped", what raised under "failed" (the run goes on).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,33 +32,62 @@ import torch
 
 from .. import FeedbackSpec, available_backends, ops, project, reference
 from ..ops import BACKEND_TABLES, cached_matrix, device_slug, project_points, shape_class
-from .common import time_pair_ms, tqdm, DTYPE_KEYS, Deadline, device_peak, environment, statistic, time_ms, write_results
+from .common import (
+    DTYPE_KEYS,
+    Deadline,
+    device_peak,
+    environment,
+    statistic,
+    time_ms,
+    time_pair_ms,
+    tqdm,
+    write_results,
+)
 
 # name -> (N, out_features, D) per device type
 SHAPES = {
-    "cpu": {"recsys": (8192, 1, 2048), "nerf": (8192, 4, 2304), "graph": (2708, 7, 1024),
-            "mlp": (256, 10, 8192),  # the default MLP step's error (bench.step's mlp at the cpu size)
-            "lm512": (1024, 512, 4096), "lm50257": (256, 50257, 1024)},
-    "cuda": {"recsys": (65536, 1, 4096), "nerf": (65536, 4, 2304), "graph": (2708, 7, 4096),
-             "lm512": (8192, 512, 9216), "lm50257": (8192, 50257, 9216)},
+    "cpu": {
+        "recsys": (8192, 1, 2048),
+        "nerf": (8192, 4, 2304),
+        "graph": (2708, 7, 1024),
+        "mlp": (256, 10, 8192),  # the default MLP step's error (bench.step's mlp at the cpu size)
+        "lm512": (1024, 512, 4096),
+        "lm50257": (256, 50257, 1024),
+    },
+    "cuda": {
+        "recsys": (65536, 1, 4096),
+        "nerf": (65536, 4, 2304),
+        "graph": (2708, 7, 4096),
+        "lm512": (8192, 512, 9216),
+        "lm50257": (8192, 50257, 9216),
+    },
     "tiny": {"recsys": (64, 1, 96), "graph": (48, 7, 64), "lm512": (32, 40, 64), "lm50257": (8, 1030, 32)},
 }
 QUICK = ("recsys", "graph", "lm512")
 # N sweep: shape -> Ns, per device type (out_features and D from SHAPES)
-SWEEP = {"cpu": {"recsys": (1024, 4096, 16384), "lm512": (256, 1024, 4096)},
-         "cuda": {"recsys": (4096, 16384, 65536, 262144), "lm512": (1024, 4096, 16384, 65536)},
-         "tiny": {"recsys": (16, 64), "lm512": (16, 32)}}
+SWEEP = {
+    "cpu": {"recsys": (1024, 4096, 16384), "lm512": (256, 1024, 4096)},
+    "cuda": {"recsys": (4096, 16384, 65536, 262144), "lm512": (1024, 4096, 16384, 65536)},
+    "tiny": {"recsys": (16, 64), "lm512": (16, 32)},
+}
 # project_points, one case per shape class: (N, out_features, point widths, activation per point)
 _LM_ACTS = ("none", "gelu", "none")  # micro placement: attention output, FFN hidden (GELU), block output
 POINTS = {
-    "cpu": {"narrow": (8192, 1, (512,) * 4, ("relu",) * 4),
-            "medium": (1024, 256, (256, 1024, 256) * 2, _LM_ACTS * 2),
-            "wide": (256, 4096, (256, 1024, 256) * 2, _LM_ACTS * 2)},
-    "cuda": {"narrow": (65536, 1, (1024,) * 4, ("relu",) * 4),             # recommender MLP
-             "medium": (8192, 768, (768, 3072, 768) * 12, _LM_ACTS * 12),  # GPT-2 small, micro, error at hidden
-             "wide": (4096, 50257, (768, 3072, 768) * 2, _LM_ACTS * 2)},   # error after a 50257 vocabulary
-    "tiny": {"narrow": (32, 1, (24, 9), ("relu", "relu")), "medium": (16, 20, (8, 24, 8), _LM_ACTS),
-             "wide": (8, 1030, (8, 24, 8), _LM_ACTS)},
+    "cpu": {
+        "narrow": (8192, 1, (512,) * 4, ("relu",) * 4),
+        "medium": (1024, 256, (256, 1024, 256) * 2, _LM_ACTS * 2),
+        "wide": (256, 4096, (256, 1024, 256) * 2, _LM_ACTS * 2),
+    },
+    "cuda": {
+        "narrow": (65536, 1, (1024,) * 4, ("relu",) * 4),  # recommender MLP
+        "medium": (8192, 768, (768, 3072, 768) * 12, _LM_ACTS * 12),  # GPT-2 small, micro, error at hidden
+        "wide": (4096, 50257, (768, 3072, 768) * 2, _LM_ACTS * 2),
+    },  # error after a 50257 vocabulary
+    "tiny": {
+        "narrow": (32, 1, (24, 9), ("relu", "relu")),
+        "medium": (16, 20, (8, 24, 8), _LM_ACTS),
+        "wide": (8, 1030, (8, 24, 8), _LM_ACTS),
+    },
 }
 QUICK_POINTS = ("narrow", "medium")
 DISTRIBUTIONS = ("uniform", "rademacher", "gaussian", "sparse")
@@ -69,8 +100,11 @@ TARGETS = {"narrow_pct_hbm": 85.0, "virtual_vs_mm": {"rademacher": 0.9, "uniform
 # torch.mm in the same run: >= 0.9x on every shape, >= 1.5x on the narrow ones (out_features <= 16).
 CPU_TARGETS = {"vs_mm": 0.9, "narrow_vs_mm": 1.5}
 # GPU timing: batches of >= 30 ms, median of 7 (CPU: 50 ms, minimum of 10; see common.statistic)
-TIMING = {"cuda": dict(warmup=3, repeats=7, min_time_s=0.03), "cpu": dict(warmup=3, repeats=10, min_time_s=0.05),
-          "tiny": dict(warmup=1, repeats=1, min_time_s=0.0)}
+TIMING = {
+    "cuda": dict(warmup=3, repeats=7, min_time_s=0.03),
+    "cpu": dict(warmup=3, repeats=10, min_time_s=0.05),
+    "tiny": dict(warmup=1, repeats=1, min_time_s=0.0),
+}
 
 
 def _bytes(dtype) -> int:
@@ -95,11 +129,12 @@ class Case:
     """One measurement: the op on one shape, dtype, backend, storage and distribution. The suite
     (``dfa-kernels bench``) and the pytest-benchmark microbenchmarks (``benchmarks/``) run the same
     list, from :func:`cases`."""
-    op: str                    # "project" | "project_points"
-    shape: str                 # a key of SHAPES (project) or POINTS (project_points)
+
+    op: str  # "project" | "project_points"
+    shape: str  # a key of SHAPES (project) or POINTS (project_points)
     N: int
     out_features: int
-    widths: tuple[int, ...]    # (D,) for project; every point's width for project_points
+    widths: tuple[int, ...]  # (D,) for project; every point's width for project_points
     activations: tuple[str, ...] | None  # project_points: one per point
     dtype: str
     backend: str
@@ -144,7 +179,7 @@ def cases(size: str, backends, dtypes, quick: bool = False) -> list[Case]:
     uniform(first, tuple(points))
     for dt in rest:
         uniform(dt, ("medium",))
-    for name, Ns in (SWEEP[size].items() if not quick else ()):
+    for name, Ns in SWEEP[size].items() if not quick else ():
         _, K, D = SHAPES[size][name]
         for N in Ns:
             for b in backends:
@@ -172,33 +207,43 @@ class Inputs:
             self.spec = FeedbackSpec(case.out_features, list(case.widths), distribution=case.distribution)
             return
         self.spec = FeedbackSpec(case.out_features, list(case.widths), distribution=case.distribution)
-        self.pre = [torch.randn(case.N, w, generator=g, device=self.device, dtype=dt) if a != "none" else None
-                    for w, a in zip(case.widths, case.activations)]
+        self.pre = [
+            torch.randn(case.N, w, generator=g, device=self.device, dtype=dt) if a != "none" else None
+            for w, a in zip(case.widths, case.activations)
+        ]
         self.post = [None if a == "none" else reference.activation(p, a) for p, a in zip(self.pre, case.activations)]
         self.scales = self.spec.scales()
-        self.col_scale = torch.cat([torch.full((w,), s, dtype=torch.float32, device=self.device)
-                                    for s, w in zip(self.scales, case.widths)])
+        self.col_scale = torch.cat(
+            [torch.full((w,), s, dtype=torch.float32, device=self.device) for s, w in zip(self.scales, case.widths)]
+        )
 
     def fn(self):
         """The measured call."""
         c, e, spec = self.case, self.e, self.spec
         if c.op == "project":
             return lambda: project(e, spec, c.storage, c.backend, scale=0.5)
-        return lambda: project_points(e, spec, c.storage, c.backend, scales=self.scales, act_inputs=self.pre,
-                                      activations=list(c.activations))
+        return lambda: project_points(
+            e, spec, c.storage, c.backend, scales=self.scales, act_inputs=self.pre, activations=list(c.activations)
+        )
 
     def baseline(self):
         """What the measured call is compared with (ratio = baseline time / its time)."""
         c, e, spec = self.case, self.e, self.spec
         if c.op == "project":
-            B = cached_matrix(FeedbackSpec(c.out_features, list(c.widths)), self.device,
-                              "torch" if c.backend == "torch" else c.backend).to(e.dtype)
+            B = cached_matrix(
+                FeedbackSpec(c.out_features, list(c.widths)),
+                self.device,
+                "torch" if c.backend == "torch" else c.backend,
+            ).to(e.dtype)
             return lambda: torch.mm(e * 0.5, B)  # the cheapest torch form: the scale folded into e
 
         def unfused():  # what DFA's plain points cost: one projection, slices, autograd's activation backward
             F_all = project(e, spec, c.storage, c.backend, col_scale=self.col_scale)
-            return [_activation_backward(F_all[:, o:o + w], a, y, act)
-                    for o, w, a, y, act in zip(spec.offsets, c.widths, self.pre, self.post, c.activations)]
+            return [
+                _activation_backward(F_all[:, o : o + w], a, y, act)
+                for o, w, a, y, act in zip(spec.offsets, c.widths, self.pre, self.post, c.activations)
+            ]
+
         return unfused
 
     def rates(self, ms: float) -> tuple[float, float]:
@@ -211,8 +256,15 @@ class Inputs:
         b_bytes = _bytes(ops.stored_dtype(self.e, c.backend)) if c.storage == "materialized" else 0
         tf, gb = _rates(c.N, c.out_features, D, ms, self.e.dtype, b_bytes)
         if c.op == "project_points":
-            gb += (sum(c.N * w * es for w in c.widths) - c.N * D * es
-                   + sum(c.N * w * es for w, a in zip(c.widths, c.activations) if a != "none")) / ms / 1e6
+            gb += (
+                (
+                    sum(c.N * w * es for w in c.widths)
+                    - c.N * D * es
+                    + sum(c.N * w * es for w, a in zip(c.widths, c.activations) if a != "none")
+                )
+                / ms
+                / 1e6
+            )
         return tf, gb
 
 
@@ -237,8 +289,16 @@ class _Run:
         K = case.out_features
         D = case.widths[0] if case.op == "project" else FeedbackSpec(K, list(case.widths)).total_width
         shape = case.shape if case.op == "project" else f"points_{case.shape}"
-        return {"shape": shape, "N": case.N, "out_features": K, "D": D, "dtype": case.dtype, "sweep": case.sweep,
-                "bound": "memory" if K <= 16 else "compute", "shape_class": shape_class(K)}
+        return {
+            "shape": shape,
+            "N": case.N,
+            "out_features": K,
+            "D": D,
+            "dtype": case.dtype,
+            "sweep": case.sweep,
+            "bound": "memory" if K <= 16 else "compute",
+            "shape_class": shape_class(K),
+        }
 
     def run_case(self, case: Case) -> None:
         inputs = Inputs(case, self.device)
@@ -248,27 +308,63 @@ class _Run:
             key = (case.shape, case.N, case.out_features, case.widths, case.dtype, case.sweep)
             if key not in self.baselines:  # one torch.mm row per shape and dtype
                 self.baselines[key] = mm_ms
-                tf, gb = _rates(case.N, case.out_features, case.widths[0], mm_ms, inputs.e.dtype,
-                                _bytes(inputs.e.dtype))
-                self.rows.append({**self.common(case), "impl": "torch.mm", "op": "project", "storage": "materialized",
-                                  "distribution": "uniform", "ms": mm_ms, "tflops": tf, "gbps": gb,
-                                  "ratio_vs_mm": 1.0})
+                tf, gb = _rates(
+                    case.N, case.out_features, case.widths[0], mm_ms, inputs.e.dtype, _bytes(inputs.e.dtype)
+                )
+                self.rows.append(
+                    {
+                        **self.common(case),
+                        "impl": "torch.mm",
+                        "op": "project",
+                        "storage": "materialized",
+                        "distribution": "uniform",
+                        "ms": mm_ms,
+                        "tflops": tf,
+                        "gbps": gb,
+                        "ratio_vs_mm": 1.0,
+                    }
+                )
             tf, gb = inputs.rates(ms)
-            self.rows.append({**self.common(case), "impl": case.backend, "op": "project", "storage": case.storage,
-                              "distribution": case.distribution, "ms": ms, "mm_ms": mm_ms, "tflops": tf, "gbps": gb,
-                              "ratio_vs_mm": mm_ms / ms})
+            self.rows.append(
+                {
+                    **self.common(case),
+                    "impl": case.backend,
+                    "op": "project",
+                    "storage": case.storage,
+                    "distribution": case.distribution,
+                    "ms": ms,
+                    "mm_ms": mm_ms,
+                    "tflops": tf,
+                    "gbps": gb,
+                    "ratio_vs_mm": mm_ms / ms,
+                }
+            )
             return
         t_unfused, t_fused = self.time_pair(inputs.baseline(), inputs.fn())
         tf, gb = inputs.rates(t_fused)
-        self.rows.append({**self.common(case), "points": len(case.widths), "activations": sorted(set(case.activations)),
-                          "impl": case.backend, "op": "project_points", "storage": case.storage,
-                          "distribution": case.distribution, "ms": t_fused, "unfused_ms": t_unfused, "tflops": tf,
-                          "gbps": gb, "ratio_vs_unfused": t_unfused / t_fused})
+        self.rows.append(
+            {
+                **self.common(case),
+                "points": len(case.widths),
+                "activations": sorted(set(case.activations)),
+                "impl": case.backend,
+                "op": "project_points",
+                "storage": case.storage,
+                "distribution": case.distribution,
+                "ms": t_fused,
+                "unfused_ms": t_unfused,
+                "tflops": tf,
+                "gbps": gb,
+                "ratio_vs_unfused": t_unfused / t_fused,
+            }
+        )
 
     def jobs(self, dtypes):
         """(description, callable) for every case, in cases()' priority order."""
-        return [(case.id, lambda case=case: self.run_case(case))
-                for case in cases(self.size, self.backends, dtypes, self.quick)]
+        return [
+            (case.id, lambda case=case: self.run_case(case))
+            for case in cases(self.size, self.backends, dtypes, self.quick)
+        ]
 
 
 def _dtname(dt) -> str:
@@ -290,9 +386,17 @@ def _activation_backward(g, a, y, act):
     return torch.ops.aten.silu_backward(g, a)
 
 
-def run(device="cpu", dtype: str | None = None, quick=False, out: Path | None = None, progress=True,
-        write_table: bool | None = None, time_budget_s: float | None = None, dtypes=None,
-        size: str | None = None) -> dict:
+def run(
+    device="cpu",
+    dtype: str | None = None,
+    quick=False,
+    out: Path | None = None,
+    progress=True,
+    write_table: bool | None = None,
+    time_budget_s: float | None = None,
+    dtypes=None,
+    size: str | None = None,
+) -> dict:
     """Measure; write the results JSON to `out` and (unless quick or tiny, or write_table=False)
     the backend table. `dtype` (one) or `dtypes` (several, the first gets the full plan); default:
     bf16 then fp32 on a GPU, fp32 on a CPU. `time_budget_s`: stop starting new measurements after
@@ -306,11 +410,23 @@ def run(device="cpu", dtype: str | None = None, quick=False, out: Path | None = 
     state = _Run(device, Deadline(time_budget_s), quick, progress, size)
     env = environment(device)
     peak = device_peak(device)
-    result = {"benchmark": "bench_projection", "environment": env, "dtype": names[0], "dtypes": names,
-              "quick": quick, "size": size, "peak": peak, "timing": state.timing, "statistic": statistic(state.device), "backends": state.backends,
-              "note": "ratio_vs_mm > 1: faster than torch.mm(e * scale, B) on a stored B of e's dtype; "
-                      "ratio_vs_unfused > 1: project_points faster than project + slicing + activation backward",
-              "rows": state.rows, "skipped": state.skipped, "failed": state.failed}
+    result = {
+        "benchmark": "bench_projection",
+        "environment": env,
+        "dtype": names[0],
+        "dtypes": names,
+        "quick": quick,
+        "size": size,
+        "peak": peak,
+        "timing": state.timing,
+        "statistic": statistic(state.device),
+        "backends": state.backends,
+        "note": "ratio_vs_mm > 1: faster than torch.mm(e * scale, B) on a stored B of e's dtype; "
+        "ratio_vs_unfused > 1: project_points faster than project + slicing + activation backward",
+        "rows": state.rows,
+        "skipped": state.skipped,
+        "failed": state.failed,
+    }
     jobs = state.jobs(dts)
     bar = tqdm(jobs, desc="bench_projection", disable=not progress, mininterval=1.0)
     for desc, fn in bar:
@@ -354,11 +470,23 @@ def cpu_targets(rows, dtype: str) -> list[dict]:
     """The C++ projection against torch.mm, per non-sweep shape of `dtype` and storage (uniform B)."""
     found = []
     for r in rows:
-        if (r["op"] == "project" and not r["sweep"] and r["dtype"] == dtype and r["impl"] == "cpu"
-                and r["distribution"] == "uniform"):
+        if (
+            r["op"] == "project"
+            and not r["sweep"]
+            and r["dtype"] == dtype
+            and r["impl"] == "cpu"
+            and r["distribution"] == "uniform"
+        ):
             bar = CPU_TARGETS["narrow_vs_mm"] if r["out_features"] <= 16 else CPU_TARGETS["vs_mm"]
-            found.append({"name": f"{r['shape']}: {r['storage']} B vs torch.mm", "value": r["ratio_vs_mm"],
-                          "target": f">= {bar}x", "backend": "cpu", "met": r["ratio_vs_mm"] >= bar})
+            found.append(
+                {
+                    "name": f"{r['shape']}: {r['storage']} B vs torch.mm",
+                    "value": r["ratio_vs_mm"],
+                    "target": f">= {bar}x",
+                    "backend": "cpu",
+                    "met": r["ratio_vs_mm"] >= bar,
+                }
+            )
     return found
 
 
@@ -370,22 +498,44 @@ def targets(rows, peak, dtype: str, device_type: str = "cuda") -> list[dict]:
     if not peak:
         return []
     found = []
-    main = [r for r in rows if r["op"] == "project" and not r["sweep"] and r["dtype"] == dtype
-            and r["impl"] != "torch.mm" and r["storage"] == "virtual"]
+    main = [
+        r
+        for r in rows
+        if r["op"] == "project"
+        and not r["sweep"]
+        and r["dtype"] == dtype
+        and r["impl"] != "torch.mm"
+        and r["storage"] == "virtual"
+    ]
     for shape in dict.fromkeys(r["shape"] for r in main):
         mine = [r for r in main if r["shape"] == shape]
         if mine[0]["bound"] == "memory":
-            best = max((r for r in mine if r["distribution"] == "uniform"), key=lambda r: r["pct_peak_bw"], default=None)
+            best = max(
+                (r for r in mine if r["distribution"] == "uniform"), key=lambda r: r["pct_peak_bw"], default=None
+            )
             if best:
-                found.append({"name": f"{shape}: virtual B, % of HBM bandwidth", "value": best["pct_peak_bw"],
-                              "target": f">= {TARGETS['narrow_pct_hbm']:.0f}%", "backend": best["impl"],
-                              "met": best["pct_peak_bw"] >= TARGETS["narrow_pct_hbm"]})
+                found.append(
+                    {
+                        "name": f"{shape}: virtual B, % of HBM bandwidth",
+                        "value": best["pct_peak_bw"],
+                        "target": f">= {TARGETS['narrow_pct_hbm']:.0f}%",
+                        "backend": best["impl"],
+                        "met": best["pct_peak_bw"] >= TARGETS["narrow_pct_hbm"],
+                    }
+                )
             continue
         for dist, bar in TARGETS["virtual_vs_mm"].items():
             best = max((r for r in mine if r["distribution"] == dist), key=lambda r: r["ratio_vs_mm"], default=None)
             if best:
-                found.append({"name": f"{shape}: virtual {dist} B vs cuBLAS", "value": best["ratio_vs_mm"],
-                              "target": f">= {bar}x", "backend": best["impl"], "met": best["ratio_vs_mm"] >= bar})
+                found.append(
+                    {
+                        "name": f"{shape}: virtual {dist} B vs cuBLAS",
+                        "value": best["ratio_vs_mm"],
+                        "target": f">= {bar}x",
+                        "backend": best["impl"],
+                        "met": best["ratio_vs_mm"] >= bar,
+                    }
+                )
     return found
 
 
@@ -409,8 +559,10 @@ def write_backend_table(rows: list[dict], device, env: dict, directory: Path | N
         if not common:  # a skipped measurement left no case in common: use each backend's own cases
             common = set().union(*(set(t) for t in by_backend.values()))
         best = {c: min(t[c] for t in by_backend.values() if c in t) for c in common}
-        score = {b: math.exp(sum(math.log(t[c] / best[c]) for c in common if c in t) / max(1, sum(c in t for c in common)))
-                 for b, t in by_backend.items()}
+        score = {
+            b: math.exp(sum(math.log(t[c] / best[c]) for c in common if c in t) / max(1, sum(c in t for c in common)))
+            for b, t in by_backend.items()
+        }
         choices[key] = min(score, key=score.get)
         times[key], scores[key] = by_backend, score
     # storage="auto" below 64 MiB: the storage whose best backend is faster, per (op, shape class),
@@ -422,37 +574,59 @@ def write_backend_table(rows: list[dict], device, env: dict, directory: Path | N
                 for case, ms in t.items():
                     best.setdefault(storage, {})[case] = min(ms, best.get(storage, {}).get(case, math.inf))
         if len(best) == 2 and (common := set(best["materialized"]) & set(best["virtual"])):
-            score = {st: math.exp(sum(math.log(t[c] / min(best["materialized"][c], best["virtual"][c]))
-                                      for c in common) / len(common)) for st, t in best.items()}
+            score = {
+                st: math.exp(
+                    sum(math.log(t[c] / min(best["materialized"][c], best["virtual"][c])) for c in common) / len(common)
+                )
+                for st, t in best.items()
+            }
             choices[f"storage|{op}|{cls}"] = min(score, key=score.get)
             scores[f"storage|{op}|{cls}"] = score
     path = Path(directory or BACKEND_TABLES) / f"{device_slug(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": env["device"], "git_sha": env["git_sha"], "date": env["date"],
-                                "choices": choices, "times_ms": times,
-                                "score": {k: {b: round(s, 4) for b, s in v.items()} for k, v in scores.items()},
-                                "note": "choices: the lowest geometric mean of time / best time over the cases "
-                                        "in times_ms (uniform B); storage|<op>|<class>: the storage whose "
-                                        "best backend scores lower (storage='auto'); written by "
-                                        "benchmarks/bench_projection.py"},
-                               indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "device": env["device"],
+                "git_sha": env["git_sha"],
+                "date": env["date"],
+                "choices": choices,
+                "times_ms": times,
+                "score": {k: {b: round(s, 4) for b, s in v.items()} for k, v in scores.items()},
+                "note": "choices: the lowest geometric mean of time / best time over the cases "
+                "in times_ms (uniform B); storage|<op>|<class>: the storage whose "
+                "best backend scores lower (storage='auto'); written by "
+                "benchmarks/bench_projection.py",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     ops.backend_table.cache_clear()  # backend="auto" in this process sees the new table
     return path
 
 
 def print_table(res: dict) -> None:
-    print(f"{'shape':<14}{'N':>7}{'dtype':>9}{'impl':>9}{'storage':>13}{'dist':>11}{'ms':>9}{'TFLOP/s':>9}"
-          f"{'GB/s':>8}{'%peak':>7}{'ratio':>7}")
+    print(
+        f"{'shape':<14}{'N':>7}{'dtype':>9}{'impl':>9}{'storage':>13}{'dist':>11}{'ms':>9}{'TFLOP/s':>9}"
+        f"{'GB/s':>8}{'%peak':>7}{'ratio':>7}"
+    )
     for r in res["rows"]:
         pct = r.get("pct_peak")
         ratio = r.get("ratio_vs_mm", r.get("ratio_vs_unfused"))
-        print(f"{r['shape']:<14}{r['N']:>7}{r['dtype']:>9}{r['impl']:>9}{r['storage']:>13}{r['distribution']:>11}"
-              f"{r['ms']:>9.3f}{r['tflops']:>9.3f}{r['gbps']:>8.1f}{'' if pct is None else f'{pct:.1f}':>7}"
-              f"{ratio:>7.2f}")
-    print("ratio: vs torch.mm(e * scale, B) (project rows), vs project + slice + activation backward "
-          "in torch (project_points rows)")
+        print(
+            f"{r['shape']:<14}{r['N']:>7}{r['dtype']:>9}{r['impl']:>9}{r['storage']:>13}{r['distribution']:>11}"
+            f"{r['ms']:>9.3f}{r['tflops']:>9.3f}{r['gbps']:>8.1f}{'' if pct is None else f'{pct:.1f}':>7}"
+            f"{ratio:>7.2f}"
+        )
+    print(
+        "ratio: vs torch.mm(e * scale, B) (project rows), vs project + slice + activation backward "
+        "in torch (project_points rows)"
+    )
     for t in res.get("targets", []):
-        print(f"target {t['name']}: {t['value']:.2f} ({t['backend']}), {t['target']}: {'met' if t['met'] else 'NOT met'}")
+        print(
+            f"target {t['name']}: {t['value']:.2f} ({t['backend']}), {t['target']}: {'met' if t['met'] else 'NOT met'}"
+        )
     if res["skipped"]:
         print(f"skipped (time budget): {len(res['skipped'])} measurements, from {res['skipped'][0]!r}")
     for line in res.get("failed", []):
@@ -469,12 +643,24 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later measurements are skipped")
     p.add_argument("--no-table", action="store_true", help="do not write dfa_kernels/backend_tables/<device>.json")
-    p.add_argument("--size", choices=["cpu", "cuda", "tiny"], default=None,
-                   help="shapes (default: the device's; tiny for smoke tests)")
+    p.add_argument(
+        "--size",
+        choices=["cpu", "cuda", "tiny"],
+        default=None,
+        help="shapes (default: the device's; tiny for smoke tests)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    res = run(a.device, a.dtype, a.quick, a.out, progress=not a.no_progress,
-              write_table=False if a.no_table else None, time_budget_s=a.time_budget, size=a.size)
+    res = run(
+        a.device,
+        a.dtype,
+        a.quick,
+        a.out,
+        progress=not a.no_progress,
+        write_table=False if a.no_table else None,
+        time_budget_s=a.time_budget,
+        size=a.size,
+    )
     print_table(res)
     return res
 

@@ -43,6 +43,7 @@ FLOPs are counted with attention in PyTorch's math form (``sdpa_kernel(SDPBacken
 AV as matmuls over the full T x T, twice that backward): the flop counter has no formula for the
 CPU attention kernel, which the fake-tensor counts would otherwise run and not count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,14 +54,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import DFA, FeedbackSpec, ops
 from ..zoo.models.transformer import POINTS_PER_BLOCK
-from .common import tqdm, Deadline, environment, statistic, summarise, time_ms, write_results
+from .common import Deadline, environment, statistic, summarise, time_ms, tqdm, write_results
 
 LR = 1e-4  # SGD, every variant
 
@@ -88,13 +88,14 @@ class TinyDFAStyle(nn.Module):
         points, y, self._points, self._y = self._points, self._y, [], None
         e = y.grad.reshape(-1, y.shape[-1])
         if self.B is None:  # stored once, dense: [out_features, sum of widths]
-            spec = FeedbackSpec(e.shape[1], [p.reshape(e.shape[0], -1).shape[1] for p in points], self.seed,
-                                layout=self.layout)
+            spec = FeedbackSpec(
+                e.shape[1], [p.reshape(e.shape[0], -1).shape[1] for p in points], self.seed, layout=self.layout
+            )
             self.B = spec.matrix(torch.float32, e.device)
             self.slices = [(o, w, s) for o, w, s in zip(spec.offsets, spec.widths, spec.scales())]
         F_all = e.float() @ self.B
         for p, (off, w, scale) in zip(points, self.slices):
-            p.backward((F_all[:, off:off + w] * scale).reshape(p.shape).to(p.dtype))
+            p.backward((F_all[:, off : off + w] * scale).reshape(p.shape).to(p.dtype))
 
 
 # ---------------------------------------------------------------- workloads
@@ -128,8 +129,12 @@ class IdealSketchMLP(nn.Module):
         self.head = nn.Linear(width, classes)
         self.dfa = None
         spec = FeedbackSpec(classes, [width] * depth)
-        self.register_buffer("B", torch.cat([spec.matrix()[:, o:o + w] * s for o, w, s in
-                                             zip(spec.offsets, spec.widths, spec.scales())], 1))
+        self.register_buffer(
+            "B",
+            torch.cat(
+                [spec.matrix()[:, o : o + w] * s for o, w, s in zip(spec.offsets, spec.widths, spec.scales())], 1
+            ),
+        )
         self.x, self.target, self.lr, self.width = x, target, lr, width
 
     @torch.no_grad()
@@ -145,14 +150,13 @@ class IdealSketchMLP(nn.Module):
         self.head.weight.sub_(e.t() @ hs[-1], alpha=self.lr)
         self.head.bias.sub_(e.sum(0), alpha=self.lr)
         for l, layer in enumerate(self.hidden):
-            delta = F_all[:, l * self.width:(l + 1) * self.width] * (hs[l + 1] > 0)
+            delta = F_all[:, l * self.width : (l + 1) * self.width] * (hs[l + 1] > 0)
             layer.weight.sub_(delta.t() @ hs[l], alpha=self.lr)
             layer.bias.sub_(delta.sum(0), alpha=self.lr)
 
 
 def _mlp(device, dtype, size):
-    depth, width, batch, classes = {"cpu": (8, 1024, 256, 10), "gpu": (8, 4096, 4096, 10),
-                                    "tiny": (2, 32, 16, 4)}[size]
+    depth, width, batch, classes = {"cpu": (8, 1024, 256, 10), "gpu": (8, 4096, 4096, 10), "tiny": (2, 32, 16, 4)}[size]
     x = torch.randn(batch, width, device=device, dtype=dtype)
     target = torch.randint(0, classes, (batch,), device=device)
 
@@ -164,6 +168,7 @@ def _mlp(device, dtype, size):
 
     def loss(model):
         return F.cross_entropy(model(x).float(), target)
+
     return build, loss, {"depth": depth, "width": width, "batch": batch, "classes": classes}
 
 
@@ -183,12 +188,14 @@ def _fused_dcn_forward(self, idx, bag):
     return self.dfa(self.out(stack))
 
 
-
-
 def _dcn(device, dtype, size):
     from ..zoo.models.recsys import DCN
-    batch, fields, vocab, hidden = {"cpu": (1024, 39, 100_000, (1024, 1024)), "gpu": (8192, 39, 1_000_000, (1024, 1024)),
-                                    "tiny": (16, 5, 50, (16, 16))}[size]
+
+    batch, fields, vocab, hidden = {
+        "cpu": (1024, 39, 100_000, (1024, 1024)),
+        "gpu": (8192, 39, 1_000_000, (1024, 1024)),
+        "tiny": (16, 5, 50, (16, 16)),
+    }[size]
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, vocab, (batch, fields), generator=g).to(device)
     target = torch.randint(0, 2, (batch,), generator=g).float().to(device)
@@ -202,9 +209,21 @@ def _dcn(device, dtype, size):
 
     def loss(model):
         return F.binary_cross_entropy_with_logits(model(idx, None).float().reshape(-1), target)
-    return build, loss, {"model": "DCN", "batch": batch, "fields": fields, "vocab": vocab, "mlp": list(hidden),
-                         "cross_layers": 6, "embed_dim": 16,
-                         "data": f"synthetic Criteo-shaped input ({fields} one-valued fields, uniform ids, random labels)"}
+
+    return (
+        build,
+        loss,
+        {
+            "model": "DCN",
+            "batch": batch,
+            "fields": fields,
+            "vocab": vocab,
+            "mlp": list(hidden),
+            "cross_layers": 6,
+            "embed_dim": 16,
+            "data": f"synthetic Criteo-shaped input ({fields} one-valued fields, uniform ids, random labels)",
+        },
+    )
 
 
 def _cora_like(size):
@@ -217,13 +236,16 @@ def _cora_like(size):
             import torch_geometric.transforms as T
 
             from ..zoo.data.cora import load_cora
+
             data = T.NormalizeFeatures()(load_cora(split_seed=0))
             return data.x, data.edge_index, data.y, data.train_mask, "cora (graphdatascience parquet, random split)"
         except Exception as err:  # noqa: BLE001 - not installed, or unreadable: the synthetic graph, saying why
             why = f"{type(err).__name__}: {err}".splitlines()[0]
     else:
         why = "tiny size"
-    nodes, feats, words, edges, classes, train = (2708, 1433, 18, 5278, 7, 140) if size != "tiny" else (60, 40, 5, 120, 3, 12)
+    nodes, feats, words, edges, classes, train = (
+        (2708, 1433, 18, 5278, 7, 140) if size != "tiny" else (60, 40, 5, 120, 3, 12)
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(nodes, feats)
     x.scatter_(1, torch.randint(0, feats, (nodes, words), generator=g), 1.0)
@@ -235,8 +257,16 @@ def _cora_like(size):
     train_mask = torch.zeros(nodes, dtype=torch.bool)
     train_mask[torch.randperm(nodes, generator=g)[:train]] = True
     what = "a small synthetic graph" if size == "tiny" else "synthetic graph of Cora's size"
-    return x, edge_index, y, train_mask, (f"{what} ({nodes} nodes, {feats} features, {edges} undirected edges, "
-                                          f"{classes} classes; real Cora not used: {why})")
+    return (
+        x,
+        edge_index,
+        y,
+        train_mask,
+        (
+            f"{what} ({nodes} nodes, {feats} features, {edges} undirected edges, "
+            f"{classes} classes; real Cora not used: {why})"
+        ),
+    )
 
 
 def _fused_gcn_forward(self, x, edge_index, edge_attr=None):
@@ -244,6 +274,7 @@ def _fused_gcn_forward(self, x, edge_index, edge_attr=None):
     dropout after the ReLU then acts on the point's (detached) output: in DFA mode the feedback no
     longer passes through the dropout mask (the plain GCN's point sits after the dropout)."""
     from ..zoo.models.graph import feature_dropout
+
     x = feature_dropout(x, self.dropout, self.training)
     h = F.dropout(self.dfa.point(self.conv1(x, edge_index), activation="relu"), self.dropout, self.training)
     return F.log_softmax(self.dfa(self.conv2(h, edge_index)), dim=-1)
@@ -251,6 +282,7 @@ def _fused_gcn_forward(self, x, edge_index, edge_attr=None):
 
 def _gcn(device, dtype, size):
     from ..zoo.models.graph import GCN
+
     x, edge_index, y, train_mask, source = _cora_like(size)
     x, edge_index, y, train_mask = x.to(device), edge_index.to(device), y.to(device), train_mask.to(device)
     classes, hidden = int(y.max()) + 1, 16
@@ -264,9 +296,21 @@ def _gcn(device, dtype, size):
 
     def loss(model):
         return F.nll_loss(model(x, edge_index)[train_mask], y[train_mask])
-    return build, loss, {"model": "GCN (2 layers, PyG GCNConv)", "nodes": x.shape[0], "features": x.shape[1],
-                         "edges": edge_index.shape[1], "classes": classes, "hidden": hidden, "full_batch": True,
-                         "data": source}
+
+    return (
+        build,
+        loss,
+        {
+            "model": "GCN (2 layers, PyG GCNConv)",
+            "nodes": x.shape[0],
+            "features": x.shape[1],
+            "edges": edge_index.shape[1],
+            "classes": classes,
+            "hidden": hidden,
+            "full_batch": True,
+            "data": source,
+        },
+    )
 
 
 def _lm(placement):
@@ -274,32 +318,65 @@ def _lm(placement):
 
     def workload(device, dtype, size):
         from ..zoo.models.transformer import TransformerLM
-        layers, d, heads, T, batch, vocab = {"cpu": (4, 256, 4, 128, 8, 256), "gpu": (12, 768, 12, 1024, 8, 50257),
-                                             "tiny": (2, 32, 2, 16, 2, 64)}[size]
+
+        layers, d, heads, T, batch, vocab = {
+            "cpu": (4, 256, 4, 128, 8, 256),
+            "gpu": (12, 768, 12, 1024, 8, 50257),
+            "tiny": (2, 32, 2, 16, 2, 64),
+        }[size]
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, vocab, (batch, T + 1), generator=g).to(device)
 
         def build(variant):
-            model = TransformerLM(vocab, context=T, layers=layers, d_model=d, heads=heads, placement=placement,
-                                  fused=variant == "dfa_fused")
+            model = TransformerLM(
+                vocab,
+                context=T,
+                layers=layers,
+                d_model=d,
+                heads=heads,
+                placement=placement,
+                fused=variant == "dfa_fused",
+            )
             model.dfa = TinyDFAStyle(layout=layout) if variant == "tinydfa_style" else _dfa(variant, layout)
             return model
 
         def loss(model):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 return F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
-        return build, loss, {"model": "TransformerLM (pre-LN, GELU FFN 4x, untied head)", "layers": layers,
-                             "d_model": d, "heads": heads, "context": T, "batch": batch, "vocab": vocab,
-                             "placement": placement, "error_at": "hidden", "feedback_layout": layout,
-                             "points": layers * POINTS_PER_BLOCK[placement] + (placement == "linear"),
-                             "bf16_autocast": device.type == "cuda", "data": "random tokens"}
+
+        return (
+            build,
+            loss,
+            {
+                "model": "TransformerLM (pre-LN, GELU FFN 4x, untied head)",
+                "layers": layers,
+                "d_model": d,
+                "heads": heads,
+                "context": T,
+                "batch": batch,
+                "vocab": vocab,
+                "placement": placement,
+                "error_at": "hidden",
+                "feedback_layout": layout,
+                "points": layers * POINTS_PER_BLOCK[placement] + (placement == "linear"),
+                "bf16_autocast": device.type == "cuda",
+                "data": "random tokens",
+            },
+        )
+
     return workload
 
 
 # workloads whose own feedback is the shared layout (their dfa_shared variant would repeat dfa)
 LAYOUT = {"lm_linear": "shared"}
-WORKLOADS = {"mlp": _mlp, "dcn": _dcn, "gcn": _gcn, "lm_micro": _lm("micro"), "lm_macro": _lm("macro"),
-             "lm_linear": _lm("linear")}
+WORKLOADS = {
+    "mlp": _mlp,
+    "dcn": _dcn,
+    "gcn": _gcn,
+    "lm_micro": _lm("micro"),
+    "lm_macro": _lm("macro"),
+    "lm_linear": _lm("linear"),
+}
 VARIANTS = ("bp", "dfa", "dfa_fused", "dfa_shared", "tinydfa_style", "ideal_sketch")
 SKETCHED = {"mlp"}  # workloads with a hand-written ideal DFA step (IdealSketchMLP)
 OURS = ("dfa", "dfa_fused")  # same feedback as tinydfa_style; "DFA (ours)" is the faster of the two
@@ -309,8 +386,13 @@ COMPILED = {"bp_compiled": "bp", "dfa_compiled": "dfa", "dfa_fused_compiled": "d
 # Workloads with activations at their points; the others have no fused variant.
 FUSABLE = {"mlp", "dcn", "gcn", "lm_micro", "lm_linear"}
 # (workload, device type) -> the step-time ratio DFA/BP to reach
-RATIO_TARGETS = {("lm_micro", "cuda"): 0.75, ("lm_macro", "cuda"): 0.95, ("lm_linear", "cuda"): 0.75,
-                 ("mlp", "cpu"): 0.72, ("lm_linear", "cpu"): 0.75}
+RATIO_TARGETS = {
+    ("lm_micro", "cuda"): 0.75,
+    ("lm_macro", "cuda"): 0.95,
+    ("lm_linear", "cuda"): 0.75,
+    ("mlp", "cpu"): 0.72,
+    ("lm_linear", "cpu"): 0.75,
+}
 # (workload, device type) -> DFA (ours) / the ideal hand-written step to reach (the library's overhead)
 SKETCH_TARGETS = {("mlp", "cpu"): 1.02}
 # workload -> the FLOP ratio DFA/BP to reach at the GPU size (counted, so checked on any device)
@@ -321,14 +403,21 @@ TIMING = dict(warmup=2, repeats=3, min_time_s=0.2)
 TIMING_TINY = dict(warmup=1, repeats=1, min_time_s=0.0)
 TIMING_QUICK = dict(warmup=1, repeats=2, min_time_s=0.1)
 # the workloads with targets first (a time budget skips the last ones)
-ORDER = {"cuda": ("lm_micro", "lm_macro", "lm_linear", "mlp", "dcn", "gcn"),
-         "cpu": ("mlp", "lm_linear", "dcn", "gcn", "lm_micro", "lm_macro")}
+ORDER = {
+    "cuda": ("lm_micro", "lm_macro", "lm_linear", "mlp", "dcn", "gcn"),
+    "cpu": ("mlp", "lm_linear", "dcn", "gcn", "lm_micro", "lm_macro"),
+}
 
 
 def variants_of(name: str) -> list[str]:
     """The variants workload `name` runs."""
-    return [v for v in VARIANTS if (v != "dfa_fused" or name in FUSABLE)
-            and not (v == "dfa_shared" and LAYOUT.get(name) == "shared") and (v != "ideal_sketch" or name in SKETCHED)]
+    return [
+        v
+        for v in VARIANTS
+        if (v != "dfa_fused" or name in FUSABLE)
+        and not (v == "dfa_shared" and LAYOUT.get(name) == "shared")
+        and (v != "ideal_sketch" or name in SKETCHED)
+    ]
 
 
 def _step_fn(model, loss_fn, variant):
@@ -338,12 +427,14 @@ def _step_fn(model, loss_fn, variant):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     if variant in COMPILED:
         from ..zoo.trainer import compile_loss, compile_optimizer_step
+
         loss, opt_step = compile_loss(lambda: loss_fn(model)), compile_optimizer_step(opt)
 
         def compiled_step():
             opt.zero_grad(set_to_none=True)
             loss().backward()
             opt_step()
+
         return compiled_step
 
     def step():
@@ -352,6 +443,7 @@ def _step_fn(model, loss_fn, variant):
         if variant == "tinydfa_style":
             model.dfa.finish()
         opt.step()
+
     return step
 
 
@@ -387,6 +479,7 @@ def count_flops(name: str, size: str, device, variants) -> dict:
     attention and our ops; elementwise work is not counted). The DFA/BP ratio is the step-time ratio
     a compute-bound device can reach at best. Counted on fake tensors (no compute, so the GPU sizes
     count on a CPU too) when the workload allows, else from one real step on `device`."""
+
     def count(build, loss_fn, device=None):
         flops = {}
         for v in variants:
@@ -398,6 +491,7 @@ def count_flops(name: str, size: str, device, variants) -> dict:
                 _step_fn(model, loss_fn, v)()
             flops[v] = counter.get_total_flops()
         return flops
+
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             flops, how = count(*WORKLOADS[name](torch.device("cpu"), torch.float32, size)[:2]), "fake tensors"
@@ -405,16 +499,27 @@ def count_flops(name: str, size: str, device, variants) -> dict:
         device = torch.device(device)
         flops = count(*WORKLOADS[name](device, torch.float32, size)[:2], device)
         how = f"one real step on {device}"
-    return {"gflop_per_step": {v: f / 1e9 for v, f in flops.items()},
-            "flop_ratio_over_bp": {v: f / flops["bp"] for v, f in flops.items()}, "counted_on": how}
+    return {
+        "gflop_per_step": {v: f / 1e9 for v, f in flops.items()},
+        "flop_ratio_over_bp": {v: f / flops["bp"] for v, f in flops.items()},
+        "counted_on": how,
+    }
 
 
 def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
-def run_workload(name: str, device, size: str, repeats: int, progress: bool = True,
-                 deadline: Deadline | None = None, timing: dict | None = None, compile: bool = False) -> dict:
+def run_workload(
+    name: str,
+    device,
+    size: str,
+    repeats: int,
+    progress: bool = True,
+    deadline: Deadline | None = None,
+    timing: dict | None = None,
+    compile: bool = False,
+) -> dict:
     """Time every variant of workload `name` (with `compile`, the COMPILED ones too). A variant
     other than BP that raises is dropped and reported under "failed_variants" (its traceback
     printed), so one broken path does not cost the others' numbers."""
@@ -425,10 +530,11 @@ def run_workload(name: str, device, size: str, repeats: int, progress: bool = Tr
     variants = variants_of(name)
     if compile:
         variants += [v for v, base in COMPILED.items() if base in variants]
-        torch._dynamo.reset()   # the compiled steps share code objects: each workload gets dynamo's full cache
+        torch._dynamo.reset()  # the compiled steps share code objects: each workload gets dynamo's full cache
 
-    def build(variant):   # a compiled variant's model is its eager variant's
+    def build(variant):  # a compiled variant's model is its eager variant's
         return build_variant(COMPILED.get(variant, variant))
+
     failed: dict[str, str] = {}
 
     def attempt(v, fn, *args, **kwargs):
@@ -460,7 +566,7 @@ def run_workload(name: str, device, size: str, repeats: int, progress: bool = Tr
     for r in tqdm(range(repeats), desc=f"bench_step {name}", disable=not progress, leave=False):
         if r >= 1 and deadline.passed():
             break
-        for v in (list(variants) if r % 2 == 0 else variants[::-1]):
+        for v in list(variants) if r % 2 == 0 else variants[::-1]:
             t = attempt(v, time_ms, steps[v], device, **timing)
             if t is None:
                 times.pop(v, None)
@@ -475,19 +581,25 @@ def run_workload(name: str, device, size: str, repeats: int, progress: bool = Tr
         backends["project"] = models["dfa"].dfa.resolved_backend(device)
     spec = next((models[v].dfa.spec for v in OURS if v in models), None)
     if "dfa_fused" in models and spec is not None:
-        backends["project_points"] = ops.resolve_backend("auto", device, "project_points",
-                                                         ops.resolve_storage("auto", spec), spec.out_features)
+        backends["project_points"] = ops.resolve_backend(
+            "auto", device, "project_points", ops.resolve_storage("auto", spec), spec.out_features
+        )
     result = {
-        "config": config, "repeats_done": len(times["bp"]), "ms_per_step": ms,
+        "config": config,
+        "repeats_done": len(times["bp"]),
+        "ms_per_step": ms,
         "ms_samples": times,
         "ratio_over_bp": {v: t / ms["bp"] for v, t in ms.items()},
         "ours": None if ours is None else {"variant": ours, "ms": ms[ours], "ratio_over_bp": ms[ours] / ms["bp"]},
-        "speedup_over_tinydfa_style": (ms["tinydfa_style"] / ms[ours]
-                                       if ours is not None and "tinydfa_style" in ms else None),
-        "ratio_over_ideal_sketch": (ms[ours] / ms["ideal_sketch"]
-                                    if ours is not None and "ideal_sketch" in ms else None),
+        "speedup_over_tinydfa_style": (
+            ms["tinydfa_style"] / ms[ours] if ours is not None and "tinydfa_style" in ms else None
+        ),
+        "ratio_over_ideal_sketch": (
+            ms[ours] / ms["ideal_sketch"] if ours is not None and "ideal_sketch" in ms else None
+        ),
         "peak_memory_bytes": {v: b for v, b in peak.items() if v in ms} or "not measured (CPU)",
-        "dfa_backend": backends.get("project"), "dfa_backends": backends,
+        "dfa_backend": backends.get("project"),
+        "dfa_backends": backends,
         "dfa_storage": ops.resolve_storage("auto", spec) if spec is not None else None,
         "feedback_width": spec.total_width if spec is not None else None,
         "failed_variants": failed,
@@ -513,29 +625,55 @@ def targets(workloads: dict, device_type: str, size: str | None = None) -> list[
         if kind == device_type and name in workloads and workloads[name]["ours"] is not None:
             o = workloads[name]["ours"]
             flops = workloads[name].get("flops", {}).get("flop_ratio_over_bp", {})
-            found.append({"name": f"{name}: DFA step / BP step", "value": o["ratio_over_bp"], "target": f"<= {bar}",
-                          "variant": o["variant"], "met": o["ratio_over_bp"] <= bar,
-                          "flop_ratio": flops.get(o["variant"])})
+            found.append(
+                {
+                    "name": f"{name}: DFA step / BP step",
+                    "value": o["ratio_over_bp"],
+                    "target": f"<= {bar}",
+                    "variant": o["variant"],
+                    "met": o["ratio_over_bp"] <= bar,
+                    "flop_ratio": flops.get(o["variant"]),
+                }
+            )
     for (name, kind), bar in SKETCH_TARGETS.items():
         w = workloads.get(name)
         if kind == device_type and w and w.get("ratio_over_ideal_sketch") is not None:
-            found.append({"name": f"{name}: DFA step / ideal hand-written DFA step", "target": f"<= {bar}",
-                          "value": w["ratio_over_ideal_sketch"], "variant": w["ours"]["variant"],
-                          "met": w["ratio_over_ideal_sketch"] <= bar})
+            found.append(
+                {
+                    "name": f"{name}: DFA step / ideal hand-written DFA step",
+                    "target": f"<= {bar}",
+                    "value": w["ratio_over_ideal_sketch"],
+                    "variant": w["ours"]["variant"],
+                    "met": w["ratio_over_ideal_sketch"] <= bar,
+                }
+            )
     if device_type != "cuda":
         return found
     for name, w in workloads.items():
         if w["speedup_over_tinydfa_style"] is None:
             continue
-        found.append({"name": f"{name}: TinyDFA-style step / DFA step", "value": w["speedup_over_tinydfa_style"],
-                      "target": f">= {TINYDFA_TARGET}", "variant": w["ours"]["variant"],
-                      "met": w["speedup_over_tinydfa_style"] >= TINYDFA_TARGET})
+        found.append(
+            {
+                "name": f"{name}: TinyDFA-style step / DFA step",
+                "value": w["speedup_over_tinydfa_style"],
+                "target": f">= {TINYDFA_TARGET}",
+                "variant": w["ours"]["variant"],
+                "met": w["speedup_over_tinydfa_style"] >= TINYDFA_TARGET,
+            }
+        )
     for name, w in workloads.items():
         mem = w["peak_memory_bytes"]
         if isinstance(mem, dict) and w["ours"] is not None:
             v = w["ours"]["variant"]
-            found.append({"name": f"{name}: DFA peak memory / BP peak memory", "value": mem[v] / mem["bp"],
-                          "target": "<= 1", "variant": v, "met": mem[v] <= mem["bp"]})
+            found.append(
+                {
+                    "name": f"{name}: DFA peak memory / BP peak memory",
+                    "value": mem[v] / mem["bp"],
+                    "target": "<= 1",
+                    "variant": v,
+                    "met": mem[v] <= mem["bp"],
+                }
+            )
     return found
 
 
@@ -549,14 +687,29 @@ def flop_targets(flops_at_gpu_size: dict, workloads: dict) -> list[dict]:
         ratios = flops_at_gpu_size[name]["flop_ratio_over_bp"]
         ours = (workloads.get(name) or {}).get("ours") or {}
         v = ours.get("variant") or min((v for v in OURS if v in ratios), key=ratios.get)
-        found.append({"name": f"{name}: DFA FLOPs / BP FLOPs at the GPU size", "value": ratios[v],
-                      "target": f"<= {bar}", "variant": v, "met": ratios[v] <= bar})
+        found.append(
+            {
+                "name": f"{name}: DFA FLOPs / BP FLOPs at the GPU size",
+                "value": ratios[v],
+                "target": f"<= {bar}",
+                "variant": v,
+                "met": ratios[v] <= bar,
+            }
+        )
     return found
 
 
-def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = None,
-        progress: bool = True, time_budget_s: float | None = None, timing: dict | None = None,
-        compile: bool = False) -> dict:
+def run(
+    device="cpu",
+    workloads=None,
+    size=None,
+    repeats=5,
+    out: Path | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    timing: dict | None = None,
+    compile: bool = False,
+) -> dict:
     """Measure `workloads` in order (default: the ones with targets on this device first); a
     workload not started before the time budget ran out is listed under "skipped" (one that
     started finishes its current repeat and reports what it has)."""
@@ -565,8 +718,18 @@ def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = N
     workloads = workloads or ORDER[device.type]
     timing = timing or (TIMING_TINY if size == "tiny" else TIMING)
     deadline = Deadline(time_budget_s)
-    result = {"benchmark": "bench_step", "environment": environment(device), "size": size, "repeats": repeats,
-              "timing": timing, "statistic": statistic(device), "optimizer": "SGD (lr 1e-4)", "workloads": {}, "skipped": {}, "targets": []}
+    result = {
+        "benchmark": "bench_step",
+        "environment": environment(device),
+        "size": size,
+        "repeats": repeats,
+        "timing": timing,
+        "statistic": statistic(device),
+        "optimizer": "SGD (lr 1e-4)",
+        "workloads": {},
+        "skipped": {},
+        "targets": [],
+    }
     for name in tqdm(list(workloads), desc="bench_step", disable=not progress):
         if deadline.passed():
             result["skipped"][name] = "time budget spent"
@@ -587,7 +750,8 @@ def run(device="cpu", workloads=None, size=None, repeats=5, out: Path | None = N
         gpu_targets = [n for (n, kind) in RATIO_TARGETS if kind == "cuda" and n in workloads]
         result["flops_at_gpu_size"] = {n: count_flops(n, "gpu", device, variants_of(n)) for n in gpu_targets}
     at_gpu_size = result.get("flops_at_gpu_size") or (
-        {n: w["flops"] for n, w in result["workloads"].items()} if size == "gpu" else {})
+        {n: w["flops"] for n, w in result["workloads"].items()} if size == "gpu" else {}
+    )
     if size == ("gpu" if device.type == "cuda" else "cpu"):  # as targets(): about the full-size runs
         result["targets"] += flop_targets(at_gpu_size, result["workloads"])
     if out is not None:
@@ -603,8 +767,11 @@ def print_table(res: dict) -> None:
             m = f"{mem[v] / 2**20:9.0f} MiB peak" if isinstance(mem, dict) else ""
             print(f"  {v:<16}{t:>10.2f} ms{w['ratio_over_bp'][v]:>8.3f}x BP  {m}")
         if "flops" in w:
-            print("  FLOPs / BP: " + ", ".join(f"{v} {r:.3f}" for v, r in w["flops"]["flop_ratio_over_bp"].items())
-                  + f" (BP {w['flops']['gflop_per_step']['bp']:.1f} GFLOP, counted on {w['flops']['counted_on']})")
+            print(
+                "  FLOPs / BP: "
+                + ", ".join(f"{v} {r:.3f}" for v, r in w["flops"]["flop_ratio_over_bp"].items())
+                + f" (BP {w['flops']['gflop_per_step']['bp']:.1f} GFLOP, counted on {w['flops']['counted_on']})"
+            )
         if w["speedup_over_tinydfa_style"] is not None:
             print(f"  ours ({w['ours']['variant']}) vs TinyDFA-style: {w['speedup_over_tinydfa_style']:.2f}x faster")
         if w.get("compiled_over_eager"):
@@ -614,30 +781,54 @@ def print_table(res: dict) -> None:
     for name, why in res["skipped"].items():
         print(f"{name}: skipped ({why})")
     for name, f in res.get("flops_at_gpu_size", {}).items():
-        print(f"{name} at the GPU size, FLOPs / BP: "
-              + ", ".join(f"{v} {r:.3f}" for v, r in f["flop_ratio_over_bp"].items()))
+        print(
+            f"{name} at the GPU size, FLOPs / BP: "
+            + ", ".join(f"{v} {r:.3f}" for v, r in f["flop_ratio_over_bp"].items())
+        )
     for t in res["targets"]:
         bound = "" if t.get("flop_ratio") is None else f" (FLOP ratio {t['flop_ratio']:.3f})"
-        print(f"target {t['name']}: {t['value']:.3f} ({t['variant']}){bound}, {t['target']}: "
-              f"{'met' if t['met'] else 'NOT met'}")
+        print(
+            f"target {t['name']}: {t['value']:.3f} ({t['variant']}){bound}, {t['target']}: "
+            f"{'met' if t['met'] else 'NOT met'}"
+        )
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workloads", nargs="+", default=None, choices=list(WORKLOADS),
-                   help="default: all, those with targets on the device first")
-    p.add_argument("--size", choices=["cpu", "gpu", "tiny"], default=None,
-                   help="problem sizes (default: gpu on CUDA, cpu otherwise; tiny for smoke tests)")
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        default=None,
+        choices=list(WORKLOADS),
+        help="default: all, those with targets on the device first",
+    )
+    p.add_argument(
+        "--size",
+        choices=["cpu", "gpu", "tiny"],
+        default=None,
+        help="problem sizes (default: gpu on CUDA, cpu otherwise; tiny for smoke tests)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later workloads are skipped")
-    p.add_argument("--compile", action="store_true",
-                   help="also time bp, dfa and dfa_fused with the step under torch.compile (inductor)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time bp, dfa and dfa_fused with the step under torch.compile (inductor)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    res = run(a.device, a.workloads, a.size, a.repeats, a.out, progress=not a.no_progress,
-              time_budget_s=a.time_budget, compile=a.compile)
+    res = run(
+        a.device,
+        a.workloads,
+        a.size,
+        a.repeats,
+        a.out,
+        progress=not a.no_progress,
+        time_budget_s=a.time_budget,
+        compile=a.compile,
+    )
     print_table(res)
     return res
 

@@ -4,11 +4,12 @@ and the README summary, within a time budget.
 
 Files: ``OUT/{projection,step}_<tag>.json``, ``OUT/{projection,step}_<tag>.png`` and a copy of the
 backend table ``OUT/<device slug>.json``; the tag is ``cuda``, or on a CPU ``cpu_<instruction-set
-path>`` (``cpu_avx512``, ``cpu_avx2``: ``dfa-kernels bench --cpu-isa all`` measures each path). Run from a checkout (a ``benchmarks/results``
-folder in the working directory), a full run also copies the JSON to ``benchmarks/results/``,
-draws ``benchmarks/plots/`` and rewrites docs/benchmarks.md's marked summary block. Quick runs name their
-files ``*_quick`` and touch nothing but OUT.
+path>`` (``cpu_avx512``, ``cpu_avx2``: ``dfa-kernels bench --cpu-isa all`` measures each path). Run
+from a checkout (a ``benchmarks/results`` folder in the working directory), a full run also copies
+the JSON to ``benchmarks/results/``, draws ``benchmarks/plots/`` and rewrites docs/benchmarks.md's
+marked summary block. Quick runs name their files ``*_quick`` and touch nothing but OUT.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -29,9 +30,17 @@ PROJECTION_SHARE = 0.5
 RESERVE_S = 15.0  # plots, summary, file copies
 
 
-def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which: str = "all",
-              quick: bool = False, tiny: bool = False, time_budget_s: float | None = -1.0,
-              progress: bool = True, checkout: Path | None = None, mirror: bool | None = None) -> dict:
+def run_suite(
+    device: str = "cpu",
+    out: Path = Path("benchmarks/results"),
+    which: str = "all",
+    quick: bool = False,
+    tiny: bool = False,
+    time_budget_s: float | None = -1.0,
+    progress: bool = True,
+    checkout: Path | None = None,
+    mirror: bool | None = None,
+) -> dict:
     """Run the suite; returns {"files": [...], "projection": result, "step": result}.
 
     time_budget_s: seconds for the whole suite (-1: DEFAULT_BUDGET_S of the device, None: no
@@ -62,8 +71,14 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
     if which in ("all", "projection"):
         path = out / f"projection_{tag}{suffix}.json"
         results["projection"] = res = projection.run(
-            device, quick=quick, out=path, progress=progress, write_table=full,
-            time_budget_s=budget(PROJECTION_SHARE if which == "all" else None), size="tiny" if tiny else None)
+            device,
+            quick=quick,
+            out=path,
+            progress=progress,
+            write_table=full,
+            time_budget_s=budget(PROJECTION_SHARE if which == "all" else None),
+            size="tiny" if tiny else None,
+        )
         projection.print_table(res)
         files.append(path)
         if res.get("backend_table"):
@@ -74,8 +89,14 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
     if which in ("all", "step"):
         path = out / f"step_{tag}{suffix}.json"
         results["step"] = res = step.run(
-            device, size="tiny" if tiny else None, repeats=1 if tiny else (3 if quick else 5), out=path,
-            progress=progress, time_budget_s=budget(), timing=step.TIMING_QUICK if quick else None)
+            device,
+            size="tiny" if tiny else None,
+            repeats=1 if tiny else (3 if quick else 5),
+            out=path,
+            progress=progress,
+            time_budget_s=budget(),
+            timing=step.TIMING_QUICK if quick else None,
+        )
         step.print_table(res)
         files.append(path)
     # plots beside the results; a checkout's own results folder keeps its plots in benchmarks/plots
@@ -101,10 +122,11 @@ def run_suite(device: str = "cpu", out: Path = Path("benchmarks/results"), which
         if page.exists() and summary.START in page.read_text():
             try:
                 n = summary.summarize(checkout)
-                print(f"{page}: benchmark summary rewritten from {n} result files; plots in "
-                      f"{checkout / 'benchmarks' / 'plots'}")
+                print(
+                    f"{page}: benchmark summary rewritten from {n} result files; plots in "
+                    f"{checkout / 'benchmarks' / 'plots'}"
+                )
             except Exception:  # noqa: BLE001 - the results are written already
                 traceback.print_exc()
-    print(f"bench suite: {time.perf_counter() - start:.0f} s; files under {out}/: "
-          + ", ".join(p.name for p in files))
+    print(f"bench suite: {time.perf_counter() - start:.0f} s; files under {out}/: " + ", ".join(p.name for p in files))
     return {"files": [str(p) for p in files], **results}

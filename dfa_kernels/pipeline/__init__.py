@@ -5,27 +5,28 @@ global batch (DFA's schedule, or BP's GPipe / 1F1B through ``torch.distributed.p
 :mod:`.parts` says where a model may be cut; :mod:`.simulate` is the event-driven model of the
 schedules; :mod:`.train` trains a zoo task (``dfa-kernels train TASK --pipeline S``).
 """
+
 from .engine import DFA_MODES, SCHEDULES, Pipeline, StageSpec, StepStats, stage_spec
 from .parts import (
-           Parts,
-           StageModule,
-           balanced_cuts,
-           lm_loss,
-           parts_of,
-           sequential_parts,
+    Parts,
+    StageModule,
+    balanced_cuts,
+    lm_loss,
+    parts_of,
+    sequential_parts,
 )
 
 __all__ = [
-           "DFA_MODES",
-           "SCHEDULES",
-           "Parts",
-           "Pipeline",
-           "StageModule",
-           "StageSpec",
-           "StepStats",
-           "balanced_cuts",
-           "lm_loss",
-           "parts_of",
-           "sequential_parts",
-           "stage_spec",
+    "DFA_MODES",
+    "SCHEDULES",
+    "Parts",
+    "Pipeline",
+    "StageModule",
+    "StageSpec",
+    "StepStats",
+    "balanced_cuts",
+    "lm_loss",
+    "parts_of",
+    "sequential_parts",
+    "stage_spec",
 ]

@@ -20,6 +20,7 @@ would let stage s run microbatches of step t+1 with new weights while later stag
 t's: the forward of one sample would mix weight versions (PipeDream's staleness), which has no
 single-process equivalent to test against; the synchronous step loses only the drain at its end.
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,9 +38,9 @@ from ..feedback import FeedbackSpec
 from .parts import Parts, StageModule, balanced_cuts, parts_of
 
 SCHEDULES = ("dfa", "gpipe", "1f1b")
-DFA_MODES = ("dfa", "sdfa", "ternary")   # direct modes whose signal is a function of e alone
+DFA_MODES = ("dfa", "sdfa", "ternary")  # direct modes whose signal is a function of e alone
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
-_HEADER = 10   # ndim, dtype code, up to 8 sizes
+_HEADER = 10  # ndim, dtype code, up to 8 sizes
 _POLL_S = 0.01  # longest sleep between two checks of the receives (a message's arrival wakes the step)
 
 
@@ -47,6 +48,7 @@ _POLL_S = 0.01  # longest sleep between two checks of the receives (a message's 
 class StageSpec(FeedbackSpec):
     """A stage's points as columns of the whole model's B: `columns` are their global offsets,
     `full_width` the global D (the scale 'auto' of the shared layout reads it)."""
+
     columns: tuple[int, ...] = ()
     full_width: int = 0
 
@@ -61,20 +63,29 @@ class StageSpec(FeedbackSpec):
 
 def stage_spec(spec: FeedbackSpec, first: int, stop: int) -> StageSpec:
     """The columns of points first..stop-1 of `spec`."""
-    return StageSpec(spec.out_features, spec.widths[first:stop], spec.seed, spec.distribution, spec.layout,
-                     spec.density, columns=spec.offsets[first:stop], full_width=spec.total_width)
+    return StageSpec(
+        spec.out_features,
+        spec.widths[first:stop],
+        spec.seed,
+        spec.distribution,
+        spec.layout,
+        spec.density,
+        columns=spec.offsets[first:stop],
+        full_width=spec.total_width,
+    )
 
 
 @dataclasses.dataclass
 class StepStats:
     """What one step of this rank did: seconds computing and waiting, bytes sent (payload and
     shape headers) by kind."""
+
     forward_s: float = 0.0
     backward_s: float = 0.0
     wall_s: float = 0.0
     bytes_activations: int = 0
-    bytes_gradients: int = 0   # BP: activation gradients sent backward
-    bytes_errors: int = 0      # DFA: the errors e sent by the last stage
+    bytes_gradients: int = 0  # BP: activation gradients sent backward
+    bytes_errors: int = 0  # DFA: the errors e sent by the last stage
     bytes_headers: int = 0
     # DFA: (kind, microbatch, start_s, stop_s) from the step's start; kind "F" forward, "E" the last
     # stage's loss and error (head included), "B" a stage's DFA backward
@@ -93,8 +104,18 @@ class Pipeline:
     cuts: the block index where each stage starts plus the block count (default: balanced).
     """
 
-    def __init__(self, model, stages: int, microbatches: int, example, *, schedule: str = "dfa", cuts=None,
-                 group=None, device=None):
+    def __init__(
+        self,
+        model,
+        stages: int,
+        microbatches: int,
+        example,
+        *,
+        schedule: str = "dfa",
+        cuts=None,
+        group=None,
+        device=None,
+    ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("Pipeline needs an initialised torch.distributed process group (one rank per stage)")
         if schedule not in SCHEDULES:
@@ -110,17 +131,30 @@ class Pipeline:
         self.cuts = balanced_cuts(len(self.parts.blocks), stages) if cuts is None else self._check_cuts(cuts)
         mode = self.parts.dfa.mode
         if schedule == "dfa" and mode not in DFA_MODES:
-            raise ValueError(f"schedule 'dfa' needs a DFA mode whose signal is the error alone ({', '.join(DFA_MODES)}); "
-                             f"the model's dk.DFA is in mode {mode!r}"
-                             + (": use schedule='gpipe' or '1f1b' for backprop" if mode == "bp" else ""))
+            raise ValueError(
+                f"schedule 'dfa' needs a DFA mode whose signal is the error alone ({', '.join(DFA_MODES)}); "
+                f"the model's dk.DFA is in mode {mode!r}"
+                + (": use schedule='gpipe' or '1f1b' for backprop" if mode == "bp" else "")
+            )
         if schedule != "dfa" and mode != "bp":
-            raise ValueError(f"schedule {schedule!r} is backprop's (torch.distributed.pipelining); the model's "
-                             f"dk.DFA is in mode {mode!r}: build it in mode 'bp', or use schedule='dfa'")
+            raise ValueError(
+                f"schedule {schedule!r} is backprop's (torch.distributed.pipelining); the model's "
+                f"dk.DFA is in mode {mode!r}: build it in mode 'bp', or use schedule='dfa'"
+            )
         self.device = torch.device(device) if device is not None else _device_of(self.parts)
         self.first, self.last = self.rank == 0, self.rank == stages - 1
-        self.modules = [StageModule(self.parts, self.cuts[s], self.cuts[s + 1], s == 0, s == stages - 1,
-                                    with_head=schedule != "dfa", drop_points=schedule != "dfa")
-                        for s in range(stages)]
+        self.modules = [
+            StageModule(
+                self.parts,
+                self.cuts[s],
+                self.cuts[s + 1],
+                s == 0,
+                s == stages - 1,
+                with_head=schedule != "dfa",
+                drop_points=schedule != "dfa",
+            )
+            for s in range(stages)
+        ]
         self.module = self.modules[self.rank]
         self._owners = self._ownership()
         self.stats = StepStats()
@@ -133,10 +167,16 @@ class Pipeline:
     def _check_cuts(self, cuts) -> list[int]:
         cuts = list(cuts)
         n = len(self.parts.blocks)
-        if (len(cuts) != self.stages + 1 or cuts[0] != 0 or cuts[-1] != n
-                or any(b <= a for a, b in itertools.pairwise(cuts))):
-            raise ValueError(f"cuts must be {self.stages + 1} increasing block indices from 0 to {n} (each stage "
-                             f"gets at least one block); got {cuts}")
+        if (
+            len(cuts) != self.stages + 1
+            or cuts[0] != 0
+            or cuts[-1] != n
+            or any(b <= a for a, b in itertools.pairwise(cuts))
+        ):
+            raise ValueError(
+                f"cuts must be {self.stages + 1} increasing block indices from 0 to {n} (each stage "
+                f"gets at least one block); got {cuts}"
+            )
         return cuts
 
     def _ownership(self) -> list[dict]:
@@ -146,8 +186,10 @@ class Pipeline:
             mine = {}
             for name, t in [*module.named_parameters(), *module.named_buffers()]:
                 if id(t) in seen and seen[id(t)] != s:
-                    raise ValueError(f"{name} is used by stages {seen[id(t)]} and {s}: a tied parameter cannot be "
-                                     f"split across stages (untie it, or cut elsewhere)")
+                    raise ValueError(
+                        f"{name} is used by stages {seen[id(t)]} and {s}: a tied parameter cannot be "
+                        f"split across stages (untie it, or cut elsewhere)"
+                    )
                 seen[id(t)] = s
                 mine[id(t)] = t
             owners.append(mine)
@@ -163,8 +205,10 @@ class Pipeline:
         counts = [0] * self.stages
         dfa.discard_points()
         try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                    torch.enable_grad():
+            with (
+                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+                torch.enable_grad(),
+            ):
                 for m in training:
                     m.train(False)
                 x = example.to(self.device) if isinstance(example, torch.Tensor) else example
@@ -177,21 +221,24 @@ class Pipeline:
                             f"the activation leaving stage {s} (after block {self.cuts[s + 1] - 1}) carries an "
                             f"autograd graph: a layer trained by backprop spans the cut between stages {s} and "
                             f"{s + 1}, which DFA's schedule cannot split (no gradient travels backward). End the "
-                            f"block with a feedback point (h = dfa.point(h)) or cut elsewhere")
-                for s, count in enumerate(counts):   # refused before the DFA's spec is fixed
+                            f"block with a feedback point (h = dfa.point(h)) or cut elsewhere"
+                        )
+                for s, count in enumerate(counts):  # refused before the DFA's spec is fixed
                     if count == 0:
-                        raise ValueError(f"stage {s} (blocks {self.cuts[s]}..{self.cuts[s + 1] - 1}) has no feedback "
-                                         f"point: its layers would get no DFA signal. Use fewer stages, other cuts, "
-                                         f"or a placement with a point in every block")
+                        raise ValueError(
+                            f"stage {s} (blocks {self.cuts[s]}..{self.cuts[s + 1] - 1}) has no feedback "
+                            f"point: its layers would get no DFA signal. Use fewer stages, other cuts, "
+                            f"or a placement with a point in every block"
+                        )
                 points = list(dfa.pending_points)
                 dfa.discard_points()
-                dfa._spec_for(x, [r.tensor for r in points])   # the single-process spec (fixed on first use)
+                dfa._spec_for(x, [r.tensor for r in points])  # the single-process spec (fixed on first use)
         finally:
             for m, flag in training.items():
                 m.train(flag)
             dfa.discard_points()
         self.point_counts = counts
-        start = sum(counts[:self.rank])
+        start = sum(counts[: self.rank])
         self.spec = stage_spec(dfa.spec, start, start + counts[self.rank])
 
     def _bp_schedule(self) -> None:
@@ -200,6 +247,7 @@ class Pipeline:
             Schedule1F1B,
             ScheduleGPipe,
         )
+
         self.module.register_forward_hook(self._count_bp_bytes)
         stage = PipelineStage(self.module, self.rank, self.stages, self.device, group=self.group)
         kind = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
@@ -237,11 +285,14 @@ class Pipeline:
 
     def _split(self, batch, name: str):
         if not isinstance(batch, torch.Tensor):
-            raise TypeError(f"step({name}=): stage {self.rank} needs the batch's {name} as a tensor; got "
-                            f"{type(batch).__name__}")
+            raise TypeError(
+                f"step({name}=): stage {self.rank} needs the batch's {name} as a tensor; got {type(batch).__name__}"
+            )
         if batch.shape[0] % self.microbatches:
-            raise ValueError(f"step({name}=): the batch's {batch.shape[0]} rows are not divisible by microbatches="
-                             f"{self.microbatches} (equal microbatches keep the loss the single-process mean)")
+            raise ValueError(
+                f"step({name}=): the batch's {batch.shape[0]} rows are not divisible by microbatches="
+                f"{self.microbatches} (equal microbatches keep the loss the single-process mean)"
+            )
         return batch.to(self.device).chunk(self.microbatches)
 
     def _global(self, stage: int) -> int:
@@ -258,13 +309,13 @@ class Pipeline:
             self._torch_schedule.step(target=targets.to(self.device), losses=losses)
         else:
             self._torch_schedule.step()
-        self.stats.forward_s = time.perf_counter() - tic   # forward and backward: torch's schedule interleaves them
+        self.stats.forward_s = time.perf_counter() - tic  # forward and backward: torch's schedule interleaves them
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
 
     def _count_bp_bytes(self, module, args, out) -> None:
         """BP's traffic, from the shapes its stage sees: the activation sent forward and, back across
         the same boundary, its gradient (a float input of a later stage receives one)."""
-        if out.device.type == "meta":   # torch's shape inference
+        if out.device.type == "meta":  # torch's shape inference
             return
         if not self.last:
             self.stats.bytes_activations += out.numel() * out.element_size()
@@ -306,9 +357,10 @@ class Pipeline:
                 records[done] = None
                 done += 1
             else:
-                with arrived:   # checked again under the lock: an arrival cannot slip in before the wait
-                    if not ((inputs is not None and m < M and inputs.has(m))
-                            or (errors is not None and errors.has(done))):
+                with arrived:  # checked again under the lock: an arrival cannot slip in before the wait
+                    if not (
+                        (inputs is not None and m < M and inputs.has(m)) or (errors is not None and errors.has(done))
+                    ):
                         arrived.wait(_POLL_S)
         for work in sends:
             work.wait()
@@ -323,9 +375,11 @@ class Pipeline:
         dfa.discard_points()
         self._event("F", m, tic)
         if len(recs) != self.point_counts[self.rank]:
-            raise RuntimeError(f"stage {self.rank} recorded {len(recs)} feedback points for microbatch {m}, "
-                               f"{self.point_counts[self.rank]} when primed: the forward's points must not "
-                               f"depend on the batch")
+            raise RuntimeError(
+                f"stage {self.rank} recorded {len(recs)} feedback points for microbatch {m}, "
+                f"{self.point_counts[self.rank]} when primed: the forward's points must not "
+                f"depend on the batch"
+            )
         return out, recs
 
     def _error(self, y: torch.Tensor, target, m: int):
@@ -351,7 +405,7 @@ class Pipeline:
         """This stage's DFA backward for one microbatch: the output op on its points only."""
         tic = time.perf_counter()
         dfa = self.parts.dfa
-        if y is None:   # a stand-in for y (only its shape matters): no [N, out] memory
+        if y is None:  # a stand-in for y (only its shape matters): no [N, out] memory
             y = torch.zeros((), device=e.device, dtype=e.dtype, requires_grad=True).expand(e.shape)
         plan = dfa._plan(self.spec, recs, e.device.type)
         out = DFAOutput.apply(y, plan, None, None, *[t for r in recs for t in r.inputs()])
@@ -362,24 +416,28 @@ class Pipeline:
     def _send(self, t: torch.Tensor, stage: int, slot: int, kind: str) -> list:
         t = t.contiguous()
         if t.dim() > _HEADER - 2 or t.dtype not in _DTYPES:
-            raise TypeError(f"a stage boundary carries tensors of at most {_HEADER - 2} dims in "
-                            f"{[str(d) for d in _DTYPES]}; got {t.dtype} {tuple(t.shape)}")
+            raise TypeError(
+                f"a stage boundary carries tensors of at most {_HEADER - 2} dims in "
+                f"{[str(d) for d in _DTYPES]}; got {t.dtype} {tuple(t.shape)}"
+            )
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
-        header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        header[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
         header = header.to(t.device)
         dst = self._global(stage)
         setattr(self.stats, f"bytes_{kind}", getattr(self.stats, f"bytes_{kind}") + t.numel() * t.element_size())
         self.stats.bytes_headers += header.numel() * 8
-        return [dist.isend(header, dst, group=self.group, tag=2 * slot),
-                dist.isend(t, dst, group=self.group, tag=2 * slot + 1)]
+        return [
+            dist.isend(header, dst, group=self.group, tag=2 * slot),
+            dist.isend(t, dst, group=self.group, tag=2 * slot + 1),
+        ]
 
     def _recv(self, stage: int, slot: int) -> torch.Tensor:
         """A message from `stage`: its shape header, then the tensor."""
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, self._global(stage), group=self.group, tag=2 * slot)
         h = header.tolist()
-        t = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
+        t = torch.empty(h[2 : 2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
         dist.recv(t, self._global(stage), group=self.group, tag=2 * slot + 1)
         return t
 
@@ -394,14 +452,14 @@ class Pipeline:
         dfa = self.parts.dfa
         self._start = time.perf_counter()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for module in self.modules[:self.rank]:
+            for module in self.modules[: self.rank]:
                 x = module(x)
             dfa.discard_points()
         e = None
-        if self.schedule == "dfa" and not self.last:   # an error of y's shape (its values do not matter)
+        if self.schedule == "dfa" and not self.last:  # an error of y's shape (its values do not matter)
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 y = x
-                for module in self.modules[self.rank:]:
+                for module in self.modules[self.rank :]:
                     y = module(y)
             dfa.discard_points()
             e = torch.randn_like(y)
@@ -430,8 +488,11 @@ class Pipeline:
             for p in self.parameters():
                 p.grad = None
         self.stats = StepStats()
-        return {"forward_s": float(torch.tensor(forward).median()), "backward_s": float(torch.tensor(backward).median()),
-                "error_s": float(torch.tensor(error).median()) if error else 0.0}
+        return {
+            "forward_s": float(torch.tensor(forward).median()),
+            "backward_s": float(torch.tensor(backward).median()),
+            "error_s": float(torch.tensor(error).median()) if error else 0.0,
+        }
 
     # ------------------------------------------------------------ across stages
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -514,6 +575,3 @@ def _device_of(parts: Parts) -> torch.device:
         for p in module.parameters():
             return p.device
     return torch.device("cpu")
-
-
-

@@ -6,6 +6,7 @@ where the DFA error ``e = dL/dy`` is taken (the single-process model's ``dfa(y)`
 (layers after the error: exact gradients) and the loss. Stages are cut only between blocks.
 :func:`parts_of` describes the zoo's TransformerLM; :func:`sequential_parts` a plain stack.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,14 @@ class Parts:
     def __post_init__(self):
         if not isinstance(self.dfa, DFA):
             raise TypeError(f"Parts(dfa=): expects the model's dk.DFA module; got {type(self.dfa).__name__}")
-        if not isinstance(self.blocks, (list, tuple, nn.ModuleList)) or not self.blocks or not all(
-                isinstance(b, nn.Module) for b in self.blocks):
-            raise ValueError(f"Parts(blocks=): expects a non-empty list of nn.Modules (the cuttable blocks); "
-                             f"got {self.blocks!r:.80}")
+        if (
+            not isinstance(self.blocks, (list, tuple, nn.ModuleList))
+            or not self.blocks
+            or not all(isinstance(b, nn.Module) for b in self.blocks)
+        ):
+            raise ValueError(
+                f"Parts(blocks=): expects a non-empty list of nn.Modules (the cuttable blocks); got {self.blocks!r:.80}"
+            )
         for name in ("prefix", "suffix", "head"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, nn.Module):
@@ -49,8 +54,9 @@ class StageModule(nn.Module):
     its output; DFA's schedule runs it after taking y). Points recorded here that no ``dfa(y)``
     consumes (mode "bp" under torch's schedules) are dropped after each forward."""
 
-    def __init__(self, parts: Parts, first: int, stop: int, is_first: bool, is_last: bool, with_head: bool,
-                 drop_points: bool):
+    def __init__(
+        self, parts: Parts, first: int, stop: int, is_first: bool, is_last: bool, with_head: bool, drop_points: bool
+    ):
         super().__init__()
         self.prefix = parts.prefix if is_first else None
         self.blocks = nn.ModuleList(parts.blocks[first:stop])
@@ -72,8 +78,10 @@ def balanced_cuts(blocks: int, stages: int) -> list[int]:
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ValueError(f"stages must be a positive int; got {stages!r}")
     if stages > blocks:
-        raise ValueError(f"stages={stages} is larger than the model's {blocks} cuttable blocks: a stage boundary "
-                         f"falls only between blocks, so at most {blocks} stages")
+        raise ValueError(
+            f"stages={stages} is larger than the model's {blocks} cuttable blocks: a stage boundary "
+            f"falls only between blocks, so at most {blocks} stages"
+        )
     base, extra = divmod(blocks, stages)
     cuts = [0]
     for s in range(stages):
@@ -88,7 +96,7 @@ class _LMEmbed(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.tok, self.pos, self.drop, self.dfa = model.tok, model.pos, model.drop, model.dfa
-        if model.pos is None:   # fixed positions: the model's own table
+        if model.pos is None:  # fixed positions: the model's own table
             self.register_buffer("pos_table", model.pos_table, persistent=False)
         self.context, self.embed_scale, self.placement = model.context, model.embed_scale, model.placement
 
@@ -127,16 +135,20 @@ def parts_of(model: nn.Module) -> Parts:
     """The pipeline's view of a zoo model (TransformerLM, every placement and error_at); a model
     of another kind is described with :class:`Parts` (or :func:`sequential_parts`)."""
     from ..zoo.models.transformer import TransformerLM
+
     if isinstance(model, Parts):
         return model
     if isinstance(model, TransformerLM):
         blocks = [_LMBlock(model, i) for i in range(len(model.blocks))]
-        if model.error_at == "hidden":     # e = dL/dh after the final LN; the head learns exactly
+        if model.error_at == "hidden":  # e = dL/dh after the final LN; the head learns exactly
             return Parts(model.dfa, blocks, prefix=_LMEmbed(model), suffix=model.ln_f, head=model.head, loss=lm_loss)
-        return Parts(model.dfa, blocks, prefix=_LMEmbed(model), suffix=nn.Sequential(model.ln_f, model.head),
-                     loss=lm_loss)
-    raise TypeError(f"no pipeline description of {type(model).__name__}: describe it with "
-                    f"dfa_kernels.pipeline.Parts(dfa, blocks, prefix=, suffix=, head=, loss=)")
+        return Parts(
+            model.dfa, blocks, prefix=_LMEmbed(model), suffix=nn.Sequential(model.ln_f, model.head), loss=lm_loss
+        )
+    raise TypeError(
+        f"no pipeline description of {type(model).__name__}: describe it with "
+        f"dfa_kernels.pipeline.Parts(dfa, blocks, prefix=, suffix=, head=, loss=)"
+    )
 
 
 class _Point(nn.Module):
@@ -150,8 +162,9 @@ class _Point(nn.Module):
         return self.dfa.point(self.layer(x), activation=self.activation)
 
 
-def sequential_parts(dfa: DFA, hidden: list[nn.Module], head: nn.Module, activation: str | None = "relu",
-                     loss=F.cross_entropy) -> Parts:
+def sequential_parts(
+    dfa: DFA, hidden: list[nn.Module], head: nn.Module, activation: str | None = "relu", loss=F.cross_entropy
+) -> Parts:
     """An MLP-like stack: each hidden layer followed by a point (``dfa.point(layer(x), activation)``),
     then `head` as the suffix: e is the head's output's error (the single-process model is
     ``dfa(head(...dfa.point(layer(x), activation)...))``)."""

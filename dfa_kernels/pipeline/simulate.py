@@ -15,6 +15,7 @@ DFA runs the next forward as soon as its input is there, otherwise the oldest ba
 has arrived (the engine's own rule); the last stage computes e after each forward and sends it to
 every stage before its own backward.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ class Costs:
     weight gradients; BP: autograd's backward, the loss on the last stage); error: DFA's loss and
     head backward on the last stage, before e is sent; optimizer: once per step. Bytes per
     microbatch: the activation crossing each boundary (BP sends its gradient back as well), e."""
+
     forward: list[float]
     backward: list[float]
     activation_bytes: list[int]
@@ -39,8 +41,10 @@ class Costs:
     def __post_init__(self):
         S = len(self.forward)
         if S < 1 or len(self.backward) != S or len(self.activation_bytes) != S - 1:
-            raise ValueError(f"Costs: forward and backward need one entry per stage and activation_bytes one per "
-                             f"boundary; got {len(self.forward)}, {len(self.backward)}, {len(self.activation_bytes)}")
+            raise ValueError(
+                f"Costs: forward and backward need one entry per stage and activation_bytes one per "
+                f"boundary; got {len(self.forward)}, {len(self.backward)}, {len(self.activation_bytes)}"
+            )
         if self.optimizer is not None and len(self.optimizer) != S:
             raise ValueError(f"Costs: optimizer needs one entry per stage ({S}); got {len(self.optimizer)}")
 
@@ -48,7 +52,7 @@ class Costs:
 @dataclasses.dataclass
 class Link:
     latency_s: float = 0.0
-    bandwidth: float = float("inf")   # bytes per second
+    bandwidth: float = float("inf")  # bytes per second
 
     def transfer(self, nbytes: int) -> float:
         return nbytes / self.bandwidth
@@ -64,8 +68,9 @@ def _bp_order(schedule: str, s: int, S: int, M: int) -> list[tuple[str, int]]:
     return order + [("B", m) for m in range(M - warm, M)]
 
 
-def simulate(schedule: str, costs: Costs, microbatches: int, link: Link | None = None, cores: int | None = None
-             ) -> dict:
+def simulate(
+    schedule: str, costs: Costs, microbatches: int, link: Link | None = None, cores: int | None = None
+) -> dict:
     """One step: {"step_s", "busy_s" (per stage), "bubble" (1 - busy / (S * step)), "bytes" sent}."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
@@ -76,16 +81,16 @@ def simulate(schedule: str, costs: Costs, microbatches: int, link: Link | None =
     link = link or Link()
     S, M = len(costs.forward), microbatches
     dfa = schedule == "dfa"
-    arrived: set = set()                 # ("act" | "grad" | "err", stage receiving, m)
-    pending: list = []                   # a heap of (time, key): messages in flight
+    arrived: set = set()  # ("act" | "grad" | "err", stage receiving, m)
+    pending: list = []  # a heap of (time, key): messages in flight
     link_free = [0.0] * S
     sent = 0
     forwarded = [set() for _ in range(S)]
-    backs = [0] * S                      # backwards done (each stage runs them in microbatch order)
+    backs = [0] * S  # backwards done (each stage runs them in microbatch order)
     orders = None if dfa else [_bp_order(schedule, s, S, M) for s in range(S)]
     position = [0] * S
     next_forward = [0] * S
-    running: list = [None] * S           # [kind, m, remaining seconds of work]
+    running: list = [None] * S  # [kind, m, remaining seconds of work]
     finish = [0.0] * S
     t = 0.0
 

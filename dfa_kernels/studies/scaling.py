@@ -49,6 +49,7 @@ steps: about 70 minutes, 3.6 decades, in stages of about 10 minutes, resumable) 
 non-embedding parameters, bf16 autocast, stages of about 8 minutes that ``--stage K`` runs one at a
 time, each resumable).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,16 +65,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import scaling_fit as fit
 from ..figures import save_figure
 from ..methods import LAYERWISE
 from ..provenance import git_sha
+from . import scaling_fit as fit
 
 # method -> (DFA mode, placement): the default sweep's (paper 2's) methods
-METHODS = {"bp": ("bp", "macro"), "dfa-macro": ("dfa", "macro"), "dfa-micro": ("dfa", "micro"),
-           "dfa-linear": ("dfa", "linear"), "shallow": ("shallow", "macro")}
+METHODS = {
+    "bp": ("bp", "macro"),
+    "dfa-macro": ("dfa", "macro"),
+    "dfa-micro": ("dfa", "micro"),
+    "dfa-linear": ("dfa", "linear"),
+    "shallow": ("shallow", "macro"),
+}
 DFA_METHODS = ("dfa-macro", "dfa-micro", "dfa-linear")
-FEEDBACK_LAYOUT = "shared"   # paper 2: one B shared by all layers, one B e for every point
+FEEDBACK_LAYOUT = "shared"  # paper 2: one B shared by all layers, one B e for every point
 # The parameter groups each method trains (shallow's body is frozen: nothing of it to tune).
 GROUPS = {m: ("head",) if m == "shallow" else ("body", "head") for m in METHODS}
 PLACEMENTS = ("macro", "micro", "linear")
@@ -84,19 +90,24 @@ def method_spec(name: str) -> tuple[str, str]:
     placement ("sdfa-micro", "ternary-linear", "dkp-macro"), or a layer-wise one ("fa", "usf",
     "brsf", "frsf": every linear layer of the model, the head included, converted)."""
     from .. import methods
+
     if name in METHODS:
         return METHODS[name]
     if name in methods.LAYERWISE:
         return name, "macro"
     mode, _, placement = name.partition("-")
     if mode == "drtp":
-        raise ValueError("method 'drtp' projects the one-hot class target, but the sweep takes the error at the "
-                         "final hidden state (d_model wide), not at the vocabulary's logits: no target to project")
+        raise ValueError(
+            "method 'drtp' projects the one-hot class target, but the sweep takes the error at the "
+            "final hidden state (d_model wide), not at the vocabulary's logits: no target to project"
+        )
     if mode in methods.DIRECT and placement in PLACEMENTS:
         return mode, placement
-    raise ValueError(f"unknown method {name!r}: one of {', '.join(METHODS)}, MODE-PLACEMENT with MODE one of "
-                     f"sdfa, ternary, dkp and PLACEMENT one of {', '.join(PLACEMENTS)}, or one of "
-                     f"{', '.join(methods.LAYERWISE)}")
+    raise ValueError(
+        f"unknown method {name!r}: one of {', '.join(METHODS)}, MODE-PLACEMENT with MODE one of "
+        f"sdfa, ternary, dkp and PLACEMENT one of {', '.join(PLACEMENTS)}, or one of "
+        f"{', '.join(methods.LAYERWISE)}"
+    )
 
 
 def groups(method: str) -> tuple[str, ...]:
@@ -111,51 +122,95 @@ def compared(methods_: tuple) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    sizes: tuple            # (layers, d_model, heads) per rung; d_ff = 4 d_model
+    sizes: tuple  # (layers, d_model, heads) per rung; d_ff = 4 d_model
     context: int
     batch: int
-    budgets: tuple          # training steps per run, each its own schedule
-    tune_budgets: tuple     # the budgets at which the rates are tuned (each its own)
-    lr_grid: dict           # "body", "head": every method training a group tunes it on that grid
-    warmup_grid: tuple      # warmup as a fraction of the run (tuned with the body rate)
-    eval_fractions: tuple   # evaluation points, as fractions of the run
-    min_fraction: float     # the frontier counts evaluations from this fraction of each run on
-    eval_tokens: int        # validation (and test) tokens per evaluation (the same windows every time)
-    resamples: int          # bootstrap resamples
-    seeds: tuple = (0,)     # seeds of the runs at the tuned rates (tuning: the first seed)
-    extra_seed_budgets: tuple | None = None   # the budgets run at every seed (None: all of them)
-    extrapolate_decades: float = 2.0   # the verdict's horizon beyond the largest measured compute
-    threads: int | None = None         # torch CPU threads (None: torch's default)
+    budgets: tuple  # training steps per run, each its own schedule
+    tune_budgets: tuple  # the budgets at which the rates are tuned (each its own)
+    lr_grid: dict  # "body", "head": every method training a group tunes it on that grid
+    warmup_grid: tuple  # warmup as a fraction of the run (tuned with the body rate)
+    eval_fractions: tuple  # evaluation points, as fractions of the run
+    min_fraction: float  # the frontier counts evaluations from this fraction of each run on
+    eval_tokens: int  # validation (and test) tokens per evaluation (the same windows every time)
+    resamples: int  # bootstrap resamples
+    seeds: tuple = (0,)  # seeds of the runs at the tuned rates (tuning: the first seed)
+    extra_seed_budgets: tuple | None = None  # the budgets run at every seed (None: all of them)
+    extrapolate_decades: float = 2.0  # the verdict's horizon beyond the largest measured compute
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     stage_seconds: float | None = None  # pack the runs into stages of about this many seconds
-    assumed_flop_rate: float = 2e10    # FLOP/s, for the time estimates of --plan and the stages
-    step_overhead_s: float = 0.0       # seconds per step beyond the FLOPs (small models on a CPU)
-    methods: tuple = tuple(METHODS)    # the sweep's methods (dfa-kernels scaling --methods)
+    assumed_flop_rate: float = 2e10  # FLOP/s, for the time estimates of --plan and the stages
+    step_overhead_s: float = 0.0  # seconds per step beyond the FLOPs (small models on a CPU)
+    methods: tuple = tuple(METHODS)  # the sweep's methods (dfa-kernels scaling --methods)
 
 
 # One grid per group for every method: the body's spans BP's best rates (3e-4 to 1e-2 in a pilot at
 # 32 and 128 steps) and DFA's (1e-4 to 1e-3), the head's every method's (shallow's reached 1e-1 at 32 steps).
 CPU_GRID = {"body": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "head": (1e-2, 3e-2, 1e-1)}
-CPU = dict(context=64, batch=16, lr_grid=CPU_GRID, warmup_grid=(0.05,),
-           eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0), min_fraction=0.25, eval_tokens=8192, threads=1,
-           assumed_flop_rate=5e10, step_overhead_s=0.008)   # measured on this 2-core VM, idle
+CPU = dict(
+    context=64,
+    batch=16,
+    lr_grid=CPU_GRID,
+    warmup_grid=(0.05,),
+    eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0),
+    min_fraction=0.25,
+    eval_tokens=8192,
+    threads=1,
+    assumed_flop_rate=5e10,
+    step_overhead_s=0.008,
+)  # measured on this 2-core VM, idle
 PRESETS = {
-    "cpu": Preset(sizes=((2, 32, 2), (2, 48, 2), (3, 64, 2), (4, 96, 4)), budgets=(32, 128, 512),
-                  tune_budgets=(32, 128), resamples=400, **CPU),
+    "cpu": Preset(
+        sizes=((2, 32, 2), (2, 48, 2), (3, 64, 2), (4, 96, 4)),
+        budgets=(32, 128, 512),
+        tune_budgets=(32, 128),
+        resamples=400,
+        **CPU,
+    ),
     # the cpu preset's runs and more (a folder of cpu runs can seed it: the same setup)
-    "cpu-long": Preset(sizes=((2, 32, 2), (2, 48, 2), (3, 64, 2), (4, 96, 4), (4, 128, 4)),
-                       budgets=(32, 128, 512, 1536), tune_budgets=(32, 128), seeds=(0, 1),
-                       extra_seed_budgets=(512,), resamples=1000, stage_seconds=600, **CPU),
-    "gpu": Preset(sizes=((2, 128, 2), (3, 192, 3), (4, 256, 4), (6, 384, 6), (8, 512, 8), (12, 768, 12)),
-                  context=512, batch=64, budgets=(150, 600, 2400), tune_budgets=(150, 600),
-                  lr_grid={"body": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), "head": (1e-3, 3e-3, 1e-2)},
-                  warmup_grid=(0.02, 0.1), eval_fractions=(0.0625, 0.125, 0.25, 0.5, 0.75, 1.0),
-                  min_fraction=0.25, eval_tokens=262144, resamples=2000, stage_seconds=480,
-                  assumed_flop_rate=2e14),
+    "cpu-long": Preset(
+        sizes=((2, 32, 2), (2, 48, 2), (3, 64, 2), (4, 96, 4), (4, 128, 4)),
+        budgets=(32, 128, 512, 1536),
+        tune_budgets=(32, 128),
+        seeds=(0, 1),
+        extra_seed_budgets=(512,),
+        resamples=1000,
+        stage_seconds=600,
+        **CPU,
+    ),
+    "gpu": Preset(
+        sizes=((2, 128, 2), (3, 192, 3), (4, 256, 4), (6, 384, 6), (8, 512, 8), (12, 768, 12)),
+        context=512,
+        batch=64,
+        budgets=(150, 600, 2400),
+        tune_budgets=(150, 600),
+        lr_grid={"body": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), "head": (1e-3, 3e-3, 1e-2)},
+        warmup_grid=(0.02, 0.1),
+        eval_fractions=(0.0625, 0.125, 0.25, 0.5, 0.75, 1.0),
+        min_fraction=0.25,
+        eval_tokens=262144,
+        resamples=2000,
+        stage_seconds=480,
+        assumed_flop_rate=2e14,
+    ),
     # the tests' preset: seconds on a CPU
-    "tiny": Preset(sizes=((1, 16, 2), (2, 24, 2)), context=16, batch=4, budgets=(4, 6, 12), tune_budgets=(4, 6),
-                   lr_grid={"body": (3e-3, 1e-2), "head": (1e-2, 3e-2)}, warmup_grid=(0.1,),
-                   eval_fractions=(0.5, 1.0), min_fraction=0.5, eval_tokens=512, resamples=8, seeds=(0, 1),
-                   extra_seed_budgets=(12,), threads=1, stage_seconds=12, step_overhead_s=0.01),
+    "tiny": Preset(
+        sizes=((1, 16, 2), (2, 24, 2)),
+        context=16,
+        batch=4,
+        budgets=(4, 6, 12),
+        tune_budgets=(4, 6),
+        lr_grid={"body": (3e-3, 1e-2), "head": (1e-2, 3e-2)},
+        warmup_grid=(0.1,),
+        eval_fractions=(0.5, 1.0),
+        min_fraction=0.5,
+        eval_tokens=512,
+        resamples=8,
+        seeds=(0, 1),
+        extra_seed_budgets=(12,),
+        threads=1,
+        stage_seconds=12,
+        step_overhead_s=0.01,
+    ),
 }
 
 
@@ -168,8 +223,9 @@ def model_kwargs(size, context: int) -> dict:
 def point_widths(size, placement: str) -> list[int]:
     layers, d, _ = size
     f = 4 * d
-    return {"macro": [d] * layers, "micro": [d, f, d] * layers,
-            "linear": [d] + [d, 3 * d, d, d, f, d] * layers}[placement]
+    return {"macro": [d] * layers, "micro": [d, f, d] * layers, "linear": [d] + [d, 3 * d, d, d, f, d] * layers}[
+        placement
+    ]
 
 
 def flops_per_token(size, method: str, vocab: int, context: int, layout: str = FEEDBACK_LAYOUT) -> dict:
@@ -186,33 +242,45 @@ def flops_per_token(size, method: str, vocab: int, context: int, layout: str = F
     lin, attn, head = 2 * (4 * d * d + 2 * d * f), 4 * context * d, 2 * d * vocab
     forward = layers * (lin + attn) + head
     mode, placement = method_spec(method)
-    if mode == "bp" or mode in LAYERWISE:          # layer-wise: the same GEMMs, B in place of W
+    if mode == "bp" or mode in LAYERWISE:  # layer-wise: the same GEMMs, B in place of W
         backward = 2 * layers * (lin + attn) + 2 * head
     elif mode == "shallow":
-        backward = 2 * head                         # the head's weight and input gradient (final LN's gains)
+        backward = 2 * head  # the head's weight and input gradient (final LN's gains)
     else:
         widths = point_widths(size, placement)
         projection = 2 * d * (max(widths) if layout == "shared" else sum(widths))
-        blocks = {"macro": 2 * layers * (lin + attn),
-                  "micro": layers * (2 * lin - 2 * d * f + 2 * attn),
-                  "linear": layers * lin}[placement]
-        learned = 2 * d * sum(widths) if mode == "dkp" else 0   # dkp: B's gradient, e^T h_l at every point
+        blocks = {
+            "macro": 2 * layers * (lin + attn),
+            "micro": layers * (2 * lin - 2 * d * f + 2 * attn),
+            "linear": layers * lin,
+        }[placement]
+        learned = 2 * d * sum(widths) if mode == "dkp" else 0  # dkp: B's gradient, e^T h_l at every point
         backward = blocks + 2 * head + projection + learned
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
 def build_model(size, method: str, vocab: int, context: int, seed: int = 0):
     from ..zoo.models.transformer import TransformerLM
+
     mode, placement = method_spec(method)
     torch.manual_seed(seed)
-    if mode in LAYERWISE:   # plain linear layers (no fused dfa.linear points), each converted
+    if mode in LAYERWISE:  # plain linear layers (no fused dfa.linear points), each converted
         from ..convert import convert_layers
-        model = TransformerLM(vocab, mode=mode, placement=placement, seed=seed, layout=FEEDBACK_LAYOUT,
-                              fused=False, **model_kwargs(size, context))
+
+        model = TransformerLM(
+            vocab,
+            mode=mode,
+            placement=placement,
+            seed=seed,
+            layout=FEEDBACK_LAYOUT,
+            fused=False,
+            **model_kwargs(size, context),
+        )
         convert_layers(model, model.dfa)
         return model
-    return TransformerLM(vocab, mode=mode, placement=placement, seed=seed, layout=FEEDBACK_LAYOUT,
-                         **model_kwargs(size, context))
+    return TransformerLM(
+        vocab, mode=mode, placement=placement, seed=seed, layout=FEEDBACK_LAYOUT, **model_kwargs(size, context)
+    )
 
 
 def counted_flops_per_token(model, vocab: int, batch: int = 2) -> float:
@@ -220,6 +288,7 @@ def counted_flops_per_token(model, vocab: int, batch: int = 2) -> float:
     (attention in PyTorch's math form, so that it is counted on a CPU too)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
     T = model.context
     tokens = torch.randint(0, vocab, (batch, T + 1), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
@@ -247,6 +316,7 @@ def corpus(data: str | None = None, tokenizer: str = "byte", bpe_vocab: int = 40
     """The sweep's text: --data PATH (WikiText-style, see the zoo's load_wikitext), else Shakespeare
     and the Wikipedia articles of gensim's test data."""
     from ..zoo.data import text
+
     kwargs = {"bpe_vocab": bpe_vocab} if tokenizer == "bpe" else {}
     if data:
         return text.load_wikitext(data, tokenizer, **kwargs)
@@ -256,10 +326,10 @@ def corpus(data: str | None = None, tokenizer: str = "byte", bpe_vocab: int = 40
 # ---------------------------------------------------------------- the plan
 @dataclasses.dataclass(frozen=True)
 class Job:
-    size: int               # index into the preset's sizes
+    size: int  # index into the preset's sizes
     method: str
     steps: int
-    stage: str              # "body", "head" (a tuning grid's run with that group's rate `lr`) or "run"
+    stage: str  # "body", "head" (a tuning grid's run with that group's rate `lr`) or "run"
     lr: float | None = None
     warmup: float | None = None
     seed: int = 0
@@ -300,11 +370,21 @@ def jobs(preset: Preset) -> list[Job]:
                 stage = "body" if "body" in grids else "head"
                 out += [Job(i, method, t, stage, lr, wu, first) for lr in grids[stage] for wu in grids["warmup"]]
             # the head grid's middle was run in the body stage; the tuning budget's first seed is its tuning run
-            out += [Job(i, method, t, "head", lr, None, first) for method in preset.methods if "body" in groups(method)
-                    for lr in preset.lr_grid["head"] if lr != head_start(preset)]
-            out += [Job(i, method, steps, "run", seed=seed) for steps in preset.budgets
-                    if tuning_budget(preset, steps) == t for seed in seeds_of(preset, steps)
-                    if (steps, seed) != (t, first) for method in preset.methods]
+            out += [
+                Job(i, method, t, "head", lr, None, first)
+                for method in preset.methods
+                if "body" in groups(method)
+                for lr in preset.lr_grid["head"]
+                if lr != head_start(preset)
+            ]
+            out += [
+                Job(i, method, steps, "run", seed=seed)
+                for steps in preset.budgets
+                if tuning_budget(preset, steps) == t
+                for seed in seeds_of(preset, steps)
+                if (steps, seed) != (t, first)
+                for method in preset.methods
+            ]
     return out
 
 
@@ -312,8 +392,12 @@ def estimated_seconds(job: Job, preset: Preset, vocab: int) -> float:
     size = preset.sizes[job.size]
     tokens = job.steps * preset.batch * preset.context
     train = flops_per_token(size, job.method, vocab, preset.context)["total"] * tokens
-    evals = 2 * len(preset.eval_fractions) * preset.eval_tokens * \
-        flops_per_token(size, "bp", vocab, preset.context)["forward"]          # validation and test
+    evals = (
+        2
+        * len(preset.eval_fractions)
+        * preset.eval_tokens
+        * flops_per_token(size, "bp", vocab, preset.context)["forward"]
+    )  # validation and test
     return (train + evals) / preset.assumed_flop_rate + job.steps * preset.step_overhead_s + 0.3
 
 
@@ -334,18 +418,39 @@ def stages(preset: Preset, vocab: int) -> list[list[Job]]:
 
 def plan_dict(preset_name: str, preset: Preset, data: str | None, tokenizer: str, bpe_vocab: int, device: str) -> dict:
     """What defines a sweep (a restarted sweep must match it), in its JSON form."""
-    return json.loads(json.dumps({
-        "preset": preset_name, **{k: v for k, v in dataclasses.asdict(preset).items() if k != "methods"},
-        "data": None if data is None else str(Path(data).resolve()), "tokenizer": tokenizer,
-        "bpe_vocab": bpe_vocab if tokenizer == "bpe" else None, "device": device,
-        "methods": {m: dict(zip(("mode", "placement"), method_spec(m))) for m in preset.methods},
-        "groups": {m: groups(m) for m in preset.methods}, "feedback_layout": FEEDBACK_LAYOUT, "error_at": "hidden"}))
+    return json.loads(
+        json.dumps(
+            {
+                "preset": preset_name,
+                **{k: v for k, v in dataclasses.asdict(preset).items() if k != "methods"},
+                "data": None if data is None else str(Path(data).resolve()),
+                "tokenizer": tokenizer,
+                "bpe_vocab": bpe_vocab if tokenizer == "bpe" else None,
+                "device": device,
+                "methods": {m: dict(zip(("mode", "placement"), method_spec(m))) for m in preset.methods},
+                "groups": {m: groups(m) for m in preset.methods},
+                "feedback_layout": FEEDBACK_LAYOUT,
+                "error_at": "hidden",
+            }
+        )
+    )
 
 
 # What a run's numbers depend on besides its own size, method, budget, rates and seed: runs
 # recorded under the same setup are interchangeable between sweeps.
-SETUP_KEYS = ("context", "batch", "eval_fractions", "eval_tokens", "data", "tokenizer", "bpe_vocab", "device",
-              "methods", "feedback_layout", "error_at")
+SETUP_KEYS = (
+    "context",
+    "batch",
+    "eval_fractions",
+    "eval_tokens",
+    "data",
+    "tokenizer",
+    "bpe_vocab",
+    "device",
+    "methods",
+    "feedback_layout",
+    "error_at",
+)
 
 
 def setup_of(plan: dict) -> dict:
@@ -363,8 +468,9 @@ def _schedule(steps: int, warmup: float):
     return lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
-def train_run(preset: Preset, job: Job, data, lr: float, head_lr: float, warmup: float, device,
-              progress: bool = True) -> dict:
+def train_run(
+    preset: Preset, job: Job, data, lr: float, head_lr: float, warmup: float, device, progress: bool = True
+) -> dict:
     """Train one model; returns its record with the validation and test losses at every
     evaluation point."""
     from tqdm.auto import tqdm
@@ -389,7 +495,7 @@ def train_run(preset: Preset, job: Job, data, lr: float, head_lr: float, warmup:
     for step in range(1, job.steps + 1):
         start = time.perf_counter()
         x, y = next(stream)
-        try:   # DFA's check: an error that held NaN/Inf is reported by the next forward
+        try:  # DFA's check: an error that held NaN/Inf is reported by the next forward
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 loss = model.loss(x.to(device), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -411,22 +517,51 @@ def train_run(preset: Preset, job: Job, data, lr: float, head_lr: float, warmup:
         bar.update()
         bar.set_postfix(loss=f"{value:.3f}")
         if step in evals_at:
-            val, test = (evaluate(model, data.splits[k], preset.eval_tokens, batch_size=64, autocast=autocast)
-                         for k in ("val", "test"))
-            evals.append({"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * per_token["total"],
-                          "wall_s": wall, "train_loss": train_sum / train_n, "val_loss": val, "test_loss": test})
+            val, test = (
+                evaluate(model, data.splits[k], preset.eval_tokens, batch_size=64, autocast=autocast)
+                for k in ("val", "test")
+            )
+            evals.append(
+                {
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    "flops": step * tokens_per_step * per_token["total"],
+                    "wall_s": wall,
+                    "train_loss": train_sum / train_n,
+                    "val_loss": val,
+                    "test_loss": test,
+                }
+            )
             train_sum, train_n = 0.0, 0
     bar.close()
     layers, d, heads = size
-    return {"id": run_id(preset, job, lr, head_lr, warmup), "size": job.size, "layers": layers, "d_model": d,
-            "heads": heads, "method": job.method, "mode": method_spec(job.method)[0], "placement": method_spec(job.method)[1],
-            "steps": job.steps, "tokens": job.steps * tokens_per_step, "seed": job.seed, "lr": lr, "head_lr": head_lr,
-            "warmup": warmup, "status": status, "parameters": sum(p.numel() for p in model.parameters()),
-            "non_embedding_parameters": non_embedding_parameters(model), "flops_per_token": per_token,
-            "epochs": job.steps * tokens_per_step / len(data.splits["train"]),
-            "final_val_loss": evals[-1]["val_loss"] if status == "ok" and evals else None,
-            "wall_s": wall, "evals": evals, "device": str(device), "threads": torch.get_num_threads(),
-            "bf16_autocast": autocast}
+    return {
+        "id": run_id(preset, job, lr, head_lr, warmup),
+        "size": job.size,
+        "layers": layers,
+        "d_model": d,
+        "heads": heads,
+        "method": job.method,
+        "mode": method_spec(job.method)[0],
+        "placement": method_spec(job.method)[1],
+        "steps": job.steps,
+        "tokens": job.steps * tokens_per_step,
+        "seed": job.seed,
+        "lr": lr,
+        "head_lr": head_lr,
+        "warmup": warmup,
+        "status": status,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "non_embedding_parameters": non_embedding_parameters(model),
+        "flops_per_token": per_token,
+        "epochs": job.steps * tokens_per_step / len(data.splits["train"]),
+        "final_val_loss": evals[-1]["val_loss"] if status == "ok" and evals else None,
+        "wall_s": wall,
+        "evals": evals,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "bf16_autocast": autocast,
+    }
 
 
 # ---------------------------------------------------------------- the sweep
@@ -448,8 +583,10 @@ def load_runs(out: Path, setup: dict) -> dict[str, dict]:
     for p in sorted((out / "runs").glob("*.json")):
         run = json.loads(p.read_text())
         if run.get("setup") != setup:
-            raise PlanMismatch(f"{p} was run under another setup (context, batch, evaluations, data, device ...): "
-                               f"remove it, or use another --out")
+            raise PlanMismatch(
+                f"{p} was run under another setup (context, batch, evaluations, data, device ...): "
+                f"remove it, or use another --out"
+            )
         runs[p.stem] = run
     return runs
 
@@ -464,8 +601,11 @@ def _best(grid: list[dict]) -> dict:
 
 def body_tuned(preset: Preset, runs: dict, size: int, method: str, budget: int) -> dict | None:
     """The best run of the body-rate grid (at the head's starting rate), None while unfinished."""
-    grid = [_get(preset, runs, size, method, budget, preset.seeds[0], lr, head_start(preset), wu)
-            for lr in preset.lr_grid["body"] for wu in preset.warmup_grid]
+    grid = [
+        _get(preset, runs, size, method, budget, preset.seeds[0], lr, head_start(preset), wu)
+        for lr in preset.lr_grid["body"]
+        for wu in preset.warmup_grid
+    ]
     return None if None in grid else _best(grid)
 
 
@@ -473,15 +613,23 @@ def tuning_runs(preset: Preset, runs: dict, size: int, method: str, budget: int)
     """Every run of the coordinate search of (size, method) at a tuning budget, None while unfinished."""
     seed, grids = preset.seeds[0], tuning_grids(preset, method)
     if "body" not in grids:
-        grid = [_get(preset, runs, size, method, budget, seed, h, h, wu) for h in grids["head"] for wu in grids["warmup"]]
+        grid = [
+            _get(preset, runs, size, method, budget, seed, h, h, wu) for h in grids["head"] for wu in grids["warmup"]
+        ]
         return None if None in grid else grid
     body = body_tuned(preset, runs, size, method, budget)
     if body is None:
         return None
-    first = [_get(preset, runs, size, method, budget, seed, lr, head_start(preset), wu)
-             for lr in grids["body"] for wu in grids["warmup"]]
-    second = [_get(preset, runs, size, method, budget, seed, body["lr"], h, body["warmup"]) for h in grids["head"]
-              if h != head_start(preset)]
+    first = [
+        _get(preset, runs, size, method, budget, seed, lr, head_start(preset), wu)
+        for lr in grids["body"]
+        for wu in grids["warmup"]
+    ]
+    second = [
+        _get(preset, runs, size, method, budget, seed, body["lr"], h, body["warmup"])
+        for h in grids["head"]
+        if h != head_start(preset)
+    ]
     return None if None in second else first + second
 
 
@@ -514,10 +662,20 @@ def with_methods(preset: Preset, methods: list[str] | None) -> Preset:
     return dataclasses.replace(preset, methods=tuple(dict.fromkeys(["bp", *methods])))
 
 
-def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str | None = None,
-          tokenizer: str = "byte", bpe_vocab: int = 4096, device: str | None = None, stage: str = "all",
-          resume: bool = False, time_budget_s: float | None = None, progress: bool = True,
-          command: list[str] | None = None, methods: list[str] | None = None) -> dict | None:
+def sweep(
+    preset_name: str = "cpu",
+    out: Path | str = "runs/scaling",
+    data: str | None = None,
+    tokenizer: str = "byte",
+    bpe_vocab: int = 4096,
+    device: str | None = None,
+    stage: str = "all",
+    resume: bool = False,
+    time_budget_s: float | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+    methods: list[str] | None = None,
+) -> dict | None:
     """Run (or continue) a sweep under `out` and analyse it when every run is there.
 
     methods: the sweep's methods (:func:`method_spec`; default: METHODS, paper 2's), bp included
@@ -541,11 +699,14 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
     plan = plan_dict(preset_name, preset, data, tokenizer, bpe_vocab, device)
     if (out / "plan.json").is_file():
         recorded = json.loads((out / "plan.json").read_text())
-        diff = sorted(k for k in set(plan) | set(recorded) if k not in ("command", "started")
-                      and plan.get(k) != recorded.get(k))
+        diff = sorted(
+            k for k in set(plan) | set(recorded) if k not in ("command", "started") and plan.get(k) != recorded.get(k)
+        )
         if diff:
-            raise PlanMismatch(f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another "
-                               f"--out, or --resume to continue the recorded one")
+            raise PlanMismatch(
+                f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another "
+                f"--out, or --resume to continue the recorded one"
+            )
     else:
         _write_json(out / "plan.json", {**plan, "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     if preset.threads:
@@ -561,15 +722,22 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
     else:
         raise ValueError(f"--stage must be 'all', 'fit' or a stage number 1..{len(all_stages)}; got {stage!r}")
     if not (out / "flop_check.json").is_file():
-        _write_json(out / "flop_check.json", [flop_check(size, dataset.vocab_size, preset.context, preset.methods)
-                                              for size in preset.sizes])
+        _write_json(
+            out / "flop_check.json",
+            [flop_check(size, dataset.vocab_size, preset.context, preset.methods) for size in preset.sizes],
+        )
     started, load_start = time.perf_counter(), os.getloadavg()
     setup = setup_of(plan)
     runs = load_runs(out, setup)
     runs_before = set(runs)
     cost = {j: estimated_seconds(j, preset, dataset.vocab_size) for j in todo}
-    bar = tqdm(total=sum(cost.values()), disable=not progress, unit="est-s", desc="scaling sweep",
-               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+    bar = tqdm(
+        total=sum(cost.values()),
+        disable=not progress,
+        unit="est-s",
+        desc="scaling sweep",
+        bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]",
+    )
     done = waiting = 0
     for job in todo:
         bar.set_postfix_str(f"runs {done}/{len(todo)}")
@@ -582,29 +750,51 @@ def sweep(preset_name: str = "cpu", out: Path | str = "runs/scaling", data: str 
         if rid not in runs:
             if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
                 break
-            runs[rid] = {**train_run(preset, job, dataset, *values, device=device, progress=progress),
-                         "preset": preset_name, "setup": setup, "git_sha": git_sha()}
+            runs[rid] = {
+                **train_run(preset, job, dataset, *values, device=device, progress=progress),
+                "preset": preset_name,
+                "setup": setup,
+                "git_sha": git_sha(),
+            }
             _write_json(out / "runs" / f"{rid}.json", runs[rid])
         done += 1
         bar.update(cost[job])
     bar.close()
     invocations = _log_invocation(out, stage, started, load_start, trained=len(set(runs) - runs_before))
-    finished = all(resolve(preset, j, runs) is not None and run_id(preset, j, *resolve(preset, j, runs)) in runs
-                   for s in all_stages for j in s)
+    finished = all(
+        resolve(preset, j, runs) is not None and run_id(preset, j, *resolve(preset, j, runs)) in runs
+        for s in all_stages
+        for j in s
+    )
     if waiting:
-        print(f"{waiting} run(s) of this stage wait for tuning runs of an earlier stage; run that stage first",
-              file=sys.stderr)
+        print(
+            f"{waiting} run(s) of this stage wait for tuning runs of an earlier stage; run that stage first",
+            file=sys.stderr,
+        )
     if not finished and stage != "fit":
-        missing = sum(1 for s in all_stages for j in s if resolve(preset, j, runs) is None
-                      or run_id(preset, j, *resolve(preset, j, runs)) not in runs)
+        missing = sum(
+            1
+            for s in all_stages
+            for j in s
+            if resolve(preset, j, runs) is None or run_id(preset, j, *resolve(preset, j, runs)) not in runs
+        )
         print(f"{missing} run(s) of the sweep still to do: rerun the same command to continue", file=sys.stderr)
         return None
     result = analyse(preset, runs, json.loads((out / "flop_check.json").read_text()), dataset.vocab_size)
-    result.update(plan=plan, command=command, git_sha=git_sha(), data=dataset.info,
-                  environment=_environment(device), finished=finished,
-                  timing={"training_wall_s_all_runs": sum(r["wall_s"] for r in runs.values()),
-                          "runs_by": dict(Counter(f"{r['preset']} at {r.get('git_sha')}" for r in runs.values())),
-                          "invocations": invocations, "cpu_count": os.cpu_count()})
+    result.update(
+        plan=plan,
+        command=command,
+        git_sha=git_sha(),
+        data=dataset.info,
+        environment=_environment(device),
+        finished=finished,
+        timing={
+            "training_wall_s_all_runs": sum(r["wall_s"] for r in runs.values()),
+            "runs_by": dict(Counter(f"{r['preset']} at {r.get('git_sha')}" for r in runs.values())),
+            "invocations": invocations,
+            "cpu_count": os.cpu_count(),
+        },
+    )
     _write_json(out / "scaling.json", result)
     plot(result, out)
     return result
@@ -615,15 +805,23 @@ def _log_invocation(out: Path, stage: str, started: float, load_start, trained: 
     a sweep's time is the sum over the invocations that trained its runs."""
     path = out / "invocations.json"
     log = json.loads(path.read_text()) if path.is_file() else []
-    log.append({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "stage": stage, "runs_trained": trained,
-                "seconds_before_analysis": time.perf_counter() - started,
-                "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())})
+    log.append(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "stage": stage,
+            "runs_trained": trained,
+            "seconds_before_analysis": time.perf_counter() - started,
+            "load_average_start": list(load_start),
+            "load_average_end": list(os.getloadavg()),
+        }
+    )
     _write_json(path, log)
     return log
 
 
 def _environment(device: str) -> dict:
     from ..bench.common import environment
+
     return environment(torch.device(device))
 
 
@@ -638,8 +836,10 @@ def selected(preset: Preset, runs: dict) -> dict[str, list[list[dict]]]:
                 best = tuned(preset, runs, size, method, tuning_budget(preset, steps))
                 if best is None:
                     continue
-                rs = [_get(preset, runs, size, method, steps, seed, best["lr"], best["head_lr"], best["warmup"])
-                      for seed in seeds_of(preset, steps)]
+                rs = [
+                    _get(preset, runs, size, method, steps, seed, best["lr"], best["head_lr"], best["warmup"])
+                    for seed in seeds_of(preset, steps)
+                ]
                 rs = [r for r in rs if r is not None and r["status"] == "ok"]
                 if rs:
                     chosen[method].append(rs)
@@ -649,16 +849,30 @@ def selected(preset: Preset, runs: dict) -> dict[str, list[list[dict]]]:
 def variants(preset: Preset) -> dict[str, dict]:
     """The frontier's readings whose verdicts are compared (`sensitivity`): which evaluations and
     budgets count. "primary" is the one the fits, bands and verdicts report."""
-    out = {"primary": dict(min_fraction=preset.min_fraction, min_budget=min(preset.budgets),
-                           meaning=f"evaluations from {preset.min_fraction:g} of each run on, every budget"),
-           "all_evaluations": dict(min_fraction=0.0, min_budget=min(preset.budgets),
-                                   meaning="every evaluation, inside the warmup included, every budget"),
-           "late_evaluations": dict(min_fraction=0.5, min_budget=min(preset.budgets),
-                                    meaning="evaluations in the second half of each run only, every budget")}
+    out = {
+        "primary": dict(
+            min_fraction=preset.min_fraction,
+            min_budget=min(preset.budgets),
+            meaning=f"evaluations from {preset.min_fraction:g} of each run on, every budget",
+        ),
+        "all_evaluations": dict(
+            min_fraction=0.0,
+            min_budget=min(preset.budgets),
+            meaning="every evaluation, inside the warmup included, every budget",
+        ),
+        "late_evaluations": dict(
+            min_fraction=0.5,
+            min_budget=min(preset.budgets),
+            meaning="evaluations in the second half of each run only, every budget",
+        ),
+    }
     if len(preset.tune_budgets) > 1:
-        out["no_short_budgets"] = dict(min_fraction=0.0, min_budget=preset.tune_budgets[-1],
-                                       meaning=f"every evaluation, budgets from {preset.tune_budgets[-1]} steps "
-                                               f"only (the small end from the early evaluations of longer runs)")
+        out["no_short_budgets"] = dict(
+            min_fraction=0.0,
+            min_budget=preset.tune_budgets[-1],
+            meaning=f"every evaluation, budgets from {preset.tune_budgets[-1]} steps "
+            f"only (the small end from the early evaluations of longer runs)",
+        )
     return out
 
 
@@ -678,9 +892,12 @@ def _fits(preset: Preset, chosen: dict, rng, min_fraction: float, min_budget: in
             continue
         grid = fit.budget_grid(curves)
         c, l = fit.frontier(curves, grid)
-        entry = {"configurations": len(curves), "frontier": {"flops": c.tolist(), "test_loss": l.tolist()},
-                 "frontier_rises": fit.rises(c, l),
-                 "compute_decades": float(np.log10(c.max() / c.min())) if len(c) else 0.0}
+        entry = {
+            "configurations": len(curves),
+            "frontier": {"flops": c.tolist(), "test_loss": l.tolist()},
+            "frontier_rises": fit.rises(c, l),
+            "compute_decades": float(np.log10(c.max() / c.min())) if len(c) else 0.0,
+        }
         fits[method] = entry
         try:
             law = fit.fit_power_law(c, l)
@@ -689,10 +906,17 @@ def _fits(preset: Preset, chosen: dict, rng, min_fraction: float, min_budget: in
             continue
         boots[method] = boot = fit.bootstrap_laws(curves, grid, law, preset.resamples, rng)
         ok = [b for b in boot if b is not None]
-        entry["power_law"] = {"alpha": law["alpha"], "E": law["E"], "A": law["A"], "objective": law["objective"],
-                              "alpha_ci": fit.interval([b["alpha"] for b in ok]),
-                              "E_ci": fit.interval([b["E"] for b in ok]), "resamples": len(ok),
-                              "form": "L(C) = E + A * C^-alpha, C in FLOPs", "_fit": law}
+        entry["power_law"] = {
+            "alpha": law["alpha"],
+            "E": law["E"],
+            "A": law["A"],
+            "objective": law["objective"],
+            "alpha_ci": fit.interval([b["alpha"] for b in ok]),
+            "E_ci": fit.interval([b["E"] for b in ok]),
+            "resamples": len(ok),
+            "form": "L(C) = E + A * C^-alpha, C in FLOPs",
+            "_fit": law,
+        }
     comparisons = {}
     for method in (m for m in preset.methods if m != "bp"):
         a, b = fits.get("bp", {}).get("power_law", {}), fits.get(method, {}).get("power_law", {})
@@ -701,11 +925,16 @@ def _fits(preset: Preset, chosen: dict, rng, min_fraction: float, min_budget: in
         # from the smallest compute both methods measured (no extrapolation downwards) to the
         # largest measured, extrapolated upwards by extrapolate_decades
         lo = max(min(fits[m]["frontier"]["flops"]) for m in ("bp", method))
-        hi = max(max(fits[m]["frontier"]["flops"]) for m in ("bp", method)) * 10 ** preset.extrapolate_decades
+        hi = max(max(fits[m]["frontier"]["flops"]) for m in ("bp", method)) * 10**preset.extrapolate_decades
         comparisons[method] = fit.compare(a["_fit"], b["_fit"], boots["bp"], boots[method], lo, hi)
         comparisons[method]["measured"] = _measured_difference(fits["bp"], fits[method])
-        comparisons[method]["kind"] = ("baseline (only the head learns)" if method == "shallow" else
-                                       "DFA placement" if method in DFA_METHODS else "family method")
+        comparisons[method]["kind"] = (
+            "baseline (only the head learns)"
+            if method == "shallow"
+            else "DFA placement"
+            if method in DFA_METHODS
+            else "family method"
+        )
     return fits, boots, comparisons
 
 
@@ -716,15 +945,36 @@ def _measured_difference(bp: dict, other: dict) -> dict:
     if lo >= hi:
         return {"overlap": None}
     grid = np.exp(np.linspace(math.log(lo), math.log(hi), 12))
-    diff = [float(np.exp(np.interp(np.log(g), np.log(fo), np.log(other["frontier"]["test_loss"])))
-                  - np.exp(np.interp(np.log(g), np.log(fb), np.log(bp["frontier"]["test_loss"])))) for g in grid]
-    return {"flops": grid.tolist(), "difference": diff, "min": min(diff), "max": max(diff),
-            "other_better_share": float(np.mean([d < 0 for d in diff]))}
+    diff = [
+        float(
+            np.exp(np.interp(np.log(g), np.log(fo), np.log(other["frontier"]["test_loss"])))
+            - np.exp(np.interp(np.log(g), np.log(fb), np.log(bp["frontier"]["test_loss"])))
+        )
+        for g in grid
+    ]
+    return {
+        "flops": grid.tolist(),
+        "difference": diff,
+        "min": min(diff),
+        "max": max(diff),
+        "other_better_share": float(np.mean([d < 0 for d in diff])),
+    }
 
 
-VERDICT_KEYS = ("verdict", "verdict_meaning", "confidence", "bootstrap_verdicts", "crossover_flops", "crossover_ci",
-                "crossover_share", "E_difference", "E_difference_ci", "alpha_difference", "alpha_difference_ci",
-                "horizon_flops")
+VERDICT_KEYS = (
+    "verdict",
+    "verdict_meaning",
+    "confidence",
+    "bootstrap_verdicts",
+    "crossover_flops",
+    "crossover_ci",
+    "crossover_share",
+    "E_difference",
+    "E_difference_ci",
+    "alpha_difference",
+    "alpha_difference_ci",
+    "horizon_flops",
+)
 
 
 def analyse(preset: Preset, runs: dict, flop_check_result: list | None = None, vocab: int = 256) -> dict:
@@ -737,41 +987,73 @@ def analyse(preset: Preset, runs: dict, flop_check_result: list | None = None, v
     fits, boots, comparisons = _fits(preset, chosen, rng, primary["min_fraction"], primary["min_budget"])
     sensitivity = {}
     for name, v in readings.items():
-        f, _, c = (fits, boots, comparisons) if name == "primary" else _fits(preset, chosen, rng, v["min_fraction"],
-                                                                              v["min_budget"])
-        sensitivity[name] = {**v, "verdicts": {m: {k: c[m][k] for k in VERDICT_KEYS} for m in c},
-                             "fits": {m: {k: e["power_law"].get(k) for k in ("alpha", "E", "alpha_ci", "E_ci")}
-                                      | {"compute_decades": e["compute_decades"]} for m, e in f.items()
-                                      if "alpha" in e.get("power_law", {})}}
+        f, _, c = (
+            (fits, boots, comparisons)
+            if name == "primary"
+            else _fits(preset, chosen, rng, v["min_fraction"], v["min_budget"])
+        )
+        sensitivity[name] = {
+            **v,
+            "verdicts": {m: {k: c[m][k] for k in VERDICT_KEYS} for m in c},
+            "fits": {
+                m: {k: e["power_law"].get(k) for k in ("alpha", "E", "alpha_ci", "E_ci")}
+                | {"compute_decades": e["compute_decades"]}
+                for m, e in f.items()
+                if "alpha" in e.get("power_law", {})
+            },
+        }
     bands = {m: _band(fits[m], boots[m]) for m in boots}
     for method, entry in fits.items():
         entry.get("power_law", {}).pop("_fit", None)
         entry["runs"] = [r["id"] for rs in chosen[method] for r in rs]
         entry["nd"] = _fit_nd(chosen[method])
-    return {"runs": sorted(runs.values(), key=lambda r: (r["layers"], r["d_model"], r["method"], r["steps"],
-                                                         r["seed"], r["lr"], r["head_lr"])),
-            "selected_runs": {m: [r["id"] for rs in cs for r in rs] for m, cs in chosen.items()},
-            "tuning": _tuning_table(preset, runs), "tuning_grids": {m: tuning_grids(preset, m) for m in preset.methods},
-            "fits": fits, "comparisons": comparisons,
-            "verdicts": {m: {k: c[k] for k in ("verdict", "verdict_meaning", "confidence", "crossover_flops",
-                                                "crossover_ci", "crossover_share")}
-                         for m, c in comparisons.items() if m in compared(preset.methods)},
-            "compared_methods": list(compared(preset.methods)),
-            "sensitivity": sensitivity, "seed_spread": _seed_spread(chosen),
-            "bands": bands, "flop_check": flop_check_result, "cost_ratios": _cost_ratios(preset, runs, vocab),
-            "notes": {"verdict": "over [smallest compute both methods measured, largest measured x "
-                                 "10^extrapolate_decades]; (A) DFA always "
-                                 "better, (B) DFA better at scale, (C) BP better at scale, (D) BP always better; "
-                                 "confidence: share of bootstrap resamples giving the same verdict",
-                      "extrapolate_decades": preset.extrapolate_decades,
-                      "frontier": "at each budget the configuration with the lowest validation loss (seeds "
-                                  "averaged), its test loss reported; " + primary["meaning"],
-                      "tuning": "per size and tuning budget, seed 0, validation loss: the body rate (and warmup) "
-                                "at the head grid's middle, then the head rate at the chosen body rate; the same "
-                                "grids for every method that trains the group (tuning_grids)",
-                      "compute": "training FLOPs (analytic, matmuls incl. attention and head; cross-checked in "
-                                 "flop_check); evaluation not counted",
-                      "loss": "nats per token (byte-level: per byte)"}}
+    return {
+        "runs": sorted(
+            runs.values(),
+            key=lambda r: (r["layers"], r["d_model"], r["method"], r["steps"], r["seed"], r["lr"], r["head_lr"]),
+        ),
+        "selected_runs": {m: [r["id"] for rs in cs for r in rs] for m, cs in chosen.items()},
+        "tuning": _tuning_table(preset, runs),
+        "tuning_grids": {m: tuning_grids(preset, m) for m in preset.methods},
+        "fits": fits,
+        "comparisons": comparisons,
+        "verdicts": {
+            m: {
+                k: c[k]
+                for k in (
+                    "verdict",
+                    "verdict_meaning",
+                    "confidence",
+                    "crossover_flops",
+                    "crossover_ci",
+                    "crossover_share",
+                )
+            }
+            for m, c in comparisons.items()
+            if m in compared(preset.methods)
+        },
+        "compared_methods": list(compared(preset.methods)),
+        "sensitivity": sensitivity,
+        "seed_spread": _seed_spread(chosen),
+        "bands": bands,
+        "flop_check": flop_check_result,
+        "cost_ratios": _cost_ratios(preset, runs, vocab),
+        "notes": {
+            "verdict": "over [smallest compute both methods measured, largest measured x "
+            "10^extrapolate_decades]; (A) DFA always "
+            "better, (B) DFA better at scale, (C) BP better at scale, (D) BP always better; "
+            "confidence: share of bootstrap resamples giving the same verdict",
+            "extrapolate_decades": preset.extrapolate_decades,
+            "frontier": "at each budget the configuration with the lowest validation loss (seeds "
+            "averaged), its test loss reported; " + primary["meaning"],
+            "tuning": "per size and tuning budget, seed 0, validation loss: the body rate (and warmup) "
+            "at the head grid's middle, then the head rate at the chosen body rate; the same "
+            "grids for every method that trains the group (tuning_grids)",
+            "compute": "training FLOPs (analytic, matmuls incl. attention and head; cross-checked in "
+            "flop_check); evaluation not counted",
+            "loss": "nats per token (byte-level: per byte)",
+        },
+    }
 
 
 def _cost_ratios(preset: Preset, runs: dict, vocab: int) -> dict:
@@ -780,11 +1062,22 @@ def _cost_ratios(preset: Preset, runs: dict, vocab: int) -> dict:
     out = {}
     for size in preset.sizes:
         flops = {m: flops_per_token(size, m, vocab, preset.context)["total"] for m in preset.methods}
-        wall = {m: np.median([r["wall_s"] / r["steps"] for r in runs.values() if r["method"] == m
-                              and (r["layers"], r["d_model"], r["heads"]) == tuple(size) and r["status"] == "ok"]
-                             or [np.nan]) for m in preset.methods}
-        out["x".join(map(str, size))] = {m: {"flops": flops[m] / flops["bp"], "wall": float(wall[m] / wall["bp"])}
-                                         for m in preset.methods}
+        wall = {
+            m: np.median(
+                [
+                    r["wall_s"] / r["steps"]
+                    for r in runs.values()
+                    if r["method"] == m
+                    and (r["layers"], r["d_model"], r["heads"]) == tuple(size)
+                    and r["status"] == "ok"
+                ]
+                or [np.nan]
+            )
+            for m in preset.methods
+        }
+        out["x".join(map(str, size))] = {
+            m: {"flops": flops[m] / flops["bp"], "wall": float(wall[m] / wall["bp"])} for m in preset.methods
+        }
     return out
 
 
@@ -801,10 +1094,14 @@ def _seed_spread(chosen: dict) -> dict:
 
 def _fit_nd(configs: list[list[dict]]) -> dict:
     try:
-        return fit.fit_nd([rs[0]["non_embedding_parameters"] for rs in configs], [rs[0]["tokens"] for rs in configs],
-                          [float(np.mean([r["evals"][-1]["test_loss"] for r in rs])) for rs in configs]) | {
+        return fit.fit_nd(
+            [rs[0]["non_embedding_parameters"] for rs in configs],
+            [rs[0]["tokens"] for rs in configs],
+            [float(np.mean([r["evals"][-1]["test_loss"] for r in rs])) for rs in configs],
+        ) | {
             "form": "L(N, D) = E + A/N^alpha + B/D^beta; N non-embedding parameters, D training tokens; each "
-                    "configuration's final test loss (seeds averaged)"}
+            "configuration's final test loss (seeds averaged)"
+        }
     except ValueError as err:
         return {"error": str(err)}
 
@@ -813,9 +1110,12 @@ def _band(entry: dict, boot: list, points: int = 60) -> dict:
     c = np.asarray(entry["frontier"]["flops"])
     grid = np.exp(np.linspace(np.log(c.min()), np.log(c.max()), points))
     preds = np.array([fit.predict(b, grid) for b in boot if b is not None])
-    return {"flops": grid.tolist(), "low": np.quantile(preds, 0.025, 0).tolist(),
-            "high": np.quantile(preds, 0.975, 0).tolist(),
-            "fit": fit.predict(entry["power_law"]["_fit"], grid).tolist()}
+    return {
+        "flops": grid.tolist(),
+        "low": np.quantile(preds, 0.025, 0).tolist(),
+        "high": np.quantile(preds, 0.975, 0).tolist(),
+        "fit": fit.predict(entry["power_law"]["_fit"], grid).tolist(),
+    }
 
 
 def _tuning_table(preset: Preset, runs: dict) -> list[dict]:
@@ -829,19 +1129,42 @@ def _tuning_table(preset: Preset, runs: dict) -> list[dict]:
                 if grid is None:
                     continue
                 best = _best(grid)
-                edges = [g for g in groups(method) if best["lr" if g == "body" else "head_lr"]
-                         in (preset.lr_grid[g][0], preset.lr_grid[g][-1])]
-                rows.append({"size": list(preset.sizes[size]), "method": method, "steps": budget, "seed": seed,
-                             "grid": [{"lr": r["lr"], "head_lr": r["head_lr"], "warmup": r["warmup"],
-                                       "val_loss": r["final_val_loss"], "status": r["status"]} for r in grid],
-                             "chosen": {"lr": best["lr"], "head_lr": best["head_lr"], "warmup": best["warmup"]},
-                             "at_grid_edge": edges})
+                edges = [
+                    g
+                    for g in groups(method)
+                    if best["lr" if g == "body" else "head_lr"] in (preset.lr_grid[g][0], preset.lr_grid[g][-1])
+                ]
+                rows.append(
+                    {
+                        "size": list(preset.sizes[size]),
+                        "method": method,
+                        "steps": budget,
+                        "seed": seed,
+                        "grid": [
+                            {
+                                "lr": r["lr"],
+                                "head_lr": r["head_lr"],
+                                "warmup": r["warmup"],
+                                "val_loss": r["final_val_loss"],
+                                "status": r["status"],
+                            }
+                            for r in grid
+                        ],
+                        "chosen": {"lr": best["lr"], "head_lr": best["head_lr"], "warmup": best["warmup"]},
+                        "at_grid_edge": edges,
+                    }
+                )
     return rows
 
 
 # ---------------------------------------------------------------- plots
-COLORS = {"bp": "#1f77b4", "dfa-macro": "#d62728", "dfa-micro": "#ff7f0e", "dfa-linear": "#2ca02c",
-          "shallow": "#7f7f7f"}
+COLORS = {
+    "bp": "#1f77b4",
+    "dfa-macro": "#d62728",
+    "dfa-micro": "#ff7f0e",
+    "dfa-linear": "#2ca02c",
+    "shallow": "#7f7f7f",
+}
 FAMILY_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
@@ -854,6 +1177,7 @@ def color(method: str) -> str:
 
 def plot(result: dict, out: Path) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -862,15 +1186,31 @@ def plot(result: dict, out: Path) -> list[Path]:
     for method, ids in result["selected_runs"].items():
         for r in (r for r in result["runs"] if r["id"] in ids):
             e = r["evals"]
-            ax.plot([p["flops"] for p in e], [p["test_loss"] for p in e], color=color(method), alpha=0.35, lw=0.9,
-                    marker=".", ms=3)
+            ax.plot(
+                [p["flops"] for p in e],
+                [p["test_loss"] for p in e],
+                color=color(method),
+                alpha=0.35,
+                lw=0.9,
+                marker=".",
+                ms=3,
+            )
         band = result["bands"].get(method)
         if band:
             law = result["fits"][method]["power_law"]
-            ax.plot(band["flops"], band["fit"], color=color(method), lw=2.2,
-                    label=f"{method}: α={law['alpha']:.3f}, E={law['E']:.2f}")
-    ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="test loss (nats/token)",
-           title="Loss vs compute: every selected run (thin), fitted frontier L = E + A·C^-α (thick)")
+            ax.plot(
+                band["flops"],
+                band["fit"],
+                color=color(method),
+                lw=2.2,
+                label=f"{method}: α={law['alpha']:.3f}, E={law['E']:.2f}",
+            )
+    ax.set(
+        xscale="log",
+        xlabel="training compute (FLOPs)",
+        ylabel="test loss (nats/token)",
+        title="Loss vs compute: every selected run (thin), fitted frontier L = E + A·C^-α (thick)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     paths.append(save_figure(fig, out / "scaling.png", dpi=120))
@@ -882,9 +1222,13 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.plot(band["flops"], band["fit"], color=color(method), lw=2, label=method)
         ax.plot(f["frontier"]["flops"], f["frontier"]["test_loss"], "o", color=color(method), ms=3)
     measured = [l for f in result["fits"].values() for l in f["frontier"]["test_loss"]]
-    ax.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="test loss (nats/token)",
-           ylim=(min(measured) - 0.1, max(measured) + 0.25),
-           title="Compute-efficient frontiers (points) and fits with 95% bootstrap bands")
+    ax.set(
+        xscale="log",
+        xlabel="training compute (FLOPs)",
+        ylabel="test loss (nats/token)",
+        ylim=(min(measured) - 0.1, max(measured) + 0.25),
+        title="Compute-efficient frontiers (points) and fits with 95% bootstrap bands",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     paths.append(save_figure(fig, out / "scaling_frontiers.png", dpi=120))
@@ -894,16 +1238,19 @@ def plot(result: dict, out: Path) -> list[Path]:
 def describe_plan(preset_name: str, vocab: int = 256, methods: list[str] | None = None) -> str:
     """The runs of a preset, their estimated time and stages (``dfa-kernels scaling --plan``)."""
     preset = with_methods(PRESETS[preset_name], methods)
-    lines = [f"preset {preset_name}: sizes {[list(s) for s in preset.sizes]}, context {preset.context}, batch "
-             f"{preset.batch}, budgets {list(preset.budgets)} steps (tuned at {list(preset.tune_budgets)}), seeds "
-             f"{list(preset.seeds)}, methods {list(preset.methods)}; grids {preset.lr_grid}, warmup "
-             f"{list(preset.warmup_grid)}; time estimates at {preset.assumed_flop_rate:.0e} FLOP/s + "
-             f"{preset.step_overhead_s:g} s per step"]
+    lines = [
+        f"preset {preset_name}: sizes {[list(s) for s in preset.sizes]}, context {preset.context}, batch "
+        f"{preset.batch}, budgets {list(preset.budgets)} steps (tuned at {list(preset.tune_budgets)}), seeds "
+        f"{list(preset.seeds)}, methods {list(preset.methods)}; grids {preset.lr_grid}, warmup "
+        f"{list(preset.warmup_grid)}; time estimates at {preset.assumed_flop_rate:.0e} FLOP/s + "
+        f"{preset.step_overhead_s:g} s per step"
+    ]
     for k, stage in enumerate(stages(preset, vocab), 1):
         secs = sum(estimated_seconds(j, preset, vocab) for j in stage)
         sizes = sorted({j.size for j in stage})
-        lines.append(f"  stage {k}: {len(stage)} runs, ~{secs / 60:.1f} min, sizes "
-                     f"{[list(preset.sizes[i]) for i in sizes]}")
+        lines.append(
+            f"  stage {k}: {len(stage)} runs, ~{secs / 60:.1f} min, sizes {[list(preset.sizes[i]) for i in sizes]}"
+        )
     total = sum(estimated_seconds(j, preset, vocab) for j in jobs(preset))
     lines.append(f"  total: {len(jobs(preset))} runs, ~{total / 60:.0f} min")
     return "\n".join(lines)
@@ -912,10 +1259,15 @@ def describe_plan(preset_name: str, vocab: int = 256, methods: list[str] | None 
 def summary(result: dict) -> str:
     """The fitted exponents and the verdicts, and the verdicts under each reading of the frontier,
     as Markdown tables."""
+
     def ci(pair, fmt):
         return "—" if pair is None else f"[{pair[0]:{fmt}}, {pair[1]:{fmt}}]"
-    lines = ["| method | α (95% CI) | E (95% CI) | compute decades | crossover with BP, FLOPs (95% CI; share of resamples) | verdict (confidence) |",
-             "|---|---|---|---|---|---|"]
+
+    lines = [
+        "| method | α (95% CI) | E (95% CI) | compute decades "
+        "| crossover with BP, FLOPs (95% CI; share of resamples) | verdict (confidence) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, f in result["fits"].items():
         law = f.get("power_law", {})
         if "alpha" not in law:
@@ -927,16 +1279,21 @@ def summary(result: dict) -> str:
             at = "none" if c["crossover_flops"] is None else f"{c['crossover_flops']:.2e}"
             cross = f"{at} ({ci(c['crossover_ci'], '.1e')}; {c['crossover_share']:.2f})"
             verdict = f"({c['verdict']}) {c['verdict_meaning']} ({c['confidence']:.2f})"
-        lines.append(f"| {method} | {law['alpha']:.3f} {ci(law['alpha_ci'], '.3f')} | {law['E']:.3f} "
-                     f"{ci(law['E_ci'], '.3f')} | {f['compute_decades']:.2f} | {cross} | {verdict} |")
+        lines.append(
+            f"| {method} | {law['alpha']:.3f} {ci(law['alpha_ci'], '.3f')} | {law['E']:.3f} "
+            f"{ci(law['E_ci'], '.3f')} | {f['compute_decades']:.2f} | {cross} | {verdict} |"
+        )
     verdicts = result.get("compared_methods", DFA_METHODS)
     lines += ["", "| reading of the frontier | " + " | ".join(verdicts) + " |", "|---|" + "---|" * len(verdicts)]
     for name, v in result["sensitivity"].items():
         cells = []
         for m in verdicts:
             c = v["verdicts"].get(m)
-            cells.append("—" if c is None else
-                         f"({c['verdict']}) {c['confidence']:.2f}; E diff {c['E_difference']:+.3f} "
-                         f"{ci(c['E_difference_ci'], '+.3f')}")
+            cells.append(
+                "—"
+                if c is None
+                else f"({c['verdict']}) {c['confidence']:.2f}; E diff {c['E_difference']:+.3f} "
+                f"{ci(c['E_difference_ci'], '+.3f')}"
+            )
         lines.append(f"| {name}: {v['meaning']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

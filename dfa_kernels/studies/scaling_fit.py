@@ -26,6 +26,7 @@ Porian et al. 2024):
   BP at scale, (D) BP better at both. Its confidence is the share of bootstrap resamples that give
   the same verdict.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,7 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 HUBER_DELTA = 1e-3
-VERDICTS = {"A": "DFA always better", "B": "DFA better at scale", "C": "BP better at scale",
-            "D": "BP always better"}
+VERDICTS = {"A": "DFA always better", "B": "DFA better at scale", "C": "BP better at scale", "D": "BP always better"}
 
 
 def huber(r: np.ndarray, delta: float = HUBER_DELTA):
@@ -51,16 +51,20 @@ def huber(r: np.ndarray, delta: float = HUBER_DELTA):
 @dataclasses.dataclass(frozen=True)
 class Curve:
     """One configuration's runs (one row per seed), evaluated at the same computes."""
-    compute: np.ndarray      # [points], increasing
-    select: np.ndarray       # [seeds, points]: the loss that picks a configuration (validation)
-    report: np.ndarray       # [seeds, points]: the loss reported for it (held out)
+
+    compute: np.ndarray  # [points], increasing
+    select: np.ndarray  # [seeds, points]: the loss that picks a configuration (validation)
+    report: np.ndarray  # [seeds, points]: the loss reported for it (held out)
 
 
 def curve(points, report=None) -> Curve:
     """A Curve from one run's [(compute, loss), ...] (reported on the same loss unless `report`
     gives other losses for the same points)."""
-    pts = sorted((float(c), float(l), float(r)) for (c, l), r in
-                 zip(points, report if report is not None else [l for _, l in points]) if c > 0 and l > 0 and r > 0)
+    pts = sorted(
+        (float(c), float(l), float(r))
+        for (c, l), r in zip(points, report if report is not None else [l for _, l in points])
+        if c > 0 and l > 0 and r > 0
+    )
     c, l, r = (np.array([p[k] for p in pts]) for k in range(3))
     return Curve(c, l[None], r[None])
 
@@ -69,8 +73,11 @@ def seeds_curve(runs_points) -> Curve:
     """A Curve from several seeds' runs of one configuration: [[(compute, select, report), ...], ...]
     with the same computes in every run."""
     rows = [sorted(points) for points in runs_points]
-    return Curve(np.array([p[0] for p in rows[0]], float), np.array([[p[1] for p in r] for r in rows], float),
-                 np.array([[p[2] for p in r] for r in rows], float))
+    return Curve(
+        np.array([p[0] for p in rows[0]], float),
+        np.array([[p[1] for p in r] for r in rows], float),
+        np.array([[p[2] for p in r] for r in rows], float),
+    )
 
 
 def frontier(curves, grid: np.ndarray, seeds=None) -> tuple[np.ndarray, np.ndarray]:
@@ -104,8 +111,11 @@ def budget_grid(curves, points: int = 24) -> np.ndarray:
 
 def rises(compute, loss) -> list[dict]:
     """Where a frontier goes up with compute (see the module doc): each rise's budgets and size."""
-    return [{"from_flops": float(compute[i]), "to_flops": float(compute[i + 1]),
-             "rise": float(loss[i + 1] - loss[i])} for i in range(len(loss) - 1) if loss[i + 1] > loss[i]]
+    return [
+        {"from_flops": float(compute[i]), "to_flops": float(compute[i + 1]), "rise": float(loss[i + 1] - loss[i])}
+        for i in range(len(loss) - 1)
+        if loss[i + 1] > loss[i]
+    ]
 
 
 # ---------------------------------------------------------------- L(C) = E + A C^-alpha
@@ -114,16 +124,16 @@ def _lse_objective(params, log_x: np.ndarray, log_y: np.ndarray):
     params = (a_1, alpha_1, ..., a_k, alpha_k, e)."""
     k = log_x.shape[1]
     terms = np.empty((len(log_y), k + 1))
-    terms[:, :k] = params[0:2 * k:2] - params[1:2 * k:2] * log_x
+    terms[:, :k] = params[0 : 2 * k : 2] - params[1 : 2 * k : 2] * log_x
     terms[:, k] = params[-1]
     top = terms.max(1, keepdims=True)
     weights = np.exp(terms - top)
     total = weights.sum(1)
     loss, dloss = huber(top[:, 0] + np.log(total) - log_y)
-    share = weights * (dloss / total)[:, None]               # d loss / d term
+    share = weights * (dloss / total)[:, None]  # d loss / d term
     grad = np.empty_like(params)
-    grad[0:2 * k:2] = share[:, :k].sum(0)
-    grad[1:2 * k:2] = -(share[:, :k] * log_x).sum(0)
+    grad[0 : 2 * k : 2] = share[:, :k].sum(0)
+    grad[1 : 2 * k : 2] = -(share[:, :k] * log_x).sum(0)
     grad[-1] = share[:, k].sum()
     return loss.sum(), grad
 
@@ -150,8 +160,15 @@ def one_blas_thread():
 def _fit_lse(objective, log_x, log_y, starts, bounds):
     best = None
     for start in starts:
-        res = minimize(objective, np.asarray(start, float), args=(log_x, log_y), jac=True,
-                       method="L-BFGS-B", bounds=bounds, options={"maxiter": 500, "ftol": 1e-12, "gtol": 1e-9})
+        res = minimize(
+            objective,
+            np.asarray(start, float),
+            args=(log_x, log_y),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxiter": 500, "ftol": 1e-12, "gtol": 1e-9},
+        )
         if best is None or res.fun < best.fun:
             best = res
     return best
@@ -164,8 +181,12 @@ LOG_E_BOUNDS = (math.log(1e-3), math.log(1e3))
 def power_law_starts(log_y: np.ndarray) -> list[tuple[float, float, float]]:
     """A grid of (a, alpha, e) starting points for L(C), around the data's loss range."""
     lo, hi = float(log_y.min()), float(log_y.max())
-    return [(a, alpha, e) for a in (lo - 2, lo, hi, hi + 1) for alpha in (0.05, 0.15, 0.4, 1.0)
-            for e in (lo - 3, lo - 1, lo - 0.3, lo - 0.05)]
+    return [
+        (a, alpha, e)
+        for a in (lo - 2, lo, hi, hi + 1)
+        for alpha in (0.05, 0.15, 0.4, 1.0)
+        for e in (lo - 3, lo - 1, lo - 0.3, lo - 0.05)
+    ]
 
 
 def fit_power_law(compute, loss, reference: float | None = None, starts=None) -> dict:
@@ -180,11 +201,15 @@ def fit_power_law(compute, loss, reference: float | None = None, starts=None) ->
     c0 = float(np.exp(np.log(compute).mean())) if reference is None else float(reference)
     log_x, log_y = np.log(compute / c0), np.log(loss)
     with one_blas_thread():
-        res = _fit_lse(_power_law_objective, log_x, log_y, starts or power_law_starts(log_y),
-                       [(None, None), EXPONENT_BOUNDS, LOG_E_BOUNDS])
+        res = _fit_lse(
+            _power_law_objective,
+            log_x,
+            log_y,
+            starts or power_law_starts(log_y),
+            [(None, None), EXPONENT_BOUNDS, LOG_E_BOUNDS],
+        )
     a, alpha, e = (float(v) for v in res.x)
-    return law(alpha, math.exp(e), math.exp(a) * c0 ** alpha, objective=float(res.fun), reference=c0,
-               raw=(a, alpha, e))
+    return law(alpha, math.exp(e), math.exp(a) * c0**alpha, objective=float(res.fun), reference=c0, raw=(a, alpha, e))
 
 
 def law(alpha: float, E: float, A: float, **extra) -> dict:
@@ -204,20 +229,40 @@ def fit_nd(params, tokens, loss) -> dict:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (log-sum-exp, summed Huber on log-loss, multi-start)."""
     n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
     if len(l) < ND_MIN_POINTS or len(set(n)) < 2 or len(set(d)) < 2:
-        raise ValueError(f"an L(N, D) fit needs at least {ND_MIN_POINTS} points (two per parameter: with fewer "
-                         f"it interpolates) over at least 2 sizes and 2 token counts; got {len(l)} points, "
-                         f"{len(set(n))} sizes, {len(set(d))} token counts")
+        raise ValueError(
+            f"an L(N, D) fit needs at least {ND_MIN_POINTS} points (two per parameter: with fewer "
+            f"it interpolates) over at least 2 sizes and 2 token counts; got {len(l)} points, "
+            f"{len(set(n))} sizes, {len(set(d))} token counts"
+        )
     n0, d0 = float(np.exp(np.log(n).mean())), float(np.exp(np.log(d).mean()))
     log_x, log_y = np.stack([np.log(n / n0), np.log(d / d0)], 1), np.log(l)
     lo, hi = float(log_y.min()), float(log_y.max())
-    starts = [(a, al, b, be, e) for a in (lo - 2, hi) for al in (0.1, 0.5) for b in (lo - 2, hi)
-              for be in (0.1, 0.5) for e in (lo - 2, lo - 0.3)]
+    starts = [
+        (a, al, b, be, e)
+        for a in (lo - 2, hi)
+        for al in (0.1, 0.5)
+        for b in (lo - 2, hi)
+        for be in (0.1, 0.5)
+        for e in (lo - 2, lo - 0.3)
+    ]
     with one_blas_thread():
-        res = _fit_lse(_lse_objective, log_x, log_y, starts,
-                       [(None, None), EXPONENT_BOUNDS, (None, None), EXPONENT_BOUNDS, LOG_E_BOUNDS])
+        res = _fit_lse(
+            _lse_objective,
+            log_x,
+            log_y,
+            starts,
+            [(None, None), EXPONENT_BOUNDS, (None, None), EXPONENT_BOUNDS, LOG_E_BOUNDS],
+        )
     a, alpha, b, beta, e = (float(v) for v in res.x)
-    return {"alpha": alpha, "beta": beta, "E": math.exp(e), "A": math.exp(a) * n0 ** alpha,
-            "B": math.exp(b) * d0 ** beta, "objective": float(res.fun), "points": len(l)}
+    return {
+        "alpha": alpha,
+        "beta": beta,
+        "E": math.exp(e),
+        "A": math.exp(a) * n0**alpha,
+        "B": math.exp(b) * d0**beta,
+        "objective": float(res.fun),
+        "points": len(l),
+    }
 
 
 # ---------------------------------------------------------------- comparison of two laws
@@ -234,8 +279,8 @@ def crossovers(bp: dict, dfa: dict, lo: float, hi: float, points: int = 400) -> 
 
 def verdict(bp: dict, dfa: dict, lo: float, hi: float) -> str:
     """A, B, C or D (see the module doc) for the horizon [lo, hi]."""
-    small = float(predict(dfa, lo) - predict(bp, lo)) < 0      # DFA better at the small end
-    large = float(predict(dfa, hi) - predict(bp, hi)) < 0      # DFA better at scale
+    small = float(predict(dfa, lo) - predict(bp, lo)) < 0  # DFA better at the small end
+    large = float(predict(dfa, hi) - predict(bp, hi)) < 0  # DFA better at scale
     return {(True, True): "A", (False, True): "B", (True, False): "C", (False, False): "D"}[(small, large)]
 
 
@@ -284,13 +329,18 @@ def compare(bp_fit: dict, dfa_fit: dict, bp_boot: list, dfa_boot: list, lo: floa
     n = sum(votes.values())
     with_cross = [c for c in boot_cross if c is not None]
     return {
-        "verdict": point, "verdict_meaning": VERDICTS[point],
+        "verdict": point,
+        "verdict_meaning": VERDICTS[point],
         "confidence": votes[point] / n if n else None,
         "bootstrap_verdicts": {k: v / n for k, v in votes.items()} if n else None,
-        "crossover_flops": cross[0] if cross else None, "crossovers_flops": cross,
+        "crossover_flops": cross[0] if cross else None,
+        "crossovers_flops": cross,
         "crossover_ci": interval(with_cross),
         "crossover_share": len(with_cross) / n if n else None,
-        "alpha_difference": dfa_fit["alpha"] - bp_fit["alpha"], "alpha_difference_ci": interval(d_alpha),
-        "E_difference": dfa_fit["E"] - bp_fit["E"], "E_difference_ci": interval(d_e),
-        "horizon_flops": [lo, hi], "resamples_used": n,
+        "alpha_difference": dfa_fit["alpha"] - bp_fit["alpha"],
+        "alpha_difference_ci": interval(d_alpha),
+        "E_difference": dfa_fit["E"] - bp_fit["E"],
+        "E_difference_ci": interval(d_e),
+        "horizon_flops": [lo, hi],
+        "resamples_used": n,
     }

@@ -13,6 +13,7 @@ is not the only evidence:
 - ``knn_acc_raw``: the same k-NN on the raw hidden representation (t-SNE can exaggerate clusters:
   this one cannot).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ import numpy as np
 from ..figures import save_figure
 
 MODES = ("bp", "dfa", "shallow")
-MAX_POINTS = 3000   # larger representations are subsampled (stratified, seeded): t-SNE is O(n log n) per step
+MAX_POINTS = 3000  # larger representations are subsampled (stratified, seeded): t-SNE is O(n log n) per step
 PERPLEXITY = 30.0
 NEIGHBOURS = 5
 FOLDS = 5
@@ -49,14 +50,21 @@ def embed(X: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
 
     perplexity = min(PERPLEXITY, (len(X) - 1) / 3)
     Y = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(X)
-    return {"map": Y, "knn_acc_2d": separability(Y, labels, seed), "silhouette_2d": float(silhouette_score(Y, labels)),
-            "knn_acc_raw": separability(X, labels, seed), "points": int(len(X)), "dims_raw": int(X.shape[1]),
-            "perplexity": perplexity}
+    return {
+        "map": Y,
+        "knn_acc_2d": separability(Y, labels, seed),
+        "silhouette_2d": float(silhouette_score(Y, labels)),
+        "knn_acc_raw": separability(X, labels, seed),
+        "points": int(len(X)),
+        "dims_raw": int(X.shape[1]),
+        "perplexity": perplexity,
+    }
 
 
 def plot(maps: dict, label_names: list[str], path, title: str) -> Path:
     """One panel per mode (the 2-D maps, coloured by label) with its k-NN accuracy and silhouette."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -80,6 +88,7 @@ def subsample(X: np.ndarray, labels: np.ndarray, max_points: int, seed: int):
     if len(X) <= max_points:
         return X, labels
     from sklearn.model_selection import train_test_split
+
     keep, _ = train_test_split(np.arange(len(X)), train_size=max_points, stratify=labels, random_state=seed)
     keep = np.sort(keep)
     return X[keep], labels[keep]
@@ -99,24 +108,39 @@ def run_study(task_name: str, config, modes=MODES, max_points: int = MAX_POINTS)
         cfg = dataclasses.replace(config, mode=mode, out=out / f"tsne-{mode}")
         run = task.build(cfg)
         if run.represent is None:
-            raise ValueError(f"task {task.name!r} exposes no representation to embed (t-SNE covers the graph, "
-                             "recommender and language-model tasks)")
+            raise ValueError(
+                f"task {task.name!r} exposes no representation to embed (t-SNE covers the graph, "
+                "recommender and language-model tasks)"
+            )
         result = train(task, cfg, run)
         X, labels, label_names, what = run.represent(run.model)
-        X, labels = subsample(np.asarray(X, dtype=np.float64), np.asarray(labels, dtype=np.int64), max_points,
-                              config.seed)
+        X, labels = subsample(
+            np.asarray(X, dtype=np.float64), np.asarray(labels, dtype=np.int64), max_points, config.seed
+        )
         maps[mode] = {**embed(X, labels, config.seed), "labels": labels}
-        runs[mode] = {"variant": variant_name(task, cfg), task.metric: result.final.get(task.metric),
-                      "config": result.config}
-        print(f"{task.name} [{mode}]: k-NN (2-D) {maps[mode]['knn_acc_2d']:.3f}, silhouette "
-              f"{maps[mode]['silhouette_2d']:.3f}, k-NN (raw) {maps[mode]['knn_acc_raw']:.3f}", flush=True)
+        runs[mode] = {
+            "variant": variant_name(task, cfg),
+            task.metric: result.final.get(task.metric),
+            "config": result.config,
+        }
+        print(
+            f"{task.name} [{mode}]: k-NN (2-D) {maps[mode]['knn_acc_2d']:.3f}, silhouette "
+            f"{maps[mode]['silhouette_2d']:.3f}, k-NN (raw) {maps[mode]['knn_acc_raw']:.3f}",
+            flush=True,
+        )
     figure = plot(maps, label_names, out / "tsne.png", f"{task.name}: t-SNE of {what}")
-    report = {"task": task.name, "representation": what, "labels": label_names,
-              "method": f"sklearn TSNE (2-D, perplexity {PERPLEXITY} or less for small sets, PCA init, "
-                        f"random_state = seed); {NEIGHBOURS}-NN accuracy, {FOLDS}-fold stratified CV",
-              "modes": {mode: {k: v for k, v in m.items() if k not in ("map", "labels")} | runs[mode]
-                        for mode, m in maps.items()},
-              "figure": str(figure), "provenance": provenance()}
+    report = {
+        "task": task.name,
+        "representation": what,
+        "labels": label_names,
+        "method": f"sklearn TSNE (2-D, perplexity {PERPLEXITY} or less for small sets, PCA init, "
+        f"random_state = seed); {NEIGHBOURS}-NN accuracy, {FOLDS}-fold stratified CV",
+        "modes": {
+            mode: {k: v for k, v in m.items() if k not in ("map", "labels")} | runs[mode] for mode, m in maps.items()
+        },
+        "figure": str(figure),
+        "provenance": provenance(),
+    }
     (out / "tsne.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"-> {out}/tsne.json, {figure}")
     return report

@@ -4,6 +4,7 @@ activation derivative), the grouped weight gradient, and B itself.
 Importing this package never fails for lack of Triton; ``is_available`` then answers False and
 the kernel entry points are absent.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,14 @@ else:
     from .project_points import project_points
     from .tuning import INTERPRET
 
-__all__ = ["is_available", "project", "project_materialized", "project_points", "grouped_weight_grad",
-           "feedback_matrix"]
+__all__ = [
+    "is_available",
+    "project",
+    "project_materialized",
+    "project_points",
+    "grouped_weight_grad",
+    "feedback_matrix",
+]
 
 
 def is_available(device_type: str) -> bool:

@@ -2,6 +2,7 @@
 (softmax(row) - onehot(target_r)) * inv_count, and the row's loss is returned; rows whose target is
 ignore_index become zeros with loss 0. Two passes over the row: an online max / sum-of-exp, then
 the gradient; V needs no padding to a power of two."""
+
 from __future__ import annotations
 
 import torch
@@ -38,14 +39,17 @@ def _ce_kernel(logits_ptr, target_ptr, loss_ptr, inv_count_ptr, V, stride, ignor
         tl.store(base + idx, g, mask=idx < V)
 
 
-def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                        inv_count: torch.Tensor) -> torch.Tensor:
+def cross_entropy_grad_(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, inv_count: torch.Tensor
+) -> torch.Tensor:
     """Per-row losses [C]; `logits` (fp32 [C, V], unit column stride) is overwritten by the gradient.
     inv_count: 1 / (rows counted), a one-element fp32 tensor on logits' device (read by the kernel:
     no host sync)."""
     if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be a float32 [C, V] tensor with unit column stride; got {logits.dtype} "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
+        raise ValueError(
+            f"logits must be a float32 [C, V] tensor with unit column stride; got {logits.dtype} "
+            f"{tuple(logits.shape)} strides {logits.stride()}"
+        )
     if target.shape != logits.shape[:1] or target.dtype != torch.int64:
         raise ValueError(f"target must be int64 [C = {logits.shape[0]}]; got {target.dtype} {tuple(target.shape)}")
     _check_device("logits", logits.device)
@@ -55,6 +59,15 @@ def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, ignore_index
         return losses
     block = 1024 if INTERPRET else min(8192, triton.next_power_of_2(V))
     with device_guard(logits.device):
-        _ce_kernel[(C,)](logits, target.contiguous(), losses, inv_count.to(torch.float32).reshape(1), V,
-                         logits.stride(0), ignore_index, BLOCK=block, num_warps=1 if INTERPRET else 8)
+        _ce_kernel[(C,)](
+            logits,
+            target.contiguous(),
+            losses,
+            inv_count.to(torch.float32).reshape(1),
+            V,
+            logits.stride(0),
+            ignore_index,
+            BLOCK=block,
+            num_warps=1 if INTERPRET else 8,
+        )
     return losses

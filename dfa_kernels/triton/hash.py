@@ -4,6 +4,7 @@ Every hash operand is a ``tl.uint32`` tensor, so multiplies wrap modulo 2^32 and
 logical shift, exactly as in the C++ header. Integer literals combine with a uint32 tensor as
 uint32 (same width, unsigned wins), so the constants need no explicit cast.
 """
+
 from __future__ import annotations
 
 import triton

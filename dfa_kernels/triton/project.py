@@ -4,6 +4,7 @@ The virtual kernel never stores B: each program generates the [BK, BN] tile of B
 registers from the counter-based hash (hash.py) and feeds it to ``tl.dot``. The materialized
 kernel is the same matmul reading B from memory. ``feedback_matrix`` writes B itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .hash import (DISTRIBUTION_CODES, RADEMACHER, as_int32, col_key, col_key_for, rademacher_tile, row_key,
-                   seed_key_host, value_from_keys)
+from .hash import (
+    DISTRIBUTION_CODES,
+    RADEMACHER,
+    as_int32,
+    col_key,
+    col_key_for,
+    rademacher_tile,
+    row_key,
+    seed_key_host,
+    value_from_keys,
+)
 from .tuning import INTERPRET, autotuned, device_guard, fit_tiles
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,10 +53,31 @@ def store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, 
 
 
 @triton.jit
-def accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
-                    skey, threshold, VIRTUAL: tl.constexpr, DIST: tl.constexpr, ALIGNED: tl.constexpr,
-                    LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def accumulate_tile(
+    e_ptr,
+    b_ptr,
+    N,
+    K,
+    col0,
+    pid_n,
+    offs_m,
+    offs_n,
+    n_mask,
+    stride_em,
+    stride_ek,
+    stride_bk,
+    stride_bn,
+    skey,
+    threshold,
+    VIRTUAL: tl.constexpr,
+    DIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """fp32 [BM, BN] tile of e[offs_m, :] @ B[:, col0 + offs_n]; offs_n = pid_n * BN + arange(BN),
     n_mask the columns that exist (stored B is read only there).
     Virtual B is generated from the hash; ALIGNED (rademacher) says col0 is a multiple of 32, so
@@ -90,24 +121,86 @@ def accumulate_tile(e_ptr, b_ptr, N, K, col0, pid_n, offs_m, offs_n, n_mask, str
 # K and W stay specialized: their divisibility by 16 lets the masked loads of e along K and the
 # stores along W vectorize; the strides, for the same reason.
 @triton.jit(do_not_specialize=["N", "n_bucket", "skey", "threshold"])
-def _project_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
-                    stride_em, stride_ek, stride_bk, stride_bn, stride_om,
-                    skey, threshold, scale, n_bucket,
-                    VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
-                    LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _project_kernel(
+    e_ptr,
+    b_ptr,
+    cs_ptr,
+    out_ptr,
+    N,
+    K,
+    W,
+    stride_em,
+    stride_ek,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    skey,
+    threshold,
+    scale,
+    n_bucket,
+    VIRTUAL: tl.constexpr,
+    DIST: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     # n_bucket is only an autotuning key (N rounded up to a power of two).
     pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, W, BM, BN)
     # BN is a multiple of 32 and the columns start at 0: rademacher tiles are word aligned.
-    acc = accumulate_tile(e_ptr, b_ptr, N, K, 0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek, stride_bk,
-                          stride_bn, skey, threshold, VIRTUAL, DIST, True, LIBDEVICE, INPUT_PRECISION, BM, BN, BK)
+    acc = accumulate_tile(
+        e_ptr,
+        b_ptr,
+        N,
+        K,
+        0,
+        pid_n,
+        offs_m,
+        offs_n,
+        n_mask,
+        stride_em,
+        stride_ek,
+        stride_bk,
+        stride_bn,
+        skey,
+        threshold,
+        VIRTUAL,
+        DIST,
+        True,
+        LIBDEVICE,
+        INPUT_PRECISION,
+        BM,
+        BN,
+        BK,
+    )
     store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 
 @triton.jit
-def narrow_tile(e_ptr, b_ptr, K, col0, offs_m, offs_n, m_mask, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
-                skey, threshold, VIRTUAL: tl.constexpr, DIST: tl.constexpr, LIBDEVICE: tl.constexpr,
-                KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def narrow_tile(
+    e_ptr,
+    b_ptr,
+    K,
+    col0,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    stride_em,
+    stride_ek,
+    stride_bk,
+    stride_bn,
+    skey,
+    threshold,
+    VIRTUAL: tl.constexpr,
+    DIST: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    KP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
     """fp32 [BM, BN] tile of e[offs_m, :] @ B[:, col0 + offs_n] for K <= KP <= 16: an outer product,
     bound by the output write. The K rows of the B block are made once (no tl.dot, whose 16-row
     minimum would generate 16x the entries for K = 1) and added as K rank-1 updates."""
@@ -119,8 +212,9 @@ def narrow_tile(e_ptr, b_ptr, K, col0, offs_m, offs_n, m_mask, n_mask, stride_em
         if k < K:
             a = tl.load(e_ptr + offs_m.to(tl.int64) * stride_em + k * stride_ek, mask=m_mask, other=0.0)
             if VIRTUAL:
-                b = value_from_keys(row_key(skey.to(tl.uint32), tl.full((), k, tl.uint32)), ckey, j, threshold,
-                                    DIST, LIBDEVICE)
+                b = value_from_keys(
+                    row_key(skey.to(tl.uint32), tl.full((), k, tl.uint32)), ckey, j, threshold, DIST, LIBDEVICE
+                )
             else:
                 b = tl.load(b_ptr + k * stride_bk + (col0 + offs_n).to(tl.int64) * stride_bn, mask=n_mask, other=0.0)
             acc += a.to(tl.float32)[:, None] * b.to(e_ptr.dtype.element_ty).to(tl.float32)[None, :]
@@ -129,22 +223,73 @@ def narrow_tile(e_ptr, b_ptr, K, col0, offs_m, offs_n, m_mask, n_mask, stride_em
 
 # As _project_kernel; K too, as it only bounds the unrolled k loop (a scalar compare).
 @triton.jit(do_not_specialize=["N", "K", "n_bucket", "skey", "threshold"])
-def _narrow_kernel(e_ptr, b_ptr, cs_ptr, out_ptr, N, K, W,
-                   stride_em, stride_ek, stride_bk, stride_bn, stride_om,
-                   skey, threshold, scale, n_bucket,
-                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
-                   LIBDEVICE: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _narrow_kernel(
+    e_ptr,
+    b_ptr,
+    cs_ptr,
+    out_ptr,
+    N,
+    K,
+    W,
+    stride_em,
+    stride_ek,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    skey,
+    threshold,
+    scale,
+    n_bucket,
+    VIRTUAL: tl.constexpr,
+    DIST: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    KP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
     """out_features K <= KP <= 16 (see narrow_tile)."""
     pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, W, BM, BN)
-    acc = narrow_tile(e_ptr, b_ptr, K, 0, offs_m, offs_n, m_mask, n_mask, stride_em, stride_ek, stride_bk, stride_bn,
-                      skey, threshold, VIRTUAL, DIST, LIBDEVICE, KP, BM, BN)
+    acc = narrow_tile(
+        e_ptr,
+        b_ptr,
+        K,
+        0,
+        offs_m,
+        offs_n,
+        m_mask,
+        n_mask,
+        stride_em,
+        stride_ek,
+        stride_bk,
+        stride_bn,
+        skey,
+        threshold,
+        VIRTUAL,
+        DIST,
+        LIBDEVICE,
+        KP,
+        BM,
+        BN,
+    )
     store_tile(acc, cs_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, scale, HAS_COL_SCALE)
 
 
 # R only masks rows; C (the stores along the contiguous axis) and stride_r stay specialized.
 @triton.jit(do_not_specialize=["R", "skey", "threshold", "col_offset"])
-def _feedback_kernel(out_ptr, R, C, stride_r, skey, threshold, col_offset,
-                     DIST: tl.constexpr, LIBDEVICE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _feedback_kernel(
+    out_ptr,
+    R,
+    C,
+    stride_r,
+    skey,
+    threshold,
+    col_offset,
+    DIST: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
     num_c = tl.cdiv(C, BC)
     offs_r = (tl.program_id(0) // num_c) * BR + tl.arange(0, BR)
     offs_c = (tl.program_id(0) % num_c) * BC + tl.arange(0, BC)
@@ -181,8 +326,10 @@ def prune_project(configs, named_args, **kwargs):
 
 
 # Memory-bound tiles for the narrow kernel: wide in columns for long coalesced stores.
-_NARROW_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
-                   for bm, bn, w in [(32, 256, 4), (64, 256, 8), (16, 512, 4), (64, 128, 4), (128, 128, 8)]]
+_NARROW_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn}, num_warps=w)
+    for bm, bn, w in [(32, 256, 4), (64, 256, 8), (16, 512, 4), (64, 128, 4), (128, 128, 8)]
+]
 _NARROW_INTERPRET_META = {"BM": 32, "BN": 64}
 NARROW_MAX_K = 16
 
@@ -192,12 +339,22 @@ def prune_narrow(configs, named_args, **kwargs):
     return fit_tiles(configs, BM=named_args["N"], BN=named_args["W"])
 
 
-_project_launch = autotuned("project", _project_kernel, _GPU_CONFIGS,
-                            ["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE", "INPUT_PRECISION"],
-                            _INTERPRET_META, prune_project)
-_narrow_launch = autotuned("narrow", _narrow_kernel, _NARROW_CONFIGS,
-                           ["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE"], _NARROW_INTERPRET_META,
-                           prune_narrow)
+_project_launch = autotuned(
+    "project",
+    _project_kernel,
+    _GPU_CONFIGS,
+    ["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE", "INPUT_PRECISION"],
+    _INTERPRET_META,
+    prune_project,
+)
+_narrow_launch = autotuned(
+    "narrow",
+    _narrow_kernel,
+    _NARROW_CONFIGS,
+    ["n_bucket", "K", "W", "VIRTUAL", "DIST", "HAS_COL_SCALE"],
+    _NARROW_INTERPRET_META,
+    prune_narrow,
+)
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -256,8 +413,17 @@ def _fp32_dot_precision() -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _launch(e: torch.Tensor, B: torch.Tensor | None, width: int, skey: int, threshold: int, dist: int,
-            scale, col_scale, out_dtype) -> torch.Tensor:
+def _launch(
+    e: torch.Tensor,
+    B: torch.Tensor | None,
+    width: int,
+    skey: int,
+    threshold: int,
+    dist: int,
+    scale,
+    col_scale,
+    out_dtype,
+) -> torch.Tensor:
     """Shared validation of scale/col_scale/out_dtype and the launch of _project_kernel."""
     N, K = e.shape
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -278,9 +444,24 @@ def _launch(e: torch.Tensor, B: torch.Tensor | None, width: int, skey: int, thre
         return torch.zeros((N, width), dtype=out_dtype, device=e.device)
 
     out = torch.empty((N, width), dtype=out_dtype, device=e.device)
-    args = (e, e if B is None else B, out if col_scale is None else col_scale, out, N, K, width,
-            e.stride(0), e.stride(1), 0 if B is None else B.stride(0), 0 if B is None else B.stride(1),
-            out.stride(0), skey, threshold, float(scale), triton.next_power_of_2(N))
+    args = (
+        e,
+        e if B is None else B,
+        out if col_scale is None else col_scale,
+        out,
+        N,
+        K,
+        width,
+        e.stride(0),
+        e.stride(1),
+        0 if B is None else B.stride(0),
+        0 if B is None else B.stride(1),
+        out.stride(0),
+        skey,
+        threshold,
+        float(scale),
+        triton.next_power_of_2(N),
+    )
     consts = dict(VIRTUAL=B is None, DIST=dist, HAS_COL_SCALE=col_scale is not None, LIBDEVICE=not INTERPRET)
     if K <= NARROW_MAX_K:
         launch = _narrow_launch
@@ -293,9 +474,16 @@ def _launch(e: torch.Tensor, B: torch.Tensor | None, width: int, skey: int, thre
     return out
 
 
-def project(e: torch.Tensor, seed: int, distribution: str, density: float, width: int,
-            scale: float = 1.0, col_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def project(
+    e: torch.Tensor,
+    seed: int,
+    distribution: str,
+    density: float,
+    width: int,
+    scale: float = 1.0,
+    col_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """F[N, width] = scale * (e @ B) * col_scale with B[i, j] = dist(hash(seed, i, j)) never stored.
 
     e: [N, out_features] float32/float16/bfloat16. B entries are generated in fp32 and cast to
@@ -310,9 +498,13 @@ def project(e: torch.Tensor, seed: int, distribution: str, density: float, width
     return _launch(e, None, width, as_int32(seed_key_host(seed)), threshold, dist, scale, col_scale, out_dtype)
 
 
-def project_materialized(e: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
-                         col_scale: torch.Tensor | None = None,
-                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def project_materialized(
+    e: torch.Tensor,
+    B: torch.Tensor,
+    scale: float = 1.0,
+    col_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """F = scale * (e @ B) * col_scale with B [out_features, width] read from memory (cast to e's dtype)."""
     _check_float_tensor("e", e, 2)
     _check_float_tensor("B", B, 2)
@@ -323,8 +515,16 @@ def project_materialized(e: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
     return _launch(e, B, B.shape[1], 0, 0, 0, scale, col_scale, out_dtype)
 
 
-def feedback_matrix(seed: int, distribution: str, density: float, rows: int, cols: int,
-                    dtype: torch.dtype = torch.float32, device="cuda", col_offset: int = 0) -> torch.Tensor:
+def feedback_matrix(
+    seed: int,
+    distribution: str,
+    density: float,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype = torch.float32,
+    device="cuda",
+    col_offset: int = 0,
+) -> torch.Tensor:
     """B[i, j] for i < rows and col_offset <= j < col_offset + cols, as a dense [rows, cols] tensor."""
     seed = _check_int("seed", seed, 0, 1 << 32)
     dist = _check_distribution(distribution)
@@ -342,6 +542,18 @@ def feedback_matrix(seed: int, distribution: str, density: float, rows: int, col
     BR, BC = 32, 128
     grid = (triton.cdiv(rows, BR) * triton.cdiv(cols, BC),)
     with device_guard(device):
-        _feedback_kernel[grid](out, rows, cols, out.stride(0), as_int32(seed_key_host(seed)), threshold,
-                               as_int32(col_offset), DIST=dist, LIBDEVICE=not INTERPRET, BR=BR, BC=BC, num_warps=4)
+        _feedback_kernel[grid](
+            out,
+            rows,
+            cols,
+            out.stride(0),
+            as_int32(seed_key_host(seed)),
+            threshold,
+            as_int32(col_offset),
+            DIST=dist,
+            LIBDEVICE=not INTERPRET,
+            BR=BR,
+            BC=BC,
+            num_warps=4,
+        )
     return out

@@ -12,6 +12,7 @@ constants (offsets, widths, activation codes, scales) built once and cached, the
 pre-activation pointers written per call by one small kernel launch (tables.py), never copied
 from the host, so a call makes no host-device synchronisation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,22 @@ import triton.language as tl
 
 from ..reference import column_spans
 from .hash import as_int32, seed_key_host
-from .project import (_FLOAT_DTYPES, _GPU_CONFIGS, _INTERPRET_META, _NARROW_CONFIGS, _NARROW_INTERPRET_META,
-                      NARROW_MAX_K, _check_distribution, _check_float_tensor, _check_int, _fp32_dot_precision,
-                      _sparse_threshold, accumulate_tile, narrow_tile, tile_of_program)
+from .project import (
+    _FLOAT_DTYPES,
+    _GPU_CONFIGS,
+    _INTERPRET_META,
+    _NARROW_CONFIGS,
+    _NARROW_INTERPRET_META,
+    NARROW_MAX_K,
+    _check_distribution,
+    _check_float_tensor,
+    _check_int,
+    _fp32_dot_precision,
+    _sparse_threshold,
+    accumulate_tile,
+    narrow_tile,
+    tile_of_program,
+)
 from .tables import cached_table, device_table
 from .tuning import INTERPRET, autotuned, device_guard, fit_tiles
 
@@ -57,22 +71,91 @@ def activation_grad(a, ACT):
 # hash key and threshold. K, span0 and span_w stay specialized as in _project_kernel (vectorized
 # loads along K, of stored B at column span0, stores along the span), as do the strides.
 @triton.jit(do_not_specialize=["P", "N", "n_bucket", "w_bucket", "skey", "threshold"])
-def _points_kernel(e_ptr, b_ptr, ptr_tab, meta_tab, scale_tab, P, N, K, span0, span_w,
-                   stride_em, stride_ek, stride_bk, stride_bn, skey, threshold, n_bucket, w_bucket,
-                   VIRTUAL: tl.constexpr, DIST: tl.constexpr, HAS_ACT: tl.constexpr, ALIGNED: tl.constexpr,
-                   NARROW_KP: tl.constexpr, HINTS: tl.constexpr, OUT_TYPE: tl.constexpr, ACT_TYPE: tl.constexpr,
-                   LIBDEVICE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _points_kernel(
+    e_ptr,
+    b_ptr,
+    ptr_tab,
+    meta_tab,
+    scale_tab,
+    P,
+    N,
+    K,
+    span0,
+    span_w,
+    stride_em,
+    stride_ek,
+    stride_bk,
+    stride_bn,
+    skey,
+    threshold,
+    n_bucket,
+    w_bucket,
+    VIRTUAL: tl.constexpr,
+    DIST: tl.constexpr,
+    HAS_ACT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    NARROW_KP: tl.constexpr,
+    HINTS: tl.constexpr,
+    OUT_TYPE: tl.constexpr,
+    ACT_TYPE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     # Tables: ptr_tab [2P] (outputs, then pre-activations or 0), meta_tab [3P] (column offsets,
     # widths, activation codes), scale_tab [P]. n_bucket and w_bucket are only autotuning keys.
     pid_n, offs_m, offs_n, m_mask, n_mask = tile_of_program(N, span_w, BM, BN)
     if NARROW_KP > 0:
-        acc = narrow_tile(e_ptr, b_ptr, K, span0, offs_m, offs_n, m_mask, n_mask, stride_em, stride_ek, stride_bk,
-                          stride_bn, skey, threshold, VIRTUAL, DIST, LIBDEVICE, NARROW_KP, BM, BN)
+        acc = narrow_tile(
+            e_ptr,
+            b_ptr,
+            K,
+            span0,
+            offs_m,
+            offs_n,
+            m_mask,
+            n_mask,
+            stride_em,
+            stride_ek,
+            stride_bk,
+            stride_bn,
+            skey,
+            threshold,
+            VIRTUAL,
+            DIST,
+            LIBDEVICE,
+            NARROW_KP,
+            BM,
+            BN,
+        )
     else:
-        acc = accumulate_tile(e_ptr, b_ptr, N, K, span0, pid_n, offs_m, offs_n, n_mask, stride_em, stride_ek,
-                              stride_bk, stride_bn, skey, threshold, VIRTUAL, DIST, ALIGNED, LIBDEVICE,
-                              INPUT_PRECISION, BM, BN, BK)
+        acc = accumulate_tile(
+            e_ptr,
+            b_ptr,
+            N,
+            K,
+            span0,
+            pid_n,
+            offs_m,
+            offs_n,
+            n_mask,
+            stride_em,
+            stride_ek,
+            stride_bk,
+            stride_bn,
+            skey,
+            threshold,
+            VIRTUAL,
+            DIST,
+            ALIGNED,
+            LIBDEVICE,
+            INPUT_PRECISION,
+            BM,
+            BN,
+            BK,
+        )
     c0 = span0 + pid_n * BN  # the tile's first column of B
     cols = span0 + offs_n
     for p in range(P):
@@ -109,15 +192,18 @@ _KEY = ["n_bucket", "w_bucket", "K", "VIRTUAL", "DIST", "HAS_ACT", "ALIGNED", "N
 # The narrow path (K <= 16) runs rank-1 updates: the memory-bound tiles of the narrow projection (BK unused).
 _NARROW_POINT_CONFIGS = [triton.Config({**c.kwargs, "BK": 16}, num_warps=c.num_warps) for c in _NARROW_CONFIGS]
 _points_launch = autotuned("points", _points_kernel, _GPU_CONFIGS, _KEY, _INTERPRET_META, prune_points)
-_narrow_points_launch = autotuned("narrow_points", _points_kernel, _NARROW_POINT_CONFIGS, _KEY,
-                                  {**_NARROW_INTERPRET_META, "BK": 16}, prune_points)
+_narrow_points_launch = autotuned(
+    "narrow_points", _points_kernel, _NARROW_POINT_CONFIGS, _KEY, {**_NARROW_INTERPRET_META, "BK": 16}, prune_points
+)
 
 
 def _check_points(e, offsets, widths, scales, act_inputs, activations):
     count = len(offsets)
     if not len(widths) == len(scales) == len(act_inputs) == len(activations) == count:
-        raise ValueError(f"offsets, widths, scales, act_inputs and activations need one entry per point; got "
-                         f"{count}, {len(widths)}, {len(scales)}, {len(act_inputs)} and {len(activations)}")
+        raise ValueError(
+            f"offsets, widths, scales, act_inputs and activations need one entry per point; got "
+            f"{count}, {len(widths)}, {len(scales)}, {len(act_inputs)} and {len(activations)}"
+        )
     for l in range(count):
         _check_int(f"offsets[{l}]", offsets[l], 0, 1 << 32)
         _check_int(f"widths[{l}]", widths[l], 0, (1 << 32) - offsets[l] + 1)
@@ -129,16 +215,30 @@ def _check_points(e, offsets, widths, scales, act_inputs, activations):
                 raise ValueError(f"act_inputs[{l}] must be None when activations[{l}] is 'none'")
             continue
         if a is None:
-            raise ValueError(f"act_inputs[{l}] (the pre-activation [N, {widths[l]}]) is required for "
-                             f"activation {activations[l]!r}")
+            raise ValueError(
+                f"act_inputs[{l}] (the pre-activation [N, {widths[l]}]) is required for activation {activations[l]!r}"
+            )
         _check_float_tensor(f"act_inputs[{l}]", a, 2)
         if tuple(a.shape) != (e.shape[0], widths[l]) or a.device != e.device:
-            raise ValueError(f"act_inputs[{l}] must have shape [N, widths[{l}]] = [{e.shape[0]}, {widths[l]}] on "
-                             f"{e.device}, got {tuple(a.shape)} on {a.device}")
+            raise ValueError(
+                f"act_inputs[{l}] must have shape [N, widths[{l}]] = [{e.shape[0]}, {widths[l]}] on "
+                f"{e.device}, got {tuple(a.shape)} on {a.device}"
+            )
 
 
-def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribution: str, density: float,
-                   offsets, widths, scales, act_inputs, activations, out_dtype=None) -> list[torch.Tensor]:
+def project_points(
+    e: torch.Tensor,
+    B: torch.Tensor | None,
+    seed: int,
+    distribution: str,
+    density: float,
+    offsets,
+    widths,
+    scales,
+    act_inputs,
+    activations,
+    out_dtype=None,
+) -> list[torch.Tensor]:
     """Every point's (scaled, activation-weighted) slice of e @ B; same arguments as the op.
 
     Pre-activations of differing dtypes are read in the first one's dtype (converted).
@@ -153,7 +253,9 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
     if B is not None:
         _check_float_tensor("B", B, 2)
         if B.shape[0] != e.shape[1] or B.device != e.device:
-            raise ValueError(f"B must be [e.shape[1] = {e.shape[1]}, *] on {e.device}, got {tuple(B.shape)} on {B.device}")
+            raise ValueError(
+                f"B must be [e.shape[1] = {e.shape[1]}, *] on {e.device}, got {tuple(B.shape)} on {B.device}"
+            )
         if any(o + w > B.shape[1] for o, w in zip(offsets, widths)):
             raise ValueError(f"B has {B.shape[1]} columns, fewer than the points read")
     out_dtype = e.dtype if out_dtype is None else out_dtype
@@ -169,23 +271,51 @@ def project_points(e: torch.Tensor, B: torch.Tensor | None, seed: int, distribut
     pre = {l: act_inputs[l].contiguous() for l in live if activations[l] != "none"}
     act_dtype = next(iter(pre.values())).dtype if pre else torch.float32
     pre = {l: a.to(act_dtype) for l, a in pre.items()}
-    meta = cached_table([offsets[l] for l in live] + [widths[l] for l in live]
-                        + [ACTIVATION_CODES[activations[l]] for l in live], torch.int64, device)
+    meta = cached_table(
+        [offsets[l] for l in live] + [widths[l] for l in live] + [ACTIVATION_CODES[activations[l]] for l in live],
+        torch.int64,
+        device,
+    )
     scale_tab = cached_table([scales[l] for l in live], torch.float32, device)
     pointers = [outs[l].data_ptr() for l in live] + [pre[l].data_ptr() if l in pre else 0 for l in live]
     ptr_tab = device_table(pointers, torch.int64, device)
-    hints = (all(offsets[l] % 16 == 0 and widths[l] % 16 == 0 for l in live)
-             and all(ptr % 16 == 0 for ptr in pointers))
+    hints = all(offsets[l] % 16 == 0 and widths[l] % 16 == 0 for l in live) and all(ptr % 16 == 0 for ptr in pointers)
     narrow_kp = triton.next_power_of_2(K) if K <= NARROW_MAX_K else 0
     launch = _narrow_points_launch if narrow_kp else _points_launch
     for start, stop in column_spans([offsets[l] for l in live], [widths[l] for l in live]):
         span_w = stop - start
-        args = (e, e if B is None else B, ptr_tab, meta, scale_tab, len(live), N, K, start, span_w,
-                e.stride(0), e.stride(1), 0 if B is None else B.stride(0), 0 if B is None else B.stride(1),
-                as_int32(seed_key_host(seed)), threshold, triton.next_power_of_2(N), triton.next_power_of_2(span_w))
-        consts = dict(VIRTUAL=B is None, DIST=dist, HAS_ACT=bool(pre), ALIGNED=B is None and dist == 2 and start % 32 == 0,
-                      NARROW_KP=narrow_kp, HINTS=hints, OUT_TYPE=_TL_DTYPES[out_dtype], ACT_TYPE=_TL_DTYPES[act_dtype],
-                      LIBDEVICE=not INTERPRET, INPUT_PRECISION=_fp32_dot_precision())
+        args = (
+            e,
+            e if B is None else B,
+            ptr_tab,
+            meta,
+            scale_tab,
+            len(live),
+            N,
+            K,
+            start,
+            span_w,
+            e.stride(0),
+            e.stride(1),
+            0 if B is None else B.stride(0),
+            0 if B is None else B.stride(1),
+            as_int32(seed_key_host(seed)),
+            threshold,
+            triton.next_power_of_2(N),
+            triton.next_power_of_2(span_w),
+        )
+        consts = dict(
+            VIRTUAL=B is None,
+            DIST=dist,
+            HAS_ACT=bool(pre),
+            ALIGNED=B is None and dist == 2 and start % 32 == 0,
+            NARROW_KP=narrow_kp,
+            HINTS=hints,
+            OUT_TYPE=_TL_DTYPES[out_dtype],
+            ACT_TYPE=_TL_DTYPES[act_dtype],
+            LIBDEVICE=not INTERPRET,
+            INPUT_PRECISION=_fp32_dot_precision(),
+        )
 
         def grid(meta, span_w=span_w):
             return (triton.cdiv(N, meta["BM"]) * triton.cdiv(span_w, meta["BN"]),)

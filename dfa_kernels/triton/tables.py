@@ -7,6 +7,7 @@ travel as the arguments of one tiny kernel launch that stores them into a device
 the CUDA kernels pass their point descriptors in the kernel parameters: no copy, no sync, and a
 graph replays the launch with the same values.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,10 +54,15 @@ def device_table(values, dtype: torch.dtype, device) -> torch.Tensor:
     out = torch.empty(len(args), dtype=dtype, device=device)
     with device_guard(out.device):
         for start in range(0, len(args), _CHUNK):
-            chunk = args[start:start + _CHUNK]
+            chunk = args[start : start + _CHUNK]
             count = triton.next_power_of_2(len(chunk))
-            _fill_kernel[(1,)](out[start:], tuple(chunk) + (pad,) * (count - len(chunk)), len(chunk), COUNT=count,
-                               ENCODED=not dtype.is_floating_point)
+            _fill_kernel[(1,)](
+                out[start:],
+                tuple(chunk) + (pad,) * (count - len(chunk)),
+                len(chunk),
+                COUNT=count,
+                ENCODED=not dtype.is_floating_point,
+            )
     return out
 
 

@@ -6,6 +6,7 @@ lets each autotuned kernel benchmark its configs for every new shape key; "0" la
 its first config (``TUNED[name].configs[0]``), without benchmarking: one compile per variant
 instead of one per config, for tests and first runs on a new GPU. Any other value is an error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,9 @@ def autotuned(name: str, kernel, configs: list, key: list, interpret_meta: dict,
         used = [triton.Config(interpret_meta)]
     else:
         used = configs if AUTOTUNE else configs[:1]
-    launch = triton.autotune(configs=used, key=key,
-                             prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+    launch = triton.autotune(configs=used, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(
+        kernel
+    )
     TUNED[name] = Tuned(kernel, configs, launch)
     return launch
 
@@ -54,6 +56,7 @@ def fit_tiles(configs: list, floor: int = 32, **sizes: int) -> list:
     along it) is at most that size rounded up to a power of two, or `floor`: a larger tile only
     adds masked work and tuning time. When none fits, the one that pads the problem least (the
     first listed among equals), so at least one config always remains."""
+
     def fits(c):
         return all(c.kwargs[b] <= max(floor, triton.next_power_of_2(s)) for b, s in sizes.items())
 

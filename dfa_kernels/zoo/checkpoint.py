@@ -18,6 +18,7 @@ wrote it (``epochs``), and :func:`~.training.train` rebuilds the run with the ep
 session was built with, so the learning-rate schedule and the hyper-parameters stay the first
 run's (kept, not restarted: past its planned end a schedule goes on as its formula does).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,11 +52,18 @@ def _plain(value):
 def feedback_identity(model) -> dict:
     """Per DFA module: what fixes its feedback matrix (and its widths once a forward pass ran)."""
     import dfa_kernels as dk
+
     found = {}
     for name, m in model.named_modules():
         if isinstance(m, dk.DFA):
-            spec = {"mode": m.mode, "seed": m.seed, "distribution": m.distribution, "layout": m.layout,
-                    "density": m.density, "scale": m.scale}
+            spec = {
+                "mode": m.mode,
+                "seed": m.seed,
+                "distribution": m.distribution,
+                "layout": m.layout,
+                "density": m.density,
+                "scale": m.scale,
+            }
             if m.spec is not None:
                 spec.update(out_features=m.spec.out_features, widths=list(m.spec.widths))
             found[name or "(root)"] = spec
@@ -66,12 +74,20 @@ def identity(task: str, config, run, world_size: int = 1, strategy: str | None =
     """What a checkpoint must share with the run that loads it."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IDENTITY}
     model = run.model
-    return _plain({
-        "task": task, "config": fields, "hyper_parameters": run.hyper_parameters,
-        "model": {"class": type(model).__name__,
-                  "parameters": {k: list(v.shape) for k, v in model.state_dict().items()
-                                 if isinstance(v, torch.Tensor)}},
-        "feedback": feedback_identity(model), "world_size": world_size, "strategy": strategy})
+    return _plain(
+        {
+            "task": task,
+            "config": fields,
+            "hyper_parameters": run.hyper_parameters,
+            "model": {
+                "class": type(model).__name__,
+                "parameters": {k: list(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+            },
+            "feedback": feedback_identity(model),
+            "world_size": world_size,
+            "strategy": strategy,
+        }
+    )
 
 
 def differences(saved, current, path: str = "") -> list[str]:
@@ -112,7 +128,7 @@ def atomic_save(obj, path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)   # the rename itself survives a power loss
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss
     try:
         os.fsync(fd)
     finally:
@@ -134,8 +150,9 @@ def read(path) -> dict:
     with its "file"; not yet checked against a run (:func:`verify`)."""
     file = resolve(path)
     if not file.is_file():
-        raise MissingCheckpoint(f"no checkpoint at {file} (--resume takes a run folder holding {FILENAME}, "
-                                f"or the file)")
+        raise MissingCheckpoint(
+            f"no checkpoint at {file} (--resume takes a run folder holding {FILENAME}, or the file)"
+        )
     ckpt = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a dfa-kernels checkpoint of format {FORMAT}")
@@ -151,7 +168,8 @@ def verify(ckpt: dict, meta: dict) -> dict:
         raise CheckpointError(
             f"checkpoint {ckpt['file']} was written by another run; not resuming. Resume with the first run's "
             f"options: only --epochs may differ (it sets how many epochs the run trains in all, so a larger "
-            f"--epochs trains it for longer). Differences:\n  {shown}")
+            f"--epochs trains it for longer). Differences:\n  {shown}"
+        )
     return ckpt["trainer"]
 
 
@@ -165,9 +183,11 @@ def check_budget(ckpt: dict, epochs: int, steps_per_epoch: int) -> None:
     """A resumed run's budget of `epochs` must not lie behind the checkpoint's step."""
     step = ckpt["trainer"]["step"]
     if step > epochs * steps_per_epoch:
-        raise CheckpointError(f"checkpoint {ckpt['file']} is at step {step}, past a budget of {epochs} epochs "
-                              f"({epochs * steps_per_epoch} steps): resume with --epochs "
-                              f"{-(-step // steps_per_epoch)} or more")
+        raise CheckpointError(
+            f"checkpoint {ckpt['file']} is at step {step}, past a budget of {epochs} epochs "
+            f"({epochs * steps_per_epoch} steps): resume with --epochs "
+            f"{-(-step // steps_per_epoch)} or more"
+        )
 
 
 @dataclasses.dataclass
@@ -175,6 +195,7 @@ class Checkpoints:
     """Checkpointing of one run: `path` (the file written), every `every` steps; `resume` from a
     checkpoint (file or run folder); end the session after `stop_after` steps in total (a
     checkpoint is written there)."""
+
     path: Path
     every: int | None = None
     resume: Path | None = None
@@ -197,4 +218,5 @@ class Checkpoints:
                 save(self.path, trainer, meta_of())
             if at_stop:
                 raise Stopped(f"stopped after step {trainer.step}; checkpoint {self.path}")
+
         return on_step

@@ -33,6 +33,7 @@ What runs where:
 - BatchNorm: converted to ``SyncBatchNorm`` on CUDA (the whole batch's statistics, as one process);
   SyncBatchNorm needs a GPU, so on a CPU each rank normalises by its own part's statistics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,6 +82,7 @@ def current() -> World | None:
 def launch(nproc: int, argv: list[str]) -> None:
     """Run ``python -m dfa_kernels ARGV`` on `nproc` local processes through torchrun's launcher."""
     from torch.distributed import run as torchrun
+
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1; got {nproc}")
     torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "--module", "dfa_kernels", *argv])
@@ -94,7 +96,7 @@ def rank_device(device: str, world: World | None) -> str:
 
 
 def seed_per_rank(world: World) -> None:
-    base = int(torch.randint(0, 2**62, (1,)))   # the same draw on every rank, then one stream per rank
+    base = int(torch.randint(0, 2**62, (1,)))  # the same draw on every rank, then one stream per rank
     torch.manual_seed(base + world.rank)
 
 
@@ -115,6 +117,7 @@ def needs_unused_parameters(model: nn.Module) -> bool:
     """Whether some trainable parameter gets no gradient in a step (DDP's find_unused_parameters):
     in mode "shallow", the layers before the last feedback point are detached from the loss."""
     import dfa_kernels as dk
+
     return any(m.mode == "shallow" for m in model.modules() if isinstance(m, dk.DFA))
 
 
@@ -128,17 +131,23 @@ def wrap(run, world: World, strategy: str = "ddp") -> nn.Module:
 
 def _ddp(run, world: World) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     model = run.model
     device = next(model.parameters()).device
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if device.type == "cuda":
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same Parameter objects: the optimizer keeps them
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same Parameter objects: the optimizer keeps them
         elif world.main:
-            warnings.warn("BatchNorm on a CPU: each rank normalises by its own part of the batch (SyncBatchNorm "
-                          "needs a GPU), so this run is not the single-process one on the whole batch",
-                          stacklevel=2)
-    return DDP(LossModule(model, run.loss), device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=needs_unused_parameters(model))
+            warnings.warn(
+                "BatchNorm on a CPU: each rank normalises by its own part of the batch (SyncBatchNorm "
+                "needs a GPU), so this run is not the single-process one on the whole batch",
+                stacklevel=2,
+            )
+    return DDP(
+        LossModule(model, run.loss),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=needs_unused_parameters(model),
+    )
 
 
 def _reshard_after_forward(model: nn.Module) -> bool:
@@ -147,13 +156,19 @@ def _reshard_after_forward(model: nn.Module) -> bool:
     That is TransformerLM's micro placement with fused=True (fc1, whose input ln2(x) needs a
     gradient); in the other placements no dfa.linear input needs one."""
     import dfa_kernels as dk
+
     dfa = getattr(model, "dfa", None)
-    return not (isinstance(dfa, dk.DFA) and dfa.mode == "dfa" and getattr(model, "fused", False)
-                and getattr(model, "placement", None) == "micro")
+    return not (
+        isinstance(dfa, dk.DFA)
+        and dfa.mode == "dfa"
+        and getattr(model, "fused", False)
+        and getattr(model, "placement", None) == "micro"
+    )
 
 
 def _fsdp(run) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
+
     model = run.model
     before = dict(model.named_parameters())
     reshard = _reshard_after_forward(model)
@@ -164,7 +179,7 @@ def _fsdp(run) -> nn.Module:
     sharded = {id(p): after[name] for name, p in before.items()}
     if run.optimizer.state:
         raise RuntimeError("FSDP: the optimizer has already stepped; shard the model before training")
-    for group in run.optimizer.param_groups:   # fully_shard replaced the parameters by DTensors
+    for group in run.optimizer.param_groups:  # fully_shard replaced the parameters by DTensors
         group["params"] = [sharded[id(p)] for p in group["params"]]
     return root
 
@@ -176,6 +191,7 @@ def gathered(root):
     again afterwards (blocks with reshard_after_forward=False would otherwise stay gathered after
     a forward without backward)."""
     from torch.distributed.fsdp import FSDPModule
+
     root.unshard()
     try:
         yield
@@ -223,6 +239,7 @@ def evaluate(trainer, split: str) -> dict:
 # ---------------------------------------------------------------- state (checkpoints)
 def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True)
 
 
@@ -236,6 +253,7 @@ def model_state(trainer) -> dict:
 def full_model_state(model: nn.Module) -> dict:
     """A sharded (FSDP2) model's whole state dict, gathered on every rank (collective)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     state = get_model_state_dict(model, options=_full_options())
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
@@ -243,6 +261,7 @@ def full_model_state(model: nn.Module) -> dict:
 def load_model_state(trainer, state: dict) -> None:
     if trainer.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
         set_model_state_dict(trainer.run.model, state, options=_full_options())
     else:
         trainer.run.model.load_state_dict(state)
@@ -252,6 +271,7 @@ def optimizer_state(trainer) -> dict:
     opt = trainer.run.optimizer
     if trainer.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         return get_optimizer_state_dict(trainer.run.model, opt, options=_full_options())
     return copy.deepcopy(opt.state_dict())
 
@@ -260,6 +280,7 @@ def load_optimizer_state(trainer, state: dict) -> None:
     opt = trainer.run.optimizer
     if trainer.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
         set_optimizer_state_dict(trainer.run.model, opt, state, options=_full_options())
     else:
         opt.load_state_dict(state)

@@ -17,6 +17,7 @@ each task's build with :func:`prepare`):
   recipe's optimizer as their own group, at its first group's learning rate with weight decay
   1e-6 (the DKP reference steps B with Adam and weight decay 1e-6).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,22 +42,32 @@ def prepare(run, mode: str):
     dfas = dfa_modules(run.model)
     if mode in methods.LAYERWISE:
         if len(dfas) != 1:
-            raise ValueError(f"mode {mode!r}: the model must hold exactly one dk.DFA module (whose mode its layers "
-                             f"read); it holds {len(dfas)}")
+            raise ValueError(
+                f"mode {mode!r}: the model must hold exactly one dk.DFA module (whose mode its layers "
+                f"read); it holds {len(dfas)}"
+            )
         convert_layers(run.model, dfas[0])
-        hybrid = [name for name, m in run.model.named_modules()
-                  if not isinstance(m, (FeedbackLinear, FeedbackConv2d, *_NOT_PROJECTING))
-                  and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+        hybrid = [
+            name
+            for name, m in run.model.named_modules()
+            if not isinstance(m, (FeedbackLinear, FeedbackConv2d, *_NOT_PROJECTING))
+            and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        ]
         if hybrid:
-            raise ValueError(f"mode {mode!r} gives every nn.Linear and nn.Conv2d a feedback matrix, but this model's "
-                             f"layers {hybrid} are of other types and would keep exact gradients (a hybrid, not the "
-                             "method)")
-        run.hyper_parameters["layers_converted"] = sum(isinstance(m, (FeedbackLinear, FeedbackConv2d))
-                                                       for m in run.model.modules())
+            raise ValueError(
+                f"mode {mode!r} gives every nn.Linear and nn.Conv2d a feedback matrix, but this model's "
+                f"layers {hybrid} are of other types and would keep exact gradients (a hybrid, not the "
+                "method)"
+            )
+        run.hyper_parameters["layers_converted"] = sum(
+            isinstance(m, (FeedbackLinear, FeedbackConv2d)) for m in run.model.modules()
+        )
     if method.signal == "target":
         if run.targets is None:
-            raise ValueError(f"mode {mode!r} projects the one-hot class target, and this task has no class targets "
-                             "(a regression or ranking loss): use another mode")
+            raise ValueError(
+                f"mode {mode!r} projects the one-hot class target, and this task has no class targets "
+                "(a regression or ranking loss): use another mode"
+            )
         loss, targets = run.loss, run.targets
 
         def loss_with_targets(model, batch):
@@ -64,6 +75,7 @@ def prepare(run, mode: str):
             for dfa in dfa_modules(model):
                 dfa.targets(t)
             return loss(model, batch)
+
         run.loss = loss_with_targets
     if method.matrix == "learned":
         _add_learned_matrices(run, dfas)
@@ -82,6 +94,7 @@ def _add_learned_matrices(run, dfas: list) -> None:
     learned = [d.feedback for d in dfas if d.feedback is not None]
     if len(learned) != len(dfas):
         raise RuntimeError("mode 'dkp': a forward pass did not create every DFA module's learned matrix")
-    run.optimizer.add_param_group({"params": learned, "lr": run.optimizer.param_groups[0]["lr"],
-                                   "weight_decay": 1e-6})
-    run.hyper_parameters["feedback_optimizer"] = "the recipe's optimizer, own group: first group's lr, weight decay 1e-6"
+    run.optimizer.add_param_group({"params": learned, "lr": run.optimizer.param_groups[0]["lr"], "weight_decay": 1e-6})
+    run.hyper_parameters["feedback_optimizer"] = (
+        "the recipe's optimizer, own group: first group's lr, weight decay 1e-6"
+    )

@@ -21,6 +21,7 @@ and loaded into a freshly built trainer continues bit for bit (:mod:`.checkpoint
 checks the files). With a :class:`~.distributed.World`, the trainer runs one rank of a DDP or FSDP2
 job (:mod:`.distributed`): every rank draws the same global batch and trains on its shard.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,8 @@ import dataclasses
 import math
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +81,7 @@ class Shuffled:
         while True:
             if self.order is None or self.position >= self.rows:
                 self.order, self.position = torch.randperm(self.rows, generator=self.generator), 0
-            batch = self.order[self.position:self.position + self.batch_size]
+            batch = self.order[self.position : self.position + self.batch_size]
             self.position += self.batch_size
             if len(batch) >= self.min_size:
                 return batch
@@ -126,19 +128,19 @@ class Run:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    batches: Any                                        # FullBatch | Shuffled | Sampled: next() -> batch
-    loss: Callable[[nn.Module, Any], torch.Tensor]      # the training loss of a batch
-    evaluate: Callable[[nn.Module, str], dict]          # metrics of split "val" or "test" (names unprefixed)
-    select: str                                         # the validation metric that selects the model
+    batches: Any  # FullBatch | Shuffled | Sampled: next() -> batch
+    loss: Callable[[nn.Module, Any], torch.Tensor]  # the training loss of a batch
+    evaluate: Callable[[nn.Module, str], dict]  # metrics of split "val" or "test" (names unprefixed)
+    select: str  # the validation metric that selects the model
     higher_is_better: bool
-    epochs: int                                         # evaluation rounds at most (the budget)
+    epochs: int  # evaluation rounds at most (the budget)
     steps_per_epoch: int
-    patience: int | None = None                         # rounds without improvement before stopping
-    min_epochs: int = 0                                 # rounds always trained before patience may stop
-    scheduler: Any = None                               # stepped after every optimizer step
-    plateau: Any = None                                 # ReduceLROnPlateau, stepped with the val metric
+    patience: int | None = None  # rounds without improvement before stopping
+    min_epochs: int = 0  # rounds always trained before patience may stop
+    scheduler: Any = None  # stepped after every optimizer step
+    plateau: Any = None  # ReduceLROnPlateau, stepped with the val metric
     clip_grad: float | None = None
-    probe: Any = None                                   # fixed training batch for alignment measurements
+    probe: Any = None  # fixed training batch for alignment measurements
     hyper_parameters: dict = dataclasses.field(default_factory=dict)
     finish: Callable[[nn.Module, Any], list[str]] | None = None  # (selected model, out dir) -> artefacts
     # (model) -> (features [n, d], integer labels [n], label names, what they are): the learned
@@ -155,9 +157,9 @@ class Run:
 
 @dataclasses.dataclass
 class Fit:
-    history: list[dict]          # one row per round: epoch, step, train_loss, val_*, lr, seconds
-    final: dict                  # val_* and test_* of the selected model, best_epoch, stopped, ...
-    alignment: list[dict]        # measurements along training (empty without alignment_every)
+    history: list[dict]  # one row per round: epoch, step, train_loss, val_*, lr, seconds
+    final: dict  # val_* and test_* of the selected model, best_epoch, stopped, ...
+    alignment: list[dict]  # measurements along training (empty without alignment_every)
 
 
 class Stopped(Exception):
@@ -176,11 +178,17 @@ def rng_state() -> dict:
     (loadable with ``torch.load(weights_only=True)``)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, words, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached_gaussian": float(gauss)},
-            "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next}}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -188,8 +196,9 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
 
@@ -205,28 +214,42 @@ class Trainer:
       ``torch.compile`` backend (a name or a callable).
     """
 
-    def __init__(self, run: Run, progress: bool = True, alignment_every: int | None = None, desc: str = "train",
-                 world=None, strategy: str = "ddp", compile=False):
+    def __init__(
+        self,
+        run: Run,
+        progress: bool = True,
+        alignment_every: int | None = None,
+        desc: str = "train",
+        world=None,
+        strategy: str = "ddp",
+        compile=False,
+    ):
         if alignment_every is not None and run.probe is None:
             raise ValueError("alignment_every needs the run's probe batch (this recipe defines none)")
         if alignment_every is not None and not any(isinstance(m, dk.DFA) for m in run.model.modules()):
-            raise ValueError("alignment_every: the model has no dk.DFA module, so there is no DFA alignment to "
-                             "measure (a model without hidden layers, such as FM, trains exactly in every mode)")
+            raise ValueError(
+                "alignment_every: the model has no dk.DFA module, so there is no DFA alignment to "
+                "measure (a model without hidden layers, such as FM, trains exactly in every mode)"
+            )
         self.run, self.progress, self.alignment_every, self.desc = run, progress, alignment_every, desc
         self.world = world if world is not None and world.size > 1 else None
         self.strategy = strategy if self.world is not None else None
         if self.strategy == "fsdp" and compile:
-            raise ValueError("compile with FSDP is not supported by this trainer (untested: FSDP2's hooks under "
-                             "torch.compile need compiled autograd); use DDP with compile, or FSDP eager")
+            raise ValueError(
+                "compile with FSDP is not supported by this trainer (untested: FSDP2's hooks under "
+                "torch.compile need compiled autograd); use DDP with compile, or FSDP eager"
+            )
         if self.strategy == "fsdp" and alignment_every:
-            raise ValueError("alignment_every measures on the whole model: not with FSDP's sharded parameters "
-                             "(use DDP, or one process)")
+            raise ValueError(
+                "alignment_every measures on the whole model: not with FSDP's sharded parameters "
+                "(use DDP, or one process)"
+            )
         self.main = self.world is None or self.world.main
         self.total = run.epochs * run.steps_per_epoch
         # the training state (state_dict)
         self.step = 0
         self.history: list[dict] = []
-        self.epoch_losses: list[float] = []       # the current round's step losses
+        self.epoch_losses: list[float] = []  # the current round's step losses
         self.measurements: list[dict] = []
         self.best: float | None = None
         self.best_epoch = 0
@@ -234,8 +257,8 @@ class Trainer:
         self.since_best = 0
         self.stopped = "budget"
         self.done = False
-        self.elapsed = 0.0                        # seconds trained before this session
-        self.resumed_at: list[int] = []           # steps at which sessions were resumed
+        self.elapsed = 0.0  # seconds trained before this session
+        self.resumed_at: list[int] = []  # steps at which sessions were resumed
         self._loss = self._setup(compile)
 
     # ------------------------------------------------------------ setup
@@ -245,17 +268,20 @@ class Trainer:
         run = self.run
         if self.world is not None:
             from . import distributed
+
             if run.shard is None:
-                raise ValueError("this task's batches cannot be split across processes (its recipe defines no "
-                                 "shard); train it in one process")
-            if not isinstance(run.batches, FullBatch):   # ranks see different rows: their own dropout masks
+                raise ValueError(
+                    "this task's batches cannot be split across processes (its recipe defines no "
+                    "shard); train it in one process"
+                )
+            if not isinstance(run.batches, FullBatch):  # ranks see different rows: their own dropout masks
                 distributed.seed_per_rank(self.world)
             self.wrapper = distributed.wrap(run, self.world, self.strategy)
             loss = self.wrapper
         else:
             self.wrapper = None
             model, loss_fn = run.model, run.loss
-            loss = lambda batch: loss_fn(model, batch)    # noqa: E731 - the run's loss, unchanged
+            loss = lambda batch: loss_fn(model, batch)  # noqa: E731 - the run's loss, unchanged
         self._opt_step = run.optimizer.step
         if compile:
             self._prime()
@@ -284,20 +310,28 @@ class Trainer:
         """The complete training state (collective in a distributed run: call it on every rank;
         the RNG states of every rank are gathered)."""
         from . import distributed
+
         run = self.run
         rng = rng_state()
         return {
-            "step": self.step, "history": copy.deepcopy(self.history), "epoch_losses": list(self.epoch_losses),
-            "measurements": copy.deepcopy(self.measurements), "best": self.best, "best_epoch": self.best_epoch,
-            "since_best": self.since_best, "stopped": self.stopped, "done": self.done,
-            "elapsed": self.elapsed + self._session_seconds(), "resumed_at": list(self.resumed_at),
+            "step": self.step,
+            "history": copy.deepcopy(self.history),
+            "epoch_losses": list(self.epoch_losses),
+            "measurements": copy.deepcopy(self.measurements),
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "since_best": self.since_best,
+            "stopped": self.stopped,
+            "done": self.done,
+            "elapsed": self.elapsed + self._session_seconds(),
+            "resumed_at": list(self.resumed_at),
             "model": distributed.model_state(self),
             "best_model": self.best_state,
             "optimizer": distributed.optimizer_state(self),
             "scheduler": None if run.scheduler is None else copy.deepcopy(run.scheduler.state_dict()),
             "plateau": None if run.plateau is None else copy.deepcopy(run.plateau.state_dict()),
             "batches": copy.deepcopy(run.batches.state_dict()),
-            "rng": distributed.gather(self.world, rng),   # one entry per rank
+            "rng": distributed.gather(self.world, rng),  # one entry per rank
             # brsf's draw counters: a plain attribute of each feedback layer, outside the model's state_dict
             # (whose keys stay the original model's), yet the next step's |R_t| depends on it
             "feedback_draws": [m.draws for m in run.model.modules() if isinstance(m, FeedbackLayer)],
@@ -305,6 +339,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         from . import distributed
+
         run = self.run
         distributed.load_model_state(self, state["model"])
         distributed.load_optimizer_state(self, state["optimizer"])
@@ -329,7 +364,7 @@ class Trainer:
         return 0.0 if start is None else time.perf_counter() - start
 
     # ------------------------------------------------------------ the loop
-    def fit(self, on_step: Callable[["Trainer"], None] | None = None) -> Fit:
+    def fit(self, on_step: Callable[[Trainer], None] | None = None) -> Fit:
         """Train to the end of the run (from wherever the state is) and return the result; the
         model ends with the selected weights. ``on_step(trainer)`` runs after every step (it may
         save a checkpoint, or raise :class:`Stopped` to end the session)."""
@@ -338,8 +373,9 @@ class Trainer:
         run = self.run
         self._start = time.perf_counter() - self.elapsed
         self.elapsed = 0.0
-        with tqdm(total=self.total, initial=self.step, disable=not (self.progress and self.main), leave=False,
-                  desc=self.desc) as bar:
+        with tqdm(
+            total=self.total, initial=self.step, disable=not (self.progress and self.main), leave=False, desc=self.desc
+        ) as bar:
             training = False
             while not self.done:
                 if len(self.epoch_losses) < run.steps_per_epoch:
@@ -366,7 +402,7 @@ class Trainer:
         run.optimizer.zero_grad(set_to_none=True)
         if self.world is None:
             loss.backward()
-        else:   # DDP and FSDP average the ranks' gradients: each rank weighs its loss by its share
+        else:  # DDP and FSDP average the ranks' gradients: each rank weighs its loss by its share
             (loss * (share * self.world.size)).backward()
         if run.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.clip_grad)
@@ -376,14 +412,16 @@ class Trainer:
         self.step += 1
         if self.world is None:
             self.epoch_losses.append(loss.item())
-        else:   # the loss of the whole (global) batch
+        else:  # the loss of the whole (global) batch
             from . import distributed
+
             self.epoch_losses.append(distributed.all_reduce_sum(loss.detach() * share).item())
         if self.alignment_every and (self.step % self.alignment_every == 0 or self.step == self.total):
             self._measure(len(self.history) + 1)
 
     def _evaluate(self, split: str) -> dict:
         from . import distributed
+
         return distributed.evaluate(self, split)
 
     def _end_epoch(self) -> None:
@@ -393,10 +431,15 @@ class Trainer:
         value = metrics[run.select]
         if run.plateau is not None:
             run.plateau.step(value)
-        row = {"epoch": epoch, "step": self.step, "train_loss": sum(self.epoch_losses) / len(self.epoch_losses),
-               **{f"val_{k}": v for k, v in metrics.items()}, "lr": run.optimizer.param_groups[0]["lr"],
-               "seconds": round(self._session_seconds(), 2)}
-        if isinstance(row["lr"], torch.Tensor):    # a compiled optimizer's tensor learning rate
+        row = {
+            "epoch": epoch,
+            "step": self.step,
+            "train_loss": sum(self.epoch_losses) / len(self.epoch_losses),
+            **{f"val_{k}": v for k, v in metrics.items()},
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "seconds": round(self._session_seconds(), 2),
+        }
+        if isinstance(row["lr"], torch.Tensor):  # a compiled optimizer's tensor learning rate
             row["lr"] = row["lr"].item()
         self.history.append(row)
         self.epoch_losses = []
@@ -404,6 +447,7 @@ class Trainer:
             self.best, self.best_epoch, self.since_best = value, epoch, 0
             if self.strategy == "fsdp":
                 from . import distributed
+
                 self.best_state = distributed.full_model_state(run.model)
             else:
                 self.best_state = copy.deepcopy(model.state_dict())
@@ -416,32 +460,39 @@ class Trainer:
 
     def _finish(self) -> Fit:
         from . import distributed
-        run = self.run
+
         if self.alignment_every and (not self.measurements or self.measurements[-1]["step"] != self.step):
-            self._measure(len(self.history))   # the last step, when stopped early
+            self._measure(len(self.history))  # the last step, when stopped early
         if self.best_state is not None:
             distributed.load_model_state(self, self.best_state)
         test = self._evaluate("test")
         history = self.history
         val = {k: v for k, v in history[self.best_epoch - 1].items() if k.startswith("val_")} if self.best_epoch else {}
-        final = {**{f"test_{k}": v for k, v in test.items()}, **val,
-                 "best_epoch": self.best_epoch, "epochs_run": len(history), "steps_run": self.step,
-                 "stopped": self.stopped,
-                 # the budget ended while the validation metric was still improving
-                 "still_improving_at_budget": self.stopped == "budget" and self.best_epoch == len(history),
-                 "train_seconds": round(self._session_seconds(), 1)}
+        final = {
+            **{f"test_{k}": v for k, v in test.items()},
+            **val,
+            "best_epoch": self.best_epoch,
+            "epochs_run": len(history),
+            "steps_run": self.step,
+            "stopped": self.stopped,
+            # the budget ended while the validation metric was still improving
+            "still_improving_at_budget": self.stopped == "budget" and self.best_epoch == len(history),
+            "train_seconds": round(self._session_seconds(), 1),
+        }
         return Fit(history, final, self.measurements)
 
     def _measure(self, epoch: int) -> None:
-        if not self.main:   # measured on the first rank (the same model and probe batch everywhere)
+        if not self.main:  # measured on the first rank (the same model and probe batch everywhere)
             return
         import dfa_kernels as dk
+
         run = self.run
         # the method's own signal for a direct method; DFA's for the others (their points get no projection)
         mode = next((m.mode for m in run.model.modules() if isinstance(m, dk.DFA)), "dfa")
         mode = mode if mode in dk.methods.DIRECT else "dfa"
-        self.measurements.append({"step": self.step, "epoch": epoch,
-                                  **dk.alignment(run.model, run.loss, run.probe, mode=mode)})
+        self.measurements.append(
+            {"step": self.step, "epoch": epoch, **dk.alignment(run.model, run.loss, run.probe, mode=mode)}
+        )
 
 
 def compile_loss(loss: Callable, backend="inductor") -> Callable:
@@ -458,11 +509,12 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, backend="inductor")
     schedulers then fill them in place), so a changing rate does not recompile the step."""
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)   # the float, exactly
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)  # the float, exactly
 
     @torch.compile(backend=backend)
     def step():
         optimizer.step()
+
     return step
 
 

@@ -1,6 +1,7 @@
 """Running zoo tasks for the CLI: one run (metrics.json, curves), and the BP / DFA / shallow comparison
 over seeds and feedback matrices (compare.json: every run, mean and std per variant, the paper's
 number only where it measures the same thing)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,15 +14,22 @@ from pathlib import Path
 import torch
 
 from ..align import plot_alignment
+from ..figures import save_figure
 from ..provenance import provenance
 from . import checkpoint, distributed
 from .tasks import BASE_MODES, Task, TrainConfig, TrainResult, dfa_backend
 from .trainer import Stopped, Trainer
-from ..figures import save_figure
 
 
-def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World | None = None,
-          checkpoints: checkpoint.Checkpoints | None = None, on_step=None) -> TrainResult:
+def train(
+    task: Task,
+    config: TrainConfig,
+    run=None,
+    *,
+    world: distributed.World | None = None,
+    checkpoints: checkpoint.Checkpoints | None = None,
+    on_step=None,
+) -> TrainResult:
     """Build the task's run (unless given), train it with the shared loop; the result holds the
     selected model. `world`: this process's rank of a distributed job (None: one process);
     `checkpoints`: save / resume / stop early (raises :class:`~.trainer.Stopped` when it stops; a
@@ -33,22 +41,32 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
     budget_note = None
     if run is None:
         budget = config.epochs
-        if resume is not None:   # rebuilt with the first session's epochs: its schedule and hyper-parameters
+        if resume is not None:  # rebuilt with the first session's epochs: its schedule and hyper-parameters
             config = dataclasses.replace(config, epochs=resume["identity"]["config"]["epochs"])
         run = task.build(dataclasses.replace(config, device=distributed.rank_device(config.device, world)))
-        if resume is not None:   # the budget: this command's --epochs, else the checkpoint's
+        if resume is not None:  # the budget: this command's --epochs, else the checkpoint's
             built, run.epochs = run.epochs, budget or resume.get("epochs") or run.epochs
             if run.epochs != built:
-                budget_note = (f"built for {built} epochs (the learning-rate schedule and these hyper-parameters "
-                               f"are that run's), trained up to {run.epochs}")
+                budget_note = (
+                    f"built for {built} epochs (the learning-rate schedule and these hyper-parameters "
+                    f"are that run's), trained up to {run.epochs}"
+                )
     strategy = "fsdp" if config.fsdp else "ddp"
-    trainer = Trainer(run, progress=config.progress, alignment_every=config.alignment_every,
-                      desc=f"{task.name} [{variant_name(task, config)}]", world=world, strategy=strategy,
-                      compile=config.compile)
+    trainer = Trainer(
+        run,
+        progress=config.progress,
+        alignment_every=config.alignment_every,
+        desc=f"{task.name} [{variant_name(task, config)}]",
+        world=world,
+        strategy=strategy,
+        compile=config.compile,
+    )
     callbacks = []
     if checkpoints is not None:
+
         def meta():
             return checkpoint.identity(task.name, config, run, 1 if world is None else world.size, trainer.strategy)
+
         if resume is not None:
             state = checkpoint.verify(resume, meta())
             checkpoint.check_budget(resume, run.epochs, run.steps_per_epoch)
@@ -60,6 +78,7 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
     def after_step(trainer):
         for callback in callbacks:
             callback(trainer)
+
     fitted = trainer.fit(after_step if callbacks else None)
     artefacts = []
     if run.finish is not None and config.out is not None and trainer.main:
@@ -67,13 +86,21 @@ def train(task: Task, config: TrainConfig, run=None, *, world: distributed.World
     hyper_parameters = dict(run.hyper_parameters)
     if budget_note:
         hyper_parameters["epochs_changed_on_resume"] = budget_note
-    return TrainResult(history=fitted.history, final=fitted.final, backend=dfa_backend(run.model, config.device),
-                       config=hyper_parameters, artefacts=artefacts, alignment=fitted.alignment,
-                       model=run.model, select=f"val_{run.select}", resumed_at=trainer.resumed_at)
+    return TrainResult(
+        history=fitted.history,
+        final=fitted.final,
+        backend=dfa_backend(run.model, config.device),
+        config=hyper_parameters,
+        artefacts=artefacts,
+        alignment=fitted.alignment,
+        model=run.model,
+        select=f"val_{run.select}",
+        resumed_at=trainer.resumed_at,
+    )
 
 
 def variant_name(task: Task, config: TrainConfig) -> str:
-    """"bp", "shallow", "dfa" (the paper's feedback) or "dfa-ours"; Transformers add the placement."""
+    """ "bp", "shallow", "dfa" (the paper's feedback) or "dfa-ours"; Transformers add the placement."""
     if config.mode != "dfa":
         return config.mode
     name = "dfa" + ("" if config.feedback == "paper" else f"-{config.feedback}")
@@ -82,11 +109,13 @@ def variant_name(task: Task, config: TrainConfig) -> str:
 
 def _plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for h in histories.values() for row in h for k in row
-                   if k not in ("epoch", "step", "seconds", "lr")})
+    keys = sorted(
+        {k for h in histories.values() for row in h for k in row if k not in ("epoch", "step", "seconds", "lr")}
+    )
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, history in histories.items():
@@ -114,8 +143,15 @@ def run_dir_of(task: Task, config: TrainConfig) -> Path:
     return Path(config.out or "runs") / task.name / variant_name(task, config)
 
 
-def run_task(task: Task, config: TrainConfig, *, world: distributed.World | None = None,
-             checkpoint_every: int | None = None, resume=None, stop_after: int | None = None) -> TrainResult | None:
+def run_task(
+    task: Task,
+    config: TrainConfig,
+    *,
+    world: distributed.World | None = None,
+    checkpoint_every: int | None = None,
+    resume=None,
+    stop_after: int | None = None,
+) -> TrainResult | None:
     """Train `task` once; writes OUT/TASK/VARIANT/{metrics.json, curves.png} (and alignment.{json,png}
     with ``config.alignment_every``), on the first rank only in a distributed run.
 
@@ -143,70 +179,126 @@ def run_task(task: Task, config: TrainConfig, *, world: distributed.World | None
     origin = provenance()
     if result.resumed_at:
         origin["resumed_at_steps"] = result.resumed_at
-    metrics = {"task": task.name, "family": task.family, "mode": config.mode, "variant": variant_name(task, config),
-               "run_config": _jsonable(config), "config": result.config, "history": result.history,
-               "final": result.final, "backend": result.backend, "wall_time_s": round(wall, 1),
-               "paper": paper_number(task, config), "paper_setting": task.paper_setting,
-               "artefacts": result.artefacts, "provenance": origin}
+    metrics = {
+        "task": task.name,
+        "family": task.family,
+        "mode": config.mode,
+        "variant": variant_name(task, config),
+        "run_config": _jsonable(config),
+        "config": result.config,
+        "history": result.history,
+        "final": result.final,
+        "backend": result.backend,
+        "wall_time_s": round(wall, 1),
+        "paper": paper_number(task, config),
+        "paper_setting": task.paper_setting,
+        "artefacts": result.artefacts,
+        "provenance": origin,
+    }
     if world is not None:
-        metrics["distributed"] = {"world_size": world.size, "strategy": "fsdp" if config.fsdp else "ddp",
-                                  "backend": torch.distributed.get_backend()}
+        metrics["distributed"] = {
+            "world_size": world.size,
+            "strategy": "fsdp" if config.fsdp else "ddp",
+            "backend": torch.distributed.get_backend(),
+        }
     if result.alignment:
         metrics["alignment"] = result.alignment
         plot_alignment(result.alignment, run_dir / "alignment.png", f"{task.name}: DFA vs BP alignment")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     _plot_curves({config.mode: result.history}, run_dir / "curves.png", f"{task.name} ({config.mode})")
-    print(f"{task.name} [{variant_name(task, config)}] {task.metric} = {result.final.get(task.metric)}  "
-          f"(backend {result.backend}, {wall:.1f} s) -> {run_dir}/metrics.json")
+    print(
+        f"{task.name} [{variant_name(task, config)}] {task.metric} = {result.final.get(task.metric)}  "
+        f"(backend {result.backend}, {wall:.1f} s) -> {run_dir}/metrics.json"
+    )
     return result
 
 
 def _summary(values: list[float]) -> dict:
     values = [v for v in values if v is not None and not math.isnan(v)]
-    return {"mean": statistics.mean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+    return {
+        "mean": statistics.mean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
-def compare_configs(task: Task, base: TrainConfig, seeds, modes=BASE_MODES, feedbacks=("paper",),
-                    placements=None) -> list[TrainConfig]:
+def compare_configs(
+    task: Task, base: TrainConfig, seeds, modes=BASE_MODES, feedbacks=("paper",), placements=None
+) -> list[TrainConfig]:
     """Every run of a comparison: each mode, each seed; DFA once per feedback (and placement)."""
     placements = placements or [base.placement]
     configs = []
     for mode in modes:
-        task.check_mode(mode)   # before the first run, not after hours of others
-        for feedback in (feedbacks if mode == "dfa" else ("paper",)):
-            for placement in (placements if mode == "dfa" and task.family == "transformer" else [base.placement]):
+        task.check_mode(mode)  # before the first run, not after hours of others
+        for feedback in feedbacks if mode == "dfa" else ("paper",):
+            for placement in placements if mode == "dfa" and task.family == "transformer" else [base.placement]:
                 for seed in seeds:
-                    configs.append(dataclasses.replace(base, mode=mode, feedback=feedback, placement=placement,
-                                                       seed=seed))
+                    configs.append(
+                        dataclasses.replace(base, mode=mode, feedback=feedback, placement=placement, seed=seed)
+                    )
     return configs
 
 
-def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=BASE_MODES, feedbacks=("paper",),
-                 placements=None, json_path: Path | None = None) -> dict:
+def compare_task(
+    task: Task,
+    base: TrainConfig,
+    seeds=(0,),
+    modes=BASE_MODES,
+    feedbacks=("paper",),
+    placements=None,
+    json_path: Path | None = None,
+) -> dict:
     """Train every run of :func:`compare_configs`; write OUT/TASK/compare.{json,txt,png} (and
     `json_path`): each run's config, history and final metrics, mean and std per variant, the
     paper's number beside ours only where it measures the same thing."""
     out = Path(base.out or "runs")
     runs = []
     for config in compare_configs(task, base, seeds, modes, feedbacks, placements):
-        result = train(task, dataclasses.replace(config, out=out / task.name / variant_name(task, config)
-                                                 / f"seed{config.seed}"))
-        runs.append({"variant": variant_name(task, config), "mode": config.mode, "feedback": config.feedback,
-                     "placement": config.placement, "seed": config.seed, "final": result.final,
-                     "backend": result.backend, "config": result.config, "history": result.history,
-                     "alignment": result.alignment, "artefacts": result.artefacts})
-        print(f"{task.name} [{runs[-1]['variant']}] seed {config.seed}: {task.metric} = "
-              f"{result.final.get(task.metric):.4f}", flush=True)
+        result = train(
+            task, dataclasses.replace(config, out=out / task.name / variant_name(task, config) / f"seed{config.seed}")
+        )
+        runs.append(
+            {
+                "variant": variant_name(task, config),
+                "mode": config.mode,
+                "feedback": config.feedback,
+                "placement": config.placement,
+                "seed": config.seed,
+                "final": result.final,
+                "backend": result.backend,
+                "config": result.config,
+                "history": result.history,
+                "alignment": result.alignment,
+                "artefacts": result.artefacts,
+            }
+        )
+        print(
+            f"{task.name} [{runs[-1]['variant']}] seed {config.seed}: {task.metric} = "
+            f"{result.final.get(task.metric):.4f}",
+            flush=True,
+        )
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    summary = {v: {**_summary([r["final"].get(task.metric) for r in runs if r["variant"] == v]),
-                   "seeds": [r["seed"] for r in runs if r["variant"] == v],
-                   "paper": paper_number(task, dataclasses.replace(base, mode=v.split("-")[0]))}
-               for v in variants}
-    report = {"task": task.name, "family": task.family, "metric": task.metric,
-              "higher_is_better": task.higher_is_better, "data": base.data, "preset": base.preset,
-              "paper_setting": task.paper_setting, "paper_comparable": task.comparable(base),
-              "summary": summary, "runs": runs, "provenance": provenance()}
+    summary = {
+        v: {
+            **_summary([r["final"].get(task.metric) for r in runs if r["variant"] == v]),
+            "seeds": [r["seed"] for r in runs if r["variant"] == v],
+            "paper": paper_number(task, dataclasses.replace(base, mode=v.split("-")[0])),
+        }
+        for v in variants
+    }
+    report = {
+        "task": task.name,
+        "family": task.family,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "data": base.data,
+        "preset": base.preset,
+        "paper_setting": task.paper_setting,
+        "paper_comparable": task.comparable(base),
+        "summary": summary,
+        "runs": runs,
+        "provenance": provenance(),
+    }
     table = comparison_table(task, report)
     print("\n".join(table))
     compare_dir = out / task.name
@@ -216,7 +308,7 @@ def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=BASE_MODES, fe
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")
     _plot_curves({f"{r['variant']} s{r['seed']}": r["history"] for r in runs}, compare_dir / "compare.png", task.name)
-    if task.figure is not None:   # the first seed of every variant, side by side
+    if task.figure is not None:  # the first seed of every variant, side by side
         firsts = {r["variant"]: r for r in runs if r["seed"] == runs[0]["seed"]}
         for path in {compare_dir / "figure.png", *([Path(json_path).with_suffix(".png")] if json_path else [])}:
             task.figure(firsts, path)
@@ -225,9 +317,11 @@ def compare_task(task: Task, base: TrainConfig, seeds=(0,), modes=BASE_MODES, fe
 
 def comparison_table(task: Task, report: dict) -> list[str]:
     """Mean ± std per variant; the paper's number only where comparable, "not comparable" otherwise."""
-    lines = [f"{task.name}: {task.metric} ({'higher' if task.higher_is_better else 'lower'} is better), "
-             f"mean ± std over seeds",
-             f"{'variant':<18}{'ours':>18}{'paper':>16}  n"]
+    lines = [
+        f"{task.name}: {task.metric} ({'higher' if task.higher_is_better else 'lower'} is better), "
+        f"mean ± std over seeds",
+        f"{'variant':<18}{'ours':>18}{'paper':>16}  n",
+    ]
     for variant, s in report["summary"].items():
         ours = "—" if s["mean"] is None else f"{s['mean']:.4f}" + ("" if s["std"] is None else f" ± {s['std']:.4f}")
         if not report["paper_comparable"]:

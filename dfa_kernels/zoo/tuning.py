@@ -12,6 +12,7 @@ its reason, in its ``TUNING_DEPARTURES`` (hyper-parameter -> reason); :func:`dep
 them with the grids they concern, tests/test_fairness.py checks that the declarations and the grids
 agree, and the README's departures list prints :func:`departures_markdown`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,26 +33,47 @@ def tune(task: Task, base: TrainConfig, modes=BASE_MODES, json_path: Path | None
     for mode in modes:
         task.check_mode(mode)
     out = Path(base.out or "runs") / task.name
-    report = {"task": task.name, "preset": base.preset, "data": base.data, "seed": base.seed, "modes": {},
-              "rule": "best validation metric of one run (seed as given) per candidate; the same number of "
-                      "candidates for every mode", "provenance": provenance()}
-    configs = [dataclasses.replace(base, mode=mode, placement=placement) for mode in modes
-               for placement in (placements or [base.placement] if mode == "dfa" and task.family == "transformer"
-                                 else [base.placement])]
+    report = {
+        "task": task.name,
+        "preset": base.preset,
+        "data": base.data,
+        "seed": base.seed,
+        "modes": {},
+        "rule": "best validation metric of one run (seed as given) per candidate; the same number of "
+        "candidates for every mode",
+        "provenance": provenance(),
+    }
+    configs = [
+        dataclasses.replace(base, mode=mode, placement=placement)
+        for mode in modes
+        for placement in (
+            placements or [base.placement] if mode == "dfa" and task.family == "transformer" else [base.placement]
+        )
+    ]
     for config in configs:
         trials = []
         for candidate in task.grid(config):
             result = train(task, dataclasses.replace(config, hp=dict(candidate), out=out / "tuning"))
             value = result.final.get(result.select, math.nan)
-            trials.append({"hp": candidate, result.select: value, "best_epoch": result.final.get("best_epoch"),
-                           "stopped": result.final.get("stopped")})
+            trials.append(
+                {
+                    "hp": candidate,
+                    result.select: value,
+                    "best_epoch": result.final.get("best_epoch"),
+                    "stopped": result.final.get("stopped"),
+                }
+            )
             print(f"{task.name} [{variant_name(task, config)}] {candidate}: {result.select} = {value:.4f}", flush=True)
-        sign = 1 if task.higher_is_better else -1   # the selection metric goes the task metric's way
+        sign = 1 if task.higher_is_better else -1  # the selection metric goes the task metric's way
         best = max(trials, key=lambda t: -math.inf if math.isnan(t[result.select]) else sign * t[result.select])
         current = task.tuned(config) if task.tuned is not None else None
         report["modes"][variant_name(task, config)] = {
-            "selected_by": result.select, "trials": trials, "best": best["hp"], "recipe": current,
-            "recipe_matches": current == best["hp"]}
+            "selected_by": result.select,
+            "trials": trials,
+            "best": best["hp"],
+            "recipe": current,
+            "recipe_matches": current == best["hp"],
+        }
     path = out / "tuning.json"
     for p in {path, *([Path(json_path)] if json_path else [])}:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +86,11 @@ def tune(task: Task, base: TrainConfig, modes=BASE_MODES, json_path: Path | None
 def variants(task: Task) -> list[TrainConfig]:
     """A config per mode, and per placement for a Transformer's DFA: what is tuned separately."""
     placements = ("macro", "micro", "linear") if task.family == "transformer" else ("macro",)
-    return [TrainConfig(task=task.name, mode=mode, placement=placement) for mode in task.modes
-            for placement in (placements if mode == "dfa" else ("macro",))]
+    return [
+        TrainConfig(task=task.name, mode=mode, placement=placement)
+        for mode in task.modes
+        for placement in (placements if mode == "dfa" else ("macro",))
+    ]
 
 
 def grid_values(task: Task) -> dict[str, dict[str, tuple]]:
@@ -74,8 +99,9 @@ def grid_values(task: Task) -> dict[str, dict[str, tuple]]:
     for config in variants(task):
         candidates = task.grid(config)
         for key in sorted({k for c in candidates for k in c}):
-            out.setdefault(key, {})[variant_name(task, config)] = tuple(sorted({c.get(key) for c in candidates},
-                                                                               key=repr))
+            out.setdefault(key, {})[variant_name(task, config)] = tuple(
+                sorted({c.get(key) for c in candidates}, key=repr)
+            )
     return out
 
 
@@ -89,9 +115,16 @@ def departures() -> list[dict]:
         declared = getattr(importlib.import_module(f"dfa_kernels.zoo.recipes.{task.family}"), "TUNING_DEPARTURES", {})
         for key, per_variant in grid_values(task).items():
             if len(set(per_variant.values())) > 1:
-                row = rows.setdefault((task.family, key, repr(per_variant)), {
-                    "recipe": task.family, "tasks": [], "hyper_parameter": key, "grids": per_variant,
-                    "reason": declared.get(key)})
+                row = rows.setdefault(
+                    (task.family, key, repr(per_variant)),
+                    {
+                        "recipe": task.family,
+                        "tasks": [],
+                        "hyper_parameter": key,
+                        "grids": per_variant,
+                        "reason": declared.get(key),
+                    },
+                )
                 row["tasks"].append(name)
     return list(rows.values())
 

@@ -1,5 +1,6 @@
 """MkDocs hook: replace `<!-- cli-help -->` with the help of `dfa-kernels` and of each of its
 subcommands, read from the command's own parser, so the reference cannot drift from the CLI."""
+
 import argparse
 import os
 

@@ -2,6 +2,7 @@
 They describe arguments as `name: text` lines (with indented continuation lines), which Markdown
 would join into one paragraph: each such entry becomes its own list item, the name in code. Sphinx
 roles (:class:`X`) become code spans. Other lines are left as written."""
+
 import re
 
 import griffe
@@ -19,7 +20,7 @@ def fields_as_list(text: str) -> str:
         if m:
             names = ", ".join(f"`{n}`" for n in m.group(1).split(", "))
             if out and out[-1].strip() and not out[-1].startswith(("- ", "  ")):
-                out.append("")      # a list must not continue the paragraph above it
+                out.append("")  # a list must not continue the paragraph above it
             out.append(f"- {names}: {m.group(2)}")
         else:
             out.append(line)

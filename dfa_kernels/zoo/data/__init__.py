@@ -1,4 +1,5 @@
 """Offline datasets for the zoo, read from installed data-only packages or from the user's own files."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,8 +31,9 @@ def read_text(path: Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); expected a "
-                              "plain text file") from None
+        raise DataFormatError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); expected a plain text file"
+        ) from None
 
 
 def package_dir(name: str) -> Path | None:

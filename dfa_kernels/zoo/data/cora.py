@@ -10,6 +10,7 @@ differs from Planetoid's, so the public Planetoid split does not apply: we draw 
 split (20 nodes per class for training, 500 validation, 1000 test) with a fixed seed. For the
 public split, read the Planetoid files with :mod:`dfa_kernels.data.planetoid`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,23 +20,26 @@ import torch
 
 from . import INSTALL_HINT, DataNotFoundError, DataPackageError, package_dir
 
+
 def cora_files() -> tuple[Path, Path]:
     package = package_dir("graphdatascience")
     if package is None:
         raise DataPackageError(
             "the data-only package 'graphdatascience' is not installed; install it with "
-            f"`{INSTALL_HINT}` (from the repository root)", name="graphdatascience")
+            f"`{INSTALL_HINT}` (from the repository root)",
+            name="graphdatascience",
+        )
     root = package / "resources" / "cora"
     nodes, rels = root / "cora_nodes.parquet.gzip", root / "cora_rels.parquet.gzip"
     for f in (nodes, rels):
         if not f.exists():
-            raise DataNotFoundError(f"{f} is missing; reinstall with `{INSTALL_HINT}` "
-                                    "(graphdatascience==2.2 ships the Cora parquet files)")
+            raise DataNotFoundError(
+                f"{f} is missing; reinstall with `{INSTALL_HINT}` (graphdatascience==2.2 ships the Cora parquet files)"
+            )
     return nodes, rels
 
 
-def load_cora(split_seed: int = 0, num_train_per_class: int = 20, num_val: int = 500,
-              num_test: int = 1000):
+def load_cora(split_seed: int = 0, num_train_per_class: int = 20, num_val: int = 500, num_test: int = 1000):
     """Cora as a ``torch_geometric.data.Data`` with ``train_mask``/``val_mask``/``test_mask``.
 
     ``x`` holds the raw binary features (row-normalise them with ``T.NormalizeFeatures()`` as
@@ -60,9 +64,10 @@ def load_cora(split_seed: int = 0, num_train_per_class: int = 20, num_val: int =
     edge_index = coalesce(to_undirected(edge_index, num_nodes=len(y)), num_nodes=len(y))
 
     data = Data(x=x, edge_index=edge_index, y=y)
-    split = T.RandomNodeSplit(split="random", num_train_per_class=num_train_per_class,
-                              num_val=num_val, num_test=num_test)
-    with torch.random.fork_rng(devices=[]):   # a fixed split, global RNG left untouched
+    split = T.RandomNodeSplit(
+        split="random", num_train_per_class=num_train_per_class, num_val=num_val, num_test=num_test
+    )
+    with torch.random.fork_rng(devices=[]):  # a fixed split, global RNG left untouched
         torch.manual_seed(split_seed)
         data = split(data)
     data.name = "cora"

@@ -14,6 +14,7 @@ are log-bucketed (``v > 2 -> floor(ln(v)^2)``, the competition winners' transfor
 as categories; every categorical value seen fewer than ``min_count`` times in the training part
 maps to its field's "rare/missing" index 0. Split: random 80/10/10 with a fixed seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,9 @@ COLUMNS = ["label"] + [f"I{i}" for i in range(1, N_INT + 1)] + [f"C{i}" for i in
 
 @dataclasses.dataclass
 class CTRData:
-    field_names: list[str]                       # one-valued fields first, then multi-hot ones
-    vocab_size: int                              # rows of the shared embedding table
-    bags: list[tuple[int, int]]                  # per multi-hot field: (first table row, values)
+    field_names: list[str]  # one-valued fields first, then multi-hot ones
+    vocab_size: int  # rows of the shared embedding table
+    bags: list[tuple[int, int]]  # per multi-hot field: (first table row, values)
     # "train" | "val" | "test" -> (idx [N, F1] long, bag [N, sum of n] float, label [N] float)
     splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     info: dict = dataclasses.field(default_factory=dict)
@@ -42,11 +43,11 @@ class CTRData:
     def num_fields(self) -> int:
         return len(self.field_names)
 
-    def to(self, device) -> "CTRData":
+    def to(self, device) -> CTRData:
         splits = {k: tuple(t.to(device) for t in v) for k, v in self.splits.items()}
         return dataclasses.replace(self, splits=splits)
 
-    def subset(self, n: int) -> "CTRData":
+    def subset(self, n: int) -> CTRData:
         """The first ``n`` examples of every split (for tests and smoke runs)."""
         splits = {k: tuple(t[:n] for t in v) for k, v in self.splits.items()}
         return dataclasses.replace(self, splits=splits)
@@ -59,10 +60,10 @@ def split_indices(n: int, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str,
 
 
 def _int_bucket(v: float) -> str:
-    if v != v:                       # NaN: missing
+    if v != v:  # NaN: missing
         return ""
     v = int(v)
-    return str(int(math.log(v) ** 2) + 3) if v > 2 else str(v)    # +3 keeps buckets apart from 0..2
+    return str(int(math.log(v) ** 2) + 3) if v > 2 else str(v)  # +3 keeps buckets apart from 0..2
 
 
 def _check_criteo_lines(path: Path) -> None:
@@ -78,13 +79,14 @@ def _check_criteo_lines(path: Path) -> None:
     for where, line in (("first", first.rstrip(b"\r\n")), ("last", last)):
         columns = len(line.split(b"\t"))
         if columns != len(COLUMNS):
-            raise DataFormatError(f"{path}: the {where} line has {columns} tab-separated columns; "
-                                  f"expected {len(COLUMNS)} (label, I1..I13, C1..C26): another format, or a "
-                                  "file cut short")
+            raise DataFormatError(
+                f"{path}: the {where} line has {columns} tab-separated columns; "
+                f"expected {len(COLUMNS)} (label, I1..I13, C1..C26): another format, or a "
+                "file cut short"
+            )
 
 
-def load_criteo(path: str | Path, min_count: int = 10, max_rows: int | None = None,
-                seed: int = 0) -> CTRData:
+def load_criteo(path: str | Path, min_count: int = 10, max_rows: int | None = None, seed: int = 0) -> CTRData:
     """Read a Criteo TSV file (``label, 13 integer, 26 categorical`` columns, no header)."""
     import pandas as pd
 
@@ -93,8 +95,9 @@ def load_criteo(path: str | Path, min_count: int = 10, max_rows: int | None = No
         raise DataNotFoundError(f"Criteo TSV file not found: {path}")
     _check_criteo_lines(path)
     try:
-        df = pd.read_csv(path, sep="\t", header=None, names=COLUMNS, nrows=max_rows,
-                         dtype={c: str for c in COLUMNS[1 + N_INT:]})
+        df = pd.read_csv(
+            path, sep="\t", header=None, names=COLUMNS, nrows=max_rows, dtype={c: str for c in COLUMNS[1 + N_INT :]}
+        )
     except (UnicodeDecodeError, pd.errors.ParserError) as err:
         raise DataFormatError(f"{path} is not a Criteo TSV file ({err})") from None
     labels = pd.to_numeric(df["label"], errors="coerce")
@@ -110,14 +113,13 @@ def load_criteo(path: str | Path, min_count: int = 10, max_rows: int | None = No
         col = df[name].map(_int_bucket) if name.startswith("I") else df[name].fillna("")
         counts = col[is_train].value_counts()
         keep = counts[(counts >= min_count) & (counts.index != "")].index
-        vocab = {v: i + 1 for i, v in enumerate(sorted(keep))}       # 0: rare or missing
+        vocab = {v: i + 1 for i, v in enumerate(sorted(keep))}  # 0: rare or missing
         idx[:, f] = col.map(vocab).fillna(0).to_numpy(np.int64) + offset
         offset += len(vocab) + 1
 
     idx_t = torch.from_numpy(idx)
     bag_t = torch.zeros(len(df), 0)
     label = torch.tensor(df["label"].to_numpy(np.float32))
-    splits = {k: (idx_t[v], bag_t[v], label[v]) for k, v in
-              ((k, torch.from_numpy(v)) for k, v in parts.items())}
+    splits = {k: (idx_t[v], bag_t[v], label[v]) for k, v in ((k, torch.from_numpy(v)) for k, v in parts.items())}
     info = {"source": str(path), "rows": len(df), "min_count": min_count, "positives": float(label.mean())}
     return CTRData(field_names=fields, vocab_size=offset, bags=[], splits=splits, info=info)

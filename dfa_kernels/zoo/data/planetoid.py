@@ -24,6 +24,7 @@ numpy/builtin classes these files use (plus ``codecs.encode``, with which Python
 pickle protocol 2); the CSR matrices are rebuilt from their stored arrays
 without importing scipy.
 """
+
 from __future__ import annotations
 
 import collections
@@ -58,8 +59,8 @@ class _CSRState:
 
 def _np_reconstruct():
     try:
-        from numpy._core.multiarray import _reconstruct   # numpy >= 2
-    except ImportError:                                    # pragma: no cover - numpy 1.x
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct
     return _reconstruct
 
@@ -68,7 +69,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if name in ("csr_matrix", "csr_array") and module.startswith("scipy.sparse"):
             return _CSRState
-        if (module, name) == ("_codecs", "encode"):   # how Python 3 writes bytes at protocol 2
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes at protocol 2
             return __import__("codecs").encode
         if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
             return getattr(np, name)
@@ -88,8 +89,7 @@ class PlanetoidFileError(DataFormatError, pickle.UnpicklingError):
 def _read(folder: Path, name: str, part: str):
     path = folder / f"ind.{name}.{part}"
     if not path.exists():
-        raise DataNotFoundError(f"Planetoid file {path} is missing (need ind.{name}.{{"
-                                + ",".join(FILES) + "})")
+        raise DataNotFoundError(f"Planetoid file {path} is missing (need ind.{name}.{{" + ",".join(FILES) + "})")
     if part == "test.index":
         words = path.read_bytes().split()
         if not words or not all(w.isdigit() for w in words):
@@ -117,22 +117,26 @@ def parse_spec(spec: str) -> tuple[Path, str]:
         return Path(path).expanduser(), name.lower()
     p = Path(spec).expanduser()
     if p.name.startswith("ind.") and not p.is_dir():
-        return p.parent, p.name[len("ind."):].lower()
+        return p.parent, p.name[len("ind.") :].lower()
     if p.is_dir():
         names = sorted({f.name.split(".")[1] for f in p.glob("ind.*.test.index")})
         if len(names) == 1:
             return p, names[0]
-        raise DataFormatError(f"{p} holds Planetoid datasets {names or 'none'}; "
-                         f"name one as '{p}:NAME' (e.g. '{p}:citeseer')")
-    raise DataNotFoundError(f"no Planetoid data at {spec!r}; expected 'DIR:NAME' with "
-                            "DIR/ind.NAME.{x,tx,allx,y,ty,ally,graph,test.index}")
+        raise DataFormatError(
+            f"{p} holds Planetoid datasets {names or 'none'}; name one as '{p}:NAME' (e.g. '{p}:citeseer')"
+        )
+    raise DataNotFoundError(
+        f"no Planetoid data at {spec!r}; expected 'DIR:NAME' with DIR/ind.NAME.{{x,tx,allx,y,ty,ally,graph,test.index}}"
+    )
 
 
 def load_packaged(name: str):
     """Cora or CiteSeer with the public split, from the files shipped in the package."""
     if name not in PACKAGED:
-        raise ValueError(f"the package ships the Planetoid datasets {PACKAGED}; got {name!r} "
-                         "(read other Planetoid files with --data DIR:NAME)")
+        raise ValueError(
+            f"the package ships the Planetoid datasets {PACKAGED}; got {name!r} "
+            "(read other Planetoid files with --data DIR:NAME)"
+        )
     return load_planetoid(PACKAGED_DIR, name)
 
 
@@ -145,7 +149,7 @@ def load_planetoid(folder: str | Path, name: str):
     x, tx, allx, y, ty, ally, graph, test_index = (_read(folder, name, p) for p in FILES)
     sorted_test = test_index.sort().values
     lo, hi = int(test_index.min()), int(test_index.max())
-    if hi - lo + 1 > tx.size(0):   # non-contiguous test ids (CiteSeer): pad the missing rows
+    if hi - lo + 1 > tx.size(0):  # non-contiguous test ids (CiteSeer): pad the missing rows
         tx_ext = tx.new_zeros(hi - lo + 1, tx.size(1))
         ty_ext = ty.new_zeros(hi - lo + 1, ty.size(1))
         tx_ext[sorted_test - lo], ty_ext[sorted_test - lo] = tx, ty
@@ -163,8 +167,8 @@ def load_planetoid(folder: str | Path, name: str):
     edge_index = coalesce(edge_index, num_nodes=n)
 
     data = Data(x=x, edge_index=edge_index, y=labels)
-    data.padded_mask = torch.zeros(n, dtype=torch.bool)          # rows with no node behind them
-    data.padded_mask[allx.size(0):] = True
+    data.padded_mask = torch.zeros(n, dtype=torch.bool)  # rows with no node behind them
+    data.padded_mask[allx.size(0) :] = True
     data.padded_mask[test_index] = False
     data.train_mask = index_to_mask(torch.arange(y.size(0)), size=n)
     data.val_mask = index_to_mask(torch.arange(y.size(0), min(y.size(0) + 500, n)), size=n)
@@ -192,8 +196,10 @@ def stratified_split(data, seed: int, folds: int = 5):
     if padded is not None:
         nodes = nodes[~padded]
     labels = data.y[nodes].numpy()
-    parts = [nodes[torch.from_numpy(i)] for _, i in
-             StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)]
+    parts = [
+        nodes[torch.from_numpy(i)]
+        for _, i in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)
+    ]
     out = data.clone()
     n = data.num_nodes
     out.train_mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, parts[0], True)

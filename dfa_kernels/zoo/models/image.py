@@ -4,6 +4,7 @@
 every zoo model: the same network trains with any method of the family (the layer-wise ones
 convert its two convolutions and its linear layer, see :mod:`dfa_kernels.zoo.family`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ class DigitsCNN(nn.Module):
     """[N, 1, 8, 8] -> conv 3x3 (channels[0]) -> ReLU -> conv 3x3 stride 2 (channels[1]) -> ReLU ->
     flatten -> linear -> [N, classes] logits."""
 
-    def __init__(self, channels: tuple[int, int] = (16, 32), classes: int = 10, side: int = 8, mode: str = "dfa",
-                 seed: int = 0):
+    def __init__(
+        self, channels: tuple[int, int] = (16, 32), classes: int = 10, side: int = 8, mode: str = "dfa", seed: int = 0
+    ):
         super().__init__()
         if len(channels) != 2 or not all(isinstance(c, int) and c > 0 for c in channels):
             raise ValueError(f"channels must be two positive ints; got {channels!r}")

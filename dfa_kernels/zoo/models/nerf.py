@@ -16,6 +16,7 @@ exactly. In ``mode="shallow"`` only the heads learn; ``mode="bp"`` is ordinary b
 :class:`NeRF` holds a coarse and a fine MLP, each with its own :class:`dfa_kernels.DFA`, and
 renders rays with stratified samples (coarse) plus importance samples (fine), as the paper does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,32 +32,42 @@ def positional_encoding(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
     2^k, no factor pi; scenes live in a few units around the origin)."""
     out = [x]
     for k in range(n_freqs):
-        out += [torch.sin(x * 2.0 ** k), torch.cos(x * 2.0 ** k)]
+        out += [torch.sin(x * 2.0**k), torch.cos(x * 2.0**k)]
     return torch.cat(out, -1)
 
 
 class NeRFMLP(nn.Module):
     """(points [..., 3], view directions [..., 3]) -> raw (rgb, sigma) [..., 4], before activations."""
 
-    def __init__(self, depth: int = 8, width: int = 256, skips=(4,), pos_freqs: int = 10, dir_freqs: int = 4,
-                 mode: str = "dfa", seed: int = 0):
+    def __init__(
+        self,
+        depth: int = 8,
+        width: int = 256,
+        skips=(4,),
+        pos_freqs: int = 10,
+        dir_freqs: int = 4,
+        mode: str = "dfa",
+        seed: int = 0,
+    ):
         super().__init__()
         self.pos_freqs, self.dir_freqs, self.skips = pos_freqs, dir_freqs, set(skips)
         if not all(0 <= k < depth - 1 for k in self.skips):
             raise ValueError(f"skips must name trunk layers 0..{depth - 2} (their output gets gamma(x)); got {skips}")
         d_pos, d_dir = 3 * (1 + 2 * pos_freqs), 3 * (1 + 2 * dir_freqs)
-        self.trunk = nn.ModuleList([nn.Linear(d_pos, width)] + [
-            nn.Linear(width + (d_pos if k - 1 in self.skips else 0), width) for k in range(1, depth)])
-        self.sigma = nn.Linear(width, 1)                       # density head
+        self.trunk = nn.ModuleList(
+            [nn.Linear(d_pos, width)]
+            + [nn.Linear(width + (d_pos if k - 1 in self.skips else 0), width) for k in range(1, depth)]
+        )
+        self.sigma = nn.Linear(width, 1)  # density head
         self.feature = nn.Linear(width, width)
         self.direction = nn.Linear(width + d_dir, width // 2)
-        self.rgb = nn.Linear(width // 2, 3)                    # colour head
+        self.rgb = nn.Linear(width // 2, 3)  # colour head
         self.dfa = dk.DFA(mode=mode, seed=seed)
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         x, d = positional_encoding(x, self.pos_freqs), positional_encoding(d, self.dir_freqs)
         h = x
-        for k, layer in enumerate(self.trunk):                 # layer 0 is the input layer
+        for k, layer in enumerate(self.trunk):  # layer 0 is the input layer
             h = self.dfa.point(F.relu(layer(h)))
             if k in self.skips:
                 h = torch.cat([x, h], -1)
@@ -92,8 +103,11 @@ def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n: int, deterministic:
     ``bins [R, B-1]`` (inverse transform sampling, the paper's hierarchical sampling)."""
     pdf = (weights + 1e-5) / (weights + 1e-5).sum(-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)
-    u = (torch.linspace(0, 1, n, device=bins.device).expand(len(cdf), n) if deterministic
-         else torch.rand(len(cdf), n, device=bins.device))
+    u = (
+        torch.linspace(0, 1, n, device=bins.device).expand(len(cdf), n)
+        if deterministic
+        else torch.rand(len(cdf), n, device=bins.device)
+    )
     idx = torch.searchsorted(cdf, u.contiguous(), right=True)
     lo, hi = (idx - 1).clamp(min=0), idx.clamp(max=cdf.shape[-1] - 1)
     cdf_lo, cdf_hi = cdf.gather(-1, lo), cdf.gather(-1, hi)
@@ -105,8 +119,18 @@ def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n: int, deterministic:
 class NeRF(nn.Module):
     """Coarse + fine NeRF MLPs (each with its own DFA) and the renderer."""
 
-    def __init__(self, depth: int = 8, width: int = 256, skips=(4,), pos_freqs: int = 10, dir_freqs: int = 4,
-                 n_coarse: int = 64, n_fine: int = 128, mode: str = "dfa", seed: int = 0):
+    def __init__(
+        self,
+        depth: int = 8,
+        width: int = 256,
+        skips=(4,),
+        pos_freqs: int = 10,
+        dir_freqs: int = 4,
+        n_coarse: int = 64,
+        n_fine: int = 128,
+        mode: str = "dfa",
+        seed: int = 0,
+    ):
         super().__init__()
         kw = dict(depth=depth, width=width, skips=skips, pos_freqs=pos_freqs, dir_freqs=dir_freqs, mode=mode)
         self.coarse, self.fine = NeRFMLP(seed=seed, **kw), NeRFMLP(seed=seed + 1, **kw)
@@ -121,12 +145,19 @@ class NeRF(nn.Module):
         self.coarse.dfa.mode = self.fine.dfa.mode = value
 
     def _query(self, mlp, rays_o, rays_d, z, background, far):
-        pts = rays_o[:, None] + rays_d[:, None] * z[..., None]              # [R, S, 3]
+        pts = rays_o[:, None] + rays_d[:, None] * z[..., None]  # [R, S, 3]
         dirs = F.normalize(rays_d, dim=-1)[:, None].expand_as(pts)
         return render(mlp(pts, dirs), z, rays_d, background, far)
 
-    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: float, far: float,
-                background: float = 1.0, perturb: bool | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        near: float,
+        far: float,
+        background: float = 1.0,
+        perturb: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Render rays ``[R, 3]``: {"rgb", "rgb_coarse" [R, 3], "depth" [R], "opacity" [R]} ("rgb" is
         the fine network's, or the coarse one's when n_fine = 0).
         perturb (default: in training mode) jitters the coarse samples within their strata."""
@@ -140,8 +171,9 @@ class NeRF(nn.Module):
         rgb, weights, depth, opacity = self._query(self.coarse, rays_o, rays_d, z, background, far)
         out = {"rgb_coarse": rgb}
         if self.n_fine:
-            z_fine = sample_pdf(0.5 * (z[:, 1:] + z[:, :-1]), weights[:, 1:-1].detach(), self.n_fine,
-                                deterministic=not perturb)
+            z_fine = sample_pdf(
+                0.5 * (z[:, 1:] + z[:, :-1]), weights[:, 1:-1].detach(), self.n_fine, deterministic=not perturb
+            )
             z = torch.sort(torch.cat([z, z_fine], -1), -1).values
             rgb, _, depth, opacity = self._query(self.fine, rays_o, rays_d, z, background, far)
         out.update(rgb=rgb, depth=depth, opacity=opacity)

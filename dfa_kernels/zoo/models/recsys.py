@@ -15,6 +15,7 @@ What learns exactly (= what learns in shallow mode), per model:
   AutoInt  the output layer only (points on the embeddings and each attention layer)
   AFN      the output layer only (points after the logarithmic layer and each MLP block)
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,9 +36,9 @@ class FieldEmbedding(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.01)
 
     def forward(self, idx, bag):
-        fields, col = [self.emb(idx)], 0                                    # [B, F1, dim]
+        fields, col = [self.emb(idx)], 0  # [B, F1, dim]
         for row, n in self.bags:
-            fields.append((bag[:, col:col + n] @ self.emb.weight[row:row + n]).unsqueeze(1))
+            fields.append((bag[:, col : col + n] @ self.emb.weight[row : row + n]).unsqueeze(1))
             col += n
         return torch.cat(fields, 1)
 
@@ -51,8 +52,7 @@ def mlp(d_in: int, hidden, dropout: float = 0.0) -> nn.ModuleList:
     """Blocks Linear -> BatchNorm -> ReLU (-> Dropout); the caller puts a point after each."""
     blocks = []
     for d in hidden:
-        blocks.append(nn.Sequential(nn.Linear(d_in, d), nn.BatchNorm1d(d), nn.ReLU(),
-                                    nn.Dropout(dropout)))
+        blocks.append(nn.Sequential(nn.Linear(d_in, d), nn.BatchNorm1d(d), nn.ReLU(), nn.Dropout(dropout)))
         d_in = d
     return nn.ModuleList(blocks)
 
@@ -63,7 +63,7 @@ class FM(nn.Module):
     def __init__(self, vocab_size, num_fields, bags=(), embed_dim=16):
         super().__init__()
         self.embed = FieldEmbedding(vocab_size, num_fields, embed_dim, bags)
-        self.linear = FieldEmbedding(vocab_size, num_fields, 1, bags)      # first-order weights
+        self.linear = FieldEmbedding(vocab_size, num_fields, 1, bags)  # first-order weights
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, idx, bag):
@@ -74,11 +74,12 @@ class FM(nn.Module):
 class DeepFM(nn.Module):
     """FM + an MLP over the concatenated embeddings (Guo et al. 2017)."""
 
-    def __init__(self, vocab_size, num_fields, bags=(), embed_dim=10, hidden=(400, 400, 400),
-                 dropout=0.0, mode="dfa", seed=0):
+    def __init__(
+        self, vocab_size, num_fields, bags=(), embed_dim=10, hidden=(400, 400, 400), dropout=0.0, mode="dfa", seed=0
+    ):
         super().__init__()
         self.embed = FieldEmbedding(vocab_size, num_fields, embed_dim, bags)
-        self.linear = FieldEmbedding(vocab_size, num_fields, 1, bags)      # first-order weights
+        self.linear = FieldEmbedding(vocab_size, num_fields, 1, bags)  # first-order weights
         self.bias = nn.Parameter(torch.zeros(1))
         self.mlp = mlp(self.embed.num_fields * embed_dim, hidden, dropout)
         self.out = nn.Linear(hidden[-1], 1)
@@ -111,8 +112,18 @@ class DCN(nn.Module):
     embeddings, their outputs stacked into the logit. Points: the embeddings, every cross layer and
     MLP block but the last of each, and the stack (which is the output of those last two)."""
 
-    def __init__(self, vocab_size, num_fields, bags=(), embed_dim=16, cross_layers=6,
-                 hidden=(1024, 1024), dropout=0.0, mode="dfa", seed=0):
+    def __init__(
+        self,
+        vocab_size,
+        num_fields,
+        bags=(),
+        embed_dim=16,
+        cross_layers=6,
+        hidden=(1024, 1024),
+        dropout=0.0,
+        mode="dfa",
+        seed=0,
+    ):
         super().__init__()
         self.embed = FieldEmbedding(vocab_size, num_fields, embed_dim, bags)
         d = self.embed.num_fields * embed_dim
@@ -143,18 +154,17 @@ class InteractingLayer(nn.Module):
         self.qkv = nn.Linear(d_in, 3 * d_att, bias=False)
         self.res = nn.Linear(d_in, d_att, bias=False)
 
-    def forward(self, x):                                                   # [B, F, d_in]
+    def forward(self, x):  # [B, F, d_in]
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        o = nn.functional.scaled_dot_product_attention(q, k, v)             # [B, heads, F, d_head]
-        return torch.relu(o.transpose(1, 2).flatten(2) + self.res(x))       # [B, F, d_att]
+        o = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, heads, F, d_head]
+        return torch.relu(o.transpose(1, 2).flatten(2) + self.res(x))  # [B, F, d_att]
 
 
 class AutoInt(nn.Module):
     """AutoInt (Song et al. 2019): self-attention layers over the field embeddings, then a linear
     logit. Points: the embeddings and every attention layer."""
 
-    def __init__(self, vocab_size, num_fields, bags=(), embed_dim=16, layers=3, heads=2, d_att=32,
-                 mode="dfa", seed=0):
+    def __init__(self, vocab_size, num_fields, bags=(), embed_dim=16, layers=3, heads=2, d_att=32, mode="dfa", seed=0):
         super().__init__()
         self.embed = FieldEmbedding(vocab_size, num_fields, embed_dim, bags)
         dims = [embed_dim] + [d_att] * layers
@@ -163,7 +173,7 @@ class AutoInt(nn.Module):
         self.dfa = dk.DFA(mode=mode, seed=seed)
 
     def forward(self, idx, bag):
-        h = self.dfa.point(self.embed(idx, bag))                            # [B, F, d]
+        h = self.dfa.point(self.embed(idx, bag))  # [B, F, d]
         for layer in self.attn:
             h = self.dfa.point(layer(h))
         return self.dfa(self.out(h.flatten(1)))
@@ -174,8 +184,18 @@ class AFN(nn.Module):
     cross features exp(sum_f w_f ln|e_f|), then an MLP. Points: the logarithmic layer and every
     MLP block."""
 
-    def __init__(self, vocab_size, num_fields, bags=(), embed_dim=10, lnn=1500,
-                 hidden=(400, 400, 400), dropout=0.0, mode="dfa", seed=0):
+    def __init__(
+        self,
+        vocab_size,
+        num_fields,
+        bags=(),
+        embed_dim=10,
+        lnn=1500,
+        hidden=(400, 400, 400),
+        dropout=0.0,
+        mode="dfa",
+        seed=0,
+    ):
         super().__init__()
         self.embed = FieldEmbedding(vocab_size, num_fields, embed_dim, bags)
         F = self.embed.num_fields
@@ -187,10 +207,10 @@ class AFN(nn.Module):
         self.dfa = dk.DFA(mode=mode, seed=seed)
 
     def forward(self, idx, bag):
-        e = self.embed(idx, bag)                                            # [B, F, d]
+        e = self.embed(idx, bag)  # [B, F, d]
         log_e = self.log_bn(torch.log(e.abs().clamp_min(1e-5)))
-        cross = torch.exp(self.lnn(log_e.transpose(1, 2)))                  # [B, d, lnn]
-        h = self.dfa.point(self.exp_bn(cross.transpose(1, 2)).flatten(1))   # [B, lnn * d]
+        cross = torch.exp(self.lnn(log_e.transpose(1, 2)))  # [B, d, lnn]
+        h = self.dfa.point(self.exp_bn(cross.transpose(1, 2)).flatten(1))  # [B, lnn * d]
         for block in self.mlp:
             h = self.dfa.point(block(h))
         return self.dfa(self.out(h))

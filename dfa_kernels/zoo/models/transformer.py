@@ -53,6 +53,7 @@ Two architectures, chosen by keyword (the defaults are the first):
   these keywords. Not reproduced: nn.TransformerEncoder deep-copies one initialised layer, so the
   paper's blocks all start from the same weights; ours are drawn independently.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,15 @@ POSITIONS = ("learned", "sinusoidal")
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 INITS = ("gpt2", "paper")
 # paper 1's architecture (see the module doc), as TransformerLM keywords
-PAPER_ARCHITECTURE = dict(pre_ln=False, positions="sinusoidal", embed_scale=True, activation="relu",
-                          ffn_dropout=True, head_bias=True, init="paper")
+PAPER_ARCHITECTURE = dict(
+    pre_ln=False,
+    positions="sinusoidal",
+    embed_scale=True,
+    activation="relu",
+    ffn_dropout=True,
+    head_bias=True,
+    init="paper",
+)
 
 
 def sinusoidal_positions(context: int, d_model: int) -> torch.Tensor:
@@ -94,8 +102,16 @@ class Block(nn.Module):
     it with ``fused=True``.
     """
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, pre_ln: bool = True,
-                 activation: str = "gelu", ffn_dropout: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        pre_ln: bool = True,
+        activation: str = "gelu",
+        ffn_dropout: bool = False,
+    ):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model={d_model} must be a multiple of heads={heads}")
@@ -117,8 +133,7 @@ class Block(nn.Module):
         B, T, C3 = qkv.shape
         C = C3 // 3
         q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return a.transpose(1, 2).reshape(B, T, C)
 
     def attention(self, x):
@@ -132,14 +147,15 @@ class Block(nn.Module):
                 return self.act_drop(dfa.linear(x, self.fc1, self.activation))
             return point(self.act_drop(ACTIVATIONS[self.activation](self.fc1(x))))
 
-        if self.pre_ln:                                     # GPT-2 style
+        if self.pre_ln:  # GPT-2 style
             x = point(x + self.attention(self.ln1(x)))
             return x + self.drop(self.fc2(ffn_hidden(self.ln2(x))))
-        x = point(self.ln1(x + self.attention(x)))          # original (post-LN) Transformer
+        x = point(self.ln1(x + self.attention(x)))  # original (post-LN) Transformer
         return self.ln2(x + self.drop(self.fc2(ffn_hidden(x))))
 
     def forward_linear(self, x, dfa: dk.DFA, fused: bool = True):
         """The block with a point at every linear and LayerNorm output (placement "linear")."""
+
         def linear(h, layer, activation=None):
             if fused:
                 return dfa.linear(h, layer, activation)
@@ -161,12 +177,28 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """Causal Transformer LM with DFA feedback points; ``model.dfa`` is its :class:`dk.DFA`."""
 
-    def __init__(self, vocab_size: int, context: int = 128, layers: int = 4, d_model: int = 128,
-                 heads: int = 4, d_ff: int | None = None, dropout: float = 0.0, pre_ln: bool = True,
-                 positions: str = "learned", embed_scale: bool = False, activation: str = "gelu",
-                 ffn_dropout: bool = False, head_bias: bool = False, init: str = "gpt2",
-                 placement: str = "macro", error_at: str = "hidden", mode: str = "dfa", fused: bool = True,
-                 **dfa_kwargs):
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int = 128,
+        layers: int = 4,
+        d_model: int = 128,
+        heads: int = 4,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+        pre_ln: bool = True,
+        positions: str = "learned",
+        embed_scale: bool = False,
+        activation: str = "gelu",
+        ffn_dropout: bool = False,
+        head_bias: bool = False,
+        init: str = "gpt2",
+        placement: str = "macro",
+        error_at: str = "hidden",
+        mode: str = "dfa",
+        fused: bool = True,
+        **dfa_kwargs,
+    ):
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}; got {placement!r}")
@@ -181,20 +213,21 @@ class TransformerLM(nn.Module):
         self.tok = nn.Embedding(vocab_size, d_model)
         if positions == "learned":
             self.pos = nn.Embedding(context, d_model)
-        else:                                               # fixed: a buffer, no parameter
+        else:  # fixed: a buffer, no parameter
             self.pos = None
             self.register_buffer("pos_table", sinusoidal_positions(context, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, heads, d_ff or 4 * d_model, dropout, pre_ln, activation, ffn_dropout)
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            Block(d_model, heads, d_ff or 4 * d_model, dropout, pre_ln, activation, ffn_dropout) for _ in range(layers)
+        )
         self.ln_f = nn.LayerNorm(d_model) if pre_ln else nn.Identity()
         self.head = nn.Linear(d_model, vocab_size, bias=head_bias)
         if placement == "linear":
-            dfa_kwargs.setdefault("layout", "shared")       # paper 2's single B e (see the module doc)
+            dfa_kwargs.setdefault("layout", "shared")  # paper 2's single B e (see the module doc)
         self.dfa = dk.DFA(mode=mode, **dfa_kwargs)
         if init == "gpt2":
             self.apply(self._init)
-            for name, p in self.named_parameters():         # GPT-2: scale the residual projections
+            for name, p in self.named_parameters():  # GPT-2: scale the residual projections
                 if name.endswith(("proj.weight", "fc2.weight")):
                     nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
         else:
@@ -241,7 +274,7 @@ class TransformerLM(nn.Module):
             x = x * self.embed_scale
         x = self.drop(x + positions)
         if self.placement == "linear":
-            x = self.dfa.point(x)                           # the embeddings' own signal
+            x = self.dfa.point(x)  # the embeddings' own signal
             for block in self.blocks:
                 x = block.forward_linear(x, self.dfa, self.fused)
             return self.ln_f(x)
@@ -260,5 +293,5 @@ class TransformerLM(nn.Module):
     def forward(self, idx):
         h = self.hidden(idx)
         if self.error_at == "hidden":
-            return self.head(self.dfa(h))                   # error e = dL/dh: [B, T, d_model]
-        return self.dfa(self.head(h))                       # error e = dL/dlogits: [B, T, vocab]
+            return self.head(self.dfa(h))  # error e = dL/dh: [B, T, d_model]
+        return self.dfa(self.head(h))  # error e = dL/dlogits: [B, T, vocab]

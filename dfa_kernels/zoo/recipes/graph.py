@@ -22,6 +22,7 @@ up to ``EPOCHS`` epochs, stopping after ``PATIENCE`` epochs without a better val
 metric is that of the best validation epoch.
 Presets: "cpu" (DNA narrower than the paper) and "full" (the paper's sizes).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 import dfa_kernels as dk
 
-from ..tasks import Task, TrainConfig, register, set_feedback, tuned_as
 from ...methods import LAYERWISE
+from ..tasks import Task, TrainConfig, register, set_feedback, tuned_as
 from ..trainer import FullBatch, Run, Sampled
 
 # Sizes per preset. Only DNA differs: PyG's DNAConv attends per edge with tiny batched matmuls,
@@ -43,12 +44,17 @@ from ..trainer import FullBatch, Run, Sampled
 # Q/K/V maps) DFA's DNA diverged within ~60 epochs on every seed (issue #20).
 PRESETS = {
     "full": {
-        "gcn": dict(hidden=16), "gat": dict(hidden=8, heads=8), "cheb": dict(hidden=16, K=2),
+        "gcn": dict(hidden=16),
+        "gat": dict(hidden=8, heads=8),
+        "cheb": dict(hidden=16, K=2),
         "spline": dict(hidden=16, dim=1, kernel_size=2),
-        "dna": dict(hidden=128, num_layers=5, heads=8, groups=16), "gae": dict(out_channels=16),
+        "dna": dict(hidden=128, num_layers=5, heads=8, groups=16),
+        "gae": dict(out_channels=16),
     },
     "cpu": {
-        "gcn": dict(hidden=16), "gat": dict(hidden=8, heads=8), "cheb": dict(hidden=16, K=2),
+        "gcn": dict(hidden=16),
+        "gat": dict(hidden=8, heads=8),
+        "cheb": dict(hidden=16, K=2),
         "spline": dict(hidden=16, dim=1, kernel_size=2),
         "dna": dict(hidden=32, num_layers=5, heads=1, groups=16, dropout=0.2, att_dropout=0.0),
         "gae": dict(out_channels=16),
@@ -66,13 +72,20 @@ WD_OUT = {"gcn": 0.0, "gat": 5e-4, "cheb": 0.0, "spline": 5e-3, "dna": 0.0, "gae
 # The tuning grid of (lr, weight decay of the hidden layers), the same six candidates for every mode
 # (`dfa-kernels tune MODEL-cora`: Cora public split, validation accuracy / AUC, seed 0, cpu preset).
 LRS = (0.005, 0.01, 0.02)
-WEIGHT_DECAYS = {"dna": (5e-3, 5e-4), "gae": (0.0, 5e-5)}   # others: (5e-4, 5e-5)
+WEIGHT_DECAYS = {"dna": (5e-3, 5e-4), "gae": (0.0, 5e-5)}  # others: (5e-4, 5e-5)
 # The tuned (lr, weight decay of the hidden layers) per model and mode: the grid's best on validation;
 # a family method not tuned for a model starts from dfa's (tasks.tuned_as).
 HP = {
-    "gcn": {"bp": (0.02, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.02, 5e-4),
-            # the family's direct methods, tuned on the same grid (benchmarks/results/zoo/family/gcn-cora.tuning.json)
-            "sdfa": (0.005, 5e-4), "drtp": (0.01, 5e-4), "ternary": (0.02, 5e-4), "dkp": (0.01, 5e-4)},
+    "gcn": {
+        "bp": (0.02, 5e-4),
+        "dfa": (0.01, 5e-5),
+        "shallow": (0.02, 5e-4),
+        # the family's direct methods, tuned on the same grid (benchmarks/results/zoo/family/gcn-cora.tuning.json)
+        "sdfa": (0.005, 5e-4),
+        "drtp": (0.01, 5e-4),
+        "ternary": (0.02, 5e-4),
+        "dkp": (0.01, 5e-4),
+    },
     "gat": {"bp": (0.01, 5e-5), "dfa": (0.005, 5e-4), "shallow": (0.02, 5e-4)},
     "cheb": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.02, 5e-4)},
     "spline": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
@@ -97,15 +110,23 @@ DESCRIPTIONS = {
     "dna": "DNA: linear + 5 DNAConv layers, points after each",
     "gae": "graph autoencoder (GCN 32 -> GCN 16), link prediction AUC/AP",
 }
-OUTPUT_LAYER = {"gcn": "conv2", "gat": "conv2", "cheb": "conv2", "spline": "conv2", "dna": "lin2",
-                "gae": "encoder.conv2"}
+OUTPUT_LAYER = {
+    "gcn": "conv2",
+    "gat": "conv2",
+    "cheb": "conv2",
+    "spline": "conv2",
+    "dna": "lin2",
+    "gae": "encoder.conv2",
+}
 # The data and split each paper number measures (--data name). Table 3's DNA row is not on the public
 # split: the paper's geometric.py splits Cora for DNA alone with StratifiedKFold(5, random_state=seed).
-PAPER_DATA = {"dna": "cora-stratified"}     # others: "cora" (the public split)
+PAPER_DATA = {"dna": "cora-stratified"}  # others: "cora" (the public split)
 PAPER_SETTING = "Cora, public Planetoid split: test accuracy (GAE: link-prediction test AUC)"
-PAPER_SETTINGS = {"dna": "Cora, random stratified 20/20/60 split drawn with each run's seed "
-                         "(StratifiedKFold(5), the paper's code): test accuracy"}
-STRATIFIED = "-stratified"                  # NAME-stratified: a packaged graph with the paper's DNA split
+PAPER_SETTINGS = {
+    "dna": "Cora, random stratified 20/20/60 split drawn with each run's seed "
+    "(StratifiedKFold(5), the paper's code): test accuracy"
+}
+STRATIFIED = "-stratified"  # NAME-stratified: a packaged graph with the paper's DNA split
 DATASETS = ("cora", "citeseer", "cora-random", "cora-stratified", "citeseer-stratified")  # besides DIR:NAME
 
 
@@ -114,19 +135,22 @@ def load_data(spec: str | None = None, seed: int = 0):
     """The graph of ``--data`` (see the module docstring): a ``torch_geometric.data.Data`` with masks.
     `seed` draws the split of ``NAME-stratified`` (the run's seed, as in the paper); others ignore it."""
     from ..data import planetoid
+
     spec = spec or "cora"
     if spec in planetoid.PACKAGED:
         return planetoid.load_packaged(spec)
-    if spec.endswith(STRATIFIED) and spec[:-len(STRATIFIED)] in planetoid.PACKAGED:
-        return planetoid.stratified_split(planetoid.load_packaged(spec[:-len(STRATIFIED)]), seed)
+    if spec.endswith(STRATIFIED) and spec[: -len(STRATIFIED)] in planetoid.PACKAGED:
+        return planetoid.stratified_split(planetoid.load_packaged(spec[: -len(STRATIFIED)]), seed)
     if spec == "cora-random":
         from ..data.cora import load_cora
+
         return load_cora(split_seed=0)
     return planetoid.load_planetoid(*planetoid.parse_spec(spec))
 
 
 def build_model(name: str, in_channels: int, out_channels: int, dfa, preset: str = "cpu", **overrides):
     from ..models import graph as G
+
     kwargs = {**PRESETS[preset][name], **overrides}
     if name == "gae":
         return G.graph_autoencoder(in_channels, dfa=dfa, **kwargs)
@@ -139,8 +163,7 @@ def optimizer(model, name: str, lr: float, wd: float, wd_out: float) -> torch.op
     out_prefix = OUTPUT_LAYER[name] + "."
     hidden = [p for n, p in model.named_parameters() if not n.startswith(out_prefix)]
     output = [p for n, p in model.named_parameters() if n.startswith(out_prefix)]
-    return torch.optim.Adam([dict(params=hidden, weight_decay=wd),
-                             dict(params=output, weight_decay=wd_out)], lr=lr)
+    return torch.optim.Adam([dict(params=hidden, weight_decay=wd), dict(params=output, weight_decay=wd_out)], lr=lr)
 
 
 def node_run(data, feature_norm: bool = False) -> dict:
@@ -161,8 +184,10 @@ def node_run(data, feature_norm: bool = False) -> dict:
         else:
             out = model(data.x, data.edge_index, data.edge_attr)
         mask = data.val_mask if split == "val" else data.test_mask
-        metrics = {"acc": (out[mask].argmax(-1) == data.y[mask]).float().mean().item(),
-                   "loss": F.nll_loss(out[mask], data.y[mask]).item()}
+        metrics = {
+            "acc": (out[mask].argmax(-1) == data.y[mask]).float().mean().item(),
+            "loss": F.nll_loss(out[mask], data.y[mask]).item(),
+        }
         if feature_norm:
             metrics["h_norm"] = cap.points[-1].tensor.flatten(1).norm(dim=1).mean().item()
         return metrics
@@ -173,12 +198,23 @@ def node_run(data, feature_norm: bool = False) -> dict:
         with model.dfa.capture() as cap:
             model(data.x, data.edge_index, data.edge_attr)
         classes = int(data.y.max()) + 1
-        return (cap.points[-1].tensor.flatten(1).cpu(), data.y.cpu(), [f"class {k}" for k in range(classes)],
-                "every node at the last hidden layer (the last feedback point), coloured by class")
+        return (
+            cap.points[-1].tensor.flatten(1).cpu(),
+            data.y.cpu(),
+            [f"class {k}" for k in range(classes)],
+            "every node at the last hidden layer (the last feedback point), coloured by class",
+        )
 
-    return dict(batches=FullBatch(data), loss=loss, evaluate=evaluate, select="acc", probe=data,
-                represent=represent, shard=shard_nodes,
-                targets=lambda d: torch.where(d.train_mask, d.y, -1))   # drtp: only training nodes send a target
+    return dict(
+        batches=FullBatch(data),
+        loss=loss,
+        evaluate=evaluate,
+        select="acc",
+        probe=data,
+        represent=represent,
+        shard=shard_nodes,
+        targets=lambda d: torch.where(d.train_mask, d.y, -1),
+    )  # drtp: only training nodes send a target
 
 
 def shard_nodes(data, rank: int, world: int):
@@ -187,7 +223,7 @@ def shard_nodes(data, rank: int, world: int):
     training nodes) weighs that mean, so the ranks' weighted gradients sum to the single-process one."""
     nodes = data.train_mask.nonzero().flatten()
     mine = nodes.tensor_split(world)[rank]
-    part = copy.copy(data)          # a new store: the features and edges are shared, not copied
+    part = copy.copy(data)  # a new store: the features and edges are shared, not copied
     part.train_mask = torch.zeros_like(data.train_mask).index_fill_(0, mine, True)
     return part, len(mine) / len(nodes)
 
@@ -195,9 +231,11 @@ def shard_nodes(data, rank: int, world: int):
 def link_split(data, seed: int = 0):
     """PyG's autoencoder example split: 85/5/10 % of the edges, negatives for val/test."""
     import torch_geometric.transforms as T
-    split = T.RandomLinkSplit(num_val=0.05, num_test=0.1, is_undirected=True, split_labels=True,
-                              add_negative_train_samples=False)
-    state = random.getstate()              # PyG's negative sampling draws from Python's `random`
+
+    split = T.RandomLinkSplit(
+        num_val=0.05, num_test=0.1, is_undirected=True, split_labels=True, add_negative_train_samples=False
+    )
+    state = random.getstate()  # PyG's negative sampling draws from Python's `random`
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -213,12 +251,13 @@ def gae_run(splits, labels, seed: int) -> dict:
     The negatives are drawn by PyG's ``negative_sampling`` seeded from a generator owned by the
     batch stream (part of its state, so resumable), not from the global RNGs."""
     from torch_geometric.utils import negative_sampling
+
     train, val, test = splits
     pos = train.pos_edge_label_index
 
     def draw(generator):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        state = random.getstate()              # negative_sampling draws from Python's `random` too
+        state = random.getstate()  # negative_sampling draws from Python's `random` too
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -243,21 +282,32 @@ def gae_run(splits, labels, seed: int) -> dict:
         model.eval()
         z = model.encode(train.x, train.edge_index)
         classes = int(labels.max()) + 1
-        return (z.cpu(), labels.cpu(), [f"class {k}" for k in range(classes)],
-                "every node's embedding z (the encoder's output), coloured by class")
+        return (
+            z.cpu(),
+            labels.cpu(),
+            [f"class {k}" for k in range(classes)],
+            "every node's embedding z (the encoder's output), coloured by class",
+        )
 
-    return dict(batches=Sampled(draw, seed), loss=loss, evaluate=evaluate, select="auc",
-                probe=draw(torch.Generator().manual_seed(seed + 1)), represent=represent)
+    return dict(
+        batches=Sampled(draw, seed),
+        loss=loss,
+        evaluate=evaluate,
+        select="auc",
+        probe=draw(torch.Generator().manual_seed(seed + 1)),
+        represent=represent,
+    )
 
 
 def build(name: str, config: TrainConfig) -> Run:
     import torch_geometric.transforms as T
+
     device = torch.device(config.device)
     data = load_data(config.data, config.seed).clone()
-    if name != "dna":   # PyG's examples row-normalise the features, except for DNA (binary)
+    if name != "dna":  # PyG's examples row-normalise the features, except for DNA (binary)
         data = T.NormalizeFeatures()(data)
     if name == "spline":
-        data = T.TargetIndegree(cat=False)(data)   # pseudo-coordinate: normalised in-degree of the target
+        data = T.TargetIndegree(cat=False)(data)  # pseudo-coordinate: normalised in-degree of the target
     torch.manual_seed(config.seed)
     dfa = dk.DFA(mode=config.mode, seed=config.seed)
     lr, wd = tuned_hp(name, config.mode)
@@ -270,28 +320,51 @@ def build(name: str, config: TrainConfig) -> Run:
         parts = gae_run(splits, data.y, config.seed)
     else:
         data = data.to(device)
-        model = build_model(name, data.num_features, int(data.y.max()) + 1, dfa, config.preset,
-                            **overrides).to(device)
+        model = build_model(name, data.num_features, int(data.y.max()) + 1, dfa, config.preset, **overrides).to(device)
         parts = node_run(data, feature_norm=name == "dna")
     set_feedback(model, config.feedback)
-    hp = {"model": name, "mode": config.mode, "preset": config.preset, **PRESETS[config.preset][name], **overrides,
-          "optimizer": "Adam", "lr": lr, "weight_decay": wd, "weight_decay_output": wd_out,
-          "epochs_max": config.epochs or EPOCHS[config.preset], "patience": PATIENCE,
-          "min_epochs": MIN_EPOCHS.get(name, 0), "seed": config.seed, "full_batch": True, "feedback": config.feedback, "data": data_description(config.data, config.seed),
-          "selection": "best epoch on validation " + ("AUC" if name == "gae" else "accuracy"),
-          "parameters": sum(p.numel() for p in model.parameters())}
+    hp = {
+        "model": name,
+        "mode": config.mode,
+        "preset": config.preset,
+        **PRESETS[config.preset][name],
+        **overrides,
+        "optimizer": "Adam",
+        "lr": lr,
+        "weight_decay": wd,
+        "weight_decay_output": wd_out,
+        "epochs_max": config.epochs or EPOCHS[config.preset],
+        "patience": PATIENCE,
+        "min_epochs": MIN_EPOCHS.get(name, 0),
+        "seed": config.seed,
+        "full_batch": True,
+        "feedback": config.feedback,
+        "data": data_description(config.data, config.seed),
+        "selection": "best epoch on validation " + ("AUC" if name == "gae" else "accuracy"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if name == "gae":
         hp["link_split"] = "RandomLinkSplit val 5%, test 10%, split seed 0"
-    return Run(model=model, optimizer=optimizer(model, name, lr, wd, wd_out),
-               higher_is_better=True, epochs=config.epochs or EPOCHS[config.preset], steps_per_epoch=1,
-               patience=PATIENCE, min_epochs=MIN_EPOCHS.get(name, 0), hyper_parameters=hp, **parts)
+    return Run(
+        model=model,
+        optimizer=optimizer(model, name, lr, wd, wd_out),
+        higher_is_better=True,
+        epochs=config.epochs or EPOCHS[config.preset],
+        steps_per_epoch=1,
+        patience=PATIENCE,
+        min_epochs=MIN_EPOCHS.get(name, 0),
+        hyper_parameters=hp,
+        **parts,
+    )
 
 
 def data_description(spec: str | None, seed: int = 0) -> str:
     spec = spec or "cora"
     if spec.endswith(STRATIFIED):
-        return (f"planetoid {spec[:-len(STRATIFIED)]} (files shipped with the package; random stratified split "
-                f"20/20/60, StratifiedKFold(5, shuffle=True, random_state={seed}): the paper's DNA split)")
+        return (
+            f"planetoid {spec[: -len(STRATIFIED)]} (files shipped with the package; random stratified split "
+            f"20/20/60, StratifiedKFold(5, shuffle=True, random_state={seed}): the paper's DNA split)"
+        )
     if spec == "cora-random":
         return "cora (graphdatascience parquet; random split 20/class, 500, 1000; split seed 0)"
     if spec in ("cora", "citeseer"):
@@ -321,8 +394,10 @@ def tuned(name: str, config: TrainConfig) -> dict:
 
 def unsupported(name: str) -> dict[str, str]:
     """The family's methods these models cannot train (the direct ones train every model)."""
-    why = ("PyG's convolutions compute with their own Linear type (and message passing), which no layer-wise "
-           "method converts: a run would be a hybrid of backprop and feedback alignment")
+    why = (
+        "PyG's convolutions compute with their own Linear type (and message passing), which no layer-wise "
+        "method converts: a run would be a hybrid of backprop and feedback alignment"
+    )
     out = {m: why for m in LAYERWISE}
     if name == "gae":
         out["drtp"] = "link prediction has no class targets to project"
@@ -330,11 +405,22 @@ def unsupported(name: str) -> dict[str, str]:
 
 
 for _name in PRESETS["cpu"]:
-    register(Task(
-        name=f"{_name}-cora", family="graph",
-        description=DESCRIPTIONS[_name] + " on Cora (public split); --data " + " | ".join(DATASETS[1:]) + " | DIR:NAME",
-        metric="test_auc" if _name == "gae" else "test_acc", higher_is_better=True,
-        build=functools.partial(build, _name), paper=PAPER[_name],
-        paper_setting=PAPER_SETTINGS.get(_name, PAPER_SETTING),
-        comparable=comparable, grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name),
-        unsupported=unsupported(_name)))
+    register(
+        Task(
+            name=f"{_name}-cora",
+            family="graph",
+            description=DESCRIPTIONS[_name]
+            + " on Cora (public split); --data "
+            + " | ".join(DATASETS[1:])
+            + " | DIR:NAME",
+            metric="test_auc" if _name == "gae" else "test_acc",
+            higher_is_better=True,
+            build=functools.partial(build, _name),
+            paper=PAPER[_name],
+            paper_setting=PAPER_SETTINGS.get(_name, PAPER_SETTING),
+            comparable=comparable,
+            grid=functools.partial(grid, _name),
+            tuned=functools.partial(tuned, _name),
+            unsupported=unsupported(_name),
+        )
+    )

@@ -17,27 +17,53 @@ the best validation PSNR. Rays end at the far bound, where the background
 shows (see :func:`dfa_kernels.models.nerf.render`: with the reference code's infinite last
 interval, DFA collapses: every view renders as the bare background).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from ...figures import save_figure
 from ..models.nerf import NeRF
 from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback
 from ..trainer import Run, Sampled, shard_rows
-from ...figures import save_figure
 
 PRESETS = {
-    "cpu": dict(scene="duck", size=32, views=(30, 2, 8), depth=4, width=128, skips=(1,), pos_freqs=6,
-                dir_freqs=2, n_coarse=16, n_fine=16, batch_rays=256, blocks=6, block_iters=100),
-    "full": dict(scene="duck", size=200, views=(100, 10, 25), depth=8, width=256, skips=(4,), pos_freqs=10,
-                 dir_freqs=4, n_coarse=64, n_fine=128, batch_rays=1024, blocks=50, block_iters=1000),
+    "cpu": dict(
+        scene="duck",
+        size=32,
+        views=(30, 2, 8),
+        depth=4,
+        width=128,
+        skips=(1,),
+        pos_freqs=6,
+        dir_freqs=2,
+        n_coarse=16,
+        n_fine=16,
+        batch_rays=256,
+        blocks=6,
+        block_iters=100,
+    ),
+    "full": dict(
+        scene="duck",
+        size=200,
+        views=(100, 10, 25),
+        depth=8,
+        width=256,
+        skips=(4,),
+        pos_freqs=10,
+        dir_freqs=4,
+        n_coarse=64,
+        n_fine=128,
+        batch_rays=1024,
+        blocks=50,
+        block_iters=1000,
+    ),
 }
 # Adam learning rates. full: the paper's (BP 5e-4, DFA 1e-4). cpu: the winners of the tuning grid
 # below on the duck's validation PSNR (benchmarks/results/zoo/tuning/nerf.json).
-LR = {"cpu": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-2},
-      "full": {"bp": 5e-4, "dfa": 1e-4, "shallow": 5e-4}}
+LR = {"cpu": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-2}, "full": {"bp": 5e-4, "dfa": 1e-4, "shallow": 5e-4}}
 # The tuning grid of the cpu preset's learning rate, three candidates for every mode (`dfa-kernels
 # tune nerf`: validation PSNR, seed 0); shallow's (only the heads learn) one step higher. A first grid
 # one step lower (3e-4..3e-3; shallow 1e-3..1e-2) had every winner at its top edge.
@@ -45,18 +71,19 @@ LR_GRID = {"bp": (1e-3, 3e-3, 1e-2), "dfa": (1e-3, 3e-3, 1e-2), "shallow": (3e-3
 # Where the grids above differ between modes, and why (tests/test_fairness.py; the README lists them).
 TUNING_DEPARTURES = {
     "lr": "shallow (only the heads learn) one step higher: its winner sat at the top edge of the grid it "
-          "shared with bp and dfa (3e-4..3e-3 and then 1e-3..1e-2); at 1e-1 it diverged",
+    "shared with bp and dfa (3e-4..3e-3 and then 1e-3..1e-2); at 1e-1 it diverged",
 }
 # Launay et al. 2020, "Direct Feedback Alignment Scales to Modern Deep Learning Tasks and
 # Architectures": mean test PSNR over the NeRF-synthetic scenes.
 PAPER = {"bp": 31.01, "dfa": 25.41}
 PAPER_SETTING = "NeRF-synthetic scenes at 800 px (mean test PSNR over the scenes)"
-PROBE_RAYS = 512   # the alignment measurement's batch
+PROBE_RAYS = 512  # the alignment measurement's batch
 MODEL_KEYS = ("depth", "width", "skips", "pos_freqs", "dir_freqs", "n_coarse", "n_fine")
 
 
 def load_scene(data: str | None, preset: dict, seed: int = 0):
     from ..data import nerf_scenes as S
+
     if data and Path(data).expanduser().is_dir():
         return S.load_blender(Path(data).expanduser(), size=preset["size"], max_views=preset["views"])
     return S.load_pybullet_scene(data or preset["scene"], size=preset["size"], views=preset["views"], seed=seed)
@@ -65,6 +92,7 @@ def load_scene(data: str | None, preset: dict, seed: int = 0):
 def scene_rays(scene, split: str):
     """(origins, directions, colours), each [views * H * W, 3], of one split."""
     from ..data.nerf_scenes import get_rays
+
     v = scene.splits[split]
     o, d = get_rays(scene.H, scene.W, scene.focal, v.poses)
     return o.reshape(-1, 3), d.reshape(-1, 3), v.images.reshape(-1, 3)
@@ -79,8 +107,12 @@ def render_views(model: NeRF, scene, split: str, chunk: int = 2048, device="cpu"
     """Render every view of a split with the fine network: [N, H, W, 3]."""
     model.eval()
     o, d, _ = scene_rays(scene, split)
-    rgb = torch.cat([model(oc.to(device), dc.to(device), scene.near, scene.far, scene.background)["rgb"].cpu()
-                     for oc, dc in zip(o.split(chunk), d.split(chunk))])
+    rgb = torch.cat(
+        [
+            model(oc.to(device), dc.to(device), scene.near, scene.far, scene.background)["rgb"].cpu()
+            for oc, dc in zip(o.split(chunk), d.split(chunk))
+        ]
+    )
     model.train()
     return rgb.reshape(len(scene.splits[split].images), scene.H, scene.W, 3)
 
@@ -94,6 +126,7 @@ def view_psnr(model: NeRF, scene, split: str, device="cpu") -> tuple[float, torc
 
 def save_png(image: torch.Tensor, path: Path) -> str:
     import matplotlib.image
+
     matplotlib.image.imsave(path, image.clamp(0, 1).numpy())
     return str(path)
 
@@ -128,28 +161,53 @@ def build(config: TrainConfig) -> Run:
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     total = blocks * preset["block_iters"]
-    hp = {"mode": config.mode, "preset": config.preset, "optimizer": "Adam", "lr": lr,
-          "lr_schedule": "exponential decay to 0.1x", "blocks": blocks, "seed": config.seed,
-          **{k: v for k, v in preset.items() if k not in ("blocks", "scene")},
-          "data": scene.info.get("source"), "scene": scene.info.get("scene"), "H": scene.H, "W": scene.W,
-          "views": scene.info.get("views"), "near": scene.near, "far": scene.far,
-          "background": "white" if scene.background else "black", "feedback": config.feedback,
-          "selection": "best block on validation PSNR", "stopping": "fixed budget (the lr schedule's length)",
-          "parameters": sum(p.numel() for p in model.parameters())}
+    hp = {
+        "mode": config.mode,
+        "preset": config.preset,
+        "optimizer": "Adam",
+        "lr": lr,
+        "lr_schedule": "exponential decay to 0.1x",
+        "blocks": blocks,
+        "seed": config.seed,
+        **{k: v for k, v in preset.items() if k not in ("blocks", "scene")},
+        "data": scene.info.get("source"),
+        "scene": scene.info.get("scene"),
+        "H": scene.H,
+        "W": scene.W,
+        "views": scene.info.get("views"),
+        "near": scene.near,
+        "far": scene.far,
+        "background": "white" if scene.background else "black",
+        "feedback": config.feedback,
+        "selection": "best block on validation PSNR",
+        "stopping": "fixed budget (the lr schedule's length)",
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if config.preset == "cpu":
         hp["preset_note"] = "cpu preset: 32 px, 4x128 trunk, 16+16 samples, 600 steps (see 'full' for the paper's NeRF)"
-    return Run(model=model, optimizer=opt, batches=Sampled(draw, config.seed), loss=loss,
-               evaluate=lambda model, split: {"psnr": view_psnr(model, scene, split, device)[0]},
-               select="psnr", higher_is_better=True, epochs=blocks, steps_per_epoch=preset["block_iters"],
-               scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 ** (step / total)),
-               probe=draw(torch.Generator().manual_seed(config.seed + 1), PROBE_RAYS), hyper_parameters=hp,
-               finish=finish, shard=shard_rows)
+    return Run(
+        model=model,
+        optimizer=opt,
+        batches=Sampled(draw, config.seed),
+        loss=loss,
+        evaluate=lambda model, split: {"psnr": view_psnr(model, scene, split, device)[0]},
+        select="psnr",
+        higher_is_better=True,
+        epochs=blocks,
+        steps_per_epoch=preset["block_iters"],
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 ** (step / total)),
+        probe=draw(torch.Generator().manual_seed(config.seed + 1), PROBE_RAYS),
+        hyper_parameters=hp,
+        finish=finish,
+        shard=shard_rows,
+    )
 
 
 def render_comparison(results: dict, path, view: int = 0) -> Path:
     """One test view side by side: ground truth, then each run's rendering (``results``: label ->
     a run's {"final", "artefacts"} — a compare report's runs — of runs that saved their images)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.image
     import matplotlib.pyplot as plt
@@ -182,11 +240,23 @@ def tuned(config: TrainConfig) -> dict:
 
 NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
 
-register(Task(
-    name="nerf", family="nerf",
-    description="NeRF (coarse + fine, DFA per network) on the pybullet duck rendered offline; "
-                "--data SCENE|DIR: another pybullet scene or a NeRF-synthetic folder",
-    metric="test_psnr", higher_is_better=True, build=build, paper=PAPER, paper_setting=PAPER_SETTING,
-    grid=grid, tuned=tuned, figure=render_comparison, unsupported={**only_base_modes(NOT_WIRED),
-                                                      "drtp": "NeRF regresses colour and density: no class "
-                                                              "targets to project"}))
+register(
+    Task(
+        name="nerf",
+        family="nerf",
+        description="NeRF (coarse + fine, DFA per network) on the pybullet duck rendered offline; "
+        "--data SCENE|DIR: another pybullet scene or a NeRF-synthetic folder",
+        metric="test_psnr",
+        higher_is_better=True,
+        build=build,
+        paper=PAPER,
+        paper_setting=PAPER_SETTING,
+        grid=grid,
+        tuned=tuned,
+        figure=render_comparison,
+        unsupported={
+            **only_base_modes(NOT_WIRED),
+            "drtp": "NeRF regresses colour and density: no class targets to project",
+        },
+    )
+)

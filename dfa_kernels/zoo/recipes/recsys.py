@@ -9,10 +9,10 @@ stopping after ``PATIENCE`` epochs without a better validation AUC (the paper's 
 the same for every mode; the test metrics are those of the best epoch on validation AUC. Presets:
 "cpu" (the paper's depths with narrower layers) and "full" (the paper's sizes).
 """
+
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -41,9 +41,9 @@ PRESETS = {
     },
 }
 BATCH_SIZE = 1024
-EPOCHS = {"cpu": 30, "full": 30}   # the budget; early stopping usually ends a run well before
+EPOCHS = {"cpu": 30, "full": 30}  # the budget; early stopping usually ends a run well before
 PATIENCE = 3
-PROBE_ROWS = 512                   # the alignment measurement's batch (paper 1: 512 samples)
+PROBE_ROWS = 512  # the alignment measurement's batch (paper 1: 512 samples)
 # The tuning grid of Adam's learning rate, the same three candidates for every mode
 # (`dfa-kernels tune MODEL-ml100k`: validation AUC on MovieLens-100k, cpu preset, seed 0).
 LR_GRID = {"default": (3e-4, 1e-3, 3e-3), "fm": (3e-3, 1e-2, 3e-2)}
@@ -77,8 +77,10 @@ def load_data(path: str | None = None):
     """MovieLens-100k (default), or a Criteo TSV file."""
     if path:
         from ..data.criteo import load_criteo
+
         return load_criteo(path)
     from ..data.movielens import load_movielens
+
     return load_movielens()
 
 
@@ -93,10 +95,15 @@ def build_model(name: str, data, mode: str = "dfa", preset: str = "cpu", seed: i
 def evaluate(model, split, batch_size: int = 8192) -> dict:
     """AUC and log loss of the model on one split (idx, bag, label)."""
     from sklearn.metrics import log_loss, roc_auc_score
+
     idx, bag, label = split
     model.eval()
-    p = torch.cat([torch.sigmoid(model(i, g)[:, 0]) for i, g in
-                   zip(idx.split(batch_size), bag.split(batch_size))]).double().cpu().numpy()
+    p = (
+        torch.cat([torch.sigmoid(model(i, g)[:, 0]) for i, g in zip(idx.split(batch_size), bag.split(batch_size))])
+        .double()
+        .cpu()
+        .numpy()
+    )
     y = label.cpu().numpy()
     return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p.clip(1e-7, 1 - 1e-7), labels=[0, 1]))}
 
@@ -109,20 +116,32 @@ def build(name: str, config: TrainConfig) -> Run:
     set_feedback(model, config.feedback)
     lr = config.lr or (config.hp or {}).get("lr", LR[name][mode])
     idx, bag, label = data.splits["train"]
-    batches = Shuffled(len(label), BATCH_SIZE, seed=config.seed, min_size=2)   # BatchNorm needs 2 rows
+    batches = Shuffled(len(label), BATCH_SIZE, seed=config.seed, min_size=2)  # BatchNorm needs 2 rows
 
     def loss(model, rows):
         return nn.functional.binary_cross_entropy_with_logits(model(idx[rows], bag[rows])[:, 0], label[rows])
 
-    hp = {"model": name, "mode": mode, "preset": config.preset, **PRESETS[config.preset][name],
-          "optimizer": "Adam", "lr": lr, "epochs_max": config.epochs or EPOCHS[config.preset],
-          "patience": PATIENCE, "batch_size": BATCH_SIZE, "seed": config.seed, "feedback": config.feedback,
-          "data": config.data or "movielens-100k (per-user temporal 80/10/10)", "selection": "best epoch on val AUC",
-          "parameters": sum(p.numel() for p in model.parameters())}
+    hp = {
+        "model": name,
+        "mode": mode,
+        "preset": config.preset,
+        **PRESETS[config.preset][name],
+        "optimizer": "Adam",
+        "lr": lr,
+        "epochs_max": config.epochs or EPOCHS[config.preset],
+        "patience": PATIENCE,
+        "batch_size": BATCH_SIZE,
+        "seed": config.seed,
+        "feedback": config.feedback,
+        "data": config.data or "movielens-100k (per-user temporal 80/10/10)",
+        "selection": "best epoch on val AUC",
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if name == "fm" and config.mode != "bp":
         hp["note"] = f"FM has no hidden layer: mode {config.mode!r} trains it exactly, like bp"
     if config.preset == "cpu":
         hp["preset_note"] = "cpu preset: paper's depths, narrower layers (see 'full' for the paper's sizes)"
+
     @torch.no_grad()
     def represent(model, rows: int = 2000):
         if not hasattr(model, "dfa"):
@@ -131,14 +150,29 @@ def build(name: str, config: TrainConfig) -> Run:
         t_idx, t_bag, t_label = (t[:rows] for t in data.splits["test"])
         with model.dfa.capture() as cap:
             model(t_idx, t_bag)
-        return (cap.points[-1].tensor.flatten(1).cpu(), t_label.long().cpu(), ["no click", "click"],
-                f"the first {rows} test rows at the last hidden layer (the last feedback point), coloured by label")
+        return (
+            cap.points[-1].tensor.flatten(1).cpu(),
+            t_label.long().cpu(),
+            ["no click", "click"],
+            f"the first {rows} test rows at the last hidden layer (the last feedback point), coloured by label",
+        )
 
-    return Run(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), batches=batches, loss=loss,
-               evaluate=lambda model, split: evaluate(model, data.splits[split]), select="auc",
-               higher_is_better=True, epochs=config.epochs or EPOCHS[config.preset], steps_per_epoch=len(batches),
-               patience=PATIENCE, probe=torch.arange(min(PROBE_ROWS, len(label))), hyper_parameters=hp,
-               represent=represent, shard=shard_rows)
+    return Run(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=lr),
+        batches=batches,
+        loss=loss,
+        evaluate=lambda model, split: evaluate(model, data.splits[split]),
+        select="auc",
+        higher_is_better=True,
+        epochs=config.epochs or EPOCHS[config.preset],
+        steps_per_epoch=len(batches),
+        patience=PATIENCE,
+        probe=torch.arange(min(PROBE_ROWS, len(label))),
+        hyper_parameters=hp,
+        represent=represent,
+        shard=shard_rows,
+    )
 
 
 def grid(name: str, config: TrainConfig) -> list[dict]:
@@ -157,11 +191,20 @@ def comparable(config: TrainConfig) -> bool:
 NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
 
 for _name in MODELS:
-    register(Task(
-        name=f"{_name}-ml100k", family="recsys",
-        description=DESCRIPTIONS[_name] + " on MovieLens-100k CTR (--data PATH: a Criteo TSV file); "
-                    "paper numbers: Criteo test AUC",
-        metric="test_auc", higher_is_better=True, build=functools.partial(build, _name),
-        paper=PAPER.get(_name, {}), paper_setting=PAPER_SETTING, comparable=comparable,
-        grid=functools.partial(grid, _name), tuned=functools.partial(tuned, _name),
-        unsupported=only_base_modes(NOT_WIRED)))
+    register(
+        Task(
+            name=f"{_name}-ml100k",
+            family="recsys",
+            description=DESCRIPTIONS[_name] + " on MovieLens-100k CTR (--data PATH: a Criteo TSV file); "
+            "paper numbers: Criteo test AUC",
+            metric="test_auc",
+            higher_is_better=True,
+            build=functools.partial(build, _name),
+            paper=PAPER.get(_name, {}),
+            paper_setting=PAPER_SETTING,
+            comparable=comparable,
+            grid=functools.partial(grid, _name),
+            tuned=functools.partial(tuned, _name),
+            unsupported=only_base_modes(NOT_WIRED),
+        )
+    )

@@ -40,6 +40,7 @@ Presets (lm-shakespeare; ``benchmarks/lm_ablations.py`` runs the cpu ones side b
   Every mode takes that row's recipe (the paper's BP, 29.8, came from another row: the original
   Transformer's Noam schedule with beta2 0.98). Departures: :data:`FULL_DEPARTURES`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -80,8 +81,18 @@ TRAIN = {
         "cpu-paper": dict(_CPU_TRAIN),
         # paper 1's train_lm.py: --max_epochs 100 --patience 5 --batch_size 64, Adam eps 1e-9,
         # clip_grad_norm_ 0.5, --optim schedule: ReduceLROnPlateau(factor 0.2, patience 1); fp32
-        "full": dict(epochs=100, steps_per_epoch=None, batch_size=64, eval_tokens=None, schedule="plateau",
-                     eps=1e-9, grad_clip=0.5, plateau=dict(factor=0.2, patience=1), patience=5, autocast=False),
+        "full": dict(
+            epochs=100,
+            steps_per_epoch=None,
+            batch_size=64,
+            eval_tokens=None,
+            schedule="plateau",
+            eps=1e-9,
+            grad_clip=0.5,
+            plateau=dict(factor=0.2, patience=1),
+            patience=5,
+            autocast=False,
+        ),
     },
     "lm-pydoc": {
         "cpu": dict(epochs=8, steps_per_epoch=25, batch_size=16, eval_tokens=16384, schedule="cosine"),
@@ -96,12 +107,18 @@ TIED_PRESETS = {"lm-shakespeare": ("cpu-tied", "cpu-paper", "full"), "lm-pydoc":
 # every mode; lr that of the rest (DFA-trained in mode dfa). cpu presets: tuned by us on
 # validation loss (seed 0). full: the Table 5 row's 1e-4 for every parameter and every mode.
 _PAPER_ROW = 1e-4
-_FULL = {key: (_PAPER_ROW, _PAPER_ROW) for key in (("bp", "macro"), ("dfa", "macro"), ("dfa", "micro"),
-                                                    ("dfa", "linear"), ("shallow", "macro"))}
+_FULL = {
+    key: (_PAPER_ROW, _PAPER_ROW)
+    for key in (("bp", "macro"), ("dfa", "macro"), ("dfa", "micro"), ("dfa", "linear"), ("shallow", "macro"))
+}
 
 
 def _tied(bp: float, dfa: float, shallow: float) -> dict:
-    return {("bp", "macro"): (bp, bp), **{("dfa", p): (dfa, dfa) for p in PLACEMENTS}, ("shallow", "macro"): (shallow, shallow)}
+    return {
+        ("bp", "macro"): (bp, bp),
+        **{("dfa", p): (dfa, dfa) for p in PLACEMENTS},
+        ("shallow", "macro"): (shallow, shallow),
+    }
 
 
 LR = {
@@ -109,17 +126,34 @@ LR = {
     # and cpu-paper: the winners of TIED_GRID (benchmarks/results/zoo/lm_ablations/tuning-PRESET.json;
     # DFA tuned in the macro placement, the others take its rate); lm-pydoc takes them untuned
     "lm-shakespeare": {
-        "cpu": {("bp", "macro"): (3e-3, 3e-3), ("dfa", "macro"): (1e-4, 1e-2), ("dfa", "micro"): (1e-4, 1e-2),
-                ("dfa", "linear"): (1e-4, 1e-2), ("shallow", "macro"): (3e-2, 3e-2)},
-        "cpu-tied": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),     # placeholder until tuned
-        "cpu-paper": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),    # placeholder until tuned
-        "full": _FULL},
+        "cpu": {
+            ("bp", "macro"): (3e-3, 3e-3),
+            ("dfa", "macro"): (1e-4, 1e-2),
+            ("dfa", "micro"): (1e-4, 1e-2),
+            ("dfa", "linear"): (1e-4, 1e-2),
+            ("shallow", "macro"): (3e-2, 3e-2),
+        },
+        "cpu-tied": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),  # placeholder until tuned
+        "cpu-paper": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),  # placeholder until tuned
+        "full": _FULL,
+    },
     "lm-pydoc": {
-        "cpu": {("bp", "macro"): (3e-3, 3e-3), ("dfa", "macro"): (1e-4, 1e-2), ("dfa", "micro"): (1e-4, 1e-2),
-                ("dfa", "linear"): (1e-4, 1e-2), ("shallow", "macro"): (3e-2, 3e-2)},
+        "cpu": {
+            ("bp", "macro"): (3e-3, 3e-3),
+            ("dfa", "macro"): (1e-4, 1e-2),
+            ("dfa", "micro"): (1e-4, 1e-2),
+            ("dfa", "linear"): (1e-4, 1e-2),
+            ("shallow", "macro"): (3e-2, 3e-2),
+        },
         # untuned: the DFA rate paper 1 used with a constant rate (5e-5), a usual one for the others
-        "full": {("bp", "macro"): (3e-4, 3e-4), ("dfa", "macro"): (5e-5, 3e-4), ("dfa", "micro"): (5e-5, 3e-4),
-                 ("dfa", "linear"): (5e-5, 3e-4), ("shallow", "macro"): (3e-4, 3e-4)}},
+        "full": {
+            ("bp", "macro"): (3e-4, 3e-4),
+            ("dfa", "macro"): (5e-5, 3e-4),
+            ("dfa", "micro"): (5e-5, 3e-4),
+            ("dfa", "linear"): (5e-5, 3e-4),
+            ("shallow", "macro"): (3e-4, 3e-4),
+        },
+    },
 }
 # What the "full" preset does not take from paper 1 (the row's hyper-parameters it does take).
 FULL_DEPARTURES = (
@@ -137,7 +171,7 @@ FULL_DEPARTURES = (
 PAPER = {"bp": 29.8, "dfa": 52.0, "shallow": 428.0}
 PAPER_MICRO = 93.3
 PAPER_SETTING = "WikiText-103 word-level test perplexity (DFA: macro placement; micro 93.3)"
-PROBE_TOKENS = 512   # the alignment measurement's batch (paper 1: 512 samples; here tokens)
+PROBE_TOKENS = 512  # the alignment measurement's batch (paper 1: 512 samples; here tokens)
 
 
 def lrs(task: str, preset: str, mode: str, placement: str, lr: float | None = None) -> tuple[float, float]:
@@ -152,15 +186,22 @@ def lrs(task: str, preset: str, mode: str, placement: str, lr: float | None = No
 @functools.lru_cache(maxsize=4)
 def load_data(task: str, path: str | None = None, tokenizer: str = "byte"):
     from ..data import text
+
     if path:
         return text.load_wikitext(path, tokenizer)
     return text.load_shakespeare(tokenizer) if task == "lm-shakespeare" else text.load_pydoc(tokenizer)
 
 
-def build_model(task: str, vocab_size: int, mode: str = "dfa", placement: str = "macro",
-                preset: str = "cpu", seed: int = 0, **overrides) -> TransformerLM:
-    return TransformerLM(vocab_size, mode=mode, placement=placement, seed=seed,
-                         **{**MODEL[task][preset], **overrides})
+def build_model(
+    task: str,
+    vocab_size: int,
+    mode: str = "dfa",
+    placement: str = "macro",
+    preset: str = "cpu",
+    seed: int = 0,
+    **overrides,
+) -> TransformerLM:
+    return TransformerLM(vocab_size, mode=mode, placement=placement, seed=seed, **{**MODEL[task][preset], **overrides})
 
 
 def windows(tokens: torch.Tensor, context: int, batch_size: int, generator: torch.Generator):
@@ -176,8 +217,9 @@ def loss_fn(model, x, y, autocast: bool = False):
 
 
 @torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, max_tokens: int | None = None, batch_size: int = 32,
-             autocast: bool = False) -> float:
+def evaluate(
+    model, tokens: torch.Tensor, max_tokens: int | None = None, batch_size: int = 32, autocast: bool = False
+) -> float:
     """Mean next-token loss over non-overlapping windows, evenly spread over the split when capped."""
     T = model.context
     n = (len(tokens) - 1) // T
@@ -199,16 +241,18 @@ def evaluate(model, tokens: torch.Tensor, max_tokens: int | None = None, batch_s
 # The tuning grids (lr, head_lr), three candidates for every mode and placement (`dfa-kernels
 # tune`: validation loss, cpu preset, seed 0): bp and shallow train every layer at one rate; DFA's
 # hidden layers take a smaller rate than the exactly-trained final LN + head (head_lr 1e-2).
-LR_GRID = {"bp": [dict(lr=r, head_lr=r) for r in (1e-3, 3e-3, 1e-2)],
-           "shallow": [dict(lr=r, head_lr=r) for r in (3e-3, 1e-2, 3e-2)],
-           "dfa": [dict(lr=r, head_lr=1e-2) for r in (1e-4, 3e-4, 1e-3)]}
+LR_GRID = {
+    "bp": [dict(lr=r, head_lr=r) for r in (1e-3, 3e-3, 1e-2)],
+    "shallow": [dict(lr=r, head_lr=r) for r in (3e-3, 1e-2, 3e-2)],
+    "dfa": [dict(lr=r, head_lr=1e-2) for r in (1e-4, 3e-4, 1e-3)],
+}
 # Where the grids above differ between modes, and why (tests/test_fairness.py; the README lists them).
 TUNING_DEPARTURES = {
     "lr": "DFA's hidden layers are searched a decade lower (their updates are noisy until they align; paper 1 "
-          "used 5e-5); shallow's body does not learn, so its lr is its head's rate, searched one step higher",
+    "used 5e-5); shallow's body does not learn, so its lr is its head's rate, searched one step higher",
     "head_lr": "bp and shallow tie the head's rate to lr; DFA's head is not tuned but fixed at 1e-2, inside "
-               "shallow's range: an unequal budget that the LM ablations measure (benchmarks/lm_ablations.py: "
-               "one rate for every parameter, one grid for every mode)",
+    "shallow's range: an unequal budget that the LM ablations measure (benchmarks/lm_ablations.py: "
+    "one rate for every parameter, one grid for every mode)",
 }
 # The tied presets' grid, the same six candidates for every mode: one rate for every parameter,
 # the union of LR_GRID's rates.
@@ -231,8 +275,13 @@ TOKEN_CLASSES = ("lowercase letter", "uppercase letter", "digit", "space or newl
 def token_class(text: str) -> int:
     """Index in TOKEN_CLASSES of a decoded token (its first character)."""
     c = text[:1]
-    checks = (str.islower, str.isupper, str.isdigit, str.isspace,
-              lambda ch: ch.isprintable() and not ch.isalnum() and ch != "\ufffd")  # U+FFFD: a partial UTF-8 byte
+    checks = (
+        str.islower,
+        str.isupper,
+        str.isdigit,
+        str.isspace,
+        lambda ch: ch.isprintable() and not ch.isalnum() and ch != "\ufffd",
+    )  # U+FFFD: a partial UTF-8 byte
     return next((k for k, check in enumerate(checks) if c and check(c)), len(TOKEN_CLASSES) - 1)
 
 
@@ -241,8 +290,9 @@ def optimizer(model, lr: float, head_lr: float | None = None, eps: float = 1e-8)
     gradients in every mode) at head_lr (default lr), the others at lr."""
     head = [p for m in (model.ln_f, model.head) for p in m.parameters()]
     body = [p for p in model.parameters() if all(p is not q for q in head)]
-    return torch.optim.Adam([{"params": body, "lr": lr}, {"params": head, "lr": head_lr or lr}], betas=(0.9, 0.999),
-                            eps=eps)
+    return torch.optim.Adam(
+        [{"params": body, "lr": lr}, {"params": head, "lr": head_lr or lr}], betas=(0.9, 0.999), eps=eps
+    )
 
 
 def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
@@ -253,8 +303,9 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     placement = config.placement if config.mode == "dfa" else "macro"
-    model = build_model(task, data.vocab_size, config.mode, placement, config.preset, config.seed,
-                        **model_overrides).to(device)
+    model = build_model(
+        task, data.vocab_size, config.mode, placement, config.preset, config.seed, **model_overrides
+    ).to(device)
     set_feedback(model, config.feedback)
     train = dict(TRAIN[task][config.preset])
     if config.epochs:
@@ -265,14 +316,16 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     eps, clip = train.get("eps", 1e-8), train.get("grad_clip", 1.0)
     opt = optimizer(model, lr, head_lr, eps)
     tokens = data.splits["train"]
-    if train["steps_per_epoch"] is None:                   # an epoch: one pass of the training tokens
+    if train["steps_per_epoch"] is None:  # an epoch: one pass of the training tokens
         train["steps_per_epoch"] = max(1, len(tokens) // (train["batch_size"] * model.context))
     total_steps = train["epochs"] * train["steps_per_epoch"]
     scheduler = plateau = None
     if train["schedule"] == "cosine":
         warmup = max(1, total_steps // 20)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))),
+        )
     else:
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **train.get("plateau", dict(factor=0.5, patience=1)))
 
@@ -284,52 +337,104 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
         value = evaluate(model, data.splits[split], train["eval_tokens"], autocast=autocast)
         return {"loss": value, "ppl": math.exp(value)}
 
-    hp = {"task": task, "mode": config.mode, "placement": placement, "error_at": model.error_at,
-          "preset": config.preset, **MODEL[task][config.preset], **model_overrides, **train, "optimizer": "Adam",
-          "betas": [0.9, 0.999], "eps": eps, "lr": lr, "head_lr": head_lr, "grad_clip": clip, "seed": config.seed,
-          "feedback": config.feedback, "feedback_points": model.num_points,
-          "parameters": sum(p.numel() for p in model.parameters()), "data": data.info,
-          "loss_unit": f"nats per {'byte' if data.tokenizer == 'byte' else 'character'}",
-          "selection": "best epoch on validation loss",
-          "stopping": ("fixed budget (the lr schedule's length)" if train.get("patience") is None else
-                       f"{train['patience']} epochs without a better validation loss, or the budget")}
+    hp = {
+        "task": task,
+        "mode": config.mode,
+        "placement": placement,
+        "error_at": model.error_at,
+        "preset": config.preset,
+        **MODEL[task][config.preset],
+        **model_overrides,
+        **train,
+        "optimizer": "Adam",
+        "betas": [0.9, 0.999],
+        "eps": eps,
+        "lr": lr,
+        "head_lr": head_lr,
+        "grad_clip": clip,
+        "seed": config.seed,
+        "feedback": config.feedback,
+        "feedback_points": model.num_points,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": data.info,
+        "loss_unit": f"nats per {'byte' if data.tokenizer == 'byte' else 'character'}",
+        "selection": "best epoch on validation loss",
+        "stopping": (
+            "fixed budget (the lr schedule's length)"
+            if train.get("patience") is None
+            else f"{train['patience']} epochs without a better validation loss, or the budget"
+        ),
+    }
     if task == "lm-shakespeare" and config.preset == "full":
         hp["departures"] = list(FULL_DEPARTURES)
     if config.mode != "dfa" and config.placement != "macro":
         hp["note"] = f"placement only applies to mode 'dfa'; mode {config.mode!r} ignores it"
+
     @torch.no_grad()
     def represent(model, count: int = 64):
         """The token embeddings of the `count` most frequent tokens of the training split."""
         top = torch.bincount(tokens, minlength=data.vocab_size).argsort(descending=True)[:count]
         names = [data.decode([int(t)]) for t in top]
         labels = [token_class(name) for name in names]
-        return (model.tok.weight[top.to(model.tok.weight.device)].cpu(), labels, list(TOKEN_CLASSES),
-                f"the token embeddings of the {count} most frequent tokens, coloured by kind")
+        return (
+            model.tok.weight[top.to(model.tok.weight.device)].cpu(),
+            labels,
+            list(TOKEN_CLASSES),
+            f"the token embeddings of the {count} most frequent tokens, coloured by kind",
+        )
 
     context, batch_size = model.context, train["batch_size"]
     probe = windows(tokens, context, max(1, PROBE_TOKENS // context), torch.Generator().manual_seed(config.seed + 1))
-    return Run(model=model, optimizer=opt,
-               batches=Sampled(lambda g: windows(tokens, context, batch_size, g), config.seed),
-               loss=loss, evaluate=evaluate_split, select="loss", higher_is_better=False,
-               epochs=train["epochs"], steps_per_epoch=train["steps_per_epoch"], scheduler=scheduler,
-               plateau=plateau, clip_grad=clip, probe=probe, hyper_parameters=hp, represent=represent,
-               shard=shard_rows, patience=train.get("patience"))
+    return Run(
+        model=model,
+        optimizer=opt,
+        batches=Sampled(lambda g: windows(tokens, context, batch_size, g), config.seed),
+        loss=loss,
+        evaluate=evaluate_split,
+        select="loss",
+        higher_is_better=False,
+        epochs=train["epochs"],
+        steps_per_epoch=train["steps_per_epoch"],
+        scheduler=scheduler,
+        plateau=plateau,
+        clip_grad=clip,
+        probe=probe,
+        hyper_parameters=hp,
+        represent=represent,
+        shard=shard_rows,
+        patience=train.get("patience"),
+    )
 
 
 NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
 
-register(Task(
-    name="lm-shakespeare", family="transformer",
-    description="causal Transformer LM (byte-level) on Shakespeare, split by play; --placement macro|micro|linear; "
-                "--data PATH: WikiText-style text. Paper: WikiText-103 perplexity (DFA micro: 93.3)",
-    metric="test_loss", higher_is_better=False,
-    build=functools.partial(build_lm, "lm-shakespeare"), paper=dict(PAPER),
-    paper_setting=PAPER_SETTING, grid=functools.partial(grid, "lm-shakespeare"),
-    tuned=functools.partial(tuned, "lm-shakespeare"), unsupported=only_base_modes(NOT_WIRED)))
-register(Task(
-    name="lm-pydoc", family="transformer",
-    description="small causal Transformer LM (byte-level) on Python's pydoc topics (seconds; always available)",
-    metric="test_loss", higher_is_better=False,
-    build=functools.partial(build_lm, "lm-pydoc"), paper_setting=PAPER_SETTING,
-    grid=functools.partial(grid, "lm-pydoc"), tuned=functools.partial(tuned, "lm-pydoc"),
-    unsupported=only_base_modes(NOT_WIRED)))
+register(
+    Task(
+        name="lm-shakespeare",
+        family="transformer",
+        description="causal Transformer LM (byte-level) on Shakespeare, split by play; --placement macro|micro|linear; "
+        "--data PATH: WikiText-style text. Paper: WikiText-103 perplexity (DFA micro: 93.3)",
+        metric="test_loss",
+        higher_is_better=False,
+        build=functools.partial(build_lm, "lm-shakespeare"),
+        paper=dict(PAPER),
+        paper_setting=PAPER_SETTING,
+        grid=functools.partial(grid, "lm-shakespeare"),
+        tuned=functools.partial(tuned, "lm-shakespeare"),
+        unsupported=only_base_modes(NOT_WIRED),
+    )
+)
+register(
+    Task(
+        name="lm-pydoc",
+        family="transformer",
+        description="small causal Transformer LM (byte-level) on Python's pydoc topics (seconds; always available)",
+        metric="test_loss",
+        higher_is_better=False,
+        build=functools.partial(build_lm, "lm-pydoc"),
+        paper_setting=PAPER_SETTING,
+        grid=functools.partial(grid, "lm-pydoc"),
+        tuned=functools.partial(tuned, "lm-pydoc"),
+        unsupported=only_base_modes(NOT_WIRED),
+    )
+)
