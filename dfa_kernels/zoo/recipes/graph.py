@@ -323,6 +323,7 @@ def build(name: str, config: TrainConfig) -> Run:
         model = build_model(name, data.num_features, int(data.y.max()) + 1, dfa, config.preset, **overrides).to(device)
         parts = node_run(data, feature_norm=name == "dna")
     set_feedback(model, config.feedback)
+    epochs, min_epochs = config.epochs or EPOCHS[config.preset], MIN_EPOCHS.get(name, 0)
     hp = {
         "model": name,
         "mode": config.mode,
@@ -333,9 +334,9 @@ def build(name: str, config: TrainConfig) -> Run:
         "lr": lr,
         "weight_decay": wd,
         "weight_decay_output": wd_out,
-        "epochs_max": config.epochs or EPOCHS[config.preset],
+        "epochs_max": epochs,
         "patience": PATIENCE,
-        "min_epochs": MIN_EPOCHS.get(name, 0),
+        "min_epochs": min_epochs,
         "seed": config.seed,
         "full_batch": True,
         "feedback": config.feedback,
@@ -349,10 +350,10 @@ def build(name: str, config: TrainConfig) -> Run:
         model=model,
         optimizer=optimizer(model, name, lr, wd, wd_out),
         higher_is_better=True,
-        epochs=config.epochs or EPOCHS[config.preset],
+        epochs=epochs,
         steps_per_epoch=1,
         patience=PATIENCE,
-        min_epochs=MIN_EPOCHS.get(name, 0),
+        min_epochs=min_epochs,
         hyper_parameters=hp,
         **parts,
     )
