@@ -26,12 +26,14 @@ boundary ("micro"); ``detach=`` cuts a module's input without a point.
 :mod:`dfa_kernels.huggingface` builds these placements for Hugging Face causal LMs.
 
 **Layer-wise methods** (``mode="fa"``, "usf", "brsf", "frsf": :mod:`dfa_kernels.layerwise`) change
-the layers themselves, not the points: ``convert`` replaces every ``nn.Linear`` and ``nn.Conv2d``
-(or those ``layers=`` chooses) by a :class:`~dfa_kernels.layerwise.FeedbackLinear` /
-``FeedbackConv2d`` sharing its parameters, under the same name (no hook: their forward applies an
-autograd function). They read the mode of ``converted.dfa`` live: plain layers in the other modes,
-so one converted model runs every method. Points are still inserted where ``points`` says (none
-needed: a model without activation modules converts too), for the direct modes.
+the layers themselves, not the points: ``convert`` replaces every ``nn.Linear``, ``nn.Conv2d`` and
+PyG ``Linear`` (the weight layer of GCNConv, ChebConv and others; message passing keeps its exact
+transpose: only synaptic weights get a feedback matrix), or those ``layers=`` chooses, by a
+:class:`~dfa_kernels.layerwise.FeedbackLinear` / ``FeedbackConv2d`` sharing its parameters, under
+the same name (no hook: their forward applies an autograd function). They read the mode of
+``converted.dfa`` live: plain layers in the other modes, so one converted model runs every method.
+Points are still inserted where ``points`` says (none needed: a model without activation modules
+converts too), for the direct modes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import sys
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, cast
@@ -563,15 +566,22 @@ def _fold_linear_activations(
                 setattr(parent, next_name, nn.Identity())
 
 
+def _is_pyg_linear(module: nn.Module) -> bool:
+    """PyG's ``Linear`` (``F.linear(x, weight, bias)``, weight [out, in]), looked up only where PyG is
+    already imported (a model holding one has imported it)."""
+    pyg = sys.modules.get("torch_geometric.nn.dense.linear")
+    return pyg is not None and type(module) is pyg.Linear
+
+
 def _is_layer(name: str, module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, nn.Conv2d)
+    return type(module) in (nn.Linear, nn.Conv2d) or _is_pyg_linear(module)
 
 
 def convert_layers(
     model: nn.Module, dfa: DFA, layers: Selector | None = None, constrain_weights: bool = False
 ) -> list[str]:
-    """Replace the chosen layers of `model` (default: every module of type exactly nn.Linear or
-    nn.Conv2d; a subclass keeps its own forward unless chosen) by FeedbackLinear/FeedbackConv2d
+    """Replace the chosen layers of `model` (default: every module of type exactly nn.Linear,
+    nn.Conv2d or PyG's Linear; a subclass keeps its own forward unless chosen) by FeedbackLinear/FeedbackConv2d
     sharing their parameters, under the same names, reading `dfa`'s mode. Layer i (in
     ``named_modules`` order) gets the hash seed ``layer_seed(dfa.seed, i)``. Returns their names."""
     chosen = select_modules(model, _is_layer if layers is None else layers, "layers")
@@ -579,7 +589,7 @@ def convert_layers(
     for index, (name, module) in enumerate(chosen):
         if isinstance(module, (FeedbackLinear, FeedbackConv2d)):
             raise ValueError(f"layers: module {name!r} is already a feedback layer (converted twice?)")
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or _is_pyg_linear(module):
             wrapped[id(module)] = FeedbackLinear.from_module(
                 module, dfa, layer_seed(dfa.seed, index), constrain_weights
             )
@@ -590,7 +600,7 @@ def convert_layers(
         else:
             raise TypeError(
                 f"layers: module {name!r} is a {type(module).__name__}; layer-wise feedback applies to "
-                "nn.Linear and nn.Conv2d"
+                "nn.Linear, nn.Conv2d and PyG's Linear"
             )
     for parent in list(model.modules()):  # every place a chosen module sits (a shared one: all of them)
         for child_name, child in list(parent.named_children()):

@@ -9,11 +9,17 @@ forward, in a layer-wise mode, applies an autograd function (no hooks) whose bac
 with g the layer's output gradient and B, of W's shape, the mode's matrix (update rules in
 :mod:`dfa_kernels.methods`):
 
-- ``fa``:   B = c * H, H the hash's matrix [out, in] (never stored: ``g @ B`` is the ``project`` op
-  with an [out, in] spec, one launch; a convolution's B is generated, W-sized, in its backward).
+- ``fa``:   B = c * H, H the hash's matrix [out, in].
 - ``usf``:  B = σ * sign(W).
 - ``brsf``: B = c * |H_t| ∘ sign(W), H_t drawn from the hash anew at every training forward.
 - ``frsf``: B = c * |H| ∘ sign(W), H fixed (fa's).
+
+fa's and frsf's fixed part (c * H, c * |H|) is generated once and kept by the layer under storage
+"auto" (while it is at most 64 MiB) or "materialized": W's size again, as biotorch keeps it, but
+never in the state_dict (the seed regenerates it). Under "virtual" nothing is kept: fa's ``g @ B``
+is the ``project`` op with an [out, in] spec (B generated in tiles inside the kernel), frsf's |H| is
+regenerated in each backward. A linear layer applies the scale (c, σ) to its [N, in] input gradient
+rather than to B, so each step reads W once (sign) and builds B in place.
 
 ``init`` sets the spread: "xavier" (biotorch's default preset) gives σ = sqrt(2 / (fan_in + fan_out)),
 the standard deviation of Xavier's init, "kaiming" σ = 1 / sqrt(3 fan_in) (PyTorch's default Linear
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +85,7 @@ def layer_seed(seed: int, index: int, draw: int | None = None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """What one layer's backward uses in place of W^T in one step (constants only)."""
+    """What one layer's backward uses in place of W^T in one step."""
 
     mode: str
     seed: int  # the hash seed of this step's H (brsf: this draw's)
@@ -88,6 +94,9 @@ class Rule:
     init: str
     storage: str
     backend: str
+    # the layer's stored fixed part (fa: c * H, frsf: c * |H|; fp32, W's shape) when its storage keeps
+    # one (see FeedbackLayer._stored_matrix); None: generated from the hash in each backward
+    stored: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def spec(self, weight: torch.Tensor) -> FeedbackSpec:
         """H as a feedback spec: [out, in] (a convolution's in: in_channels / groups * kh * kw)."""
@@ -100,24 +109,40 @@ class Rule:
         std = math.sqrt(self.density) if self.distribution == "sparse" else DISTRIBUTION_STD[self.distribution]
         return init_std(self.init, weight) / std
 
-    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """The effective B, fp32, shaped like W."""
+    def fixed_part(self, weight: torch.Tensor) -> torch.Tensor:
+        """The part of B that does not read W, unscaled: H (fa), |H| (brsf, frsf), fp32, W's shape."""
+        H = ops.feedback_matrix(self.spec(weight), device=weight.device, backend=self.backend).view(weight.shape)
+        return H if methods.METHODS[self.mode].matrix == "random" else H.abs_()
+
+    def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(M, s) with B = s * M, M fp32 and W's shape: the scale kept apart, so that a linear layer
+        applies it to its [N, in] output instead of to a W-sized matrix (one pass over W fewer). M may
+        be the layer's stored matrix: read it, never write it."""
         kind = methods.METHODS[self.mode].matrix
-        sign = torch.sign(weight.detach().float())
+        sign = torch.sign(weight.detach()).float()
         if kind == "sign_uniform":
-            return init_std(self.init, weight) * sign
-        H = ops.feedback_matrix(self.spec(weight), device=weight.device, backend=self.backend)
-        B = H.view(weight.shape) * self.random_scale(weight)
-        return B if kind == "random" else B.abs() * sign  # |R|∘sign(W): sign-concordant
+            return sign, init_std(self.init, weight)
+        if self.stored is not None:
+            M, s = self.stored, 1.0
+        else:
+            M, s = self.fixed_part(weight), self.random_scale(weight)
+        return (M if kind == "random" else sign.mul_(M)), s  # |R|∘sign(W): sign-concordant
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The effective B, fp32, shaped like W (possibly the layer's stored matrix: read only)."""
+        M, s = self.factors(weight)
+        return M if s == 1.0 else M * s
 
     def linear_input_grad(self, g: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """g [N, out] @ B [out, in]: fa's B through the projection op (virtual or cached, never a
-        parameter), the sign-concordant ones through a matmul with B made from W."""
-        if self.mode == "fa":
+        """g [N, out] @ B [out, in]: fa's B, when the layer does not store it, through the projection
+        op (generated in tiles, never stored); otherwise a matmul with B's factor M, then the scale."""
+        if self.mode == "fa" and self.stored is None:
             return ops.project(
                 g, self.spec(weight), self.storage, self.backend, scale=self.random_scale(weight), out_dtype=dtype
             )
-        return (g @ self.matrix(weight).to(g.dtype)).to(dtype)
+        M, s = self.factors(weight)
+        out = torch.mm(g, M.to(g.dtype))
+        return (out if s == 1.0 else out.mul_(s)).to(dtype)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -262,7 +287,31 @@ class FeedbackLayer(nn.Module):
 
     def _rule(self, mode: str, draw: int) -> Rule:
         seed = layer_seed(self.seed, 0, draw) if mode == "brsf" else self.seed
-        return Rule(mode, seed, self.distribution, self.density, self.init, self.storage, self.backend)
+        rule = Rule(mode, seed, self.distribution, self.density, self.init, self.storage, self.backend)
+        return dataclasses.replace(rule, stored=self._stored_matrix(rule))
+
+    def _stores(self, mode: str) -> bool:
+        """Whether this layer keeps its fixed matrix: fa's and frsf's B do not change, so under
+        storage "materialized", or "auto" while B is at most 64 MiB (fp32), it is generated once per
+        device and kept (W's size again, as biotorch keeps it; never in the state_dict: the seed
+        regenerates it); "virtual" keeps nothing (fa through the projection op, frsf regenerated
+        in every backward)."""
+        if mode not in ("fa", "frsf") or self.storage == "virtual":
+            return False
+        return self.storage == "materialized" or self.weight.numel() * 4 <= ops.MATERIALIZE_LIMIT_BYTES
+
+    def _stored_matrix(self, rule: Rule) -> torch.Tensor | None:
+        """The stored c * H (fa) or c * |H| (frsf), made on first use (one per layer: a mode or
+        device change replaces it)."""
+        if not self._stores(rule.mode):
+            return None
+        key = (rule.mode, rule.seed, rule.distribution, rule.density, rule.init, self.weight.device, self.weight.shape)
+        cached = self.__dict__.get("_stored")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                stored = rule.fixed_part(self.weight).mul_(rule.random_scale(self.weight))
+            self.__dict__["_stored"] = cached = (key, stored)
+        return cached[1]
 
     def _feedback_rule(self) -> Rule | None:
         """The rule of this training forward (None: a plain layer now). Rescales W first under
@@ -287,7 +336,8 @@ class FeedbackLayer(nn.Module):
         mode = self.mode
         if mode not in methods.LAYERWISE:
             raise RuntimeError(f"mode {mode!r} uses no layer-wise feedback matrix (modes: {methods.LAYERWISE})")
-        return self._rule(mode, max(self.draws - 1, 0)).matrix(self.weight)
+        with torch.no_grad():
+            return self._rule(mode, max(self.draws - 1, 0)).matrix(self.weight).clone()
 
     def _feedback_repr(self) -> str:
         return f"mode={self.mode!r}, seed={self.seed}, init={self.init!r}" + (
@@ -320,14 +370,22 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
 
     @classmethod
     def from_module(
-        cls, linear: nn.Linear, source: FeedbackSource, seed: int, constrain_weights: bool = False
+        cls, linear: nn.Module, source: FeedbackSource, seed: int, constrain_weights: bool = False
     ) -> FeedbackLinear:
         """A FeedbackLinear sharing `linear`'s parameters (same names), its mode and options `source`'s
-        (a :class:`dk.DFA`)."""
+        (a :class:`dk.DFA`). `linear`: an ``nn.Linear`` or any module computing ``F.linear(x, weight,
+        bias)`` with ``weight`` [out, in] and ``bias`` [out] or None (PyG's ``Linear``)."""
+        # typed as nn.Linear types them (its bias may be None all the same)
+        weight, bias = cast(nn.Parameter, linear.weight), cast(nn.Parameter, linear.bias)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"layers: {type(linear).__name__} has a lazy (uninitialized) weight: give it its input size, "
+                "or run one forward before converting"
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.out_features, layer.in_features = weight.shape
+        layer.weight, layer.bias = weight, bias
         layer._init_feedback(
             source.mode,
             seed,

@@ -34,7 +34,7 @@ class OracleLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, B = ctx.saved_tensors
         g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
-        return (g2 @ B).reshape(x.shape), g2.T @ x2, g2.sum(0), None
+        return (g2 @ B).reshape(x.shape), g2.T @ x2, g2.sum(0) if ctx.needs_input_grad[2] else None, None
 
 
 class OracleConv(torch.autograd.Function):
@@ -157,12 +157,13 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------- gradients against the oracle
+@pytest.mark.parametrize("storage", ["virtual", "materialized"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_mlp_equals_the_oracle(mode, backend):
+def test_mlp_equals_the_oracle(mode, backend, storage):
     torch.manual_seed(0)
     model = MLP()
-    converted = dk.convert(model, mode=mode, backend=backend)
+    converted = dk.convert(model, mode=mode, backend=backend, storage=storage)
     x, target = torch.randn(9, 6), torch.randint(0, 5, (9,))
     compare(converted, model, x, loss_fn(target))
 
@@ -195,6 +196,44 @@ def test_bf16_equals_the_fp32_oracle_to_bf16_precision(mode):
     converted = dk.convert(model, mode=mode)
     x, target = torch.randn(16, 6, dtype=torch.bfloat16), torch.randint(0, 5, (16,))
     compare(converted, model, x, loss_fn(target), atol=3e-2, rtol=3e-2)
+
+
+class Graph(nn.Module):
+    """GCNConv then ChebConv (K=2) on a small undirected graph: PyG's own Linear layers get the
+    feedback matrices, message passing keeps its exact transpose. The oracle path writes both
+    convolutions with dense normalized adjacencies around the layer calls."""
+
+    def __init__(self):
+        super().__init__()
+        from torch_geometric.nn import ChebConv, GCNConv
+
+        self.c1, self.c2 = GCNConv(6, 10), ChebConv(10, 5, K=2)
+        src = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 2])
+        dst = torch.tensor([1, 2, 3, 4, 5, 6, 0, 3, 5])
+        self.register_buffer("edges", torch.stack([torch.cat([src, dst]), torch.cat([dst, src])]))
+
+    def forward(self, x, call=None):
+        if call is None:
+            return self.c2(torch.relu(self.c1(x, self.edges)), self.edges)
+        A = torch.zeros(x.shape[0], x.shape[0])
+        A[self.edges[1], self.edges[0]] = 1.0
+        A_hat = A + torch.eye(len(A))  # GCN: D^-1/2 (A + I) D^-1/2
+        d = A_hat.sum(1).rsqrt()
+        gcn = d[:, None] * A_hat * d[None, :]
+        d = A.sum(1).rsqrt()  # Cheb (sym, lambda_max 2): L_hat = -D^-1/2 A D^-1/2
+        cheb = -(d[:, None] * A * d[None, :])
+        h = torch.relu(gcn @ call(self.c1.lin, x) + self.c1.bias)
+        return call(self.c2.lins[0], h) + call(self.c2.lins[1], cheb @ h) + self.c2.bias
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pyg_linear_layers_equal_the_oracle(mode):
+    pytest.importorskip("torch_geometric")
+    torch.manual_seed(3)
+    model = Graph()
+    converted = dk.convert(model, mode=mode)
+    assert converted.layers == ("c1.lin", "c2.lins.0", "c2.lins.1")
+    compare(converted, model, torch.randn(7, 6), loss_fn(torch.randint(0, 5, (7,))))
 
 
 def test_conv_padding_same_and_reflect_pad_before_the_function():
@@ -285,6 +324,32 @@ def test_matrices_are_biotorchs_formulas(init):
             torch.testing.assert_close(layer.feedback_matrix(), sigma * sign)
             converted.dfa.mode = "frsf"
             torch.testing.assert_close(layer.feedback_matrix(), bound * H.abs() * sign)
+
+
+def test_fixed_matrices_are_kept_once_per_layer_and_never_saved():
+    """fa's and frsf's fixed part is generated once and kept by the layer (not under "virtual"),
+    outside the state_dict; a mode switch replaces it; usf and brsf keep nothing."""
+    torch.manual_seed(6)
+    model = MLP()
+    kept = dk.convert(model, mode="fa", storage="auto")
+    virtual = dk.convert(model, mode="fa", storage="virtual")
+    x = torch.randn(4, 6)
+    for converted in (kept, virtual):
+        converted(x).sum().backward()
+    layer = kept.model.l2
+    stored = layer.__dict__["_stored"][1]
+    kept(x).sum().backward()
+    assert layer.__dict__["_stored"][1] is stored  # the same tensor: not regenerated
+    torch.testing.assert_close(stored, layer.feedback_matrix())
+    assert "_stored" not in virtual.model.l2.__dict__
+    assert set(kept.state_dict()) == set(virtual.state_dict())  # nothing more than the virtual model's
+    kept.dfa.mode = "frsf"
+    kept(x).sum().backward()
+    torch.testing.assert_close(layer.__dict__["_stored"][1], stored.abs())
+    for mode in ("usf", "brsf"):
+        fresh = dk.convert(MLP(), mode=mode)
+        fresh(x).sum().backward()
+        assert "_stored" not in fresh.model.l2.__dict__
 
 
 def test_each_layer_its_own_matrix_and_brsf_redraws_every_step():
@@ -378,7 +443,7 @@ def test_layers_argument_and_direct_mode_without_layers():
     direct.dfa.mode = "fa"
     with pytest.raises(RuntimeError, match=r"mode 'fa' .*converted without layer-wise layers.*layers="):
         direct(torch.randn(2, 6))
-    with pytest.raises(TypeError, match="layer-wise feedback applies to nn.Linear and nn.Conv2d"):
+    with pytest.raises(TypeError, match="layer-wise feedback applies to nn.Linear, nn.Conv2d and PyG's Linear"):
         dk.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), mode="fa", layers=nn.ReLU)
     with pytest.raises(ValueError, match="fuse=True"):
         dk.convert(MLP(), mode="fa", fuse=True)

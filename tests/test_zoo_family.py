@@ -100,6 +100,23 @@ def test_graph_drtp_sends_targets_of_training_nodes_only():
     assert (t[run.batches.batch.train_mask] >= 0).all() and (t[~run.batches.batch.train_mask] == -1).all()
 
 
+def test_gcn_layerwise_converts_pyg_linears_and_changes_only_input_gradients():
+    """gcn-cora in fa: both GCNConv weight layers (PyG Linear) become feedback layers; the first
+    layer's weight gradient differs from BP's (its output gradient came through B, not W^T), the
+    output layer's (no feedback above it) equals BP's."""
+    pytest.importorskip("torch_geometric")
+    grads = {}
+    for mode in ("bp", "fa"):
+        torch.manual_seed(0)
+        run = tasks.get("gcn-cora").build(tasks.TrainConfig("gcn-cora", mode=mode, progress=False))
+        run.model.eval()  # no dropout: the two runs compute the same forward
+        run.loss(run.model, run.batches.batch).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    assert run.hyper_parameters["layers_converted"] == 2
+    torch.testing.assert_close(grads["fa"]["conv2.lin.weight"], grads["bp"]["conv2.lin.weight"])
+    assert not torch.allclose(grads["fa"]["conv1.lin.weight"], grads["bp"]["conv1.lin.weight"])
+
+
 def test_dkp_learned_matrix_is_in_the_optimizer_and_learns():
     run = tasks.get("cnn-digits").build(config("dkp"))
     B = run.model.dfa.feedback
@@ -150,8 +167,8 @@ def test_refusals_name_the_problem():
     hybrid.extra = nn.MultiheadAttention(4, 1)
     with pytest.raises(ValueError, match=r"\['extra', 'extra.out_proj'\].*hybrid"):
         family.prepare(small_run(hybrid), "fa")
-    with pytest.raises(ValueError, match="does not train mode 'fa'.*PyG"):
-        tasks.get("gcn-cora").check_mode("fa")
+    with pytest.raises(ValueError, match="does not train mode 'fa'.*attention vectors.*hybrid"):
+        tasks.get("gat-cora").check_mode("fa")
     with pytest.raises(ValueError, match="does not train mode 'drtp'.*no class targets"):
         tasks.get("nerf").check_mode("drtp")
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -170,7 +187,8 @@ def test_tuning_variants_cover_the_tasks_modes():
 
     assert [c.mode for c in tuning.variants(tasks.get("cnn-digits"))] == list(tasks.get("cnn-digits").modes)
     assert set(tasks.get("cnn-digits").modes) == set(methods.MODES)
-    assert "fa" not in tasks.get("gcn-cora").modes and "drtp" in tasks.get("gcn-cora").modes
+    assert set(tasks.get("gcn-cora").modes) == set(methods.MODES)  # PyG's Linear converts
+    assert "fa" not in tasks.get("gat-cora").modes and "drtp" in tasks.get("gat-cora").modes
     assert tasks.tuned_as("sdfa") == "dfa" and tasks.tuned_as("bp") == "bp"
 
 

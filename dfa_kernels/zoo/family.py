@@ -4,11 +4,11 @@ Recipes build their model with ``dk.DFA(mode=config.mode)`` and its points, as f
 family method needs beyond that is added here, once for every recipe (``tasks.register`` wraps
 each task's build with :func:`prepare`):
 
-- layer-wise methods (fa, usf, brsf, frsf): every ``nn.Linear`` and ``nn.Conv2d`` of the model
-  becomes a FeedbackLinear/FeedbackConv2d reading the DFA module's mode (``convert_layers``,
-  parameters shared, so the optimizer built by the recipe still holds them). A model whose other
-  weight layers would keep exact gradients (PyG's own ``Linear``, say) is refused: its run would
-  be a hybrid of backprop and feedback alignment, not the method.
+- layer-wise methods (fa, usf, brsf, frsf): every ``nn.Linear``, ``nn.Conv2d`` and PyG ``Linear``
+  of the model becomes a FeedbackLinear/FeedbackConv2d reading the DFA module's mode
+  (``convert_layers``, parameters shared, so the optimizer built by the recipe still holds them).
+  A model whose other weight layers would keep exact gradients (GAT's attention vectors, say) is
+  refused: its run would be a hybrid of backprop and feedback alignment, not the method.
 - drtp projects the class targets: the run's ``targets(batch)`` (class indices, -1 for rows that
   do not train, or a float tensor shaped like the output) reaches ``dfa.targets`` before every
   training forward; a run without class targets (regression) is refused.

@@ -395,11 +395,13 @@ def tuned(name: str, config: TrainConfig) -> dict:
 
 def unsupported(name: str) -> dict[str, str]:
     """The family's methods these models cannot train (the direct ones train every model)."""
-    why = (
-        "PyG's convolutions compute with their own Linear type (and message passing), which no layer-wise "
-        "method converts: a run would be a hybrid of backprop and feedback alignment"
-    )
-    out = {m: why for m in LAYERWISE}
+    hybrid = ": a run would be a hybrid of backprop and feedback alignment"
+    weights = {  # GCN, Cheb and GAE compute only through PyG Linear layers, which convert
+        "gat": "GATConv's attention vectors (att_src, att_dst) multiply the features and have no feedback rule",
+        "spline": "SplineConv's spline weight tensor [kernel, in, out] is not a Linear layer",
+        "dna": "DNAConv's grouped attention Linear is not a Linear layer (its weight is [groups, in, out])",
+    }
+    out = {m: weights[name] + hybrid for m in LAYERWISE} if name in weights else {}
     if name == "gae":
         out["drtp"] = "link prediction has no class targets to project"
     return out
