@@ -80,11 +80,15 @@ HP = {
         "bp": (0.02, 5e-4),
         "dfa": (0.01, 5e-5),
         "shallow": (0.02, 5e-4),
-        # the family's direct methods, tuned on the same grid (benchmarks/results/zoo/family/gcn-cora.tuning.json)
+        # the family's methods, tuned on the same grid (benchmarks/results/zoo/family/gcn-cora.tuning.json)
         "sdfa": (0.005, 5e-4),
         "drtp": (0.01, 5e-4),
         "ternary": (0.02, 5e-4),
         "dkp": (0.01, 5e-4),
+        "fa": (0.02, 5e-4),
+        "usf": (0.01, 5e-5),
+        "brsf": (0.02, 5e-5),
+        "frsf": (0.02, 5e-5),
     },
     "gat": {"bp": (0.01, 5e-5), "dfa": (0.005, 5e-4), "shallow": (0.02, 5e-4)},
     "cheb": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.02, 5e-4)},
