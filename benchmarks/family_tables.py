@@ -2,16 +2,16 @@
 
 ``python benchmarks/family_tables.py`` reads ``benchmarks/results/zoo/family/<task>.<part>.json``
 (each written by ``dfa-kernels compare TASK --modes ... --seeds 0 1 2 --alignment-every N --json
-...``; a task's parts are merged, each keeping its own command and SHA) and the tuning report
-beside them (``<task>.tuning.json``, from ``dfa-kernels tune``), and prints one
-markdown table per task: per method, the test metric of the model selected on validation (mean
-± std over seeds), the learning rate it trained with, and, for the direct methods, the alignment
-of the method's own signal with backprop at the end of training (``dk.alignment``: the cosine of
-the network's update with BP's gradient, and of the deepest point's signal, mean over seeds; the
-layer-wise methods have no projected signal to measure: "—"). Published numbers stand beside ours
-only where the same metric, data and network exist: none does for these rows (the papers' CNN
-numbers are CIFAR-10 / ImageNet, biotorch's Benchmarks.md and the DKP README included), so the
-column says "not comparable", except the DFA paper's Cora GCN numbers for bp and dfa.
+...``; a task's parts are merged, each keeping its own command and SHA) and the tuning report beside
+them (``<task>.tuning.json``, from ``dfa-kernels tune``), and prints one markdown table per task:
+per method, the test metric of the model selected on validation (mean ± std over seeds), the
+learning rate it trained with, and the alignment of the method's own signal with backprop at the end
+of training (``dk.alignment``: the cosine of the network's update with BP's gradient, and of the
+deepest point's signal, mean over seeds; for a layer-wise method the signal is the gradient at the
+output of its first feedback layer; "—" for the baselines). Published numbers stand beside ours only
+where the same metric, data and network exist: none does for these rows (the papers' CNN numbers are
+CIFAR-10 / ImageNet, biotorch's Benchmarks.md and the DKP README included), so the column says "not
+comparable", except the DFA paper's Cora GCN numbers for bp and dfa.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def table(report: dict, tuning: dict | None) -> list[str]:
         mode = runs[0]["mode"]
         entry = methods.METHODS[mode].entry or "baseline"
         lrs = sorted({r["config"].get("lr") for r in runs})
-        if mode in methods.DIRECT and all(r["alignment"] for r in runs):
-            last = [r["alignment"][-1] for r in runs]
+        last = [r["alignment"][-1] if r["alignment"] else None for r in runs]
+        # only what was measured in the method's own mode (runs before layer-wise alignment existed
+        # measured DFA's points in the layer-wise modes)
+        if all(a is not None and a["compared"] == f"mode {mode!r} against backprop" for a in last):
             update = _mean_std([a["network"]["update_cos"] for a in last])
             signal = _mean_std([a["deepest"]["signal_cos_mean"] for a in last])
         else:

@@ -24,6 +24,13 @@ mode are restored. By default it runs in train mode, both passes starting from t
 that dropout draws the same masks in both (``eval_mode=True`` measures in eval mode instead); the
 JSON says which (``measured_in``).
 
+For a **layer-wise** method (``mode="fa"``, "usf", "brsf", "frsf": a model whose layers
+``dk.convert`` made feedback layers) there are no points: the same two passes compare, per feedback
+layer, the gradient at its output (the signal that trains it: ``g @ B`` arrived from the layer
+above, against backprop's ``g @ W``; per sample) and its weight update; "network" is the update of
+every feedback layer but the last one the forward calls (the output layer, exact in every method),
+"deepest" the first one it calls. The result holds "layers" in place of "dfa_modules".
+
 :func:`plot_alignment` draws measurements taken along training. The measurement is part of the
 core (``dk.alignment``), below the zoo's trainer (``alignment_every``) and the study that uses it
 (``dfa-kernels align TASK``: :mod:`dfa_kernels.studies.alignment`).
@@ -44,6 +51,7 @@ from torch import nn
 
 from . import methods
 from .figures import save_figure
+from .layerwise import FeedbackLayer
 from .nn import DFA
 
 SAMPLES = 512  # paper 1 measured alignment on 512 samples
@@ -56,6 +64,9 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module, dfas: list[DFA]) -> None:
         self.model = model
+        # feedback layers: brsf's draw counter (a pass in brsf draws), a standalone layer's own mode
+        layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
+        self.layers = [(m, m.draws, m.mode if m.source is None else None) for m in layers]
         self.grads = [(p, p.grad) for p in model.parameters()]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.training = [(m, m.training) for m in model.modules()]
@@ -86,15 +97,19 @@ class _Snapshot:
             module.training = training
         for dfa, mode in self.modes:
             dfa.mode = mode
+        for layer, draws, own_mode in self.layers:
+            layer.draws = draws
+            if own_mode is not None:
+                layer.mode = own_mode
 
 
-def _dfa_modules(model: nn.Module) -> list[tuple[str, DFA]]:
+def _dfa_modules(model: nn.Module, required: bool = True) -> list[tuple[str, DFA]]:
     seen, found = set(), []
     for name, module in model.named_modules():
         if isinstance(module, DFA) and id(module) not in seen:
             seen.add(id(module))
             found.append((name or "dfa", module))
-    if not found:
+    if not found and required:
         raise ValueError("alignment: the model has no dk.DFA module (nothing to measure)")
     return found
 
@@ -211,12 +226,15 @@ def alignment(
     with backprop: "dfa" or another direct method (its own signal: sign(e), q(e), the target, a
     learned B), or "bp" as a control (every cosine is then 1).
     """
-    if mode not in methods.DIRECT + ("bp",):
+    if mode not in methods.DIRECT + methods.LAYERWISE + ("bp",):
         raise ValueError(
-            f"alignment: mode must be a direct method ({', '.join(methods.DIRECT)}) or 'bp' (the control); got {mode!r}"
+            f"alignment: mode must be a direct method ({', '.join(methods.DIRECT)}), a layer-wise one "
+            f"({', '.join(methods.LAYERWISE)}) or 'bp' (the control); got {mode!r}"
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"alignment: model must be an nn.Module; got {type(model).__name__}")
+    if mode in methods.LAYERWISE:
+        return _layerwise_alignment(model, loss_fn, batch, samples, eval_mode, mode)
     dfas = _dfa_modules(model)
     names = {id(p): n for n, p in model.named_parameters()}
     snapshot = _Snapshot(model, [d for _, d in dfas])
@@ -262,12 +280,7 @@ def alignment(
     deepest = modules[first_name]["points"][0]
     return {
         "compared": f"mode {mode!r} against backprop",
-        "measured_in": (
-            "eval mode (dropout off, batch-norm running statistics)"
-            if eval_mode
-            else "train mode; both passes from the same RNG state (same dropout masks); "
-            "batch-norm statistics, gradients and RNG restored afterwards"
-        ),
+        "measured_in": _measured_in(eval_mode),
         "loss": loss_dfa,
         "loss_bp_pass": loss_bp,
         "samples_max": samples,
@@ -288,10 +301,132 @@ def alignment(
     }
 
 
+def _measured_in(eval_mode: bool) -> str:
+    return (
+        "eval mode (dropout off, batch-norm running statistics)"
+        if eval_mode
+        else "train mode; both passes from the same RNG state (same dropout masks); "
+        "batch-norm statistics, gradients and RNG restored afterwards"
+    )
+
+
+def _layer_pass(model, dfas, layers, loss_fn, batch, mode: str):
+    """One forward + backward in `mode` (every DFA module and standalone feedback layer set to it);
+    returns (loss, each layer's output gradient, its rows' width, the layers in forward-call order,
+    parameter grads by id). A layer called more than once: its calls' gradients, row-concatenated."""
+    for dfa in dfas:
+        dfa.mode = mode
+    for _, layer in layers:
+        if layer.source is None:
+            layer.mode = mode
+    for p in model.parameters():
+        p.grad = None
+    outs: dict[str, list[torch.Tensor]] = {}
+    widths: dict[str, int] = {}
+    order: list[str] = []
+
+    def hook(name):
+        def record(module, inputs, output):
+            if name not in order:
+                order.append(name)
+            # a row per sample: [..., out] for a linear layer, [N, C*H*W] for a convolution
+            widths[name] = output.shape[-1] if isinstance(module, nn.Linear) else output[0].numel()
+            if output.requires_grad:
+                output.register_hook(lambda g: outs.setdefault(name, []).append(g.detach().clone()))
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
+    try:
+        loss = loss_fn(model, batch)
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    signals = {n: torch.cat([g.reshape(-1, widths[n]) for g in gs]) for n, gs in outs.items()}
+    grads = {id(p): (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
+    return float(loss.detach()), signals, widths, order, grads
+
+
+def _layerwise_alignment(model, loss_fn, batch, samples: int, eval_mode: bool, mode: str) -> dict[str, Any]:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FeedbackLayer)]
+    if not layers:
+        raise ValueError(
+            f"alignment: mode {mode!r} is layer-wise and the model has no feedback layers "
+            "(dk.convert(model, mode=...) makes them)"
+        )
+    dfas = [d for _, d in _dfa_modules(model, required=False)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    snapshot = _Snapshot(model, dfas)
+    try:
+        if eval_mode:
+            model.eval()
+        snapshot.reseed()
+        loss_m, signals_m, widths, order, grads_m = _layer_pass(model, dfas, layers, loss_fn, batch, mode)
+        snapshot.reseed()
+        snapshot.reset_buffers()
+        loss_bp, signals_bp, _, _, grads_bp = _layer_pass(model, dfas, layers, loss_fn, batch, "bp")
+    finally:
+        snapshot.restore()
+    if not order:
+        raise ValueError("alignment: the loss's forward called none of the model's feedback layers")
+    by_name = dict(layers)
+    entries = []
+    for name in order:
+        params = [p for p in by_name[name].parameters(recurse=False) if id(p) in names]
+        entries.append(
+            {
+                "name": name,
+                "width": widths[name],
+                "trains": [names[id(p)] for p in params],
+                "signal": _signal_stats(signals_m.get(name), signals_bp.get(name), widths[name], samples),
+                "update": _update_stats(params, names, grads_m, grads_bp),
+            }
+        )
+    trained = [p for name in order[:-1] for p in by_name[name].parameters(recurse=False) if id(p) in names]
+    network = _update_stats(trained, names, grads_m, grads_bp)
+    deepest = entries[0]
+    return {
+        "compared": f"mode {mode!r} against backprop",
+        "measured_in": _measured_in(eval_mode),
+        "loss": loss_m,
+        "loss_bp_pass": loss_bp,
+        "samples_max": samples,
+        "layers": entries,
+        "network": {
+            "update_cos": network["cos"],
+            "update_angle_deg": network["angle_deg"],
+            "parameters": len(trained),
+            "numel": network["numel"],
+        },
+        "deepest": {
+            "layer": deepest["name"],
+            "signal_cos_mean": deepest["signal"]["cos_mean"],
+            "signal_cos_std": deepest["signal"]["cos_std"],
+            "update_cos": deepest["update"]["cos"],
+        },
+    }
+
+
 # ---------------------------------------------------------------- over training: the plot
+def _curves(measurements: list[dict[str, Any]]):
+    """(label, deepest?, that point's or layer's entry in each measurement) per point (a direct
+    method) or feedback layer (a layer-wise one)."""
+    first = measurements[0]
+    if "layers" in first:
+        for index, layer in enumerate(first["layers"]):
+            yield layer["name"], index == 0, [m["layers"][index] for m in measurements]
+        return
+    for module, info in first["dfa_modules"].items():
+        for point in info["points"]:
+            deepest = module == first["deepest"]["dfa"] and point["index"] == 0
+            label = f"{module}#{point['index']} ({', '.join(point['trains'][:2]) or '-'})"
+            yield label, deepest, [m["dfa_modules"][module]["points"][point["index"]] for m in measurements]
+
+
 def plot_alignment(measurements: list[dict[str, Any]], path: str | Path, title: str = "alignment") -> Path:
-    """Per-sample signal cosine (left) and update cosine (right) of every point over training steps,
-    one line per point; the deepest DFA point (farthest from the output) drawn thick and black."""
+    """Per-sample signal cosine (left) and update cosine (right) of every point (or feedback layer)
+    over training steps, one line each; the deepest (farthest from the output) drawn thick and black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,20 +434,15 @@ def plot_alignment(measurements: list[dict[str, Any]], path: str | Path, title: 
 
     steps = [m["step"] for m in measurements]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    first = measurements[0]["dfa_modules"]
-    for module, info in first.items():
-        for point in info["points"]:
-            deepest = module == measurements[0]["deepest"]["dfa"] and point["index"] == 0
-            label = f"{module}#{point['index']} ({', '.join(point['trains'][:2]) or '-'})"
-            style = dict(color="black", linewidth=2.5, zorder=3) if deepest else dict(linewidth=1, alpha=0.8)
-            for ax, key, field in ((axes[0], "signal", "cos_mean"), (axes[1], "update", "cos")):
-                values = [m["dfa_modules"][module]["points"][point["index"]][key][field] for m in measurements]
-                ax.plot(
-                    steps,
-                    [np.nan if v is None else v for v in values],
-                    label=label + (" — deepest" if deepest else ""),
-                    **style,
-                )
+    for label, deepest, entries in _curves(measurements):
+        style = dict(color="black", linewidth=2.5, zorder=3) if deepest else dict(linewidth=1, alpha=0.8)
+        for ax, key, field in ((axes[0], "signal", "cos_mean"), (axes[1], "update", "cos")):
+            ax.plot(
+                steps,
+                [np.nan if e[key][field] is None else e[key][field] for e in entries],
+                label=label + (" — deepest" if deepest else ""),
+                **style,
+            )
     axes[0].set_title("signal: per-sample cosine (mean)")
     axes[1].set_title("weight update: cosine with the BP gradient")
     for ax in axes:

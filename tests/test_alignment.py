@@ -149,11 +149,55 @@ def test_eval_mode_and_fused_points(batch):
     assert -1 <= dfa["dfa_modules"]["dfa"]["points"][0]["signal"]["cos_mean"] <= 1
 
 
+def _cos_rows(a, b):
+    return F.cosine_similarity(a.double(), b.double(), dim=1)
+
+
+@pytest.mark.parametrize("mode", ["fa", "usf", "brsf", "frsf"])
+def test_layerwise_closed_form_and_training_state_untouched(mode, batch):
+    """A layer-wise method on x -> l1 -> ReLU -> l2 -> tanh -> l3: the signal at l2's output is
+    (g3 @ B3) * tanh'(a2) against backprop's (g3 @ W3) * tanh'(a2), g3 = dL/dy exact; the output
+    layer's signal and update are exact (cosine 1). Computed here by hand; brsf's draw counter and
+    the parameters' grads are as before the measurement."""
+    torch.manual_seed(0)
+    x, t = batch
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 9), nn.Tanh(), nn.Linear(9, 5))
+    converted = dk.convert(model, mode=mode)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    loss(converted, batch).backward()  # one training step's grads and (brsf) one draw
+    draws, grads = converted.model[4].draws, [p.grad.clone() for p in converted.parameters()]
+    B3 = converted.model[4].feedback_matrix()  # brsf: the last draw's; the measurement draws the next one
+    res = dk.alignment(converted, loss, batch, mode=mode)
+    assert [e["name"] for e in res["layers"]] == ["model.0", "model.2", "model.4"]
+    assert res["deepest"]["layer"] == "model.0" and res["network"]["parameters"] == 4
+    out = res["layers"][2]
+    assert out["signal"]["cos_mean"] == pytest.approx(1.0) and out["update"]["cos"] == pytest.approx(1.0)
+    W1, W2, W3 = model[0].weight, model[2].weight, model[4].weight
+    with torch.no_grad():
+        h1 = torch.relu(x @ W1.T + model[0].bias)
+        a2 = h1 @ W2.T + model[2].bias
+        y = torch.tanh(a2) @ W3.T + model[4].bias
+        g3 = (torch.softmax(y, 1) - F.one_hot(t, 5)) / len(x)
+        bp = (g3 @ W3) * (1 - torch.tanh(a2) ** 2)
+    if mode != "brsf":  # brsf's measurement pass draws a matrix of its own
+        ours = (g3 @ B3) * (1 - torch.tanh(a2) ** 2)
+        assert res["layers"][1]["signal"]["cos_mean"] == pytest.approx(float(_cos_rows(ours, bp).mean()), abs=1e-6)
+        update = torch.cat([(ours.T @ h1).flatten(), ours.sum(0)])
+        want = F.cosine_similarity(update.double(), torch.cat([(bp.T @ h1).flatten(), bp.sum(0)]).double(), dim=0)
+        assert res["layers"][1]["update"]["cos"] == pytest.approx(float(want), abs=1e-6)
+    assert res["layers"][1]["signal"]["cos_mean"] < 0.999  # not backprop
+    assert converted.model[4].draws == draws and converted.dfa.mode == mode
+    for p, g in zip(converted.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="no dk.DFA module"):
         dk.alignment(nn.Linear(2, 2), lambda m, b: m(b).sum(), torch.randn(3, 2))
     with pytest.raises(ValueError, match="mode must be"):
         dk.alignment(Net(dk.DFA()), loss_fn, None, mode="shallow")
+    with pytest.raises(ValueError, match="no feedback layers"):
+        dk.alignment(Net(dk.DFA()), loss_fn, None, mode="fa")
 
 
 def test_align_command_on_a_zoo_task(tmp_path):

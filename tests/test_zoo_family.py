@@ -130,9 +130,17 @@ def test_dkp_learned_matrix_is_in_the_optimizer_and_learns():
     assert not torch.equal(start, B.detach())
 
 
-def test_alignment_measures_the_methods_own_signal():
-    result = train(tasks.get("cnn-digits"), config("sdfa", epochs=1, alignment_every=20))
-    assert result.alignment and -1 <= result.alignment[-1]["network"]["update_cos"] <= 1
+@pytest.mark.parametrize("mode", ["sdfa", "brsf"])
+def test_alignment_measures_the_methods_own_signal(mode, tmp_path):
+    """A direct method at its points, a layer-wise one at its feedback layers (and its plot)."""
+    from dfa_kernels.align import plot_alignment
+
+    result = train(tasks.get("cnn-digits"), config(mode, epochs=1, alignment_every=20))
+    last = result.alignment[-1]
+    assert last["compared"] == f"mode {mode!r} against backprop"
+    assert -1 <= last["network"]["update_cos"] <= 1
+    assert ("layers" in last) == (mode == "brsf")
+    assert plot_alignment(result.alignment, tmp_path / "a.png").stat().st_size > 5000
 
 
 class Regression(nn.Module):

@@ -487,9 +487,10 @@ class Trainer:
         import dfa_kernels as dk
 
         run = self.run
-        # the method's own signal for a direct method; DFA's for the others (their points get no projection)
+        # the method's own signal (a direct method's at its points, a layer-wise one's at its layers);
+        # DFA's for the baselines (bp, shallow: their points get no projection)
         mode = next((m.mode for m in run.model.modules() if isinstance(m, dk.DFA)), "dfa")
-        mode = mode if mode in dk.methods.DIRECT else "dfa"
+        mode = mode if mode in dk.methods.DIRECT + dk.methods.LAYERWISE else "dfa"
         self.measurements.append(
             {"step": self.step, "epoch": epoch, **dk.alignment(run.model, run.loss, run.probe, mode=mode)}
         )
