@@ -97,6 +97,8 @@ class Rule:
     # the layer's stored fixed part (fa: c * H, frsf: c * |H|; fp32, W's shape) when its storage keeps
     # one (see FeedbackLayer._stored_matrix); None: generated from the hash in each backward
     stored: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    # a W-sized fp32 buffer of the layer that B is built in (see FeedbackLayer._workspace), or None
+    workspace: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def spec(self, weight: torch.Tensor) -> FeedbackSpec:
         """H as a feedback spec: [out, in] (a convolution's in: in_channels / groups * kh * kw)."""
@@ -119,14 +121,22 @@ class Rule:
         applies it to its [N, in] output instead of to a W-sized matrix (one pass over W fewer). M may
         be the layer's stored matrix: read it, never write it."""
         kind = methods.METHODS[self.mode].matrix
-        sign = torch.sign(weight.detach()).float()
         if kind == "sign_uniform":
-            return sign, init_std(self.init, weight)
+            return self.sign(weight), init_std(self.init, weight)
         if self.stored is not None:
             M, s = self.stored, 1.0
         else:
             M, s = self.fixed_part(weight), self.random_scale(weight)
-        return (M if kind == "random" else sign.mul_(M)), s  # |R|∘sign(W): sign-concordant
+        if kind == "random":
+            return M, s
+        return self.sign(weight).mul_(M), s  # |R|∘sign(W): sign-concordant
+
+    def sign(self, weight: torch.Tensor) -> torch.Tensor:
+        """sign(W), fp32, in the workspace when the layer has one (else a new tensor)."""
+        w = weight.detach()
+        if self.workspace is None:
+            return torch.sign(w).float()
+        return torch.sign(w, out=self.workspace) if w.dtype == torch.float32 else self.workspace.copy_(w).sign_()
 
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The effective B, fp32, shaped like W (possibly the layer's stored matrix: read only)."""
@@ -288,7 +298,20 @@ class FeedbackLayer(nn.Module):
     def _rule(self, mode: str, draw: int) -> Rule:
         seed = layer_seed(self.seed, 0, draw) if mode == "brsf" else self.seed
         rule = Rule(mode, seed, self.distribution, self.density, self.init, self.storage, self.backend)
-        return dataclasses.replace(rule, stored=self._stored_matrix(rule))
+        return dataclasses.replace(rule, stored=self._stored_matrix(rule), workspace=self._workspace(mode))
+
+    def _workspace(self, mode: str) -> torch.Tensor | None:
+        """A W-sized fp32 buffer, kept by the layer, that usf's, brsf's and frsf's B (read W, so made
+        anew each step) is built in: on the CPU a fresh W-sized tensor per step costs page faults on
+        the order of the GEMM itself. Not under storage "virtual" (nothing W-sized is kept), nor on a
+        GPU (its caching allocator reuses memory already). The backward consumes B before it returns,
+        so one buffer serves every call of the layer."""
+        if mode not in ("usf", "brsf", "frsf") or self.storage == "virtual" or self.weight.device.type != "cpu":
+            return None
+        buffer = self.__dict__.get("_b_workspace")
+        if buffer is None or buffer.shape != self.weight.shape:
+            buffer = self.__dict__["_b_workspace"] = torch.empty(self.weight.shape, dtype=torch.float32)
+        return buffer
 
     def _stores(self, mode: str) -> bool:
         """Whether this layer keeps its fixed matrix: fa's and frsf's B do not change, so under

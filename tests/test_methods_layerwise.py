@@ -295,6 +295,40 @@ def test_fa_on_the_triton_backend():
     compare(converted, model, x, loss_fn(target))
 
 
+class Shared(nn.Module):
+    """One layer called twice in a forward: both backward calls build B in the layer's one buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(6, 10), nn.Linear(10, 10), nn.Linear(10, 5)
+
+    def forward(self, x, call=None):
+        call = call or (lambda layer, h: layer(h))
+        h = torch.relu(call(self.inp, x))
+        h = torch.tanh(call(self.shared, torch.tanh(call(self.shared, h))))
+        return call(self.out, h)
+
+
+@pytest.mark.parametrize("mode", ["fa", "usf", "frsf"])  # brsf draws anew at each call
+def test_a_layer_called_twice_equals_the_oracle(mode):
+    _run(Shared, mode, torch.randn(7, 6), torch.randint(0, 5, (7,)))
+
+
+def test_sign_concordant_layers_build_b_in_one_kept_buffer():
+    """usf/brsf/frsf build B in a W-sized buffer the layer keeps (CPU, storage not virtual): the same
+    buffer every step; none under storage="virtual"."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 6)
+    for mode in ("usf", "brsf", "frsf"):
+        kept, virtual = dk.convert(MLP(), mode=mode), dk.convert(MLP(), mode=mode, storage="virtual")
+        kept(x).sum().backward()
+        virtual(x).sum().backward()
+        buffer = kept.model.l2.__dict__["_b_workspace"]
+        kept(x).sum().backward()
+        assert kept.model.l2.__dict__["_b_workspace"] is buffer and buffer.shape == kept.model.l2.weight.shape
+        assert "_b_workspace" not in virtual.model.l2.__dict__
+
+
 # ---------------------------------------------------------------- the matrices
 def _hash(layer, seed):
     W = layer.weight
