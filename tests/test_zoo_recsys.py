@@ -201,3 +201,24 @@ def test_models_on_movielens_slice(name):
     model = R.build_model(name, d, mode="dfa", preset="cpu")
     loss, g = grads(model, d.splits["train"])
     assert torch.isfinite(loss) and g
+
+
+def test_deepfm_trains_the_family():
+    """DeepFM trains every family method but DRTP (one logit: no one-hot target, refused with the
+    reason); a layer-wise method converts the MLP's 3 linears and the output layer and, like BP,
+    carries the MLP's gradient into the embeddings (a direct method's MLP reads them detached);
+    every other model keeps bp, dfa and shallow only."""
+    task = get("deepfm-ml100k")
+    assert set(task.modes) == set(dk.methods.MODES) - {"drtp"}
+    with pytest.raises(ValueError, match="no one-hot class target"):
+        task.check_mode("drtp")
+    assert get("dcn-ml100k").modes == ("bp", "dfa", "shallow")
+    grads = {}
+    for mode in ("bp", "dfa", "fa"):
+        run = task.build(TrainConfig("deepfm-ml100k", mode=mode, progress=False))
+        run.loss(run.model, next(run.batches)).backward()
+        mlp_part = run.model.embed.emb.weight.grad.abs().sum()
+        grads[mode] = float(mlp_part)
+        if mode == "fa":
+            assert run.hyper_parameters["layers_converted"] == 4
+    assert grads["fa"] > 10 * grads["dfa"] and grads["bp"] > 10 * grads["dfa"]  # dfa: the FM part only

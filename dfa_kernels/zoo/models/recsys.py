@@ -88,8 +88,10 @@ class DeepFM(nn.Module):
     def forward(self, idx, bag):
         e = self.embed(idx, bag)
         fm = self.bias + self.linear(idx, bag).sum(1) + fm_interaction(e)
-        # With DFA the MLP reads the embeddings detached: they learn from the (exact) FM part only.
-        h = (e if self.dfa.mode == "bp" else e.detach()).flatten(1)
+        # With DFA (and the direct methods, and shallow) the MLP reads the embeddings detached: they
+        # learn from the (exact) FM part only. BP and the layer-wise methods carry the MLP's gradient
+        # (exact, or through each layer's B) down into them.
+        h = (e if self.dfa.mode in ("bp", *dk.methods.LAYERWISE) else e.detach()).flatten(1)
         for block in self.mlp:
             h = self.dfa.point(block(h))
         return self.dfa(fm + self.out(h))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models.recsys import MODELS
-from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback
+from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback, tuned_as
 from ..trainer import Run, Shuffled, shard_rows
 
 # Model sizes. "full" is the paper's; "cpu" keeps the structure (depths, heads, cross layers)
@@ -114,7 +114,7 @@ def build(name: str, config: TrainConfig) -> Run:
     mode = "bp" if name == "fm" else config.mode
     model = build_model(name, data, mode=mode, preset=config.preset, seed=config.seed).to(config.device)
     set_feedback(model, config.feedback)
-    lr = config.lr or (config.hp or {}).get("lr", LR[name][mode])
+    lr = config.lr or (config.hp or {}).get("lr", tuned(name, config)["lr"])
     idx, bag, label = data.splits["train"]
     batches = Shuffled(len(label), BATCH_SIZE, seed=config.seed, min_size=2)  # BatchNorm needs 2 rows
 
@@ -180,7 +180,16 @@ def grid(name: str, config: TrainConfig) -> list[dict]:
 
 
 def tuned(name: str, config: TrainConfig) -> dict:
-    return dict(lr=LR[name]["bp" if name == "fm" else config.mode])
+    if name == "fm":
+        return dict(lr=LR[name]["bp"])
+    return dict(lr=LR[name].get(config.mode, LR[name][tuned_as(config.mode)]))
+
+
+def unsupported(name: str) -> dict[str, str]:
+    """The family's methods a model does not train, and why (DeepFM trains the family)."""
+    if name != "deepfm":
+        return only_base_modes(NOT_WIRED)
+    return {"drtp": "one logit (binary click-through): no one-hot class target for DRTP to project"}
 
 
 def comparable(config: TrainConfig) -> bool:
@@ -188,7 +197,7 @@ def comparable(config: TrainConfig) -> bool:
     return config.data is not None
 
 
-NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
+NOT_WIRED = "not wired for this model yet: its tuned values and tests cover bp, dfa and shallow"
 
 for _name in MODELS:
     register(
@@ -205,6 +214,6 @@ for _name in MODELS:
             comparable=comparable,
             grid=functools.partial(grid, _name),
             tuned=functools.partial(tuned, _name),
-            unsupported=only_base_modes(NOT_WIRED),
+            unsupported=unsupported(_name),
         )
     )
