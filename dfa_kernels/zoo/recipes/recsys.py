@@ -50,7 +50,19 @@ LR_GRID = {"default": (3e-4, 1e-3, 3e-3), "fm": (3e-3, 1e-2, 3e-2)}
 # The tuned learning rates per model and mode: the grid's best on validation.
 LR = {
     "fm": {"bp": 1e-2, "dfa": 1e-2, "shallow": 1e-2},
-    "deepfm": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-3},
+    # DeepFM's family rates: benchmarks/results/zoo/family/deepfm-ml100k.tuning.json (same grid)
+    "deepfm": {
+        "bp": 3e-3,
+        "dfa": 3e-3,
+        "shallow": 3e-3,
+        "sdfa": 3e-3,
+        "ternary": 3e-3,
+        "dkp": 3e-3,
+        "fa": 1e-3,
+        "usf": 3e-4,
+        "brsf": 3e-4,
+        "frsf": 3e-4,
+    },
     "dcn": {"bp": 3e-3, "dfa": 3e-4, "shallow": 3e-3},
     "autoint": {"bp": 3e-3, "dfa": 1e-3, "shallow": 3e-3},
     "afn": {"bp": 1e-3, "dfa": 3e-4, "shallow": 3e-3},
