@@ -93,7 +93,8 @@ HP = {
     "gat": {"bp": (0.01, 5e-5), "dfa": (0.005, 5e-4), "shallow": (0.02, 5e-4)},
     "cheb": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.02, 5e-4)},
     "spline": {"bp": (0.005, 5e-4), "dfa": (0.01, 5e-5), "shallow": (0.01, 5e-4)},
-    "dna": {"bp": (0.005, 5e-3), "dfa": (0.01, 5e-4), "shallow": (0.02, 5e-3)},
+    # retuned with the paper's 16 groups and MIN_EPOCHS (issue 20; with 1 group every DFA candidate sat at 32%)
+    "dna": {"bp": (0.01, 5e-3), "dfa": (0.005, 5e-3), "shallow": (0.01, 5e-3)},
     "gae": {"bp": (0.01, 0.0), "dfa": (0.01, 0.0), "shallow": (0.005, 0.0)},
 }
 # Launay et al. 2020, "Direct Feedback Alignment Scales to Modern Deep Learning Tasks and
