@@ -220,17 +220,21 @@ def _train(args) -> None:
 
 
 def _train_pipeline(args, task, world) -> None:
-    """--pipeline S: S workers through torchrun's launcher, each one stage (dfa_kernels.pipeline.train)."""
-    if args.pipeline < 2 or args.nproc > 1 or args.fsdp or args.compile:
-        raise UsageError("--pipeline S needs S >= 2, and not --nproc, --fsdp or --compile (one process per stage)")
-    if world is None:
+    """--pipeline S [--nproc R]: S x R workers through torchrun's launcher, each one stage of one of
+    R pipeline replicas (dfa_kernels.pipeline.train)."""
+    if args.pipeline < 2 or args.fsdp or args.compile:
+        raise UsageError(
+            "--pipeline S needs S >= 2, and not --fsdp or --compile (one process per stage; --nproc R: R replicas)"
+        )
+    if world is None:  # the workers read R from the world's size (torchrun's parser would take --nproc)
         from .zoo import distributed
 
-        distributed.launch(args.pipeline, args.argv)
+        distributed.launch(args.pipeline * args.nproc, _without_option(args.argv, "--nproc"))
         return
-    if world.size != args.pipeline:
+    if world.size % args.pipeline:
         raise UsageError(
-            f"--pipeline {args.pipeline} under a launcher of {world.size} processes: one process per stage"
+            f"--pipeline {args.pipeline} under a launcher of {world.size} processes: one process per stage "
+            "of each replica (a multiple of S)"
         )
     from .pipeline.train import run_task
 
@@ -240,6 +244,7 @@ def _train_pipeline(args, task, world) -> None:
             _config(args),
             world,
             args.microbatches,
+            stages=args.pipeline,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
             stop_after=args.stop_after,
@@ -442,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="S",
-        help="pipeline-parallel: the model cut into S stages on S processes (DFA's schedule; 1F1B for bp)",
+        help="pipeline-parallel: the model cut into S stages on S processes (DFA's schedule; 1F1B for bp); "
+        "with --nproc R, R data-parallel replicas of the pipeline (S x R processes)",
     )
     s.add_argument(
         "--microbatches",

@@ -162,6 +162,51 @@ def test_two_stages_equal_one_process():
     )
 
 
+def _two_d_worker(world, schedule):
+    """2 replicas x 2 stages: each replica steps its half of the batch; the run equals one process
+    accumulating the 2 x M microbatches of the whole batch (loss / 2M)."""
+    M, mode = 2, "bp" if schedule != "dfa" else "dfa"
+    parts, model, _ = _mlp2(mode)
+    _, ref, ref_loss = _mlp2(mode)
+    pipe_group, data_group = pl.pipeline_groups(2)
+    replica = world.rank // 2
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    data = batches("mlp", STEPS)
+    pipe = pl.Pipeline(parts, 2, M, data[0][0][:2], schedule=schedule, group=pipe_group, data_group=data_group)
+    for x, t in data:
+        opt.zero_grad(set_to_none=True)
+        loss = pipe.step(x.chunk(2)[replica], t.chunk(2)[replica])
+        opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_total = 0.0
+        for xm, tm in zip(x.chunk(2 * M), t.chunk(2 * M)):
+            part = ref_loss(xm, tm) / (2 * M)
+            part.backward()
+            ref_total += part.item()
+        ref_opt.step()
+        assert loss.item() == pytest.approx(ref_total, rel=1e-5)
+    pipe.synchronize()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{schedule} {name}: {m}")
+    stats = gather_all(world, pipe.stats)
+    owned = sum(p.numel() for p in pipe.parameters()) * 4 + 4  # its gradients and the loss, fp32
+    assert stats[world.rank].bytes_allreduce == owned > 4
+
+
+@pytest.mark.parametrize("schedule", ["dfa", "1f1b"])
+def test_pipeline_times_data_parallel_equals_one_process(schedule):
+    spawn(_two_d_worker, schedule, size=4)
+
+
+def test_pipeline_groups_refuse_a_stage_count_that_does_not_divide_the_world():
+    spawn(_groups_refusal_worker)
+
+
+def _groups_refusal_worker(world):
+    with pytest.raises(ValueError, match="must divide the world size"):
+        pl.pipeline_groups(3)
+
+
 def test_four_stages_equal_one_process():
     spawn(
         _equivalence_worker,
@@ -299,8 +344,10 @@ def test_trainer_resumes_exactly():
     spawn(_resume_worker)
 
 
-def test_cli_pipeline_trains_a_task(tmp_path):
-    """``dfa-kernels train lm-pydoc --pipeline 2``: two workers, one metrics file with the pipeline."""
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_cli_pipeline_trains_a_task(tmp_path, replicas):
+    """``dfa-kernels train lm-pydoc --pipeline 2 [--nproc 2]``: 2 (x 2 replicas) workers, one metrics
+    file with the pipeline."""
     out = subprocess.run(
         [
             sys.executable,
@@ -314,6 +361,8 @@ def test_cli_pipeline_trains_a_task(tmp_path):
             "2",
             "--microbatches",
             "2",
+            "--nproc",
+            str(replicas),
             "--no-progress",
             "--out",
             str(tmp_path),
@@ -325,9 +374,11 @@ def test_cli_pipeline_trains_a_task(tmp_path):
         check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    metrics = json.loads((tmp_path / "lm-pydoc" / "dfa-macro-pipeline2x2" / "metrics.json").read_text())
+    folder = "dfa-macro-pipeline2x2" + ("x2" if replicas > 1 else "")
+    metrics = json.loads((tmp_path / "lm-pydoc" / folder / "metrics.json").read_text())
     assert metrics["pipeline"] == {
         "stages": 2,
+        "replicas": replicas,
         "microbatches": 2,
         "schedule": "dfa",
         "cuts": [0, 1, 2],

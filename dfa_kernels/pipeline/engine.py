@@ -15,6 +15,14 @@ The DFA schedule (``schedule="dfa"``), per global batch of M microbatches:
 - each rank steps its optimizer on its own parameters once per global batch (synchronous: the
   gradients are those of the single-process run accumulating the same microbatches, loss / M).
 
+Pipeline × data parallelism (2-D): R replicas of the S-stage pipeline over S·R ranks
+(:func:`pipeline_groups` makes each rank's pipeline group and its data group: stage s of every
+replica). Each replica runs its own share of the global batch; after the step, every stage averages
+its gradients over its data group (one all-reduce per parameter, what DDP's reducer does, written
+out because a stage's backward runs once per microbatch, interleaved with forwards, where DDP expects
+one backward per forward) and the loss over the replicas: the step equals one pipeline over the
+whole batch, and so the single process accumulating all R·M microbatches.
+
 Not offered: an asynchronous variant (a stage updating as soon as its own microbatches are done)
 would let stage s run microbatches of step t+1 with new weights while later stages still use step
 t's: the forward of one sample would mix weight versions (PipeDream's staleness), which has no
@@ -87,9 +95,32 @@ class StepStats:
     bytes_gradients: int = 0  # BP: activation gradients sent backward
     bytes_errors: int = 0  # DFA: the errors e sent by the last stage
     bytes_headers: int = 0
+    bytes_allreduce: int = 0  # 2-D: this stage's gradients (and the loss) averaged over the replicas
+    allreduce_s: float = 0.0
     # DFA: (kind, microbatch, start_s, stop_s) from the step's start; kind "F" forward, "E" the last
     # stage's loss and error (head included), "B" a stage's DFA backward
     events: list = dataclasses.field(default_factory=list)
+
+
+def pipeline_groups(stages: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """This rank's (pipeline group, data group) for R = world / `stages` replicas of an S-stage
+    pipeline: replica r is ranks r·S .. r·S + S - 1 (rank r·S + s runs stage s), and stage s's data
+    group is ranks s, S + s, 2S + s, ... Every rank must call it (each group is made on all ranks,
+    in the same order)."""
+    world = dist.get_world_size()
+    if not isinstance(stages, int) or stages < 1 or world % stages:
+        raise ValueError(f"stages={stages!r} must divide the world size ({world}): world = stages x replicas")
+    rank, replicas = dist.get_rank(), world // stages
+    mine = {}
+    for r in range(replicas):
+        group = dist.new_group(list(range(r * stages, (r + 1) * stages)))
+        if rank // stages == r:
+            mine["pipeline"] = group
+    for s in range(stages):
+        group = dist.new_group(list(range(s, world, stages)))
+        if rank % stages == s:
+            mine["data"] = group
+    return mine["pipeline"], mine["data"]
 
 
 class Pipeline:
@@ -102,6 +133,8 @@ class Pipeline:
     schedule: "dfa" (modes dfa, sdfa, ternary) or, for the BP baseline (mode "bp"), "gpipe" or
       "1f1b" (``torch.distributed.pipelining``'s ScheduleGPipe / Schedule1F1B).
     cuts: the block index where each stage starts plus the block count (default: balanced).
+    group: the pipeline's process group (default: the world); data_group: this stage's replicas (2-D:
+      :func:`pipeline_groups`), whose gradients and loss each step averages.
     """
 
     def __init__(
@@ -114,6 +147,7 @@ class Pipeline:
         schedule: str = "dfa",
         cuts=None,
         group=None,
+        data_group=None,
         device=None,
     ):
         if not dist.is_available() or not dist.is_initialized():
@@ -124,6 +158,8 @@ class Pipeline:
             raise ValueError(f"microbatches must be a positive int; got {microbatches!r}")
         self.parts: Parts = parts_of(model)
         self.group, self.schedule, self.microbatches = group, schedule, microbatches
+        self.data_group = data_group
+        self.replicas = 1 if data_group is None else dist.get_world_size(data_group)
         size = dist.get_world_size(group)
         if stages != size:
             raise ValueError(f"stages={stages} must equal the process group's size ({size}): one stage per rank")
@@ -280,8 +316,20 @@ class Pipeline:
             loss = self._step_bp(inputs, targets)
         loss = loss.detach().reshape(1).to(self.device, torch.float32)
         dist.broadcast(loss, self._global(self.stages - 1), group=self.group)
+        if self.replicas > 1:
+            self._average_over_replicas(loss)
         self.stats.wall_s = time.perf_counter() - start
         return loss[0]
+
+    def _average_over_replicas(self, loss: torch.Tensor) -> None:
+        """This stage's gradients and the loss, averaged over the data group (a sum, then / R: gloo
+        has no average)."""
+        tic = time.perf_counter()
+        for t in [loss, *(p.grad for p in self.parameters() if p.grad is not None)]:
+            dist.all_reduce(t, group=self.data_group)
+            t.div_(self.replicas)
+            self.stats.bytes_allreduce += t.numel() * t.element_size()
+        self.stats.allreduce_s = time.perf_counter() - tic
 
     def _split(self, batch, name: str):
         if not isinstance(batch, torch.Tensor):

@@ -24,15 +24,20 @@ from ..provenance import provenance
 from ..zoo import checkpoint, distributed
 from ..zoo.trainer import Stopped, Trainer
 from ..zoo.training import _plot_curves, run_dir_of, variant_name
-from .engine import DFA_MODES, Pipeline
+from .engine import DFA_MODES, Pipeline, pipeline_groups
 
 
 class PipelineTrainer(Trainer):
     """The zoo's training loop (evaluation rounds, early stopping, best model, checkpoints) with
     each step run by a :class:`Pipeline` over the ranks of `world`."""
 
-    def __init__(self, run, world, microbatches: int, progress: bool = True, desc: str = "train"):
+    def __init__(
+        self, run, world, microbatches: int, progress: bool = True, desc: str = "train", stages: int | None = None
+    ):
+        """`stages` S (default: the world's size); a world of S x R ranks runs R replicas of the
+        pipeline (2-D), each on its 1/R share of every global batch."""
         self.microbatches = microbatches
+        self.stages = world.size if stages is None else stages
         super().__init__(run, progress=progress, desc=desc, world=world, strategy="pipeline")
 
     def _setup(self, compile):
@@ -51,13 +56,22 @@ class PipelineTrainer(Trainer):
                 f"--pipeline trains the modes {', '.join(DFA_MODES)} (DFA's schedule) and bp (1F1B); got mode {mode!r}"
             )
         device = next(run.model.parameters()).device
+        self.replicas, groups = self.world.size // self.stages, {}
+        if self.replicas > 1:
+            if batch[0].shape[0] % (self.replicas * self.microbatches):
+                raise ValueError(
+                    f"the batch's {batch[0].shape[0]} rows do not split into {self.replicas} replicas x "
+                    f"{self.microbatches} microbatches"
+                )
+            groups["group"], groups["data_group"] = pipeline_groups(self.stages)
         self.pipe = Pipeline(
             run.model,
-            self.world.size,
+            self.stages,
             self.microbatches,
             batch[0][:1],
             schedule="dfa" if mode != "bp" else "1f1b",
             device=device,
+            **groups,
         )
         self.wrapper = None
         self._opt_step = run.optimizer.step
@@ -65,6 +79,9 @@ class PipelineTrainer(Trainer):
     def _train_step(self) -> None:
         run = self.run
         inputs, targets = next(run.batches)
+        if self.replicas > 1:  # this replica's share of the global batch
+            replica = self.world.rank // self.stages
+            inputs, targets = inputs.chunk(self.replicas)[replica], targets.chunk(self.replicas)[replica]
         run.optimizer.zero_grad(set_to_none=True)
         loss = self.pipe.step(inputs, targets)
         if run.clip_grad is not None:
@@ -90,15 +107,21 @@ class PipelineTrainer(Trainer):
         self.pipe.load_optimizer_state(self.run.optimizer, state["optimizer"])
 
 
-def run_task(task, config, world, microbatches: int, *, checkpoint_every=None, resume=None, stop_after=None):
-    """Train `task` on the ranks of `world` (one stage each); rank 0 writes
-    OUT/TASK/VARIANT-pipelineSxM/metrics.json. Returns the fit on every rank (None when stopped)."""
-    if world is None or world.size < 2:
+def run_task(
+    task, config, world, microbatches: int, *, stages=None, checkpoint_every=None, resume=None, stop_after=None
+):
+    """Train `task` on the ranks of `world`: S = `stages` (default: every rank) per pipeline, one
+    stage each, world / S replicas; rank 0 writes OUT/TASK/VARIANT-pipelineSxM[xR]/metrics.json.
+    Returns the fit on every rank (None when stopped)."""
+    stages = world.size if world is not None and stages is None else stages
+    if world is None or stages < 2 or world.size % stages:
         raise ValueError(
-            "--pipeline S needs S >= 2 processes (it launches them itself; under torchrun, --nproc-per-node S)"
+            "--pipeline S needs S >= 2 processes per replica (it launches them itself; under torchrun, "
+            "--nproc-per-node S x replicas)"
         )
+    replicas = world.size // stages
     base = run_dir_of(task, config)
-    run_dir = base.parent / f"{base.name}-pipeline{world.size}x{microbatches}"
+    run_dir = base.parent / (f"{base.name}-pipeline{stages}x{microbatches}" + (f"x{replicas}" if replicas > 1 else ""))
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, out=run_dir)
@@ -114,9 +137,11 @@ def run_task(task, config, world, microbatches: int, *, checkpoint_every=None, r
         world,
         microbatches,
         progress=config.progress,
-        desc=f"{task.name} [{variant_name(task, config)}, pipeline {world.size}]",
+        desc=f"{task.name} [{variant_name(task, config)}, pipeline {stages}"
+        + (f" x {replicas} replicas]" if replicas > 1 else "]"),
+        stages=stages,
     )
-    strategy = f"pipeline-{trainer.pipe.schedule}-{microbatches}"
+    strategy = f"pipeline-{trainer.pipe.schedule}-{microbatches}" + (f"-{stages}x{replicas}" if replicas > 1 else "")
 
     def meta():
         return checkpoint.identity(task.name, config, run, world.size, strategy)
@@ -134,7 +159,7 @@ def run_task(task, config, world, microbatches: int, *, checkpoint_every=None, r
         fit = trainer.fit(on_step)
     except Stopped as stop:
         if world.main:
-            print(f"{task.name} [pipeline {world.size}] {stop}; continue with --resume {run_dir}")
+            print(f"{task.name} [pipeline {stages}] {stop}; continue with --resume {run_dir}")
         return None
     if world.main:
         metrics = {
@@ -146,7 +171,8 @@ def run_task(task, config, world, microbatches: int, *, checkpoint_every=None, r
             "history": fit.history,
             "final": fit.final,
             "pipeline": {
-                "stages": world.size,
+                "stages": stages,
+                "replicas": replicas,
                 "microbatches": microbatches,
                 "schedule": trainer.pipe.schedule,
                 "cuts": trainer.pipe.cuts,
@@ -160,7 +186,7 @@ def run_task(task, config, world, microbatches: int, *, checkpoint_every=None, r
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         _plot_curves({config.mode: fit.history}, run_dir / "curves.png", f"{task.name} ({config.mode}, pipeline)")
         print(
-            f"{task.name} [{variant_name(task, config)}, pipeline {world.size}x{microbatches} "
+            f"{task.name} [{variant_name(task, config)}, pipeline {stages}x{microbatches}x{replicas} "
             f"{trainer.pipe.schedule}] {task.metric} = {fit.final.get(task.metric)} -> {run_dir}/metrics.json"
         )
     return fit
