@@ -133,8 +133,8 @@ LR = {
             ("dfa", "linear"): (1e-4, 1e-2),
             ("shallow", "macro"): (3e-2, 3e-2),
         },
-        "cpu-tied": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),  # placeholder until tuned
-        "cpu-paper": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),  # placeholder until tuned
+        "cpu-tied": _tied(bp=3e-3, dfa=1e-2, shallow=3e-2),
+        "cpu-paper": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),
         "full": _FULL,
     },
     "lm-pydoc": {
