@@ -279,18 +279,9 @@ def alignment(
     first_name = next(iter(modules))
     deepest = modules[first_name]["points"][0]
     return {
-        "compared": f"mode {mode!r} against backprop",
-        "measured_in": _measured_in(eval_mode),
-        "loss": loss_dfa,
-        "loss_bp_pass": loss_bp,
-        "samples_max": samples,
+        **_header(mode, eval_mode, loss_dfa, loss_bp, samples),
         "dfa_modules": modules,
-        "network": {
-            "update_cos": network["cos"],
-            "update_angle_deg": network["angle_deg"],
-            "parameters": len(trained),
-            "numel": network["numel"],
-        },
+        "network": _network(network, len(trained)),
         "deepest": {
             "dfa": first_name,
             "point": 0,
@@ -301,13 +292,31 @@ def alignment(
     }
 
 
-def _measured_in(eval_mode: bool) -> str:
-    return (
+def _header(mode: str, eval_mode: bool, loss: float, loss_bp: float, samples: int) -> dict[str, Any]:
+    """The fields a measurement reports first, for the points (direct) and the layers (layer-wise)."""
+    measured_in = (
         "eval mode (dropout off, batch-norm running statistics)"
         if eval_mode
         else "train mode; both passes from the same RNG state (same dropout masks); "
         "batch-norm statistics, gradients and RNG restored afterwards"
     )
+    return {
+        "compared": f"mode {mode!r} against backprop",
+        "measured_in": measured_in,
+        "loss": loss,
+        "loss_bp_pass": loss_bp,
+        "samples_max": samples,
+    }
+
+
+def _network(network: dict, parameters: int) -> dict[str, Any]:
+    """The network-wide update statistics (from :func:`_update_stats`) as reported."""
+    return {
+        "update_cos": network["cos"],
+        "update_angle_deg": network["angle_deg"],
+        "parameters": parameters,
+        "numel": network["numel"],
+    }
 
 
 def _layer_pass(model, dfas, layers, loss_fn, batch, mode: str):
@@ -387,18 +396,9 @@ def _layerwise_alignment(model, loss_fn, batch, samples: int, eval_mode: bool, m
     network = _update_stats(trained, names, grads_m, grads_bp)
     deepest = entries[0]
     return {
-        "compared": f"mode {mode!r} against backprop",
-        "measured_in": _measured_in(eval_mode),
-        "loss": loss_m,
-        "loss_bp_pass": loss_bp,
-        "samples_max": samples,
+        **_header(mode, eval_mode, loss_m, loss_bp, samples),
         "layers": entries,
-        "network": {
-            "update_cos": network["cos"],
-            "update_angle_deg": network["angle_deg"],
-            "parameters": len(trained),
-            "numel": network["numel"],
-        },
+        "network": _network(network, len(trained)),
         "deepest": {
             "layer": deepest["name"],
             "signal_cos_mean": deepest["signal"]["cos_mean"],
