@@ -77,6 +77,21 @@ def batches(kind, count):
     ]
 
 
+def reference_step(ref, ref_opt, ref_loss, x, t, microbatches, clip=False):
+    """The single process's step: the batch's `microbatches` accumulated (loss / count), an
+    optional global clip at 1.0, then the optimizer; returns the batch's loss."""
+    ref_opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for xm, tm in zip(x.chunk(microbatches), t.chunk(microbatches)):
+        part = ref_loss(xm, tm) / microbatches
+        part.backward()
+        total += part.item()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    ref_opt.step()
+    return total
+
+
 def run_case(world, build, kind, schedule, M, adam):
     mode = "bp" if schedule != "dfa" else "dfa"
     parts, model, _ = build(mode)
@@ -94,15 +109,7 @@ def run_case(world, build, kind, schedule, M, adam):
         if adam:
             pipe.clip_grad_norm_(1.0)
         opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-        ref_total = 0.0
-        for xm, tm in zip(x.chunk(M), t.chunk(M)):
-            part = ref_loss(xm, tm) / M
-            part.backward()
-            ref_total += part.item()
-        if adam:
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        ref_opt.step()
+        ref_total = reference_step(ref, ref_opt, ref_loss, x, t, M, clip=adam)
         assert loss.item() == pytest.approx(ref_total, rel=1e-5)
     pipe.synchronize()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -177,13 +184,7 @@ def _two_d_worker(world, schedule):
         opt.zero_grad(set_to_none=True)
         loss = pipe.step(x.chunk(2)[replica], t.chunk(2)[replica])
         opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-        ref_total = 0.0
-        for xm, tm in zip(x.chunk(2 * M), t.chunk(2 * M)):
-            part = ref_loss(xm, tm) / (2 * M)
-            part.backward()
-            ref_total += part.item()
-        ref_opt.step()
+        ref_total = reference_step(ref, ref_opt, ref_loss, x, t, 2 * M)
         assert loss.item() == pytest.approx(ref_total, rel=1e-5)
     pipe.synchronize()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
