@@ -41,19 +41,21 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
-def _task(name: str, modes=()):
-    """The zoo task `name`, refusing in one line a mode of `modes` it does not train."""
+def _task(name: str, modes=(), preset: str = "cpu"):
+    """The zoo task `name`, refusing in one line a mode of `modes` it does not train or a preset
+    it does not define."""
     from .zoo import tasks
 
     try:
         task = tasks.get(name)
     except KeyError as err:
         raise UsageError(f"{err.args[0]} (dfa-kernels train --list describes them)") from None
-    for mode in modes:
-        try:
+    try:
+        for mode in modes:
             task.check_mode(mode)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        task.check_preset(preset)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return task
 
 
@@ -188,7 +190,7 @@ def _train(args) -> None:
         return
     if not args.task:
         raise UsageError("name a TASK (dfa-kernels train --list shows them)")
-    task = _task(args.task, [args.mode])
+    task = _task(args.task, [args.mode], args.preset)
     from .zoo import distributed
     from .zoo.checkpoint import CheckpointError
     from .zoo.training import run_task
@@ -269,7 +271,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def _compare(args) -> None:
-    task = _task(args.task, args.modes)
+    task = _task(args.task, args.modes, args.preset)
     from .zoo.training import compare_task
 
     compare_task(
@@ -284,21 +286,21 @@ def _compare(args) -> None:
 
 
 def _align(args) -> None:
-    _task(args.task, [args.mode])
+    _task(args.task, [args.mode], args.preset)
     from .studies.alignment import run_study
 
     run_study(args.task, _config(args, alignment_every=args.every), measurements=args.measurements)
 
 
 def _tsne(args) -> None:
-    _task(args.task)
+    _task(args.task, preset=args.preset)
     from .studies.tsne import run_study
 
     run_study(args.task, _config(args), max_points=args.max_points)
 
 
 def _tune(args) -> None:
-    task = _task(args.task, args.modes)
+    task = _task(args.task, args.modes, args.preset)
     from .zoo.tuning import tune
 
     tune(
@@ -388,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     def add_run_options(s, several: bool = False):
         """Options of every zoo run; with `several`, --feedback and --placement take lists."""
         many = dict(nargs="+") if several else dict(nargs=1)
-        s.add_argument("--preset", default="cpu", choices=["cpu", "full"])
+        s.add_argument(
+            "--preset",
+            default="cpu",
+            help="the recipe's sizes and budget: cpu (minutes on a CPU) or full (the paper's); lm-shakespeare "
+            "also cpu-tied (one learning rate for every parameter) and cpu-paper (paper 1's architecture)",
+        )
         s.add_argument("--device", default="cpu")
         s.add_argument("--epochs", type=_positive(int), default=None, help="the most epochs (evaluation rounds)")
         s.add_argument("--seed", type=int, default=0)

@@ -218,3 +218,40 @@ def test_stop_and_resume_continues_a_family_run_exactly(mode, tmp_path):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
     assert resumed.final["test_acc"] == full.final["test_acc"]
+
+
+@pytest.mark.parametrize("mode", [m for m in methods.MODES if m not in tasks.BASE_MODES + ("drtp",)])
+def test_lm_trains_the_family(mode):
+    """The LM recipe trains every family method but DRTP: layer-wise ones convert all the blocks'
+    linears and the head (embeddings and LayerNorms keep their exact gradients), direct ones keep
+    their points; either learns well below the uniform byte loss in one short epoch."""
+    task = tasks.get("lm-pydoc")
+    result = train(task, tasks.TrainConfig("lm-pydoc", mode=mode, epochs=1, progress=False))
+    converted = [m for m in result.model.modules() if isinstance(m, FeedbackLinear)]
+    layers = len(result.model.blocks)
+    assert len(converted) == (4 * layers + 1 if mode in methods.LAYERWISE else 0)
+    assert result.final["test_loss"] < 0.8 * torch.log(torch.tensor(256.0)).item(), result.final
+    assert result.config["placement"] == "macro"
+
+
+def test_lm_refuses_drtp_and_unknown_presets_in_one_line(capsys):
+    with pytest.raises(ValueError, match="does not train mode 'drtp'.*vocabulary-wide"):
+        tasks.get("lm-shakespeare").check_mode("drtp")
+    assert tasks.get("lm-shakespeare").presets == ("cpu", "cpu-tied", "cpu-paper", "full")
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "lm-pydoc", "--preset", "cpu-tied"])
+    assert exit.value.code == 2
+    assert "preset must be one of 'cpu', 'full' for task 'lm-pydoc'; got 'cpu-tied'" in capsys.readouterr().err
+
+
+def test_dkp_matrices_follow_the_recipes_schedule():
+    """The learned matrices' optimizer group, added after the recipe built its LambdaLR, is scheduled
+    like the first group (the LM's warmup and cosine)."""
+    run = tasks.get("lm-pydoc").build(tasks.TrainConfig("lm-pydoc", mode="dkp", progress=False))
+    first, learned = run.optimizer.param_groups[0], run.optimizer.param_groups[-1]
+    assert learned["params"] == [run.model.dfa.feedback] and learned["weight_decay"] == 1e-6
+    for _ in range(30):
+        assert learned["lr"] == pytest.approx(first["lr"], rel=1e-12)
+        run.optimizer.step()
+        run.scheduler.step()
+    assert first["lr"] != first["initial_lr"]

@@ -95,6 +95,22 @@ def _add_learned_matrices(run, dfas: list) -> None:
     if len(learned) != len(dfas):
         raise RuntimeError("mode 'dkp': a forward pass did not create every DFA module's learned matrix")
     run.optimizer.add_param_group({"params": learned, "lr": run.optimizer.param_groups[0]["lr"], "weight_decay": 1e-6})
+    _follow_first_groups_schedule(run)
     run.hyper_parameters["feedback_optimizer"] = (
-        "the recipe's optimizer, own group: first group's lr, weight decay 1e-6"
+        "the recipe's optimizer, own group: first group's lr and schedule, weight decay 1e-6"
     )
+
+
+def _follow_first_groups_schedule(run) -> None:
+    """The group just added follows the first group's schedule: a LambdaLR built before it existed
+    holds one base rate and one factor per group it saw (ReduceLROnPlateau adapts by itself)."""
+    scheduler = run.scheduler
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"mode 'dkp': cannot extend a {type(scheduler).__name__} to the learned matrices' group")
+    group, factor = run.optimizer.param_groups[-1], scheduler.lr_lambdas[0]
+    group["initial_lr"] = run.optimizer.param_groups[0]["initial_lr"]  # group 0's lr is already scaled
+    scheduler.base_lrs.append(group["initial_lr"])
+    scheduler.lr_lambdas.append(factor)
+    group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)

@@ -94,6 +94,8 @@ class Task:
     figure: Callable[[dict, Path], Path] | None = None
     # mode -> why this task cannot train it (e.g. no class targets for drtp); every other mode trains
     unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the presets (TrainConfig.preset) the recipe defines
+    presets: tuple[str, ...] = ("cpu", "full")
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -104,6 +106,12 @@ class Task:
         methods.method(mode)
         if mode in self.unsupported:
             raise ValueError(f"task {self.name!r} does not train mode {mode!r}: {self.unsupported[mode]}")
+
+    def check_preset(self, preset: str) -> None:
+        if preset not in self.presets:
+            raise ValueError(
+                f"preset must be one of {', '.join(map(repr, self.presets))} for task {self.name!r}; got {preset!r}"
+            )
 
 
 _TASKS: dict[str, Task] = {}
@@ -118,6 +126,7 @@ def register(task: Task) -> Task:
         from . import family
 
         task.check_mode(config.mode)
+        task.check_preset(config.preset)
         return family.prepare(build(config), config.mode)
 
     task.build = build_for_mode

@@ -48,8 +48,9 @@ import math
 
 import torch
 
+from ...methods import DIRECT
 from ..models.transformer import PAPER_ARCHITECTURE, PLACEMENTS, TransformerLM
-from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback
+from ..tasks import Task, TrainConfig, register, set_feedback, tuned_as
 from ..trainer import Run, Sampled, shard_rows
 
 # TransformerLM arguments per task and preset (the DFA error at the final hidden state, the
@@ -174,13 +175,21 @@ PAPER_SETTING = "WikiText-103 word-level test perplexity (DFA: macro placement; 
 PROBE_TOKENS = 512  # the alignment measurement's batch (paper 1: 512 samples; here tokens)
 
 
+def placement_of(mode: str, placement: str) -> str:
+    """The placement a mode trains with: the direct methods' points follow ``--placement``; bp,
+    shallow and the layer-wise methods (no points) use macro's model."""
+    return placement if mode in DIRECT else "macro"
+
+
 def lrs(task: str, preset: str, mode: str, placement: str, lr: float | None = None) -> tuple[float, float]:
-    """(lr, head_lr): the tuned pair, or `lr` for the hidden layers (for every layer in bp and
-    shallow, and in every mode of the tied presets)."""
-    tuned, head_lr = LR[task][preset][(mode, placement if mode == "dfa" else "macro")]
+    """(lr, head_lr): the tuned pair (a family method the preset has not tuned takes the rates of
+    the mode it starts from, :func:`~..tasks.tuned_as`), or `lr` for the hidden layers (for every
+    layer in bp and shallow, and in every mode of the tied presets)."""
+    table, placement = LR[task][preset], placement_of(mode, placement)
+    tuned, head_lr = table.get((mode, placement), table[(tuned_as(mode), placement)])
     if lr is None:
         return tuned, head_lr
-    return lr, (head_lr if mode == "dfa" and preset not in TIED_PRESETS[task] else lr)
+    return lr, (head_lr if tuned_as(mode) == "dfa" and preset not in TIED_PRESETS[task] else lr)
 
 
 @functools.lru_cache(maxsize=4)
@@ -261,7 +270,7 @@ TIED_GRID = [dict(lr=r, head_lr=r) for r in TIED_RATES]
 
 
 def grid(task: str, config: TrainConfig) -> list[dict]:
-    return list(TIED_GRID) if config.preset in TIED_PRESETS[task] else LR_GRID[config.mode]
+    return list(TIED_GRID) if config.preset in TIED_PRESETS[task] else LR_GRID[tuned_as(config.mode)]
 
 
 def tuned(task: str, config: TrainConfig) -> dict:
@@ -302,7 +311,7 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     data = load_data(task, config.data)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    placement = config.placement if config.mode == "dfa" else "macro"
+    placement = placement_of(config.mode, config.placement)
     model = build_model(
         task, data.vocab_size, config.mode, placement, config.preset, config.seed, **model_overrides
     ).to(device)
@@ -367,8 +376,8 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     }
     if task == "lm-shakespeare" and config.preset == "full":
         hp["departures"] = list(FULL_DEPARTURES)
-    if config.mode != "dfa" and config.placement != "macro":
-        hp["note"] = f"placement only applies to mode 'dfa'; mode {config.mode!r} ignores it"
+    if placement != config.placement:
+        hp["note"] = f"placement only applies to the direct methods; mode {config.mode!r} ignores it"
 
     @torch.no_grad()
     def represent(model, count: int = 64):
@@ -406,7 +415,13 @@ def build_lm(task: str, config: TrainConfig, **model_overrides) -> Run:
     )
 
 
-NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
+# The LM trains the family, except DRTP: it projects the one-hot class target in place of the
+# error, and the error here is the d_model-wide gradient at the final hidden state, not a
+# vocabulary-wide one (error_at="logits" would give it one; that model is not the zoo's).
+UNSUPPORTED = {
+    "drtp": "the DFA error is taken at the final hidden state (d_model wide); DRTP's one-hot next-token "
+    "target is vocabulary-wide, so there is no target of the error's width to project"
+}
 
 register(
     Task(
@@ -421,7 +436,8 @@ register(
         paper_setting=PAPER_SETTING,
         grid=functools.partial(grid, "lm-shakespeare"),
         tuned=functools.partial(tuned, "lm-shakespeare"),
-        unsupported=only_base_modes(NOT_WIRED),
+        unsupported=dict(UNSUPPORTED),
+        presets=tuple(MODEL["lm-shakespeare"]),
     )
 )
 register(
@@ -435,6 +451,6 @@ register(
         paper_setting=PAPER_SETTING,
         grid=functools.partial(grid, "lm-pydoc"),
         tuned=functools.partial(tuned, "lm-pydoc"),
-        unsupported=only_base_modes(NOT_WIRED),
+        unsupported=dict(UNSUPPORTED),
     )
 )
