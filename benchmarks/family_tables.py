@@ -3,7 +3,8 @@
 ``python benchmarks/family_tables.py`` reads ``benchmarks/results/zoo/family/<task>.<part>.json``
 (each written by ``dfa-kernels compare TASK --modes ... --seeds 0 1 2 --alignment-every N --json
 ...``; a task's parts are merged, each keeping its own command and SHA) and the tuning report beside
-them (``<task>.tuning.json``, from ``dfa-kernels tune``), and prints one markdown table per task:
+them (``<task>.tuning.json`` or its parts ``<task>.PART.tuning.json``, from ``dfa-kernels tune``), and
+prints one markdown table per task:
 per method, the test metric of the model selected on validation (mean ± std over seeds), the
 learning rate it trained with, and the alignment of the method's own signal with backprop at the end
 of training (``dk.alignment``: the cosine of the network's update with BP's gradient, and of the
@@ -101,8 +102,9 @@ def main() -> None:
             tasks.setdefault(path.name.split(".")[0], []).append(path)
     for task, paths in tasks.items():
         report = merged(paths)
-        tuning_path = FOLDER / f"{task}.tuning.json"
-        tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else None
+        # a task's tuning may come in parts too (<task>.tuning.json, <task>.PART.tuning.json), one per command
+        parts = [json.loads(p.read_text()) for p in sorted(FOLDER.glob(f"{task}.*tuning.json"))]
+        tuning = dict(parts[0], modes={k: v for p in parts for k, v in p["modes"].items()}) if parts else None
         print(f"**{task}**\n")
         print("\n".join(table(report, tuning)) + "\n")
 

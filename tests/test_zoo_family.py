@@ -183,6 +183,17 @@ def test_refusals_name_the_problem():
         tasks.get("cnn-digits").check_mode("backprop")
 
 
+def test_layerwise_conversion_refuses_nested_dfa_modules():
+    """With several DFA modules each converts its parent's layers; a parent holding a second DFA
+    module deeper down would leave its layers' mode ambiguous."""
+    inner = nn.Module()
+    inner.dfa, inner.fc = dk.DFA(), nn.Linear(4, 4)
+    outer = Regression()
+    outer.dfa, outer.inner = dk.DFA(), inner
+    with pytest.raises(ValueError, match="holds another one inside a submodule"):
+        family.prepare(small_run(outer), "fa")
+
+
 def test_cli_refuses_an_unsupported_mode_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["compare", "gae-cora", "--modes", "bp", "drtp"])
@@ -237,7 +248,7 @@ def test_lm_trains_the_family(mode):
 def test_lm_refuses_drtp_and_unknown_presets_in_one_line(capsys):
     with pytest.raises(ValueError, match="does not train mode 'drtp'.*vocabulary-wide"):
         tasks.get("lm-shakespeare").check_mode("drtp")
-    assert tasks.get("lm-shakespeare").presets == ("cpu", "cpu-tied", "cpu-paper", "full")
+    assert tuple(tasks.get("lm-shakespeare").presets) == ("cpu", "cpu-tied", "cpu-paper", "full")
     with pytest.raises(SystemExit) as exit:
         cli.main(["train", "lm-pydoc", "--preset", "cpu-tied"])
     assert exit.value.code == 2

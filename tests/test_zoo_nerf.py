@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -264,3 +265,31 @@ def test_run_end_to_end(tmp_path, monkeypatch, tiny_preset):
     assert (tmp_path / "cache" / "nerf").is_dir()
     path = R.render_comparison(results, tmp_path / "compare.png")
     assert path.is_file() and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mode", ["fa", "brsf", "sdfa", "dkp"])
+def test_nerf_trains_the_family(tmp_path, tiny_preset, mode):
+    """Layer-wise modes convert both networks' linears, each reading its own network's DFA module
+    (own seeds); dkp's two learned matrices join the optimizer and follow its exponential decay."""
+    from dfa_kernels.layerwise import FeedbackLinear
+
+    S.write_blender(synthetic_scene(n=(4, 1, 1), size=12), tmp_path / "scene")
+    config = TrainConfig(task="nerf", mode=mode, preset="tiny", data=str(tmp_path / "scene"), progress=False)
+    run = get("nerf").build(config)
+    layers = {
+        net: [m for m in getattr(run.model, net).modules() if isinstance(m, FeedbackLinear)]
+        for net in ("coarse", "fine")
+    }
+    if mode in ("fa", "brsf"):
+        assert all(len(v) == 7 for v in layers.values())  # trunk 3, feature, direction, sigma, rgb
+        assert all(m.source is getattr(run.model, net).dfa for net, v in layers.items() for m in v)
+        assert {m.seed for m in layers["coarse"]}.isdisjoint(m.seed for m in layers["fine"])
+    else:
+        assert not any(layers.values())
+    if mode == "dkp":
+        learned = run.optimizer.param_groups[-1]
+        assert learned["params"] == [run.model.coarse.dfa.feedback, run.model.fine.dfa.feedback]
+    res = train(get("nerf"), dataclasses.replace(config, out=tmp_path / "out"))
+    assert math.isfinite(res.final["test_psnr"]) and res.config.get("layers_converted") == (
+        14 if mode in ("fa", "brsf") else None
+    )

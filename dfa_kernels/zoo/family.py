@@ -5,7 +5,8 @@ family method needs beyond that is added here, once for every recipe (``tasks.re
 each task's build with :func:`prepare`):
 
 - layer-wise methods (fa, usf, brsf, frsf): every ``nn.Linear``, ``nn.Conv2d`` and PyG ``Linear``
-  of the model becomes a FeedbackLinear/FeedbackConv2d reading the DFA module's mode
+  of the model becomes a FeedbackLinear/FeedbackConv2d reading the DFA module's mode (with several
+  DFA modules, as NeRF's coarse and fine networks, each one's parent module's layers read it)
   (``convert_layers``, parameters shared, so the optimizer built by the recipe still holds them).
   A model whose other weight layers would keep exact gradients (GAT's attention vectors, say) is
   refused: its run would be a hybrid of backprop and feedback alignment, not the method.
@@ -41,12 +42,8 @@ def prepare(run, mode: str):
     method = methods.method(mode)
     dfas = dfa_modules(run.model)
     if mode in methods.LAYERWISE:
-        if len(dfas) != 1:
-            raise ValueError(
-                f"mode {mode!r}: the model must hold exactly one dk.DFA module (whose mode its layers "
-                f"read); it holds {len(dfas)}"
-            )
-        convert_layers(run.model, dfas[0])
+        for owner, dfa in _owners(run.model, dfas, mode):
+            convert_layers(owner, dfa)
         hybrid = [
             name
             for name, m in run.model.named_modules()
@@ -80,6 +77,25 @@ def prepare(run, mode: str):
     if method.matrix == "learned":
         _add_learned_matrices(run, dfas)
     return run
+
+
+def _owners(model: nn.Module, dfas: list, mode: str) -> list[tuple[nn.Module, dk.DFA]]:
+    """(module, its DFA) pairs whose layers a layer-wise mode converts: the whole model for one DFA
+    module; for several (NeRF's coarse and fine networks), each DFA's parent, which must not hold
+    another's (their layers would read two modes' seeds)."""
+    if not dfas:
+        raise ValueError(f"mode {mode!r}: the model holds no dk.DFA module (whose mode its layers read)")
+    if len(dfas) == 1:
+        return [(model, dfas[0])]
+    parents = [next(p for p in model.modules() if any(c is dfa for c in p.children())) for dfa in dfas]
+    for parent in parents:
+        inside = [d for d in dfa_modules(parent) if all(d is not x for x in parent.children())]
+        if inside:
+            raise ValueError(
+                f"mode {mode!r}: a {type(parent).__name__} holding a dk.DFA module holds another one inside "
+                "a submodule: which one its layers read is ambiguous"
+            )
+    return list(zip(parents, dfas))
 
 
 def _add_learned_matrices(run, dfas: list) -> None:

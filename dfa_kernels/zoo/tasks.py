@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,8 +94,9 @@ class Task:
     figure: Callable[[dict, Path], Path] | None = None
     # mode -> why this task cannot train it (e.g. no class targets for drtp); every other mode trains
     unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
-    # the presets (TrainConfig.preset) the recipe defines
-    presets: tuple[str, ...] = ("cpu", "full")
+    # the presets (TrainConfig.preset) the recipe defines: a recipe's own table of them (its keys),
+    # so that a preset added to the table is known
+    presets: Collection[str] = ("cpu", "full")
 
     @property
     def modes(self) -> tuple[str, ...]:

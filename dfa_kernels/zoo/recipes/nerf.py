@@ -26,7 +26,7 @@ import torch
 
 from ...figures import save_figure
 from ..models.nerf import NeRF
-from ..tasks import Task, TrainConfig, only_base_modes, register, set_feedback
+from ..tasks import Task, TrainConfig, register, set_feedback, tuned_as
 from ..trainer import Run, Sampled, shard_rows
 
 PRESETS = {
@@ -138,7 +138,7 @@ def build(config: TrainConfig) -> Run:
     torch.manual_seed(config.seed)
     model = NeRF(**{k: preset[k] for k in MODEL_KEYS}, mode=config.mode, seed=config.seed).to(device)
     set_feedback(model, config.feedback)
-    lr = config.lr or (config.hp or {}).get("lr", LR[config.preset][config.mode])
+    lr = config.lr or (config.hp or {}).get("lr", tuned(config)["lr"])
     blocks = config.epochs or preset["blocks"]
     o, d, target = scene_rays(scene, "train")
 
@@ -231,14 +231,13 @@ def render_comparison(results: dict, path, view: int = 0) -> Path:
 
 
 def grid(config: TrainConfig) -> list[dict]:
-    return [dict(lr=lr) for lr in LR_GRID[config.mode]]
+    return [dict(lr=lr) for lr in LR_GRID[tuned_as(config.mode)]]
 
 
 def tuned(config: TrainConfig) -> dict:
-    return dict(lr=LR[config.preset][config.mode])
+    rates = LR[config.preset]
+    return dict(lr=rates.get(config.mode, rates[tuned_as(config.mode)]))
 
-
-NOT_WIRED = "not wired in this recipe yet: its tuned values and tests cover bp, dfa and shallow"
 
 register(
     Task(
@@ -254,9 +253,7 @@ register(
         grid=grid,
         tuned=tuned,
         figure=render_comparison,
-        unsupported={
-            **only_base_modes(NOT_WIRED),
-            "drtp": "NeRF regresses colour and density: no class targets to project",
-        },
+        unsupported={"drtp": "NeRF regresses colour and density: no class targets to project"},
+        presets=PRESETS,
     )
 )

@@ -5,7 +5,11 @@ at every linear and LayerNorm output, shared feedback) trains the decoder-only
 Transformer of :mod:`dfa_kernels.models.transformer` on Shakespeare's plays (validation and test:
 whole plays never seen in training); ``--data PATH`` trains it on a WikiText-style corpus instead
 (a directory with wiki.{train,valid,test}.tokens, or one text file). ``lm-pydoc`` is a small model
-on Python's documentation (always available, seconds to train).
+on Python's documentation (always available, seconds to train). ``--mode`` takes every method of
+the random-feedback family but DRTP (:data:`UNSUPPORTED`): the direct ones (sdfa, ternary, dkp) at
+DFA's points, following ``--placement``; the layer-wise ones (fa, usf, brsf, frsf) on every linear,
+the head included, with exact gradients through attention's products, the LayerNorms and into the
+embeddings. A method a preset has not tuned takes DFA's grid and rates (``tasks.tuned_as``).
 
 Training: a fixed number of steps of random windows, the same budget for every mode (the cosine
 schedule sets the run's length); an "epoch" is ``steps_per_epoch`` steps followed by a validation
@@ -437,7 +441,7 @@ register(
         grid=functools.partial(grid, "lm-shakespeare"),
         tuned=functools.partial(tuned, "lm-shakespeare"),
         unsupported=dict(UNSUPPORTED),
-        presets=tuple(MODEL["lm-shakespeare"]),
+        presets=MODEL["lm-shakespeare"],
     )
 )
 register(
@@ -452,5 +456,6 @@ register(
         grid=functools.partial(grid, "lm-pydoc"),
         tuned=functools.partial(tuned, "lm-pydoc"),
         unsupported=dict(UNSUPPORTED),
+        presets=MODEL["lm-pydoc"],
     )
 )
