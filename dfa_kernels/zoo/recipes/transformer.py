@@ -126,6 +126,11 @@ def _tied(bp: float, dfa: float, shallow: float) -> dict:
     }
 
 
+def _family(**rates: float) -> dict:
+    """Tied rates of family methods: a direct one's for every placement (tuned in macro, as DFA's)."""
+    return {(m, p): (r, r) for m, r in rates.items() for p in (PLACEMENTS if m in DIRECT else ("macro",))}
+
+
 LR = {
     # cpu: the winners of LR_GRID below (benchmarks/results/zoo/tuning/lm-shakespeare.json); cpu-tied
     # and cpu-paper: the winners of TIED_GRID (benchmarks/results/zoo/lm_ablations/tuning-PRESET.json;
@@ -138,7 +143,8 @@ LR = {
             ("dfa", "linear"): (1e-4, 1e-2),
             ("shallow", "macro"): (3e-2, 3e-2),
         },
-        "cpu-tied": _tied(bp=3e-3, dfa=1e-2, shallow=3e-2),
+        # the family's: benchmarks/results/zoo/family/lm-shakespeare.MODE.tuning.json (same grid)
+        "cpu-tied": {**_tied(bp=3e-3, dfa=1e-2, shallow=3e-2), **_family(fa=3e-3, usf=1e-2)},
         "cpu-paper": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),
         "full": _FULL,
     },
