@@ -175,6 +175,13 @@ class DFAOutput(torch.autograd.Function):
             grad_feedback = learned_grad(plan, e, tensors, feedback) if ctx.needs_input_grad[3] else None
             return (grad_y, None, None, grad_feedback, *grads)
         out_dtype = _common_dtype(ctx.dtypes)  # written by the projection: no cast pass after it
+        if _spans_part_of_b(spec):  # a pipeline stage's points: only their own columns are projected
+            outs = ops.project_points(
+                signal, spec, plan.storage, plan.backend, scales=list(plan.scales), out_dtype=out_dtype
+            )
+            grads = [o.reshape(shape).to(dtype) for o, shape, dtype in zip(outs, ctx.shapes, ctx.dtypes)]
+            record_signals(plan, e, grads, ctx.shapes)
+            return (grad_y, None, None, None, *grads)
         if len(set(plan.scales)) == 1:
             F = ops.project(signal, spec, plan.storage, plan.backend, scale=plan.scales[0], out_dtype=out_dtype)
         else:
@@ -187,6 +194,12 @@ class DFAOutput(torch.autograd.Function):
         ]
         record_signals(plan, e, grads, ctx.shapes)
         return (grad_y, None, None, None, *grads)
+
+
+def _spans_part_of_b(spec) -> bool:
+    """Whether the points read fewer columns than B has (a pipeline stage's slice of the whole
+    model's B): one projection over all of B would compute the other stages' columns too."""
+    return max(o + w for o, w in zip(spec.offsets, spec.widths)) - min(spec.offsets) < spec.total_width
 
 
 def _common_dtype(dtypes) -> torch.dtype | None:

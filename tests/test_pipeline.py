@@ -25,8 +25,9 @@ import dfa_kernels as dk
 from dfa_kernels import pipeline as pl
 from dfa_kernels.pipeline import simulate
 from dfa_kernels.pipeline.train import PipelineTrainer
+from dfa_kernels.zoo.models.recsys import AFN, AutoInt
 from dfa_kernels.zoo.models.transformer import TransformerLM
-from dfa_kernels.zoo.trainer import Run, Sampled, Stopped
+from dfa_kernels.zoo.trainer import Run, Sampled, Shuffled, Stopped
 
 STEPS = 3
 
@@ -68,8 +69,34 @@ def lm(mode, layers, placement="macro", error_at="hidden"):
     return model, model, lambda x, t: F.cross_entropy(model(x).float().flatten(0, 1), t.flatten())
 
 
-def batches(kind, count):
+def recsys(model_cls, mode):
+    """A tiny AutoInt or AFN (3 one-valued fields): two inputs (idx, bag), one logit."""
+    torch.manual_seed(0)
+    sizes = dict(layers=2, heads=2, d_att=4) if model_cls is AutoInt else dict(lnn=6, hidden=(8, 8))
+    model = model_cls(20, 3, embed_dim=4, mode=mode, seed=5, **sizes)
+    return model, model, lambda x, t: pl.parts.click_loss(model(*x), t)
+
+
+def split(x, count):
+    """Microbatches of a tensor, or of a tuple of tensors (a model's several inputs)."""
+    return list(zip(*(t.tensor_split(count) for t in x))) if isinstance(x, tuple) else x.tensor_split(count)
+
+
+def first_rows(x, n=2):
+    return tuple(t[:n] for t in x) if isinstance(x, tuple) else x[:n]
+
+
+def batches(kind, count, uneven=False):
     g = torch.Generator().manual_seed(1)
+    if kind == "recsys":  # uneven: the middle batch is an epoch's last, smaller one (unequal microbatches)
+        rows = [11 if uneven and i == count // 2 else 12 for i in range(count)]
+        return [
+            (
+                (torch.randint(0, 20, (n, 3), generator=g), torch.zeros(n, 0)),
+                torch.randint(0, 2, (n,), generator=g).float(),
+            )
+            for n in rows
+        ]
     if kind == "mlp":
         return [(torch.randn(12, 12, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(count)]
     return [
@@ -78,12 +105,13 @@ def batches(kind, count):
 
 
 def reference_step(ref, ref_opt, ref_loss, x, t, microbatches, clip=False):
-    """The single process's step: the batch's `microbatches` accumulated (loss / count), an
-    optional global clip at 1.0, then the optimizer; returns the batch's loss."""
+    """The single process's step: the batch's `microbatches` accumulated (each loss weighted by
+    its share of the rows: 1 / count when they split evenly), an optional global clip at 1.0, then
+    the optimizer; returns the batch's loss."""
     ref_opt.zero_grad(set_to_none=True)
     total = 0.0
-    for xm, tm in zip(x.chunk(microbatches), t.chunk(microbatches)):
-        part = ref_loss(xm, tm) / microbatches
+    for xm, tm in zip(split(x, microbatches), t.tensor_split(microbatches)):
+        part = ref_loss(xm, tm) * (tm.shape[0] / t.shape[0])
         part.backward()
         total += part.item()
     if clip:
@@ -96,13 +124,13 @@ def run_case(world, build, kind, schedule, M, adam):
     mode = "bp" if schedule != "dfa" else "dfa"
     parts, model, _ = build(mode)
     _, ref, ref_loss = build(mode)
-    data = batches(kind, STEPS)
+    data = batches(kind, STEPS, uneven=schedule == "dfa")  # torch's stages take equal microbatches only
 
     def optimizer(m):
         return torch.optim.Adam(m.parameters(), lr=1e-2) if adam else torch.optim.SGD(m.parameters(), lr=0.1)
 
     opt, ref_opt = optimizer(model), optimizer(ref)
-    pipe = pl.Pipeline(parts, world.size, M, data[0][0][:2], schedule=schedule)
+    pipe = pl.Pipeline(parts, world.size, M, first_rows(data[0][0]), schedule=schedule)
     for x, t in data:
         opt.zero_grad(set_to_none=True)
         loss = pipe.step(x, t)
@@ -120,7 +148,8 @@ def run_case(world, build, kind, schedule, M, adam):
         ref_mats = next(m for m in ref.modules() if isinstance(m, dk.DFA)).feedback_matrices()
         assert len(mats) == len(ref_mats) and all(torch.equal(a, b) for a, b in zip(mats, ref_mats))
         assert all(s.bytes_gradients == 0 for s in stats)  # no activation gradient travels
-        e_bytes = 4 * (x.shape[0] * 5 if kind == "mlp" else x.numel() * (16 if pipe.parts.head is not None else 17))
+        width = {"mlp": 5, "recsys": 1}.get(kind, 16 if pipe.parts.head is not None else 17)
+        e_bytes = 4 * width * (x[0].shape[0] if kind == "recsys" else x.numel() // (1 if kind == "lm" else 12))
         assert stats[-1].bytes_errors == (world.size - 1) * e_bytes  # e once to every other stage
         assert all(s.bytes_errors == 0 for s in stats[:-1])
         order = [(k, m) for k, m, *_ in stats[0].events]
@@ -156,6 +185,14 @@ def _lm_micro4(mode):
     return lm(mode, 4, "micro")
 
 
+def _autoint(mode):
+    return recsys(AutoInt, mode)
+
+
+def _afn(mode):
+    return recsys(AFN, mode)
+
+
 def test_two_stages_equal_one_process():
     spawn(
         _equivalence_worker,
@@ -167,6 +204,17 @@ def test_two_stages_equal_one_process():
             (_lm_macro, "lm", "1f1b", 2, True),
         ],
     )
+
+
+def test_recommender_trunks_equal_one_process():
+    """AutoInt and AFN (two inputs reach the embeddings on stage 0; AFN's BatchNorms see the same
+    microbatches as the single process) over 2 and 3 stages, DFA's schedule (an 11-row batch between
+    12-row ones: unequal microbatches, each loss weighted by its rows) and BP's 1F1B."""
+    spawn(
+        _equivalence_worker,
+        [(_autoint, "recsys", "dfa", 3, True), (_afn, "recsys", "dfa", 2, True), (_autoint, "recsys", "1f1b", 2, True)],
+    )
+    spawn(_equivalence_worker, [(_afn, "recsys", "dfa", 3, True)], size=3)
 
 
 def _two_d_worker(world, schedule):
@@ -255,8 +303,8 @@ def _refusal_worker(world):
     refused("schedule must be one of", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), schedule="zb")
     refused("microbatches must be a positive int", pl.Parts(dfa, [point_block(dfa), point_block(dfa)]), microbatches=0)
     pipe = pl.Pipeline(pl.Parts(dfa, [point_block(dfa), point_block(dfa)], suffix=nn.Linear(6, 3)), 2, 3, x)
-    with pytest.raises(ValueError, match="4 rows are not divisible by microbatches=3"):
-        pipe.step(x, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"at least microbatches=3; got rows \[2\]"):
+        pipe.step(x[:2], torch.zeros(2, dtype=torch.long))
 
 
 def test_bad_configurations_refused():
@@ -395,6 +443,47 @@ def test_cli_pipeline_trains_a_task(tmp_path, replicas):
         check=False,
     )
     assert bad.returncode == 2 and "--pipeline S needs S >= 2" in bad.stderr
+
+
+def test_cli_pipeline_trains_a_recommender_trunk(tmp_path):
+    """``dfa-kernels train autoint-ml100k --pipeline 2``: batches of row indices become (idx, bag)
+    inputs and labels through the task's Run.io; the epoch's last batch (odd rows) splits unevenly."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dfa_kernels", "train", "autoint-ml100k", "--epochs", "1", "--pipeline", "2"]
+        + ["--microbatches", "2", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=child_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "autoint-ml100k" / "dfa-pipeline2x2" / "metrics.json").read_text())
+    assert metrics["pipeline"]["cuts"] == [0, 2, 4] and 0.5 < metrics["final"]["test_auc"] <= 1.0
+
+
+def test_bp_pipeline_refuses_batches_that_do_not_split_evenly():
+    """torch's pipeline stages need equal microbatches: a task whose last batch does not split is
+    refused before training, by name (DFA's schedule trains it)."""
+    spawn(_uneven_bp_worker)
+
+
+def _uneven_bp_worker(world):
+    parts, model, _ = _autoint("bp")
+    run = Run(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        batches=Shuffled(23, 8, seed=0),  # 8, 8 and a last batch of 7
+        loss=lambda m, rows: torch.zeros(()),
+        evaluate=lambda m, split: {"loss": 0.0},
+        select="loss",
+        higher_is_better=False,
+        epochs=1,
+        steps_per_epoch=3,
+        io=lambda rows: ((rows[:, None].expand(-1, 3) % 20, torch.zeros(len(rows), 0)), rows.float() % 2),
+    )
+    with pytest.raises(ValueError, match=r"need equal microbatches.*batches of \[7\] rows do not split"):
+        PipelineTrainer(run, world, microbatches=2, progress=False)
 
 
 # ---------------------------------------------------------------- the event-driven model

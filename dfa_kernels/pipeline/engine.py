@@ -197,7 +197,8 @@ class Pipeline:
         if schedule == "dfa":
             self._prime(example)
         else:
-            self._bp_schedule()
+            self.module.register_forward_hook(self._count_bp_bytes)
+            self._torch_schedules: dict = {}  # batch rows -> torch's schedule for those microbatch shapes
 
     # ------------------------------------------------------------ setup
     def _check_cuts(self, cuts) -> list[int]:
@@ -247,7 +248,7 @@ class Pipeline:
             ):
                 for m in training:
                     m.train(False)
-                x = example.to(self.device) if isinstance(example, torch.Tensor) else example
+                x = _to(example, self.device)
                 for s, module in enumerate(self.modules):
                     before = len(dfa.pending_points)
                     x = module(x)
@@ -277,17 +278,25 @@ class Pipeline:
         start = sum(counts[: self.rank])
         self.spec = stage_spec(dfa.spec, start, start + counts[self.rank])
 
-    def _bp_schedule(self) -> None:
+    def _bp_schedule(self, rows: int | None):
+        """torch's schedule for a batch of `rows` rows: a PipelineStage fixes its buffers' shapes at
+        its first step, so a batch of another size (an epoch's last, smaller batch) gets its own
+        stage and schedule (same module, same parameters), built on every rank at the same step."""
         from torch.distributed.pipelining import (
             PipelineStage,
             Schedule1F1B,
             ScheduleGPipe,
         )
 
-        self.module.register_forward_hook(self._count_bp_bytes)
-        stage = PipelineStage(self.module, self.rank, self.stages, self.device, group=self.group)
-        kind = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
-        self._torch_schedule = kind(stage, self.microbatches, loss_fn=self.parts.loss, scale_grads=True)
+        if rows not in self._torch_schedules:
+            stage = PipelineStage(self.module, self.rank, self.stages, self.device, group=self.group)
+            kind = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
+            # each microbatch's loss weighted by its rows' share of the batch (unequal microbatches too)
+            self._torch_schedules[rows] = kind(stage, self.microbatches, loss_fn=self._weighted_loss, scale_grads=False)
+        return self._torch_schedules[rows]
+
+    def _weighted_loss(self, output, target) -> torch.Tensor:
+        return self.parts.loss(output, target) * (target.shape[0] / self._batch_rows)
 
     # ------------------------------------------------------------ what this rank owns
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -302,18 +311,25 @@ class Pipeline:
         return ops.project_points(eye, self.spec, "virtual", dfa.backend, scales=self.spec.scales(dfa.scale))
 
     # ------------------------------------------------------------ one step
-    def step(self, inputs=None, targets=None) -> torch.Tensor:
+    def step(self, inputs=None, targets=None, batch_rows: int | None = None) -> torch.Tensor:
         """Forward and backward of one global batch (inputs on stage 0, targets on the last stage;
         other ranks may pass them too, unused). Gradients accumulate in this stage's parameters;
-        returns the batch's loss (mean over microbatches) on every rank."""
+        returns the batch's loss on every rank. Each microbatch's loss is weighted by its share of
+        the batch's rows (1/M when they split evenly), so the step is the single process's mean
+        over the whole batch even when the rows do not divide into M equal microbatches. With
+        replicas, `batch_rows` is the global batch's (default: this share's times the replicas)."""
         start = self._start = time.perf_counter()
         self.stats = StepStats()
+        if self.last:
+            self._batch_rows = batch_rows or _rows(targets) * self.replicas
         xs = self._split(inputs, "inputs") if self.first else None
         ts = self._split(targets, "targets") if self.last else None
         if self.schedule == "dfa":
             loss = self._step_dfa(xs, ts)
         else:
-            loss = self._step_bp(inputs, targets)
+            # every rank keys torch's schedule by the rows it was given (the trainer passes the batch to all)
+            given = inputs if inputs is not None else targets
+            loss = self._step_bp(inputs, targets, None if given is None else _rows(given))
         loss = loss.detach().reshape(1).to(self.device, torch.float32)
         dist.broadcast(loss, self._global(self.stages - 1), group=self.group)
         if self.replicas > 1:
@@ -322,43 +338,57 @@ class Pipeline:
         return loss[0]
 
     def _average_over_replicas(self, loss: torch.Tensor) -> None:
-        """This stage's gradients and the loss, averaged over the data group (a sum, then / R: gloo
-        has no average)."""
+        """This stage's gradients and the loss summed over the data group: each replica's
+        microbatches are weighted by their share of the global batch, so the sum is its mean."""
         tic = time.perf_counter()
         for t in [loss, *(p.grad for p in self.parameters() if p.grad is not None)]:
             dist.all_reduce(t, group=self.data_group)
-            t.div_(self.replicas)
             self.stats.bytes_allreduce += t.numel() * t.element_size()
         self.stats.allreduce_s = time.perf_counter() - tic
 
-    def _split(self, batch, name: str):
-        if not isinstance(batch, torch.Tensor):
+    def _split(self, batch, name: str) -> list:
+        """The batch's microbatches: tensors, or tuples of tensors for a tuple of inputs."""
+        several = isinstance(batch, (tuple, list))
+        tensors = list(batch) if several else [batch]
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError(
-                f"step({name}=): stage {self.rank} needs the batch's {name} as a tensor; got {type(batch).__name__}"
+                f"step({name}=): stage {self.rank} needs the batch's {name} as a tensor or a tuple of "
+                f"tensors; got {type(batch).__name__}"
             )
-        if batch.shape[0] % self.microbatches:
+        rows = {t.shape[0] for t in tensors}
+        if len(rows) != 1 or min(rows) < self.microbatches:
             raise ValueError(
-                f"step({name}=): the batch's {batch.shape[0]} rows are not divisible by microbatches="
-                f"{self.microbatches} (equal microbatches keep the loss the single-process mean)"
+                f"step({name}=): the batch's tensors must have one row count, at least microbatches="
+                f"{self.microbatches}; got rows {sorted(rows)}"
             )
-        return batch.to(self.device).chunk(self.microbatches)
+        chunks = [t.to(self.device).tensor_split(self.microbatches) for t in tensors]
+        return list(zip(*chunks)) if several else list(chunks[0])
 
     def _global(self, stage: int) -> int:
         return stage if self.group is None else dist.get_global_rank(self.group, stage)
 
-    def _step_bp(self, inputs, targets) -> torch.Tensor:
+    def _step_bp(self, inputs, targets, rows: int | None) -> torch.Tensor:
         tic = time.perf_counter()
         losses = []
+        if rows is not None and rows % self.microbatches:
+            raise ValueError(
+                f"step(): the batch's {rows} rows do not split into microbatches={self.microbatches} equal ones, "
+                "which torch.distributed.pipelining's stages need (their buffers have one shape); DFA's "
+                "schedule takes unequal microbatches"
+            )
+        schedule = self._bp_schedule(rows)
+        args = _to(inputs, self.device) if self.first else None
+        args = args if isinstance(args, tuple) else (args,)
         if self.first and self.last:
-            self._torch_schedule.step(inputs.to(self.device), target=targets.to(self.device), losses=losses)
+            schedule.step(*args, target=targets.to(self.device), losses=losses)
         elif self.first:
-            self._torch_schedule.step(inputs.to(self.device))
+            schedule.step(*args)
         elif self.last:
-            self._torch_schedule.step(target=targets.to(self.device), losses=losses)
+            schedule.step(target=targets.to(self.device), losses=losses)
         else:
-            self._torch_schedule.step()
+            schedule.step()
         self.stats.forward_s = time.perf_counter() - tic  # forward and backward: torch's schedule interleaves them
-        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     def _count_bp_bytes(self, module, args, out) -> None:
         """BP's traffic, from the shapes its stage sees: the activation sent forward and, back across
@@ -436,7 +466,7 @@ class Pipeline:
         tic = time.perf_counter()
         y_leaf = y.detach().requires_grad_()
         head_out = self.parts.head(y_leaf) if self.parts.head is not None else y_leaf
-        loss = self.parts.loss(head_out, target) / self.microbatches
+        loss = self.parts.loss(head_out, target) * (target.shape[0] / self._batch_rows)
         loss.backward()
         self._event("E", m, tic)
         return loss.detach(), y_leaf.grad
@@ -496,7 +526,8 @@ class Pipeline:
         the last stage "error_s", the loss and the head's backward; BP: autograd's backward of the
         stage, the loss included on the last). The stage's input is made locally by the earlier stages'
         modules (every rank holds the whole model), so no rank waits for another."""
-        x, t = inputs.to(self.device).chunk(self.microbatches)[0], targets.to(self.device).chunk(self.microbatches)[0]
+        x, t = self._split(inputs, "inputs")[0], self._split(targets, "targets")[0]
+        self._batch_rows = _rows(targets)
         dfa = self.parts.dfa
         self._start = time.perf_counter()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -525,10 +556,11 @@ class Pipeline:
                 else:
                     self._backward(recs, None, e, 0)
             else:
-                out = self.module(x.detach().requires_grad_(x.is_floating_point()))
+                xs = x if isinstance(x, tuple) else (x,)
+                out = self.module(*(t.detach().requires_grad_(t.is_floating_point()) for t in xs))
                 mid = time.perf_counter()
                 if self.last:
-                    (self.parts.loss(out, t) / self.microbatches).backward()
+                    self._weighted_loss(out, t).backward()
                 else:
                     torch.autograd.backward(out, torch.randn_like(out))
             forward.append(mid - tic)
@@ -616,6 +648,18 @@ class _Inbox:
 
     def take(self, index: int) -> torch.Tensor:
         return self.items.pop(index)
+
+
+def _rows(batch) -> int:
+    """The row count of a tensor or of a tuple of tensors."""
+    return (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+
+
+def _to(inputs, device: torch.device):
+    """A tensor, or a tuple of tensors (a model's several inputs), on `device`."""
+    if isinstance(inputs, (tuple, list)):
+        return tuple(t.to(device) for t in inputs)
+    return inputs.to(device)
 
 
 def _device_of(parts: Parts) -> torch.device:

@@ -1,10 +1,12 @@
 """A model as a pipeline sees it: a prefix, a list of cuttable blocks, a suffix, a head and a loss.
 
 ``Parts(dfa, blocks, prefix=, suffix=, head=, loss=)`` describes one DFA model: stage 0 runs the
-prefix (the embeddings) and its blocks, stage S-1 its blocks and the suffix, whose output ``y`` is
-where the DFA error ``e = dL/dy`` is taken (the single-process model's ``dfa(y)``), then the head
-(layers after the error: exact gradients) and the loss. Stages are cut only between blocks.
-:func:`parts_of` describes the zoo's TransformerLM; :func:`sequential_parts` a plain stack.
+prefix (the embeddings; it takes the model's inputs, several when they are a tuple) and its
+blocks, stage S-1 its blocks and the suffix, whose output ``y`` is where the DFA error ``e = dL/dy``
+is taken (the single-process model's ``dfa(y)``), then the head (layers after the error: exact
+gradients) and the loss. Stages are cut only between blocks.
+:func:`parts_of` describes the zoo's TransformerLM and the recommender models whose trunk is one chain
+(AutoInt, AFN); :func:`sequential_parts` a plain stack.
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ class StageModule(nn.Module):
         self.head = parts.head if is_last else None
         self.dfa, self.with_head, self.drop_points = parts.dfa, with_head, drop_points
 
-    def forward(self, x):
+    def forward(self, *x):
+        x = x if len(x) > 1 else x[0]  # several inputs reach the prefix as separate arguments
         for module in (self.prefix, *self.blocks, self.suffix, self.head if self.with_head else None):
             if module is not None:
-                x = module(x)
+                x = module(*x) if isinstance(x, tuple) else module(x)
         if self.drop_points:
             self.dfa.discard_points()
         return x
@@ -138,6 +141,17 @@ def parts_of(model: nn.Module) -> Parts:
 
     if isinstance(model, Parts):
         return model
+    from ..zoo.models import recsys
+
+    if isinstance(model, (recsys.AutoInt, recsys.AFN)):
+        return _recsys_parts(model)
+    if isinstance(model, (recsys.DeepFM, recsys.DCN)):
+        raise TypeError(
+            f"{type(model).__name__} has a branch beside its trunk ("
+            + ("the FM part" if isinstance(model, recsys.DeepFM) else "the cross stack")
+            + ", from the embeddings to the logit), and a pipeline cuts one chain of blocks: "
+            "AutoInt and AFN are chains"
+        )
     if isinstance(model, TransformerLM):
         blocks = [_LMBlock(model, i) for i in range(len(model.blocks))]
         if model.error_at == "hidden":  # e = dL/dh after the final LN; the head learns exactly
@@ -149,6 +163,50 @@ def parts_of(model: nn.Module) -> Parts:
         f"no pipeline description of {type(model).__name__}: describe it with "
         f"dfa_kernels.pipeline.Parts(dfa, blocks, prefix=, suffix=, head=, loss=)"
     )
+
+
+def click_loss(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The recommender recipes' loss: binary cross-entropy of the one logit [B, 1]."""
+    return F.binary_cross_entropy_with_logits(logit[:, 0], label)
+
+
+class _Flatten(nn.Module):
+    """A layer reading its input flattened after the batch dimension (AutoInt's output layer)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.flatten(1))
+
+
+class _AFNLog(nn.Module):
+    """AFN's logarithmic layer (its forward before the first point)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.log_bn, self.lnn, self.exp_bn = model.log_bn, model.lnn, model.exp_bn
+
+    def forward(self, e):
+        log_e = self.log_bn(torch.log(e.abs().clamp_min(1e-5)))
+        cross = torch.exp(self.lnn(log_e.transpose(1, 2)))
+        return self.exp_bn(cross.transpose(1, 2)).flatten(1)
+
+
+def _recsys_parts(model) -> Parts:
+    """AutoInt (points: the embeddings, every attention layer) and AFN (the logarithmic layer,
+    every MLP block) as the zoo's models run them: the embeddings the prefix, one block per point,
+    the output layer the suffix (e = dL/dlogit)."""
+    from ..zoo.models.recsys import AFN
+
+    dfa = model.dfa
+    if isinstance(model, AFN):
+        layers, suffix = [_AFNLog(model), *model.mlp], model.out
+    else:
+        layers, suffix = [nn.Identity(), *model.attn], _Flatten(model.out)
+    blocks = [_Point(layer, dfa, None) for layer in layers]
+    return Parts(dfa, blocks, prefix=model.embed, suffix=suffix, loss=click_loss)
 
 
 class _Point(nn.Module):

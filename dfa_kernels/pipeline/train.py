@@ -7,8 +7,8 @@ optimizer on its own parameters (the others get no gradient, so the run's optimi
 Evaluation and checkpoints see the whole model: before them every stage broadcasts its trained
 parameters (:meth:`~.engine.Pipeline.synchronize`), and the optimizer state is gathered from the
 stages (exact resume: ``--checkpoint-every``, ``--stop-after``, ``--resume`` as for one process).
-Only tasks whose batches are ``(inputs, targets)`` and whose model the pipeline can cut
-(:func:`~.parts.parts_of`: the Transformer LMs) are accepted.
+Only tasks whose batches are ``(inputs, targets)`` (or that a ``Run.io`` turns into them) and whose
+model the pipeline can cut (:func:`~.parts.parts_of`: the Transformer LMs, AutoInt, AFN) are accepted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..provenance import provenance
 from ..zoo import checkpoint, distributed
 from ..zoo.trainer import Stopped, Trainer
 from ..zoo.training import _plot_curves, run_dir_of, variant_name
-from .engine import DFA_MODES, Pipeline, pipeline_groups
+from .engine import DFA_MODES, Pipeline, _rows, pipeline_groups
 
 
 class PipelineTrainer(Trainer):
@@ -43,12 +43,12 @@ class PipelineTrainer(Trainer):
     def _setup(self, compile):
         run = self.run
         position = run.batches.state_dict()
-        batch = next(run.batches)
+        batch = self._io(next(run.batches))
         run.batches.load_state_dict(position)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and _tensors(batch[0])):
             raise ValueError(
-                "--pipeline needs a task whose batches are (inputs, targets) tensors (the Transformer "
-                f"LM tasks); this one's are {type(batch).__name__}"
+                "--pipeline needs a task whose batches are (inputs, targets) tensors, or a Run.io that "
+                f"makes them (the Transformer LMs, AutoInt, AFN); this one's are {type(batch).__name__}"
             )
         mode = next(m for m in run.model.modules() if isinstance(m, DFA)).mode
         if mode not in (*DFA_MODES, "bp"):
@@ -57,18 +57,25 @@ class PipelineTrainer(Trainer):
             )
         device = next(run.model.parameters()).device
         self.replicas, groups = self.world.size // self.stages, {}
+        rows = _rows(batch[0])
+        if rows < self.replicas * self.microbatches:
+            raise ValueError(
+                f"the batch's {rows} rows do not split into {self.replicas} replicas x {self.microbatches} microbatches"
+            )
+        uneven = sorted(n for n in getattr(run.batches, "sizes", set)() if n % (self.replicas * self.microbatches))
+        if mode == "bp" and uneven:
+            raise ValueError(
+                f"BP's pipeline stages (torch.distributed.pipelining) need equal microbatches, and this task's "
+                f"batches of {uneven} rows do not split into {self.replicas} replica(s) x {self.microbatches}; "
+                "choose --microbatches that divides them, or train a DFA mode (its schedule weights unequal ones)"
+            )
         if self.replicas > 1:
-            if batch[0].shape[0] % (self.replicas * self.microbatches):
-                raise ValueError(
-                    f"the batch's {batch[0].shape[0]} rows do not split into {self.replicas} replicas x "
-                    f"{self.microbatches} microbatches"
-                )
             groups["group"], groups["data_group"] = pipeline_groups(self.stages)
         self.pipe = Pipeline(
             run.model,
             self.stages,
             self.microbatches,
-            batch[0][:1],
+            _head(batch[0], 1),
             schedule="dfa" if mode != "bp" else "1f1b",
             device=device,
             **groups,
@@ -78,12 +85,13 @@ class PipelineTrainer(Trainer):
 
     def _train_step(self) -> None:
         run = self.run
-        inputs, targets = next(run.batches)
+        inputs, targets = self._io(next(run.batches))
+        rows = _rows(inputs)
         if self.replicas > 1:  # this replica's share of the global batch
             replica = self.world.rank // self.stages
-            inputs, targets = inputs.chunk(self.replicas)[replica], targets.chunk(self.replicas)[replica]
+            inputs, targets = _share(inputs, self.replicas, replica), targets.tensor_split(self.replicas)[replica]
         run.optimizer.zero_grad(set_to_none=True)
-        loss = self.pipe.step(inputs, targets)
+        loss = self.pipe.step(inputs, targets, batch_rows=rows)
         if run.clip_grad is not None:
             self.pipe.clip_grad_norm_(run.clip_grad)
         self._opt_step()
@@ -91,6 +99,9 @@ class PipelineTrainer(Trainer):
             run.scheduler.step()
         self.step += 1
         self.epoch_losses.append(loss.item())
+
+    def _io(self, batch):
+        return batch if self.run.io is None else self.run.io(batch)
 
     def _evaluate(self, split: str) -> dict:
         self.pipe.synchronize()
@@ -105,6 +116,23 @@ class PipelineTrainer(Trainer):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.pipe.load_optimizer_state(self.run.optimizer, state["optimizer"])
+
+
+def _tensors(inputs) -> bool:
+    """A tensor, or a non-empty tuple of tensors (a model's several inputs)."""
+    if isinstance(inputs, (tuple, list)):
+        return bool(inputs) and all(isinstance(t, torch.Tensor) for t in inputs)
+    return isinstance(inputs, torch.Tensor)
+
+
+def _head(inputs, n: int):
+    return tuple(t[:n] for t in inputs) if isinstance(inputs, (tuple, list)) else inputs[:n]
+
+
+def _share(inputs, replicas: int, replica: int):
+    if isinstance(inputs, (tuple, list)):
+        return tuple(t.tensor_split(replicas)[replica] for t in inputs)
+    return inputs.tensor_split(replicas)[replica]
 
 
 def run_task(

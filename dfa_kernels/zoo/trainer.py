@@ -77,6 +77,11 @@ class Shuffled:
         full, rest = divmod(self.rows, self.batch_size)
         return full + (rest >= self.min_size and rest > 0)
 
+    def sizes(self) -> set[int]:
+        """The batch sizes a pass yields (the last batch is smaller unless the rows divide)."""
+        full, rest = divmod(self.rows, self.batch_size)
+        return ({self.batch_size} if full else set()) | ({rest} if rest >= max(1, self.min_size) else set())
+
     def __next__(self) -> torch.Tensor:
         while True:
             if self.order is None or self.position >= self.rows:
@@ -153,6 +158,10 @@ class Run:
     # (batch) -> the class targets of the DFA output's rows (indices, -1 where a row does not train,
     # or a float tensor shaped like the output): what mode "drtp" projects. None: no class targets.
     targets: Callable[[Any], torch.Tensor] | None = None
+    # (batch) -> (inputs, targets) as a pipeline feeds them (inputs: a tensor, or a tuple of tensors
+    # for a model taking several arguments; targets: what its loss compares the output with). None:
+    # the batch is that pair already.
+    io: Callable[[Any], tuple[Any, torch.Tensor]] | None = None
 
 
 @dataclasses.dataclass

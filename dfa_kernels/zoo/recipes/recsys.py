@@ -184,6 +184,7 @@ def build(name: str, config: TrainConfig) -> Run:
         hyper_parameters=hp,
         represent=represent,
         shard=shard_rows,
+        io=lambda rows: ((idx[rows], bag[rows]), label[rows]),
     )
 
 
