@@ -229,8 +229,13 @@ def _train_pipeline(args, task, world) -> None:
             "--pipeline S needs S >= 2, and not --fsdp or --compile (one process per stage; --nproc R: R replicas)"
         )
     if world is None:  # the workers read R from the world's size (torchrun's parser would take --nproc)
+        from .pipeline.train import check
         from .zoo import distributed
 
+        try:  # a run the pipeline refuses: one line here, not a traceback from every worker
+            check(task.build(_config(args, device="cpu")), args.pipeline, args.nproc, args.microbatches)
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err)) from None
         distributed.launch(args.pipeline * args.nproc, _without_option(args.argv, "--nproc"))
         return
     if world.size % args.pipeline:

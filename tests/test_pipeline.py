@@ -462,6 +462,25 @@ def test_cli_pipeline_trains_a_recommender_trunk(tmp_path):
     assert metrics["pipeline"]["cuts"] == [0, 2, 4] and 0.5 < metrics["final"]["test_auc"] <= 1.0
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["deepfm-ml100k"], "DeepFM has a branch beside its trunk (the FM part"),
+        (["autoint-ml100k", "--mode", "bp"], "batches of [495] rows do not split into 1 replica(s) x 2"),
+        (["lm-pydoc", "--pipeline", "3"], "stages=3 is larger than the model's 2 cuttable blocks"),
+        (["lm-pydoc", "--mode", "fa"], "--pipeline trains the modes dfa, sdfa, ternary"),
+    ],
+)
+def test_cli_refuses_a_pipeline_in_one_line_before_launching(argv, message, capsys):
+    """Checked in the launching process: one line and exit 2, no worker started."""
+    from dfa_kernels import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", *argv, "--microbatches", "2", *([] if "--pipeline" in argv else ["--pipeline", "2"])])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_bp_pipeline_refuses_batches_that_do_not_split_evenly():
     """torch's pipeline stages need equal microbatches: a task whose last batch does not split is
     refused before training, by name (DFA's schedule trains it)."""

@@ -42,33 +42,9 @@ class PipelineTrainer(Trainer):
 
     def _setup(self, compile):
         run = self.run
-        position = run.batches.state_dict()
-        batch = self._io(next(run.batches))
-        run.batches.load_state_dict(position)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and _tensors(batch[0])):
-            raise ValueError(
-                "--pipeline needs a task whose batches are (inputs, targets) tensors, or a Run.io that "
-                f"makes them (the Transformer LMs, AutoInt, AFN); this one's are {type(batch).__name__}"
-            )
-        mode = next(m for m in run.model.modules() if isinstance(m, DFA)).mode
-        if mode not in (*DFA_MODES, "bp"):
-            raise ValueError(
-                f"--pipeline trains the modes {', '.join(DFA_MODES)} (DFA's schedule) and bp (1F1B); got mode {mode!r}"
-            )
-        device = next(run.model.parameters()).device
         self.replicas, groups = self.world.size // self.stages, {}
-        rows = _rows(batch[0])
-        if rows < self.replicas * self.microbatches:
-            raise ValueError(
-                f"the batch's {rows} rows do not split into {self.replicas} replicas x {self.microbatches} microbatches"
-            )
-        uneven = sorted(n for n in getattr(run.batches, "sizes", set)() if n % (self.replicas * self.microbatches))
-        if mode == "bp" and uneven:
-            raise ValueError(
-                f"BP's pipeline stages (torch.distributed.pipelining) need equal microbatches, and this task's "
-                f"batches of {uneven} rows do not split into {self.replicas} replica(s) x {self.microbatches}; "
-                "choose --microbatches that divides them, or train a DFA mode (its schedule weights unequal ones)"
-            )
+        batch, mode = check(run, self.stages, self.replicas, self.microbatches)
+        device = next(run.model.parameters()).device
         if self.replicas > 1:
             groups["group"], groups["data_group"] = pipeline_groups(self.stages)
         self.pipe = Pipeline(
@@ -116,6 +92,39 @@ class PipelineTrainer(Trainer):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.pipe.load_optimizer_state(self.run.optimizer, state["optimizer"])
+
+
+def check(run, stages: int, replicas: int, microbatches: int) -> tuple:
+    """Refuse, before any process group exists, a run the pipeline cannot train: its first batch
+    (as inputs and targets) and its model's mode, or a ValueError/TypeError naming the problem
+    (the CLI checks in the launching process, so a refusal is one line, not one per worker)."""
+    from .parts import balanced_cuts, parts_of
+
+    position = run.batches.state_dict()
+    batch = next(run.batches) if run.io is None else run.io(next(run.batches))
+    run.batches.load_state_dict(position)
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and _tensors(batch[0])):
+        raise ValueError(
+            "--pipeline needs a task whose batches are (inputs, targets) tensors, or a Run.io that "
+            f"makes them (the Transformer LMs, AutoInt, AFN); this one's are {type(batch).__name__}"
+        )
+    mode = next(m for m in run.model.modules() if isinstance(m, DFA)).mode
+    if mode not in (*DFA_MODES, "bp"):
+        raise ValueError(
+            f"--pipeline trains the modes {', '.join(DFA_MODES)} (DFA's schedule) and bp (1F1B); got mode {mode!r}"
+        )
+    balanced_cuts(len(parts_of(run.model).blocks), stages)
+    rows = _rows(batch[0])
+    if rows < replicas * microbatches:
+        raise ValueError(f"the batch's {rows} rows do not split into {replicas} replicas x {microbatches} microbatches")
+    uneven = sorted(n for n in getattr(run.batches, "sizes", set)() if n % (replicas * microbatches))
+    if mode == "bp" and uneven:
+        raise ValueError(
+            f"BP's pipeline stages (torch.distributed.pipelining) need equal microbatches, and this task's "
+            f"batches of {uneven} rows do not split into {replicas} replica(s) x {microbatches}; "
+            "choose --microbatches that divides them, or train a DFA mode (its schedule weights unequal ones)"
+        )
+    return batch, mode
 
 
 def _tensors(inputs) -> bool:
