@@ -59,7 +59,7 @@ def table(report: dict, tuning: dict | None) -> list[str]:
         else:
             published = "not comparable"
         lines.append(
-            f"| {mode} | {entry} | {_mean_std(summary_values(report, variant, metric))} | {summary['n']} | "
+            f"| {mode} | {entry} | {_mean_std(summary_values(report, variant, metric))} | {len(runs)} | "
             f"{', '.join(f'{lr:g}' for lr in lrs)} | {update} | {signal} | {published} |"
         )
     tuned = (
