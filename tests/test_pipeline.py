@@ -393,15 +393,24 @@ def test_trainer_resumes_exactly():
     spawn(_resume_worker)
 
 
+def run_cli(args):
+    """``python -m dfa_kernels ARGS`` in a child process, one thread per worker."""
+    return subprocess.run(
+        [sys.executable, "-m", "dfa_kernels", *args],
+        capture_output=True,
+        text=True,
+        env=child_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_cli_pipeline_trains_a_task(tmp_path, replicas):
     """``dfa-kernels train lm-pydoc --pipeline 2 [--nproc 2]``: 2 (x 2 replicas) workers, one metrics
     file with the pipeline."""
-    out = subprocess.run(
+    out = run_cli(
         [
-            sys.executable,
-            "-m",
-            "dfa_kernels",
             "train",
             "lm-pydoc",
             "--epochs",
@@ -415,12 +424,7 @@ def test_cli_pipeline_trains_a_task(tmp_path, replicas):
             "--no-progress",
             "--out",
             str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(OMP_NUM_THREADS="1"),
-        timeout=300,
-        check=False,
+        ]
     )
     assert out.returncode == 0, out.stderr[-2000:]
     folder = "dfa-macro-pipeline2x2" + ("x2" if replicas > 1 else "")
@@ -448,14 +452,9 @@ def test_cli_pipeline_trains_a_task(tmp_path, replicas):
 def test_cli_pipeline_trains_a_recommender_trunk(tmp_path):
     """``dfa-kernels train autoint-ml100k --pipeline 2``: batches of row indices become (idx, bag)
     inputs and labels through the task's Run.io; the epoch's last batch (odd rows) splits unevenly."""
-    out = subprocess.run(
-        [sys.executable, "-m", "dfa_kernels", "train", "autoint-ml100k", "--epochs", "1", "--pipeline", "2"]
-        + ["--microbatches", "2", "--no-progress", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=child_env(OMP_NUM_THREADS="1"),
-        timeout=300,
-        check=False,
+    out = run_cli(
+        ["train", "autoint-ml100k", "--epochs", "1", "--pipeline", "2"]
+        + ["--microbatches", "2", "--no-progress", "--out", str(tmp_path)]
     )
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "autoint-ml100k" / "dfa-pipeline2x2" / "metrics.json").read_text())

@@ -61,7 +61,7 @@ class PipelineTrainer(Trainer):
 
     def _train_step(self) -> None:
         run = self.run
-        inputs, targets = self._io(next(run.batches))
+        inputs, targets = as_pair(run, next(run.batches))
         rows = _rows(inputs)
         if self.replicas > 1:  # this replica's share of the global batch
             replica = self.world.rank // self.stages
@@ -75,9 +75,6 @@ class PipelineTrainer(Trainer):
             run.scheduler.step()
         self.step += 1
         self.epoch_losses.append(loss.item())
-
-    def _io(self, batch):
-        return batch if self.run.io is None else self.run.io(batch)
 
     def _evaluate(self, split: str) -> dict:
         self.pipe.synchronize()
@@ -94,6 +91,11 @@ class PipelineTrainer(Trainer):
         self.pipe.load_optimizer_state(self.run.optimizer, state["optimizer"])
 
 
+def as_pair(run, batch):
+    """A batch of `run` as the pipeline feeds it: (inputs, targets), through the task's Run.io."""
+    return batch if run.io is None else run.io(batch)
+
+
 def check(run, stages: int, replicas: int, microbatches: int) -> tuple:
     """Refuse, before any process group exists, a run the pipeline cannot train: its first batch
     (as inputs and targets) and its model's mode, or a ValueError/TypeError naming the problem
@@ -101,7 +103,7 @@ def check(run, stages: int, replicas: int, microbatches: int) -> tuple:
     from .parts import balanced_cuts, parts_of
 
     position = run.batches.state_dict()
-    batch = next(run.batches) if run.io is None else run.io(next(run.batches))
+    batch = as_pair(run, next(run.batches))
     run.batches.load_state_dict(position)
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and _tensors(batch[0])):
         raise ValueError(
