@@ -25,7 +25,7 @@ import dfa_kernels as dk
 from dfa_kernels import pipeline as pl
 from dfa_kernels.pipeline import simulate
 from dfa_kernels.pipeline.train import PipelineTrainer
-from dfa_kernels.zoo.models.recsys import AFN, AutoInt
+from dfa_kernels.zoo.models.recsys import AFN, DCN, AutoInt, DeepFM
 from dfa_kernels.zoo.models.transformer import TransformerLM
 from dfa_kernels.zoo.trainer import Run, Sampled, Shuffled, Stopped
 
@@ -69,11 +69,18 @@ def lm(mode, layers, placement="macro", error_at="hidden"):
     return model, model, lambda x, t: F.cross_entropy(model(x).float().flatten(0, 1), t.flatten())
 
 
+RECSYS_SIZES = {
+    AutoInt: dict(layers=2, heads=2, d_att=4),
+    AFN: dict(lnn=6, hidden=(8, 8)),
+    DeepFM: dict(hidden=(8, 8, 8)),
+    DCN: dict(cross_layers=3, hidden=(8, 8)),
+}
+
+
 def recsys(model_cls, mode):
-    """A tiny AutoInt or AFN (3 one-valued fields): two inputs (idx, bag), one logit."""
+    """A tiny recommender model (3 one-valued fields): two inputs (idx, bag), one logit."""
     torch.manual_seed(0)
-    sizes = dict(layers=2, heads=2, d_att=4) if model_cls is AutoInt else dict(lnn=6, hidden=(8, 8))
-    model = model_cls(20, 3, embed_dim=4, mode=mode, seed=5, **sizes)
+    model = model_cls(20, 3, embed_dim=4, mode=mode, seed=5, **RECSYS_SIZES[model_cls])
     return model, model, lambda x, t: pl.parts.click_loss(model(*x), t)
 
 
@@ -193,6 +200,14 @@ def _afn(mode):
     return recsys(AFN, mode)
 
 
+def _deepfm(mode):
+    return recsys(DeepFM, mode)
+
+
+def _dcn(mode):
+    return recsys(DCN, mode)
+
+
 def test_two_stages_equal_one_process():
     spawn(
         _equivalence_worker,
@@ -215,6 +230,24 @@ def test_recommender_trunks_equal_one_process():
         [(_autoint, "recsys", "dfa", 3, True), (_afn, "recsys", "dfa", 2, True), (_autoint, "recsys", "1f1b", 2, True)],
     )
     spawn(_equivalence_worker, [(_afn, "recsys", "dfa", 3, True)], size=3)
+
+
+def test_recommender_branches_equal_one_process():
+    """DeepFM (its FM part a skip branch beside the MLP: stage 0 backpropagates it from the e it
+    receives) and DCN (the cross stack and the MLP side by side: a tuple crosses every cut) over 2
+    and 3 stages, DFA's schedule and BP's GPipe / 1F1B (the branch's gradient travels back there).
+    SGD: their MLP blocks' biases before a BatchNorm get a gradient of rounding noise (~1e-6, its
+    sign set by the GEMM's blocking), which Adam would scale up to full steps."""
+    spawn(
+        _equivalence_worker,
+        [
+            (_deepfm, "recsys", "dfa", 3, False),
+            (_dcn, "recsys", "dfa", 2, False),
+            (_deepfm, "recsys", "1f1b", 2, False),
+            (_dcn, "recsys", "gpipe", 2, False),
+        ],
+    )
+    spawn(_equivalence_worker, [(_deepfm, "recsys", "dfa", 2, False), (_dcn, "recsys", "dfa", 3, False)], size=3)
 
 
 def _two_d_worker(world, schedule):
@@ -449,22 +482,25 @@ def test_cli_pipeline_trains_a_task(tmp_path, replicas):
     assert bad.returncode == 2 and "--pipeline S needs S >= 2" in bad.stderr
 
 
-def test_cli_pipeline_trains_a_recommender_trunk(tmp_path):
-    """``dfa-kernels train autoint-ml100k --pipeline 2``: batches of row indices become (idx, bag)
-    inputs and labels through the task's Run.io; the epoch's last batch (odd rows) splits unevenly."""
+@pytest.mark.parametrize(
+    "task, cuts", [("autoint-ml100k", [0, 2, 4]), ("deepfm-ml100k", [0, 2, 3]), ("dcn-ml100k", [0, 4, 8])]
+)
+def test_cli_pipeline_trains_a_recommender(task, cuts, tmp_path):
+    """``dfa-kernels train TASK --pipeline 2``: batches of row indices become (idx, bag) inputs and
+    labels through the task's Run.io; the epoch's last batch (odd rows) splits unevenly. AutoInt is
+    a chain, DeepFM's FM part a skip branch, DCN's state a tuple (x0, cross, MLP)."""
     out = run_cli(
-        ["train", "autoint-ml100k", "--epochs", "1", "--pipeline", "2"]
+        ["train", task, "--epochs", "1", "--pipeline", "2"]
         + ["--microbatches", "2", "--no-progress", "--out", str(tmp_path)]
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    metrics = json.loads((tmp_path / "autoint-ml100k" / "dfa-pipeline2x2" / "metrics.json").read_text())
-    assert metrics["pipeline"]["cuts"] == [0, 2, 4] and 0.5 < metrics["final"]["test_auc"] <= 1.0
+    metrics = json.loads((tmp_path / task / "dfa-pipeline2x2" / "metrics.json").read_text())
+    assert metrics["pipeline"]["cuts"] == cuts and 0.5 < metrics["final"]["test_auc"] <= 1.0
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["deepfm-ml100k"], "DeepFM has a branch beside its trunk (the FM part"),
         (["autoint-ml100k", "--mode", "bp"], "batches of [495] rows do not split into 1 replica(s) x 2"),
         (["lm-pydoc", "--pipeline", "3"], "stages=3 is larger than the model's 2 cuttable blocks"),
         (["lm-pydoc", "--mode", "fa"], "--pipeline trains the modes dfa, sdfa, ternary"),

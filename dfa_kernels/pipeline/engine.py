@@ -48,7 +48,8 @@ from .parts import Parts, StageModule, balanced_cuts, parts_of
 SCHEDULES = ("dfa", "gpipe", "1f1b")
 DFA_MODES = ("dfa", "sdfa", "ternary")  # direct modes whose signal is a function of e alone
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
-_HEADER = 10  # ndim, dtype code, up to 8 sizes
+_HEADER = 11  # tensors in the message, ndim, dtype code, up to 8 sizes
+_MAX_TUPLE = 8  # tensors one message (a stage's output) may hold: each has its own pair of tags
 _POLL_S = 0.01  # longest sleep between two checks of the receives (a message's arrival wakes the step)
 
 
@@ -251,9 +252,12 @@ class Pipeline:
                 x = _to(example, self.device)
                 for s, module in enumerate(self.modules):
                     before = len(dfa.pending_points)
-                    x = module(x)
+                    x = module(*x) if isinstance(x, tuple) else module(x)
                     counts[s] = len(dfa.pending_points) - before
-                    if s < self.stages - 1 and isinstance(x, torch.Tensor) and x.requires_grad:
+                    state = x if isinstance(x, tuple) else (x,)
+                    if parts.skip and s < self.stages - 1:
+                        state = state[:-1]  # the skip branch: its gradient is e, stage 0 takes it there
+                    if s < self.stages - 1 and any(t.requires_grad for t in state):
                         raise ValueError(
                             f"the activation leaving stage {s} (after block {self.cuts[s + 1] - 1}) carries an "
                             f"autograd graph: a layer trained by backprop spans the cut between stages {s} and "
@@ -391,16 +395,15 @@ class Pipeline:
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     def _count_bp_bytes(self, module, args, out) -> None:
-        """BP's traffic, from the shapes its stage sees: the activation sent forward and, back across
-        the same boundary, its gradient (a float input of a later stage receives one)."""
-        if out.device.type == "meta":  # torch's shape inference
+        """BP's traffic, from the shapes its stage sees: the activations sent forward and, back across
+        the same boundary, their gradients (a float input of a later stage receives one)."""
+        outs = out if isinstance(out, tuple) else (out,)
+        if outs[0].device.type == "meta":  # torch's shape inference
             return
         if not self.last:
-            self.stats.bytes_activations += out.numel() * out.element_size()
+            self.stats.bytes_activations += sum(t.numel() * t.element_size() for t in outs)
         if not self.first:
-            x = args[0]
-            if x.is_floating_point():
-                self.stats.bytes_gradients += x.numel() * x.element_size()
+            self.stats.bytes_gradients += sum(x.numel() * x.element_size() for x in args if x.is_floating_point())
 
     def _step_dfa(self, xs, ts) -> torch.Tensor:
         """Forward first: a stage runs the next microbatch's forward whenever its input is there (later
@@ -424,7 +427,7 @@ class Pipeline:
                     ready.append((recs, out, e, m))
                     total = total + loss
                 else:
-                    sends += self._send(out.detach(), self.rank + 1, m, "activations")
+                    sends += self._send(_detached(out), self.rank + 1, m, "activations")
                     records[m] = recs
                 m += 1
             elif ready:
@@ -445,10 +448,11 @@ class Pipeline:
         return total
 
     def _forward(self, x, m: int):
-        """This stage's forward of microbatch m: its output and the points it recorded."""
+        """This stage's forward of microbatch m: its output and what its backward needs (the points
+        it recorded, and on stage 0 of a model with a skip branch, that branch's output)."""
         dfa = self.parts.dfa
         tic = time.perf_counter()
-        out = self.module(x)
+        out = self.module(*x) if isinstance(x, tuple) else self.module(x)
         recs = list(dfa.pending_points)
         dfa.discard_points()
         self._event("F", m, tic)
@@ -458,6 +462,8 @@ class Pipeline:
                 f"{self.point_counts[self.rank]} when primed: the forward's points must not "
                 f"depend on the batch"
             )
+        if self.parts.skip and self.first and not self.last:
+            recs.append(_Skip(out[-1]))
         return out, recs
 
     def _error(self, y: torch.Tensor, target, m: int):
@@ -480,44 +486,65 @@ class Pipeline:
         self.stats.events.append((kind, m, tic - self._start, toc - self._start))
 
     def _backward(self, recs, y, e: torch.Tensor, m: int) -> None:
-        """This stage's DFA backward for one microbatch: the output op on its points only."""
+        """This stage's DFA backward for one microbatch: the output op on its points only (and on
+        stage 0, the skip branch's backward from e, its exact gradient)."""
         tic = time.perf_counter()
         dfa = self.parts.dfa
+        skips = [r.tensor for r in recs if isinstance(r, _Skip)]
+        recs = [r for r in recs if not isinstance(r, _Skip)]
         if y is None:  # a stand-in for y (only its shape matters): no [N, out] memory
             y = torch.zeros((), device=e.device, dtype=e.dtype, requires_grad=True).expand(e.shape)
         plan = dfa._plan(self.spec, recs, e.device.type)
         out = DFAOutput.apply(y, plan, None, None, *[t for r in recs for t in r.inputs()])
-        torch.autograd.backward(out, e.reshape(out.shape))
+        torch.autograd.backward([out, *skips], [e.reshape(out.shape), *(e.reshape(s.shape) for s in skips)])
         self._event("B", m, tic)
 
     # ------------------------------------------------------------ P2P with shape headers
-    def _send(self, t: torch.Tensor, stage: int, slot: int, kind: str) -> list:
-        t = t.contiguous()
-        if t.dim() > _HEADER - 2 or t.dtype not in _DTYPES:
+    def _send(self, message, stage: int, slot: int, kind: str) -> list:
+        """A tensor or a tuple of tensors to `stage`: each its shape header, then its data, on the
+        message's own tags (slot x _MAX_TUPLE + i)."""
+        tensors = list(message) if isinstance(message, tuple) else [message]
+        if not 1 <= len(tensors) <= _MAX_TUPLE or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError(
-                f"a stage boundary carries tensors of at most {_HEADER - 2} dims in "
-                f"{[str(d) for d in _DTYPES]}; got {t.dtype} {tuple(t.shape)}"
+                f"a stage boundary carries a tensor or a tuple of 1 to {_MAX_TUPLE} tensors; got "
+                f"{type(message).__name__} of {len(tensors)}"
             )
-        header = torch.zeros(_HEADER, dtype=torch.int64)
-        header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
-        header[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-        header = header.to(t.device)
-        dst = self._global(stage)
-        setattr(self.stats, f"bytes_{kind}", getattr(self.stats, f"bytes_{kind}") + t.numel() * t.element_size())
-        self.stats.bytes_headers += header.numel() * 8
-        return [
-            dist.isend(header, dst, group=self.group, tag=2 * slot),
-            dist.isend(t, dst, group=self.group, tag=2 * slot + 1),
-        ]
+        dst, works = self._global(stage), []
+        for i, t in enumerate(tensors):
+            t = t.contiguous()
+            if t.dim() > _HEADER - 3 or t.dtype not in _DTYPES:
+                raise TypeError(
+                    f"a stage boundary carries tensors of at most {_HEADER - 3} dims in "
+                    f"{[str(d) for d in _DTYPES]}; got {t.dtype} {tuple(t.shape)}"
+                )
+            header = torch.zeros(_HEADER, dtype=torch.int64)
+            header[0], header[1], header[2] = len(tensors), t.dim(), _DTYPES.index(t.dtype)
+            header[3 : 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+            header = header.to(t.device)
+            nbytes = t.numel() * t.element_size()
+            setattr(self.stats, f"bytes_{kind}", getattr(self.stats, f"bytes_{kind}") + nbytes)
+            self.stats.bytes_headers += header.numel() * 8
+            tag = 2 * (slot * _MAX_TUPLE + i)
+            works += [
+                dist.isend(header, dst, group=self.group, tag=tag),
+                dist.isend(t, dst, group=self.group, tag=tag + 1),
+            ]
+        return works
 
-    def _recv(self, stage: int, slot: int) -> torch.Tensor:
-        """A message from `stage`: its shape header, then the tensor."""
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, self._global(stage), group=self.group, tag=2 * slot)
-        h = header.tolist()
-        t = torch.empty(h[2 : 2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
-        dist.recv(t, self._global(stage), group=self.group, tag=2 * slot + 1)
-        return t
+    def _recv(self, stage: int, slot: int):
+        """A message from `stage`: a tensor, or the tuple its first header announces."""
+        tensors, count, i = [], 1, 0
+        while i < count:
+            tag = 2 * (slot * _MAX_TUPLE + i)
+            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+            dist.recv(header, self._global(stage), group=self.group, tag=tag)
+            h = header.tolist()
+            count = h[0]
+            t = torch.empty(h[3 : 3 + h[1]], dtype=_DTYPES[h[2]], device=self.device)
+            dist.recv(t, self._global(stage), group=self.group, tag=tag + 1)
+            tensors.append(t)
+            i += 1
+        return tuple(tensors) if count > 1 else tensors[0]
 
     # ------------------------------------------------------------ per-stage costs (no communication)
     def profile(self, inputs, targets, repeats: int = 5) -> dict:
@@ -562,7 +589,8 @@ class Pipeline:
                 if self.last:
                     self._weighted_loss(out, t).backward()
                 else:
-                    torch.autograd.backward(out, torch.randn_like(out))
+                    outs = out if isinstance(out, tuple) else (out,)
+                    torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
             forward.append(mid - tic)
             backward.append(time.perf_counter() - mid)
             for p in self.parameters():
@@ -613,6 +641,18 @@ class Pipeline:
         mine = {id(p) for p in self.parameters()}
         state = {**state, "state": {k: v for k, v in state["state"].items() if id(index[int(k)]) in mine}}
         optimizer.load_state_dict(state)
+
+
+@dataclasses.dataclass
+class _Skip:
+    """Stage 0's skip branch output of one microbatch, kept for its backward (from e)."""
+
+    tensor: torch.Tensor
+
+
+def _detached(message):
+    """What a stage sends: its output (a tensor or a tuple) without autograd graph."""
+    return tuple(t.detach() for t in message) if isinstance(message, tuple) else message.detach()
 
 
 class _Inbox:

@@ -5,8 +5,15 @@ prefix (the embeddings; it takes the model's inputs, several when they are a tup
 blocks, stage S-1 its blocks and the suffix, whose output ``y`` is where the DFA error ``e = dL/dy``
 is taken (the single-process model's ``dfa(y)``), then the head (layers after the error: exact
 gradients) and the loss. Stages are cut only between blocks.
-:func:`parts_of` describes the zoo's TransformerLM and the recommender models whose trunk is one chain
-(AutoInt, AFN); :func:`sequential_parts` a plain stack.
+
+What crosses a cut is a tensor or a tuple of tensors (the blocks' state: DCN carries its cross
+stack, its MLP and their shared input side by side). With ``skip=True`` the prefix returns
+``(x, s)``: ``x`` enters the blocks, ``s`` is a branch beside them (DeepFM's FM part) that rides
+along with the blocks' state, untouched, and is added to the suffix's output, ``y = suffix(...) + s``.
+Its gradient is ``dL/dy = e`` itself, which every stage receives under DFA's schedule: stage 0
+backpropagates the branch from it, exactly, and nothing travels backward.
+:func:`parts_of` describes the zoo's TransformerLM and recommender models; :func:`sequential_parts`
+a plain stack.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class Parts:
     suffix: nn.Module | None = None
     head: nn.Module | None = None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    skip: bool = False
 
     def __post_init__(self):
         if not isinstance(self.dfa, DFA):
@@ -47,6 +55,10 @@ class Parts:
                 raise TypeError(f"Parts({name}=): expects an nn.Module or None; got {type(value).__name__}")
         if not callable(self.loss):
             raise TypeError(f"Parts(loss=): expects a callable loss(output, target); got {type(self.loss).__name__}")
+        if self.skip and (self.prefix is None or self.suffix is None):
+            raise ValueError(
+                "Parts(skip=True): the prefix makes the branch and the suffix's output receives it: give both"
+            )
         self.blocks = list(self.blocks)
 
 
@@ -54,7 +66,8 @@ class StageModule(nn.Module):
     """One stage's forward: (prefix,) its blocks (, suffix (, head)). The last stage holds the head
     (it owns its parameters) but runs it only with `with_head` (torch's schedules: the loss reads
     its output; DFA's schedule runs it after taking y). Points recorded here that no ``dfa(y)``
-    consumes (mode "bp" under torch's schedules) are dropped after each forward."""
+    consumes (mode "bp" under torch's schedules) are dropped after each forward. With a skip branch
+    a stage before the last returns ``(*state, s)``, and a stage after the first receives it so."""
 
     def __init__(
         self, parts: Parts, first: int, stop: int, is_first: bool, is_last: bool, with_head: bool, drop_points: bool
@@ -65,15 +78,37 @@ class StageModule(nn.Module):
         self.suffix = parts.suffix if is_last else None
         self.head = parts.head if is_last else None
         self.dfa, self.with_head, self.drop_points = parts.dfa, with_head, drop_points
+        self.skip = parts.skip
 
     def forward(self, *x):
-        x = x if len(x) > 1 else x[0]  # several inputs reach the prefix as separate arguments
-        for module in (self.prefix, *self.blocks, self.suffix, self.head if self.with_head else None):
-            if module is not None:
-                x = module(*x) if isinstance(x, tuple) else module(x)
+        if len(x) == 1 and isinstance(x[0], tuple):  # a tuple given as one argument
+            x = x[0]
+        skip = None
+        if self.skip and self.prefix is None:  # the branch received with the state
+            *x, skip = x
+        x = tuple(x) if len(x) > 1 else x[0]  # several inputs reach the prefix as separate arguments
+        if self.prefix is not None:
+            x = _apply(self.prefix, x)
+            if self.skip:
+                x, skip = x
+        for block in self.blocks:
+            x = _apply(block, x)
+        if self.suffix is not None:
+            x = _apply(self.suffix, x)
+            if skip is not None:  # y = suffix(...) + s
+                x, skip = x + skip, None
+        if skip is not None:  # passed on to the next stage
+            x = (*x, skip) if isinstance(x, tuple) else (x, skip)
+        if self.with_head and self.head is not None:
+            x = self.head(x)
         if self.drop_points:
             self.dfa.discard_points()
         return x
+
+
+def _apply(module: nn.Module, x):
+    """A module on one tensor, or on a tuple's tensors as separate arguments."""
+    return module(*x) if isinstance(x, tuple) else module(x)
 
 
 def balanced_cuts(blocks: int, stages: int) -> list[int]:
@@ -143,15 +178,8 @@ def parts_of(model: nn.Module) -> Parts:
         return model
     from ..zoo.models import recsys
 
-    if isinstance(model, (recsys.AutoInt, recsys.AFN)):
+    if isinstance(model, (recsys.AutoInt, recsys.AFN, recsys.DeepFM, recsys.DCN)):
         return _recsys_parts(model)
-    if isinstance(model, (recsys.DeepFM, recsys.DCN)):
-        raise TypeError(
-            f"{type(model).__name__} has a branch beside its trunk ("
-            + ("the FM part" if isinstance(model, recsys.DeepFM) else "the cross stack")
-            + ", from the embeddings to the logit), and a pipeline cuts one chain of blocks: "
-            "AutoInt and AFN are chains"
-        )
     if isinstance(model, TransformerLM):
         blocks = [_LMBlock(model, i) for i in range(len(model.blocks))]
         if model.error_at == "hidden":  # e = dL/dh after the final LN; the head learns exactly
@@ -194,13 +222,63 @@ class _AFNLog(nn.Module):
         return self.exp_bn(cross.transpose(1, 2)).flatten(1)
 
 
+class _DeepFMPrefix(nn.Module):
+    """DeepFM's embeddings and FM part: (the MLP's input, the FM logit: the skip branch)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed, self.linear, self.bias, self.dfa = model.embed, model.linear, model.bias, model.dfa
+
+    def forward(self, idx, bag):
+        from ..zoo.models.recsys import DeepFM
+
+        return DeepFM.fm_part(self, idx, bag)  # the model's own code, on its modules held here
+
+
+class _DCNBlock(nn.Module):
+    """One step of DCN's state (x0, x: the cross stack, h: the MLP), as DCN.forward runs them in
+    order: the embeddings' point (x0 = x = h), a cross layer, an MLP block, or the stack's point
+    (the last cross layer and MLP block, concatenated; the state ends there)."""
+
+    def __init__(self, model, kind: str, layer: nn.Module | None = None):
+        super().__init__()
+        self.dfa, self.kind, self.layer = model.dfa, kind, layer
+        if kind == "stack":
+            self.cross, self.deep = model.cross[-1], model.mlp[-1]
+
+    def forward(self, *state):
+        point = self.dfa.point
+        if self.kind == "embed":
+            x0 = point(state[0]).flatten(1)
+            return x0, x0, x0
+        x0, x, h = state
+        if self.kind == "cross":
+            return x0, point(self.layer(x0, x)), h
+        if self.kind == "deep":
+            return x0, x, point(self.layer(h))
+        return point(torch.cat([self.cross(x0, x), self.deep(h)], 1))
+
+
 def _recsys_parts(model) -> Parts:
-    """AutoInt (points: the embeddings, every attention layer) and AFN (the logarithmic layer,
-    every MLP block) as the zoo's models run them: the embeddings the prefix, one block per point,
-    the output layer the suffix (e = dL/dlogit)."""
-    from ..zoo.models.recsys import AFN
+    """The recommender models as the zoo runs them, the embeddings the prefix and one block per
+    point, e = dL/dlogit: AutoInt (the embeddings, every attention layer) and AFN (the logarithmic
+    layer, every MLP block), chains; DeepFM (its MLP blocks; the FM part, beside them, a skip branch
+    from the prefix to the logit); DCN (the embeddings, its cross layers, its MLP blocks, the stack:
+    the state crossing a cut is (x0, x, h))."""
+    from ..zoo.models.recsys import AFN, DCN, DeepFM
 
     dfa = model.dfa
+    if isinstance(model, DeepFM):
+        blocks = [_Point(block, dfa, None) for block in model.mlp]
+        return Parts(dfa, blocks, prefix=_DeepFMPrefix(model), suffix=model.out, loss=click_loss, skip=True)
+    if isinstance(model, DCN):
+        blocks = [
+            _DCNBlock(model, "embed"),
+            *(_DCNBlock(model, "cross", layer) for layer in model.cross[:-1]),
+            *(_DCNBlock(model, "deep", block) for block in model.mlp[:-1]),
+            _DCNBlock(model, "stack"),
+        ]
+        return Parts(dfa, blocks, prefix=model.embed, suffix=model.out, loss=click_loss)
     if isinstance(model, AFN):
         layers, suffix = [_AFNLog(model), *model.mlp], model.out
     else:

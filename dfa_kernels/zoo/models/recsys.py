@@ -85,13 +85,18 @@ class DeepFM(nn.Module):
         self.out = nn.Linear(hidden[-1], 1)
         self.dfa = dk.DFA(mode=mode, seed=seed)
 
-    def forward(self, idx, bag):
+    def fm_part(self, idx, bag):
+        """The MLP's input and the FM part's logit (bias, first-order weights, pairwise term)."""
         e = self.embed(idx, bag)
         fm = self.bias + self.linear(idx, bag).sum(1) + fm_interaction(e)
         # With DFA (and the direct methods, and shallow) the MLP reads the embeddings detached: they
         # learn from the (exact) FM part only. BP and the layer-wise methods carry the MLP's gradient
         # (exact, or through each layer's B) down into them.
         h = (e if self.dfa.mode in ("bp", *dk.methods.LAYERWISE) else e.detach()).flatten(1)
+        return h, fm
+
+    def forward(self, idx, bag):
+        h, fm = self.fm_part(idx, bag)
         for block in self.mlp:
             h = self.dfa.point(block(h))
         return self.dfa(fm + self.out(h))
