@@ -73,6 +73,7 @@ class Record:
     layer_input: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    perturbation: torch.Tensor | None = None  # mode "fdfa": the u_l this point added to its output's tangent
 
     def inputs(self) -> list[torch.Tensor]:
         """The tensors the DFA output op takes for this point (their order is the plan's)."""
@@ -126,7 +127,9 @@ class Plan:
     error_dtype: torch.dtype | None = None  # the dtype e is projected in (None: e's own)
     signal: str = "error"  # what is projected (methods.SIGNALS): "error", "sign", "ternary" or "target"
     threshold: float = 0.1  # the ternary signal's threshold (methods.ternarize)
-    learned: bool = False  # B is a learned [out_features, D] tensor passed to the op (dkp), not the hash
+    # B is a materialized [out_features, D] parameter passed to the op, not the hash: its rule is the
+    # method's matrix, "learned" (dkp: grad e^T h_l) or "jacobian" (fdfa: grad B - the forward estimate)
+    learned: str = ""
     monitor: NonFiniteMonitor | None = dataclasses.field(default=None, compare=False, repr=False)
     # set while the DFA module captures (measurements, eager only): the backward fills it in
     capture: Capture | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -142,8 +145,9 @@ class Plan:
 
 class DFAOutput(torch.autograd.Function):
     """y' = y; backward: e = dL/dy for y, the projected signal for every point. `target` (class
-    indices [N] or a float [N, out_features], mode "drtp") and `feedback` (the learned B, mode "dkp")
-    are None for the other methods."""
+    indices [N] or a float [N, out_features], mode "drtp"; in mode "fdfa" the forward-mode estimate
+    of B [out_features, D]) and `feedback` (the learned B, modes "dkp" and "fdfa") are None for the
+    other methods."""
 
     @staticmethod
     def forward(ctx, y, plan, target, feedback, *tensors):
@@ -172,7 +176,11 @@ class DFAOutput(torch.autograd.Function):
             outs = _project_points(plan, signal, feedback, tensors, [ctx.dtypes[s] for s in _starts(plan)])
             record_signals(plan, e, outs, ctx.shapes)
             grads = _input_grads(plan, tensors, ctx.shapes, ctx.dtypes, ctx.needs_input_grad[4:], outs)
-            grad_feedback = learned_grad(plan, e, tensors, feedback) if ctx.needs_input_grad[3] else None
+            grad_feedback = None
+            if ctx.needs_input_grad[3] and plan.learned == "jacobian":  # fdfa: B's pull to this forward's estimate
+                grad_feedback = feedback - target
+            elif ctx.needs_input_grad[3]:
+                grad_feedback = learned_grad(plan, e, tensors, feedback)
             return (grad_y, None, None, grad_feedback, *grads)
         out_dtype = _common_dtype(ctx.dtypes)  # written by the projection: no cast pass after it
         if _spans_part_of_b(spec):  # a pipeline stage's points: only their own columns are projected

@@ -6,7 +6,8 @@ A training method is three independent choices, and every ``mode`` of :class:`dk
 - **signal**, what travels back: ``exact`` (backprop), ``none`` (shallow), ``error`` (e = dL/dy),
   ``sign`` (sign(e)), ``ternary`` (e quantized to {-1, 0, +1}), ``target`` (the one-hot class target).
 - **matrix**, what carries it: ``random`` (fixed, a hash of (seed, i, j), never stored), ``learned``
-  (materialized and trained), or derived from the layer's weight W: ``sign_uniform`` σ·sign(W),
+  (materialized and trained, Kolen-Pollack), ``jacobian`` (materialized, an estimate of the output's
+  Jacobian from forward-mode directional derivatives), or derived from the layer's weight W: ``sign_uniform`` σ·sign(W),
   ``sign_redrawn`` |R_t|∘sign(W), ``sign_fixed`` |B|∘sign(W).
 - **entry**, where it enters: ``direct`` (one projection from the output to every feedback point,
   the DFA family: :mod:`dfa_kernels.autograd`) or ``layerwise`` (each nn.Linear/nn.Conv2d's input
@@ -31,6 +32,15 @@ Direct (a point's gradient; the layers after the last point get their exact grad
   (initialised to dfa's effective B_l), whose gradient is grad(B_l) = e^T h_l (the layer's activity:
   f(a) for a fused point), so the optimizer moves B_l as the output layer's weight would move
   (Kolen-Pollack); the reference steps B with its own optimizer (Adam, weight decay 1e-6).
+- ``fdfa`` (Forward DFA, Bacho & Chu 2023): grad(h_l) = e @ B_l with B_l a parameter, initialised to
+  zero as in the reference, that estimates the Jacobian dy/dh_l of the output y w.r.t. the point. Each
+  training forward runs in forward-mode AD (dual tensors): every point adds a fresh perturbation
+  u_l ~ N(0, I) to the tangent it passes on, so y's tangent is d = sum_k J_k u_k, and
+  grad(B_l) = B_l - mean over rows of d^T u_l (an unbiased estimate of J_l: E[u_k u_l^T] = 0 for
+  k != l). With SGD at rate a that is the paper's momentum average B_l <- (1 - a) B_l + a d^T u_l;
+  the reference (and the zoo) step it with an optimizer of their own choice (Adam there). It costs a
+  forward-mode pass (about one more forward) and needs every op between the points and y to have a
+  forward-mode derivative (PyTorch's own ops do).
 
 Layer-wise (grad(W) = g^T x and grad(b) = sum g stay exact; only grad(x) changes):
 - ``fa`` (Lillicrap et al. 2016): grad(x) = g @ B, B fixed random of W's shape from the hash;
@@ -50,7 +60,7 @@ import dataclasses
 import torch
 
 SIGNALS = ("exact", "none", "error", "sign", "ternary", "target")
-MATRICES = ("random", "learned", "sign_uniform", "sign_redrawn", "sign_fixed")
+MATRICES = ("random", "learned", "jacobian", "sign_uniform", "sign_redrawn", "sign_fixed")
 ENTRIES = ("direct", "layerwise")
 
 
@@ -78,6 +88,7 @@ METHODS: dict[str, Method] = {
         Method("drtp", "target", "random", "direct", "Frenkel, Lefebvre & Bol 2021 (DRTP)"),
         Method("ternary", "ternary", "random", "direct", "LightOn optical DFA (rule not published: ours)"),
         Method("dkp", "error", "learned", "direct", "Webster, Choe & Kim 2021 (Direct Kolen-Pollack)"),
+        Method("fdfa", "error", "jacobian", "direct", "Bacho & Chu 2023 (Forward Direct Feedback Alignment)"),
         Method("fa", "error", "random", "layerwise", "Lillicrap et al. 2016"),
         Method("usf", "error", "sign_uniform", "layerwise", "Liao, Leibo & Poggio 2016 (uSF)"),
         Method("brsf", "error", "sign_redrawn", "layerwise", "Liao, Leibo & Poggio 2016; Xiao et al. 2018 (brSF)"),
@@ -94,6 +105,11 @@ def method(mode: str) -> Method:
     if mode not in METHODS:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
     return METHODS[mode]
+
+
+def learns_matrix(mode: str) -> bool:
+    """Whether the mode's B is a materialized parameter that trains (dkp, fdfa)."""
+    return METHODS[mode].matrix in ("learned", "jacobian")
 
 
 def passes_gradients(mode: str) -> bool:

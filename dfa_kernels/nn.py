@@ -15,7 +15,7 @@ Two fused forms do more of the backward inside that one op:
 
 The other methods of the random-feedback family are modes of the same module
 (:mod:`dfa_kernels.methods` has their update rules): the direct ones ("sdfa", "drtp", "ternary",
-"dkp") change what this one projection sends; in the layer-wise ones ("fa", "usf", "brsf", "frsf")
+"dkp", "fdfa") change what this one projection sends; in the layer-wise ones ("fa", "usf", "brsf", "frsf")
 the points and the output let gradients through, as in "bp", and the layers converted by
 ``dk.convert`` (:mod:`dfa_kernels.layerwise`) use their feedback matrix in place of W^T.
 
@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,9 +90,9 @@ class DFA(nn.Module):
 
     mode: "dfa" (points learn from e @ B_l), "bp" (exact gradients through the same model, for
       baselines and alignment) or "shallow" (only layers after the last point learn); the family's
-      other methods: "sdfa", "drtp", "ternary", "dkp" (direct) and "fa", "usf", "brsf", "frsf"
-      (layer-wise, with layers converted by ``dk.convert``); see :mod:`dfa_kernels.methods`.
-      Settable live (a switch to "dkp" creates its learned matrices at the next forward).
+      other methods: "sdfa", "drtp", "ternary", "dkp", "fdfa" (direct) and "fa", "usf", "brsf",
+      "frsf" (layer-wise, with layers converted by ``dk.convert``); see :mod:`dfa_kernels.methods`.
+      Settable live (a switch to "dkp" or "fdfa" creates its learned matrices at the next forward).
     threshold: mode "ternary": per row, entries of e below threshold * the row's largest |e| send 0.
     init: the layer-wise methods' matrix spread, "xavier" (biotorch's default) or "kaiming" (see
       :mod:`dfa_kernels.layerwise`).
@@ -153,8 +154,10 @@ class DFA(nn.Module):
         self.spec: FeedbackSpec | None = None
         self._points: list[Record] = []
         self._target: torch.Tensor | None = None  # dfa.targets(t): the class targets of the next dfa(y)
-        # mode "dkp": the learned matrix [out_features, D] (effective: scale included), made at its first forward
+        # modes "dkp", "fdfa": the learned matrix [out_features, D] (effective: scale included), made at
+        # its first forward
         self.feedback: nn.Parameter | None = None
+        self._dual_level: int | None = None  # mode "fdfa": the forward-mode level this module entered
         self._nonfinite = NonFiniteMonitor()
         self._capture: Capture | None = None
 
@@ -172,9 +175,9 @@ class DFA(nn.Module):
     @mode.setter
     def mode(self, value: str) -> None:
         methods.method(value)
-        if value == "dkp" and self.storage == "virtual":
+        if methods.learns_matrix(value) and self.storage == "virtual":
             raise ValueError(
-                "mode 'dkp' learns its feedback matrix, so B is materialized (a parameter): "
+                f"mode {value!r} learns its feedback matrix, so B is materialized (a parameter): "
                 "storage='virtual' cannot hold it; use storage='auto' or 'materialized'"
             )
         self._mode = value
@@ -194,13 +197,49 @@ class DFA(nn.Module):
         """
         _check_tensor(h, "dfa.point(h)")
         through = methods.passes_gradients(self._mode)
+        record = Record(h) if activation is None else Record(h, activation)
+        self._points.append(record)
         if activation is None:
-            self._points.append(Record(h))
-            return h if through else h.detach()
-        _check_activation(activation)
-        self._points.append(Record(h, activation))
-        out = reference.activation(h, activation)
+            out = h
+        else:
+            _check_activation(activation)
+            out = reference.activation(h, activation)
+        if self._mode == "fdfa" and torch.is_grad_enabled():
+            return self._perturbed(out, record)
         return out if through else out.detach()
+
+    def _perturbed(self, out: torch.Tensor, record: Record) -> torch.Tensor:
+        """Mode "fdfa": `out` detached, as a dual tensor whose tangent is the one it carries plus a
+        fresh u ~ N(0, I) (recorded). The first point of a forward enters a forward-mode level (unless
+        the caller holds one), which ``dfa(y)`` leaves after reading y's tangent."""
+        if self._dual_level is None and fwAD._current_level < 0:  # no public query of the active level
+            self._dual_level = fwAD.enter_dual_level()
+        primal, tangent = fwAD.unpack_dual(out)
+        u = torch.randn_like(primal)
+        record.perturbation = u
+        return fwAD.make_dual(primal.detach(), u if tangent is None else tangent + u)
+
+    def _leave_dual_level(self) -> None:
+        if self._dual_level is not None:
+            fwAD.exit_dual_level(level=self._dual_level)
+            self._dual_level = None
+
+    def _jacobian_estimate(self, y: torch.Tensor, points: list[Record], spec: FeedbackSpec) -> torch.Tensor:
+        """Mode "fdfa": mean over rows of d^T u_l, d = y's tangent [N, out] (a sum of the points'
+        perturbations pushed to the output), as one [out_features, D] matrix in the spec's layout."""
+        tangent = fwAD.unpack_dual(y).tangent
+        if tangent is None:
+            raise RuntimeError(
+                "mode 'fdfa': y carries no forward-mode tangent, so no op between the points and "
+                "dfa(y) propagated the points' perturbations (was y computed from the points' outputs, "
+                "with PyTorch ops that have forward-mode derivatives?)"
+            )
+        d = tangent.reshape(-1, spec.out_features).float()
+        estimate = d.new_zeros(spec.out_features, spec.total_width)
+        for record, off, w in zip(points, spec.offsets, spec.widths):
+            if record.perturbation is not None:  # a point recorded outside a training forward adds nothing
+                estimate[:, off : off + w] += d.T @ record.perturbation.reshape(d.shape[0], w).float()
+        return estimate / d.shape[0]
 
     def linear(self, x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
         """``f(layer(x))`` as a feedback point whose layer is trained inside the DFA backward.
@@ -234,14 +273,13 @@ class DFA(nn.Module):
             a = F.linear(x, layer.weight, layer.bias)
             self._points.append(Record(a, activation))
             return a if activation == "none" else reference.activation(a, activation)
-        with torch.no_grad():
+        with torch.no_grad():  # forward-mode tangents (mode "fdfa") still flow
             a = F.linear(x, layer.weight, layer.bias)
             out = a if activation == "none" else reference.activation(a, activation)
-        if self._mode != "shallow":
-            self._points.append(Record(a, activation, x, layer.weight, layer.bias))
-        else:  # shallow: the layer does not learn
-            self._points.append(Record(a, activation))
-        return out
+        learns = self._mode != "shallow"  # shallow: the layer does not learn
+        record = Record(a, activation, x, layer.weight, layer.bias) if learns else Record(a, activation)
+        self._points.append(record)
+        return self._perturbed(out, record) if self._mode == "fdfa" else out
 
     def forward(self, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """The DFA output: y itself, whose backward sends the method's signal to every point.
@@ -255,6 +293,15 @@ class DFA(nn.Module):
         target = self._take_target(target)
         self._check_nonfinite()
         _check_tensor(y, "dfa(y)")
+        estimate = None
+        if self._mode == "fdfa" and torch.is_grad_enabled() and points:
+            try:
+                points = self._without_stale(y, points)
+                spec = self._spec_for(y, [r.tensor for r in points])
+                estimate = self._jacobian_estimate(y, points, spec)
+            finally:
+                self._leave_dual_level()
+            y = fwAD.unpack_dual(y).primal  # a caller's own level stays open: the op takes the primal
         if not points and self._mode in methods.LAYERWISE:  # the converted layers do the work: no point needed
             return y
         if not points:
@@ -270,8 +317,11 @@ class DFA(nn.Module):
         if self._mode not in methods.DIRECT or not torch.is_grad_enabled():
             return y
         plan = self._plan(spec, points, y.device.type)
-        target = self._target_rows(y, target) if plan.signal == "target" else None
-        return DFAOutput.apply(y, plan, target, feedback, *[t for r in points for t in r.inputs()])
+        target = self._target_rows(y, target) if plan.signal == "target" else estimate
+        inputs = [t for r in points for t in r.inputs()]
+        if estimate is not None and fwAD._current_level >= 0:  # a caller's level: the op takes primals
+            inputs = [fwAD.unpack_dual(t).primal for t in inputs]
+        return DFAOutput.apply(y, plan, target, feedback, *inputs)
 
     def targets(self, target: torch.Tensor) -> None:
         """Give the class targets to the next ``dfa(y)`` (mode "drtp"; see :meth:`forward`): for
@@ -313,9 +363,12 @@ class DFA(nn.Module):
         return target.reshape(-1)
 
     def _learned(self, spec: FeedbackSpec, device: torch.device) -> nn.Parameter | None:
-        """Mode "dkp": the learned matrix, created from the hash's effective B at its first use."""
-        if self._mode != "dkp":
+        """Modes "dkp" and "fdfa": the learned matrix, created at its first use: dkp's from the hash's
+        effective B, fdfa's zero (the reference's: the estimates build it)."""
+        if not methods.learns_matrix(self._mode):
             return None
+        if self.feedback is None and self._mode == "fdfa":
+            self.feedback = nn.Parameter(torch.zeros(spec.out_features, spec.total_width, device=device))
         if self.feedback is None:
             B = (
                 torch.cat(self.feedback_matrices(device=device, fixed=True), 1)
@@ -367,9 +420,9 @@ class DFA(nn.Module):
             "dfa.linear_cross_entropy",
             "take the error before the head: dfa(hidden), then the (converted) head and the loss",
         )
-        if self._mode == "dkp":
+        if methods.learns_matrix(self._mode):
             raise ValueError(
-                "mode 'dkp' materializes its learned B [vocab, D], which the chunked head never "
+                f"mode {self._mode!r} materializes its learned B [vocab, D], which the chunked head never "
                 "does: take the error before the head (dfa(hidden), TransformerLM(error_at='hidden'))"
             )
         points, self._points = self._points, []
@@ -406,7 +459,7 @@ class DFA(nn.Module):
             self._error_dtype(device_type),
             method.signal,
             self.threshold,
-            method.matrix == "learned",
+            (method.matrix or "") if methods.learns_matrix(self._mode) else "",
             self._nonfinite,
             self._capture,
         )
@@ -540,7 +593,8 @@ class DFA(nn.Module):
             y.register_hook(lambda grad: setattr(cap, "error", grad.reshape(-1, width)))
 
     def reset(self) -> None:
-        """Forget the widths (the next forward pass fixes them again), and a learned matrix (mode "dkp")."""
+        """Forget the widths (the next forward pass fixes them again), and a learned matrix (modes "dkp", "fdfa")."""
+        self._leave_dual_level()
         self.spec, self._points, self._target, self.feedback = None, [], None, None
 
     @property
@@ -552,6 +606,7 @@ class DFA(nn.Module):
         """Drop the pending points (e.g. after a forward that raised before ``dfa(y)``); returns how many."""
         count = len(self._points)
         self._points = []
+        self._leave_dual_level()  # mode "fdfa": the aborted forward's tangents go with its points
         return count
 
     def resolved_backend(self, device: torch.device | str) -> str:
@@ -565,10 +620,10 @@ class DFA(nn.Module):
         self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fixed: bool = False
     ) -> list[torch.Tensor]:
         """Effective [out_features, d_l] matrix of each point, scale applied, in point order: the
-        learned ones in mode "dkp" (once made), else (or with fixed=True) the hash's."""
+        learned ones in modes "dkp" and "fdfa" (once made), else (or with fixed=True) the hash's."""
         if self.spec is None:
             raise RuntimeError("feedback_matrices() needs the point widths: run one forward pass first")
-        if self._mode == "dkp" and self.feedback is not None and not fixed:
+        if methods.learns_matrix(self._mode) and self.feedback is not None and not fixed:
             B = self.feedback.detach()
             return [
                 B[:, off : off + w].to(dtype=dtype, device=device)
@@ -614,7 +669,7 @@ class DFA(nn.Module):
             self.layout, self.density = self.spec.layout, self.spec.density
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a learned matrix (mode "dkp") is made at the first forward: a checkpoint that has one makes it here
+        # a learned matrix (modes "dkp", "fdfa") is made at the first forward: a checkpoint that has one makes it here
         key = prefix + "feedback"
         if key in state_dict and self.feedback is None:
             self.feedback = nn.Parameter(torch.empty_like(state_dict[key]))

@@ -30,7 +30,7 @@ def test_every_mode_is_one_point_of_the_method_space():
     for name, m in dk.METHODS.items():
         assert m.name == name and m.signal in methods.SIGNALS
         assert (m.entry is None) == (name in ("bp", "shallow"))
-    assert set(methods.DIRECT) == {"dfa", "sdfa", "drtp", "ternary", "dkp"}
+    assert set(methods.DIRECT) == {"dfa", "sdfa", "drtp", "ternary", "dkp", "fdfa"}
     assert set(methods.LAYERWISE) == {"fa", "usf", "brsf", "frsf"}
     for mode in dk.MODES:
         assert dk.DFA(mode=mode).method is dk.METHODS[mode]

@@ -5,7 +5,19 @@ import pytest
 from dfa_kernels import cli
 from dfa_kernels.studies import scaling
 
-FAMILY = ("sdfa-macro", "ternary-micro", "dkp-macro", "dkp-linear", "fa", "usf", "brsf", "frsf")
+FAMILY = (
+    "sdfa-macro",
+    "ternary-micro",
+    "dkp-macro",
+    "dkp-linear",
+    "fdfa-macro",
+    "fdfa-micro",
+    "fdfa-linear",
+    "fa",
+    "usf",
+    "brsf",
+    "frsf",
+)
 
 
 def test_analytic_flops_match_the_counter_for_family_methods():
@@ -35,12 +47,15 @@ def test_family_models_train_a_step():
 
     from dfa_kernels.layerwise import FeedbackLinear
 
-    for method in ("sdfa-micro", "dkp-macro", "usf"):
+    for method in ("sdfa-micro", "dkp-macro", "fdfa-micro", "usf"):
         model = scaling.build_model((1, 16, 2), method, 64, 8)
         tokens = torch.randint(0, 64, (2, 9))
         model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
         first = model.blocks[0].qkv
-        assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+        if method.startswith("fdfa"):  # B starts at zero (the reference's): step 1 trains B, not the points
+            assert model.dfa.feedback.grad.abs().sum() > 0 and first.weight.grad.abs().sum() == 0
+        else:
+            assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
         assert isinstance(first, FeedbackLinear) == (method == "usf")
         assert isinstance(model.head, FeedbackLinear) == (method == "usf")
 

@@ -87,7 +87,7 @@ PLACEMENTS = ("macro", "micro", "linear")
 
 def method_spec(name: str) -> tuple[str, str]:
     """(mode, placement) of a sweep method: METHODS' names, a direct method of the family at a
-    placement ("sdfa-micro", "ternary-linear", "dkp-macro"), or a layer-wise one ("fa", "usf",
+    placement ("sdfa-micro", "ternary-linear", "dkp-macro", "fdfa-macro"), or a layer-wise one ("fa", "usf",
     "brsf", "frsf": every linear layer of the model, the head included, converted)."""
     from .. import methods
 
@@ -105,7 +105,7 @@ def method_spec(name: str) -> tuple[str, str]:
         return mode, placement
     raise ValueError(
         f"unknown method {name!r}: one of {', '.join(METHODS)}, MODE-PLACEMENT with MODE one of "
-        f"sdfa, ternary, dkp and PLACEMENT one of {', '.join(PLACEMENTS)}, or one of "
+        f"sdfa, ternary, dkp, fdfa and PLACEMENT one of {', '.join(PLACEMENTS)}, or one of "
         f"{', '.join(methods.LAYERWISE)}"
     )
 
@@ -236,7 +236,12 @@ def flops_per_token(size, method: str, vocab: int, context: int, layout: str = F
     weight and input gradients, then per placement: macro backpropagates inside every block
     (every input gradient but none between blocks); micro skips fc2's input gradient; linear
     computes weight gradients only (no input gradient, no attention backward); plus the projection
-    ``2 d D`` with D the widest point (shared layout, computed once) or the sum of the widths."""
+    ``2 d D`` with D the widest point (shared layout, computed once) or the sum of the widths.
+    fdfa's forward also pushes the points' perturbations to the output from the first point on, in
+    PyTorch's forward mode: a linear layer's tangent costs twice its forward (its formula multiplies
+    the weight's zero tangent too: measured, a dual linear takes 3.3x a plain one), attention's
+    twice its forward; and it estimates B (``2 d sum(widths)``); dkp's backward adds B's gradient
+    (the same count)."""
     layers, d, _ = size
     f = 4 * d
     lin, attn, head = 2 * (4 * d * d + 2 * d * f), 4 * context * d, 2 * d * vocab
@@ -256,6 +261,10 @@ def flops_per_token(size, method: str, vocab: int, context: int, layout: str = F
         }[placement]
         learned = 2 * d * sum(widths) if mode == "dkp" else 0  # dkp: B's gradient, e^T h_l at every point
         backward = blocks + 2 * head + projection + learned
+        if mode == "fdfa":  # the tangents after the first point (after block 0's attention in micro) and d^T u_l
+            after_first = {"macro": layers - 1, "micro": layers - 1, "linear": layers}[placement]
+            ffn0 = 2 * (2 * d * f) if placement == "micro" else 0
+            forward += after_first * (2 * lin + 2 * attn) + 2 * ffn0 + 2 * d * sum(widths)
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 

@@ -13,10 +13,11 @@ each task's build with :func:`prepare`):
 - drtp projects the class targets: the run's ``targets(batch)`` (class indices, -1 for rows that
   do not train, or a float tensor shaped like the output) reaches ``dfa.targets`` before every
   training forward; a run without class targets (regression) is refused.
-- dkp learns its feedback matrices, which a DFA module creates at its first forward: one forward
-  (eval mode, no gradient, RNG and batch stream restored) creates them, and they join the
-  recipe's optimizer as their own group, at its first group's learning rate with weight decay
-  1e-6 (the DKP reference steps B with Adam and weight decay 1e-6).
+- dkp and fdfa learn their feedback matrices, which a DFA module creates at its first forward: one
+  forward (eval mode, no gradient, RNG and batch stream restored) creates them, and they join the
+  recipe's optimizer as their own group, at its first group's learning rate, with weight decay
+  1e-6 for dkp (its reference steps B with Adam and weight decay 1e-6) and none for fdfa (its
+  reference's default feedback decay is 0).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def prepare(run, mode: str):
             return loss(model, batch)
 
         run.loss = loss_with_targets
-    if method.matrix == "learned":
-        _add_learned_matrices(run, dfas)
+    if methods.learns_matrix(mode):
+        _add_learned_matrices(run, dfas, mode)
     return run
 
 
@@ -98,7 +99,10 @@ def _owners(model: nn.Module, dfas: list, mode: str) -> list[tuple[nn.Module, dk
     return list(zip(parents, dfas))
 
 
-def _add_learned_matrices(run, dfas: list) -> None:
+FEEDBACK_DECAY = {"dkp": 1e-6, "fdfa": 0.0}  # the references' weight decay on B
+
+
+def _add_learned_matrices(run, dfas: list, mode: str) -> None:
     position = run.batches.state_dict()
     batch = next(run.batches)
     run.batches.load_state_dict(position)
@@ -109,11 +113,12 @@ def _add_learned_matrices(run, dfas: list) -> None:
     run.model.train(training)
     learned = [d.feedback for d in dfas if d.feedback is not None]
     if len(learned) != len(dfas):
-        raise RuntimeError("mode 'dkp': a forward pass did not create every DFA module's learned matrix")
-    run.optimizer.add_param_group({"params": learned, "lr": run.optimizer.param_groups[0]["lr"], "weight_decay": 1e-6})
+        raise RuntimeError(f"mode {mode!r}: a forward pass did not create every DFA module's learned matrix")
+    decay = FEEDBACK_DECAY[mode]
+    run.optimizer.add_param_group({"params": learned, "lr": run.optimizer.param_groups[0]["lr"], "weight_decay": decay})
     _follow_first_groups_schedule(run)
     run.hyper_parameters["feedback_optimizer"] = (
-        "the recipe's optimizer, own group: first group's lr and schedule, weight decay 1e-6"
+        f"the recipe's optimizer, own group: first group's lr and schedule, weight decay {decay:g}"
     )
 
 
@@ -124,7 +129,7 @@ def _follow_first_groups_schedule(run) -> None:
     if scheduler is None:
         return
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        raise TypeError(f"mode 'dkp': cannot extend a {type(scheduler).__name__} to the learned matrices' group")
+        raise TypeError(f"cannot extend a {type(scheduler).__name__} to the learned matrices' group")
     group, factor = run.optimizer.param_groups[-1], scheduler.lr_lambdas[0]
     group["initial_lr"] = run.optimizer.param_groups[0]["initial_lr"]  # group 0's lr is already scaled
     scheduler.base_lrs.append(group["initial_lr"])

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -133,7 +134,16 @@ class Block(nn.Module):
         B, T, C3 = qkv.shape
         C = C3 // 3
         q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if fwAD.unpack_dual(qkv).tangent is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:  # a forward-mode pass (mode "fdfa"): attention written out, its ops all with forward derivatives
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            scores = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).masked_fill(~causal, float("-inf"))
+            # softmax by hand: torch's softmax under forward mode breaks the backward of a second block
+            # (its saved output is modified in place: torch 2.14)
+            probs = torch.exp(scores - scores.detach().amax(-1, keepdim=True))
+            a = F.dropout(probs / probs.sum(-1, keepdim=True), dropout) @ v
         return a.transpose(1, 2).reshape(B, T, C)
 
     def attention(self, x):
