@@ -9,6 +9,7 @@ own columns) is bit-identical to the single process's; DFA sends no activation g
 once per microbatch to every other stage. Bad configurations are refused by name.
 """
 
+import copy
 import json
 import math
 import subprocess
@@ -138,9 +139,11 @@ def run_case(world, build, kind, schedule, M, adam):
 
     opt, ref_opt = optimizer(model), optimizer(ref)
     pipe = pl.Pipeline(parts, world.size, M, first_rows(data[0][0]), schedule=schedule)
+    first_step = None
     for x, t in data:
         opt.zero_grad(set_to_none=True)
         loss = pipe.step(x, t)
+        first_step = first_step or copy.copy(pipe.stats)
         if adam:
             pipe.clip_grad_norm_(1.0)
         opt.step()
@@ -163,8 +166,13 @@ def run_case(world, build, kind, schedule, M, adam):
         assert [m for k, m in order if k == "F"] == list(range(M)) and sorted(m for k, m in order if k == "B") == list(
             range(M)
         )
-    else:
-        assert all(s.bytes_errors == 0 for s in stats) and stats[1].bytes_gradients > 0
+    else:  # each activation's gradient comes back across its cut; step 1 (torch infers shapes) counts the same
+        assert all(s.bytes_errors == 0 for s in stats)
+        assert all(stats[s].bytes_gradients == stats[s - 1].bytes_activations > 0 for s in range(1, world.size))
+        first = gather_all(world, first_step)
+        assert [(f.bytes_activations, f.bytes_gradients) for f in first] == [
+            (s.bytes_activations, s.bytes_gradients) for s in stats
+        ]
 
 
 def _equivalence_worker(world, cases):
@@ -462,6 +470,9 @@ def test_cli_pipeline_trains_a_task(tmp_path, replicas):
     assert out.returncode == 0, out.stderr[-2000:]
     folder = "dfa-macro-pipeline2x2" + ("x2" if replicas > 1 else "")
     metrics = json.loads((tmp_path / "lm-pydoc" / folder / "metrics.json").read_text())
+    traffic = metrics["pipeline"].pop("bytes_per_step")  # e after the final LN: as wide as the cut's activation
+    assert traffic["gradients"] == 0 and traffic["errors"] == traffic["activations"] > 0
+    assert (traffic["allreduce"] > 0) == (replicas > 1)
     assert metrics["pipeline"] == {
         "stages": 2,
         "replicas": replicas,
@@ -496,6 +507,8 @@ def test_cli_pipeline_trains_a_recommender(task, cuts, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / task / "dfa-pipeline2x2" / "metrics.json").read_text())
     assert metrics["pipeline"]["cuts"] == cuts and 0.5 < metrics["final"]["test_auc"] <= 1.0
+    traffic = metrics["pipeline"]["bytes_per_step"]  # every rank's sends per step: e (one logit per row), no gradient
+    assert traffic["gradients"] == 0 and 0 < traffic["errors"] < traffic["activations"]
 
 
 @pytest.mark.parametrize(
@@ -504,6 +517,7 @@ def test_cli_pipeline_trains_a_recommender(task, cuts, tmp_path):
         (["autoint-ml100k", "--mode", "bp"], "batches of [495] rows do not split into 1 replica(s) x 2"),
         (["lm-pydoc", "--pipeline", "3"], "stages=3 is larger than the model's 2 cuttable blocks"),
         (["lm-pydoc", "--mode", "fa"], "--pipeline trains the modes dfa, sdfa, ternary"),
+        (["lm-pydoc", "--mode", "bp", "--pipeline", "2", "--microbatches", "1"], "--microbatches 1 is fewer than"),
     ],
 )
 def test_cli_refuses_a_pipeline_in_one_line_before_launching(argv, message, capsys):
@@ -511,7 +525,7 @@ def test_cli_refuses_a_pipeline_in_one_line_before_launching(argv, message, caps
     from dfa_kernels import cli
 
     with pytest.raises(SystemExit) as exit:
-        cli.main(["train", *argv, "--microbatches", "2", *([] if "--pipeline" in argv else ["--pipeline", "2"])])
+        cli.main(["train", argv[0], "--microbatches", "2", "--pipeline", "2", *argv[1:]])  # argv's options win
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 

@@ -199,6 +199,7 @@ class Pipeline:
             self._prime(example)
         else:
             self.module.register_forward_hook(self._count_bp_bytes)
+            self._bp_calls: list[tuple[int, int]] = []
             self._torch_schedules: dict = {}  # batch rows -> torch's schedule for those microbatch shapes
 
     # ------------------------------------------------------------ setup
@@ -381,6 +382,7 @@ class Pipeline:
                 "schedule takes unequal microbatches"
             )
         schedule = self._bp_schedule(rows)
+        self._bp_calls.clear()
         args = _to(inputs, self.device) if self.first else None
         args = args if isinstance(args, tuple) else (args,)
         if self.first and self.last:
@@ -392,18 +394,22 @@ class Pipeline:
         else:
             schedule.step()
         self.stats.forward_s = time.perf_counter() - tic  # forward and backward: torch's schedule interleaves them
+        calls = self._bp_calls[-self.microbatches :]  # the microbatches' forwards
+        self.stats.bytes_activations = sum(sent for sent, _ in calls)
+        self.stats.bytes_gradients = sum(received for _, received in calls)
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     def _count_bp_bytes(self, module, args, out) -> None:
         """BP's traffic, from the shapes its stage sees: the activations sent forward and, back across
-        the same boundary, their gradients (a float input of a later stage receives one)."""
+        the same boundary, their gradients (a float input of a later stage receives one). Recorded
+        per forward call; the step keeps its last M (torch's stages also run a forward of their own
+        in their first step, to infer shapes, which sends nothing)."""
         outs = out if isinstance(out, tuple) else (out,)
         if outs[0].device.type == "meta":  # torch's shape inference
             return
-        if not self.last:
-            self.stats.bytes_activations += sum(t.numel() * t.element_size() for t in outs)
-        if not self.first:
-            self.stats.bytes_gradients += sum(x.numel() * x.element_size() for x in args if x.is_floating_point())
+        sent = 0 if self.last else sum(t.numel() * t.element_size() for t in outs)
+        received = 0 if self.first else sum(x.numel() * x.element_size() for x in args if x.is_floating_point())
+        self._bp_calls.append((sent, received))
 
     def _step_dfa(self, xs, ts) -> torch.Tensor:
         """Forward first: a stage runs the next microbatch's forward whenever its input is there (later

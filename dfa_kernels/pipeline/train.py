@@ -26,6 +26,8 @@ from ..zoo.trainer import Stopped, Trainer
 from ..zoo.training import _plot_curves, run_dir_of, variant_name
 from .engine import DFA_MODES, Pipeline, _rows, pipeline_groups
 
+TRAFFIC = ("activations", "gradients", "errors", "headers", "allreduce")  # StepStats' bytes_* kinds
+
 
 class PipelineTrainer(Trainer):
     """The zoo's training loop (evaluation rounds, early stopping, best model, checkpoints) with
@@ -38,6 +40,7 @@ class PipelineTrainer(Trainer):
         pipeline (2-D), each on its 1/R share of every global batch."""
         self.microbatches = microbatches
         self.stages = world.size if stages is None else stages
+        self.traffic, self.traffic_steps = dict.fromkeys(TRAFFIC, 0), 0  # this rank's bytes sent, this session
         super().__init__(run, progress=progress, desc=desc, world=world, strategy="pipeline")
 
     def _setup(self, compile):
@@ -68,6 +71,9 @@ class PipelineTrainer(Trainer):
             inputs, targets = _share(inputs, self.replicas, replica), targets.tensor_split(self.replicas)[replica]
         run.optimizer.zero_grad(set_to_none=True)
         loss = self.pipe.step(inputs, targets, batch_rows=rows)
+        for kind in TRAFFIC:
+            self.traffic[kind] += getattr(self.pipe.stats, f"bytes_{kind}")
+        self.traffic_steps += 1
         if run.clip_grad is not None:
             self.pipe.clip_grad_norm_(run.clip_grad)
         self._opt_step()
@@ -75,6 +81,14 @@ class PipelineTrainer(Trainer):
             run.scheduler.step()
         self.step += 1
         self.epoch_losses.append(loss.item())
+
+    def traffic_per_step(self) -> dict:
+        """Bytes every rank together sent per training step this session, by kind (activations
+        forward, activation gradients backward (BP), errors (DFA), shape headers, the replicas'
+        all-reduce); a collective: every rank calls it."""
+        totals = torch.tensor([float(self.traffic[k]) for k in TRAFFIC], dtype=torch.float64, device=self.pipe.device)
+        torch.distributed.all_reduce(totals)
+        return {k: v / max(self.traffic_steps, 1) for k, v in zip(TRAFFIC, totals.tolist())}
 
     def _evaluate(self, split: str) -> dict:
         self.pipe.synchronize()
@@ -108,12 +122,17 @@ def check(run, stages: int, replicas: int, microbatches: int) -> tuple:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and _tensors(batch[0])):
         raise ValueError(
             "--pipeline needs a task whose batches are (inputs, targets) tensors, or a Run.io that "
-            f"makes them (the Transformer LMs, AutoInt, AFN); this one's are {type(batch).__name__}"
+            f"makes them (the Transformer LMs, the recommender models); this one's are {type(batch).__name__}"
         )
     mode = next(m for m in run.model.modules() if isinstance(m, DFA)).mode
     if mode not in (*DFA_MODES, "bp"):
         raise ValueError(
             f"--pipeline trains the modes {', '.join(DFA_MODES)} (DFA's schedule) and bp (1F1B); got mode {mode!r}"
+        )
+    if mode == "bp" and microbatches < stages:
+        raise ValueError(
+            f"--microbatches {microbatches} is fewer than --pipeline {stages} stages, which torch's 1F1B "
+            "schedule (mode bp) needs at least (DFA's schedule takes any)"
         )
     balanced_cuts(len(parts_of(run.model).blocks), stages)
     rows = _rows(batch[0])
@@ -200,6 +219,7 @@ def run_task(
         if world.main:
             print(f"{task.name} [pipeline {stages}] {stop}; continue with --resume {run_dir}")
         return None
+    traffic = trainer.traffic_per_step()
     if world.main:
         metrics = {
             "task": task.name,
@@ -216,6 +236,7 @@ def run_task(
                 "schedule": trainer.pipe.schedule,
                 "cuts": trainer.pipe.cuts,
                 "backend": torch.distributed.get_backend(),
+                "bytes_per_step": traffic,  # every rank's sends, mean over this session's steps
             },
             "wall_time_s": round(time.perf_counter() - start, 1),
             "provenance": provenance(),

@@ -85,6 +85,7 @@ HP = {
         "drtp": (0.01, 5e-4),
         "ternary": (0.02, 5e-4),
         "dkp": (0.01, 5e-4),
+        "fdfa": (0.005, 5e-5),  # gcn-cora.fdfa.tuning.json
         "fa": (0.02, 5e-4),
         "usf": (0.01, 5e-5),
         "brsf": (0.02, 5e-5),

@@ -42,6 +42,7 @@ LR = {
     "drtp": 3e-3,
     "ternary": 3e-4,
     "dkp": 3e-3,
+    "fdfa": 1e-3,  # cnn-digits.fdfa.tuning.json
     "fa": 1e-3,
     "usf": 3e-3,
     "brsf": 3e-3,
