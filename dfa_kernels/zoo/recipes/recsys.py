@@ -58,6 +58,7 @@ LR = {
         "sdfa": 3e-3,
         "ternary": 3e-3,
         "dkp": 3e-3,
+        "fdfa": 3e-3,  # deepfm-ml100k.fdfa.tuning.json
         "fa": 1e-3,
         "usf": 3e-4,
         "brsf": 3e-4,
