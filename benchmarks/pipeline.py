@@ -148,13 +148,14 @@ def worker(rank: int, size: int, store: str, M: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def measure(size: int, M: int) -> list[dict]:
+def run_ranks(target, size: int, *args) -> list:
+    """`target(rank, size, store, *args, queue)` on `size` spawned processes (a gloo group through
+    the file `store`); what each puts on the queue, in arrival order."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as folder:
-        procs = [
-            ctx.Process(target=worker, args=(r, size, os.path.join(folder, "store"), M, queue)) for r in range(size)
-        ]
+        store = os.path.join(folder, "store")
+        procs = [ctx.Process(target=target, args=(r, size, store, *args, queue)) for r in range(size)]
         for p in procs:
             p.start()
         results = [queue.get() for _ in procs]
@@ -162,7 +163,11 @@ def measure(size: int, M: int) -> list[dict]:
             p.join()
             if p.exitcode:
                 raise RuntimeError(f"a worker exited with {p.exitcode}")
-    return sorted(results, key=lambda r: r["rank"])
+    return results
+
+
+def measure(size: int, M: int) -> list[dict]:
+    return sorted(run_ranks(worker, size, M), key=lambda r: r["rank"])
 
 
 def boundary_bytes(M: int) -> tuple[int, int]:

@@ -20,12 +20,10 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "pipeline" / "traffic.json"
@@ -76,19 +74,9 @@ def worker(rank: int, size: int, store: str, M: int, queue) -> None:
 
 
 def measure(size: int, M: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as folder:
-        procs = [
-            ctx.Process(target=worker, args=(r, size, os.path.join(folder, "store"), M, queue)) for r in range(size)
-        ]
-        for p in procs:
-            p.start()
-        ranks = dict(queue.get() for _ in procs)
-        for p in procs:
-            p.join()
-            if p.exitcode:
-                raise RuntimeError(f"a worker exited with {p.exitcode}")
+    from pipeline import run_ranks  # benchmarks/pipeline.py: the gloo processes
+
+    ranks = dict(run_ranks(worker, size, M))
     rows = {}
     for task in TASKS:
         row = {"rows": ranks[0][task].get("rows"), "cuts": ranks[0][task].get("cuts")}
