@@ -252,3 +252,8 @@ def test_gradient_checkpointing_is_refused():
     getattr(gpt2, "activation_checkpointing_enable", gpt2.gradient_checkpointing_enable)()
     with pytest.raises(ValueError, match="gradient checkpointing is on"):
         dkh.convert(gpt2)
+
+
+def test_fdfa_is_refused_with_its_reason():
+    with pytest.raises(ValueError, match="mode 'fdfa' runs the forward in forward-mode AD"):
+        dkh.convert(tiny_gpt2(), mode="fdfa")
