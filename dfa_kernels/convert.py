@@ -577,6 +577,18 @@ def _is_layer(name: str, module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Conv2d) or _is_pyg_linear(module)
 
 
+def refuse_fdfa(model: nn.Module, mode: str) -> None:
+    """Mode "fdfa" on a transformers model: a clear error (its attention's softmax under forward
+    mode breaks the backward in torch; the zoo's TransformerLM writes its softmax out)."""
+    if mode == "fdfa" and any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        raise ValueError(
+            "mode 'fdfa' runs the forward in forward-mode AD, and a transformers model's attention "
+            "softmax there breaks its backward in torch (its saved output is modified in place: "
+            "tested with GPT-2, eager and sdpa attention); the zoo's TransformerLM writes its softmax "
+            "out and trains in fdfa"
+        )
+
+
 def convert_layers(
     model: nn.Module, dfa: DFA, layers: Selector | None = None, constrain_weights: bool = False
 ) -> list[str]:
@@ -673,6 +685,7 @@ def convert(
         raise TypeError(
             "convert: pass output= (a key or index of the forward's result) or output_module= (a module name), not both"
         )
+    refuse_fdfa(model, mode)
     dfa = DFA(mode=mode, **dfa_kwargs)
     layerwise = layers is not None or mode in methods.LAYERWISE
     if fuse and layerwise:

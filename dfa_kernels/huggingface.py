@@ -51,7 +51,7 @@ import inspect
 import torch
 from torch import nn
 
-from .convert import DFAModel, attach, is_activation
+from .convert import DFAModel, attach, is_activation, refuse_fdfa
 from .feedback import FeedbackSpec
 from .nn import DFA
 
@@ -196,13 +196,7 @@ def convert(
         raise TypeError(f"convert expects a Hugging Face causal LM (an nn.Module); got {type(model).__name__}")
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("error_at", error_at, ERROR_AT)
-    if mode == "fdfa":
-        raise ValueError(
-            "mode 'fdfa' runs the forward in forward-mode AD, and a transformers model's attention "
-            "softmax there breaks its backward in torch (its saved output is modified in place: "
-            "tested with GPT-2, eager and sdpa attention); the zoo's TransformerLM writes its softmax "
-            "out and trains in fdfa"
-        )
+    refuse_fdfa(model, mode)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ValueError(
             "gradient checkpointing is on: recomputed blocks would record their feedback points "

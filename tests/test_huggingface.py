@@ -255,5 +255,6 @@ def test_gradient_checkpointing_is_refused():
 
 
 def test_fdfa_is_refused_with_its_reason():
-    with pytest.raises(ValueError, match="mode 'fdfa' runs the forward in forward-mode AD"):
-        dkh.convert(tiny_gpt2(), mode="fdfa")
+    for convert in (dkh.convert, dk.convert):
+        with pytest.raises(ValueError, match="mode 'fdfa' runs the forward in forward-mode AD"):
+            convert(tiny_gpt2(), mode="fdfa")
