@@ -146,7 +146,7 @@ LR = {
         # the family's: benchmarks/results/zoo/family/lm-shakespeare.MODE.tuning.json (same grid)
         "cpu-tied": {
             **_tied(bp=3e-3, dfa=1e-2, shallow=3e-2),
-            **_family(fa=3e-3, usf=1e-2, sdfa=3e-2, dkp=3e-3, ternary=0.03, frsf=0.01, brsf=0.01),
+            **_family(fa=3e-3, usf=1e-2, sdfa=3e-2, dkp=3e-3, ternary=0.03, frsf=0.01, brsf=0.01, fdfa=1e-2),
         },
         "cpu-paper": _tied(bp=3e-3, dfa=1e-3, shallow=3e-2),
         "full": _FULL,
