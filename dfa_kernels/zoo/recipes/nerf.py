@@ -63,7 +63,17 @@ PRESETS = {
 }
 # Adam learning rates. full: the paper's (BP 5e-4, DFA 1e-4). cpu: the winners of the tuning grid
 # below on the duck's validation PSNR (benchmarks/results/zoo/tuning/nerf.json).
-LR = {"cpu": {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-2}, "full": {"bp": 5e-4, "dfa": 1e-4, "shallow": 5e-4}}
+# The family's cpu rates: the same grid as dfa's (benchmarks/results/zoo/family/nerf.MODE.tuning.json).
+LR = {
+    "cpu": {
+        "bp": 3e-3,
+        "dfa": 3e-3,
+        "shallow": 3e-2,
+        **{"sdfa": 1e-3, "ternary": 1e-3, "dkp": 3e-3, "fdfa": 3e-3},
+        **{"fa": 3e-3, "usf": 3e-3, "brsf": 3e-3, "frsf": 3e-3},
+    },
+    "full": {"bp": 5e-4, "dfa": 1e-4, "shallow": 5e-4},
+}
 # The tuning grid of the cpu preset's learning rate, three candidates for every mode (`dfa-kernels
 # tune nerf`: validation PSNR, seed 0); shallow's (only the heads learn) one step higher. A first grid
 # one step lower (3e-4..3e-3; shallow 1e-3..1e-2) had every winner at its top edge.
