@@ -197,13 +197,11 @@ class DFA(nn.Module):
         """
         _check_tensor(h, "dfa.point(h)")
         through = methods.passes_gradients(self._mode)
+        if activation is not None:
+            _check_activation(activation)  # before recording: a refused point leaves nothing behind
         record = Record(h) if activation is None else Record(h, activation)
         self._points.append(record)
-        if activation is None:
-            out = h
-        else:
-            _check_activation(activation)
-            out = reference.activation(h, activation)
+        out = h if activation is None else reference.activation(h, activation)
         if self._mode == "fdfa" and torch.is_grad_enabled():
             return self._perturbed(out, record)
         return out if through else out.detach()

@@ -253,7 +253,7 @@ class Pipeline:
                 x = _to(example, self.device)
                 for s, module in enumerate(self.modules):
                     before = len(dfa.pending_points)
-                    x = module(*x) if isinstance(x, tuple) else module(x)
+                    x = module(x)
                     counts[s] = len(dfa.pending_points) - before
                     state = x if isinstance(x, tuple) else (x,)
                     if parts.skip and s < self.stages - 1:
@@ -458,7 +458,7 @@ class Pipeline:
         it recorded, and on stage 0 of a model with a skip branch, that branch's output)."""
         dfa = self.parts.dfa
         tic = time.perf_counter()
-        out = self.module(*x) if isinstance(x, tuple) else self.module(x)
+        out = self.module(x)  # a tuple state too: StageModule unpacks it
         recs = list(dfa.pending_points)
         dfa.discard_points()
         self._event("F", m, tic)

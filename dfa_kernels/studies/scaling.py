@@ -239,7 +239,7 @@ def flops_per_token(size, method: str, vocab: int, context: int, layout: str = F
     ``2 d D`` with D the widest point (shared layout, computed once) or the sum of the widths.
     fdfa's forward also pushes the points' perturbations to the output from the first point on, in
     PyTorch's forward mode: a linear layer's tangent costs twice its forward (its formula multiplies
-    the weight's zero tangent too: measured, a dual linear takes 3.3x a plain one), attention's
+    the weight's zero tangent too: measured, a dual linear takes 3.2x a plain one), attention's
     twice its forward; and it estimates B (``2 d sum(widths)``); dkp's backward adds B's gradient
     (the same count)."""
     layers, d, _ = size
